@@ -1,0 +1,239 @@
+"""The ingress log on both backends.
+
+PostgreSQL: one day partition per UTC day of ``occurred_at`` (created on demand, each
+with its own UNIQUE (source, event_id)); rows go in with COPY. The common case (no
+resent event) is one COPY straight into the partitioned table inside a savepoint; only a
+batch that collides falls back to COPY into a staging table plus
+``INSERT ... ON CONFLICT DO NOTHING``.
+
+Read order is (txid, seq) and only rows of transactions older than every transaction
+still in flight are returned (``pg_snapshot_xmin``), so a reader that remembers its last
+position never skips a row that commits late. SQLite has one writer at a time, so its
+AUTOINCREMENT ``seq`` is already commit order (``txid`` is 0).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import orjson
+import psycopg
+import sqlalchemy as sa
+from psycopg import sql
+
+from loyalty.adapters.db import Database, psycopg_connection
+from loyalty.adapters.tables import INGRESS_PARTITION_PREFIX
+from loyalty.application.ingress import IngressRecord
+
+Position = tuple[int, int]
+START: Position = (0, 0)
+# Advisory lock namespace that serializes creation of one day partition.
+PARTITION_LOCK_NS = 7_304_118
+
+_COPY_COLUMNS = "(shard, source, event_id, user_id, type, occurred_at, attributes)"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredIngress:
+    """One row of the ingress log as the pipeline reads it."""
+
+    position: Position
+    shard: int
+    source: str
+    event_id: str
+    user_id: str
+    type: str
+    occurred_at: datetime
+    attributes: dict[str, Any]
+
+
+def partition_name(day: date) -> str:
+    return f"{INGRESS_PARTITION_PREFIX}{day:%Y%m%d}"
+
+
+def day_start(day: date) -> datetime:
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
+
+
+def sqlite_timestamp(moment: datetime) -> str:
+    """Fixed-width UTC text, so that text order is time order."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
+
+
+class PostgresIngressLog:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._known_days: set[date] = set()
+        self._lock = threading.Lock()
+
+    # -- partitions -------------------------------------------------------------------
+    def ensure_partitions(self, days: set[date]) -> None:
+        missing = days - self._known_days
+        for day in sorted(missing):
+            self._create_partition(day)
+        with self._lock:
+            self._known_days |= missing
+
+    def _create_partition(self, day: date) -> None:
+        name = partition_name(day)
+        lower, upper = day_start(day), day_start(day + timedelta(days=1))
+        with self._db.write() as conn:
+            conn.execute(
+                sa.text("SELECT pg_advisory_xact_lock(:ns, :day)"),
+                {"ns": PARTITION_LOCK_NS, "day": day.toordinal()},
+            )
+            exists = conn.execute(sa.text("SELECT to_regclass(:n)"), {"n": name}).scalar()
+            if exists is not None:
+                return
+            raw = psycopg_connection(conn)
+            raw.execute(
+                sql.SQL(
+                    "CREATE TABLE {} PARTITION OF ingress_events FOR VALUES FROM ({}) TO ({})"
+                ).format(sql.Identifier(name), sql.Literal(lower), sql.Literal(upper))
+            )
+            raw.execute(
+                sql.SQL("CREATE UNIQUE INDEX {} ON {} (source, event_id)").format(
+                    sql.Identifier(name + "_dedup"), sql.Identifier(name)
+                )
+            )
+
+    def partitions(self) -> list[date]:
+        with self._db.read() as conn:
+            rows = conn.execute(
+                sa.text(
+                    "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                    "WHERE i.inhparent = 'ingress_events'::regclass ORDER BY 1"
+                )
+            ).scalars()
+            return [
+                datetime.strptime(r[len(INGRESS_PARTITION_PREFIX) :], "%Y%m%d").date() for r in rows
+            ]
+
+    def forget_partition_cache(self) -> None:
+        with self._lock:
+            self._known_days.clear()
+
+    # -- append ----------------------------------------------------------------------
+    def append(self, records: Sequence[IngressRecord]) -> int:
+        self.ensure_partitions({r.occurred_at.date() for r in records})
+        try:
+            return self._append(records)
+        except psycopg.errors.CheckViolation:
+            # "no partition of relation found for row": a partition this process
+            # believed in was dropped (retention); re-check and try once more.
+            self.forget_partition_cache()
+            self.ensure_partitions({r.occurred_at.date() for r in records})
+            return self._append(records)
+
+    def _append(self, records: Sequence[IngressRecord]) -> int:
+        rows = [
+            (r.shard, r.source, r.event_id, r.user_id, r.type, r.occurred_at, r.attributes_json)
+            for r in records
+        ]
+        with self._db.write() as conn:
+            raw = psycopg_connection(conn)
+            try:
+                with raw.transaction():  # a savepoint: the common case, no duplicates
+                    self._copy(raw, "ingress_events", rows)
+                return len(rows)
+            except psycopg.errors.UniqueViolation:
+                pass
+            raw.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS ingress_staging "
+                "(LIKE ingress_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+            )
+            self._copy(raw, "ingress_staging", rows)
+            cur = raw.execute(
+                f"INSERT INTO ingress_events {_COPY_COLUMNS} "
+                f"SELECT {_COPY_COLUMNS[1:-1]} FROM ingress_staging ORDER BY seq "
+                "ON CONFLICT DO NOTHING"
+            )
+            return cur.rowcount
+
+    @staticmethod
+    def _copy(raw: psycopg.Connection[Any], table: str, rows: list[tuple[Any, ...]]) -> None:
+        with raw.cursor() as cur, cur.copy(f"COPY {table} {_COPY_COLUMNS} FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+
+    # -- read ------------------------------------------------------------------------
+    def read_after(self, shard: int, after: Position, limit: int) -> list[StoredIngress]:
+        """Rows of ``shard`` past ``after`` in a stable, gap-safe order."""
+        with self._db.read() as conn:
+            result = conn.execute(
+                sa.text(
+                    "SELECT txid, seq, shard, source, event_id, user_id, type, occurred_at, "
+                    "attributes FROM ingress_events "
+                    "WHERE shard = :shard AND (txid, seq) > (:txid, :seq) "
+                    "AND txid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint "
+                    "ORDER BY txid, seq LIMIT :limit"
+                ),
+                {"shard": shard, "txid": after[0], "seq": after[1], "limit": limit},
+            )
+            return [
+                StoredIngress((r[0], r[1]), r[2], r[3], r[4], r[5], r[6], r[7], r[8])
+                for r in result
+            ]
+
+
+class SqliteIngressLog:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def append(self, records: Sequence[IngressRecord]) -> int:
+        received = sqlite_timestamp(datetime.now(UTC))
+        rows = [
+            (
+                r.shard,
+                r.source,
+                r.event_id,
+                r.user_id,
+                r.type,
+                sqlite_timestamp(r.occurred_at),
+                received,
+                r.attributes_json,
+            )
+            for r in records
+        ]
+        with self._db.write() as conn:
+            raw = conn.connection.driver_connection
+            assert raw is not None
+            before = raw.total_changes
+            raw.executemany(
+                "INSERT INTO ingress_events "
+                "(shard, source, event_id, user_id, type, occurred_at, received_at, attributes) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (source, event_id) DO NOTHING",
+                rows,
+            )
+            inserted: int = raw.total_changes - before
+            return inserted
+
+    def read_after(self, shard: int, after: Position, limit: int) -> list[StoredIngress]:
+        with self._db.read() as conn:
+            result = conn.exec_driver_sql(
+                "SELECT txid, seq, shard, source, event_id, user_id, type, occurred_at, "
+                "attributes FROM ingress_events WHERE shard = ? AND (txid, seq) > (?, ?) "
+                "ORDER BY txid, seq LIMIT ?",
+                (shard, after[0], after[1], limit),
+            )
+            return [
+                StoredIngress(
+                    (r[0], r[1]),
+                    r[2],
+                    r[3],
+                    r[4],
+                    r[5],
+                    r[6],
+                    datetime.fromisoformat(r[7]),
+                    orjson.loads(r[8]),
+                )
+                for r in result
+            ]
+
+
+def create_ingress_log(db: Database) -> PostgresIngressLog | SqliteIngressLog:
+    return PostgresIngressLog(db) if db.backend == "postgresql" else SqliteIngressLog(db)

@@ -1,0 +1,142 @@
+"""RFC 9457 problem+json responses, produced in one exception handler."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from loyalty.adapters.db import DatabaseUnavailable
+
+PROBLEM_JSON = "application/problem+json"
+
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "rate_limited",
+    503: "service_unavailable",
+}
+_TITLES = {
+    400: "Bad request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not found",
+    405: "Method not allowed",
+    409: "Conflict",
+    413: "Payload too large",
+    415: "Unsupported media type",
+    422: "Unprocessable content",
+    429: "Too many requests",
+    503: "Service unavailable",
+}
+
+
+class ApiProblem(Exception):
+    """Raise to answer with a problem+json body."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str | None = None,
+        detail: str | None = None,
+        *,
+        errors: Sequence[dict[str, str]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail or code)
+        self.status = status
+        self.code = code or _STATUS_CODES.get(status, "error")
+        self.detail = detail
+        self.errors = errors
+        self.headers = headers
+
+
+def problem_response(problem: ApiProblem) -> Response:
+    body: dict[str, Any] = {
+        "type": "about:blank",
+        "title": _TITLES.get(problem.status, "Error"),
+        "status": problem.status,
+        "code": problem.code,
+    }
+    if problem.detail:
+        body["detail"] = problem.detail
+    if problem.errors is not None:
+        body["errors"] = list(problem.errors)
+    return JSONResponse(body, problem.status, headers=problem.headers, media_type=PROBLEM_JSON)
+
+
+def format_loc(loc: Iterable[int | str]) -> str:
+    """('events', 3, 'occurred_at') -> 'events[3].occurred_at'."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+def validation_errors(errors: Iterable[Any]) -> list[dict[str, str]]:
+    """Pydantic errors as {loc, msg}; the offending input is never echoed back."""
+    out = []
+    for err in errors:
+        loc = [p for p in err.get("loc", ()) if p != "body"]
+        msg = str(err.get("msg", "invalid"))
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        out.append({"loc": format_loc(loc) or "body", "msg": msg})
+    return out
+
+
+def to_problem(exc: Exception) -> ApiProblem:
+    """Map every error we know to a problem; anything else is a bug and re-raised."""
+    if isinstance(exc, ApiProblem):
+        return exc
+    if isinstance(exc, RequestValidationError):
+        return ApiProblem(422, "validation_error", errors=validation_errors(exc.errors()))
+    if isinstance(exc, StarletteHTTPException):
+        return ApiProblem(exc.status_code, detail=str(exc.detail), headers=dict(exc.headers or {}))
+    if isinstance(exc, DatabaseUnavailable | sa.exc.OperationalError | sa.exc.InterfaceError):
+        return ApiProblem(
+            503,
+            "database_unavailable",
+            "the database is unavailable; retry later",
+            headers={"Retry-After": "1"},
+        )
+    if isinstance(exc, sa.exc.TimeoutError):
+        return ApiProblem(
+            503,
+            "database_busy",
+            "no database connection was free in time; retry later",
+            headers={"Retry-After": "1"},
+        )
+    raise exc
+
+
+def install(app: FastAPI, extra: Sequence[type[Exception]] = ()) -> None:
+    async def handle(_request: Request, exc: Exception) -> Response:
+        return problem_response(to_problem(exc))
+
+    for exc_type in (
+        ApiProblem,
+        RequestValidationError,
+        StarletteHTTPException,
+        DatabaseUnavailable,
+        sa.exc.OperationalError,
+        sa.exc.InterfaceError,
+        sa.exc.TimeoutError,
+        *extra,
+    ):
+        app.add_exception_handler(exc_type, handle)

@@ -1,0 +1,28 @@
+"""Liveness and readiness."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
+
+from loyalty.api.deps import ContainerDep
+from loyalty.api.schemas import Health, Problem
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health)
+def healthz() -> Health:
+    """The process is up."""
+    return Health(status="ok")
+
+
+@router.get(
+    "/readyz",
+    response_model=Health,
+    responses={503: {"model": Problem, "description": "the database is unreachable"}},
+)
+async def readyz(container: ContainerDep) -> Health:
+    """The process can reach its database."""
+    await run_in_threadpool(container.db.ping)
+    return Health(status="ready")

@@ -1,0 +1,63 @@
+"""Settings: every knob of the service, read from ``LOYALTY_*`` environment variables.
+
+Nothing here is built at import time; call :func:`Settings` (or pass values) where the
+process is composed (``create_app``, the CLI).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATABASE_URL = "sqlite:///./var/loyalty.db"
+
+
+class Settings(BaseSettings):
+    """Service settings (environment prefix ``LOYALTY_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="LOYALTY_", extra="ignore", frozen=True)
+
+    database_url: str = Field(
+        DEFAULT_DATABASE_URL,
+        description="sqlite:///path/to/file.db (embedded) or postgresql://user@host:port/db",
+    )
+    retention_days: int = Field(7, ge=1, le=3650, description="days ingress events are kept")
+    max_batch_events: int = Field(10_000, ge=1, description="events per ingress batch")
+    max_batch_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="bytes per batch body")
+    max_attributes_bytes: int = Field(4096, ge=2, description="bytes of one event's attributes")
+    future_skew_seconds: int = Field(300, ge=0, description="how far in the future is accepted")
+    auth_cache_seconds: float = Field(
+        5.0, ge=0, description="how long a verified key is trusted before it is re-read"
+    )
+    db_pool_size: int = Field(10, ge=1, description="database connections per process")
+    shard_count: int = Field(16, ge=1, le=1024, description="pipeline shards (fixed per db)")
+    log_format: Literal["text", "json"] = Field("text", description="log line format")
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if value.startswith("sqlite:///"):
+            return value
+        for prefix in ("postgresql://", "postgresql+psycopg://", "postgres://"):
+            if value.startswith(prefix):
+                return "postgresql://" + value[len(prefix) :]
+        raise ValueError("must start with sqlite:/// or postgresql://")
+
+    @property
+    def backend(self) -> Literal["sqlite", "postgresql"]:
+        return "sqlite" if self.database_url.startswith("sqlite:") else "postgresql"
+
+    @property
+    def sqlite_path(self) -> Path:
+        if self.backend != "sqlite":
+            raise ValueError("not a SQLite database URL")
+        return Path(self.database_url[len("sqlite:///") :])
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        if self.backend == "sqlite":
+            return f"sqlite+pysqlite:///{self.sqlite_path}"
+        return "postgresql+psycopg://" + self.database_url[len("postgresql://") :]

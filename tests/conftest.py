@@ -1,0 +1,144 @@
+"""Shared fixtures: real SQLite files and a real PostgreSQL database per session.
+
+PostgreSQL tests run when a server answers on LOYALTY_TEST_PG (default
+postgresql://postgres@127.0.0.1:5432/postgres); with CI set, a missing server fails the
+run instead of skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+
+from loyalty.adapters.db import Database
+from loyalty.adapters.keys import KeyStore, Role
+from loyalty.adapters.migrate import migrate
+from loyalty.api.app import create_app
+from loyalty.config import Settings
+
+PG_ADMIN_URL = os.environ.get("LOYALTY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+BACKENDS = ["sqlite", "postgresql"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        tier = Path(str(item.fspath)).parent.name
+        if tier in ("unit", "domain"):
+            item.add_marker(pytest.mark.unit)
+        elif tier in ("integration", "e2e"):
+            item.add_marker(getattr(pytest.mark, tier))
+
+
+class Clock:
+    """A settable clock for tests (``now`` defaults to the real time at creation)."""
+
+    def __init__(self, now: datetime | None = None) -> None:
+        self.now = now or datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> str:
+    try:
+        psycopg.connect(PG_ADMIN_URL, connect_timeout=3).close()
+    except psycopg.OperationalError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is required in CI and unreachable: {exc}")
+        pytest.skip(f"PostgreSQL unreachable: {exc}")
+    return PG_ADMIN_URL
+
+
+def _admin(sql: str, url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(sql)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_admin_url: str) -> Iterator[str]:
+    """A fresh database for this test session, migrated once, dropped at the end."""
+    name = f"loyalty_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    _admin(f'CREATE DATABASE "{name}"', pg_admin_url)
+    url = pg_admin_url.rsplit("/", 1)[0] + "/" + name
+    db = Database(Settings(database_url=url))
+    migrate(db)
+    db.dispose()
+    yield url
+    _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', pg_admin_url)
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated SQLite file that each test copies (copying beats migrating)."""
+    path = tmp_path_factory.mktemp("template") / "loyalty.db"
+    db = Database(Settings(database_url=f"sqlite:///{path}"))
+    migrate(db)
+    with db.engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.dispose()
+    return path
+
+
+def truncate_all(url: str) -> None:
+    """Empty every table of ours (partitions stay: each test picks its own days)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        tables = [
+            r[0]
+            for r in conn.execute(
+                "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND NOT c.relispartition "
+                "AND c.relname <> 'alembic_version'"
+            )
+        ]
+        if tables:
+            conn.execute("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " RESTART IDENTITY")
+
+
+@pytest.fixture(params=BACKENDS)
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    """Settings for a migrated, empty database on each backend."""
+    if request.param == "sqlite":
+        path = tmp_path / "loyalty.db"
+        shutil.copy(request.getfixturevalue("sqlite_template"), path)
+        return Settings(database_url=f"sqlite:///{path}")
+    url = request.getfixturevalue("pg_url")
+    truncate_all(url)
+    return Settings(database_url=url)
+
+
+@pytest.fixture
+def db(settings: Settings) -> Iterator[Database]:
+    database = Database(settings)
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def client(settings: Settings, db: Database, clock: Clock) -> Iterator[TestClient]:
+    with TestClient(create_app(settings, db=db, clock=clock)) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def make_key(db: Database) -> Callable[..., dict[str, str]]:
+    """make_key(role, name) -> Authorization headers for a new key."""
+    store = KeyStore(db)
+
+    def make(role: str = "ingest", name: str = "gamesite") -> dict[str, str]:
+        return {"Authorization": f"Bearer {store.create(Role(role), name)}"}
+
+    return make

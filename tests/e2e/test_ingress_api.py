@@ -1,0 +1,215 @@
+"""POST /v1/ingress/batches over HTTP against create_app, on both backends."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+
+from loyalty.adapters.db import Database
+
+URL = "/v1/ingress/batches"
+Headers = dict[str, str]
+
+
+def rows(db: Database) -> int:
+    with db.read() as conn:
+        return int(conn.execute(sa.text("SELECT count(*) FROM ingress_events")).scalar_one())
+
+
+def event(clock, i: int, **over: object) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    body: dict[str, object] = {
+        "event_id": f"e{i}",
+        "user_id": f"user-{i % 5}",
+        "type": "played_game",
+        "occurred_at": clock.now.isoformat(),
+        "attributes": {"result": "win" if i % 2 else "loss"},
+    }
+    body.update(over)
+    return body
+
+
+def test_same_batch_twice_is_all_duplicates(client: TestClient, make_key, clock, db) -> None:  # type: ignore[no-untyped-def]
+    key = make_key("ingest")
+    batch = {"batch_id": "b-1", "events": [event(clock, i) for i in range(50)]}
+    first = client.post(URL, json=batch, headers=key)
+    assert first.status_code == 202
+    assert first.json() == {"batch_id": "b-1", "accepted": 50, "duplicates": 0, "rejected": []}
+    second = client.post(URL, json=batch, headers=key)
+    assert second.json() == {"batch_id": "b-1", "accepted": 0, "duplicates": 50, "rejected": []}
+    assert rows(db) == 50
+
+
+def test_batch_id_is_generated_when_absent(client: TestClient, make_key, clock) -> None:  # type: ignore[no-untyped-def]
+    body = client.post(URL, json={"events": [event(clock, 1)]}, headers=make_key()).json()
+    assert len(body["batch_id"]) == 32 and body["accepted"] == 1
+
+
+@pytest.mark.parametrize(
+    ("bad", "loc"),
+    [
+        ({"occurred_at": "2026-11-26T10:00:00"}, "events[3].occurred_at"),
+        ({"occurred_at": 1764151200}, "events[3].occurred_at"),
+        ({"user_id": ""}, "events[3].user_id"),
+        ({"user_id": "x" * 129}, "events[3].user_id"),
+        ({"user_id": "tab\tin id"}, "events[3].user_id"),
+        ({"event_id": 17}, "events[3].event_id"),
+        ({"type": "Played Game"}, "events[3].type"),
+        ({"type": "x" * 65}, "events[3].type"),
+        ({"attributes": [1, 2]}, "events[3].attributes"),
+        ({"attributes": {"blob": "x" * 5000}}, "events[3].attributes"),
+        ({"attributes": {"nul": "a\u0000b"}}, "events[3].attributes"),
+        ({"attributes": {"huge": 2**70}}, "events[3].attributes"),
+        ({"surprise": True}, "events[3].surprise"),
+    ],
+)
+def test_schema_error_names_the_field_and_stores_nothing(  # type: ignore[no-untyped-def]
+    client: TestClient, make_key, clock, db, bad: dict[str, object], loc: str
+) -> None:
+    events = [event(clock, i) for i in range(6)]
+    events[3].update(bad)
+    resp = client.post(URL, json={"events": events}, headers=make_key())
+    assert resp.status_code == 422, resp.text
+    assert resp.headers["content-type"] == "application/problem+json"
+    body = resp.json()
+    assert body["code"] == "validation_error" and body["status"] == 422
+    assert [e["loc"] for e in body["errors"]] == [loc]
+    assert rows(db) == 0
+
+
+def test_missing_events_and_missing_fields_are_named(client: TestClient, make_key, clock) -> None:  # type: ignore[no-untyped-def]
+    assert client.post(URL, json={}, headers=make_key()).json()["errors"] == [
+        {"loc": "events", "msg": "Field required"}
+    ]
+    ev = event(clock, 0)
+    del ev["user_id"]
+    locs = [
+        e["loc"]
+        for e in client.post(URL, json={"events": [ev]}, headers=make_key()).json()["errors"]
+    ]
+    assert locs == ["events[0].user_id"]
+
+
+def test_malformed_json_is_400_not_500(client: TestClient, make_key) -> None:  # type: ignore[no-untyped-def]
+    for body in (b"{", b"", b"\xff\xfe", b'{"events": [}'):
+        resp = client.post(
+            URL, content=body, headers={**make_key(), "content-type": "application/json"}
+        )
+        assert resp.status_code == 400, body
+        assert resp.json()["code"] == "malformed_json"
+
+
+def test_wrong_content_type_is_415(client: TestClient, make_key, clock, db) -> None:  # type: ignore[no-untyped-def]
+    resp = client.post(
+        URL,
+        content=json.dumps({"events": [event(clock, 1)]}),
+        headers={**make_key(), "content-type": "text/plain"},
+    )
+    assert resp.status_code == 415
+    resp = client.post(
+        URL,
+        content=b"\x1f\x8b",
+        headers={**make_key(), "content-type": "application/json", "content-encoding": "gzip"},
+    )
+    assert resp.status_code == 415
+    assert rows(db) == 0
+
+
+def test_413_before_parsing(client: TestClient, make_key) -> None:  # type: ignore[no-untyped-def]
+    limit = client.app.state.container.settings.max_batch_bytes  # type: ignore[attr-defined]
+    junk = b"{" * (limit + 1)  # would be a 400 if it were parsed
+    resp = client.post(
+        URL, content=junk, headers={**make_key(), "content-type": "application/json"}
+    )
+    assert resp.status_code == 413
+    assert resp.json()["code"] == "batch_too_large"
+
+    def chunks():  # type: ignore[no-untyped-def]  # no Content-Length: counted as it streams
+        for _ in range(limit // 65536 + 2):
+            yield b"{" * 65536
+
+    resp = client.post(
+        URL, content=chunks(), headers={**make_key(), "content-type": "application/json"}
+    )
+    assert resp.status_code == 413
+
+
+def test_413_over_10000_events(client: TestClient, make_key, clock, db) -> None:  # type: ignore[no-untyped-def]
+    ev = event(clock, 0, attributes={})
+    events = [{**ev, "event_id": str(i)} for i in range(10_001)]
+    resp = client.post(URL, json={"events": events}, headers=make_key())
+    assert resp.status_code == 413
+    assert resp.json()["code"] == "too_many_events"
+    assert rows(db) == 0
+    ok = client.post(URL, json={"events": events[:10_000]}, headers=make_key())
+    assert ok.json()["accepted"] == 10_000
+
+
+def test_too_old_and_future_are_rejected_per_event(client: TestClient, make_key, clock, db) -> None:  # type: ignore[no-untyped-def]
+    now = clock.now
+    events = [
+        event(clock, 0),
+        event(clock, 1, occurred_at=(now - timedelta(days=7, seconds=1)).isoformat()),
+        event(clock, 2, occurred_at=(now + timedelta(minutes=6)).isoformat()),
+        event(clock, 3, occurred_at=(now - timedelta(days=6, hours=23)).isoformat()),
+    ]
+    body = client.post(URL, json={"events": events}, headers=make_key()).json()
+    assert body["accepted"] == 2
+    assert body["rejected"] == [
+        {"index": 1, "event_id": "e1", "reason": "too_old"},
+        {"index": 2, "event_id": "e2", "reason": "in_future"},
+    ]
+    assert rows(db) == 2
+
+
+def test_auth_and_roles(client: TestClient, make_key, clock, db) -> None:  # type: ignore[no-untyped-def]
+    batch = {"events": [event(clock, 1)]}
+    none = client.post(URL, json=batch)
+    assert none.status_code == 401 and none.json()["code"] == "missing_api_key"
+    assert none.headers["www-authenticate"] == "Bearer"
+    bad = client.post(URL, json=batch, headers={"Authorization": "Bearer lk_nope"})
+    assert bad.status_code == 401 and bad.json()["code"] == "invalid_api_key"
+    forged = make_key()["Authorization"][:-4] + "AAAA"
+    assert client.post(URL, json=batch, headers={"Authorization": forged}).status_code == 401
+    shop = client.post(URL, json=batch, headers=make_key("shop"))
+    assert shop.status_code == 403 and shop.json()["code"] == "forbidden"
+    assert rows(db) == 0
+    assert client.post(URL, json=batch, headers=make_key("operator")).status_code == 202
+
+
+def test_revoked_key_is_refused(client: TestClient, db, clock) -> None:  # type: ignore[no-untyped-def]
+    from loyalty.adapters.keys import KeyStore, Role
+
+    store = client.app.state.container.keys  # type: ignore[attr-defined]
+    key = KeyStore(db).create(Role.INGEST, "src")
+    headers = {"Authorization": f"Bearer {key}"}
+    assert client.post(URL, json={"events": []}, headers=headers).status_code == 202
+    assert store.revoke(key.split("_")[1])
+    assert client.post(URL, json={"events": []}, headers=headers).status_code == 401
+
+
+def test_unknown_route_and_method_are_problems(client: TestClient, make_key) -> None:  # type: ignore[no-untyped-def]
+    resp = client.get("/v1/nope")
+    assert resp.status_code == 404 and resp.json()["code"] == "not_found"
+    resp = client.get(URL, headers=make_key())
+    assert resp.status_code == 405 and resp.json()["code"] == "method_not_allowed"
+
+
+def test_health(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"status": "ready"}
+
+
+def test_readyz_is_503_when_the_database_is_down() -> None:
+    from loyalty.api.app import create_app
+    from loyalty.config import Settings
+
+    settings = Settings(database_url="postgresql://postgres@127.0.0.1:1/none")
+    with TestClient(create_app(settings)) as down:
+        assert down.get("/healthz").status_code == 200
+        resp = down.get("/readyz")
+        assert resp.status_code == 503
+        assert resp.json()["code"] == "database_unavailable"
