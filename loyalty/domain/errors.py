@@ -1,0 +1,86 @@
+"""Domain errors: one class per business failure, each with a stable machine code.
+
+Messages are for humans and never contain a user id (they may end up in logs and
+problem+json bodies). Structured details live in attributes, not in the message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import ClassVar
+
+Problem = tuple[str, str]
+"""A validation problem: (location, message), e.g. ("rules[2].currency", "...")."""
+
+
+class DomainError(Exception):
+    """Base class of every error raised by the domain layer."""
+
+    code: ClassVar[str] = "domain_error"
+    default_message: ClassVar[str] = "the request violates a business rule"
+
+    def __init__(self, message: str | None = None) -> None:
+        self.message = message or self.default_message
+        super().__init__(self.message)
+
+
+class InsufficientFunds(DomainError):
+    """The member's spendable currency would go below zero."""
+
+    code = "insufficient_funds"
+    default_message = "insufficient funds"
+
+    def __init__(self, available: int | None = None, requested: int | None = None) -> None:
+        self.available = available
+        self.requested = requested
+        detail = None
+        if available is not None and requested is not None:
+            detail = f"insufficient funds: {requested} needed, {available} available"
+        super().__init__(detail)
+
+
+class OrderConflict(DomainError):
+    """The order id was already spent with a different amount."""
+
+    code = "order_conflict"
+    default_message = "order id already used with a different amount"
+
+
+class OrderNotFound(DomainError):
+    """A refund names an order that was never spent."""
+
+    code = "order_not_found"
+    default_message = "order not found"
+
+
+class AdjustmentConflict(DomainError):
+    """The adjustment id was already used with different values."""
+
+    code = "adjustment_conflict"
+    default_message = "adjustment id already used with different values"
+
+
+class InvalidAmount(DomainError):
+    """An amount is not an integer in the allowed range."""
+
+    code = "invalid_amount"
+    default_message = "invalid amount"
+
+
+class InvalidRules(DomainError):
+    """A rule set (or rank ladder) is invalid; ``problems`` lists every problem."""
+
+    code = "invalid_rules"
+    default_message = "invalid rules"
+
+    def __init__(self, problems: Iterable[Problem]) -> None:
+        self.problems: list[Problem] = list(problems)
+        shown = "; ".join(f"{loc or '(document)'}: {msg}" for loc, msg in self.problems)
+        super().__init__(f"invalid rules: {shown}" if shown else None)
+
+
+class MemberNotFound(DomainError):
+    """No account exists for the requested member."""
+
+    code = "member_not_found"
+    default_message = "member not found"

@@ -1,0 +1,687 @@
+"""Weighting rules: turn activity events into currency and rank points.
+
+Everything here is pure and deterministic: no I/O, no clock reads. Arithmetic is
+exact (decimal); only the per-award total is rounded, and always down.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from decimal import (
+    ROUND_FLOOR,
+    Context,
+    Decimal,
+    DivisionByZero,
+    InvalidOperation,
+    Overflow,
+)
+from types import MappingProxyType
+from typing import Any, Final
+
+from loyalty.domain.errors import InvalidRules, Problem
+from loyalty.domain.ranks import Rank, RankLadder, is_int, ladder_order_problems
+
+AttrValue = str | int | float | bool | None
+"""A value a multiplier can require an activity attribute to equal."""
+
+CapKey = tuple[str, str, date]
+"""(user_id, event_type, UTC day of occurred_at)."""
+
+EVENT_TYPE_PATTERN: Final = re.compile(r"[a-z0-9_.-]{1,64}")
+
+# Bounds that keep every sum exact, and totals far inside a 64-bit column: no event
+# can be worth more than MAX_EVENT_WEIGHT even when all its multipliers match.
+MAX_WEIGHT: Final = Decimal(1_000_000)
+MAX_EVENT_WEIGHT: Final = Decimal(1_000_000_000)
+MAX_FACTOR: Final = Decimal(1_000)
+MAX_DECIMAL_PLACES: Final = 9
+MAX_MULTIPLIERS: Final = 32
+MAX_DAILY_CAP: Final = 1_000_000
+MAX_RANK_POINTS_THRESHOLD: Final = 10**15
+
+# A context wide enough that products of bounded weights and factors, and their
+# sums, are exact; rounding (only ever used explicitly for totals) is floor.
+_EXACT: Final = Context(
+    prec=2000,
+    rounding=ROUND_FLOOR,
+    traps=[InvalidOperation, DivisionByZero, Overflow],
+)
+_ONE: Final = Decimal(1)
+_ZERO: Final = Decimal(0)
+_PLACES_QUANTUM: Final = Decimal(1).scaleb(-MAX_DECIMAL_PLACES)
+
+
+def values_equal(expected: object, actual: object) -> bool:
+    """Type-aware equality for multiplier conditions.
+
+    Numbers (int, float) compare numerically (1 == 1.0); a bool only equals a bool
+    (True != 1); a string only equals a string ("1" != 1); None only equals None.
+    """
+    if isinstance(expected, bool) or isinstance(actual, bool):
+        return isinstance(expected, bool) and isinstance(actual, bool) and expected == actual
+    if expected is None or actual is None:
+        return expected is None and actual is None
+    if isinstance(expected, int | float):
+        return isinstance(actual, int | float) and expected == actual
+    if isinstance(expected, str):
+        return isinstance(actual, str) and expected == actual
+    return False
+
+
+def _is_attr_value(value: object) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return value is None or isinstance(value, str | int | bool)
+
+
+def _as_decimal(value: object) -> Decimal | None:
+    """An int or finite Decimal as a Decimal; None for anything else."""
+    if is_int(value):
+        assert isinstance(value, int)
+        return Decimal(value)
+    if isinstance(value, Decimal) and value.is_finite():
+        return value
+    return None
+
+
+@dataclass(frozen=True)
+class Multiplier:
+    """Multiply an event's weights by ``factor`` when all ``when`` conditions hold."""
+
+    when: Mapping[str, AttrValue]
+    factor: Decimal
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "when", MappingProxyType(dict(self.when)))
+        factor = _as_decimal(self.factor)
+        problems: list[Problem] = []
+        if not self.when:
+            problems.append(("when", "must have at least one condition"))
+        for key, value in self.when.items():
+            if not isinstance(key, str) or not key:
+                problems.append(("when", "keys must be non-empty strings"))
+            elif not _is_attr_value(value):
+                problems.append((f"when.{key}", "must be a string, number, bool or null"))
+        if factor is None:
+            problems.append(("factor", "must be a finite decimal"))
+        elif factor < 0:
+            problems.append(("factor", "must be >= 0"))
+        if problems:
+            raise InvalidRules(problems)
+        object.__setattr__(self, "factor", factor)
+
+    def matches(self, attributes: Mapping[str, Any]) -> bool:
+        """True when every condition's key is present and (type-aware) equal."""
+        for key, expected in self.when.items():
+            if key not in attributes or not values_equal(expected, attributes[key]):
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one event type is weighted."""
+
+    event_type: str
+    currency: Decimal
+    rank_points: Decimal
+    multipliers: tuple[Multiplier, ...] = ()
+    daily_cap: int | None = None
+    """At most this many events of the type per member per UTC day earn anything."""
+
+    def __post_init__(self) -> None:
+        problems: list[Problem] = []
+        if not isinstance(self.event_type, str) or not EVENT_TYPE_PATTERN.fullmatch(
+            self.event_type
+        ):
+            problems.append(("event_type", "must match [a-z0-9_.-]{1,64}"))
+        for name in ("currency", "rank_points"):
+            value = _as_decimal(getattr(self, name))
+            if value is None:
+                problems.append((name, "must be a finite decimal"))
+            elif value < 0:
+                problems.append((name, "must be >= 0"))
+            else:
+                object.__setattr__(self, name, value)
+        object.__setattr__(self, "multipliers", tuple(self.multipliers))
+        for i, multiplier in enumerate(self.multipliers):
+            if not isinstance(multiplier, Multiplier):
+                problems.append((f"multipliers[{i}]", "must be a Multiplier"))
+        cap = self.daily_cap
+        if cap is not None and (not is_int(cap) or cap < 0):
+            problems.append(("daily_cap", "must be null or an integer >= 0"))
+        if problems:
+            raise InvalidRules(problems)
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """A versioned set of rules (one per event type) and the rank ladder."""
+
+    version: int
+    rules: Mapping[str, Rule]
+    ranks: RankLadder
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rules", MappingProxyType(dict(self.rules)))
+        problems: list[Problem] = []
+        if not is_int(self.version) or self.version < 0:
+            problems.append(("version", "must be an integer >= 0"))
+        for key, rule in self.rules.items():
+            if not isinstance(rule, Rule) or rule.event_type != key:
+                problems.append((f"rules.{key}", "must be a Rule for that event type"))
+        if not isinstance(self.ranks, RankLadder):
+            problems.append(("ranks", "must be a RankLadder"))
+        if problems:
+            raise InvalidRules(problems)
+
+    def rule_for(self, event_type: str) -> Rule | None:
+        return self.rules.get(event_type)
+
+
+# --------------------------------------------------------------------------- wire
+
+_TOP_FIELDS: Final = frozenset({"rules", "ranks", "version"})
+_RULE_FIELDS: Final = frozenset(
+    {"event_type", "currency", "rank_points", "multipliers", "daily_cap"}
+)
+_MULTIPLIER_FIELDS: Final = frozenset({"when", "factor"})
+_RANK_FIELDS: Final = frozenset({"name", "min_rank_points", "privileges"})
+
+
+def _is_list(value: object) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, str | bytes)
+
+
+def _check_fields(
+    entry: Mapping[Any, Any],
+    loc: str,
+    allowed: frozenset[str],
+    required: Iterable[str],
+    problems: list[Problem],
+) -> None:
+    prefix = f"{loc}." if loc else ""
+    for key in entry:
+        if key not in allowed:
+            problems.append((f"{prefix}{key}", "unknown field"))
+    for key in required:
+        if key not in entry:
+            problems.append((f"{prefix}{key}", "field required"))
+
+
+def _parse_decimal(
+    value: object, loc: str, problems: list[Problem], maximum: Decimal
+) -> Decimal | None:
+    """A non-negative, bounded, finite decimal from an int, float or string."""
+    number: Decimal | None = None
+    if is_int(value):
+        assert isinstance(value, int)
+        number = Decimal(value)
+    elif isinstance(value, float):
+        # via str, so 0.1 means Decimal("0.1"), not the binary approximation
+        number = Decimal(str(value)) if math.isfinite(value) else None
+    elif isinstance(value, str) and len(value) <= 64:
+        try:
+            number = Decimal(value)
+        except InvalidOperation:
+            number = None
+    elif isinstance(value, Decimal):
+        number = value
+    if number is None or not number.is_finite():
+        problems.append((loc, "must be a number (integer, decimal string or float)"))
+        return None
+    if number < 0:
+        problems.append((loc, "must be >= 0"))
+        return None
+    if number > maximum:
+        problems.append((loc, f"must be <= {maximum}"))
+        return None
+    if _EXACT.quantize(number, _PLACES_QUANTUM) != number:
+        problems.append((loc, f"must have at most {MAX_DECIMAL_PLACES} decimal places"))
+        return None
+    return number
+
+
+def _parse_int(value: object, loc: str, problems: list[Problem], maximum: int) -> int | None:
+    """A non-negative bounded integer (an integral float or string is accepted)."""
+    sub: list[Problem] = []
+    number = _parse_decimal(value, loc, sub, Decimal(maximum))
+    if sub:
+        problems.extend(sub)
+        return None
+    assert number is not None
+    if number != number.to_integral_value():
+        problems.append((loc, "must be an integer"))
+        return None
+    return int(number)
+
+
+def _parse_multiplier(entry: object, loc: str, problems: list[Problem]) -> Multiplier | None:
+    if not isinstance(entry, Mapping):
+        problems.append((loc, "must be an object"))
+        return None
+    before = len(problems)
+    _check_fields(entry, loc, _MULTIPLIER_FIELDS, _MULTIPLIER_FIELDS, problems)
+    when = entry.get("when")
+    if "when" in entry:
+        if not isinstance(when, Mapping):
+            problems.append((f"{loc}.when", "must be an object"))
+        elif not when:
+            problems.append((f"{loc}.when", "must have at least one condition"))
+        else:
+            for key, value in when.items():
+                if not isinstance(key, str) or not key:
+                    problems.append((f"{loc}.when", "keys must be non-empty strings"))
+                elif not _is_attr_value(value):
+                    problems.append((f"{loc}.when.{key}", "must be a string, number, bool or null"))
+    factor = None
+    if "factor" in entry:
+        factor = _parse_decimal(entry["factor"], f"{loc}.factor", problems, MAX_FACTOR)
+    if len(problems) > before:
+        return None
+    assert isinstance(when, Mapping) and factor is not None
+    return Multiplier(when=when, factor=factor)
+
+
+def _parse_rule(entry: object, loc: str, problems: list[Problem]) -> Rule | None:
+    if not isinstance(entry, Mapping):
+        problems.append((loc, "must be an object"))
+        return None
+    before = len(problems)
+    _check_fields(entry, loc, _RULE_FIELDS, ("event_type", "currency", "rank_points"), problems)
+    event_type = entry.get("event_type")
+    if "event_type" in entry and (
+        not isinstance(event_type, str) or not EVENT_TYPE_PATTERN.fullmatch(event_type)
+    ):
+        problems.append((f"{loc}.event_type", "must match [a-z0-9_.-]{1,64}"))
+    weights: dict[str, Decimal | None] = {}
+    for name in ("currency", "rank_points"):
+        if name in entry:
+            weights[name] = _parse_decimal(entry[name], f"{loc}.{name}", problems, MAX_WEIGHT)
+    multipliers: list[Multiplier] = []
+    raw_multipliers = entry.get("multipliers", [])
+    if not _is_list(raw_multipliers):
+        problems.append((f"{loc}.multipliers", "must be a list"))
+    elif len(raw_multipliers) > MAX_MULTIPLIERS:
+        problems.append((f"{loc}.multipliers", f"at most {MAX_MULTIPLIERS} allowed"))
+    else:
+        for j, raw in enumerate(raw_multipliers):
+            multiplier = _parse_multiplier(raw, f"{loc}.multipliers[{j}]", problems)
+            if multiplier is not None:
+                multipliers.append(multiplier)
+    daily_cap = None
+    if entry.get("daily_cap") is not None:
+        daily_cap = _parse_int(entry["daily_cap"], f"{loc}.daily_cap", problems, MAX_DAILY_CAP)
+    if len(problems) > before:
+        return None
+    currency, rank_points = weights["currency"], weights["rank_points"]
+    assert isinstance(event_type, str) and currency is not None
+    assert rank_points is not None
+    all_factors = _ONE
+    for multiplier in multipliers:
+        all_factors = _EXACT.multiply(all_factors, multiplier.factor)
+    if _EXACT.multiply(max(currency, rank_points), all_factors) > MAX_EVENT_WEIGHT:
+        problems.append(
+            (
+                f"{loc}.multipliers",
+                f"an event could be worth more than {MAX_EVENT_WEIGHT} when all multipliers match",
+            )
+        )
+        return None
+    return Rule(
+        event_type=event_type,
+        currency=currency,
+        rank_points=rank_points,
+        multipliers=tuple(multipliers),
+        daily_cap=daily_cap,
+    )
+
+
+def _parse_ranks(raw_ranks: object, problems: list[Problem]) -> list[Rank]:
+    if not _is_list(raw_ranks):
+        problems.append(("ranks", "must be a list"))
+        return []
+    assert isinstance(raw_ranks, Sequence)
+    ranks: list[Rank] = []
+    names: list[tuple[int, str | None]] = []
+    thresholds: list[tuple[int, int | None]] = []
+    for i, entry in enumerate(raw_ranks):
+        loc = f"ranks[{i}]"
+        if not isinstance(entry, Mapping):
+            problems.append((loc, "must be an object"))
+            continue
+        before = len(problems)
+        _check_fields(entry, loc, _RANK_FIELDS, ("name", "min_rank_points"), problems)
+        name = entry.get("name")
+        if "name" in entry:
+            if isinstance(name, str) and name.strip() and len(name) <= 64:
+                names.append((i, name))
+            else:
+                problems.append((f"{loc}.name", "must be a non-empty string (<= 64)"))
+        threshold = None
+        if "min_rank_points" in entry:
+            threshold = _parse_int(
+                entry["min_rank_points"],
+                f"{loc}.min_rank_points",
+                problems,
+                MAX_RANK_POINTS_THRESHOLD,
+            )
+            thresholds.append((i, threshold))
+        privileges = entry.get("privileges", [])
+        if not _is_list(privileges):
+            problems.append((f"{loc}.privileges", "must be a list of strings"))
+        else:
+            for j, privilege in enumerate(privileges):
+                if not isinstance(privilege, str) or not privilege.strip():
+                    problems.append((f"{loc}.privileges[{j}]", "must be a non-empty string"))
+        if len(problems) == before:
+            assert isinstance(name, str) and threshold is not None
+            ranks.append(Rank(name, threshold, tuple(privileges)))
+    problems.extend(ladder_order_problems(names, thresholds))
+    return ranks
+
+
+def parse_rule_set(data: Mapping[str, Any], version: int) -> RuleSet:
+    """Build a :class:`RuleSet` from its wire shape, or raise :class:`InvalidRules`
+    listing every problem with its location (``rules[2].currency``, ...).
+
+    A top-level ``version`` key (as produced by :func:`rule_set_to_wire`) is
+    accepted and ignored: the ``version`` argument is authoritative.
+    """
+    problems: list[Problem] = []
+    if not isinstance(data, Mapping):
+        raise InvalidRules([("", "must be an object with 'rules' and 'ranks'")])
+    _check_fields(data, "", _TOP_FIELDS, ("rules", "ranks"), problems)
+    rules: dict[str, Rule] = {}
+    raw_rules = data.get("rules", [])
+    if not _is_list(raw_rules):
+        problems.append(("rules", "must be a list"))
+    else:
+        first_index: dict[str, int] = {}
+        for i, entry in enumerate(raw_rules):
+            rule = _parse_rule(entry, f"rules[{i}]", problems)
+            event_type = entry.get("event_type") if isinstance(entry, Mapping) else None
+            if isinstance(event_type, str):
+                if event_type in first_index:
+                    problems.append(
+                        (
+                            f"rules[{i}].event_type",
+                            f"duplicate event type (see rules[{first_index[event_type]}])",
+                        )
+                    )
+                    continue
+                first_index[event_type] = i
+            if rule is not None:
+                rules[rule.event_type] = rule
+    ranks = _parse_ranks(data.get("ranks", []), problems)
+    if not is_int(version) or version < 0:
+        problems.append(("version", "must be an integer >= 0"))
+    if problems:
+        raise InvalidRules(problems)
+    return RuleSet(version=version, rules=rules, ranks=RankLadder(tuple(ranks)))
+
+
+def decimal_to_wire(value: Decimal) -> int | str:
+    """Integral values as ints, others as plain decimal strings ("1.5")."""
+    if value == value.to_integral_value(context=_EXACT):
+        return int(value)
+    return format(value.normalize(_EXACT), "f")
+
+
+def rule_set_to_wire(rule_set: RuleSet) -> dict[str, Any]:
+    """The JSON-ready wire shape; ``parse_rule_set(rule_set_to_wire(x), x.version)
+    == x``."""
+    return {
+        "version": rule_set.version,
+        "rules": [
+            {
+                "event_type": rule.event_type,
+                "currency": decimal_to_wire(rule.currency),
+                "rank_points": decimal_to_wire(rule.rank_points),
+                "multipliers": [
+                    {"when": dict(m.when), "factor": decimal_to_wire(m.factor)}
+                    for m in rule.multipliers
+                ],
+                "daily_cap": rule.daily_cap,
+            }
+            for rule in rule_set.rules.values()
+        ],
+        "ranks": [
+            {
+                "name": rank.name,
+                "min_rank_points": rank.min_rank_points,
+                "privileges": list(rank.privileges),
+            }
+            for rank in rule_set.ranks.ranks
+        ],
+    }
+
+
+DEFAULT_RULES_WIRE: Final[dict[str, Any]] = {
+    "rules": [
+        {"event_type": "logged_on", "currency": 1, "rank_points": 1, "daily_cap": 1},
+        {
+            "event_type": "played_game",
+            "currency": 5,
+            "rank_points": 10,
+            "multipliers": [{"when": {"result": "win"}, "factor": 2}],
+            "daily_cap": 50,
+        },
+        {
+            "event_type": "joined_competition",
+            "currency": 20,
+            "rank_points": 50,
+            "daily_cap": 5,
+        },
+        {
+            "event_type": "made_purchase",
+            "currency": 10,
+            "rank_points": 5,
+            "multipliers": [{"when": {"tier": "premium"}, "factor": "1.5"}],
+        },
+    ],
+    "ranks": [
+        {"name": "bronze", "min_rank_points": 0, "privileges": ["member_prices"]},
+        {
+            "name": "silver",
+            "min_rank_points": 1000,
+            "privileges": ["member_prices", "free_shipping"],
+        },
+        {
+            "name": "gold",
+            "min_rank_points": 5000,
+            "privileges": ["member_prices", "free_shipping", "priority_support"],
+        },
+        {
+            "name": "platinum",
+            "min_rank_points": 20000,
+            "privileges": [
+                "member_prices",
+                "free_shipping",
+                "priority_support",
+                "vip_events",
+            ],
+        },
+    ],
+}
+"""The default rule set in wire shape. Treat as read-only (deep-copy to edit)."""
+
+
+# ---------------------------------------------------------------------- weighing
+
+
+@dataclass(frozen=True)
+class Activity:
+    """One activity event from an external service."""
+
+    user_id: str
+    event_type: str
+    occurred_at: datetime
+    attributes: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.occurred_at.tzinfo is None or self.occurred_at.utcoffset() is None:
+            raise ValueError("occurred_at must be timezone-aware")
+
+    @property
+    def utc_day(self) -> date:
+        """The UTC calendar day of ``occurred_at`` (the daily-cap bucket)."""
+        return self.occurred_at.astimezone(UTC).date()
+
+
+def weigh(activity: Activity, rule: Rule) -> tuple[Decimal, Decimal]:
+    """Exact (currency, rank_points) of one event: base weights times the factors
+    of ALL matching multipliers. Daily caps are not applied here (see aggregate).
+    """
+    if activity.event_type != rule.event_type:
+        raise ValueError("rule does not apply to this activity's event type")
+    factor = _ONE
+    for multiplier in rule.multipliers:
+        if multiplier.matches(activity.attributes):
+            factor = _EXACT.multiply(factor, multiplier.factor)
+    return (
+        _EXACT.multiply(rule.currency, factor),
+        _EXACT.multiply(rule.rank_points, factor),
+    )
+
+
+class CapCounter(Mapping[CapKey, int]):
+    """Per (user_id, event_type, utc_day): how many events counted against a cap.
+
+    Seed it with the persisted counts (``CapCounter(saved)``); after aggregating,
+    persist :meth:`changes` (absolute counts to upsert) and call
+    :meth:`mark_saved`. Only event types with a ``daily_cap`` are tracked, and a
+    count never exceeds its cap. Keys of past days can be deleted from storage once
+    no event of that day can still arrive (the caller owns that retention).
+    """
+
+    def __init__(self, counts: Mapping[CapKey, int] | None = None) -> None:
+        self._counts: dict[CapKey, int] = {}
+        self._changed: set[CapKey] = set()
+        for key, count in (counts or {}).items():
+            if not is_int(count) or count < 0:
+                raise ValueError("cap counts must be integers >= 0")
+            self._counts[key] = count
+
+    def __getitem__(self, key: CapKey) -> int:
+        return self._counts[key]
+
+    def __iter__(self) -> Iterator[CapKey]:
+        return iter(self._counts)
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+    def __repr__(self) -> str:
+        return f"CapCounter({self._counts!r})"
+
+    def count(self, key: CapKey) -> int:
+        """The count for ``key``; 0 when never seen."""
+        return self._counts.get(key, 0)
+
+    def increment(self, key: CapKey) -> int:
+        """Add one to ``key``'s count, remember it changed, return the new count."""
+        new = self._counts.get(key, 0) + 1
+        self._counts[key] = new
+        self._changed.add(key)
+        return new
+
+    def changes(self) -> dict[CapKey, int]:
+        """Current counts of every key changed since seeding or :meth:`mark_saved`."""
+        return {key: self._counts[key] for key in self._changed}
+
+    def mark_saved(self) -> None:
+        """Forget the change set (call after persisting :meth:`changes`)."""
+        self._changed.clear()
+
+
+@dataclass(frozen=True)
+class AwardDraft:
+    """What one member earned in one aggregation (window)."""
+
+    user_id: str
+    currency: int
+    rank_points: int
+    event_count: int
+    """All of the member's events in the input, including ignored and capped."""
+    ignored: int
+    """Events of unknown types."""
+    capped: int
+    """Events beyond a daily cap."""
+
+
+@dataclass(frozen=True)
+class AggregationResult:
+    """Drafts per user id (in order of first appearance) and totals."""
+
+    rule_version: int
+    drafts: Mapping[str, AwardDraft]
+    events: int
+    ignored: int
+    capped: int
+
+
+@dataclass
+class _Tally:
+    currency: Decimal = _ZERO
+    rank_points: Decimal = _ZERO
+    events: int = 0
+    ignored: int = 0
+    capped: int = 0
+
+
+def aggregate(
+    activities: Iterable[Activity], rule_set: RuleSet, caps: CapCounter
+) -> AggregationResult:
+    """Weigh and sum ``activities`` per member, in input order, applying daily caps.
+
+    ``caps`` is read and updated in place, so consecutive windows aggregated with
+    one shared counter cap exactly like a single aggregation of all of them. Per
+    member, the exact decimal sum is rounded down once, at the end.
+    """
+    tallies: dict[str, _Tally] = {}
+    for activity in activities:
+        tally = tallies.get(activity.user_id)
+        if tally is None:
+            tally = tallies[activity.user_id] = _Tally()
+        tally.events += 1
+        rule = rule_set.rules.get(activity.event_type)
+        if rule is None:
+            tally.ignored += 1
+            continue
+        if rule.daily_cap is not None:
+            key: CapKey = (activity.user_id, activity.event_type, activity.utc_day)
+            if caps.count(key) >= rule.daily_cap:
+                tally.capped += 1
+                continue
+            caps.increment(key)
+        currency, rank_points = weigh(activity, rule)
+        tally.currency = _EXACT.add(tally.currency, currency)
+        tally.rank_points = _EXACT.add(tally.rank_points, rank_points)
+
+    drafts = {
+        user_id: AwardDraft(
+            user_id=user_id,
+            currency=_floor(t.currency),
+            rank_points=_floor(t.rank_points),
+            event_count=t.events,
+            ignored=t.ignored,
+            capped=t.capped,
+        )
+        for user_id, t in tallies.items()
+    }
+    return AggregationResult(
+        rule_version=rule_set.version,
+        drafts=drafts,
+        events=sum(t.events for t in tallies.values()),
+        ignored=sum(t.ignored for t in tallies.values()),
+        capped=sum(t.capped for t in tallies.values()),
+    )
+
+
+def _floor(value: Decimal) -> int:
+    return int(_EXACT.to_integral_value(value))

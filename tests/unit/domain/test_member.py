@@ -1,0 +1,356 @@
+from typing import Any
+from uuid import uuid5
+
+import pytest
+
+from loyalty.domain.errors import (
+    AdjustmentConflict,
+    DomainError,
+    InsufficientFunds,
+    InvalidAmount,
+    InvalidRules,
+    MemberNotFound,
+    OrderConflict,
+    OrderNotFound,
+)
+from loyalty.domain.member import NAMESPACE, Member, replay
+from loyalty.domain.ranks import Rank, RankLadder
+
+USER = "user-7f3a9c"
+LADDER = RankLadder(
+    (
+        Rank("bronze", 0, ("member_prices",)),
+        Rank("silver", 1000, ("member_prices", "free_shipping")),
+        Rank("gold", 5000, ("member_prices", "free_shipping", "priority_support")),
+    )
+)
+
+
+def names(events: Any) -> list[str]:
+    return [type(e).__name__ for e in events]
+
+
+def new_member(currency: int = 0, rank_points: int = 0) -> Member:
+    member = Member(user_id=USER)
+    if currency or rank_points:
+        member.award("seed", currency, rank_points, 1, 1, LADDER)
+    member.collect_events()
+    return member
+
+
+# ------------------------------------------------------------------------- ids
+
+
+def test_member_id_is_uuid5_of_user_id_and_deterministic() -> None:
+    assert Member(user_id=USER).id == uuid5(NAMESPACE, USER) == Member.create_id(USER)
+    assert Member(user_id=USER).id == Member(user_id=USER).id
+    assert Member.create_id("someone-else") != Member.create_id(USER)
+
+
+def test_new_member_is_created_empty() -> None:
+    member = Member(user_id=USER)
+    assert (member.user_id, member.currency, member.rank_points) == (USER, 0, 0)
+    assert member.rank is None
+    assert names(member.collect_events()) == ["Created"]
+
+
+# ----------------------------------------------------------------------- award
+
+
+def test_award_credits_currency_rank_points_and_lifetime() -> None:
+    member = new_member()
+    assert member.award("w1", 30, 40, 3, 2, LADDER) is True
+    assert (member.currency, member.rank_points, member.lifetime_currency) == (30, 40, 30)
+    awarded = member.collect_events()[0]
+    assert type(awarded).__name__ == "Awarded"
+    assert (
+        awarded.award_id,  # type: ignore[attr-defined]
+        awarded.currency,  # type: ignore[attr-defined]
+        awarded.rank_points,  # type: ignore[attr-defined]
+        awarded.event_count,  # type: ignore[attr-defined]
+        awarded.rule_version,  # type: ignore[attr-defined]
+    ) == ("w1", 30, 40, 3, 2)
+
+
+@pytest.mark.parametrize(
+    ("awards", "changes"),
+    [
+        ([0], [(None, "bronze")]),
+        ([999], [(None, "bronze")]),
+        ([999, 1], [(None, "bronze"), ("bronze", "silver")]),
+        ([1000], [(None, "silver")]),
+        ([500, 400, 99], [(None, "bronze")]),
+        ([1000, 4000, 20000], [(None, "silver"), ("silver", "gold")]),
+    ],
+)
+def test_award_records_rank_changes_at_thresholds(
+    awards: list[int], changes: list[tuple[str | None, str | None]]
+) -> None:
+    member = Member(user_id=USER)
+    for i, points in enumerate(awards):
+        member.award(f"w{i}", 0, points, 1, 1, LADDER)
+    events = member.collect_events()
+    got = [(e.old, e.new) for e in events if type(e).__name__ == "RankChanged"]  # type: ignore[attr-defined]
+    assert got == changes
+    assert member.rank == changes[-1][1] == member.current_rank(LADDER)
+
+
+def test_award_replay_is_ignored() -> None:
+    member = new_member()
+    member.award("w1", 10, 10, 1, 1, LADDER)
+    member.collect_events()
+    assert member.award("w1", 10, 10, 1, 1, LADDER) is False
+    assert member.award("w1", 99, 99, 9, 9, LADDER) is False
+    assert member.collect_events() == []
+    assert (member.currency, member.rank_points) == (10, 10)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"currency": -1},
+        {"rank_points": -1},
+        {"currency": True},
+        {"currency": 1.5},
+        {"rank_points": "5"},
+        {"event_count": -1},
+    ],
+)
+def test_award_rejects_invalid_amounts(bad: dict[str, Any]) -> None:
+    member = new_member()
+    args: dict[str, Any] = {"currency": 1, "rank_points": 1, "event_count": 1, "rule_version": 1}
+    args.update(bad)
+    with pytest.raises(InvalidAmount):
+        member.award("w1", ranks=LADDER, **args)
+    assert member.collect_events() == []
+    assert member.currency == 0
+
+
+# ----------------------------------------------------------------------- spend
+
+
+def test_spend_debits_currency_and_returns_amount() -> None:
+    member = new_member(currency=100)
+    assert member.spend("o1", 30) == 30
+    assert member.currency == 70
+    assert member.lifetime_currency == 100
+    spent = member.collect_events()
+    assert names(spent) == ["Spent"]
+    assert (spent[0].order_id, spent[0].amount) == ("o1", 30)  # type: ignore[attr-defined]
+
+
+def test_spend_replay_with_same_amount_changes_nothing() -> None:
+    member = new_member(currency=100)
+    member.spend("o1", 30)
+    member.collect_events()
+    assert member.spend("o1", 30) == 30
+    assert member.currency == 70
+    assert member.collect_events() == []
+
+
+def test_spend_same_order_different_amount_conflicts() -> None:
+    member = new_member(currency=100)
+    member.spend("o1", 30)
+    member.collect_events()
+    with pytest.raises(OrderConflict) as info:
+        member.spend("o1", 31)
+    assert info.value.code == "order_conflict"
+    assert member.currency == 70
+    assert member.collect_events() == []
+
+
+def test_spend_more_than_balance_is_insufficient_funds() -> None:
+    member = new_member(currency=10)
+    with pytest.raises(InsufficientFunds) as info:
+        member.spend("o1", 11)
+    assert info.value.code == "insufficient_funds"
+    assert USER not in str(info.value)
+    assert member.currency == 10
+    assert member.collect_events() == []
+    assert member.spend("o2", 10) == 10  # the whole balance is spendable
+    assert member.currency == 0
+
+
+@pytest.mark.parametrize("amount", [0, -1, True, 1.5, "5", None])
+def test_spend_rejects_invalid_amounts(amount: Any) -> None:
+    member = new_member(currency=100)
+    with pytest.raises(InvalidAmount) as info:
+        member.spend("o1", amount)
+    assert info.value.code == "invalid_amount"
+    assert member.currency == 100
+    assert member.collect_events() == []
+
+
+def test_spending_never_lowers_rank() -> None:
+    member = new_member(currency=2000, rank_points=1500)
+    assert member.rank == "silver"
+    member.spend("o1", 2000)
+    assert member.currency == 0
+    assert (member.rank_points, member.rank, member.current_rank(LADDER)) == (
+        1500,
+        "silver",
+        "silver",
+    )
+    assert names(member.collect_events()) == ["Spent"]
+
+
+# ---------------------------------------------------------------------- refund
+
+
+def test_refund_puts_amount_back_once() -> None:
+    member = new_member(currency=100)
+    member.spend("o1", 30)
+    member.collect_events()
+    assert member.refund("o1") == 30
+    assert member.currency == 100
+    assert names(member.collect_events()) == ["Refunded"]
+    assert member.refund("o1") == 30  # replay
+    assert member.currency == 100
+    assert member.collect_events() == []
+
+
+def test_refund_of_unknown_order_is_not_found() -> None:
+    member = new_member(currency=100)
+    with pytest.raises(OrderNotFound) as info:
+        member.refund("never-spent")
+    assert info.value.code == "order_not_found"
+    assert member.currency == 100
+
+
+def test_spend_replay_after_refund_does_not_debit_again() -> None:
+    member = new_member(currency=100)
+    member.spend("o1", 30)
+    member.refund("o1")
+    assert member.spend("o1", 30) == 30
+    assert member.currency == 100
+
+
+# ---------------------------------------------------------------------- adjust
+
+
+def test_adjust_applies_signed_amounts_and_counts_in_lifetime() -> None:
+    member = new_member(currency=100, rank_points=100)
+    assert member.adjust("a1", -40, 25, "goodwill", LADDER) is True
+    assert (member.currency, member.rank_points, member.lifetime_currency) == (60, 125, 60)
+    adjusted = member.collect_events()
+    assert names(adjusted) == ["Adjusted"]
+    assert adjusted[0].reason == "goodwill"  # type: ignore[attr-defined]
+
+
+def test_adjust_replay_and_conflict() -> None:
+    member = new_member(currency=100)
+    member.adjust("a1", 5, 0, "typo", LADDER)
+    member.collect_events()
+    assert member.adjust("a1", 5, 0, "typo", LADDER) is False
+    assert member.collect_events() == []
+    for different in [(6, 0, "typo"), (5, 1, "typo"), (5, 0, "other")]:
+        with pytest.raises(AdjustmentConflict):
+            member.adjust("a1", *different, ranks=LADDER)
+    assert member.currency == 105
+
+
+def test_adjust_below_zero_currency_is_insufficient_funds() -> None:
+    member = new_member(currency=10)
+    with pytest.raises(InsufficientFunds):
+        member.adjust("a1", -11, 0, "chargeback", LADDER)
+    assert member.currency == 10
+    assert member.adjust("a2", -10, 0, "chargeback", LADDER) is True
+    assert member.currency == 0
+
+
+def test_adjust_below_zero_rank_points_is_invalid() -> None:
+    member = new_member(rank_points=10)
+    with pytest.raises(InvalidAmount):
+        member.adjust("a1", 0, -11, "oops", LADDER)
+    assert member.rank_points == 10
+
+
+@pytest.mark.parametrize("bad", [(True, 0), (0, 1.5), ("1", 0)])
+def test_adjust_rejects_non_integers(bad: tuple[Any, Any]) -> None:
+    member = new_member(currency=10)
+    with pytest.raises(InvalidAmount):
+        member.adjust("a1", bad[0], bad[1], "x", LADDER)
+    assert member.collect_events() == []
+
+
+def test_adjust_can_change_rank_both_ways() -> None:
+    member = new_member(rank_points=900)
+    member.adjust("up", 0, 100, "promo", LADDER)
+    member.adjust("down", 0, -1, "correction", LADDER)
+    changes = [(e.old, e.new) for e in member.collect_events() if type(e).__name__ == "RankChanged"]  # type: ignore[attr-defined]
+    assert changes == [("bronze", "silver"), ("silver", "bronze")]
+    assert member.privileges(LADDER) == ("member_prices",)
+
+
+# ----------------------------------------------------------------- read models
+
+
+def test_current_rank_and_privileges_follow_the_given_ladder() -> None:
+    member = new_member(rank_points=5000)
+    assert member.current_rank(LADDER) == "gold"
+    assert "priority_support" in member.privileges(LADDER)
+    stricter = RankLadder((Rank("bronze", 0, ("member_prices",)), Rank("silver", 10_000)))
+    assert member.current_rank(stricter) == "bronze"
+    assert member.privileges(RankLadder(())) == ()
+
+
+# --------------------------------------------------------------------- replay
+
+
+def test_rebuilding_from_events_gives_identical_state_and_idempotency() -> None:
+    member = Member(user_id=USER)
+    member.award("w1", 500, 1200, 4, 1, LADDER)
+    member.spend("o1", 100)
+    member.spend("o2", 50)
+    member.refund("o1")
+    member.adjust("a1", -20, 10, "fix", LADDER)
+    events = member.collect_events()
+
+    rebuilt = replay(events)
+
+    assert rebuilt == member
+    assert (rebuilt.currency, rebuilt.rank_points, rebuilt.lifetime_currency) == (430, 1210, 480)
+    assert rebuilt.rank == "silver"
+    assert rebuilt.version == len(events)
+    # seen ids are rebuilt too, so replays stay idempotent after a reload
+    assert rebuilt.award("w1", 500, 1200, 4, 1, LADDER) is False
+    assert rebuilt.spend("o2", 50) == 50
+    assert rebuilt.refund("o1") == 100
+    assert rebuilt.adjust("a1", -20, 10, "fix", LADDER) is False
+    assert rebuilt.collect_events() == []
+    with pytest.raises(OrderConflict):
+        rebuilt.spend("o2", 51)
+
+
+def test_event_attributes_are_plain_json_values() -> None:
+    member = Member(user_id=USER)
+    member.award("w1", 5, 1000, 1, 1, LADDER)
+    member.spend("o1", 5)
+    member.refund("o1")
+    member.adjust("a1", 1, 1, "r", LADDER)
+    base = {"originator_id", "originator_version", "timestamp", "originator_topic"}
+    for e in member.collect_events():
+        for key, value in vars(e).items():
+            if key not in base:
+                assert value is None or type(value) in (int, str, bool), (type(e).__name__, key)
+
+
+# ---------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (InsufficientFunds(available=1, requested=2), "insufficient_funds"),
+        (OrderConflict(), "order_conflict"),
+        (OrderNotFound(), "order_not_found"),
+        (AdjustmentConflict(), "adjustment_conflict"),
+        (InvalidAmount(), "invalid_amount"),
+        (InvalidRules([("rules[0].currency", "must be >= 0")]), "invalid_rules"),
+        (MemberNotFound(), "member_not_found"),
+    ],
+)
+def test_domain_errors_have_stable_codes_and_messages(error: DomainError, code: str) -> None:
+    assert isinstance(error, DomainError)
+    assert error.code == code
+    assert str(error) == error.message != ""
