@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import signal
+import threading
 from typing import Annotated
 
 import typer
@@ -13,6 +16,7 @@ from loyalty.adapters.db import Database
 from loyalty.adapters.keys import KeyStore, Role
 from loyalty.adapters.migrate import migrate
 from loyalty.config import Settings
+from loyalty.worker import build_worker, parse_shards
 
 app = typer.Typer(
     help="loyalty: event-sourced loyalty service.",
@@ -28,6 +32,13 @@ err = Console(stderr=True)
 def fail(message: str, code: int = 1) -> typer.Exit:
     err.print(f"[red]error:[/red] {message}", highlight=False)
     return typer.Exit(code)
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
 
 
 def load_settings() -> Settings:
@@ -56,20 +67,64 @@ def migrate_cmd() -> None:
     typer.echo(f"schema at revision {revision}")
 
 
+def _shards(spec: str, settings: Settings) -> list[int]:
+    try:
+        return parse_shards(spec, settings.shard_count)
+    except ValueError as exc:
+        raise fail(str(exc), 2) from None
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    worker: Annotated[
+        bool, typer.Option("--worker/--no-worker", help="run the pipeline in this process")
+    ] = True,
+    shards: Annotated[str, typer.Option(help="shards for the embedded worker")] = "all",
 ) -> None:
-    """Migrate, then run the HTTP API."""
+    """Migrate, then run the HTTP API (and, by default, the pipeline worker)."""
     import uvicorn
 
     from loyalty.api.app import create_app
 
     settings = load_settings()
+    wanted = _shards(shards, settings)
+    configure_logging(settings)
     db = open_database(settings)
     api = create_app(settings, db=db)
-    uvicorn.run(api, host=host, port=port, log_level="info", access_log=False)
+    thread = None
+    if worker:
+        pipeline_worker = build_worker(db, wanted)
+        thread = threading.Thread(target=pipeline_worker.run, name="pipeline", daemon=True)
+        thread.start()
+    try:
+        uvicorn.run(api, host=host, port=port, log_level="info", access_log=False)
+    finally:
+        if thread is not None:
+            pipeline_worker.stop()
+            thread.join(timeout=30)
+        db.dispose()
+
+
+@app.command("worker")
+def worker_cmd(
+    shards: Annotated[str, typer.Option(help="shards to work on: N, N-M, lists, or all")] = "all",
+) -> None:
+    """Run the pipeline worker alone (for scale-out: give each process its own shards)."""
+    settings = load_settings()
+    wanted = _shards(shards, settings)
+    configure_logging(settings)
+    db = open_database(settings)
+    pipeline_worker = build_worker(db, wanted)
+
+    def stop(_signum: int, _frame: object) -> None:
+        pipeline_worker.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    logging.getLogger("loyalty").info("worker for shards %s", shards)
+    pipeline_worker.run()
     db.dispose()
 
 

@@ -34,6 +34,15 @@ class Settings(BaseSettings):
     )
     db_pool_size: int = Field(10, ge=1, description="database connections per process")
     shard_count: int = Field(16, ge=1, le=1024, description="pipeline shards (fixed per db)")
+    award_window_seconds: float = Field(
+        1.0, gt=0, le=3600, description="how long events accumulate before one award per member"
+    )
+    pipeline_chunk: int = Field(
+        20_000, ge=1, le=1_000_000, description="most ingress events one shard window reads"
+    )
+    aggregate_cache_size: int = Field(
+        10_000, ge=0, description="member aggregates cached per process"
+    )
     log_format: Literal["text", "json"] = Field("text", description="log line format")
 
     @field_validator("database_url")

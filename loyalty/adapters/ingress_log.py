@@ -31,6 +31,7 @@ from loyalty.application.ingress import IngressRecord
 
 Position = tuple[int, int]
 START: Position = (0, 0)
+_FAR: Position = (2**62, 2**62)
 # Advisory lock namespace that serializes creation of one day partition.
 PARTITION_LOCK_NS = 7_304_118
 
@@ -161,23 +162,46 @@ class PostgresIngressLog:
                 copy.write_row(row)
 
     # -- read ------------------------------------------------------------------------
-    def read_after(self, shard: int, after: Position, limit: int) -> list[StoredIngress]:
-        """Rows of ``shard`` past ``after`` in a stable, gap-safe order."""
+    def read_after(
+        self, shard: int, after: Position, limit: int, upto: Position | None = None
+    ) -> list[StoredIngress]:
+        """Rows of ``shard`` past ``after`` (and up to ``upto``) in a stable, gap-safe
+        order."""
+        upto = upto or _FAR
         with self._db.read() as conn:
             result = conn.execute(
                 sa.text(
                     "SELECT txid, seq, shard, source, event_id, user_id, type, occurred_at, "
                     "attributes FROM ingress_events "
                     "WHERE shard = :shard AND (txid, seq) > (:txid, :seq) "
+                    "AND (txid, seq) <= (:utxid, :useq) "
                     "AND txid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint "
                     "ORDER BY txid, seq LIMIT :limit"
                 ),
-                {"shard": shard, "txid": after[0], "seq": after[1], "limit": limit},
+                {
+                    "shard": shard,
+                    "txid": after[0],
+                    "seq": after[1],
+                    "limit": limit,
+                    "utxid": upto[0],
+                    "useq": upto[1],
+                },
             )
             return [
                 StoredIngress((r[0], r[1]), r[2], r[3], r[4], r[5], r[6], r[7], r[8])
                 for r in result
             ]
+
+
+def _pending_sql(positions: dict[int, Position], placeholder: str) -> tuple[str, list[Any]]:
+    """count and oldest received_at of rows past each shard's checkpoint."""
+    clauses, params = [], []
+    for shard, (txid, seq) in sorted(positions.items()):
+        p = placeholder
+        clauses.append(f"(shard = {p} AND (txid, seq) > ({p}, {p}))")
+        params += [shard, txid, seq]
+    where = " OR ".join(clauses) if clauses else "1 = 1"
+    return f"SELECT count(*), min(received_at) FROM ingress_events WHERE {where}", params
 
 
 class SqliteIngressLog:
@@ -212,13 +236,16 @@ class SqliteIngressLog:
             inserted: int = raw.total_changes - before
             return inserted
 
-    def read_after(self, shard: int, after: Position, limit: int) -> list[StoredIngress]:
+    def read_after(
+        self, shard: int, after: Position, limit: int, upto: Position | None = None
+    ) -> list[StoredIngress]:
+        upto = upto or _FAR
         with self._db.read() as conn:
             result = conn.exec_driver_sql(
                 "SELECT txid, seq, shard, source, event_id, user_id, type, occurred_at, "
                 "attributes FROM ingress_events WHERE shard = ? AND (txid, seq) > (?, ?) "
-                "ORDER BY txid, seq LIMIT ?",
-                (shard, after[0], after[1], limit),
+                "AND (txid, seq) <= (?, ?) ORDER BY txid, seq LIMIT ?",
+                (shard, after[0], after[1], upto[0], upto[1], limit),
             )
             return [
                 StoredIngress(
@@ -233,6 +260,22 @@ class SqliteIngressLog:
                 )
                 for r in result
             ]
+
+
+def pending_stats(
+    db: Database, positions: dict[int, Position], shard_count: int
+) -> tuple[int, datetime | None]:
+    """Ingress rows not yet processed (shards without a checkpoint count from the start)."""
+    every = {shard: positions.get(shard, START) for shard in range(shard_count)}
+    if db.backend == "postgresql":
+        text, params = _pending_sql(every, "%s")
+        with db.read() as conn:
+            count, oldest = conn.exec_driver_sql(text, tuple(params)).one()
+        return int(count), oldest
+    text, params = _pending_sql(every, "?")
+    with db.read() as conn:
+        count, oldest = conn.exec_driver_sql(text, tuple(params)).one()
+    return int(count), datetime.fromisoformat(oldest) if oldest else None
 
 
 def create_ingress_log(db: Database) -> PostgresIngressLog | SqliteIngressLog:

@@ -59,6 +59,14 @@ def _prepare_sqlite_file(path: Path) -> None:
         conn.close()
 
 
+def _create_event_store_tables(db: Database) -> None:
+    """The eventsourcing library's own tables (CREATE ... IF NOT EXISTS), under our lock."""
+    from loyalty.adapters.event_store import event_store_env
+    from loyalty.application.accounts import Members
+
+    Members(env=event_store_env(db.settings, create_table=True)).close()
+
+
 def migrate(db: Database) -> str | None:
     """Upgrade to the newest revision; returns it. Idempotent and concurrency-safe."""
     cfg = alembic_config()
@@ -70,6 +78,7 @@ def migrate(db: Database) -> str | None:
                 cfg.attributes["connection"] = conn
                 command.upgrade(cfg, "head")
                 conn.commit()
+            _create_event_store_tables(db)
     else:
         with db.engine.connect() as conn:
             conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": PG_MIGRATION_LOCK})
@@ -78,6 +87,7 @@ def migrate(db: Database) -> str | None:
                 cfg.attributes["connection"] = conn
                 command.upgrade(cfg, "head")
                 conn.commit()
+                _create_event_store_tables(db)
             finally:
                 conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": PG_MIGRATION_LOCK})
                 conn.commit()

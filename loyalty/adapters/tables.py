@@ -9,7 +9,9 @@ from sqlalchemy.dialects import postgresql
 metadata = sa.MetaData()
 
 # Tables owned by the eventsourcing library (never touched by Alembic autogenerate).
-EVENT_STORE_TABLES = frozenset({"member_events", "member_snapshots", "notification_tracking"})
+EVENT_STORE_TABLES = frozenset(
+    {"stored_events", "stored_snapshots", "members_events", "members_snapshots"}
+)
 # Day partitions of the ingress log are created and dropped at run time.
 INGRESS_PARTITION_PREFIX = "ingress_events_p"
 
@@ -45,4 +47,68 @@ ingress_events = sa.Table(
     sa.Column("occurred_at", Timestamp, nullable=False),
     sa.Column("received_at", Timestamp, nullable=False),
     sa.Column("attributes", Json, nullable=False),
+)
+
+rule_versions = sa.Table(
+    "rule_versions",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("body", sa.Text, nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+)
+
+pipeline_checkpoints = sa.Table(
+    "pipeline_checkpoints",
+    metadata,
+    sa.Column("shard", sa.Integer, primary_key=True),
+    sa.Column("txid", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("seq", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("pending_txid", sa.BigInteger),
+    sa.Column("pending_seq", sa.BigInteger),
+    sa.Column("processed_total", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("awards_total", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("updated_at", Timestamp),
+)
+
+pipeline_caps = sa.Table(
+    "pipeline_caps",
+    metadata,
+    sa.Column("user_id", sa.String(128), primary_key=True),
+    sa.Column("event_type", sa.String(64), primary_key=True),
+    sa.Column("day", sa.Date, primary_key=True),
+    sa.Column("shard", sa.Integer, nullable=False),
+    sa.Column("count", sa.Integer, nullable=False),
+    sa.Index("pipeline_caps_day_idx", "day"),
+)
+
+# Read models (projections of the member event store). Every table is keyed by user_id,
+# so forget-me deletes a member's rows by user id.
+projection_tracking = sa.Table(
+    "projection_tracking",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("position", sa.BigInteger, nullable=False),
+)
+
+member_balances = sa.Table(
+    "member_balances",
+    metadata,
+    sa.Column("user_id", sa.String(128), primary_key=True),
+    sa.Column("currency", sa.BigInteger, nullable=False),
+    sa.Column("rank_points", sa.BigInteger, nullable=False),
+    sa.Column("lifetime_currency", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", Timestamp, nullable=False),
+    sa.Index("member_balances_leaderboard_idx", sa.desc("rank_points"), "user_id"),
+)
+
+member_history = sa.Table(
+    "member_history",
+    metadata,
+    sa.Column("user_id", sa.String(128), primary_key=True),
+    sa.Column("position", sa.BigInteger, primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("currency", sa.BigInteger, nullable=False),
+    sa.Column("rank_points", sa.BigInteger, nullable=False),
+    sa.Column("at", Timestamp, nullable=False),
+    sa.Column("ref", sa.String(256), nullable=True),
 )

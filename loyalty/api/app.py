@@ -11,12 +11,17 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from loyalty.adapters.db import Database
+from loyalty.adapters.event_store import event_store_env
 from loyalty.adapters.ingress_log import create_ingress_log
 from loyalty.adapters.keys import KeyStore
+from loyalty.adapters.pipeline_store import PipelineStore
+from loyalty.adapters.rules_store import RulesStore
 from loyalty.api import problems
 from loyalty.api.deps import Container
-from loyalty.api.routes import health, ingress
-from loyalty.api.schemas import Batch, Problem
+from loyalty.api.routes import health, ingress, operations
+from loyalty.api.routes import members as member_routes
+from loyalty.api.schemas import Batch, Problem, RulesBody
+from loyalty.application.accounts import Accounts, Members
 from loyalty.application.ingress import IngestService
 from loyalty.config import Settings
 
@@ -30,8 +35,10 @@ def build_container(
     *,
     db: Database | None = None,
     clock: Callable[[], datetime] = utc_now,
+    members: Members | None = None,
 ) -> Container:
     db = db or Database(settings)
+    env = event_store_env(settings)
     return Container(
         settings=settings,
         db=db,
@@ -43,6 +50,9 @@ def build_container(
             future_skew=timedelta(seconds=settings.future_skew_seconds),
             shard_count=settings.shard_count,
         ),
+        accounts=Accounts(members or (lambda: Members(env=env))),
+        rules=RulesStore(db),
+        pipeline_state=PipelineStore(db),
         clock=clock,
     )
 
@@ -52,15 +62,18 @@ def create_app(
     *,
     db: Database | None = None,
     clock: Callable[[], datetime] = utc_now,
+    members: Members | None = None,
 ) -> FastAPI:
     """Build the API for ``settings``. The schema must already be migrated."""
-    container = build_container(settings, db=db, clock=clock)
+    container = build_container(settings, db=db, clock=clock, members=members)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
         if db is None:  # we built it, we close it
             container.db.dispose()
+        if members is None:
+            container.accounts.close()
 
     app = FastAPI(
         title="loyalty",
@@ -72,6 +85,8 @@ def create_app(
     problems.install(app)
     app.include_router(health.router)
     app.include_router(ingress.router)
+    app.include_router(member_routes.router)
+    app.include_router(operations.router)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -79,7 +94,7 @@ def create_app(
                 title=app.title, version=app.version, description=app.description, routes=app.routes
             )
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (Batch, Problem):
+            for model in (Batch, Problem, RulesBody):
                 model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(model_schema.pop("$defs", {}))
                 components[model.__name__] = model_schema

@@ -12,7 +12,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from loyalty.adapters.db import Database
 from loyalty.adapters.keys import KeyStore, Principal, Role
+from loyalty.adapters.pipeline_store import PipelineStore
+from loyalty.adapters.rules_store import RulesStore
 from loyalty.api.problems import ApiProblem
+from loyalty.application.accounts import Accounts
 from loyalty.application.ingress import IngestService
 from loyalty.config import Settings
 
@@ -25,6 +28,9 @@ class Container:
     db: Database
     keys: KeyStore
     ingest: IngestService
+    accounts: Accounts
+    rules: RulesStore
+    pipeline_state: PipelineStore
     clock: Callable[[], datetime]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import eventsourcing.persistence as es
 import sqlalchemy as sa
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -12,6 +13,15 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loyalty.adapters.db import DatabaseUnavailable
+from loyalty.domain.errors import DomainError, InvalidRules
+
+# HTTP status of each domain error code (anything not listed is a 409 conflict).
+DOMAIN_STATUS = {
+    "member_not_found": 404,
+    "order_not_found": 404,
+    "invalid_amount": 422,
+    "invalid_rules": 422,
+}
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -104,11 +114,27 @@ def to_problem(exc: Exception) -> ApiProblem:
     """Map every error we know to a problem; anything else is a bug and re-raised."""
     if isinstance(exc, ApiProblem):
         return exc
+    if isinstance(exc, InvalidRules):
+        return ApiProblem(
+            422,
+            exc.code,
+            exc.message,
+            errors=[{"loc": loc or "body", "msg": msg} for loc, msg in exc.problems],
+        )
+    if isinstance(exc, DomainError):
+        return ApiProblem(DOMAIN_STATUS.get(exc.code, 409), exc.code, exc.message)
     if isinstance(exc, RequestValidationError):
         return ApiProblem(422, "validation_error", errors=validation_errors(exc.errors()))
     if isinstance(exc, StarletteHTTPException):
         return ApiProblem(exc.status_code, detail=str(exc.detail), headers=dict(exc.headers or {}))
-    if isinstance(exc, DatabaseUnavailable | sa.exc.OperationalError | sa.exc.InterfaceError):
+    if isinstance(
+        exc,
+        DatabaseUnavailable
+        | sa.exc.OperationalError
+        | sa.exc.InterfaceError
+        | es.OperationalError
+        | es.InterfaceError,
+    ):
         return ApiProblem(
             503,
             "database_unavailable",
@@ -131,12 +157,15 @@ def install(app: FastAPI, extra: Sequence[type[Exception]] = ()) -> None:
 
     for exc_type in (
         ApiProblem,
+        DomainError,
         RequestValidationError,
         StarletteHTTPException,
         DatabaseUnavailable,
         sa.exc.OperationalError,
         sa.exc.InterfaceError,
         sa.exc.TimeoutError,
+        es.OperationalError,
+        es.InterfaceError,
         *extra,
     ):
         app.add_exception_handler(exc_type, handle)

@@ -97,3 +97,44 @@ class Problem(BaseModel):
 
 class Health(BaseModel):
     status: str
+
+
+class MemberBody(BaseModel):
+    user_id: str
+    currency: int = Field(description="spendable balance")
+    rank_points: int = Field(description="lifetime rank points")
+    rank: str | None
+    privileges: list[str]
+    lifetime_currency: int = Field(description="currency ever earned (awards + adjustments)")
+
+
+class MultiplierBody(BaseModel):
+    when: dict[str, str | int | float | bool | None]
+    factor: int | str = Field(description="decimal, e.g. \"1.5\"")
+
+
+class RuleBody(BaseModel):
+    event_type: str
+    currency: int | str = Field(description="non-negative decimal")
+    rank_points: int | str = Field(description="non-negative decimal")
+    multipliers: list[MultiplierBody] = []
+    daily_cap: int | None = None
+
+
+class RankBody(BaseModel):
+    name: str
+    min_rank_points: int
+    privileges: list[str] = []
+
+
+class RulesBody(BaseModel):
+    version: int
+    rules: list[RuleBody]
+    ranks: list[RankBody]
+
+
+class PipelineBody(BaseModel):
+    pending: int = Field(description="ingress events not yet processed")
+    oldest_pending_age_s: float | None = Field(description="age of the oldest pending event")
+    processed_total: int
+    awards_total: int

@@ -1,0 +1,184 @@
+"""Durable pipeline state: per-shard checkpoints, daily cap counters, shard leases."""
+
+from __future__ import annotations
+
+import fcntl
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import IO, Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from loyalty.adapters.db import Database
+from loyalty.adapters.tables import pipeline_caps, pipeline_checkpoints
+
+Position = tuple[int, int]
+CapKey = tuple[str, str, date]
+SHARD_LEASE_NS = 7_304_119
+_IN_CHUNK = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    shard: int
+    position: Position
+    pending: Position | None
+    processed_total: int
+    awards_total: int
+
+
+def _insert(db: Database, table: sa.Table) -> Any:
+    return (postgresql.insert if db.backend == "postgresql" else sqlite.insert)(table)
+
+
+class PipelineStore:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def load(self, shard: int) -> Checkpoint:
+        c = pipeline_checkpoints.c
+        query = sa.select(
+            c.txid, c.seq, c.pending_txid, c.pending_seq, c.processed_total, c.awards_total
+        ).where(c.shard == shard)
+        with self._db.read() as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            with self._db.write() as conn:
+                conn.execute(
+                    _insert(self._db, pipeline_checkpoints)
+                    .values(shard=shard)
+                    .on_conflict_do_nothing()
+                )
+            return Checkpoint(shard, (0, 0), None, 0, 0)
+        pending = None if row[2] is None else (int(row[2]), int(row[3]))
+        return Checkpoint(shard, (int(row[0]), int(row[1])), pending, int(row[4]), int(row[5]))
+
+    def set_pending(self, shard: int, end: Position) -> None:
+        """Record the window about to be awarded, before any award of it is saved."""
+        with self._db.write() as conn:
+            conn.execute(
+                pipeline_checkpoints.update()
+                .where(pipeline_checkpoints.c.shard == shard)
+                .values(pending_txid=end[0], pending_seq=end[1])
+            )
+
+    def commit(
+        self,
+        shard: int,
+        end: Position,
+        cap_changes: Mapping[CapKey, int],
+        *,
+        processed: int,
+        awards: int,
+    ) -> None:
+        """Advance the checkpoint and store cap counts in one transaction."""
+        c = pipeline_checkpoints.c
+        with self._db.write() as conn:
+            if cap_changes:
+                stmt = _insert(self._db, pipeline_caps)
+                stmt = stmt.on_conflict_do_update(
+                    index_elements=["user_id", "event_type", "day"],
+                    set_={"count": stmt.excluded.count},
+                )
+                conn.execute(
+                    stmt,
+                    [
+                        {"user_id": u, "event_type": t, "day": d, "shard": shard, "count": n}
+                        for (u, t, d), n in cap_changes.items()
+                    ],
+                )
+            conn.execute(
+                pipeline_checkpoints.update()
+                .where(c.shard == shard)
+                .values(
+                    txid=end[0],
+                    seq=end[1],
+                    pending_txid=None,
+                    pending_seq=None,
+                    processed_total=c.processed_total + processed,
+                    awards_total=c.awards_total + awards,
+                    updated_at=datetime.now(UTC),
+                )
+            )
+
+    def load_caps(self, keys: Iterable[CapKey]) -> dict[CapKey, int]:
+        wanted = set(keys)
+        if not wanted:
+            return {}
+        users = sorted({k[0] for k in wanted})
+        first_day = min(k[2] for k in wanted)
+        c = pipeline_caps.c
+        found: dict[CapKey, int] = {}
+        with self._db.read() as conn:
+            for i in range(0, len(users), _IN_CHUNK):
+                rows = conn.execute(
+                    sa.select(c.user_id, c.event_type, c.day, c.count).where(
+                        c.user_id.in_(users[i : i + _IN_CHUNK]), c.day >= first_day
+                    )
+                )
+                for user_id, event_type, day, count in rows:
+                    key = (user_id, event_type, day)
+                    if key in wanted:
+                        found[key] = int(count)
+        return found
+
+    def totals(self) -> tuple[int, int]:
+        c = pipeline_checkpoints.c
+        with self._db.read() as conn:
+            row = conn.execute(
+                sa.select(
+                    sa.func.coalesce(sa.func.sum(c.processed_total), 0),
+                    sa.func.coalesce(sa.func.sum(c.awards_total), 0),
+                )
+            ).one()
+        return int(row[0]), int(row[1])
+
+    def positions(self) -> dict[int, Position]:
+        c = pipeline_checkpoints.c
+        with self._db.read() as conn:
+            return {
+                int(r[0]): (int(r[1]), int(r[2]))
+                for r in conn.execute(sa.select(c.shard, c.txid, c.seq))
+            }
+
+
+class ShardLeases:
+    """Exclusive ownership of shards across processes: a session advisory lock per shard
+    on PostgreSQL (held on one dedicated connection), a file lock per shard on SQLite.
+    Released when the process exits, however it exits."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._conn: sa.Connection | None = None
+        self._files: dict[int, IO[bytes]] = {}
+
+    def try_acquire(self, shard: int) -> bool:
+        if self._db.backend == "postgresql":
+            if self._conn is None:
+                self._conn = self._db.engine.connect()
+            got = self._conn.execute(
+                sa.text("SELECT pg_try_advisory_lock(:ns, :shard)"),
+                {"ns": SHARD_LEASE_NS, "shard": shard},
+            ).scalar()
+            self._conn.commit()
+            return bool(got)
+        path = self._db.settings.sqlite_path
+        handle = open(path.with_name(f"{path.name}.shard-{shard}.lock"), "a+b")  # noqa: SIM115
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return False
+        self._files[shard] = handle
+        return True
+
+    def release_all(self) -> None:
+        if self._conn is not None:
+            self._conn.close()  # session advisory locks end with the session
+            self._conn = None
+        for handle in self._files.values():
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+        self._files.clear()

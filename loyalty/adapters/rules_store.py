@@ -1,0 +1,86 @@
+"""Versioned weighting rules. Version 1 is the built-in default, stored on first use."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from datetime import UTC, datetime
+
+import orjson
+import sqlalchemy as sa
+
+from loyalty.adapters.db import Database
+from loyalty.adapters.tables import rule_versions
+from loyalty.domain.rules import DEFAULT_RULES_WIRE, RuleSet, parse_rule_set, rule_set_to_wire
+
+
+class RulesStore:
+    def __init__(self, db: Database, cache_seconds: float = 1.0) -> None:
+        self._db = db
+        self._cache_seconds = cache_seconds
+        self._cached: tuple[float, RuleSet] | None = None
+        self._lock = threading.Lock()
+
+    def current(self) -> RuleSet:
+        """The newest rule set (re-read at most every ``cache_seconds``)."""
+        cached = self._cached
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        with self._db.read() as conn:
+            row = conn.execute(
+                sa.select(rule_versions.c.version, rule_versions.c.body)
+                .order_by(rule_versions.c.version.desc())
+                .limit(1)
+            ).first()
+        if row is None:
+            rule_set = self._store_default()
+        else:
+            rule_set = parse_rule_set(orjson.loads(row[1]), row[0])
+        with self._lock:
+            self._cached = (time.monotonic() + self._cache_seconds, rule_set)
+        return rule_set
+
+    def _store_default(self) -> RuleSet:
+        rule_set = parse_rule_set(copy.deepcopy(DEFAULT_RULES_WIRE), 1)
+        stmt = _insert_ignore(self._db, 1, rule_set)
+        with self._db.write() as conn:
+            conn.execute(stmt)
+        return self.current_uncached()
+
+    def current_uncached(self) -> RuleSet:
+        self._cached = None
+        with self._db.read() as conn:
+            row = conn.execute(
+                sa.select(rule_versions.c.version, rule_versions.c.body)
+                .order_by(rule_versions.c.version.desc())
+                .limit(1)
+            ).one()
+        return parse_rule_set(orjson.loads(row[1]), row[0])
+
+    def put(self, wire: dict[str, object]) -> RuleSet:
+        """Validate and store a new version (raises InvalidRules)."""
+        parse_rule_set(wire, 1)  # validate before touching the database
+        self.current()  # make sure version 1 (the default) exists
+        for _ in range(20):
+            with self._db.write() as conn:
+                latest = conn.execute(sa.select(sa.func.max(rule_versions.c.version))).scalar()
+                version = int(latest or 0) + 1
+                rule_set = parse_rule_set(wire, version)
+                result = conn.execute(_insert_ignore(self._db, version, rule_set))
+                if result.rowcount == 1:
+                    self._cached = None
+                    return rule_set
+        raise RuntimeError("could not store a new rules version after 20 attempts")
+
+
+def _insert_ignore(db: Database, version: int, rule_set: RuleSet) -> sa.Insert:
+    body = orjson.dumps(rule_set_to_wire(rule_set)).decode()
+    values = {"version": version, "body": body, "created_at": datetime.now(UTC)}
+    if db.backend == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(rule_versions).values(**values).on_conflict_do_nothing()
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(rule_versions).values(**values).on_conflict_do_nothing()

@@ -1,0 +1,77 @@
+"""Operator endpoints: weighting rules and pipeline status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+
+from loyalty.adapters.ingress_log import pending_stats
+from loyalty.api.deps import ContainerDep, OperatorKey
+from loyalty.api.problems import ApiProblem
+from loyalty.api.routes.ingress import check_content_type, read_limited_body
+from loyalty.api.schemas import PipelineBody, Problem, RulesBody
+from loyalty.domain.rules import rule_set_to_wire
+
+router = APIRouter(tags=["operations"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": Problem, "description": "missing or invalid API key"},
+    403: {"model": Problem, "description": "needs an operator key"},
+}
+RULES_MAX_BYTES = 1024 * 1024
+
+
+@router.get("/v1/rules", response_model=RulesBody, responses=_ERRORS)
+async def get_rules(_key: OperatorKey, container: ContainerDep) -> Any:
+    """The current weighting rules and rank ladder, with their version."""
+    rule_set = await run_in_threadpool(container.rules.current)
+    return rule_set_to_wire(rule_set)
+
+
+@router.put(
+    "/v1/rules",
+    response_model=RulesBody,
+    responses={**_ERRORS, 422: {"model": Problem, "description": "invalid rules"}},
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RulesBody"}}},
+        }
+    },
+)
+async def put_rules(request: Request, _key: OperatorKey, container: ContainerDep) -> Any:
+    """Store a new version of the rules; later awards use it and record its version."""
+    check_content_type(request)
+    body = await read_limited_body(request, RULES_MAX_BYTES)
+    try:
+        wire = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ApiProblem(400, "malformed_json", "the body is not valid JSON") from None
+    if not isinstance(wire, dict):
+        raise ApiProblem(422, "invalid_rules", errors=[{"loc": "body", "msg": "must be an object"}])
+    rule_set = await run_in_threadpool(container.rules.put, wire)
+    return rule_set_to_wire(rule_set)
+
+
+@router.get("/v1/pipeline", response_model=PipelineBody, responses=_ERRORS)
+async def get_pipeline(_key: OperatorKey, container: ContainerDep) -> PipelineBody:
+    """How far the weighting pipeline has got."""
+
+    def work() -> PipelineBody:
+        positions = container.pipeline_state.positions()
+        pending, oldest = pending_stats(container.db, positions, container.settings.shard_count)
+        processed, awards = container.pipeline_state.totals()
+        age = None
+        if oldest is not None:
+            age = max(0.0, round((container.clock() - oldest).total_seconds(), 3))
+        return PipelineBody(
+            pending=pending,
+            oldest_pending_age_s=age,
+            processed_total=processed,
+            awards_total=awards,
+        )
+
+    return await run_in_threadpool(work)

@@ -1,0 +1,195 @@
+"""The weighting pipeline: ingress log -> rules -> one award per member per window.
+
+Per shard: read the rows past the checkpoint (at most ``chunk``), durably note the end
+of that window, weigh and aggregate them, award each member once with the window's
+deterministic award id, then advance the checkpoint together with the cap counters in
+one transaction. A crash anywhere re-reads exactly the same window, so the same award
+ids come out and the Member aggregate ignores the ones it has already seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+from loyalty.application.accounts import Accounts, AwardCommand
+from loyalty.domain.rules import Activity, CapCounter, CapKey, RuleSet, aggregate
+
+log = logging.getLogger(__name__)
+
+Position = tuple[int, int]
+
+
+class IngressRow(Protocol):
+    @property
+    def position(self) -> Position: ...
+    @property
+    def user_id(self) -> str: ...
+    @property
+    def type(self) -> str: ...
+    @property
+    def occurred_at(self) -> datetime: ...
+    @property
+    def attributes(self) -> dict[str, Any]: ...
+
+
+class IngressReader(Protocol):
+    def read_after(
+        self, shard: int, after: Position, limit: int, upto: Position | None = None
+    ) -> Sequence[IngressRow]: ...
+
+
+class CheckpointLike(Protocol):
+    @property
+    def position(self) -> Position: ...
+    @property
+    def pending(self) -> Position | None: ...
+
+
+class PipelineState(Protocol):
+    def load(self, shard: int) -> CheckpointLike: ...
+    def set_pending(self, shard: int, end: Position) -> None: ...
+    def commit(
+        self,
+        shard: int,
+        end: Position,
+        cap_changes: Mapping[CapKey, int],
+        *,
+        processed: int,
+        awards: int,
+    ) -> None: ...
+    def load_caps(self, keys: Iterable[CapKey]) -> dict[CapKey, int]: ...
+
+
+class RulesSource(Protocol):
+    def current(self) -> RuleSet: ...
+
+
+def award_id_for(shard: int, end: Position) -> str:
+    """The award id of a window: the same on every replay of that window."""
+    return f"w{shard}.{end[0]}.{end[1]}"
+
+
+class Pipeline:
+    def __init__(
+        self,
+        reader: IngressReader,
+        state: PipelineState,
+        rules: RulesSource,
+        accounts: Accounts,
+        *,
+        chunk: int,
+        crash_hook: Callable[[str], None] | None = None,
+    ) -> None:
+        self._reader = reader
+        self._state = state
+        self._rules = rules
+        self._accounts = accounts
+        self.chunk = chunk
+        # Tests inject crashes between steps; production leaves this None.
+        self._crash_hook = crash_hook or (lambda _step: None)
+
+    def process_shard(self, shard: int) -> int:
+        """Award one window of ``shard``; returns how many ingress events it covered."""
+        checkpoint = self._state.load(shard)
+        if checkpoint.pending is not None:  # a window was started and not finished
+            end = checkpoint.pending
+            rows = self._reader.read_after(shard, checkpoint.position, 10**9, upto=end)
+        else:
+            rows = self._reader.read_after(shard, checkpoint.position, self.chunk)
+            if not rows:
+                return 0
+            end = rows[-1].position
+            self._state.set_pending(shard, end)
+        self._crash_hook("window_noted")
+        rule_set = self._rules.current()
+        capped_keys = {
+            (r.user_id, r.type, r.occurred_at.date())
+            for r in rows
+            if (rule := rule_set.rule_for(r.type)) is not None and rule.daily_cap is not None
+        }
+        caps = CapCounter(self._state.load_caps(capped_keys))
+        result = aggregate(
+            (Activity(r.user_id, r.type, r.occurred_at, r.attributes) for r in rows),
+            rule_set,
+            caps,
+        )
+        award_id = award_id_for(shard, end)
+        commands = [
+            AwardCommand(
+                d.user_id, award_id, d.currency, d.rank_points, d.event_count, rule_set.version
+            )
+            for d in result.drafts.values()
+            if d.currency or d.rank_points
+        ]
+        self._accounts.award_many(commands, rule_set.ranks)
+        self._crash_hook("awarded")
+        self._state.commit(shard, end, caps.changes(), processed=len(rows), awards=len(commands))
+        caps.mark_saved()
+        self._crash_hook("committed")
+        return len(rows)
+
+    def drain(self, shards: Iterable[int], stop: threading.Event | None = None) -> int:
+        """Process every shard until nothing is pending; returns events processed."""
+        total = 0
+        for shard in shards:
+            while stop is None or not stop.is_set():
+                done = self.process_shard(shard)
+                total += done
+                if done < self.chunk:
+                    break
+        return total
+
+
+class Worker:
+    """Runs the pipeline over the shards this process leases, once per award window."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        shards: Sequence[int],
+        *,
+        window_seconds: float,
+        try_lease: Callable[[int], bool],
+        retry_errors: tuple[type[BaseException], ...],
+    ) -> None:
+        self._pipeline = pipeline
+        self._wanted = list(shards)
+        self._owned: list[int] = []
+        self._window = window_seconds
+        self._try_lease = try_lease
+        self._retry_errors = retry_errors
+        self.stop_event = threading.Event()
+
+    def _lease_missing(self) -> None:
+        for shard in self._wanted:
+            if shard not in self._owned and self._try_lease(shard):
+                self._owned.append(shard)
+                log.info("worker owns shard %d", shard)
+
+    def run(self) -> None:
+        backoff = 0.5
+        while not self.stop_event.is_set():
+            started = time.monotonic()
+            try:
+                self._lease_missing()
+                self._pipeline.drain(sorted(self._owned), self.stop_event)
+                backoff = 0.5
+            except self._retry_errors as exc:
+                log.warning(
+                    "pipeline paused (%s: %s); retrying in %.1fs",
+                    type(exc).__name__,
+                    str(exc).splitlines()[0],
+                    backoff,
+                )
+                self.stop_event.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            self.stop_event.wait(max(0.0, self._window - (time.monotonic() - started)))
+
+    def stop(self) -> None:
+        self.stop_event.set()

@@ -1,0 +1,200 @@
+"""Ingress -> pipeline -> Member balances, on real SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+from eventsourcing.application import AggregateNotFoundError
+
+from loyalty.adapters.db import Database
+from loyalty.adapters.event_store import event_store_env
+from loyalty.adapters.ingress_log import create_ingress_log
+from loyalty.adapters.pipeline_store import PipelineStore
+from loyalty.adapters.rules_store import RulesStore
+from loyalty.application.accounts import Accounts, Members
+from loyalty.application.ingress import IncomingEvent, IngestService
+from loyalty.application.pipeline import Pipeline
+from loyalty.config import Settings
+from loyalty.domain.member import Member
+from loyalty.domain.rules import DEFAULT_RULES_WIRE, Activity, CapCounter, aggregate
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.fixture
+def members(settings: Settings) -> Iterator[Members]:
+    app = Members(env=event_store_env(settings))
+    yield app
+    app.close()
+
+
+def make_pipeline(
+    db: Database, members: Members, chunk: int = 1000, crash_at: str = ""
+) -> Pipeline:
+    def hook(step: str) -> None:
+        if step == crash_at:
+            raise Crash(step)
+
+    return Pipeline(
+        create_ingress_log(db),
+        PipelineStore(db),
+        RulesStore(db, cache_seconds=0),
+        Accounts(members),
+        chunk=chunk,
+        crash_hook=hook,
+    )
+
+
+def ingest(db: Database, events: list[IncomingEvent], source: str = "src") -> None:
+    service = IngestService(
+        create_ingress_log(db),
+        clock=lambda: NOW + timedelta(minutes=1),
+        retention=timedelta(days=7),
+        future_skew=timedelta(minutes=5),
+        shard_count=db.settings.shard_count,
+    )
+    for i in range(0, len(events), 500):
+        service.ingest(source, events[i : i + 500])
+
+
+def ev(i: int, user: str, type_: str, at: datetime = NOW, attrs: str = "{}") -> IncomingEvent:
+    return IncomingEvent(f"e{i}", user, type_, at, attrs)
+
+
+def balances(members: Members, users: list[str]) -> dict[str, tuple[int, int]]:
+    out = {}
+    for user in users:
+        m: Member = members.repository.get(Member.create_id(user))
+        out[user] = (m.currency, m.rank_points)
+    return out
+
+
+def expected(events: list[IncomingEvent]) -> dict[str, tuple[int, int]]:
+    """What the default rules give for all events weighed at once, in ingest order."""
+    from loyalty.domain.rules import parse_rule_set
+
+    rules = parse_rule_set(copy.deepcopy(DEFAULT_RULES_WIRE), 1)
+    import orjson
+
+    result = aggregate(
+        (
+            Activity(e.user_id, e.type, e.occurred_at, orjson.loads(e.attributes_json))
+            for e in events
+        ),
+        rules,
+        CapCounter(),
+    )
+    return {u: (d.currency, d.rank_points) for u, d in result.drafts.items()}
+
+
+def test_ingest_to_balance_with_caps_multipliers_and_unknown_types(
+    db: Database, members: Members
+) -> None:
+    yesterday = NOW - timedelta(days=1)
+    events = [
+        ev(1, "alice", "logged_on"),
+        ev(2, "alice", "logged_on"),  # capped: 1 logon a day earns
+        ev(3, "alice", "logged_on", yesterday),  # another UTC day
+        ev(4, "alice", "played_game", attrs='{"result": "win"}'),  # 5*2, 10*2
+        ev(5, "alice", "played_game", attrs='{"result": "loss"}'),
+        ev(6, "bob", "joined_competition"),
+        ev(7, "bob", "sang_karaoke"),  # unknown: earns nothing
+        ev(8, "carol", "sang_karaoke"),
+    ]
+    ingest(db, events)
+    pipeline = make_pipeline(db, members)
+    assert pipeline.drain(range(16)) == 8
+    assert balances(members, ["alice", "bob"]) == {"alice": (17, 32), "bob": (20, 50)}
+    with pytest.raises(AggregateNotFoundError):
+        members.repository.get(Member.create_id("carol"))  # nothing earned: no account
+    stored = list(members.events.get(Member.create_id("alice")))
+    award = next(e for e in stored if type(e).__name__ == "Awarded")
+    assert award.rule_version == 1 and award.event_count == 5
+    assert PipelineStore(db).totals() == (8, 2)
+    assert pipeline.drain(range(16)) == 0  # nothing is processed twice
+
+
+def random_events(n: int, users: int, seed: int) -> list[IncomingEvent]:
+    rnd = random.Random(seed)
+    types = ["logged_on", "played_game", "joined_competition", "made_purchase", "nope"]
+    return [
+        ev(
+            i,
+            f"user-{rnd.randrange(users)}",
+            rnd.choice(types),
+            NOW - timedelta(hours=rnd.randrange(48)),
+            rnd.choice(["{}", '{"result": "win"}']),
+        )
+        for i in range(n)
+    ]
+
+
+def test_windows_and_caps_across_windows_give_the_whole_total(
+    db: Database, members: Members
+) -> None:
+    events = random_events(600, 12, seed=1)
+    ingest(db, events)
+    pipeline = make_pipeline(db, members, chunk=7)  # many small windows per member
+    assert pipeline.drain(range(16)) == 600
+    got = balances(members, sorted(expected(events)))
+    want = expected(events)
+    # Integral weights (no 1.5 multiplier here): windows must not change any total.
+    assert got == {u: want[u] for u in got}
+
+
+@pytest.mark.parametrize("step", ["window_noted", "awarded", "committed"])
+def test_a_crash_at_any_step_neither_loses_nor_doubles(
+    db: Database, members: Members, step: str
+) -> None:
+    events = random_events(300, 8, seed=2)
+    ingest(db, events)
+    crashy = make_pipeline(db, members, chunk=25, crash_at=step)
+    crashes = 0
+    for _ in range(200):
+        try:
+            if crashy.drain(range(16)) == 0:
+                break
+        except Crash:
+            crashes += 1
+            # a new process: fresh caches, same database
+            fresh = Members(env=event_store_env(db.settings))
+            crashy = make_pipeline(db, fresh, chunk=25, crash_at=step if crashes < 10 else "")
+    assert crashes >= 5
+    make_pipeline(db, members, chunk=25).drain(range(16))
+    want = expected(events)
+    assert balances(members, sorted(want)) == want
+    assert PipelineStore(db).totals()[0] == 300
+
+
+def test_a_late_committing_ingest_is_still_awarded(
+    settings: Settings, db: Database, members: Members
+) -> None:
+    if settings.backend != "postgresql":
+        pytest.skip("SQLite serializes writers")
+    from loyalty.application.ingress import shard_of
+
+    shard = shard_of("late", 16)
+    slow = psycopg.connect(settings.database_url)
+    try:
+        slow.execute(
+            "INSERT INTO ingress_events (shard, source, event_id, user_id, type, occurred_at, "
+            "attributes) VALUES (%s, 'src', 'slow', 'late', 'joined_competition', %s, '{}')",
+            (shard, NOW),
+        )
+        ingest(db, [ev(1, "late", "logged_on")])  # newer, commits first
+        pipeline = make_pipeline(db, members)
+        pipeline.drain(range(16))
+        slow.commit()
+    finally:
+        slow.close()
+    pipeline.drain(range(16))
+    assert balances(members, ["late"]) == {"late": (21, 51)}
