@@ -67,8 +67,8 @@ class RulesStore:
                 latest = conn.execute(sa.select(sa.func.max(rule_versions.c.version))).scalar()
                 version = int(latest or 0) + 1
                 rule_set = parse_rule_set(wire, version)
-                result = conn.execute(_insert_ignore(self._db, version, rule_set))
-                if result.rowcount == 1:
+                stmt = _insert_ignore(self._db, version, rule_set)
+                if conn.execute(stmt.returning(rule_versions.c.version)).first() is not None:
                     self._cached = None
                     return rule_set
         raise RuntimeError("could not store a new rules version after 20 attempts")
