@@ -198,3 +198,37 @@ def test_a_late_committing_ingest_is_still_awarded(
         slow.close()
     pipeline.drain(range(16))
     assert balances(members, ["late"]) == {"late": (21, 51)}
+
+
+def test_worker_cache_notices_a_member_changed_by_another_process(settings: Settings) -> None:
+    """The worker trusts its cache; a spend made elsewhere must make its next save
+    conflict and retry from the store, losing neither the spend nor the award."""
+    from loyalty.adapters.event_store import stream_loader, worker_env
+    from loyalty.application.accounts import AwardCommand
+    from loyalty.domain.ranks import Rank, RankLadder
+
+    ladder = RankLadder((Rank("base", 0, ()),))
+    worker_app = Members(env=worker_env(settings))
+    shop_app = Members(env=event_store_env(settings))
+    try:
+        worker = Accounts(worker_app, lambda app: stream_loader(app.recorder))
+        cmd = AwardCommand("dana", "a1", 100, 10, 1, 1)
+        assert worker.award_many([cmd], ladder) == 1
+        assert worker.award_many([cmd], ladder) == 0  # replay of the same award id
+        shop_member = shop_app.repository.get(Member.create_id("dana"))
+        shop_member.spend("order-1", 30)
+        shop_app.save(shop_member)  # the worker's cached copy is now stale
+        assert worker.award_many([AwardCommand("dana", "a2", 5, 1, 1, 1)], ladder) == 1
+        fresh = Members(env=event_store_env(settings))
+        member = fresh.repository.get(Member.create_id("dana"))
+        # Created, Awarded, RankChanged, Spent, Awarded
+        assert (member.currency, member.rank_points, member.version) == (75, 11, 5)
+        fresh.close()
+        # a second worker process starting cold loads streams in bulk
+        cold = Accounts(Members(env=worker_env(settings)), lambda app: stream_loader(app.recorder))
+        cold.prefetch(["dana", "nobody"])
+        assert cold.get("dana").currency == 75
+        cold.close()
+    finally:
+        worker_app.close()
+        shop_app.close()
