@@ -16,7 +16,13 @@ from loyalty.adapters.db import Database
 from loyalty.adapters.keys import KeyStore, Role
 from loyalty.adapters.migrate import migrate
 from loyalty.config import Settings
-from loyalty.worker import build_worker, parse_shards
+from loyalty.worker import (
+    build_projection,
+    build_projection_worker,
+    build_worker,
+    parse_shards,
+    projection_lease,
+)
 
 app = typer.Typer(
     help="loyalty: event-sourced loyalty service.",
@@ -25,6 +31,8 @@ app = typer.Typer(
 )
 keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+projections_app = typer.Typer(help="Maintain the read models.", no_args_is_help=True)
+app.add_typer(projections_app, name="projections")
 
 err = Console(stderr=True)
 
@@ -94,22 +102,42 @@ def serve(
     db = open_database(settings)
     api = create_app(settings, db=db)
     thread = None
+    projection_thread = None
     if worker:
         pipeline_worker = build_worker(db, wanted)
         thread = threading.Thread(target=pipeline_worker.run, name="pipeline", daemon=True)
         thread.start()
+        # The read models in their own thread: a long pipeline window never delays them.
+        projection_worker = build_projection_worker(db)
+        projection_thread = threading.Thread(
+            target=projection_worker.run, name="projection", daemon=True
+        )
+        projection_thread.start()
     try:
         uvicorn.run(api, host=host, port=port, log_level="info", access_log=False)
     finally:
         if thread is not None:
             pipeline_worker.stop()
             thread.join(timeout=30)
+        if projection_thread is not None:
+            projection_worker.stop()
+            projection_thread.join(timeout=30)
         db.dispose()
 
 
 @app.command("worker")
 def worker_cmd(
     shards: Annotated[str, typer.Option(help="shards to work on: N, N-M, lists, or all")] = "all",
+    projections: Annotated[
+        bool,
+        typer.Option(
+            "--projections/--no-projections",
+            help="also keep the read models up to date (one process at a time holds them)",
+        ),
+    ] = True,
+    projection_batch: Annotated[
+        int, typer.Option(min=1, max=100_000, help="events per read-model transaction")
+    ] = 500,
 ) -> None:
     """Run the pipeline worker alone (for scale-out: give each process its own shards)."""
     settings = load_settings()
@@ -117,15 +145,73 @@ def worker_cmd(
     configure_logging(settings)
     db = open_database(settings)
     pipeline_worker = build_worker(db, wanted)
+    projection_worker = build_projection_worker(db, batch_size=projection_batch)
+    projection_thread = threading.Thread(
+        target=projection_worker.run, name="projection", daemon=True
+    )
 
     def stop(_signum: int, _frame: object) -> None:
         pipeline_worker.stop()
+        projection_worker.stop()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     logging.getLogger("loyalty").info("worker for shards %s", shards)
+    if projections:
+        projection_thread.start()
     pipeline_worker.run()
+    if projections:
+        projection_thread.join(timeout=30)
     db.dispose()
+
+
+@projections_app.command("rebuild")
+def projections_rebuild(
+    batch: Annotated[
+        int, typer.Option(min=1, max=100_000, help="events per read-model transaction")
+    ] = 1000,
+) -> None:
+    """Empty the read models and replay every account event into them.
+
+    Stop the processes running the projection first (``serve`` with its worker, or
+    ``loyalty worker``): the rebuild takes the projection's lease and refuses to start
+    while another process holds it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from loyalty.adapters.event_store import event_store_env
+    from loyalty.application.accounts import Members
+
+    settings = load_settings()
+    db = open_database(settings)
+    lease = projection_lease(db)
+    if not lease.try_acquire():
+        db.dispose()
+        raise fail("another process runs the projection (serve or worker); stop it first", 1)
+    members = Members(env=event_store_env(settings))
+    try:
+        projection = build_projection(db, members)
+        projection.batch_size = batch
+        head = projection.head()
+        projection.reset()
+        columns = (
+            *Progress.get_default_columns()[:1],
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=err) as progress:
+            task = progress.add_task("rebuilding read models", total=max(head, 1))
+
+            def advanced(position: int) -> None:
+                progress.update(task, completed=position, total=max(head, position, 1))
+
+            applied = projection.catch_up(on_batch=advanced)
+            progress.update(task, completed=max(projection.position(), head, 1))
+    finally:
+        members.close()
+        lease.release()
+        db.dispose()
+    typer.echo(f"rebuilt read models from {applied} events (position {projection.position()})")
 
 
 @keys_app.command("create")

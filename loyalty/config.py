@@ -38,7 +38,7 @@ class Settings(BaseSettings):
         1.0, gt=0, le=3600, description="how long events accumulate before one award per member"
     )
     pipeline_chunk: int = Field(
-        20_000, ge=1, le=1_000_000, description="most ingress events one shard window reads"
+        50_000, ge=1, le=1_000_000, description="most ingress events one shard window reads"
     )
     aggregate_cache_size: int = Field(
         10_000, ge=0, description="member aggregates cached per process"

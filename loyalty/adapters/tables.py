@@ -94,6 +94,7 @@ member_balances = sa.Table(
     "member_balances",
     metadata,
     sa.Column("user_id", sa.String(128), primary_key=True),
+    sa.Column("member_id", sa.String(36), nullable=False, unique=True),
     sa.Column("currency", sa.BigInteger, nullable=False),
     sa.Column("rank_points", sa.BigInteger, nullable=False),
     sa.Column("lifetime_currency", sa.BigInteger, nullable=False),
@@ -110,5 +111,5 @@ member_history = sa.Table(
     sa.Column("currency", sa.BigInteger, nullable=False),
     sa.Column("rank_points", sa.BigInteger, nullable=False),
     sa.Column("at", Timestamp, nullable=False),
-    sa.Column("ref", sa.String(256), nullable=True),
+    sa.Column("ref", sa.Text, nullable=True),
 )

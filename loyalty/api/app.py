@@ -15,13 +15,14 @@ from loyalty.adapters.event_store import event_store_env
 from loyalty.adapters.ingress_log import create_ingress_log
 from loyalty.adapters.keys import KeyStore
 from loyalty.adapters.pipeline_store import PipelineStore
+from loyalty.adapters.read_models import ReadModels
 from loyalty.adapters.rules_store import RulesStore
 from loyalty.api import problems
 from loyalty.api.deps import Container
 from loyalty.api.routes import health, ingress, operations
 from loyalty.api.routes import members as member_routes
 from loyalty.api.schemas import Batch, Problem, RulesBody
-from loyalty.application.accounts import Accounts, Members
+from loyalty.application.accounts import Accounts, Members, Spending
 from loyalty.application.ingress import IngestService
 from loyalty.config import Settings
 
@@ -39,6 +40,7 @@ def build_container(
 ) -> Container:
     db = db or Database(settings)
     env = event_store_env(settings)
+    accounts = Accounts(members or (lambda: Members(env=env)))
     return Container(
         settings=settings,
         db=db,
@@ -50,10 +52,12 @@ def build_container(
             future_skew=timedelta(seconds=settings.future_skew_seconds),
             shard_count=settings.shard_count,
         ),
-        accounts=Accounts(members or (lambda: Members(env=env))),
+        accounts=accounts,
         rules=RulesStore(db),
         pipeline_state=PipelineStore(db),
         clock=clock,
+        spending=Spending(accounts),
+        read_models=ReadModels(db),
     )
 
 

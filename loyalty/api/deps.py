@@ -13,9 +13,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from loyalty.adapters.db import Database
 from loyalty.adapters.keys import KeyStore, Principal, Role
 from loyalty.adapters.pipeline_store import PipelineStore
+from loyalty.adapters.read_models import ReadModels
 from loyalty.adapters.rules_store import RulesStore
 from loyalty.api.problems import ApiProblem
-from loyalty.application.accounts import Accounts
+from loyalty.application.accounts import Accounts, Spending
 from loyalty.application.ingress import IngestService
 from loyalty.config import Settings
 
@@ -32,6 +33,8 @@ class Container:
     rules: RulesStore
     pipeline_state: PipelineStore
     clock: Callable[[], datetime]
+    spending: Spending
+    read_models: ReadModels
 
 
 def get_container(request: Request) -> Container:

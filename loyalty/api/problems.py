@@ -141,6 +141,10 @@ def to_problem(exc: Exception) -> ApiProblem:
             "the database is unavailable; retry later",
             headers={"Retry-After": "1"},
         )
+    if isinstance(exc, es.IntegrityError):  # optimistic-concurrency retries ran out
+        return ApiProblem(
+            503, "contention", "the account is busy; retry later", headers={"Retry-After": "1"}
+        )
     if isinstance(exc, sa.exc.TimeoutError):
         return ApiProblem(
             503,
@@ -166,6 +170,7 @@ def install(app: FastAPI, extra: Sequence[type[Exception]] = ()) -> None:
         sa.exc.TimeoutError,
         es.OperationalError,
         es.InterfaceError,
+        es.IntegrityError,
         *extra,
     ):
         app.add_exception_handler(exc_type, handle)

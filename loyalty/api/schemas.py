@@ -6,7 +6,7 @@ import re
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, StringConstraints
 
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
 
@@ -110,7 +110,7 @@ class MemberBody(BaseModel):
 
 class MultiplierBody(BaseModel):
     when: dict[str, str | int | float | bool | None]
-    factor: int | str = Field(description="decimal, e.g. \"1.5\"")
+    factor: int | str = Field(description='decimal, e.g. "1.5"')
 
 
 class RuleBody(BaseModel):
@@ -138,3 +138,72 @@ class PipelineBody(BaseModel):
     oldest_pending_age_s: float | None = Field(description="age of the oldest pending event")
     processed_total: int
     awards_total: int
+
+
+# ------------------------------------------------------------------------- spending
+
+# Strict: 1.5, "5", true and 5.0 are refused (422), never coerced.
+Amount = Annotated[int, Strict(), Field(gt=0, le=10**12)]
+SignedAmount = Annotated[int, Strict(), Field(ge=-(10**12), le=10**12)]
+
+
+class SpendRequest(BaseModel):
+    """Spend currency on an order; idempotent by ``order_id``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    order_id: Identifier = Field(description="the shop's order id; a replay is idempotent")
+    amount: Amount = Field(description="positive integer amount of currency")
+    description: Annotated[str, StringConstraints(max_length=256)] | None = Field(
+        None, description="accepted for the shop's convenience; never stored"
+    )
+
+
+class RefundRequest(BaseModel):
+    """Refund a spent order, once."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    order_id: Identifier
+
+
+class OrderBody(BaseModel):
+    order_id: str
+    amount: int
+    currency: int = Field(description="the member's balance right after this order/refund")
+
+
+class AdjustmentRequest(BaseModel):
+    """An operator correction; either amount may be negative."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adjustment_id: Identifier = Field(description="idempotency key of the adjustment")
+    currency: SignedAmount
+    rank_points: SignedAmount
+    reason: Annotated[
+        str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")
+    ] = Field(description="why (stored in the account's events: no personal data)")
+
+
+class HistoryEntryBody(BaseModel):
+    kind: str = Field(description="award | spend | refund | adjustment | rank_changed")
+    currency: int = Field(description="signed change of the spendable balance")
+    rank_points: int = Field(description="signed change of the rank points")
+    at: datetime = Field(description="RFC 3339, UTC")
+    ref: str | None = Field(description="award id, order id, adjustment id or new rank")
+
+
+class HistoryBody(BaseModel):
+    entries: list[HistoryEntryBody]
+    next: str | None = Field(description="cursor of the next (older) page; null at the end")
+
+
+class LeaderboardEntry(BaseModel):
+    user_id: str
+    rank_points: int
+    rank: str | None
+
+
+class LeaderboardBody(BaseModel):
+    entries: list[LeaderboardEntry]

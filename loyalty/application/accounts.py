@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from uuid import UUID
@@ -24,6 +25,8 @@ T = TypeVar("T")
 # Keep each save small: the library's PostgreSQL pipeline mode hangs on saves of
 # thousands of events, and a conflict redoes the whole group.
 SAVE_GROUP = 200
+PREFETCH_GROUP = 500
+StreamLoader = Callable[[Sequence[UUID]], Sequence[Any]]
 MAX_ATTEMPTS = 12
 
 
@@ -64,10 +67,46 @@ class Accounts:
     The event store application is built on first use, so a process can start (and
     answer /healthz) while its database is still down."""
 
-    def __init__(self, app: Members | Callable[[], Members]) -> None:
+    def __init__(
+        self,
+        app: Members | Callable[[], Members],
+        stream_loader: Callable[[Members], StreamLoader] | None = None,
+    ) -> None:
         self._app = app if isinstance(app, Members) else None
         self._factory = app if not isinstance(app, Members) else None
         self._lock = threading.Lock()
+        self._stream_loader_factory = stream_loader
+        self._stream_loader: StreamLoader | None = None
+        # Members the last prefetch found no stream for (new accounts): no read needed.
+        self._absent: set[UUID] = set()
+
+    def prefetch(self, user_ids: Sequence[str]) -> None:
+        """Load the members not in the cache with a few bulk reads instead of one read
+        each (only when a bulk stream loader was given and the cache is on)."""
+        cache = self.app.repository.cache
+        if cache is None or self._stream_loader_factory is None:
+            return
+        if self._stream_loader is None:
+            self._stream_loader = self._stream_loader_factory(self.app)
+        missing = []
+        for user_id in user_ids:
+            member_id = Member.create_id(user_id)
+            try:
+                cache.get(member_id)
+            except KeyError:
+                missing.append(member_id)
+        self._absent = set(missing)
+        for start in range(0, len(missing), PREFETCH_GROUP):
+            stored = self._stream_loader(missing[start : start + PREFETCH_GROUP])
+            self._absent.difference_update(item.originator_id for item in stored)
+            member: Any = None
+            for item in stored:
+                if member is not None and member.id != item.originator_id:
+                    cache.put(member.id, member)
+                    member = None
+                member = self.app.mapper.to_domain_event(item).mutate(member)  # type: ignore[attr-defined]
+            if member is not None:
+                cache.put(member.id, member)
 
     @property
     def app(self) -> Members:
@@ -93,7 +132,8 @@ class Accounts:
         cache = self.app.repository.cache
         if cache is not None:
             for user_id in user_ids:
-                cache.put(Member.create_id(user_id), None)
+                with contextlib.suppress(KeyError):
+                    cache.get(Member.create_id(user_id), evict=True)
 
     def get(self, user_id: str) -> Member:
         member = self._load(user_id)
@@ -105,6 +145,7 @@ class Accounts:
         """Apply awards (each idempotent by award id), saving in small groups.
         Returns how many were new."""
         applied = 0
+        self.prefetch([c.user_id for c in commands])
         for start in range(0, len(commands), SAVE_GROUP):
             group = commands[start : start + SAVE_GROUP]
             applied += with_retry(lambda g=group: self._award_group(g, ranks), what="awards")  # type: ignore[misc]
@@ -114,7 +155,12 @@ class Accounts:
         members: list[Any] = []
         applied = 0
         for cmd in group:
-            member = self._load(cmd.user_id) or Member(user_id=cmd.user_id)
+            member_id = Member.create_id(cmd.user_id)
+            if member_id in self._absent:
+                self._absent.discard(member_id)  # if it exists after all, save conflicts
+                member = Member(user_id=cmd.user_id)
+            else:
+                member = self._load(cmd.user_id) or Member(user_id=cmd.user_id)
             if member.award(
                 cmd.award_id,
                 cmd.currency,
@@ -132,3 +178,137 @@ class Accounts:
                 self._evict([m.user_id for m in members])
                 raise
         return applied
+
+
+# ---------------------------------------------------------------- spending use cases
+
+
+@dataclass(frozen=True, slots=True)
+class OrderResult:
+    """The answer to a spend or refund: the order, its amount and the balance right
+    after it (the same on every replay of the command)."""
+
+    order_id: str
+    amount: int
+    currency: int
+
+
+def _is(domain_event: Any, name: str) -> bool:
+    return type(domain_event).__name__ == name
+
+
+class Spending:
+    """Spend, refund and adjust on member accounts. Every decision reads the aggregate
+    (never a projection); a conflicting concurrent save is retried from a fresh read.
+
+    A replayed command answers exactly as the first time: the balance is the one right
+    after the original event, found by replaying the member's stream up to it."""
+
+    LOCK_STRIPES = 256
+
+    def __init__(self, accounts: Accounts) -> None:
+        self._accounts = accounts
+        # Commands on one member from this process's threads queue on a striped lock
+        # instead of racing to save the same version: without it a hot member under
+        # many concurrent spends can exhaust the optimistic retries. Conflicts with
+        # other processes (and the pipeline's awards) are still retried.
+        self._stripes = [threading.Lock() for _ in range(self.LOCK_STRIPES)]
+
+    def _locked(self, user_id: str, action: Callable[[], T]) -> Callable[[], T]:
+        lock = self._stripes[hash(user_id) % self.LOCK_STRIPES]
+
+        def run() -> T:
+            with lock:
+                return action()
+
+        return run
+
+    @property
+    def app(self) -> Members:
+        return self._accounts.app
+
+    def _save(self, member: Member) -> None:
+        # On a conflict (IntegrityError) nothing needs evicting: the repository hands out
+        # deep copies of cached aggregates and fast-forwards the cached one on each get.
+        self.app.save(member)
+
+    def _state_after(
+        self, user_id: str, match: Callable[[Any], bool], *, with_rank_change: bool = False
+    ) -> Member:
+        """The member as it was right after the first event satisfying ``match`` (and
+        the RankChanged event the same command recorded, if ``with_rank_change``)."""
+        member: Any = None
+        found = False
+        stream: Iterable[Any] = self.app.events.get(Member.create_id(user_id))
+        for domain_event in stream:
+            if found:
+                if with_rank_change and type(domain_event).__name__ == "RankChanged":
+                    member = domain_event.mutate(member)
+                break
+            member = domain_event.mutate(member)
+            found = match(domain_event)
+        if not found:  # the aggregate said it happened: the stream must show it
+            raise LookupError("event not found in the member's stream")
+        assert isinstance(member, Member)
+        return member
+
+    def spend(self, user_id: str, order_id: str, amount: int) -> OrderResult:
+        def action() -> OrderResult:
+            member = self._accounts.get(user_id)
+            replay = order_id in member.orders
+            member.spend(order_id, amount)  # raises OrderConflict / InsufficientFunds
+            if replay:
+                after = self._state_after(
+                    user_id,
+                    lambda e: _is(e, "Spent") and e.order_id == order_id,
+                )
+                return OrderResult(order_id, amount, after.currency)
+            self._save(member)
+            return OrderResult(order_id, amount, member.currency)
+
+        return with_retry(self._locked(user_id, action), what="spend")
+
+    def refund(self, user_id: str, order_id: str) -> OrderResult:
+        def action() -> OrderResult:
+            member = self._accounts.get(user_id)
+            replay = order_id in member.refunded_orders
+            amount = member.refund(order_id)  # raises OrderNotFound
+            if replay:
+                after = self._state_after(
+                    user_id,
+                    lambda e: _is(e, "Refunded") and e.order_id == order_id,
+                )
+                return OrderResult(order_id, amount, after.currency)
+            self._save(member)
+            return OrderResult(order_id, amount, member.currency)
+
+        return with_retry(self._locked(user_id, action), what="refund")
+
+    def adjust(
+        self,
+        user_id: str,
+        adjustment_id: str,
+        currency: int,
+        rank_points: int,
+        reason: str,
+        ranks: RankLadder,
+    ) -> Member:
+        """Apply an operator adjustment; returns the member right after it. An unknown
+        member gets an account (an operator may credit someone who has not earned yet);
+        a rejected adjustment creates nothing."""
+
+        def action() -> Member:
+            try:
+                member = self._accounts.get(user_id)
+            except MemberNotFound:
+                member = Member(user_id=user_id)
+            if member.adjust(adjustment_id, currency, rank_points, reason, ranks):
+                self._save(member)
+                return member
+            return self._state_after(
+                user_id,
+                lambda e: _is(e, "Adjusted") and e.adjustment_id == adjustment_id,
+                with_rank_change=True,
+            )
+
+        return with_retry(self._locked(user_id, action), what="adjustment")

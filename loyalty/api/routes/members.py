@@ -1,14 +1,30 @@
-"""Member accounts: balances (and, later, spending and statements)."""
+"""Member accounts: balances, spending, refunds, adjustments, statements, leaderboard."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Query
 from starlette.concurrency import run_in_threadpool
 
-from loyalty.api.deps import ContainerDep, ShopKey
-from loyalty.api.schemas import MemberBody, Problem
+from loyalty.api.deps import Container, ContainerDep, OperatorKey, ShopKey
+from loyalty.api.problems import ApiProblem
+from loyalty.api.schemas import (
+    AdjustmentRequest,
+    HistoryBody,
+    HistoryEntryBody,
+    LeaderboardBody,
+    LeaderboardEntry,
+    MemberBody,
+    OrderBody,
+    Problem,
+    RefundRequest,
+    SpendRequest,
+)
+from loyalty.domain.member import Member
 
 router = APIRouter(tags=["members"])
 
@@ -25,15 +41,165 @@ async def get_member(user_id: UserId, _key: ShopKey, container: ContainerDep) ->
     """A member's balances, rank and privileges."""
 
     def work() -> MemberBody:
-        member = container.accounts.get(user_id)
-        ranks = container.rules.current().ranks
-        return MemberBody(
-            user_id=member.user_id,
-            currency=member.currency,
-            rank_points=member.rank_points,
-            rank=member.current_rank(ranks),
-            privileges=list(member.privileges(ranks)),
-            lifetime_currency=member.lifetime_currency,
+        return member_body(container, container.accounts.get(user_id))
+
+    return await run_in_threadpool(work)
+
+
+def member_body(container: Container, member: Member) -> MemberBody:
+    ranks = container.rules.current().ranks
+    return MemberBody(
+        user_id=member.user_id,
+        currency=member.currency,
+        rank_points=member.rank_points,
+        rank=member.current_rank(ranks),
+        privileges=list(member.privileges(ranks)),
+        lifetime_currency=member.lifetime_currency,
+    )
+
+
+def _conflicts(*codes: str) -> dict[int | str, dict[str, Any]]:
+    return {409: {"model": Problem, "description": " | ".join(codes)}}
+
+
+_INVALID: dict[int | str, dict[str, Any]] = {422: {"model": Problem, "description": "invalid body"}}
+
+
+@router.post(
+    "/v1/members/{user_id}/spend",
+    response_model=OrderBody,
+    responses={**_ERRORS, **_INVALID, **_conflicts("insufficient_funds", "order_conflict")},
+)
+async def spend(
+    user_id: UserId, body: SpendRequest, _key: ShopKey, container: ContainerDep
+) -> OrderBody:
+    """Spend currency on an order (idempotent by order id; the description is not stored)."""
+    result = await run_in_threadpool(container.spending.spend, user_id, body.order_id, body.amount)
+    return OrderBody(order_id=result.order_id, amount=result.amount, currency=result.currency)
+
+
+@router.post(
+    "/v1/members/{user_id}/refunds",
+    response_model=OrderBody,
+    responses={**_ERRORS, **_INVALID},
+)
+async def refund(
+    user_id: UserId, body: RefundRequest, _key: ShopKey, container: ContainerDep
+) -> OrderBody:
+    """Refund a spent order once; a repeated refund answers the same."""
+    result = await run_in_threadpool(container.spending.refund, user_id, body.order_id)
+    return OrderBody(order_id=result.order_id, amount=result.amount, currency=result.currency)
+
+
+@router.post(
+    "/v1/members/{user_id}/adjustments",
+    response_model=MemberBody,
+    responses={**_ERRORS, **_INVALID, **_conflicts("insufficient_funds", "adjustment_conflict")},
+)
+async def adjust(
+    user_id: UserId, body: AdjustmentRequest, _key: OperatorKey, container: ContainerDep
+) -> MemberBody:
+    """Correct a member's account (creates the account of an unknown member)."""
+
+    def work() -> MemberBody:
+        member = container.spending.adjust(
+            user_id,
+            body.adjustment_id,
+            body.currency,
+            body.rank_points,
+            body.reason,
+            container.rules.current().ranks,
         )
+        return member_body(container, member)
+
+    return await run_in_threadpool(work)
+
+
+_CURSOR = re.compile(r"^h([1-9][0-9]{0,17})$")
+
+
+def encode_cursor(position: int) -> str:
+    return base64.urlsafe_b64encode(f"h{position}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        text = ""
+    found = _CURSOR.match(text)
+    if found is None:
+        raise ApiProblem(
+            422,
+            "invalid_cursor",
+            "the cursor is not one this API returned",
+            errors=[{"loc": "cursor", "msg": "invalid cursor"}],
+        )
+    return int(found.group(1))
+
+
+@router.get(
+    "/v1/members/{user_id}/history",
+    response_model=HistoryBody,
+    responses={**_ERRORS, 422: {"model": Problem, "description": "bad limit or cursor"}},
+)
+async def history(
+    user_id: UserId,
+    _key: ShopKey,
+    container: ContainerDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=64)] = None,
+) -> HistoryBody:
+    """A member's statement, newest first (catches up with spending within a second)."""
+    before = decode_cursor(cursor) if cursor is not None else None
+
+    def work() -> HistoryBody:
+        rows = container.read_models.history(user_id, limit + 1, before)
+        if not rows and not container.read_models.has_member(user_id):
+            container.accounts.get(user_id)  # 404 unless the account exists (not projected yet)
+        page = rows[:limit]
+        return HistoryBody(
+            entries=[
+                HistoryEntryBody(
+                    kind=r.kind, currency=r.currency, rank_points=r.rank_points, at=r.at, ref=r.ref
+                )
+                for r in page
+            ],
+            next=encode_cursor(page[-1].position) if len(rows) > limit else None,
+        )
+
+    return await run_in_threadpool(work)
+
+
+@router.get(
+    "/v1/leaderboard",
+    response_model=LeaderboardBody,
+    responses={
+        401: _ERRORS[401],
+        403: _ERRORS[403],
+        422: {"model": Problem, "description": "bad limit"},
+    },
+)
+async def leaderboard(
+    _key: ShopKey,
+    container: ContainerDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 10,
+) -> LeaderboardBody:
+    """Members by lifetime rank points, highest first; ties by user id."""
+
+    def work() -> LeaderboardBody:
+        rows = container.read_models.leaderboard(limit)
+        ranks = container.rules.current().ranks
+        entries = []
+        for row in rows:
+            rank = ranks.rank_for(row.rank_points)
+            entries.append(
+                LeaderboardEntry(
+                    user_id=row.user_id,
+                    rank_points=row.rank_points,
+                    rank=rank.name if rank is not None else None,
+                )
+            )
+        return LeaderboardBody(entries=entries)
 
     return await run_in_threadpool(work)

@@ -1,0 +1,206 @@
+"""Read models of member accounts (balances, statement history, leaderboard) and the
+tracking position of the projection that writes them.
+
+A batch's row changes and its new tracking position are committed in one transaction,
+and only if the tracking row still holds the position the batch was read after (the
+UPDATE of that row comes first, so on PostgreSQL a second runner waits on its row lock
+and then finds the position moved). Every table is keyed by user_id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from loyalty.adapters.db import Database
+from loyalty.adapters.tables import member_balances, member_history, projection_tracking
+from loyalty.application.projections import HistoryEntry, ProjectedBatch
+
+_IN_CHUNK = 500
+
+
+class _TrackingMoved(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class LeaderboardRow:
+    user_id: str
+    rank_points: int
+
+
+def _utc(value: datetime) -> datetime:
+    """SQLite gives naive datetimes back; every stored time is UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class ReadModels:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    # ------------------------------------------------------------ projection side
+
+    def position(self, name: str) -> int:
+        t = projection_tracking.c
+        with self._db.read() as conn:
+            found = conn.execute(sa.select(t.position).where(t.name == name)).scalar()
+        if found is not None:
+            return int(found)
+        insert = postgresql.insert if self._db.backend == "postgresql" else sqlite.insert
+        with self._db.write() as conn:
+            conn.execute(
+                insert(projection_tracking).values(name=name, position=0).on_conflict_do_nothing()
+            )
+            return int(conn.execute(sa.select(t.position).where(t.name == name)).scalar_one())
+
+    def user_ids(self, member_ids: Collection[str]) -> Mapping[str, str]:
+        wanted = sorted(member_ids)
+        b = member_balances.c
+        found: dict[str, str] = {}
+        with self._db.read() as conn:
+            for i in range(0, len(wanted), _IN_CHUNK):
+                rows = conn.execute(
+                    sa.select(b.member_id, b.user_id).where(
+                        b.member_id.in_(wanted[i : i + _IN_CHUNK])
+                    )
+                )
+                found.update({str(m): str(u) for m, u in rows})
+        return found
+
+    def apply(self, name: str, batch: ProjectedBatch) -> bool:
+        """Commit the batch's rows and tracking position together; False (nothing
+        written) when the tracking position is no longer ``batch.start``."""
+        t = projection_tracking.c
+        b = member_balances.c
+        try:
+            with self._db.write() as conn:
+                moved = conn.execute(
+                    projection_tracking.update()
+                    .where(t.name == name, t.position == batch.start)
+                    .values(position=batch.end)
+                )
+                if moved.rowcount != 1:
+                    raise _TrackingMoved()
+                new_rows = [self._balance_row(c) for c in batch.balances.values() if c.created]
+                if new_rows:
+                    conn.execute(member_balances.insert(), new_rows)
+                deltas = [
+                    {
+                        "b_user_id": c.user_id,
+                        "b_currency": c.currency,
+                        "b_rank_points": c.rank_points,
+                        "b_lifetime": c.lifetime_currency,
+                        "b_updated_at": c.updated_at,
+                    }
+                    for c in batch.balances.values()
+                    if not c.created
+                ]
+                if deltas:
+                    conn.execute(
+                        member_balances.update()
+                        .where(b.user_id == sa.bindparam("b_user_id"))
+                        .values(
+                            currency=b.currency + sa.bindparam("b_currency"),
+                            rank_points=b.rank_points + sa.bindparam("b_rank_points"),
+                            lifetime_currency=b.lifetime_currency + sa.bindparam("b_lifetime"),
+                            updated_at=sa.bindparam("b_updated_at"),
+                        ),
+                        deltas,
+                    )
+                if batch.history:
+                    conn.execute(
+                        member_history.insert(),
+                        [
+                            {
+                                "user_id": h.user_id,
+                                "position": h.position,
+                                "kind": h.kind,
+                                "currency": h.currency,
+                                "rank_points": h.rank_points,
+                                "at": h.at,
+                                "ref": h.ref,
+                            }
+                            for h in batch.history
+                        ],
+                    )
+        except _TrackingMoved:
+            return False
+        return True
+
+    @staticmethod
+    def _balance_row(change: Any) -> dict[str, Any]:
+        return {
+            "user_id": change.user_id,
+            "member_id": change.member_id,
+            "currency": change.currency,
+            "rank_points": change.rank_points,
+            "lifetime_currency": change.lifetime_currency,
+            "updated_at": change.updated_at,
+        }
+
+    def reset(self, name: str) -> None:
+        """Empty the read models and set the tracking position to 0, atomically."""
+        with self._db.write() as conn:
+            if self._db.backend == "postgresql":
+                conn.execute(sa.text("TRUNCATE member_history, member_balances"))
+            else:
+                conn.execute(member_history.delete())
+                conn.execute(member_balances.delete())
+            conn.execute(projection_tracking.delete().where(projection_tracking.c.name == name))
+            conn.execute(projection_tracking.insert().values(name=name, position=0))
+
+    # ---------------------------------------------------------------- query side
+
+    def has_member(self, user_id: str) -> bool:
+        b = member_balances.c
+        with self._db.read() as conn:
+            return (
+                conn.execute(sa.select(b.user_id).where(b.user_id == user_id)).first() is not None
+            )
+
+    def history(self, user_id: str, limit: int, before: int | None = None) -> list[HistoryEntry]:
+        """A member's statement entries, newest first, older than position ``before``."""
+        h = member_history.c
+        query = (
+            sa.select(h.user_id, h.position, h.kind, h.currency, h.rank_points, h.at, h.ref)
+            .where(h.user_id == user_id)
+            .order_by(h.position.desc())
+            .limit(limit)
+        )
+        if before is not None:
+            query = query.where(h.position < before)
+        with self._db.read() as conn:
+            rows = conn.execute(query).all()
+        return [
+            HistoryEntry(r[0], int(r[1]), r[2], int(r[3]), int(r[4]), _utc(r[5]), r[6])
+            for r in rows
+        ]
+
+    def leaderboard(self, limit: int) -> list[LeaderboardRow]:
+        """Members by rank points, highest first; ties by user id."""
+        b = member_balances.c
+        query = sa.select(b.user_id, b.rank_points).order_by(b.rank_points.desc(), b.user_id)
+        with self._db.read() as conn:
+            rows = conn.execute(query.limit(limit)).all()
+        return [LeaderboardRow(r[0], int(r[1])) for r in rows]
+
+    def snapshot(self) -> dict[str, list[tuple[Any, ...]]]:
+        """Every row of the read models, sorted (for comparing with a rebuild)."""
+        with self._db.read() as conn:
+            balances = conn.execute(
+                sa.select(member_balances).order_by(member_balances.c.user_id)
+            ).all()
+            history = conn.execute(
+                sa.select(member_history).order_by(
+                    member_history.c.user_id, member_history.c.position
+                )
+            ).all()
+        return {
+            "member_balances": [(*r[:-1], _utc(r[-1])) for r in balances],
+            "member_history": [(*r[:5], _utc(r[5]), r[6]) for r in history],
+        }

@@ -1,0 +1,265 @@
+"""Read models projected from the member event store, each event applied exactly once.
+
+The projection polls the Members application's notification log from its tracking
+position, maps a batch of notifications to row changes (balance deltas and statement
+entries), and hands them to the store, which commits the rows *and* the new tracking
+position in one transaction, on the condition that the tracking position is still the
+one the batch started from. A crash before the commit loses nothing (the batch is read
+again); a crash after it re-reads nothing; two runners cannot both apply a batch.
+
+Reading the log is gap-safe on both backends: on SQLite there is one writer at a time,
+so rowid order is commit order; on PostgreSQL the library serializes inserts of stored
+events with ``LOCK TABLE ... IN EXCLUSIVE MODE``, so once an id is visible every lower id
+is committed or rolled back for good. Batches are read only up to the maximum id seen
+before reading, and positions advance only to ids actually read.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from loyalty.application.accounts import Members
+
+log = logging.getLogger(__name__)
+
+PROJECTION_NAME = "members"
+"""The tracking name of the projection that owns member_balances and member_history."""
+
+HISTORY_KINDS = ("award", "spend", "refund", "adjustment", "rank_changed")
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """One statement line: a signed change of a member's account."""
+
+    user_id: str
+    position: int
+    """The event's version in the member's stream (unique per member, stable)."""
+    kind: str
+    currency: int
+    rank_points: int
+    at: datetime
+    ref: str | None
+
+
+@dataclass(slots=True)
+class BalanceChange:
+    """The net change of one member's balance row within a batch."""
+
+    user_id: str
+    member_id: str
+    created: bool
+    """True when the member's Created event is in the batch (insert, not update)."""
+    updated_at: datetime
+    currency: int = 0
+    rank_points: int = 0
+    lifetime_currency: int = 0
+
+
+@dataclass(slots=True)
+class ProjectedBatch:
+    start: int
+    """The tracking position the batch was read after."""
+    end: int
+    """The last notification id in the batch: the new tracking position."""
+    balances: dict[str, BalanceChange] = field(default_factory=dict)
+    history: list[HistoryEntry] = field(default_factory=list)
+
+
+class ReadModelWriter(Protocol):
+    def position(self, name: str) -> int: ...
+    def user_ids(self, member_ids: Collection[str]) -> Mapping[str, str]: ...
+    def apply(self, name: str, batch: ProjectedBatch) -> bool: ...
+    def reset(self, name: str) -> None: ...
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def project(
+    start: int,
+    notifications: Sequence[tuple[int, Any]],
+    known_user_ids: Callable[[Collection[str]], Mapping[str, str]],
+) -> ProjectedBatch:
+    """Map ``(notification_id, domain_event)`` pairs, oldest first, to row changes."""
+    batch = ProjectedBatch(start=start, end=notifications[-1][0] if notifications else start)
+    created = {
+        str(e.originator_id): str(e.user_id)
+        for _, e in notifications
+        if type(e).__name__ == "Created"
+    }
+    others = {str(e.originator_id) for _, e in notifications} - created.keys()
+    users = {**known_user_ids(others), **created} if others else created
+    for _, event in notifications:
+        name = type(event).__name__
+        member_id = str(event.originator_id)
+        user_id = users.get(member_id)
+        if user_id is None:
+            raise LookupError(f"no balance row for member stream {member_id}")
+        at = _utc(event.timestamp)
+        change = batch.balances.get(member_id)
+        if change is None:
+            change = BalanceChange(user_id, member_id, created=name == "Created", updated_at=at)
+            batch.balances[member_id] = change
+        change.updated_at = at
+        entry: tuple[str, int, int, str | None] | None = None
+        if name == "Awarded":
+            change.currency += event.currency
+            change.lifetime_currency += event.currency
+            change.rank_points += event.rank_points
+            entry = ("award", event.currency, event.rank_points, event.award_id)
+        elif name == "Spent":
+            change.currency -= event.amount
+            entry = ("spend", -event.amount, 0, event.order_id)
+        elif name == "Refunded":
+            change.currency += event.amount
+            entry = ("refund", event.amount, 0, event.order_id)
+        elif name == "Adjusted":
+            change.currency += event.currency
+            change.lifetime_currency += event.currency
+            change.rank_points += event.rank_points
+            entry = ("adjustment", event.currency, event.rank_points, event.adjustment_id)
+        elif name == "RankChanged":
+            entry = ("rank_changed", 0, 0, event.new)
+        elif name != "Created":
+            log.warning("projection ignores unknown event type %s", name)
+        if entry is not None:
+            kind, currency, rank_points, ref = entry
+            batch.history.append(
+                HistoryEntry(
+                    user_id, int(event.originator_version), kind, currency, rank_points, at, ref
+                )
+            )
+    return batch
+
+
+class MemberProjection:
+    """Catches the read models up with the Members notification log, batch by batch."""
+
+    def __init__(
+        self,
+        members: Members,
+        store: ReadModelWriter,
+        *,
+        name: str = PROJECTION_NAME,
+        batch_size: int = 500,
+    ) -> None:
+        self._members = members
+        self._store = store
+        self.name = name
+        self.batch_size = batch_size
+        self._position: int | None = None
+
+    def head(self) -> int:
+        """The newest notification id in the event store (0 when empty)."""
+        return int(self._members.recorder.max_notification_id() or 0)
+
+    def position(self) -> int:
+        if self._position is None:
+            self._position = self._store.position(self.name)
+        return self._position
+
+    def step(self) -> int:
+        """Apply one batch; returns how many events it covered (0 when caught up)."""
+        start = self.position()
+        head = self.head()
+        if head <= start:
+            return 0
+        notifications = self._members.recorder.select_notifications(
+            start, self.batch_size, stop=head, inclusive_of_start=False
+        )
+        if not notifications:
+            return 0
+        mapper = self._members.mapper
+        pairs = [(n.id, mapper.to_domain_event(n)) for n in notifications]
+        batch = project(start, pairs, self._store.user_ids)
+        if not self._store.apply(self.name, batch):
+            log.warning("projection %s: tracking moved under us; re-reading", self.name)
+            self._position = None
+            return 0
+        self._position = batch.end
+        return len(pairs)
+
+    def catch_up(
+        self,
+        stop: threading.Event | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> int:
+        """Apply batches until caught up (or ``stop`` is set); returns events applied.
+        ``on_batch`` receives the new position after each batch."""
+        total = 0
+        while stop is None or not stop.is_set():
+            try:
+                done = self.step()
+            except BaseException:
+                self._position = None  # re-read the durable position after any failure
+                raise
+            if done == 0:
+                break
+            total += done
+            if on_batch is not None:
+                on_batch(self.position())
+        return total
+
+    def reset(self) -> None:
+        """Empty the read models and the tracking position (for a rebuild)."""
+        self._store.reset(self.name)
+        self._position = None
+
+
+class ProjectionWorker:
+    """Runs a projection in a loop while this process holds its lease."""
+
+    def __init__(
+        self,
+        projection: MemberProjection,
+        *,
+        try_lease: Callable[[], bool],
+        retry_errors: tuple[type[BaseException], ...],
+        poll_seconds: float = 0.2,
+        lease_retry_seconds: float = 2.0,
+    ) -> None:
+        self._projection = projection
+        self._try_lease = try_lease
+        self._retry_errors = retry_errors
+        self._poll = poll_seconds
+        self._lease_retry = lease_retry_seconds
+        self.leased = False
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        backoff = 0.5
+        while not self.stop_event.is_set():
+            try:
+                if not self.leased:
+                    self.leased = self._try_lease()
+                    if not self.leased:
+                        self.stop_event.wait(self._lease_retry)
+                        continue
+                    log.info("projection %s runs in this process", self._projection.name)
+                self._projection.catch_up(self.stop_event)
+                backoff = 0.5
+            except self._retry_errors as exc:
+                log.warning(
+                    "projection paused (%s: %s); retrying in %.1fs",
+                    type(exc).__name__,
+                    str(exc).splitlines()[0],
+                    backoff,
+                )
+                self.stop_event.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            except Exception:  # a bug: keep the thread alive, loudly, and retry slowly
+                log.exception("projection %s failed; retrying in 10s", self._projection.name)
+                self.stop_event.wait(10.0)
+                continue
+            self.stop_event.wait(self._poll)
+
+    def stop(self) -> None:
+        self.stop_event.set()

@@ -1,0 +1,235 @@
+"""Read-model projections on both backends: exactly once, equal to a rebuild, surviving a
+kill -9 of the process that runs them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from loyalty.adapters.db import Database
+from loyalty.adapters.event_store import event_store_env
+from loyalty.adapters.read_models import ReadModels
+from loyalty.application.accounts import Accounts, AwardCommand, Members, Spending
+from loyalty.application.projections import PROJECTION_NAME, MemberProjection
+from loyalty.config import Settings
+from loyalty.domain.errors import InsufficientFunds
+from loyalty.domain.member import Member
+from loyalty.domain.ranks import Rank, RankLadder
+from loyalty.worker import projection_lease
+from tests.e2e.live import LOYALTY, env_for
+
+LADDER = RankLadder((Rank("bronze", 0), Rank("silver", 30), Rank("gold", 200)))
+
+
+@pytest.fixture
+def members(settings: Settings) -> Iterator[Members]:
+    app = Members(env=event_store_env(settings))
+    yield app
+    app.close()
+
+
+def seed(members: Members, users: int, rounds: int, tag: str = "") -> None:
+    """Awards, spends, refunds and adjustments across ``users`` members."""
+    accounts = Accounts(members)
+    spending = Spending(accounts)
+    for r in range(rounds):
+        accounts.award_many(
+            [
+                AwardCommand(f"u{u:04d}", f"w{tag}{r}", 10 + u % 7, 5 + u % 11, 1, 1)
+                for u in range(users)
+            ],
+            LADDER,
+        )
+        for u in range(0, users, 3):
+            try:
+                spending.spend(f"u{u:04d}", f"o{tag}{r}", 4)
+            except InsufficientFunds:
+                pass
+            if r % 2:
+                spending.refund(f"u{u:04d}", f"o{tag}{r}")
+        if r % 3 == 0:
+            spending.adjust(f"u{r:04d}", f"adj{tag}{r}", -1, 20, "correction", LADDER)
+
+
+def rebuilt(db: Database, members: Members) -> dict[str, list[tuple[Any, ...]]]:
+    projection = MemberProjection(members, ReadModels(db), batch_size=97)
+    projection.reset()
+    projection.catch_up()
+    return ReadModels(db).snapshot()
+
+
+def assert_matches_aggregates(db: Database, members: Members) -> None:
+    """Balances equal the aggregates' and there is one history row per event (bar
+    Created): nothing applied twice, nothing lost."""
+    snapshot = ReadModels(db).snapshot()
+    accounts = Accounts(members)
+    events = 0
+    for user_id, _mid, currency, points, lifetime, _at in snapshot["member_balances"]:
+        member = accounts.get(user_id)
+        assert (currency, points, lifetime) == (
+            member.currency,
+            member.rank_points,
+            member.lifetime_currency,
+        ), user_id
+        events += member.version - 1
+    assert len(snapshot["member_history"]) == events
+    head = members.recorder.max_notification_id()
+    assert ReadModels(db).position(PROJECTION_NAME) == head
+
+
+def test_live_projection_in_small_batches_equals_a_rebuild(db: Database, members: Members) -> None:
+    read_models = ReadModels(db)
+    live = MemberProjection(members, read_models, batch_size=7)
+    seed(members, 20, 3, "a")
+    live.step()
+    live.step()
+    seed(members, 25, 2, "b")  # writes between batches
+    live.catch_up()
+    seed(members, 5, 1, "c")
+    assert live.catch_up() > 0
+    assert live.catch_up() == 0  # caught up: nothing applied twice
+    live_rows = read_models.snapshot()
+    assert len(live_rows["member_balances"]) == 25
+    assert_matches_aggregates(db, members)
+    assert rebuilt(db, members) == live_rows
+
+
+def test_two_runners_at_once_never_double_apply(db: Database, members: Members) -> None:
+    """Without the lease, the conditional tracking update still applies each batch once."""
+    seed(members, 30, 4)
+    runners = [MemberProjection(members, ReadModels(db), batch_size=11) for _ in range(3)]
+    threads = [threading.Thread(target=r.catch_up) for r in runners]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in runners:
+        r.catch_up()
+    assert_matches_aggregates(db, members)
+    assert rebuilt(db, members) == ReadModels(db).snapshot()
+
+
+def test_history_rows_carry_signed_amounts_and_refs(db: Database, members: Members) -> None:
+    accounts = Accounts(members)
+    accounts.award_many([AwardCommand("amy", "w1", 50, 40, 3, 1)], LADDER)
+    spending = Spending(accounts)
+    spending.spend("amy", "ord", 20)
+    spending.refund("amy", "ord")
+    spending.adjust("amy", "fix", -5, -15, "typo", LADDER)
+    MemberProjection(members, ReadModels(db)).catch_up()
+    rows = ReadModels(db).history("amy", 50)
+    assert [(r.kind, r.currency, r.rank_points, r.ref) for r in rows] == [
+        ("rank_changed", 0, 0, "bronze"),
+        ("adjustment", -5, -15, "fix"),
+        ("refund", 20, 0, "ord"),
+        ("spend", -20, 0, "ord"),
+        ("rank_changed", 0, 0, "silver"),
+        ("award", 50, 40, "w1"),
+    ]
+    assert [r.position for r in rows] == sorted((r.position for r in rows), reverse=True)
+    assert all(r.at.utcoffset() is not None and r.at.utcoffset().total_seconds() == 0 for r in rows)
+    assert ReadModels(db).history("amy", 2, before=rows[1].position) == rows[2:4]
+    board = ReadModels(db).leaderboard(10)
+    assert [(b.user_id, b.rank_points) for b in board] == [("amy", 25)]
+
+
+def test_rebuild_command_gives_the_same_rows_and_respects_the_lease(
+    settings: Settings, db: Database, members: Members
+) -> None:
+    seed(members, 15, 3)
+    MemberProjection(members, ReadModels(db), batch_size=13).catch_up()
+    live = ReadModels(db).snapshot()
+    done = subprocess.run(
+        [*LOYALTY, "projections", "rebuild", "--batch", "10"],
+        env=env_for(settings.database_url),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "rebuilt read models" in done.stdout
+    assert ReadModels(db).snapshot() == live
+    # while another process holds the projection's lease, a rebuild refuses to start
+    holder = Database(settings)
+    try:
+        lease = projection_lease(holder)
+        assert lease.try_acquire()
+        refused = subprocess.run(
+            [*LOYALTY, "projections", "rebuild"],
+            env=env_for(settings.database_url),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert refused.returncode == 1 and "stop it first" in refused.stderr
+        lease.release()
+    finally:
+        holder.dispose()
+
+
+def _position(db: Database) -> int:
+    return ReadModels(db).position(PROJECTION_NAME)
+
+
+def _start_worker(url: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [*LOYALTY, "worker", "--projection-batch", "3"],
+        env=env_for(url),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_projection_process_then_restart_equals_a_rebuild(
+    settings: Settings, db: Database, members: Members
+) -> None:
+    seed(members, 120, 4)
+    head = members.recorder.max_notification_id()
+    assert head is not None and head > 600
+    kills = 0
+    for _ in range(2):  # kill it twice, each time mid-stream
+        proc = _start_worker(settings.database_url)
+        try:
+            deadline = time.monotonic() + 60
+            start = _position(db)
+            while _position(db) < start + 30:
+                assert proc.poll() is None, "worker exited"
+                assert time.monotonic() < deadline, "projection made no progress"
+                time.sleep(0.02)
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        assert 0 < _position(db) < head, "the kill was not mid-stream"
+        kills += 1
+    seed(members, 10, 1, "late")  # more events while nobody projects
+    head = members.recorder.max_notification_id()
+    proc = _start_worker(settings.database_url)
+    try:
+        deadline = time.monotonic() + 120
+        while _position(db) < head:
+            assert proc.poll() is None, "worker exited"
+            assert time.monotonic() < deadline, "projection did not catch up"
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert kills == 2
+    after_restart = ReadModels(db).snapshot()
+    assert_matches_aggregates(db, members)
+    assert rebuilt(db, members) == after_restart
+
+
+def test_member_ids_map_back_to_user_ids(db: Database, members: Members) -> None:
+    Accounts(members).award_many([AwardCommand("zoe", "w", 1, 1, 1, 1)], LADDER)
+    MemberProjection(members, ReadModels(db)).catch_up()
+    assert ReadModels(db).user_ids([str(Member.create_id("zoe"))]) == {
+        str(Member.create_id("zoe")): "zoe"
+    }
