@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
+from datetime import datetime
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -16,12 +19,16 @@ from loyalty.adapters.db import Database
 from loyalty.adapters.keys import KeyStore, Role
 from loyalty.adapters.migrate import migrate
 from loyalty.config import Settings
+from loyalty.observability import Metrics
+from loyalty.observability import configure_logging as setup_logging
 from loyalty.worker import (
+    build_forget_service,
     build_projection,
     build_projection_worker,
     build_worker,
     parse_shards,
     projection_lease,
+    start_forget_runner,
 )
 
 app = typer.Typer(
@@ -33,20 +40,20 @@ keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help
 app.add_typer(keys_app, name="keys")
 projections_app = typer.Typer(help="Maintain the read models.", no_args_is_help=True)
 app.add_typer(projections_app, name="projections")
+rules_app = typer.Typer(help="Show and load the weighting rules.", no_args_is_help=True)
+app.add_typer(rules_app, name="rules")
 
 err = Console(stderr=True)
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
 def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    """Every log line to stderr, as text or (``LOYALTY_LOG_FORMAT=json``) JSON."""
+    setup_logging(settings.log_format)
 
 
 def load_settings() -> Settings:
@@ -100,22 +107,31 @@ def serve(
     wanted = _shards(shards, settings)
     configure_logging(settings)
     db = open_database(settings)
-    api = create_app(settings, db=db)
+    metrics = Metrics()  # one registry for the API and the embedded worker
+    api = create_app(settings, db=db, metrics=metrics)
     thread = None
     projection_thread = None
     if worker:
-        pipeline_worker = build_worker(db, wanted)
+        pipeline_worker = build_worker(db, wanted, metrics=metrics)
         thread = threading.Thread(target=pipeline_worker.run, name="pipeline", daemon=True)
         thread.start()
         # The read models in their own thread: a long pipeline window never delays them.
-        projection_worker = build_projection_worker(db)
+        projection_worker = build_projection_worker(db, metrics=metrics)
         projection_thread = threading.Thread(
             target=projection_worker.run, name="projection", daemon=True
         )
         projection_thread.start()
+        forget_runner = start_forget_runner(db)
+        from loyalty.worker import start_retention_thread
+
+        retention_job = start_retention_thread(db, metrics=metrics)
     try:
-        uvicorn.run(api, host=host, port=port, log_level="info", access_log=False)
+        uvicorn.run(api, host=host, port=port, log_level="info", access_log=False, log_config=None)
     finally:
+        if worker:
+            forget_runner.stop()
+            if retention_job is not None:
+                retention_job[0].stop()
         if thread is not None:
             pipeline_worker.stop()
             thread.join(timeout=30)
@@ -138,14 +154,30 @@ def worker_cmd(
     projection_batch: Annotated[
         int, typer.Option(min=1, max=100_000, help="events per read-model transaction")
     ] = 500,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(min=1, max=65535, help="serve prometheus metrics on this port"),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option(help="interface for --metrics-port (0.0.0.0 in a container)")
+    ] = "127.0.0.1",
 ) -> None:
     """Run the pipeline worker alone (for scale-out: give each process its own shards)."""
     settings = load_settings()
     wanted = _shards(shards, settings)
     configure_logging(settings)
     db = open_database(settings)
-    pipeline_worker = build_worker(db, wanted)
-    projection_worker = build_projection_worker(db, batch_size=projection_batch)
+    metrics = Metrics()
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        try:
+            start_http_server(metrics_port, addr=metrics_host, registry=metrics.registry)
+        except OSError as exc:
+            db.dispose()
+            raise fail(f"cannot serve metrics on {metrics_host}:{metrics_port}: {exc}", 1) from None
+    pipeline_worker = build_worker(db, wanted, metrics=metrics)
+    projection_worker = build_projection_worker(db, batch_size=projection_batch, metrics=metrics)
     projection_thread = threading.Thread(
         target=projection_worker.run, name="projection", daemon=True
     )
@@ -159,7 +191,14 @@ def worker_cmd(
     logging.getLogger("loyalty").info("worker for shards %s", shards)
     if projections:
         projection_thread.start()
+    forget_runner = start_forget_runner(db)
+    from loyalty.worker import start_retention_thread
+
+    retention_job = start_retention_thread(db, metrics=metrics)
     pipeline_worker.run()
+    forget_runner.stop()
+    if retention_job is not None:
+        retention_job[0].stop()
     if projections:
         projection_thread.join(timeout=30)
     db.dispose()
@@ -260,6 +299,303 @@ def keys_revoke(
     if not revoked:
         raise fail("no active key with that id", 1)
     typer.echo(f"revoked {key_id}")
+
+
+@app.command("forget")
+def forget_cmd(
+    user_id: Annotated[str, typer.Argument(help="the member to erase everywhere")],
+    wait: Annotated[float, typer.Option(help="seconds to wait for completion")] = 120.0,
+) -> None:
+    """Forget a member: erase every copy of their data, then print the receipt."""
+    import time
+
+    import orjson
+
+    from loyalty.adapters.pipeline_store import ShardLeases
+    from loyalty.worker import FORGET_LEASE
+
+    settings = load_settings()
+    db = open_database(settings)
+    service = build_forget_service(db)
+    request = service.request(user_id)
+    leases = ShardLeases(db)
+    deadline = time.monotonic() + wait
+    while True:
+        if leases.try_acquire(FORGET_LEASE):  # no worker is doing it: do it here
+            service.run_pending()
+            leases.release_all()
+        found = service.status(request.request_id)
+        if found is not None and found.status == "completed":
+            break
+        if time.monotonic() > deadline:
+            db.dispose()
+            raise fail(f"request {request.request_id} not completed yet; check it later", 1)
+        time.sleep(0.5)
+    db.dispose()
+    receipt = {
+        "request_id": found.request_id,
+        "status": found.status,
+        "requested_at": found.requested_at.isoformat(),
+        "completed_at": found.completed_at.isoformat() if found.completed_at else None,
+        "erased": found.erased,
+    }
+    typer.echo(orjson.dumps(receipt, option=orjson.OPT_INDENT_2).decode())
+
+
+@rules_app.command("show")
+def rules_show() -> None:
+    """Print the current rules (JSON, with their version)."""
+    import orjson
+
+    from loyalty.adapters.rules_store import RulesStore
+    from loyalty.domain.rules import rule_set_to_wire
+
+    db = open_database(load_settings())
+    try:
+        rule_set = RulesStore(db).current()
+    finally:
+        db.dispose()
+    typer.echo(orjson.dumps(rule_set_to_wire(rule_set), option=orjson.OPT_INDENT_2).decode())
+
+
+@rules_app.command("load")
+def rules_load(
+    file: Annotated[
+        str, typer.Argument(help="a JSON file {rules:[...], ranks:[...]}; - reads stdin")
+    ],
+) -> None:
+    """Validate a rules file like PUT /v1/rules and store it as the next version."""
+    import orjson
+
+    from loyalty.adapters.rules_store import RulesStore
+    from loyalty.domain.errors import InvalidRules
+
+    try:
+        raw = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+    except OSError as exc:
+        raise fail(f"{file}: {exc.strerror or exc}", 2) from None
+    try:
+        wire = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise fail(f"{file}: not valid JSON: {exc}", 2) from None
+    if not isinstance(wire, dict):
+        raise fail(f"{file}: must be a JSON object with 'rules' and 'ranks'", 2)
+    db = open_database(load_settings())
+    try:
+        rule_set = RulesStore(db).put(wire)
+    except InvalidRules as exc:
+        raise fail(f"{file}: {exc.message}", 2) from None
+    finally:
+        db.dispose()
+    typer.echo(f"loaded rules version {rule_set.version}")
+
+
+@app.command()
+def simulate(
+    key: Annotated[str, typer.Option(help="an ingest key")],
+    url: Annotated[str, typer.Option(help="base URL of the running service")] = (
+        "http://127.0.0.1:8000"
+    ),
+    users: Annotated[int, typer.Option(min=1, help="distinct members (Zipf-skewed)")] = 1000,
+    events: Annotated[int, typer.Option(min=1, help="events to send in all")] = 10_000,
+    batch_size: Annotated[int, typer.Option(min=1, max=10_000, help="events per batch")] = 500,
+    rate: Annotated[float, typer.Option(min=0, help="events per second; 0 = unthrottled")] = 0,
+    seed: Annotated[
+        int | None, typer.Option(help="repeatable run: same users, types and event ids")
+    ] = None,
+    duration: Annotated[
+        float | None, typer.Option(min=0.001, help="stop after this many seconds")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(min=1, max=64, help="connections")] = 2,
+) -> None:
+    """Post realistic activity to a running service, with a live progress bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from loyalty.simulate import Simulation, SimulationConfig, SimulationError
+
+    config = SimulationConfig(
+        url=url,
+        key=key,
+        users=users,
+        events=events,
+        batch_size=batch_size,
+        rate=rate,
+        seed=seed,
+        duration=duration,
+        concurrency=concurrency,
+    )
+    columns = (
+        *Progress.get_default_columns()[:1],
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    try:
+        sim = Simulation(config)
+    except SimulationError as exc:
+        raise fail(str(exc), exc.exit_code) from None
+    # Transient: the bar goes away at the end; the summary line below stays.
+    with Progress(*columns, console=err, transient=True) as progress:
+        task = progress.add_task("posting events", total=events)
+        sim.on_progress = lambda n: progress.advance(task, n)
+        try:
+            result = sim.run()
+        except SimulationError as exc:
+            progress.stop()
+            raise fail(str(exc), exc.exit_code) from None
+    typer.echo(
+        f"sent {result.sent} events in {result.batches} batches in {result.seconds:.1f}s: "
+        f"accepted {result.accepted}, duplicates {result.duplicates}, "
+        f"rejected {result.rejected}; {result.events_per_second:,.0f} events/s"
+    )
+
+
+@app.command()
+def report(
+    days: Annotated[int, typer.Option(min=1, max=366, help="UTC days, ending today")] = 7,
+    out: Annotated[
+        Path | None, typer.Option(help="also write a PNG chart here (e.g. report.png)")
+    ] = None,
+) -> None:
+    """Daily ingress by type, awards, currency issued and spent, active members."""
+    from loyalty.report import collect, render_table, write_chart
+
+    db = open_database(load_settings())
+    try:
+        stats = collect(db, days)
+    finally:
+        db.dispose()
+    # Not a terminal (a pipe, a file): wide enough that no column is cut.
+    Console(width=None if sys.stdout.isatty() else 160).print(render_table(stats))
+    if out is not None:
+        try:
+            write_chart(stats, out)
+        except OSError as exc:
+            raise fail(f"{out}: {exc.strerror or exc}", 1) from None
+        typer.echo(f"chart written to {out}")
+
+
+retention_app = typer.Typer(
+    help="Expire old ingress events and every row derived from them.", no_args_is_help=True
+)
+app.add_typer(retention_app, name="retention")
+
+
+def _rfc3339(value: str, option: str) -> datetime:
+    from loyalty.api.schemas import parse_rfc3339
+
+    try:
+        return parse_rfc3339(value.strip())
+    except ValueError as exc:
+        raise fail(f"{option} {value!r}: {exc}", 2) from None
+
+
+@retention_app.command("run")
+def retention_run(
+    as_of: Annotated[
+        str | None,
+        typer.Option("--as-of", help="expire as of this RFC 3339 time (default: now)"),
+    ] = None,
+    strict: Annotated[
+        bool,
+        typer.Option(help="exit 1 when an expired day is kept because it is not processed yet"),
+    ] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """Drop expired ingress days (PostgreSQL: whole partitions; SQLite: rows, then vacuum),
+    expired cap counters and forget markers. Never an event the pipeline has not
+    processed: such a day is kept and listed."""
+    from datetime import UTC
+
+    import orjson
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
+
+    from loyalty.worker import build_retention
+
+    moment = _rfc3339(as_of, "--as-of") if as_of else datetime.now(UTC)
+    settings = load_settings()
+    db = open_database(settings)
+    try:
+        retention = build_retention(db)
+        with Progress(
+            SpinnerColumn(),
+            *Progress.get_default_columns()[:1],
+            BarColumn(),
+            MofNCompleteColumn(),
+            console=err,
+            transient=True,
+        ) as progress:
+            task = progress.add_task("retention", total=None)
+
+            def advanced(description: str, done: int, total: int) -> None:
+                progress.update(task, description=description, completed=done, total=total)
+
+            result = retention.run(moment, strict=strict, progress=advanced)
+    finally:
+        db.dispose()
+    if result.skipped:
+        raise fail("another process is running retention; try again later", 1)
+    if json_output:
+        typer.echo(orjson.dumps(result.to_wire(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        out = Console(width=None if sys.stdout.isatty() else 120)
+        out.print(
+            f"retention as of {result.as_of.isoformat()}: keeping days from {result.cutoff} "
+            f"({settings.retention_days} days), {settings.backend}",
+            highlight=False,
+        )
+        if result.dropped:
+            dropped = Table("dropped day", "rows", "bytes", title="expired and removed")
+            for d in result.dropped:
+                dropped.add_row(d.day.isoformat(), f"{d.rows:,}", f"{d.bytes:,}")
+            out.print(dropped)
+        else:
+            out.print("nothing expired to drop")
+        if result.kept:
+            kept = Table("kept day", "unprocessed events", "why", title="expired but KEPT")
+            for k in result.kept:
+                kept.add_row(
+                    k.day.isoformat(),
+                    f"{k.unprocessed_rows:,}",
+                    "the pipeline has not processed these events yet",
+                )
+            out.print(kept)
+        out.print(
+            f"rows dropped: {result.rows_dropped:,}; bytes reclaimed: "
+            f"{result.bytes_reclaimed:,}; cap rows deleted: {result.cap_rows_deleted:,}; "
+            f"forget markers deleted: {result.markers_deleted:,}; {result.seconds:.2f}s",
+            highlight=False,
+        )
+    if strict and result.kept:
+        raise fail(f"{len(result.kept)} expired day(s) kept: events not processed yet", 1)
+
+
+@app.command("storage")
+def storage_cmd(
+    json_output: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """Rows and bytes per location: ingress partitions, event store, read models, the
+    pipeline's and forget-me's tables, and the rest."""
+    import orjson
+
+    from loyalty.adapters.storage import storage_report
+
+    db = open_database(load_settings())
+    try:
+        result = storage_report(db)
+    finally:
+        db.dispose()
+    if json_output:
+        typer.echo(orjson.dumps(result.to_wire(), option=orjson.OPT_INDENT_2).decode())
+        return
+    note = " (estimated: no dbstat)" if result.estimated else ""
+    table = Table("location", "kind", "rows", "bytes", title=f"storage, {result.backend}{note}")
+    for loc in result.locations:
+        table.add_row(loc.name, loc.kind, f"{loc.rows:,}", f"{loc.bytes:,}")
+    table.add_section()
+    table.add_row("total", "", f"{result.total_rows:,}", f"{result.total_bytes:,}")
+    table.add_row("database", "", "", f"{result.database_bytes:,}")
+    Console(width=None if sys.stdout.isatty() else 120).print(table)
 
 
 def main() -> None:

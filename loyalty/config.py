@@ -25,6 +25,9 @@ class Settings(BaseSettings):
         description="sqlite:///path/to/file.db (embedded) or postgresql://user@host:port/db",
     )
     retention_days: int = Field(7, ge=1, le=3650, description="days ingress events are kept")
+    retention_interval_seconds: float = Field(
+        3600.0, ge=0, description="how often the worker runs retention (0: never)"
+    )
     max_batch_events: int = Field(10_000, ge=1, description="events per ingress batch")
     max_batch_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="bytes per batch body")
     max_attributes_bytes: int = Field(4096, ge=2, description="bytes of one event's attributes")
@@ -43,7 +46,19 @@ class Settings(BaseSettings):
     aggregate_cache_size: int = Field(
         10_000, ge=0, description="member aggregates cached per process"
     )
-    log_format: Literal["text", "json"] = Field("text", description="log line format")
+    forget_settle_seconds: float = Field(
+        2.0,
+        ge=0,
+        le=300,
+        description="forget-me waits this long for every process to see "
+        "the marker before erasing (must exceed marker_refresh_seconds)",
+    )
+    marker_refresh_seconds: float = Field(
+        1.0, gt=0, le=60, description="how often a process re-reads the forget markers"
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="log lines on stderr (json: one object per line)"
+    )
 
     @field_validator("database_url")
     @classmethod

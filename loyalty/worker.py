@@ -3,18 +3,31 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
 import sqlalchemy as sa
 from eventsourcing.persistence import PersistenceError
 
 from loyalty.adapters.db import Database, DatabaseUnavailable
+from loyalty.adapters.erasure_store import SqlErasureStore
 from loyalty.adapters.event_store import event_store_env, stream_loader, worker_env
-from loyalty.adapters.ingress_log import create_ingress_log
+from loyalty.adapters.ingress_log import create_ingress_log, pending_stats
 from loyalty.adapters.pipeline_store import PipelineStore, ShardLeases
 from loyalty.adapters.read_models import ReadModels
+from loyalty.adapters.retention_store import create_retention_store
 from loyalty.adapters.rules_store import RulesStore
 from loyalty.application.accounts import Accounts, Members
-from loyalty.application.pipeline import Pipeline, Worker
+from loyalty.application.erasure import ForgetService, MarkerCache
+from loyalty.application.pipeline import LagProbe, Pipeline, Worker
 from loyalty.application.projections import MemberProjection, ProjectionWorker
+from loyalty.application.retention import Retention, RetentionJob
+from loyalty.domain.errors import MemberBeingErased
+from loyalty.observability import Metrics
+
+log = logging.getLogger(__name__)
 
 RETRY_ERRORS: tuple[type[BaseException], ...] = (
     sa.exc.OperationalError,
@@ -22,6 +35,7 @@ RETRY_ERRORS: tuple[type[BaseException], ...] = (
     sa.exc.TimeoutError,
     DatabaseUnavailable,
     PersistenceError,
+    MemberBeingErased,  # a forget-me is under way: retry the window when it is done
 )
 
 
@@ -41,26 +55,103 @@ def parse_shards(spec: str, shard_count: int) -> list[int]:
     return sorted(shards)
 
 
-def build_pipeline(db: Database, members: Members | None = None) -> Pipeline:
+def build_pipeline(
+    db: Database, members: Members | None = None, *, metrics: Metrics | None = None
+) -> Pipeline:
     settings = db.settings
     members = members or Members(env=worker_env(settings))
+    markers = marker_cache(db)
     return Pipeline(
         create_ingress_log(db),
         PipelineStore(db),
         RulesStore(db),
-        Accounts(members, lambda app: stream_loader(app.recorder)),
+        Accounts(members, lambda app: stream_loader(app.recorder), markers=markers),
         chunk=settings.pipeline_chunk,
+        metrics=metrics,
+        forgotten_at=markers.forgotten_at,
     )
 
 
-def build_worker(db: Database, shards: list[int], members: Members | None = None) -> Worker:
+def marker_cache(db: Database) -> MarkerCache:
+    return MarkerCache(SqlErasureStore(db), refresh=db.settings.marker_refresh_seconds)
+
+
+def build_forget_service(
+    db: Database, accounts: Accounts | None = None, *, clock: Callable[[], datetime] | None = None
+) -> ForgetService:
+    settings = db.settings
+    return ForgetService(
+        SqlErasureStore(db),
+        clock=clock or (lambda: datetime.now(UTC)),
+        marker_ttl=timedelta(days=settings.retention_days, hours=1),
+        settle=timedelta(seconds=settings.forget_settle_seconds),
+        evict=accounts.evict if accounts is not None else (lambda _user_id: None),
+    )
+
+
+FORGET_LEASE = 1_000_002
+
+
+class ForgetRunner:
+    """Carries out forget requests in the background (one process at a time)."""
+
+    def __init__(self, db: Database, service: ForgetService, interval: float = 1.0) -> None:
+        self._service = service
+        self._leases = ShardLeases(db)
+        self._interval = interval
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                if self._leases.try_acquire(FORGET_LEASE):
+                    self._service.run_pending()
+            except RETRY_ERRORS as exc:
+                log.warning("forget runner paused (%s)", type(exc).__name__)
+            self.stop_event.wait(self._interval)
+        self._leases.release_all()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+
+def start_forget_runner(db: Database) -> ForgetRunner:
+    """Carry out forget requests in a background thread of this process."""
+    runner = ForgetRunner(db, build_forget_service(db))
+    threading.Thread(target=runner.run, name="forget", daemon=True).start()
+    return runner
+
+
+def lag_probe(db: Database) -> LagProbe:
+    """Pending ingress events (all shards) and the age of the oldest, in seconds."""
+    state = PipelineStore(db)
+
+    def probe() -> tuple[int, float | None]:
+        pending, oldest = pending_stats(db, state.positions(), db.settings.shard_count)
+        if oldest is None:
+            return pending, None
+        if oldest.tzinfo is None:  # SQLite gives naive UTC times back
+            oldest = oldest.replace(tzinfo=UTC)
+        return pending, max(0.0, (datetime.now(UTC) - oldest).total_seconds())
+
+    return probe
+
+
+def build_worker(
+    db: Database,
+    shards: list[int],
+    members: Members | None = None,
+    *,
+    metrics: Metrics | None = None,
+) -> Worker:
     leases = ShardLeases(db)
     return Worker(
-        build_pipeline(db, members),
+        build_pipeline(db, members, metrics=metrics),
         shards,
         window_seconds=db.settings.award_window_seconds,
         try_lease=leases.try_acquire,
         retry_errors=RETRY_ERRORS,
+        lag_probe=lag_probe(db) if metrics is not None else None,
     )
 
 
@@ -69,9 +160,11 @@ def build_worker(db: Database, shards: list[int], members: Members | None = None
 PROJECTION_LEASE = 1_000_001
 
 
-def build_projection(db: Database, members: Members | None = None) -> MemberProjection:
+def build_projection(
+    db: Database, members: Members | None = None, *, metrics: Metrics | None = None
+) -> MemberProjection:
     members = members or Members(env=event_store_env(db.settings))
-    return MemberProjection(members, ReadModels(db))
+    return MemberProjection(members, ReadModels(db), metrics=metrics)
 
 
 class ProjectionLease:
@@ -98,8 +191,9 @@ def build_projection_worker(
     *,
     poll_seconds: float = 0.2,
     batch_size: int = 500,
+    metrics: Metrics | None = None,
 ) -> ProjectionWorker:
-    projection = build_projection(db, members)
+    projection = build_projection(db, members, metrics=metrics)
     projection.batch_size = batch_size
     return ProjectionWorker(
         projection,
@@ -107,3 +201,45 @@ def build_projection_worker(
         retry_errors=RETRY_ERRORS,
         poll_seconds=poll_seconds,
     )
+
+
+# -- retention (periodic in the worker; `loyalty retention run` on demand) ----------------
+
+
+def build_retention(db: Database, *, metrics: Metrics | None = None) -> Retention:
+    """Retention over this database (the lease keeps two processes from running it at
+    once)."""
+    return Retention(
+        create_retention_store(db), retention_days=db.settings.retention_days, metrics=metrics
+    )
+
+
+def build_retention_job(
+    db: Database,
+    *,
+    metrics: Metrics | None = None,
+    clock: Callable[[], datetime] | None = None,
+    first_delay_seconds: float | None = None,
+) -> RetentionJob | None:
+    """The periodic retention job, or None when ``retention_interval_seconds`` is 0."""
+    interval = db.settings.retention_interval_seconds
+    if interval <= 0:
+        return None
+    return RetentionJob(
+        build_retention(db, metrics=metrics),
+        interval_seconds=interval,
+        clock=clock or (lambda: datetime.now(UTC)),
+        first_delay_seconds=first_delay_seconds,
+    )
+
+
+def start_retention_thread(
+    db: Database, *, metrics: Metrics | None = None
+) -> tuple[RetentionJob, threading.Thread] | None:
+    """Start the periodic retention job in a daemon thread (None when turned off)."""
+    job = build_retention_job(db, metrics=metrics)
+    if job is None:
+        return None
+    thread = threading.Thread(target=job.run, name="retention", daemon=True)
+    thread.start()
+    return job, thread

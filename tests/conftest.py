@@ -142,3 +142,26 @@ def make_key(db: Database) -> Callable[..., dict[str, str]]:
         return {"Authorization": f"Bearer {store.create(Role(role), name)}"}
 
     return make
+
+
+def drain_pipeline(db: Database, members: object | None = None, timeout: float = 30.0) -> int:
+    """Run the pipeline until nothing is pending. On PostgreSQL a writing transaction
+    of another session (any database on the server) briefly hides newer rows from the
+    gap-safe reader, so one pass may not see everything: keep going until none is left."""
+    import time
+
+    from loyalty.adapters.ingress_log import pending_stats
+    from loyalty.adapters.pipeline_store import PipelineStore
+    from loyalty.worker import build_pipeline
+
+    pipeline = build_pipeline(db, members)  # type: ignore[arg-type]
+    state = PipelineStore(db)
+    deadline = time.monotonic() + timeout
+    total = 0
+    while True:
+        total += pipeline.drain(range(db.settings.shard_count))
+        if pending_stats(db, state.positions(), db.settings.shard_count)[0] == 0:
+            return total
+        if time.monotonic() > deadline:
+            raise AssertionError("pipeline did not drain")
+        time.sleep(0.05)

@@ -5,8 +5,8 @@ with its own UNIQUE (source, event_id)); rows go in with COPY. The common case (
 resent event) is one COPY statement straight into the partitioned table, sent on an
 autocommit connection so that the statement is the whole transaction (one round trip,
 no BEGIN/COMMIT); only a batch that collides (nothing of it stored) falls back to COPY
-into a staging table plus ``INSERT ... ON CONFLICT DO NOTHING`` in a transaction. The
-COPY text is built in one buffer (see :func:`copy_text`).
+into a staging table plus ``INSERT ... ON CONFLICT DO NOTHING`` in a transaction. COPY
+uses the binary format, rows formatted by psycopg's C dumpers (see :func:`_copy`).
 
 Read order is (txid, seq) and only rows of transactions older than every transaction
 still in flight are returned (``pg_snapshot_xmin``), so a reader that remembers its last
@@ -68,36 +68,47 @@ def sqlite_timestamp(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
 
 
-def copy_text(records: Sequence[IngressRecord]) -> bytes | None:
-    """The records as one COPY text-format buffer, or None if psycopg must format them.
+# Binary COPY: psycopg's C dumpers format each field (about half the client CPU of the
+# text format, and less parsing for the server). ``attributes`` goes as jsonb's binary
+# form, which is a version byte (1) and the JSON text: sent as bytea bytes, the text is
+# parsed by the server exactly as in the text format.
+_BINARY_TYPES = ["int2", "text", "text", "text", "text", "timestamptz", "bytea"]
+_JSONB_V1 = b"\x01"
 
-    Fields are joined with tabs and rows end with newlines; then the only character that
-    needs escaping is the backslash (doubled everywhere at once). That holds exactly
-    when the fields themselves hold no tab, newline or carriage return, which the
-    separator counts prove (API-validated identifiers have no control characters and
-    JSON text never does); a NUL or an unencodable character also goes the slow way,
-    so errors stay psycopg's own.
-    """
-    text = "".join(
-        [
-            f"{r.shard}\t{r.source}\t{r.event_id}\t{r.user_id}\t{r.type}\t"
-            f"{r.occurred_at.isoformat()}\t{r.attributes_json}\n"
-            for r in records
-        ]
-    )
-    if (
-        text.count("\t") != 6 * len(records)
-        or text.count("\n") != len(records)
-        or "\r" in text
-        or "\x00" in text
-    ):
-        return None
-    if "\\" in text:
-        text = text.replace("\\", "\\\\")
-    try:
-        return text.encode()
-    except UnicodeEncodeError:
-        return None
+
+def _copy(raw: psycopg.Connection[Any], table: str, records: Sequence[IngressRecord]) -> None:
+    if any(r.occurred_at.tzinfo is None for r in records):
+        # A naive time means "in the session's time zone": only the text format says so.
+        with raw.cursor() as cur, cur.copy(f"COPY {table} {_COPY_COLUMNS} FROM STDIN") as cp:
+            for r in records:
+                cp.write_row(
+                    (
+                        r.shard,
+                        r.source,
+                        r.event_id,
+                        r.user_id,
+                        r.type,
+                        r.occurred_at,
+                        r.attributes_json,
+                    )
+                )
+        return
+    statement = f"COPY {table} {_COPY_COLUMNS} FROM STDIN (FORMAT BINARY)"
+    with raw.cursor() as cur, cur.copy(statement) as copy:
+        copy.set_types(_BINARY_TYPES)
+        write, v1 = copy.write_row, _JSONB_V1
+        for r in records:
+            write(
+                (
+                    r.shard,
+                    r.source,
+                    r.event_id,
+                    r.user_id,
+                    r.type,
+                    r.occurred_at,
+                    v1 + r.attributes_json.encode(),
+                )
+            )
 
 
 class PostgresIngressLog:
@@ -166,13 +177,12 @@ class PostgresIngressLog:
             return self._append(records)
 
     def _append(self, records: Sequence[IngressRecord]) -> int:
-        buffer = copy_text(records)
         with self._db.engine.connect() as conn:
             # One statement is one transaction: all rows or (on a duplicate) none.
             conn.execution_options(isolation_level="AUTOCOMMIT")
             raw = psycopg_connection(conn)
             try:
-                self._copy(raw, "ingress_events", records, buffer)
+                _copy(raw, "ingress_events", records)
                 return len(records)
             except psycopg.errors.UniqueViolation:
                 pass
@@ -182,37 +192,13 @@ class PostgresIngressLog:
                 "CREATE TEMP TABLE IF NOT EXISTS ingress_staging "
                 "(LIKE ingress_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
             )
-            self._copy(raw, "ingress_staging", records, buffer)
+            _copy(raw, "ingress_staging", records)
             cur = raw.execute(
                 f"INSERT INTO ingress_events {_COPY_COLUMNS} "
                 f"SELECT {_COPY_COLUMNS[1:-1]} FROM ingress_staging ORDER BY seq "
                 "ON CONFLICT DO NOTHING"
             )
             return cur.rowcount
-
-    @staticmethod
-    def _copy(
-        raw: psycopg.Connection[Any],
-        table: str,
-        records: Sequence[IngressRecord],
-        buffer: bytes | None,
-    ) -> None:
-        with raw.cursor() as cur, cur.copy(f"COPY {table} {_COPY_COLUMNS} FROM STDIN") as copy:
-            if buffer is not None:
-                copy.write(buffer)
-                return
-            for r in records:  # psycopg escapes each field
-                copy.write_row(
-                    (
-                        r.shard,
-                        r.source,
-                        r.event_id,
-                        r.user_id,
-                        r.type,
-                        r.occurred_at,
-                        r.attributes_json,
-                    )
-                )
 
     # -- read ------------------------------------------------------------------------
     def read_after(

@@ -58,6 +58,12 @@ class ReadModels:
             )
             return int(conn.execute(sa.select(t.position).where(t.name == name)).scalar_one())
 
+    def epoch(self, name: str) -> int:
+        t = projection_tracking.c
+        with self._db.read() as conn:
+            found = conn.execute(sa.select(t.epoch).where(t.name == name)).scalar()
+        return int(found or 0)
+
     def user_ids(self, member_ids: Collection[str]) -> Mapping[str, str]:
         wanted = sorted(member_ids)
         b = member_balances.c
@@ -81,7 +87,7 @@ class ReadModels:
             with self._db.write() as conn:
                 moved = conn.execute(
                     projection_tracking.update()
-                    .where(t.name == name, t.position == batch.start)
+                    .where(t.name == name, t.position == batch.start, t.epoch == batch.epoch)
                     .values(position=batch.end)
                 )
                 if moved.rowcount != 1:

@@ -88,6 +88,8 @@ projection_tracking = sa.Table(
     metadata,
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("position", sa.BigInteger, nullable=False),
+    # bumped by forget-me: a batch read under an older epoch is not applied
+    sa.Column("epoch", sa.BigInteger, nullable=False, server_default="0"),
 )
 
 member_balances = sa.Table(

@@ -19,12 +19,37 @@ from loyalty.adapters.read_models import ReadModels
 from loyalty.adapters.rules_store import RulesStore
 from loyalty.api import problems
 from loyalty.api.deps import Container
+from loyalty.api.routes import forget as forget_routes
 from loyalty.api.routes import health, ingress, operations
 from loyalty.api.routes import members as member_routes
+from loyalty.api.routes import metrics as metrics_routes
+from loyalty.api.routes import storage as storage_routes
 from loyalty.api.schemas import Batch, Problem, RulesBody
 from loyalty.application.accounts import Accounts, Members, Spending
 from loyalty.application.ingress import IngestService
 from loyalty.config import Settings
+from loyalty.observability import Metrics, MetricsMiddleware, RequestIdMiddleware
+from loyalty.worker import build_forget_service, marker_cache
+
+BATCH_EXAMPLE: dict[str, Any] = {
+    "batch_id": "b-1",
+    "events": [
+        {
+            "event_id": "e-1",
+            "user_id": "alice",
+            "type": "logged_on",
+            "occurred_at": "2026-11-26T10:00:00Z",
+        },
+        {
+            "event_id": "e-2",
+            "user_id": "alice",
+            "type": "played_game",
+            "occurred_at": "2026-11-26T10:02:13.250+01:00",
+            "attributes": {"game": "chess", "result": "win"},
+        },
+    ],
+}
+"""The request example of POST /v1/ingress/batches at /docs."""
 
 
 def utc_now() -> datetime:
@@ -37,10 +62,13 @@ def build_container(
     db: Database | None = None,
     clock: Callable[[], datetime] = utc_now,
     members: Members | None = None,
+    metrics: Metrics | None = None,
 ) -> Container:
     db = db or Database(settings)
     env = event_store_env(settings)
-    accounts = Accounts(members or (lambda: Members(env=env)))
+    markers = marker_cache(db)
+    accounts = Accounts(members or (lambda: Members(env=env)), markers=markers)
+    metrics = metrics if metrics is not None else Metrics()
     return Container(
         settings=settings,
         db=db,
@@ -51,13 +79,17 @@ def build_container(
             retention=timedelta(days=settings.retention_days),
             future_skew=timedelta(seconds=settings.future_skew_seconds),
             shard_count=settings.shard_count,
+            metrics=metrics,
+            forgotten_at=markers.forgotten_at,
         ),
         accounts=accounts,
         rules=RulesStore(db),
         pipeline_state=PipelineStore(db),
         clock=clock,
-        spending=Spending(accounts),
+        spending=Spending(accounts, metrics),
         read_models=ReadModels(db),
+        metrics=metrics,
+        forget=build_forget_service(db, accounts, clock=clock),
     )
 
 
@@ -67,9 +99,13 @@ def create_app(
     db: Database | None = None,
     clock: Callable[[], datetime] = utc_now,
     members: Members | None = None,
+    metrics: Metrics | None = None,
 ) -> FastAPI:
-    """Build the API for ``settings``. The schema must already be migrated."""
-    container = build_container(settings, db=db, clock=clock, members=members)
+    """Build the API for ``settings``. The schema must already be migrated.
+
+    ``metrics`` lets the caller share one registry with an embedded worker; by default
+    the app gets its own (served at ``GET /metrics``)."""
+    container = build_container(settings, db=db, clock=clock, members=members, metrics=metrics)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -91,6 +127,12 @@ def create_app(
     app.include_router(ingress.router)
     app.include_router(member_routes.router)
     app.include_router(operations.router)
+    app.include_router(forget_routes.router)
+    app.include_router(metrics_routes.router)
+    app.include_router(storage_routes.router)
+    # Request ids outermost, so that everything (metrics, handlers, errors) logs with one.
+    app.add_middleware(MetricsMiddleware, metrics=container.metrics)
+    app.add_middleware(RequestIdMiddleware)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -102,6 +144,7 @@ def create_app(
                 model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(model_schema.pop("$defs", {}))
                 components[model.__name__] = model_schema
+            components["Batch"]["examples"] = [BATCH_EXAMPLE]
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -17,8 +17,10 @@ from loyalty.adapters.read_models import ReadModels
 from loyalty.adapters.rules_store import RulesStore
 from loyalty.api.problems import ApiProblem
 from loyalty.application.accounts import Accounts, Spending
+from loyalty.application.erasure import ForgetService
 from loyalty.application.ingress import IngestService
 from loyalty.config import Settings
+from loyalty.observability import Metrics
 
 
 @dataclass
@@ -35,6 +37,8 @@ class Container:
     clock: Callable[[], datetime]
     spending: Spending
     read_models: ReadModels
+    metrics: Metrics
+    forget: ForgetService
 
 
 def get_container(request: Request) -> Container:

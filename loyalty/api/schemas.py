@@ -207,3 +207,156 @@ class LeaderboardEntry(BaseModel):
 
 class LeaderboardBody(BaseModel):
     entries: list[LeaderboardEntry]
+
+
+class ForgetRequestBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: Identifier = Field(description="the member to erase everywhere")
+
+
+class ForgetAccepted(BaseModel):
+    request_id: str
+    status: str = Field(description="pending | running | completed")
+
+
+class ForgetReceipt(BaseModel):
+    """What was erased, where and when; never the user id."""
+
+    request_id: str
+    status: str
+    requested_at: datetime
+    completed_at: datetime | None
+    erased: dict[str, int] = Field(description="rows erased per location")
+
+
+# ------------------------------------------------------------------ OpenAPI examples
+# Shown at /docs. Kept apart from the classes above (each example is validated against
+# its model by tests/e2e/test_openapi_examples.py). Batch and IngressEvent get theirs in
+# ``create_app``'s OpenAPI document.
+
+_WHEN = "2026-11-26T10:00:00Z"
+OPENAPI_EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
+    BatchAccepted: {
+        "batch_id": "b-1",
+        "accepted": 2,
+        "duplicates": 1,
+        "rejected": [{"index": 2, "event_id": "e-3", "reason": "too_old"}],
+    },
+    Problem: {
+        "type": "about:blank",
+        "title": "Unprocessable content",
+        "status": 422,
+        "code": "validation_error",
+        "errors": [{"loc": "events[3].occurred_at", "msg": "must be an RFC 3339 timestamp"}],
+    },
+    Health: {"status": "ok"},
+    MemberBody: {
+        "user_id": "alice",
+        "currency": 11,
+        "rank_points": 21,
+        "rank": "bronze",
+        "privileges": ["member_prices"],
+        "lifetime_currency": 11,
+    },
+    RulesBody: {
+        "version": 2,
+        "rules": [
+            {"event_type": "logged_on", "currency": 1, "rank_points": 1, "daily_cap": 1},
+            {
+                "event_type": "played_game",
+                "currency": 5,
+                "rank_points": 10,
+                "multipliers": [{"when": {"result": "win"}, "factor": "2"}],
+                "daily_cap": 50,
+            },
+        ],
+        "ranks": [
+            {"name": "bronze", "min_rank_points": 0, "privileges": ["member_prices"]},
+            {
+                "name": "silver",
+                "min_rank_points": 1000,
+                "privileges": ["member_prices", "free_shipping"],
+            },
+        ],
+    },
+    PipelineBody: {
+        "pending": 1200,
+        "oldest_pending_age_s": 0.8,
+        "processed_total": 5_400_000,
+        "awards_total": 61_000,
+    },
+    SpendRequest: {"order_id": "o-1", "amount": 5, "description": "coffee mug"},
+    RefundRequest: {"order_id": "o-1"},
+    OrderBody: {"order_id": "o-1", "amount": 5, "currency": 6},
+    AdjustmentRequest: {
+        "adjustment_id": "adj-7",
+        "currency": 50,
+        "rank_points": 0,
+        "reason": "goodwill: ticket 4711",
+    },
+    HistoryBody: {
+        "entries": [
+            {"kind": "spend", "currency": -5, "rank_points": 0, "at": _WHEN, "ref": "o-1"},
+            {"kind": "award", "currency": 11, "rank_points": 21, "at": _WHEN, "ref": "w3.0.2"},
+        ],
+        "next": None,
+    },
+    LeaderboardBody: {"entries": [{"user_id": "alice", "rank_points": 21, "rank": "bronze"}]},
+    ForgetRequestBody: {"user_id": "alice"},
+    ForgetAccepted: {"request_id": "f-3b1c9e", "status": "pending"},
+    ForgetReceipt: {
+        "request_id": "f-3b1c9e",
+        "status": "completed",
+        "requested_at": _WHEN,
+        "completed_at": "2026-11-26T10:00:02Z",
+        "erased": {"member_events": 12, "member_balances": 1, "ingress_events": 40},
+    },
+}
+for _model, _example in OPENAPI_EXAMPLES.items():
+    _model.model_config["json_schema_extra"] = {"examples": [_example]}
+
+
+# -------------------------------------------------------------------------- storage
+
+
+class StorageLocationBody(BaseModel):
+    name: str = Field(description="table (PostgreSQL: each ingress day partition on its own)")
+    kind: str = Field(description="ingress, event_store, read_model, pipeline, forget or other")
+    rows: int
+    bytes: int = Field(description="table, indexes and TOAST (SQLite: pages per dbstat)")
+
+
+class StorageTotalBody(BaseModel):
+    rows: int
+    bytes: int
+
+
+class StorageBody(BaseModel):
+    backend: str
+    locations: list[StorageLocationBody]
+    total: StorageTotalBody
+    database_bytes: int = Field(description="the whole database (SQLite: file plus WAL)")
+    estimated: bool = Field(description="SQLite without dbstat: bytes shared out by row count")
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "backend": "postgresql",
+                    "locations": [
+                        {
+                            "name": "ingress_events_p20261126",
+                            "kind": "ingress",
+                            "rows": 1000000,
+                            "bytes": 412000000,
+                        },
+                        {"name": "members_events", "kind": "event_store", "rows": 1200, "bytes": 0},
+                    ],
+                    "total": {"rows": 1001200, "bytes": 412000000},
+                    "database_bytes": 420000000,
+                    "estimated": False,
+                }
+            ]
+        }
+    )

@@ -9,13 +9,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.persistence import IntegrityError
 
-from loyalty.domain.errors import MemberNotFound
+from loyalty.domain.errors import DomainError, MemberNotFound
 from loyalty.domain.member import Member
 from loyalty.domain.ranks import RankLadder
 
@@ -28,6 +28,12 @@ SAVE_GROUP = 200
 PREFETCH_GROUP = 500
 StreamLoader = Callable[[Sequence[UUID]], Sequence[Any]]
 MAX_ATTEMPTS = 12
+
+
+class MemberMarkers(Protocol):
+    """Forget-me markers as the accounts see them (see ``loyalty.application.erasure``)."""
+
+    def check_member(self, user_id: str) -> Any: ...
 
 
 class Members(Application[UUID]):
@@ -71,7 +77,9 @@ class Accounts:
         self,
         app: Members | Callable[[], Members],
         stream_loader: Callable[[Members], StreamLoader] | None = None,
+        markers: MemberMarkers | None = None,
     ) -> None:
+        self.markers = markers
         self._app = app if isinstance(app, Members) else None
         self._factory = app if not isinstance(app, Members) else None
         self._lock = threading.Lock()
@@ -122,11 +130,22 @@ class Accounts:
             self._app.close()
 
     def _load(self, user_id: str) -> Member | None:
+        marker = self.markers.check_member(user_id) if self.markers else None
         try:
             member: Member = self.app.repository.get(Member.create_id(user_id))
         except AggregateNotFoundError:
             return None
+        if marker is not None and member.created_on < marker.requested_at:
+            # a cached copy of an account erased since: forget it, read the store again
+            self._evict([user_id])
+            try:
+                member = self.app.repository.get(Member.create_id(user_id))
+            except AggregateNotFoundError:
+                return None
         return member
+
+    def evict(self, user_id: str) -> None:
+        self._evict([user_id])
 
     def _evict(self, user_ids: Sequence[str]) -> None:
         cache = self.app.repository.cache
@@ -193,6 +212,17 @@ class OrderResult:
     currency: int
 
 
+class SpendingMetrics(Protocol):
+    """Where account commands are counted (implemented by ``loyalty.observability``).
+    ``outcome`` is ``applied``, ``replayed`` or a domain error code."""
+
+    def account_command(self, command: str, outcome: str, amount: int) -> None: ...
+
+
+APPLIED = "applied"
+REPLAYED = "replayed"
+
+
 def _is(domain_event: Any, name: str) -> bool:
     return type(domain_event).__name__ == name
 
@@ -206,8 +236,9 @@ class Spending:
 
     LOCK_STRIPES = 256
 
-    def __init__(self, accounts: Accounts) -> None:
+    def __init__(self, accounts: Accounts, metrics: SpendingMetrics | None = None) -> None:
         self._accounts = accounts
+        self._metrics = metrics
         # Commands on one member from this process's threads queue on a striped lock
         # instead of racing to save the same version: without it a hot member under
         # many concurrent spends can exhaust the optimistic retries. Conflicts with
@@ -226,6 +257,21 @@ class Spending:
     @property
     def app(self) -> Members:
         return self._accounts.app
+
+    def _observed(self, command: str, run: Callable[[], tuple[T, str, int]]) -> T:
+        """Run a command, counting its outcome (applied, replayed, error code)."""
+        if self._metrics is None:
+            return run()[0]
+        try:
+            result, outcome, amount = run()
+        except DomainError as exc:
+            self._metrics.account_command(command, exc.code, 0)
+            raise
+        except Exception:
+            self._metrics.account_command(command, "error", 0)
+            raise
+        self._metrics.account_command(command, outcome, amount)
+        return result
 
     def _save(self, member: Member) -> None:
         # On a conflict (IntegrityError) nothing needs evicting: the repository hands out
@@ -253,7 +299,7 @@ class Spending:
         return member
 
     def spend(self, user_id: str, order_id: str, amount: int) -> OrderResult:
-        def action() -> OrderResult:
+        def action() -> tuple[OrderResult, str, int]:
             member = self._accounts.get(user_id)
             replay = order_id in member.orders
             member.spend(order_id, amount)  # raises OrderConflict / InsufficientFunds
@@ -262,14 +308,16 @@ class Spending:
                     user_id,
                     lambda e: _is(e, "Spent") and e.order_id == order_id,
                 )
-                return OrderResult(order_id, amount, after.currency)
+                return OrderResult(order_id, amount, after.currency), REPLAYED, amount
             self._save(member)
-            return OrderResult(order_id, amount, member.currency)
+            return OrderResult(order_id, amount, member.currency), APPLIED, amount
 
-        return with_retry(self._locked(user_id, action), what="spend")
+        return self._observed(
+            "spend", lambda: with_retry(self._locked(user_id, action), what="spend")
+        )
 
     def refund(self, user_id: str, order_id: str) -> OrderResult:
-        def action() -> OrderResult:
+        def action() -> tuple[OrderResult, str, int]:
             member = self._accounts.get(user_id)
             replay = order_id in member.refunded_orders
             amount = member.refund(order_id)  # raises OrderNotFound
@@ -278,11 +326,13 @@ class Spending:
                     user_id,
                     lambda e: _is(e, "Refunded") and e.order_id == order_id,
                 )
-                return OrderResult(order_id, amount, after.currency)
+                return OrderResult(order_id, amount, after.currency), REPLAYED, amount
             self._save(member)
-            return OrderResult(order_id, amount, member.currency)
+            return OrderResult(order_id, amount, member.currency), APPLIED, amount
 
-        return with_retry(self._locked(user_id, action), what="refund")
+        return self._observed(
+            "refund", lambda: with_retry(self._locked(user_id, action), what="refund")
+        )
 
     def adjust(
         self,
@@ -297,18 +347,21 @@ class Spending:
         member gets an account (an operator may credit someone who has not earned yet);
         a rejected adjustment creates nothing."""
 
-        def action() -> Member:
+        def action() -> tuple[Member, str, int]:
             try:
                 member = self._accounts.get(user_id)
             except MemberNotFound:
                 member = Member(user_id=user_id)
             if member.adjust(adjustment_id, currency, rank_points, reason, ranks):
                 self._save(member)
-                return member
-            return self._state_after(
+                return member, APPLIED, currency
+            after = self._state_after(
                 user_id,
                 lambda e: _is(e, "Adjusted") and e.adjustment_id == adjustment_id,
                 with_rank_change=True,
             )
+            return after, REPLAYED, currency
 
-        return with_retry(self._locked(user_id, action), what="adjustment")
+        return self._observed(
+            "adjustment", lambda: with_retry(self._locked(user_id, action), what="adjustment")
+        )

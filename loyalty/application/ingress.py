@@ -54,6 +54,12 @@ class IngressLog(Protocol):
         ...
 
 
+class IngestMetrics(Protocol):
+    """Where ingest outcomes are counted (implemented by ``loyalty.observability``)."""
+
+    def ingested(self, source: str, *, accepted: int, duplicates: int, rejected: int) -> None: ...
+
+
 def shard_of(user_id: str, shard_count: int) -> int:
     """Stable shard of a user (CRC-32 of the UTF-8 user id)."""
     return zlib.crc32(user_id.encode()) % shard_count
@@ -65,6 +71,8 @@ def utc_day(moment: datetime) -> date:
 
 REASON_TOO_OLD = "too_old"
 REASON_IN_FUTURE = "in_future"
+# The member asked to be forgotten after this event occurred: it is not stored.
+REASON_FORGOTTEN = "forgotten"
 
 
 class IngestService:
@@ -78,8 +86,13 @@ class IngestService:
         retention: timedelta,
         future_skew: timedelta,
         shard_count: int,
+        metrics: IngestMetrics | None = None,
+        forgotten_at: Callable[[str], datetime | None] | None = None,
     ) -> None:
         self._log = log
+        # When a forget-me of a user was requested (markers expire with retention).
+        self._forgotten_at = forgotten_at
+        self._metrics = metrics
         self._clock = clock
         self._retention = retention
         self._future_skew = future_skew
@@ -102,6 +115,11 @@ class IngestService:
             if ev.event_id in seen:
                 repeats += 1
                 continue
+            if self._forgotten_at is not None:
+                forgotten = self._forgotten_at(ev.user_id)
+                if forgotten is not None and ev.occurred_at <= forgotten:
+                    rejected.append(Rejection(index, ev.event_id, REASON_FORGOTTEN))
+                    continue
             seen.add(ev.event_id)
             records.append(
                 IngressRecord(
@@ -115,6 +133,9 @@ class IngestService:
                 )
             )
         inserted = self._log.append(records) if records else 0
-        return IngestResult(
-            accepted=inserted, duplicates=repeats + len(records) - inserted, rejected=rejected
-        )
+        duplicates = repeats + len(records) - inserted
+        if self._metrics is not None:
+            self._metrics.ingested(
+                source, accepted=inserted, duplicates=duplicates, rejected=len(rejected)
+            )
+        return IngestResult(accepted=inserted, duplicates=duplicates, rejected=rejected)

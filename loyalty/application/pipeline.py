@@ -69,6 +69,17 @@ class RulesSource(Protocol):
     def current(self) -> RuleSet: ...
 
 
+class PipelineMetrics(Protocol):
+    """Where pipeline throughput and lag are recorded (``loyalty.observability``)."""
+
+    def window_processed(self, *, events: int, awards: int, seconds: float) -> None: ...
+    def pipeline_lag(self, *, pending: int, oldest_age_s: float | None) -> None: ...
+
+
+LagProbe = Callable[[], tuple[int, float | None]]
+"""Returns (events pending, age in seconds of the oldest pending event or None)."""
+
+
 def award_id_for(shard: int, end: Position) -> str:
     """The award id of a window: the same on every replay of that window."""
     return f"w{shard}.{end[0]}.{end[1]}"
@@ -84,17 +95,27 @@ class Pipeline:
         *,
         chunk: int,
         crash_hook: Callable[[str], None] | None = None,
+        metrics: PipelineMetrics | None = None,
+        forgotten_at: Callable[[str], datetime | None] | None = None,
     ) -> None:
         self._reader = reader
+        self.metrics = metrics
         self._state = state
         self._rules = rules
         self._accounts = accounts
         self.chunk = chunk
         # Tests inject crashes between steps; production leaves this None.
         self._crash_hook = crash_hook or (lambda _step: None)
+        self._forgotten_at = forgotten_at
+
+    def _was_forgotten(self, row: IngressRow) -> bool:
+        assert self._forgotten_at is not None
+        forgotten = self._forgotten_at(row.user_id)
+        return forgotten is not None and row.occurred_at <= forgotten
 
     def process_shard(self, shard: int) -> int:
         """Award one window of ``shard``; returns how many ingress events it covered."""
+        started = time.monotonic()
         checkpoint = self._state.load(shard)
         if checkpoint.pending is not None:  # a window was started and not finished
             end = checkpoint.pending
@@ -107,6 +128,9 @@ class Pipeline:
             self._state.set_pending(shard, end)
         self._crash_hook("window_noted")
         rule_set = self._rules.current()
+        window_size = len(rows)
+        if self._forgotten_at is not None:  # events of forgotten members that slipped in
+            rows = [r for r in rows if not self._was_forgotten(r)]
         capped_keys = {
             (r.user_id, r.type, r.occurred_at.date())
             for r in rows
@@ -128,10 +152,14 @@ class Pipeline:
         ]
         self._accounts.award_many(commands, rule_set.ranks)
         self._crash_hook("awarded")
-        self._state.commit(shard, end, caps.changes(), processed=len(rows), awards=len(commands))
+        self._state.commit(shard, end, caps.changes(), processed=window_size, awards=len(commands))
         caps.mark_saved()
         self._crash_hook("committed")
-        return len(rows)
+        if self.metrics is not None:
+            self.metrics.window_processed(
+                events=window_size, awards=len(commands), seconds=time.monotonic() - started
+            )
+        return window_size
 
     def drain(self, shards: Iterable[int], stop: threading.Event | None = None) -> int:
         """Process every shard until nothing is pending; returns events processed."""
@@ -156,8 +184,13 @@ class Worker:
         window_seconds: float,
         try_lease: Callable[[int], bool],
         retry_errors: tuple[type[BaseException], ...],
+        lag_probe: LagProbe | None = None,
+        lag_every_seconds: float = 5.0,
     ) -> None:
         self._pipeline = pipeline
+        self._lag_probe = lag_probe
+        self._lag_every = lag_every_seconds
+        self._lag_due = 0.0
         self._wanted = list(shards)
         self._owned: list[int] = []
         self._window = window_seconds
@@ -178,6 +211,7 @@ class Worker:
             try:
                 self._lease_missing()
                 self._pipeline.drain(sorted(self._owned), self.stop_event)
+                self._sample_lag()
                 backoff = 0.5
             except self._retry_errors as exc:
                 log.warning(
@@ -190,6 +224,15 @@ class Worker:
                 backoff = min(backoff * 2, 10.0)
                 continue
             self.stop_event.wait(max(0.0, self._window - (time.monotonic() - started)))
+
+    def _sample_lag(self) -> None:
+        """Report the pipeline's lag, at most every ``lag_every_seconds``."""
+        metrics = self._pipeline.metrics
+        if metrics is None or self._lag_probe is None or time.monotonic() < self._lag_due:
+            return
+        self._lag_due = time.monotonic() + self._lag_every
+        pending, oldest_age = self._lag_probe()
+        metrics.pipeline_lag(pending=pending, oldest_age_s=oldest_age)
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -27,6 +27,7 @@ from loyalty.application.accounts import Members
 
 log = logging.getLogger(__name__)
 
+TOMBSTONE = "loyalty.erasure:Tombstone"
 PROJECTION_NAME = "members"
 """The tracking name of the projection that owns member_balances and member_history."""
 
@@ -69,10 +70,19 @@ class ProjectedBatch:
     """The last notification id in the batch: the new tracking position."""
     balances: dict[str, BalanceChange] = field(default_factory=dict)
     history: list[HistoryEntry] = field(default_factory=list)
+    epoch: int = 0
+    """The tracking epoch when the batch was read (forget-me bumps it)."""
+
+
+class ProjectionMetrics(Protocol):
+    """Where projection progress is recorded (implemented by ``loyalty.observability``)."""
+
+    def projection_progress(self, name: str, *, position: int, head: int, applied: int) -> None: ...
 
 
 class ReadModelWriter(Protocol):
     def position(self, name: str) -> int: ...
+    def epoch(self, name: str) -> int: ...
     def user_ids(self, member_ids: Collection[str]) -> Mapping[str, str]: ...
     def apply(self, name: str, batch: ProjectedBatch) -> bool: ...
     def reset(self, name: str) -> None: ...
@@ -149,11 +159,13 @@ class MemberProjection:
         *,
         name: str = PROJECTION_NAME,
         batch_size: int = 500,
+        metrics: ProjectionMetrics | None = None,
     ) -> None:
         self._members = members
         self._store = store
         self.name = name
         self.batch_size = batch_size
+        self.metrics = metrics
         self._position: int | None = None
 
     def head(self) -> int:
@@ -168,23 +180,36 @@ class MemberProjection:
     def step(self) -> int:
         """Apply one batch; returns how many events it covered (0 when caught up)."""
         start = self.position()
+        epoch = self._store.epoch(self.name)
         head = self.head()
         if head <= start:
+            self._report(start, head, 0)
             return 0
         notifications = self._members.recorder.select_notifications(
             start, self.batch_size, stop=head, inclusive_of_start=False
         )
         if not notifications:
+            self._report(start, head, 0)
             return 0
         mapper = self._members.mapper
-        pairs = [(n.id, mapper.to_domain_event(n)) for n in notifications]
+        # SQLite tombstones (forget-me keeps the highest rowid taken) are not events.
+        pairs = [(n.id, mapper.to_domain_event(n)) for n in notifications if n.topic != TOMBSTONE]
         batch = project(start, pairs, self._store.user_ids)
+        batch.end = notifications[-1].id
+        batch.epoch = epoch
         if not self._store.apply(self.name, batch):
             log.warning("projection %s: tracking moved under us; re-reading", self.name)
             self._position = None
             return 0
         self._position = batch.end
+        self._report(batch.end, head, len(pairs))
         return len(pairs)
+
+    def _report(self, position: int, head: int, applied: int) -> None:
+        if self.metrics is not None:
+            self.metrics.projection_progress(
+                self.name, position=position, head=head, applied=applied
+            )
 
     def catch_up(
         self,

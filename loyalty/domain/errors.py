@@ -84,3 +84,11 @@ class MemberNotFound(DomainError):
 
     code = "member_not_found"
     default_message = "member not found"
+
+
+class MemberBeingErased(DomainError):
+    """A forget-me request for the member is being carried out: no command may touch
+    the account until it is done (the pipeline retries its window later)."""
+
+    code = "member_not_found"
+    default_message = "member not found"

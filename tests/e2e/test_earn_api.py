@@ -8,12 +8,12 @@ from datetime import timedelta
 from fastapi.testclient import TestClient
 
 from loyalty.domain.rules import DEFAULT_RULES_WIRE
-from loyalty.worker import build_pipeline
+from tests.conftest import drain_pipeline
 
 
 def drain(client: TestClient) -> int:
     container = client.app.state.container  # type: ignore[attr-defined]
-    return build_pipeline(container.db, container.accounts.app).drain(range(16))
+    return drain_pipeline(container.db, container.accounts.app)
 
 
 def post(client: TestClient, key: dict[str, str], events: list[dict[str, object]]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -90,16 +91,22 @@ def test_concurrent_writers_and_a_tailing_reader_see_every_row_once(db: Database
         for b in range(batches):
             log.append([rec(f"{w}-{b}-{i}", shard=0) for i in range(per_batch)])
 
+    expected = writers * batches * per_batch
+
     def tail() -> None:
-        after = START
+        # Another session's open transaction can hold rows back for a while (never skip
+        # them): after the writers finish, keep reading until all came or 30 s passed.
+        after, deadline = START, None
         while True:
-            finished = done.is_set()
             batch = log.read_after(0, after, 500)
             seen.extend((r.source, r.event_id) for r in batch)
             if batch:
                 after = batch[-1].position
-            elif finished:
-                return
+            elif done.is_set():
+                deadline = deadline or time.monotonic() + 30
+                if len(seen) >= expected or time.monotonic() > deadline:
+                    return
+                time.sleep(0.01)
 
     reader = threading.Thread(target=tail)
     reader.start()
@@ -110,7 +117,7 @@ def test_concurrent_writers_and_a_tailing_reader_see_every_row_once(db: Database
         t.join()
     done.set()
     reader.join()
-    assert len(seen) == writers * batches * per_batch
+    assert len(seen) == expected
     assert len(set(seen)) == len(seen)
 
 

@@ -1,0 +1,320 @@
+"""Where member data lives, and how forget-me erases it, on both backends.
+
+``LOCATIONS`` is the one registry of tables holding a member's data; ``EXEMPT`` lists the
+tables that hold none, with the reason. A test fails when a table is in neither, so every
+new store must join the registry (and be erased) before it can land.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import uuid
+from datetime import datetime
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from loyalty.adapters.db import Database
+from loyalty.adapters.tables import metadata
+from loyalty.application.erasure import ForgetRequest, Marker
+from loyalty.application.projections import TOMBSTONE as TOMBSTONE_TOPIC
+
+# location name -> tables it erases the member from
+LOCATIONS: dict[str, tuple[str, ...]] = {
+    "ingress_events": ("ingress_events",),  # every live day partition
+    "pipeline_caps": ("pipeline_caps",),
+    "event_store": ("members_events", "stored_events", "members_snapshots", "stored_snapshots"),
+    "read_models": ("member_balances", "member_history"),
+    "forget_subjects": ("forget_subjects",),  # deleted when the request completes
+}
+EXEMPT: dict[str, str] = {
+    "alembic_version": "schema revision",
+    "api_keys": "keys of services and operators, not members",
+    "rule_versions": "weighting rules",
+    "pipeline_checkpoints": "positions per shard",
+    "projection_tracking": "positions per projection",
+    "loyalty_meta": "the subject-hash salt",
+    "forget_markers": "salted hash and stream id only; expires with the retention window",
+    "forget_requests": "receipts: request id, times, counts; no user id",
+}
+NIL_HEX = uuid.UUID(int=0).hex
+
+forget_requests = sa.Table(
+    "forget_requests",
+    metadata,
+    sa.Column("request_id", sa.String(32), primary_key=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("step", sa.String(32)),
+    sa.Column("requested_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("completed_at", sa.DateTime(timezone=True)),
+    sa.Column("erased", sa.Text, nullable=False),
+)
+forget_subjects = sa.Table(
+    "forget_subjects",
+    metadata,
+    sa.Column("request_id", sa.String(32), primary_key=True),
+    sa.Column("user_id", sa.String(128), nullable=False),
+)
+forget_markers = sa.Table(
+    "forget_markers",
+    metadata,
+    sa.Column("subject_hash", sa.String(64), primary_key=True),
+    sa.Column("member_id", sa.String(36), nullable=False),
+    sa.Column("requested_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+)
+loyalty_meta = sa.Table(
+    "loyalty_meta",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+
+def _utc_text(moment: datetime) -> str:
+    from loyalty.adapters.ingress_log import sqlite_timestamp
+
+    return sqlite_timestamp(moment)
+
+
+class SqlErasureStore:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._salt: bytes | None = None
+        self._pg = db.backend == "postgresql"
+
+    def _insert(self, table: sa.Table) -> Any:
+        return (postgresql.insert if self._pg else sqlite.insert)(table)
+
+    # -- subject hash ------------------------------------------------------------------
+    def _load_salt(self) -> bytes:
+        if self._salt is None:
+            with self._db.write() as conn:
+                conn.execute(
+                    self._insert(loyalty_meta)
+                    .values(key="subject_salt", value=secrets.token_hex(32))
+                    .on_conflict_do_nothing()
+                )
+                value = conn.execute(
+                    sa.select(loyalty_meta.c.value).where(loyalty_meta.c.key == "subject_salt")
+                ).scalar_one()
+            self._salt = bytes.fromhex(value)
+        return self._salt
+
+    def subject_hash(self, user_id: str) -> str:
+        return hmac.new(self._load_salt(), user_id.encode(), hashlib.sha256).hexdigest()
+
+    # -- markers -----------------------------------------------------------------------
+    def markers(self) -> list[Marker]:
+        m = forget_markers.c
+        with self._db.read() as conn:
+            rows = conn.execute(sa.select(m.subject_hash, m.member_id, m.requested_at, m.state))
+            return [Marker(r[0], r[1], _aware(r[2]), r[3]) for r in rows]
+
+    def put_marker(self, marker: Marker, expires_at: datetime) -> None:
+        stmt = self._insert(forget_markers).values(
+            subject_hash=marker.subject_hash,
+            member_id=marker.member_id,
+            requested_at=marker.requested_at,
+            state=marker.state,
+            expires_at=expires_at,
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["subject_hash"],
+            set_={
+                "requested_at": stmt.excluded.requested_at,
+                "state": stmt.excluded.state,
+                "expires_at": stmt.excluded.expires_at,
+            },
+        )
+        with self._db.write() as conn:
+            conn.execute(stmt)
+
+    # -- requests ----------------------------------------------------------------------
+    def create_request(self, user_id: str, requested_at: datetime) -> str:
+        request_id = uuid.uuid4().hex
+        with self._db.write() as conn:
+            conn.execute(
+                forget_requests.insert().values(
+                    request_id=request_id,
+                    status="pending",
+                    step=None,
+                    requested_at=requested_at,
+                    erased="{}",
+                )
+            )
+            conn.execute(forget_subjects.insert().values(request_id=request_id, user_id=user_id))
+        return request_id
+
+    @staticmethod
+    def _select() -> Any:
+        return sa.select(forget_requests, forget_subjects.c.user_id).outerjoin(
+            forget_subjects, forget_subjects.c.request_id == forget_requests.c.request_id
+        )
+
+    @staticmethod
+    def _request(row: Any) -> ForgetRequest:
+        return ForgetRequest(
+            row.request_id,
+            row.user_id,
+            row.status,
+            row.step,
+            _aware(row.requested_at),
+            _aware(row.completed_at) if row.completed_at else None,
+            orjson.loads(row.erased),
+        )
+
+    def get_request(self, request_id: str) -> ForgetRequest | None:
+        with self._db.read() as conn:
+            row = conn.execute(
+                self._select().where(forget_requests.c.request_id == request_id)
+            ).first()
+        return None if row is None else self._request(row)
+
+    def unfinished_requests(self) -> list[ForgetRequest]:
+        with self._db.read() as conn:
+            rows = conn.execute(
+                self._select()
+                .where(forget_requests.c.status != "completed")
+                .order_by(forget_requests.c.requested_at)
+            ).all()
+        return [self._request(r) for r in rows]
+
+    def record_step(self, request_id: str, step: str, erased: dict[str, int]) -> None:
+        with self._db.write() as conn:
+            conn.execute(
+                forget_requests.update()
+                .where(forget_requests.c.request_id == request_id)
+                .values(step=step, status="running", erased=orjson.dumps(erased).decode())
+            )
+
+    def forget_subject(self, request_id: str) -> None:
+        """Delete the request's user id (rows here are never updated, only deleted)."""
+        with self._db.write() as conn:
+            conn.execute(forget_subjects.delete().where(forget_subjects.c.request_id == request_id))
+
+    def complete(self, request_id: str, completed_at: datetime, erased: dict[str, int]) -> None:
+        """Finish the receipt."""
+        with self._db.write() as conn:
+            conn.execute(
+                forget_requests.update()
+                .where(forget_requests.c.request_id == request_id)
+                .values(
+                    step="done",
+                    status="completed",
+                    completed_at=completed_at,
+                    erased=orjson.dumps(erased).decode(),
+                )
+            )
+            conn.execute(forget_subjects.delete().where(forget_subjects.c.request_id == request_id))
+
+    # -- locations ---------------------------------------------------------------------
+    def erase_ingress(self, user_id: str, before: datetime) -> int:
+        with self._db.write() as conn:
+            if self._pg:
+                result = conn.execute(
+                    sa.text("DELETE FROM ingress_events WHERE user_id = :u AND occurred_at <= :t"),
+                    {"u": user_id, "t": before},
+                )
+            else:
+                result = conn.execute(
+                    sa.text("DELETE FROM ingress_events WHERE user_id = :u AND occurred_at <= :t"),
+                    {"u": user_id, "t": _utc_text(before)},
+                )
+            return int(result.rowcount)
+
+    def erase_caps(self, user_id: str) -> int:
+        with self._db.write() as conn:
+            result = conn.execute(
+                sa.text("DELETE FROM pipeline_caps WHERE user_id = :u"), {"u": user_id}
+            )
+            return int(result.rowcount)
+
+    def _existing(self, conn: sa.Connection, names: tuple[str, ...]) -> list[str]:
+        return [n for n in names if sa.inspect(conn).has_table(n)]
+
+    def erase_stream(self, member_id: str) -> int:
+        erased = 0
+        with self._db.write() as conn:
+            tables = self._existing(conn, LOCATIONS["event_store"])
+            if self._pg:
+                for table in tables:
+                    result = conn.execute(
+                        sa.text(f'DELETE FROM "{table}" WHERE originator_id = :m'),
+                        {"m": uuid.UUID(member_id)},
+                    )
+                    erased += int(result.rowcount)
+                return erased
+            for table in tables:
+                hex_id = uuid.UUID(member_id).hex
+                top = conn.execute(sa.text(f"SELECT max(rowid) FROM {table}")).scalar()
+                result = conn.execute(
+                    sa.text(f"DELETE FROM {table} WHERE originator_id = :m"), {"m": hex_id}
+                )
+                erased += int(result.rowcount)
+                after = conn.execute(sa.text(f"SELECT max(rowid) FROM {table}")).scalar()
+                if top is not None and (after is None or after < top):
+                    # The library's table has no AUTOINCREMENT: keep the highest rowid
+                    # taken, so it is never handed out again and a reader that has seen
+                    # it cannot skip a new event.
+                    conn.execute(
+                        sa.text(
+                            f"INSERT INTO {table} (rowid, originator_id, originator_version, "
+                            "topic, state) VALUES (:r, :nil, :r, :topic, x'')"
+                        ),
+                        {"r": top, "nil": NIL_HEX, "topic": TOMBSTONE_TOPIC},
+                    )
+                    conn.execute(
+                        sa.text(f"DELETE FROM {table} WHERE originator_id = :nil AND rowid < :r"),
+                        {"nil": NIL_HEX, "r": top},
+                    )
+        return erased
+
+    def erase_read_models(self, user_id: str) -> dict[str, int]:
+        with self._db.write() as conn:
+            # Invalidate every projection batch read before now (see the projection).
+            conn.execute(sa.text("UPDATE projection_tracking SET epoch = epoch + 1"))
+            history = conn.execute(
+                sa.text("DELETE FROM member_history WHERE user_id = :u"), {"u": user_id}
+            ).rowcount
+            balances = conn.execute(
+                sa.text("DELETE FROM member_balances WHERE user_id = :u"), {"u": user_id}
+            ).rowcount
+        return {"member_history": int(history), "member_balances": int(balances)}
+
+    def vacuum(self) -> None:
+        """Make deleted rows physically go away. PostgreSQL: VACUUM (the library turns
+        autovacuum down on its events table). SQLite: secure_delete zeroed the cells;
+        checkpoint the WAL so no old page copy remains there either."""
+        if self._pg:
+            with self._db.engine.connect() as conn:
+                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+                tables = self._existing(
+                    conn,
+                    LOCATIONS["event_store"]
+                    + LOCATIONS["read_models"]
+                    + LOCATIONS["pipeline_caps"]
+                    + LOCATIONS["forget_subjects"],
+                )
+                conn.execute(sa.text("VACUUM " + ", ".join(f'"{t}"' for t in tables)))
+            return
+        raw = self._db.engine.raw_connection()
+        try:  # outside any transaction; read every result row so each pragma completes
+            raw.driver_connection.execute("PRAGMA incremental_vacuum").fetchall()  # type: ignore[union-attr]
+            raw.driver_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()  # type: ignore[union-attr]
+        finally:
+            raw.close()
+
+
+def _aware(value: Any) -> datetime:
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    assert isinstance(value, datetime)
+    from datetime import UTC
+
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

@@ -1,0 +1,361 @@
+"""Retention SQL for both backends (the use case is ``loyalty.application.retention``).
+
+PostgreSQL: an expired day partition that holds no unprocessed row is detached with
+``DETACH PARTITION ... CONCURRENTLY`` (SHARE UPDATE EXCLUSIVE on ``ingress_events``, so
+COPY and readers go on; ACCESS EXCLUSIVE only on the expired partition), checked again
+(a row that raced in puts it back with ATTACH), then dropped. A detach interrupted
+half-way is finished with ``DETACH PARTITION ... FINALIZE``; a table left detached by a
+crash is checked and dropped (or re-attached) on the next run. Partitions for today and
+tomorrow are created ahead by CREATE TABLE + ATTACH PARTITION, which (unlike
+``CREATE TABLE ... PARTITION OF``) never takes an ACCESS EXCLUSIVE lock on the parent.
+
+SQLite: expired rows the pipeline has processed are deleted in chunks of
+:data:`CHUNK_ROWS` (short write transactions, so ingest interleaves); the freed pages go
+back with ``PRAGMA incremental_vacuum`` and ``PRAGMA wal_checkpoint(TRUNCATE)``.
+
+A row is processed iff its (txid, seq) is at or below its shard's checkpoint; a shard
+without a checkpoint has processed nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from psycopg import sql
+
+from loyalty.adapters.db import Database, psycopg_connection
+from loyalty.adapters.ingress_log import (
+    PARTITION_LOCK_NS,
+    day_start,
+    partition_name,
+    sqlite_timestamp,
+)
+from loyalty.adapters.pipeline_store import SHARD_LEASE_NS, PipelineStore, ShardLeases
+from loyalty.adapters.tables import INGRESS_PARTITION_PREFIX
+from loyalty.application.retention import DayOutcome
+
+# Lease key of retention: beyond any shard number, like the projection's (1_000_001).
+RETENTION_LEASE = 1_000_003
+CHUNK_ROWS = 5_000
+_PARTITION_RE = re.compile(rf"^{INGRESS_PARTITION_PREFIX}(\d{{8}})$")
+
+# Only the columns retention needs (a private MetaData: the forget-me adapter owns the
+# table's full definition, and the table may not exist yet).
+_markers = sa.Table(
+    "forget_markers",
+    sa.MetaData(),
+    sa.Column("expires_at", sa.DateTime(timezone=True)),
+)
+
+PartitionState = Literal["attached", "detach_pending", "detached"]
+
+
+@contextmanager
+def _lease(db: Database) -> Iterator[bool]:
+    """The retention lease, in ShardLeases' namespace (so ``ShardLeases.try_acquire(
+    RETENTION_LEASE)`` excludes it too), released at the end of the block. On PostgreSQL
+    the session lock is unlocked explicitly: closing a pooled connection only returns it
+    to the pool, session and lock still alive."""
+    if db.backend != "postgresql":
+        leases = ShardLeases(db)
+        try:
+            yield leases.try_acquire(RETENTION_LEASE)
+        finally:
+            leases.release_all()
+        return
+    key = {"ns": SHARD_LEASE_NS, "key": RETENTION_LEASE}
+    with db.engine.connect() as conn:
+        got = bool(conn.execute(sa.text("SELECT pg_try_advisory_lock(:ns, :key)"), key).scalar())
+        conn.commit()
+        try:
+            yield got
+        finally:
+            if got:
+                conn.execute(sa.text("SELECT pg_advisory_unlock(:ns, :key)"), key)
+                conn.commit()
+
+
+def _delete_expired_markers(db: Database, as_of: datetime) -> int:
+    with db.write() as conn:
+        columns = (
+            {c["name"] for c in sa.inspect(conn).get_columns("forget_markers")}
+            if sa.inspect(conn).has_table("forget_markers")
+            else set()
+        )
+        if "expires_at" not in columns:
+            return 0
+        moment = as_of.astimezone(UTC)
+        return conn.execute(sa.delete(_markers).where(_markers.c.expires_at < moment)).rowcount
+
+
+class PostgresRetentionStore:
+    backend = "postgresql"
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._shard_count = db.settings.shard_count
+
+    def lease(self) -> AbstractContextManager[bool]:
+        return _lease(self._db)
+
+    # -- partitions --------------------------------------------------------------------
+    def _states(self) -> dict[date, PartitionState]:
+        """Every table named like a day partition: attached, half-detached or detached."""
+        with self._db.read() as conn:
+            rows = conn.execute(
+                sa.text(
+                    "SELECT c.relname, i.inhrelid IS NOT NULL, coalesce(i.inhdetachpending, false) "
+                    "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "LEFT JOIN pg_inherits i ON i.inhrelid = c.oid "
+                    "AND i.inhparent = 'ingress_events'::regclass "
+                    "WHERE n.nspname = current_schema() AND c.relkind = 'r' "
+                    "AND c.relname LIKE :prefix"
+                ),
+                {"prefix": INGRESS_PARTITION_PREFIX + "%"},
+            ).all()
+        states: dict[date, PartitionState] = {}
+        for name, attached, pending in rows:
+            match = _PARTITION_RE.match(name)
+            if match is None:
+                continue
+            day = datetime.strptime(match.group(1), "%Y%m%d").date()
+            states[day] = "detach_pending" if pending else "attached" if attached else "detached"
+        return states
+
+    def ensure_days(self, days: set[date]) -> None:
+        states = self._states()
+        for day in sorted(days):
+            if states.get(day) == "attached":
+                continue
+            name = partition_name(day)
+            with self._db.write() as conn:
+                conn.execute(
+                    sa.text("SELECT pg_advisory_xact_lock(:ns, :day)"),
+                    {"ns": PARTITION_LOCK_NS, "day": day.toordinal()},
+                )
+                if conn.execute(sa.text("SELECT to_regclass(:n)"), {"n": name}).scalar():
+                    continue  # created meanwhile (or a detached leftover: handled by expiry)
+                raw = psycopg_connection(conn)
+                ident = sql.Identifier(name)
+                raw.execute(
+                    sql.SQL("CREATE TABLE {} (LIKE ingress_events INCLUDING DEFAULTS)").format(
+                        ident
+                    )
+                )
+                raw.execute(
+                    sql.SQL("CREATE UNIQUE INDEX {} ON {} (source, event_id)").format(
+                        sql.Identifier(name + "_dedup"), ident
+                    )
+                )
+                raw.execute(self._attach_sql(day))
+
+    @staticmethod
+    def _attach_sql(day: date) -> sql.Composed:
+        lower, upper = day_start(day), day_start(day + timedelta(days=1))
+        return sql.SQL(
+            "ALTER TABLE ingress_events ATTACH PARTITION {} FOR VALUES FROM ({}) TO ({})"
+        ).format(sql.Identifier(partition_name(day)), sql.Literal(lower), sql.Literal(upper))
+
+    def expired_days(self, cutoff: date) -> list[date]:
+        return sorted(day for day in self._states() if day < cutoff)
+
+    def _autocommit(self, statement: sql.Composed) -> None:
+        """A statement that must not run in a transaction block (DETACH CONCURRENTLY)."""
+        with self._db.engine.connect() as conn:
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            psycopg_connection(conn).execute(statement)
+
+    def _unprocessed(self, name: str) -> int:
+        positions = PipelineStore(self._db).positions()
+        clauses = [
+            sql.SQL("(shard = {} AND (txid, seq) > ({}, {}))").format(
+                sql.Literal(shard), sql.Literal(txid), sql.Literal(seq)
+            )
+            for shard, (txid, seq) in (
+                (s, positions.get(s, (0, 0))) for s in range(self._shard_count)
+            )
+        ]
+        clauses.append(sql.SQL("shard < 0 OR shard >= {}").format(sql.Literal(self._shard_count)))
+        query = sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
+            sql.Identifier(name), sql.SQL(" OR ").join(clauses)
+        )
+        with self._db.read() as conn:
+            row = psycopg_connection(conn).execute(query).fetchone()
+        return int(row[0]) if row else 0
+
+    def expire_day(self, day: date) -> DayOutcome:
+        name = partition_name(day)
+        ident = sql.Identifier(name)
+        state = self._states().get(day)
+        if state is None:  # gone meanwhile
+            return DayOutcome(removed_rows=0, bytes=0, unprocessed_rows=0, removed=False)
+        if state == "attached":
+            pending = self._unprocessed(name)
+            if pending:
+                return DayOutcome(removed_rows=0, bytes=0, unprocessed_rows=pending, removed=False)
+            self._autocommit(
+                sql.SQL("ALTER TABLE ingress_events DETACH PARTITION {} CONCURRENTLY").format(ident)
+            )
+        elif state == "detach_pending":  # a previous run stopped half-way
+            self._autocommit(
+                sql.SQL("ALTER TABLE ingress_events DETACH PARTITION {} FINALIZE").format(ident)
+            )
+        # Detached: nothing can insert into it any more; the checkpoints only move on.
+        pending = self._unprocessed(name)
+        if pending:  # a row raced in before the detach: put the partition back
+            with self._db.write() as conn:
+                psycopg_connection(conn).execute(self._attach_sql(day))
+            return DayOutcome(removed_rows=0, bytes=0, unprocessed_rows=pending, removed=False)
+        with self._db.write() as conn:
+            raw = psycopg_connection(conn)
+            row = raw.execute(
+                sql.SQL("SELECT count(*), pg_total_relation_size({}) FROM {}").format(
+                    sql.Literal(name), ident
+                )
+            ).fetchone()
+            assert row is not None
+            raw.execute(sql.SQL("DROP TABLE {}").format(ident))
+        return DayOutcome(
+            removed_rows=int(row[0]), bytes=int(row[1]), unprocessed_rows=0, removed=True
+        )
+
+    # -- derived rows --------------------------------------------------------------------
+    def delete_caps_before(self, day: date) -> int:
+        deleted = 0
+        while True:
+            with self._db.write() as conn:
+                n = conn.execute(
+                    sa.text(
+                        "DELETE FROM pipeline_caps WHERE ctid = ANY(ARRAY("
+                        "SELECT ctid FROM pipeline_caps WHERE day < :day LIMIT :n))"
+                    ),
+                    {"day": day, "n": CHUNK_ROWS},
+                ).rowcount
+            deleted += n
+            if n < CHUNK_ROWS:
+                return deleted
+
+    def delete_expired_markers(self, as_of: datetime) -> int:
+        return _delete_expired_markers(self._db, as_of)
+
+    def finish(self) -> int:
+        return 0  # DROP TABLE gave the files back already
+
+
+class SqliteRetentionStore:
+    backend = "sqlite"
+
+    def __init__(self, db: Database, *, chunk_rows: int = CHUNK_ROWS) -> None:
+        self._db = db
+        self._path: Path = db.settings.sqlite_path
+        self._chunk = chunk_rows
+
+    def lease(self) -> AbstractContextManager[bool]:
+        return _lease(self._db)
+
+    def ensure_days(self, days: set[date]) -> None:
+        return None  # one table: nothing to create
+
+    def expired_days(self, cutoff: date) -> list[date]:
+        with self._db.read() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT DISTINCT substr(occurred_at, 1, 10) FROM ingress_events "
+                "WHERE occurred_at < ? ORDER BY 1",
+                (sqlite_timestamp(day_start(cutoff)),),
+            ).scalars()
+            return [date.fromisoformat(r) for r in rows]
+
+    def file_bytes(self) -> int:
+        total = 0
+        for path in (self._path, self._path.with_name(self._path.name + "-wal")):
+            if path.exists():
+                total += path.stat().st_size
+        return total
+
+    def _processed_clause(self) -> tuple[str, list[Any]]:
+        positions = PipelineStore(self._db).positions()
+        if not positions:
+            return "0", []
+        clauses, params = [], []
+        for shard, (txid, seq) in sorted(positions.items()):
+            clauses.append("(shard = ? AND (txid, seq) <= (?, ?))")
+            params += [shard, txid, seq]
+        return "(" + " OR ".join(clauses) + ")", params
+
+    def expire_day(self, day: date) -> DayOutcome:
+        self.reclaim(vacuum=False)  # a WAL written by others is not this day's bytes
+        before = self.file_bytes()
+        bounds = [sqlite_timestamp(day_start(day)), sqlite_timestamp(day_start(day + timedelta(1)))]
+        processed, params = self._processed_clause()
+        delete = (
+            "DELETE FROM ingress_events WHERE seq IN (SELECT seq FROM ingress_events "
+            f"WHERE occurred_at >= ? AND occurred_at < ? AND {processed} LIMIT ?)"
+        )
+        removed = 0
+        while True:
+            with self._db.write() as conn:
+                n = conn.exec_driver_sql(delete, (*bounds, *params, self._chunk)).rowcount
+            removed += n
+            if n < self._chunk:
+                break
+        with self._db.read() as conn:
+            left = int(
+                conn.exec_driver_sql(
+                    "SELECT count(*) FROM ingress_events "
+                    "WHERE occurred_at >= ? AND occurred_at < ?",
+                    tuple(bounds),
+                ).scalar_one()
+            )
+        self.reclaim()
+        return DayOutcome(
+            removed_rows=removed,
+            bytes=max(0, before - self.file_bytes()),
+            unprocessed_rows=left,
+            removed=left == 0,
+        )
+
+    def reclaim(self, *, vacuum: bool = True) -> None:
+        """Give free pages back to the file system (``vacuum``) and empty the WAL."""
+        with self._db.engine.connect() as conn:
+            raw = conn.connection.dbapi_connection
+            assert raw is not None
+            if vacuum:
+                # Each step of this pragma frees one page; pysqlite's execute() steps a
+                # statement that returns no rows only once, executescript() to the end.
+                raw.executescript("PRAGMA incremental_vacuum;")
+            cursor = raw.cursor()
+            try:
+                cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            finally:
+                cursor.close()
+
+    def delete_caps_before(self, day: date) -> int:
+        deleted = 0
+        while True:
+            with self._db.write() as conn:
+                n = conn.exec_driver_sql(
+                    "DELETE FROM pipeline_caps WHERE rowid IN "
+                    "(SELECT rowid FROM pipeline_caps WHERE day < ? LIMIT ?)",
+                    (day.isoformat(), self._chunk),
+                ).rowcount
+            deleted += n
+            if n < self._chunk:
+                return deleted
+
+    def delete_expired_markers(self, as_of: datetime) -> int:
+        return _delete_expired_markers(self._db, as_of)
+
+    def finish(self) -> int:
+        before = self.file_bytes()
+        self.reclaim()
+        return max(0, before - self.file_bytes())
+
+
+def create_retention_store(db: Database) -> PostgresRetentionStore | SqliteRetentionStore:
+    return PostgresRetentionStore(db) if db.backend == "postgresql" else SqliteRetentionStore(db)

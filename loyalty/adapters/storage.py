@@ -1,0 +1,147 @@
+"""Storage accounting: rows and bytes per location, on both backends.
+
+Every table of the database is listed (grouped by kind), so a table that grows without
+an owner shows up here too. PostgreSQL: each ingress day partition on its own, bytes from
+``pg_total_relation_size`` (table, indexes, TOAST). SQLite: bytes per table and its
+indexes from the ``dbstat`` virtual table when the library has it, else an estimate
+(used pages shared out by row count).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sqlalchemy as sa
+from psycopg import sql
+
+from loyalty.adapters.db import Database, psycopg_connection
+from loyalty.adapters.tables import EVENT_STORE_TABLES
+
+READ_MODEL_TABLES = frozenset({"member_balances", "member_history", "projection_tracking"})
+KIND_ORDER = ("ingress", "event_store", "read_model", "pipeline", "forget", "other")
+
+
+@dataclass(frozen=True, slots=True)
+class StorageLocation:
+    name: str
+    kind: str
+    rows: int
+    bytes: int
+
+
+@dataclass(slots=True)
+class StorageReport:
+    backend: str
+    locations: list[StorageLocation] = field(default_factory=list)
+    #: the whole database (PostgreSQL: pg_database_size; SQLite: file plus WAL)
+    database_bytes: int = 0
+    #: True when SQLite bytes per table are estimates (no dbstat)
+    estimated: bool = False
+
+    @property
+    def total_rows(self) -> int:
+        return sum(loc.rows for loc in self.locations)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(loc.bytes for loc in self.locations)
+
+    def to_wire(self) -> dict[str, object]:
+        return {
+            "backend": self.backend,
+            "locations": [
+                {"name": loc.name, "kind": loc.kind, "rows": loc.rows, "bytes": loc.bytes}
+                for loc in self.locations
+            ],
+            "total": {"rows": self.total_rows, "bytes": self.total_bytes},
+            "database_bytes": self.database_bytes,
+            "estimated": self.estimated,
+        }
+
+
+def kind_of(table: str) -> str:
+    if table.startswith("ingress_events"):
+        return "ingress"
+    if table in EVENT_STORE_TABLES or table.endswith(("_events", "_snapshots")):
+        return "event_store"
+    if table in READ_MODEL_TABLES:
+        return "read_model"
+    if table.startswith("pipeline_"):
+        return "pipeline"
+    if table.startswith("forget_"):
+        return "forget"
+    return "other"
+
+
+def _ordered(locations: list[StorageLocation]) -> list[StorageLocation]:
+    return sorted(locations, key=lambda loc: (KIND_ORDER.index(loc.kind), loc.name))
+
+
+def storage_report(db: Database) -> StorageReport:
+    if db.backend == "postgresql":
+        return _postgres(db)
+    return _sqlite(db)
+
+
+def _postgres(db: Database) -> StorageReport:
+    report = StorageReport(backend="postgresql")
+    with db.read() as conn:
+        raw = psycopg_connection(conn)
+        # ordinary tables (day partitions each on their own); not the empty parent
+        tables = raw.execute(
+            "SELECT c.relname, pg_total_relation_size(c.oid) FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = current_schema() AND c.relkind = 'r' ORDER BY 1"
+        ).fetchall()
+        for name, size in tables:
+            row = raw.execute(
+                sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(name))
+            ).fetchone()
+            rows = int(row[0]) if row else 0
+            report.locations.append(StorageLocation(name, kind_of(name), rows, int(size)))
+        total = raw.execute("SELECT pg_database_size(current_database())").fetchone()
+        report.database_bytes = int(total[0]) if total else 0
+    report.locations = _ordered(report.locations)
+    return report
+
+
+def _file_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in (path, path.with_name(path.name + "-wal")) if p.exists())
+
+
+def _sqlite(db: Database) -> StorageReport:
+    report = StorageReport(backend="sqlite")
+    with db.read() as conn:
+        schema = conn.exec_driver_sql(
+            "SELECT type, name, tbl_name FROM sqlite_master WHERE type IN ('table', 'index')"
+        ).all()
+        tables = sorted(
+            name for kind, name, _ in schema if kind == "table" and not name.startswith("sqlite_")
+        )
+        owner = {name: tbl for _, name, tbl in schema}
+        rows = {
+            t: int(conn.execute(sa.text(f'SELECT count(*) FROM "{t}"')).scalar_one())
+            for t in tables
+        }
+        sizes: dict[str, int] = dict.fromkeys(tables, 0)
+        try:
+            stat = conn.exec_driver_sql("SELECT name, sum(pgsize) FROM dbstat GROUP BY name").all()
+        except sa.exc.OperationalError:  # no dbstat in this SQLite build
+            stat = None
+        if stat is not None:
+            for name, size in stat:
+                table = owner.get(name, name)
+                if table in sizes:
+                    sizes[table] += int(size)
+        else:
+            report.estimated = True
+            page_size = int(conn.exec_driver_sql("PRAGMA page_size").scalar_one())
+            pages = int(conn.exec_driver_sql("PRAGMA page_count").scalar_one())
+            free = int(conn.exec_driver_sql("PRAGMA freelist_count").scalar_one())
+            used = (pages - free) * page_size
+            all_rows = sum(rows.values()) or 1
+            sizes = {t: used * rows[t] // all_rows for t in tables}
+    report.locations = _ordered([StorageLocation(t, kind_of(t), rows[t], sizes[t]) for t in tables])
+    report.database_bytes = _file_bytes(db.settings.sqlite_path)
+    return report

@@ -1,0 +1,178 @@
+"""Logs never contain user ids or keys: every path is driven with a marker user id, and
+the captured logs (in process at DEBUG, and a live JSON-logging server) are searched."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from loyalty.adapters.db import Database
+from loyalty.config import Settings
+from loyalty.observability import JsonFormatter, RequestIdFilter
+from tests.e2e.live import LOYALTY, create_key, env_for, free_port
+
+CLIENT_LOGGERS = ("httpx", "httpcore")  # the test's own HTTP client logs its URLs
+
+
+class _ServerSide(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.name.startswith(CLIENT_LOGGERS)
+
+
+@pytest.fixture
+def captured() -> Iterator[io.StringIO]:
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(RequestIdFilter())
+    handler.addFilter(_ServerSide())
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    yield buffer
+    root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def drive(http: httpx.Client | TestClient, keys: dict[str, str], marker: str) -> None:
+    """Every path that sees a user id, with the marker as the user id."""
+
+    def h(role: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {keys[role]}", "X-Request-ID": f"req-{role}"}
+
+    now = datetime.now(UTC)
+    events = [
+        {"event_id": f"{marker}-e{i}", "user_id": marker, "type": t, "occurred_at": now.isoformat()}
+        for i, t in enumerate(["logged_on", "played_game", "joined_competition"])
+    ]
+    old = (now - timedelta(days=30)).isoformat()
+    events.append({"event_id": "old", "user_id": marker, "type": "logged_on", "occurred_at": old})
+    assert (
+        http.post("/v1/ingress/batches", json={"events": events}, headers=h("ingest")).status_code
+        == 202
+    )
+    http.post("/v1/ingress/batches", json={"events": events}, headers=h("ingest"))  # duplicates
+    bad = {"events": [{"event_id": "x", "user_id": marker, "type": "BAD", "occurred_at": "x"}]}
+    assert http.post("/v1/ingress/batches", json=bad, headers=h("ingest")).status_code == 422
+    assert http.get(f"/v1/members/{marker}-nobody", headers=h("shop")).status_code == 404
+    adjust = {"adjustment_id": "a1", "currency": 100, "rank_points": 5, "reason": "goodwill"}
+    assert (
+        http.post(
+            f"/v1/members/{marker}/adjustments", json=adjust, headers=h("operator")
+        ).status_code
+        == 200
+    )
+    spend = {"order_id": f"{marker}-o1", "amount": 10}
+    assert (
+        http.post(f"/v1/members/{marker}/spend", json=spend, headers=h("shop")).status_code == 200
+    )
+    big = {"order_id": f"{marker}-o2", "amount": 10**9}
+    assert http.post(f"/v1/members/{marker}/spend", json=big, headers=h("shop")).status_code == 409
+    refund = {"order_id": f"{marker}-o1"}
+    assert (
+        http.post(f"/v1/members/{marker}/refunds", json=refund, headers=h("shop")).status_code
+        == 200
+    )
+    assert http.get(f"/v1/members/{marker}", headers=h("shop")).status_code == 200
+    assert http.get(f"/v1/members/{marker}/history", headers=h("shop")).status_code in (200, 404)
+    assert http.get("/v1/leaderboard", headers=h("shop")).status_code == 200
+    assert http.get("/v1/pipeline", headers=h("operator")).status_code == 200
+    wrong = {"Authorization": f"Bearer {keys['shop']}"}
+    assert http.get("/v1/pipeline", headers=wrong).status_code == 403
+    bad_key = {"Authorization": f"Bearer {keys['shop']}x"}
+    assert http.get(f"/v1/members/{marker}", headers=bad_key).status_code == 401
+
+
+def secrets_of(keys: dict[str, str]) -> list[str]:
+    return [part for key in keys.values() for part in (key, key.rsplit("_", 1)[-1])]
+
+
+def test_in_process_logs_hold_no_user_id_or_key(
+    client: TestClient,
+    make_key: Callable[..., dict[str, str]],
+    db: Database,
+    captured: io.StringIO,
+) -> None:
+    from loyalty.worker import build_pipeline, build_projection
+
+    marker = f"marker-{uuid.uuid4().hex}"
+    headers = {role: make_key(role, f"{role}-src") for role in ("ingest", "shop", "operator")}
+    keys = {r: v["Authorization"].removeprefix("Bearer ") for r, v in headers.items()}
+    logging.getLogger("loyalty.test").info("capture works")
+    drive(client, keys, marker)
+    container = client.app.state.container  # type: ignore[attr-defined]
+    build_pipeline(db, container.accounts.app).drain(range(db.settings.shard_count))
+    build_projection(db, container.accounts.app).catch_up()
+    assert client.get(f"/v1/members/{marker}/history", headers=headers["shop"]).status_code == 200
+    text = captured.getvalue()
+    assert "capture works" in text
+    assert marker not in text
+    for secret in secrets_of(keys):
+        assert secret not in text
+
+
+def test_live_server_json_logs_hold_no_user_id_or_key(settings: Settings, tmp_path: Path) -> None:
+    url = settings.database_url
+    marker = f"marker-{uuid.uuid4().hex}"
+    keys = {role: create_key(url, role, f"{role}-src") for role in ("ingest", "shop", "operator")}
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [*LOYALTY, "serve", "--port", str(port)],
+            env=env_for(url, LOYALTY_LOG_FORMAT="json"),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 60
+            while True:
+                assert proc.poll() is None, log_path.read_text()
+                try:
+                    if httpx.get(base + "/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(0.1)
+            with httpx.Client(base_url=base, timeout=30) as http:
+                drive(http, keys, marker)
+                deadline = time.monotonic() + 30  # let the pipeline and projection run
+                while time.monotonic() < deadline:
+                    found = http.get(
+                        f"/v1/members/{marker}/history",
+                        headers={"Authorization": f"Bearer {keys['shop']}"},
+                    )
+                    if found.status_code == 200 and any(
+                        e["kind"] == "award" for e in found.json()["entries"]
+                    ):
+                        break
+                    time.sleep(0.2)
+                echoed = http.get("/healthz", headers={"X-Request-ID": "trace-me-1"})
+                assert echoed.headers["x-request-id"] == "trace-me-1"
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    lines = log_path.read_text().splitlines()
+    assert lines, "the server logged nothing"
+    for line in lines:
+        entry = json.loads(line)  # every line is one JSON object
+        assert {"ts", "level", "logger", "msg"} <= entry.keys(), line
+    text = "\n".join(lines)
+    assert "Uvicorn running" in text  # uvicorn's own lines are JSON too
+    assert marker not in text
+    for secret in secrets_of(keys):
+        assert secret not in text
