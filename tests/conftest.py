@@ -148,18 +148,24 @@ def drain_pipeline(db: Database, members: object | None = None, timeout: float =
     """Run the pipeline until nothing is pending. On PostgreSQL a writing transaction
     of another session (any database on the server) briefly hides newer rows from the
     gap-safe reader, so one pass may not see everything: keep going until none is left."""
+
+    from loyalty.worker import build_pipeline
+
+    return drain_with(build_pipeline(db, members), db, timeout)  # type: ignore[arg-type]
+
+
+def drain_with(pipeline: object, db: Database, timeout: float = 30.0) -> int:
+    """Run ``pipeline`` until nothing is pending (see drain_pipeline)."""
     import time
 
     from loyalty.adapters.ingress_log import pending_stats
     from loyalty.adapters.pipeline_store import PipelineStore
-    from loyalty.worker import build_pipeline
 
-    pipeline = build_pipeline(db, members)  # type: ignore[arg-type]
     state = PipelineStore(db)
     deadline = time.monotonic() + timeout
     total = 0
     while True:
-        total += pipeline.drain(range(db.settings.shard_count))
+        total += pipeline.drain(range(db.settings.shard_count))  # type: ignore[attr-defined]
         if pending_stats(db, state.positions(), db.settings.shard_count)[0] == 0:
             return total
         if time.monotonic() > deadline:

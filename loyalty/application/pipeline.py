@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from loyalty.application.accounts import Accounts, AwardCommand
-from loyalty.domain.rules import Activity, CapCounter, CapKey, RuleSet, aggregate
+from loyalty.domain.rules import CapCounter, CapKey, RuleSet, aggregate
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class IngressRow(Protocol):
     @property
     def user_id(self) -> str: ...
     @property
-    def type(self) -> str: ...
+    def event_type(self) -> str: ...
     @property
     def occurred_at(self) -> datetime: ...
     @property
@@ -132,13 +132,13 @@ class Pipeline:
         if self._forgotten_at is not None:  # events of forgotten members that slipped in
             rows = [r for r in rows if not self._was_forgotten(r)]
         capped_keys = {
-            (r.user_id, r.type, r.occurred_at.date())
+            (r.user_id, r.event_type, r.occurred_at.date())
             for r in rows
-            if (rule := rule_set.rule_for(r.type)) is not None and rule.daily_cap is not None
+            if (rule := rule_set.rule_for(r.event_type)) is not None and rule.daily_cap is not None
         }
         caps = CapCounter(self._state.load_caps(capped_keys))
         result = aggregate(
-            (Activity(r.user_id, r.type, r.occurred_at, r.attributes) for r in rows),
+            rows,
             rule_set,
             caps,
         )

@@ -20,7 +20,7 @@ from decimal import (
     Overflow,
 )
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from loyalty.domain.errors import InvalidRules, Problem
 from loyalty.domain.ranks import Rank, RankLadder, is_int, ladder_order_problems
@@ -539,14 +539,7 @@ def weigh(activity: Activity, rule: Rule) -> tuple[Decimal, Decimal]:
     """
     if activity.event_type != rule.event_type:
         raise ValueError("rule does not apply to this activity's event type")
-    factor = _ONE
-    for multiplier in rule.multipliers:
-        if multiplier.matches(activity.attributes):
-            factor = _EXACT.multiply(factor, multiplier.factor)
-    return (
-        _EXACT.multiply(rule.currency, factor),
-        _EXACT.multiply(rule.rank_points, factor),
-    )
+    return weigh_parts(rule, activity.attributes)
 
 
 class CapCounter(Mapping[CapKey, int]):
@@ -634,8 +627,66 @@ class _Tally:
     capped: int = 0
 
 
+class ActivityLike(Protocol):
+    """What :func:`aggregate` reads of an activity (an :class:`Activity`, or any row
+    with these attributes; ``occurred_at`` must be timezone-aware)."""
+
+    @property
+    def user_id(self) -> str: ...
+    @property
+    def event_type(self) -> str: ...
+    @property
+    def occurred_at(self) -> datetime: ...
+    @property
+    def attributes(self) -> Mapping[str, Any]: ...
+
+
+_MISSING: Final = object()
+
+
+def _signature(attributes: Mapping[str, Any], keys: tuple[str, ...]) -> tuple[Any, ...]:
+    """What a rule's multipliers can see of ``attributes``: for each key they test, the
+    value with its type (so True and 1 never share a memo entry)."""
+    out: list[Any] = []
+    for key in keys:
+        value = attributes.get(key, _MISSING)
+        if value is _MISSING or value is None or isinstance(value, str | int | float | bool):
+            out.append((type(value), value))
+        else:  # a list or an object never equals a multiplier's scalar
+            out.append((object, None))
+    return tuple(out)
+
+
+class _Weigher:
+    """weigh() with the result memoized per rule and attribute signature: exact and
+    identical to weighing each event, without Decimal work per event."""
+
+    def __init__(self, rule: Rule) -> None:
+        self.rule = rule
+        self.keys = tuple(sorted({k for m in rule.multipliers for k in m.when}))
+        self.constant = None if self.keys else weigh_parts(rule, {})
+        self.memo: dict[tuple[Any, ...], tuple[Decimal, Decimal]] = {}
+
+    def __call__(self, attributes: Mapping[str, Any]) -> tuple[Decimal, Decimal]:
+        if self.constant is not None:
+            return self.constant
+        signature = _signature(attributes, self.keys)
+        found = self.memo.get(signature)
+        if found is None:
+            found = self.memo[signature] = weigh_parts(self.rule, attributes)
+        return found
+
+
+def weigh_parts(rule: Rule, attributes: Mapping[str, Any]) -> tuple[Decimal, Decimal]:
+    factor = _ONE
+    for multiplier in rule.multipliers:
+        if multiplier.matches(attributes):
+            factor = _EXACT.multiply(factor, multiplier.factor)
+    return _EXACT.multiply(rule.currency, factor), _EXACT.multiply(rule.rank_points, factor)
+
+
 def aggregate(
-    activities: Iterable[Activity], rule_set: RuleSet, caps: CapCounter
+    activities: Iterable[ActivityLike], rule_set: RuleSet, caps: CapCounter
 ) -> AggregationResult:
     """Weigh and sum ``activities`` per member, in input order, applying daily caps.
 
@@ -644,24 +695,36 @@ def aggregate(
     member, the exact decimal sum is rounded down once, at the end.
     """
     tallies: dict[str, _Tally] = {}
+    weighers: dict[str, _Weigher | None] = {}
+    add = _EXACT.add
     for activity in activities:
-        tally = tallies.get(activity.user_id)
+        user_id = activity.user_id
+        tally = tallies.get(user_id)
         if tally is None:
-            tally = tallies[activity.user_id] = _Tally()
+            tally = tallies[user_id] = _Tally()
         tally.events += 1
-        rule = rule_set.rules.get(activity.event_type)
-        if rule is None:
+        event_type = activity.event_type
+        weigher = weighers.get(event_type, _MISSING)
+        if weigher is _MISSING:
+            rule = rule_set.rules.get(event_type)
+            weigher = weighers[event_type] = None if rule is None else _Weigher(rule)
+        if weigher is None:
             tally.ignored += 1
             continue
-        if rule.daily_cap is not None:
-            key: CapKey = (activity.user_id, activity.event_type, activity.utc_day)
-            if caps.count(key) >= rule.daily_cap:
+        assert isinstance(weigher, _Weigher)
+        cap = weigher.rule.daily_cap
+        if cap is not None:
+            occurred = activity.occurred_at
+            if occurred.utcoffset() is None:
+                raise ValueError("occurred_at must be timezone-aware")
+            key: CapKey = (user_id, event_type, occurred.astimezone(UTC).date())
+            if caps.count(key) >= cap:
                 tally.capped += 1
                 continue
             caps.increment(key)
-        currency, rank_points = weigh(activity, rule)
-        tally.currency = _EXACT.add(tally.currency, currency)
-        tally.rank_points = _EXACT.add(tally.rank_points, rank_points)
+        currency, rank_points = weigher(activity.attributes)
+        tally.currency = add(tally.currency, currency)
+        tally.rank_points = add(tally.rank_points, rank_points)
 
     drafts = {
         user_id: AwardDraft(

@@ -22,6 +22,7 @@ from loyalty.application.pipeline import Pipeline
 from loyalty.config import Settings
 from loyalty.domain.member import Member
 from loyalty.domain.rules import DEFAULT_RULES_WIRE, Activity, CapCounter, aggregate
+from tests.conftest import drain_with
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 
@@ -112,7 +113,7 @@ def test_ingest_to_balance_with_caps_multipliers_and_unknown_types(
     ]
     ingest(db, events)
     pipeline = make_pipeline(db, members)
-    assert pipeline.drain(range(16)) == 8
+    assert drain_with(pipeline, db) == 8
     assert balances(members, ["alice", "bob"]) == {"alice": (17, 32), "bob": (20, 50)}
     with pytest.raises(AggregateNotFoundError):
         members.repository.get(Member.create_id("carol"))  # nothing earned: no account
@@ -144,7 +145,7 @@ def test_windows_and_caps_across_windows_give_the_whole_total(
     events = random_events(600, 12, seed=1)
     ingest(db, events)
     pipeline = make_pipeline(db, members, chunk=7)  # many small windows per member
-    assert pipeline.drain(range(16)) == 600
+    assert drain_with(pipeline, db) == 600
     got = balances(members, sorted(expected(events)))
     want = expected(events)
     # Integral weights (no 1.5 multiplier here): windows must not change any total.
@@ -169,7 +170,7 @@ def test_a_crash_at_any_step_neither_loses_nor_doubles(
             fresh = Members(env=event_store_env(db.settings))
             crashy = make_pipeline(db, fresh, chunk=25, crash_at=step if crashes < 10 else "")
     assert crashes >= 5
-    make_pipeline(db, members, chunk=25).drain(range(16))
+    drain_with(make_pipeline(db, members, chunk=25), db)
     want = expected(events)
     assert balances(members, sorted(want)) == want
     assert PipelineStore(db).totals()[0] == 300
@@ -196,7 +197,7 @@ def test_a_late_committing_ingest_is_still_awarded(
         slow.commit()
     finally:
         slow.close()
-    pipeline.drain(range(16))
+    drain_with(pipeline, db)
     assert balances(members, ["late"]) == {"late": (21, 51)}
 
 
