@@ -171,11 +171,13 @@ class Accounts:
         return applied
 
     def _award_group(self, group: Sequence[AwardCommand], ranks: RankLadder) -> int:
-        members: list[Any] = []
+        members: dict[str, Any] = {}  # a member twice in a group is loaded once
         applied = 0
         for cmd in group:
             member_id = Member.create_id(cmd.user_id)
-            if member_id in self._absent:
+            if cmd.user_id in members:
+                member = members[cmd.user_id]
+            elif member_id in self._absent:
                 self._absent.discard(member_id)  # if it exists after all, save conflicts
                 member = Member(user_id=cmd.user_id)
             else:
@@ -189,12 +191,12 @@ class Accounts:
                 ranks,
             ):
                 applied += 1
-                members.append(member)
+                members[cmd.user_id] = member
         if members:
             try:
-                self.app.save(*members)
+                self.app.save(*members.values())
             except IntegrityError:
-                self._evict([m.user_id for m in members])
+                self._evict(list(members))
                 raise
         return applied
 
