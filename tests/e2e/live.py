@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,11 +50,13 @@ def create_key(database_url: str, role: str, name: str) -> str:
 def serve(database_url: str, *args: str, cwd: Path | None = None) -> Iterator[str]:
     """``loyalty serve`` on a free port; yields its base URL once /healthz answers."""
     port = free_port()
+    # output to a file, not a pipe nobody reads (a chatty server would block on it)
+    log = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen(
         [*LOYALTY, "serve", "--port", str(port), *args],
         env=env_for(database_url),
         cwd=cwd,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
     )
@@ -62,7 +65,8 @@ def serve(database_url: str, *args: str, cwd: Path | None = None) -> Iterator[st
         deadline = time.monotonic() + 60
         while True:
             if proc.poll() is not None:
-                raise AssertionError(f"server exited: {proc.stdout.read() if proc.stdout else ''}")
+                log.seek(0)
+                raise AssertionError(f"server exited: {log.read()}")
             try:
                 if httpx.get(base + "/healthz", timeout=1).status_code == 200:
                     break
@@ -79,3 +83,4 @@ def serve(database_url: str, *args: str, cwd: Path | None = None) -> Iterator[st
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.close()
