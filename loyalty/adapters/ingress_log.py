@@ -109,6 +109,40 @@ def _copy(raw: psycopg.Connection[Any], table: str, records: Sequence[IngressRec
             )
 
 
+def create_day_partition(db: Database, day: date) -> bool:
+    """Create ``day``'s partition unless it exists; True if created. CREATE TABLE and
+    ATTACH PARTITION (SHARE UPDATE EXCLUSIVE on the parent) rather than CREATE TABLE ...
+    PARTITION OF, which takes an ACCESS EXCLUSIVE lock and would stall every ingest
+    queued behind it. Serialized per day by an advisory lock."""
+    name = partition_name(day)
+    with db.write() as conn:
+        conn.execute(
+            sa.text("SELECT pg_advisory_xact_lock(:ns, :day)"),
+            {"ns": PARTITION_LOCK_NS, "day": day.toordinal()},
+        )
+        if conn.execute(sa.text("SELECT to_regclass(:n)"), {"n": name}).scalar() is not None:
+            return False  # exists (or a detached leftover: retention deals with it)
+        raw = psycopg_connection(conn)
+        ident = sql.Identifier(name)
+        raw.execute(
+            sql.SQL("CREATE TABLE {} (LIKE ingress_events INCLUDING DEFAULTS)").format(ident)
+        )
+        raw.execute(
+            sql.SQL("CREATE UNIQUE INDEX {} ON {} (source, event_id)").format(
+                sql.Identifier(name + "_dedup"), ident
+            )
+        )
+        raw.execute(attach_partition_sql(day))
+    return True
+
+
+def attach_partition_sql(day: date) -> sql.Composed:
+    lower, upper = day_start(day), day_start(day + timedelta(days=1))
+    return sql.SQL(
+        "ALTER TABLE ingress_events ATTACH PARTITION {} FOR VALUES FROM ({}) TO ({})"
+    ).format(sql.Identifier(partition_name(day)), sql.Literal(lower), sql.Literal(upper))
+
+
 class PostgresIngressLog:
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -124,27 +158,7 @@ class PostgresIngressLog:
             self._known_days |= missing
 
     def _create_partition(self, day: date) -> None:
-        name = partition_name(day)
-        lower, upper = day_start(day), day_start(day + timedelta(days=1))
-        with self._db.write() as conn:
-            conn.execute(
-                sa.text("SELECT pg_advisory_xact_lock(:ns, :day)"),
-                {"ns": PARTITION_LOCK_NS, "day": day.toordinal()},
-            )
-            exists = conn.execute(sa.text("SELECT to_regclass(:n)"), {"n": name}).scalar()
-            if exists is not None:
-                return
-            raw = psycopg_connection(conn)
-            raw.execute(
-                sql.SQL(
-                    "CREATE TABLE {} PARTITION OF ingress_events FOR VALUES FROM ({}) TO ({})"
-                ).format(sql.Identifier(name), sql.Literal(lower), sql.Literal(upper))
-            )
-            raw.execute(
-                sql.SQL("CREATE UNIQUE INDEX {} ON {} (source, event_id)").format(
-                    sql.Identifier(name + "_dedup"), sql.Identifier(name)
-                )
-            )
+        create_day_partition(self._db, day)
 
     def partitions(self) -> list[date]:
         with self._db.read() as conn:

@@ -176,7 +176,10 @@ class ShardLeases:
 
     def release_all(self) -> None:
         if self._conn is not None:
-            self._conn.close()  # session advisory locks end with the session
+            # Session advisory locks end with the session: discard the connection rather
+            # than return it to the pool, where the session (and its locks) would live on.
+            self._conn.invalidate()
+            self._conn.close()
             self._conn = None
         for handle in self._files.values():
             fcntl.flock(handle, fcntl.LOCK_UN)

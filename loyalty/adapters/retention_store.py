@@ -31,7 +31,8 @@ from psycopg import sql
 
 from loyalty.adapters.db import Database, psycopg_connection
 from loyalty.adapters.ingress_log import (
-    PARTITION_LOCK_NS,
+    attach_partition_sql,
+    create_day_partition,
     day_start,
     partition_name,
     sqlite_timestamp,
@@ -133,34 +134,11 @@ class PostgresRetentionStore:
         for day in sorted(days):
             if states.get(day) == "attached":
                 continue
-            name = partition_name(day)
-            with self._db.write() as conn:
-                conn.execute(
-                    sa.text("SELECT pg_advisory_xact_lock(:ns, :day)"),
-                    {"ns": PARTITION_LOCK_NS, "day": day.toordinal()},
-                )
-                if conn.execute(sa.text("SELECT to_regclass(:n)"), {"n": name}).scalar():
-                    continue  # created meanwhile (or a detached leftover: handled by expiry)
-                raw = psycopg_connection(conn)
-                ident = sql.Identifier(name)
-                raw.execute(
-                    sql.SQL("CREATE TABLE {} (LIKE ingress_events INCLUDING DEFAULTS)").format(
-                        ident
-                    )
-                )
-                raw.execute(
-                    sql.SQL("CREATE UNIQUE INDEX {} ON {} (source, event_id)").format(
-                        sql.Identifier(name + "_dedup"), ident
-                    )
-                )
-                raw.execute(self._attach_sql(day))
+            create_day_partition(self._db, day)
 
     @staticmethod
     def _attach_sql(day: date) -> sql.Composed:
-        lower, upper = day_start(day), day_start(day + timedelta(days=1))
-        return sql.SQL(
-            "ALTER TABLE ingress_events ATTACH PARTITION {} FOR VALUES FROM ({}) TO ({})"
-        ).format(sql.Identifier(partition_name(day)), sql.Literal(lower), sql.Literal(upper))
+        return attach_partition_sql(day)
 
     def expired_days(self, cutoff: date) -> list[date]:
         return sorted(day for day in self._states() if day < cutoff)
