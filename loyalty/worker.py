@@ -69,6 +69,7 @@ def build_pipeline(
         chunk=settings.pipeline_chunk,
         metrics=metrics,
         forgotten_at=markers.forgotten_at,
+        forgotten_any=markers.any,
     )
 
 

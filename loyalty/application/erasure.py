@@ -104,6 +104,10 @@ class MarkerCache:
                     self._expires = time.monotonic() + self._refresh
         return self._by_hash
 
+    def any(self) -> bool:
+        """Whether any member has a marker (most of the time: none)."""
+        return bool(self._current())
+
     def invalidate(self) -> None:
         self._expires = 0.0
 

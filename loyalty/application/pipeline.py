@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from loyalty.application.accounts import Accounts, AwardCommand
@@ -97,8 +97,10 @@ class Pipeline:
         crash_hook: Callable[[str], None] | None = None,
         metrics: PipelineMetrics | None = None,
         forgotten_at: Callable[[str], datetime | None] | None = None,
+        forgotten_any: Callable[[], bool] | None = None,
     ) -> None:
         self._reader = reader
+        self._forgotten_any = forgotten_any
         self.metrics = metrics
         self._state = state
         self._rules = rules
@@ -107,6 +109,11 @@ class Pipeline:
         # Tests inject crashes between steps; production leaves this None.
         self._crash_hook = crash_hook or (lambda _step: None)
         self._forgotten_at = forgotten_at
+
+    def _any_forgotten(self) -> bool:
+        if self._forgotten_at is None:
+            return False
+        return self._forgotten_any() if self._forgotten_any is not None else True
 
     def _was_forgotten(self, row: IngressRow) -> bool:
         assert self._forgotten_at is not None
@@ -129,12 +136,13 @@ class Pipeline:
         self._crash_hook("window_noted")
         rule_set = self._rules.current()
         window_size = len(rows)
-        if self._forgotten_at is not None:  # events of forgotten members that slipped in
+        if self._any_forgotten():  # events of forgotten members that slipped in
             rows = [r for r in rows if not self._was_forgotten(r)]
+        capped_types = {t for t, rule in rule_set.rules.items() if rule.daily_cap is not None}
         capped_keys = {
-            (r.user_id, r.event_type, r.occurred_at.date())
+            (r.user_id, r.event_type, r.occurred_at.astimezone(UTC).date())
             for r in rows
-            if (rule := rule_set.rule_for(r.event_type)) is not None and rule.daily_cap is not None
+            if r.event_type in capped_types
         }
         caps = CapCounter(self._state.load_caps(capped_keys))
         result = aggregate(
