@@ -9,7 +9,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 export LOYALTY_DATABASE_URL ?= sqlite:///./var/loyalty.db
 
-.PHONY: install serve test test-fast lint format bench bench-quick clean
+.PHONY: install serve test test-fast lint format bench bench-quick soak clean
 
 install: $(STAMP)
 
@@ -35,11 +35,24 @@ format: install
 	$(BIN)/ruff format loyalty tests benchmarks
 	$(BIN)/ruff check --fix loyalty tests benchmarks
 
-bench: install
+# The benchmarks need the `bench` extra (matplotlib for the chart, granian, py-spy);
+# installed once, again only when pyproject.toml changes.
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.run --full
 
-bench-quick: install
+bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.run --quick
+
+# 10 minutes of mixed traffic at 70% of measured capacity, a worker kill -9 halfway;
+# exact balances against the load generator's tally (benchmarks/results/soak.json).
+soak: install
+	$(BIN)/python -m benchmarks.soak --duration 600
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

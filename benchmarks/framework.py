@@ -27,7 +27,8 @@ Write a function that takes the :class:`Context` and returns one dict, register 
 expression over the result's keys; the framework adds ``"met": true|false``.
 
 Helpers on :class:`Context`: ``pick(quick=, full=)``, ``pg_url`` (one fresh PostgreSQL
-database per run, migrated, dropped at the end), ``create_key``, ``memo(key, fn)`` to
+database per run, migrated, dropped at the end), ``new_pg_database(label)`` (another
+such database, for a benchmark that needs data of its own), ``create_key``, ``memo(key, fn)`` to
 share an expensive measurement between benchmarks, ``result_of(name)`` to use another
 benchmark's result as a baseline (it is run first if it has not been), ``tmp_dir``.
 Benchmarks run in ``order``; ``--only a,b`` runs just those (plus what they ask for).
@@ -98,7 +99,7 @@ def benchmark(name: str, *, order: int = 100) -> Callable[[BenchFn], BenchFn]:
 
 def admin(sql: str, url: str = PG_ADMIN_URL) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(sql)  # type: ignore[arg-type]
+        conn.execute(sql)
 
 
 def pg_url_for(name: str, admin_url: str = PG_ADMIN_URL) -> str:
@@ -115,6 +116,7 @@ class Context:
     _pg_name: str | None = None
     _tmp: Path | None = None
     _db: Database | None = None
+    _extra_dbs: list[str] = field(default_factory=list)
 
     # -- sizing ----------------------------------------------------------------------
     def pick(self, *, quick: T, full: T) -> T:
@@ -134,6 +136,20 @@ class Context:
             finally:
                 db.dispose()
         return pg_url_for(self._pg_name, self.admin_url)
+
+    def new_pg_database(self, label: str) -> str:
+        """Another fresh, migrated PostgreSQL database for this run (dropped at the end),
+        for a benchmark that needs its own data; returns its URL."""
+        name = f"loyalty_bench_{os.getpid()}_{label}_{uuid.uuid4().hex[:6]}"
+        admin(f'CREATE DATABASE "{name}"', self.admin_url)
+        self._extra_dbs.append(name)
+        url = pg_url_for(name, self.admin_url)
+        db = Database(Settings(database_url=url))
+        try:
+            migrate(db)
+        finally:
+            db.dispose()
+        return url
 
     @property
     def db(self) -> Database:
@@ -162,6 +178,9 @@ class Context:
         if self._pg_name is not None:
             admin(f'DROP DATABASE IF EXISTS "{self._pg_name}" WITH (FORCE)', self.admin_url)
             self._pg_name = None
+        while self._extra_dbs:
+            name = self._extra_dbs.pop()
+            admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', self.admin_url)
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
@@ -255,7 +274,8 @@ def write_results(results: list[Result], mode: Mode, path: Path | None = None) -
 
 
 def write_chart(results: list[Result], path: Path | None = None) -> Path:
-    """One horizontal bar per benchmark: its ratio to the same-run baseline."""
+    """One horizontal bar per benchmark: its ratio to the same-run baseline (a figure
+    without a baseline is listed with its value and target, without a bar)."""
     try:
         import matplotlib
     except ImportError:
@@ -266,28 +286,43 @@ def write_chart(results: list[Result], path: Path | None = None) -> Path:
 
     path = path or RESULTS_DIR / "latest.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [r for r in results if isinstance(r.get("ratio"), int | float)]
-    fig, ax = plt.subplots(figsize=(10, 0.7 * max(len(rows), 2) + 1.4))
+    rows = [r for r in results if "error" not in r]
+    fig, ax = plt.subplots(figsize=(11, 0.7 * max(len(rows), 2) + 1.4))
     names = [r["name"] for r in rows]
-    ratios = [float(r["ratio"]) for r in rows]
+    # A figure without a same-run baseline (end_to_end_lag) gets no bar, only its label.
+    ratios = [float(r["ratio"]) if isinstance(r.get("ratio"), int | float) else 0.0 for r in rows]
     colors = [
         "tab:green" if r.get("met") is True else "tab:red" if r.get("met") is False else "tab:blue"
         for r in rows
     ]
     ax.barh(names, ratios, color=colors)
     ax.invert_yaxis()
-    if ratios and max(ratios) / max(min(ratios), 1e-9) > 50:
+    shown = [x for x in ratios if x > 0]
+    if shown and max(shown) / max(min(shown), 1e-9) > 50:
         ax.set_xscale("log")
     ax.axvline(1.0, color="grey", linewidth=0.8, linestyle="--")
     for i, r in enumerate(rows):
-        label = (
-            f"  {r['value']:,.0f} {r.get('unit', '')} vs {r.get('baseline')} "
-            f"{r['baseline_value']:,.0f}  (x{float(r['ratio']):.2f})"
+        value = r.get("value")
+        text = f"{value:,.{1 if isinstance(value, float) and abs(value) < 100 else 0}f}"
+        if ratios[i] > 0:
+            label = (
+                f"  {text} {r.get('unit', '')} vs {r.get('baseline')} "
+                f"{r['baseline_value']:,.0f}  (x{ratios[i]:.2f})"
+            )
+        else:
+            label = f"  {text} {r.get('unit', '')} (no baseline; target: {r.get('target', '-')})"
+        if r.get("met") is not None:
+            label += "  met" if r.get("met") is True else "  MISSED"
+        ax.text(
+            ratios[i] if ratios[i] > 0 else (min(shown) if shown else 1.0),
+            i,
+            label,
+            va="center",
+            fontsize=8,
         )
-        ax.text(ratios[i], i, label, va="center", fontsize=8)
     ax.set_xlabel("ratio to the same-run baseline (green: target met, red: missed)")
     ax.set_title("loyalty benchmarks")
-    ax.margins(x=0.9)
+    ax.margins(x=1.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -14,7 +14,7 @@ import sys
 
 from benchmarks.framework import REGISTRY, Context, write_chart, write_results
 
-MODULES = ["benchmarks.ingest"]
+MODULES = ["benchmarks.ingest", "benchmarks.earn", "benchmarks.accounts", "benchmarks.expiry"]
 
 
 def main(argv: list[str] | None = None) -> int:
