@@ -31,6 +31,18 @@ class Settings(BaseSettings):
     max_batch_events: int = Field(10_000, ge=1, description="events per ingress batch")
     max_batch_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="bytes per batch body")
     max_attributes_bytes: int = Field(4096, ge=2, description="bytes of one event's attributes")
+    max_request_bytes: int = Field(
+        1024 * 1024, ge=1024, description="bytes of any other request body (413 above)"
+    )
+    ingest_rate_limit_events_per_s: float = Field(
+        200_000.0, ge=0, description="events per second one ingest key may send (0: no limit)"
+    )
+    ingest_rate_limit_burst: int = Field(
+        400_000,
+        ge=0,
+        description="events one ingest key may send at once after a pause "
+        "(at least max_batch_events is always allowed)",
+    )
     future_skew_seconds: int = Field(300, ge=0, description="how far in the future is accepted")
     auth_cache_seconds: float = Field(
         5.0, ge=0, description="how long a verified key is trusted before it is re-read"

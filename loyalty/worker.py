@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+import psycopg
 import sqlalchemy as sa
 from eventsourcing.persistence import PersistenceError
 
@@ -35,6 +36,8 @@ RETRY_ERRORS: tuple[type[BaseException], ...] = (
     sa.exc.TimeoutError,
     DatabaseUnavailable,
     PersistenceError,
+    psycopg.OperationalError,  # raised unwrapped where we use the driver directly (COPY)
+    psycopg.InterfaceError,
     MemberBeingErased,  # a forget-me is under way: retry the window when it is done
 )
 
@@ -109,6 +112,8 @@ class ForgetRunner:
                     self._service.run_pending()
             except RETRY_ERRORS as exc:
                 log.warning("forget runner paused (%s)", type(exc).__name__)
+            except Exception:  # a bug in one request must not stop forget-me for good
+                log.exception("forget runner failed; retrying")
             self.stop_event.wait(self._interval)
         self._leases.release_all()
 

@@ -57,6 +57,8 @@ def _hash(secret: str) -> str:
 
 
 class KeyStore:
+    MAX_CACHED = 10_000
+
     def __init__(self, db: Database, cache_seconds: float = 5.0) -> None:
         self._db = db
         self._cache_seconds = cache_seconds
@@ -119,6 +121,12 @@ class KeyStore:
         if cached is None or cached[0] < now:
             cached = (now + self._cache_seconds, *self._load(key_id))
             with self._lock:
+                if len(self._cache) >= self.MAX_CACHED and key_id not in self._cache:
+                    # Random key ids (no key needed to send them) must not grow the
+                    # cache without bound: drop what expired, or everything.
+                    self._cache = {k: v for k, v in self._cache.items() if v[0] >= now}
+                    if len(self._cache) >= self.MAX_CACHED:
+                        self._cache = {}
                 self._cache[key_id] = cached
         _, stored_hash, principal = cached
         # Compare even when the key is unknown, so timing does not tell the two apart.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -152,18 +153,32 @@ class ShardLeases:
     def __init__(self, db: Database) -> None:
         self._db = db
         self._conn: sa.Connection | None = None
+        self._held: set[int] = set()
         self._files: dict[int, IO[bytes]] = {}
 
     def try_acquire(self, shard: int) -> bool:
+        """Take the shard's lease (True also when this object already holds it). If the
+        lease connection is lost (the database restarted), every lease it held is gone:
+        the error is raised and the next calls take the leases anew."""
         if self._db.backend == "postgresql":
-            if self._conn is None:
-                self._conn = self._db.engine.connect()
-            got = self._conn.execute(
-                sa.text("SELECT pg_try_advisory_lock(:ns, :shard)"),
-                {"ns": SHARD_LEASE_NS, "shard": shard},
-            ).scalar()
-            self._conn.commit()
+            if shard in self._held:
+                return True
+            try:
+                if self._conn is None:
+                    self._conn = self._db.engine.connect()
+                got = self._conn.execute(
+                    sa.text("SELECT pg_try_advisory_lock(:ns, :shard)"),
+                    {"ns": SHARD_LEASE_NS, "shard": shard},
+                ).scalar()
+                self._conn.commit()
+            except Exception:
+                self._discard_connection()
+                raise
+            if got:
+                self._held.add(shard)
             return bool(got)
+        if shard in self._files:
+            return True
         path = self._db.settings.sqlite_path
         handle = open(path.with_name(f"{path.name}.shard-{shard}.lock"), "a+b")  # noqa: SIM115
         try:
@@ -174,13 +189,18 @@ class ShardLeases:
         self._files[shard] = handle
         return True
 
-    def release_all(self) -> None:
+    def _discard_connection(self) -> None:
+        # Session advisory locks end with the session: discard the connection rather
+        # than return it to the pool, where the session (and its locks) would live on.
+        self._held.clear()
         if self._conn is not None:
-            # Session advisory locks end with the session: discard the connection rather
-            # than return it to the pool, where the session (and its locks) would live on.
-            self._conn.invalidate()
-            self._conn.close()
-            self._conn = None
+            conn, self._conn = self._conn, None
+            with contextlib.suppress(Exception):
+                conn.invalidate()
+                conn.close()
+
+    def release_all(self) -> None:
+        self._discard_connection()
         for handle in self._files.values():
             fcntl.flock(handle, fcntl.LOCK_UN)
             handle.close()

@@ -19,12 +19,13 @@ from loyalty.adapters.read_models import ReadModels
 from loyalty.adapters.rules_store import RulesStore
 from loyalty.api import problems
 from loyalty.api.deps import Container
+from loyalty.api.guards import BodyGuardMiddleware, RateLimiter, SecurityHeadersMiddleware
 from loyalty.api.routes import forget as forget_routes
 from loyalty.api.routes import health, ingress, operations
 from loyalty.api.routes import members as member_routes
 from loyalty.api.routes import metrics as metrics_routes
 from loyalty.api.routes import storage as storage_routes
-from loyalty.api.schemas import Batch, Problem, RulesBody
+from loyalty.api.schemas import Batch, Problem, RulesBody, RulesRequest
 from loyalty.application.accounts import Accounts, Members, Spending
 from loyalty.application.ingress import IngestService
 from loyalty.config import Settings
@@ -90,6 +91,10 @@ def build_container(
         read_models=ReadModels(db),
         metrics=metrics,
         forget=build_forget_service(db, accounts, clock=clock),
+        ingest_limiter=RateLimiter(
+            settings.ingest_rate_limit_events_per_s,
+            max(settings.ingest_rate_limit_burst, settings.max_batch_events),
+        ),
     )
 
 
@@ -131,7 +136,9 @@ def create_app(
     app.include_router(metrics_routes.router)
     app.include_router(storage_routes.router)
     # Request ids outermost, so that everything (metrics, handlers, errors) logs with one.
+    app.add_middleware(BodyGuardMiddleware, limit=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=container.metrics)
+    app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(RequestIdMiddleware)
 
     def openapi() -> dict[str, Any]:
@@ -140,11 +147,12 @@ def create_app(
                 title=app.title, version=app.version, description=app.description, routes=app.routes
             )
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (Batch, Problem, RulesBody):
+            for model in (Batch, Problem, RulesBody, RulesRequest):
                 model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(model_schema.pop("$defs", {}))
                 components[model.__name__] = model_schema
             components["Batch"]["examples"] = [BATCH_EXAMPLE]
+            problems.document_problems(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated
 
@@ -15,6 +15,7 @@ from loyalty.adapters.keys import KeyStore, Principal, Role
 from loyalty.adapters.pipeline_store import PipelineStore
 from loyalty.adapters.read_models import ReadModels
 from loyalty.adapters.rules_store import RulesStore
+from loyalty.api.guards import RateLimiter
 from loyalty.api.problems import ApiProblem
 from loyalty.application.accounts import Accounts, Spending
 from loyalty.application.erasure import ForgetService
@@ -39,6 +40,7 @@ class Container:
     read_models: ReadModels
     metrics: Metrics
     forget: ForgetService
+    ingest_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0.0, 0.0))
 
 
 def get_container(request: Request) -> Container:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import eventsourcing.persistence as es
+import psycopg
 import sqlalchemy as sa
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -110,6 +112,36 @@ def validation_errors(errors: Iterable[Any]) -> list[dict[str, str]]:
     return out
 
 
+# The database is gone or going: through SQLAlchemy, the event store, or psycopg itself
+# (COPY runs on the driver's connection; its errors arrive unwrapped).
+_UNAVAILABLE = (
+    DatabaseUnavailable,
+    sa.exc.OperationalError,
+    sa.exc.InterfaceError,
+    es.OperationalError,
+    es.InterfaceError,
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+)
+
+
+def _read_only(exc: BaseException) -> bool:
+    """A write refused because the database is read-only (PostgreSQL's
+    ``default_transaction_read_only``, a hot standby; SQLite's read-only file), however
+    it is wrapped."""
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            return False
+        if isinstance(seen, psycopg.errors.ReadOnlySqlTransaction):
+            return True
+        if isinstance(seen, sqlite3.OperationalError) and "readonly" in str(seen):
+            return True
+        orig = getattr(seen, "orig", None)
+        seen = orig if isinstance(orig, BaseException) else seen.__cause__
+    return False
+
+
 def to_problem(exc: Exception) -> ApiProblem:
     """Map every error we know to a problem; anything else is a bug and re-raised."""
     if isinstance(exc, ApiProblem):
@@ -127,14 +159,14 @@ def to_problem(exc: Exception) -> ApiProblem:
         return ApiProblem(422, "validation_error", errors=validation_errors(exc.errors()))
     if isinstance(exc, StarletteHTTPException):
         return ApiProblem(exc.status_code, detail=str(exc.detail), headers=dict(exc.headers or {}))
-    if isinstance(
-        exc,
-        DatabaseUnavailable
-        | sa.exc.OperationalError
-        | sa.exc.InterfaceError
-        | es.OperationalError
-        | es.InterfaceError,
-    ):
+    if _read_only(exc):
+        return ApiProblem(
+            503,
+            "database_read_only",
+            "the database refuses writes; retry later",
+            headers={"Retry-After": "5"},
+        )
+    if isinstance(exc, _UNAVAILABLE):
         return ApiProblem(
             503,
             "database_unavailable",
@@ -171,6 +203,64 @@ def install(app: FastAPI, extra: Sequence[type[Exception]] = ()) -> None:
         es.OperationalError,
         es.InterfaceError,
         es.IntegrityError,
+        es.InternalError,  # read-only database (anything else: re-raised, a 500)
+        sa.exc.InternalError,
+        psycopg.Error,
         *extra,
     ):
         app.add_exception_handler(exc_type, handle)
+
+
+# ------------------------------------------------------------------ OpenAPI document
+
+PROBLEM_REF = "#/components/schemas/Problem"
+_NO_DATABASE = {"/healthz", "/metrics"}  # answer without touching the database
+_COMMON = {
+    400: "malformed request (e.g. not JSON)",
+    401: "missing or invalid API key",
+    403: "the key's role may not do this",
+    413: "request body too large",
+    415: "not application/json, or a compressed body",
+    422: "invalid parameters or body",
+    503: "database unavailable or busy; retry after Retry-After seconds",
+}
+_RETRY_AFTER = {
+    "Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}},
+}
+
+
+def _problem_response(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {PROBLEM_JSON: {"schema": {"$ref": PROBLEM_REF}}},
+    }
+
+
+def document_problems(schema: dict[str, Any]) -> None:
+    """Make an OpenAPI document say what :func:`install`'s handler answers: every error
+    is ``application/problem+json`` with the ``Problem`` schema (never FastAPI's
+    ``HTTPValidationError``), secured operations may answer 401/403, operations with a
+    body 400/413/415/422, with parameters 422, and every one that reaches the database
+    503. Routes keep their own, more precise descriptions."""
+    for path, operations in schema.get("paths", {}).items():
+        for operation in operations.values():
+            responses: dict[str, Any] = operation.setdefault("responses", {})
+            wanted: set[int] = set()
+            if operation.get("security"):
+                wanted |= {401, 403}
+            if "requestBody" in operation:
+                wanted |= {400, 413, 415, 422}
+            if operation.get("parameters"):
+                wanted.add(422)
+            if path not in _NO_DATABASE:
+                wanted.add(503)
+            for code in sorted(wanted):
+                responses.setdefault(str(code), _problem_response(_COMMON[code]))
+            for status, response in responses.items():
+                if status[:1] in ("4", "5"):
+                    response["content"] = {PROBLEM_JSON: {"schema": {"$ref": PROBLEM_REF}}}
+                    if status in ("429", "503"):
+                        response.setdefault("headers", _RETRY_AFTER)
+    components = schema.get("components", {}).get("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components.pop(unused, None)

@@ -60,7 +60,7 @@ class Batch(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    batch_id: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
+    batch_id: Identifier | None = None
     events: list[IngressEvent]
 
 
@@ -131,6 +131,16 @@ class RulesBody(BaseModel):
     version: int
     rules: list[RuleBody]
     ranks: list[RankBody]
+
+
+class RulesRequest(BaseModel):
+    """The body of PUT /v1/rules: a new version of the rules and rank ladder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rules: list[RuleBody] = []
+    ranks: list[RankBody] = []
+    version: int | None = Field(None, description="ignored: the store numbers versions")
 
 
 class PipelineBody(BaseModel):
@@ -312,6 +322,9 @@ OPENAPI_EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
         "completed_at": "2026-11-26T10:00:02Z",
         "erased": {"member_events": 12, "member_balances": 1, "ingress_events": 40},
     },
+}
+OPENAPI_EXAMPLES[RulesRequest] = {
+    k: v for k, v in OPENAPI_EXAMPLES[RulesBody].items() if k != "version"
 }
 for _model, _example in OPENAPI_EXAMPLES.items():
     _model.model_config["json_schema_extra"] = {"examples": [_example]}

@@ -195,7 +195,12 @@ class Accounts:
         if members:
             try:
                 self.app.save(*members.values())
-            except IntegrityError:
+            except Exception:
+                # The worker's cache hands out its own copies (no deep copy): a save that
+                # failed for any reason (a conflict, or the database gone mid-commit)
+                # leaves them ahead of the store. Evict them, or the retried window would
+                # find its award ids "seen" (a lost award) and the next save would leave
+                # a gap in the stream (an unreadable account).
                 self._evict(list(members))
                 raise
         return applied

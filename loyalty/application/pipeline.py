@@ -222,6 +222,9 @@ class Worker:
                 self._sample_lag()
                 backoff = 0.5
             except self._retry_errors as exc:
+                # Leases live in a database session: take them again (a no-op for those
+                # still held), so that a lease lost with the session is never assumed.
+                self._owned.clear()
                 log.warning(
                     "pipeline paused (%s: %s); retrying in %.1fs",
                     type(exc).__name__,

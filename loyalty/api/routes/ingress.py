@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, NotRequired
@@ -13,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from typing_extensions import TypedDict
 
 from loyalty.api.deps import Container, ContainerDep, IngestKey
+from loyalty.api.guards import RateLimiter, has_duplicate_keys, keys_counted
 from loyalty.api.problems import ApiProblem, validation_errors
 from loyalty.api.schemas import (
     RFC3339,
@@ -32,6 +34,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": Problem, "description": "missing or invalid API key"},
     403: {"model": Problem, "description": "the key's role may not ingest"},
     413: {"model": Problem, "description": "over the event or byte limit"},
+    429: {"model": Problem, "description": "the key's event rate limit; see Retry-After"},
     415: {"model": Problem, "description": "not application/json"},
     422: {"model": Problem, "description": "schema errors; nothing was stored"},
     503: {"model": Problem, "description": "database unavailable; nothing was stored"},
@@ -88,7 +91,7 @@ class _FastEvent(TypedDict):
 
 class _FastBatch(TypedDict):
     __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
-    batch_id: NotRequired[Annotated[str, StringConstraints(min_length=1, max_length=128)] | None]
+    batch_id: NotRequired[Identifier | None]
     events: list[_FastEvent]
 
 
@@ -119,10 +122,20 @@ def _occurred_at(text: str) -> datetime:
         raise _SlowPath from None
 
 
-def _validate(
-    body: bytes,
-) -> tuple[str | None, list[tuple[str, str, str, datetime, dict[str, Any]]]]:
+_Parsed = list[tuple[str, str, str, datetime, dict[str, Any]]]
+
+
+def _validate(body: bytes) -> tuple[str | None, _Parsed]:
     """(batch_id, [(event_id, user_id, type, occurred_at, attributes)]) of a valid body."""
+    batch_id, events, _keys = _validate_counted(body)
+    return batch_id, events
+
+
+def _validate_counted(body: bytes) -> tuple[str | None, _Parsed, int | None]:
+    """(batch_id, [(event_id, user_id, type, occurred_at, attributes)], keys) of a valid
+    body; ``keys`` counts the keys of the batch and event objects (attributes' are left
+    to the caller), or is None when the body has already been checked for duplicate
+    keys."""
     try:
         batch = _FAST_BATCH.validate_json(body)
         events = [
@@ -135,7 +148,12 @@ def _validate(
             )
             for ev in batch["events"]
         ]
-        return batch.get("batch_id"), events
+        keys = (
+            1
+            + ("batch_id" in batch)
+            + sum(5 if "attributes" in ev else 4 for ev in batch["events"])
+        )
+        return batch.get("batch_id"), events, keys
     except (ValidationError, _SlowPath):
         pass
     try:
@@ -145,15 +163,37 @@ def _validate(
         if any(e["type"] == "json_invalid" for e in errors):
             raise ApiProblem(400, "malformed_json", "the body is not valid JSON") from None
         raise ApiProblem(422, "validation_error", errors=validation_errors(errors)) from None
-    return slow.batch_id, [
+    if has_duplicate_keys(body):
+        raise _duplicate_key()
+    events = [
         (ev.event_id, ev.user_id, ev.type, ev.occurred_at, ev.attributes) for ev in slow.events
     ]
+    return slow.batch_id, events, None
+
+
+def _duplicate_key() -> ApiProblem:
+    return ApiProblem(
+        422,
+        "duplicate_key",
+        "an object in the body repeats a key",
+        errors=[{"loc": "body", "msg": "an object repeats a key"}],
+    )
+
+
+def _has_non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_has_non_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_non_finite(v) for v in value)
+    return False
 
 
 def parse_batch(body: bytes, container: Container) -> tuple[str, list[IncomingEvent]]:
     """Validate straight from the raw bytes; any error rejects the whole batch."""
     settings = container.settings
-    batch_id, parsed = _validate(body)
+    batch_id, parsed, envelope_keys = _validate_counted(body)
     if len(parsed) > settings.max_batch_events:
         raise ApiProblem(
             413, "too_many_events", f"a batch may have at most {settings.max_batch_events} events"
@@ -162,6 +202,7 @@ def parse_batch(body: bytes, container: Container) -> tuple[str, list[IncomingEv
     dumps = orjson.dumps
     events: list[IncomingEvent] = []
     errors_out: list[dict[str, str]] = []
+    attribute_keys = 0
     for index, (event_id, user_id, type_, occurred_at, attrs) in enumerate(parsed):
         try:
             attributes = dumps(attrs)
@@ -177,10 +218,30 @@ def parse_batch(body: bytes, container: Container) -> tuple[str, list[IncomingEv
             loc = f"events[{index}].attributes"
             errors_out.append({"loc": loc, "msg": "must not contain NUL characters"})
             continue
+        if b"null" in attributes and _has_non_finite(attrs):  # orjson wrote NaN/inf as null
+            loc = f"events[{index}].attributes"
+            errors_out.append({"loc": loc, "msg": "numbers must be finite"})
+            continue
+        attribute_keys += attributes.count(b'":')
         events.append(IncomingEvent(event_id, user_id, type_, occurred_at, attributes.decode()))
     if errors_out:
         raise ApiProblem(422, "validation_error", errors=errors_out)
+    if (
+        envelope_keys is not None
+        and not keys_counted(body, envelope_keys + attribute_keys)
+        and has_duplicate_keys(body)
+    ):
+        raise _duplicate_key()
     return batch_id or uuid.uuid4().hex, events
+
+
+def _rate_limited(wait: float) -> ApiProblem:
+    return ApiProblem(
+        429,
+        "rate_limited",
+        "this key sent more events per second than it may; retry after Retry-After seconds",
+        headers={"Retry-After": RateLimiter.retry_after(wait)},
+    )
 
 
 @router.post(
@@ -198,10 +259,16 @@ def parse_batch(body: bytes, container: Container) -> tuple[str, list[IncomingEv
 async def post_batch(request: Request, principal: IngestKey, container: ContainerDep) -> Any:
     """Accept a batch of activity events; resent events count as duplicates."""
     check_content_type(request)
+    wait = container.ingest_limiter.wait(principal.key_id)
+    if wait:  # refused before reading and parsing the body
+        raise _rate_limited(wait)
     body = await read_limited_body(request, container.settings.max_batch_bytes)
 
     def work() -> bytes:
         batch_id, events = parse_batch(body, container)
+        wait = container.ingest_limiter.take(principal.key_id, len(events))
+        if wait:
+            raise _rate_limited(wait)
         result = container.ingest.ingest(principal.name, events)
         # Serialized here (the BatchAccepted shape, as FastAPI would write it): a
         # response model would be validated and encoded again on the event loop.

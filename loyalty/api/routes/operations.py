@@ -38,7 +38,9 @@ async def get_rules(_key: OperatorKey, container: ContainerDep) -> Any:
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RulesBody"}}},
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/RulesRequest"}}
+            },
         }
     },
 )

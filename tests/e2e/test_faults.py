@@ -1,0 +1,468 @@
+"""Faults: the database stops and restarts under load, turns read-only, and a worker is
+killed with ``kill -9`` in the middle of forget-me.
+
+The database faults run on a throwaway PostgreSQL cluster owned by the test
+(tests/e2e/pgcluster.py), never the shared server, with a real ``loyalty serve`` on it.
+(A worker killed during awards: tests/e2e/test_worker_processes.py.)"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+
+from loyalty.adapters.db import Database
+from loyalty.adapters.keys import KeyStore, Role
+from loyalty.api.app import create_app
+from loyalty.config import Settings
+from loyalty.worker import build_forget_service, build_projection
+from tests.conftest import drain_pipeline
+from tests.e2e.live import LOYALTY, create_key, env_for, free_port
+from tests.e2e.pgcluster import Cluster, postgres_bin
+from tests.integration.test_forget import raw_bytes_contain, rows_containing
+
+pytestmark = pytest.mark.slow
+
+# Integer rules without multipliers: the tally does not depend on order or windows.
+POINTS = {  # type -> (currency, rank_points, daily cap or None)
+    "logged_on": (1, 1, 1),
+    "played_game": (5, 10, 50),
+    "joined_competition": (20, 50, 5),
+    "made_purchase": (10, 5, None),
+}
+
+
+def tally(events: list[dict[str, Any]]) -> dict[str, tuple[int, int]]:
+    """The balances the default rules give, computed here independently (all events
+    occur on one UTC day)."""
+    counts = Counter((e["user_id"], e["type"]) for e in events)
+    out: dict[str, tuple[int, int]] = {}
+    for (user, kind), n in counts.items():
+        currency, points, cap = POINTS[kind]
+        earning = n if cap is None else min(n, cap)
+        c, p = out.get(user, (0, 0))
+        out[user] = (c + earning * currency, p + earning * points)
+    return out
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    if postgres_bin() is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL binaries are required in CI")
+        pytest.skip("no PostgreSQL binaries under /usr/lib/postgresql")
+    owned = Cluster()
+    owned.start()
+    try:
+        yield owned
+    finally:
+        owned.destroy()
+
+
+@contextmanager
+def live_server(url: str, log: Path, **env: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """``loyalty serve`` on ``url``, logging to ``log`` (shown when a test fails)."""
+    port = free_port()
+    out = log.open("w")
+    proc = subprocess.Popen(
+        [*LOYALTY, "serve", "--port", str(port)],
+        env=env_for(url, LOYALTY_AWARD_WINDOW_SECONDS="0.2", **env),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.1)
+        yield base, proc
+    except BaseException:
+        print(
+            f"--- server log (last lines of {log}):\n"
+            + "\n".join(log.read_text().splitlines()[-60:])
+        )
+        raise
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        out.close()
+
+
+class Client:
+    """Sends a request until it gets a definitive answer, retrying on 503, 429 and
+    transport errors; remembers every status it saw."""
+
+    def __init__(self, base: str) -> None:
+        self.http = httpx.Client(base_url=base, timeout=30)
+        self.statuses: Counter[int | str] = Counter()
+        self.lock = threading.Lock()
+
+    def send(self, method: str, path: str, key: str, **kwargs: Any) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key}"}
+        for _ in range(600):
+            try:
+                response = self.http.request(method, path, headers=headers, **kwargs)
+            except httpx.TransportError as exc:
+                with self.lock:
+                    self.statuses[type(exc).__name__] += 1
+                time.sleep(0.1)
+                continue
+            with self.lock:
+                self.statuses[response.status_code] += 1
+            if response.status_code in (429, 503):
+                assert response.headers["content-type"] == "application/problem+json"
+                assert "retry-after" in response.headers
+                time.sleep(0.1)
+                continue
+            return response
+        raise AssertionError(f"no definitive answer for {method} {path}")
+
+
+def wait_for_pipeline(client: Client, key: str, total: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = client.send("GET", "/v1/pipeline", key).json()
+        if body["pending"] == 0 and body["processed_total"] == total:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"pipeline did not catch up: {body}")
+
+
+def test_database_stops_and_restarts_mid_load(cluster: Cluster, tmp_path: Path) -> None:
+    url = cluster.create_database("loyalty")
+    ingest = create_key(url, "ingest", "games")
+    operator = create_key(url, "operator", "ops")
+    when = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
+    rnd = random.Random(5)
+    sent: list[dict[str, Any]] = []
+    sent_lock = threading.Lock()
+    stop_load = threading.Event()
+    outage: dict[str, float] = {}
+
+    with live_server(url, tmp_path / "serve.log") as (base, server):
+        client = Client(base)
+
+        def load(worker: int) -> int:
+            batches = 0
+            while not stop_load.is_set():
+                events = [
+                    {
+                        "event_id": f"w{worker}-b{batches}-e{i}",
+                        "user_id": f"user-{rnd.randrange(40)}",
+                        "type": rnd.choice(sorted(POINTS)),
+                        "occurred_at": when.isoformat(),
+                    }
+                    for i in range(40)
+                ]
+                response = client.send(
+                    "POST", "/v1/ingress/batches", ingest, json={"events": events}
+                )
+                assert response.status_code == 202, response.text
+                with sent_lock:
+                    sent.extend(events)
+                batches += 1
+            return batches
+
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(load, w) for w in range(4)]
+            time.sleep(3)
+            outage["stop"] = time.monotonic()
+            cluster.stop("fast")  # terminates in-flight transactions
+            time.sleep(3)
+            cluster.start()
+            outage["start"] = time.monotonic()
+            time.sleep(3)
+            stop_load.set()
+            batches = sum(f.result() for f in futures)
+
+        assert server.poll() is None, "the server died"
+        wait_for_pipeline(client, operator, len(sent))
+        got = {
+            user: client.send("GET", f"/v1/members/{user}", operator).json() for user in tally(sent)
+        }
+        assert httpx.get(base + "/readyz").status_code == 200
+    statuses = client.statuses
+    log = (tmp_path / "serve.log").read_text()
+    assert "Exception in ASGI" not in log and "Exception in thread" not in log, log[-3000:]
+    assert batches > 20
+    assert not [s for s in statuses if isinstance(s, int) and s >= 500 and s != 503], statuses
+    assert statuses[503] + sum(v for k, v in statuses.items() if isinstance(k, str)) > 0, statuses
+    distinct = {e["event_id"] for e in sent}
+    assert len(distinct) == len(sent)
+    ((rows,),) = cluster.sql("SELECT count(*) FROM ingress_events", "loyalty")
+    assert rows == len(distinct)
+    want = tally(sent)
+    assert {u: (b["currency"], b["rank_points"]) for u, b in got.items()} == want
+    print(f"\nDB restart mid-load: {batches} batches, {len(sent)} events, statuses {statuses}")
+
+
+def test_database_turns_read_only(cluster: Cluster, tmp_path: Path) -> None:
+    url = cluster.create_database("loyalty")
+    ingest = create_key(url, "ingest", "games")
+    shop = create_key(url, "shop", "shop")
+    operator = create_key(url, "operator", "ops")
+    now = datetime.now(UTC).isoformat()
+
+    def batch(tag: str) -> dict[str, Any]:
+        return {
+            "events": [
+                {
+                    "event_id": f"{tag}-{i}",
+                    "user_id": f"u{i}",
+                    "type": "logged_on",
+                    "occurred_at": now,
+                }
+                for i in range(50)
+            ]
+        }
+
+    def kick() -> None:  # new settings apply to new connections: end the service's
+        cluster.sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = 'loyalty' AND pid <> pg_backend_pid()"
+        )
+
+    with (
+        live_server(url, tmp_path / "serve.log") as (base, server),
+        httpx.Client(base_url=base, timeout=30) as http,
+    ):
+        h = {"Authorization": f"Bearer {ingest}"}
+        assert http.post("/v1/ingress/batches", json=batch("before"), headers=h).status_code == 202
+        adjust = {"adjustment_id": "a1", "currency": 10, "rank_points": 0, "reason": "seed"}
+        ops = {"Authorization": f"Bearer {operator}"}
+        assert http.post("/v1/members/u1/adjustments", json=adjust, headers=ops).status_code == 200
+        cluster.sql("ALTER DATABASE loyalty SET default_transaction_read_only = on")
+        kick()
+        answers = Counter()
+        for attempt in range(8):
+            response = http.post("/v1/ingress/batches", json=batch(f"ro{attempt}"), headers=h)
+            answers[response.status_code] += 1
+            assert response.status_code == 503, response.text
+            assert response.headers["content-type"] == "application/problem+json"
+            assert response.headers["retry-after"]
+            spend = {"order_id": f"o{attempt}", "amount": 1}
+            shop_h = {"Authorization": f"Bearer {shop}"}
+            response = http.post("/v1/members/u1/spend", json=spend, headers=shop_h)
+            answers[response.status_code] += 1
+            assert response.status_code == 503, response.text
+        ((rows,),) = cluster.sql("SELECT count(*) FROM ingress_events", "loyalty")
+        assert rows == 50  # no partial batch
+        cluster.sql("ALTER DATABASE loyalty SET default_transaction_read_only = off")
+        kick()
+        deadline = time.monotonic() + 30
+        while True:  # recovers without a restart
+            response = http.post("/v1/ingress/batches", json=batch("after"), headers=h)
+            if response.status_code == 202:
+                break
+            assert response.status_code == 503 and time.monotonic() < deadline, response.text
+            time.sleep(0.2)
+        assert server.poll() is None
+    ((rows,),) = cluster.sql("SELECT count(*) FROM ingress_events", "loyalty")
+    assert rows == 100
+    print(f"\nread-only database: answers {dict(answers)}")
+
+
+# ---------------------------------------------------------------- forget-me, kill -9
+
+
+@contextmanager
+def forget_worker(settings: Settings, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    env = env_for(
+        settings.database_url,
+        LOYALTY_FORGET_SETTLE_SECONDS="0.3",
+        LOYALTY_MARKER_REFRESH_SECONDS="0.1",
+    )
+    with log.open("ab") as out:
+        proc = subprocess.Popen([*LOYALTY, "worker"], env=env, stdout=out, stderr=out)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_worker_killed_during_forget_me_finishes_with_no_residue(
+    settings: Settings, tmp_path: Path
+) -> None:
+    log = tmp_path / "worker.log"
+    fast = settings.model_copy(update={"forget_settle_seconds": 0.0})
+    db = Database(fast)
+    markers = [f"canary-{uuid.uuid4().hex}" for _ in range(12)]
+    keys = KeyStore(db)
+    ingest = {"Authorization": f"Bearer {keys.create(Role.INGEST, 'games')}"}
+    shop = {"Authorization": f"Bearer {keys.create(Role.SHOP, 'shop')}"}
+    now = datetime.now(UTC)
+    with TestClient(create_app(fast, db=db)) as client:
+        events = [
+            {
+                "event_id": f"{m}-e{i}",
+                "user_id": m,
+                "type": kind,
+                "occurred_at": (now - timedelta(minutes=i)).isoformat(),
+                "attributes": {"note": m},
+            }
+            for m in markers
+            for i, kind in enumerate(["joined_competition", "played_game", "made_purchase"] * 20)
+        ]
+        assert client.post(
+            "/v1/ingress/batches", json={"events": events}, headers=ingest
+        ).is_success
+        drain_pipeline(db)
+        for m in markers:
+            spend = {"order_id": f"o-{m}", "amount": 5}
+            assert client.post(f"/v1/members/{m}/spend", json=spend, headers=shop).is_success
+        build_projection(db).catch_up()
+    for m in markers:
+        assert rows_containing(db, m)
+    service = build_forget_service(db)
+    requests = [service.request(m).request_id for m in markers]
+
+    def states() -> list[str]:
+        # one short read: polling must not starve the erasure's WAL checkpoint (SQLite)
+        with db.read() as conn:
+            rows = dict(
+                conn.execute(
+                    sa.text(
+                        "SELECT request_id, status || ':' || coalesce(step, '') "
+                        "FROM forget_requests"
+                    )
+                ).all()
+            )
+        return [str(rows.get(r, "missing")) for r in requests]
+
+    rnd = random.Random(3)
+    kills, killed_mid = 0, 0
+    deadline = time.monotonic() + 240
+    while kills < 15 and time.monotonic() < deadline:
+        before = states()
+        if all(s.startswith("completed") for s in before):
+            break
+        with forget_worker(settings, log) as proc:
+            started = time.monotonic()
+            while states() == before and time.monotonic() - started < 45:
+                time.sleep(0.02)  # until the worker has made some progress
+            time.sleep(rnd.uniform(0.0, 0.03))
+            assert proc.poll() is None, log.read_text()[-3000:]
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        kills += 1
+        after = states()
+        killed_mid += any(s.startswith("running") for s in after)
+        print(f"kill {kills}: {Counter(s.split(':')[0] for s in after)}")
+    with forget_worker(settings, log):
+        while not all(s.startswith("completed") for s in states()):
+            assert time.monotonic() < deadline + 60, states()
+            time.sleep(0.2)
+    assert killed_mid >= 3, "too few kills landed in the middle of an erasure"
+    for request_id in requests:
+        receipt = service.status(request_id)
+        assert receipt is not None and receipt.user_id is None and receipt.completed_at
+        # A kill between a step's deletion and its record re-runs the step, which then
+        # finds nothing: the receipt may under-count (known; the store holds no residue).
+        assert 0 <= receipt.erased["ingress_events"] <= 60
+    for m in markers:
+        assert rows_containing(db, m) == {}
+        assert not raw_bytes_contain(fast, m)
+    db.dispose()
+    print(f"\nforget-me: {kills} kills, {killed_mid} in the middle of an erasure")
+
+
+# ------------------------------------------------- a save lost with the connection
+
+
+def test_a_failed_award_save_leaves_no_stale_cache(settings: Settings) -> None:
+    """The worker's accounts trust their cache (no deep copies): a save that fails because
+    the database went away mid-commit must not leave the cached member ahead of the
+    store. (Found by the restart test: the retried window's award was taken as already
+    seen, lost, and the next award left a gap in the stream: a 500 on every read.)"""
+    import eventsourcing.persistence as es
+
+    from loyalty.adapters.event_store import event_store_env, stream_loader, worker_env
+    from loyalty.application.accounts import Accounts, AwardCommand, Members
+    from loyalty.domain.member import Member
+    from loyalty.domain.rules import DEFAULT_RULES_WIRE, parse_rule_set
+
+    ranks = parse_rule_set(DEFAULT_RULES_WIRE, 1).ranks
+    members = Members(env=worker_env(settings))
+    accounts = Accounts(members, lambda app: stream_loader(app.recorder))
+
+    def award(n: int) -> int:
+        return accounts.award_many([AwardCommand("u1", f"w{n}", 10, 1, 1, 1)], ranks)
+
+    assert award(1) == 1
+    recorder = members.recorder
+    real_insert = recorder.insert_events
+    calls = {"n": 0}
+
+    def flaky_insert(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise es.OperationalError("server closed the connection unexpectedly")
+        return real_insert(*args, **kwargs)
+
+    recorder.insert_events = flaky_insert  # type: ignore[method-assign]
+    with pytest.raises(es.OperationalError):
+        award(2)
+    assert award(2) == 1  # the retried window applies the award (it was never stored)
+    assert award(3) == 1
+    members.close()
+    reader = Members(env=event_store_env(settings))
+    try:
+        member: Member = reader.repository.get(Member.create_id("u1"))
+        assert member.currency == 30 and set(member.award_ids) == {"w1", "w2", "w3"}
+    finally:
+        reader.close()
+
+
+def test_a_crash_between_erasing_the_subject_and_recording_it(settings: Settings) -> None:
+    """Found by the kill -9 test: killed after the user id was deleted but before the
+    step was recorded, the request resumed at "subject" without a user id, tripped an
+    assertion and killed the forget thread: the request stayed "running" forever."""
+    db = Database(settings.model_copy(update={"forget_settle_seconds": 0.0}))
+    service = build_forget_service(db)
+    request = service.request(f"canary-{uuid.uuid4().hex}")
+    store: Any = service._store  # type: ignore[attr-defined]
+    real = store.record_step
+
+    def killed_after_subject(request_id: str, step: str, erased: dict[str, int]) -> None:
+        if step == "subject":
+            raise SystemExit("kill -9")
+        real(request_id, step, erased)
+
+    store.record_step = killed_after_subject
+    with pytest.raises(SystemExit):
+        service.run_pending()
+    store.record_step = real
+    assert build_forget_service(db).run_pending() == 1
+    done = service.status(request.request_id)
+    assert done is not None and done.status == "completed" and done.user_id is None
+    db.dispose()

@@ -1,0 +1,471 @@
+"""Bad input, property-based: every hostile body gets a clear 4xx and stores nothing;
+everything the schema allows is stored exactly as sent.
+
+Unicode (lone surrogates, NUL, RTL marks, emoji), control characters, huge numbers
+(2**64, 1e400, NaN), deep or huge ``attributes``, duplicate JSON keys (spelled plainly,
+with escapes or with white space), wrong content types, compressed bodies, timestamps at
+the edges (years 0001 and 9999, leap seconds, offsets up to +-23:59), and rules.
+
+One migrated SQLite file per module (copied from the session template), driven through
+``create_app``; "nothing stored" is a count of ingress rows."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import math
+import shutil
+import zlib
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from loyalty.adapters.db import Database
+from loyalty.adapters.keys import KeyStore, Role
+from loyalty.api.app import create_app
+from loyalty.config import Settings
+
+BATCHES = "/v1/ingress/batches"
+SETTINGS = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+_ids = itertools.count()
+
+
+class Api:
+    def __init__(self, client: TestClient, db: Database, headers: dict[str, str]) -> None:
+        self.client = client
+        self.db = db
+        self.headers = headers
+
+    def rows(self) -> int:
+        with self.db.read() as conn:
+            return int(conn.execute(sa.text("SELECT count(*) FROM ingress_events")).scalar_one())
+
+    def stored(self, event_id: str) -> list[tuple[str, str, str]]:
+        with self.db.read() as conn:
+            rows = conn.execute(
+                sa.text(
+                    "SELECT user_id, event_id, attributes FROM ingress_events WHERE event_id = :e"
+                ),
+                {"e": event_id},
+            ).all()
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    def post(self, body: bytes, **headers: str) -> Any:
+        sent = {**self.headers, "content-type": "application/json"}
+        sent.update({k.replace("_", "-"): v for k, v in headers.items()})
+        return self.client.post(BATCHES, content=body, headers=sent)
+
+    def refused(self, body: bytes, *statuses: int, **headers: str) -> Any:
+        """Post ``body``; it must be refused with one of ``statuses`` (a problem+json
+        with a code) and leave the ingress log as it was."""
+        before = self.rows()
+        response = self.post(body, **headers)
+        assert response.status_code in statuses, (response.status_code, response.text[:300])
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json()["code"]
+        assert self.rows() == before
+        return response
+
+
+@pytest.fixture(scope="module")
+def api(sqlite_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+    path = tmp_path_factory.mktemp("bad-input") / "loyalty.db"
+    shutil.copy(sqlite_template, path)
+    db = Database(Settings(database_url=f"sqlite:///{path}"))
+    key = KeyStore(db).create(Role.OPERATOR, "bad-input")
+    with TestClient(create_app(db.settings, db=db)) as client:
+        yield Api(client, db, {"Authorization": f"Bearer {key}"})
+    db.dispose()
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def event(**over: Any) -> dict[str, Any]:
+    body = {"event_id": f"e{next(_ids)}", "user_id": "u-1", "type": "logged_on"}
+    body["occurred_at"] = now()
+    body.update(over)
+    return body
+
+
+def batch(*events: dict[str, Any]) -> bytes:
+    # ensure_ascii: lone surrogates travel as \udXXX escapes, as a hostile client sends them
+    return json.dumps({"events": list(events)}, ensure_ascii=True).encode()
+
+
+# ---------------------------------------------------------------- identifiers
+
+NASTY = ["\x00", "\x1b", "\x7f", "\u202e", "\u200f", "\ufeff", "\U0001f600", "\u0301", "\n"]
+chars = st.one_of(
+    st.characters(),
+    st.characters(categories=["Cs"]),  # lone surrogates
+    st.characters(categories=["Cc"]),  # control characters
+    st.sampled_from(NASTY),
+)
+
+
+def valid_identifier(text: str) -> bool:
+    return 1 <= len(text) <= 128 and not any(
+        ord(c) < 0x20 or ord(c) == 0x7F or 0xD800 <= ord(c) <= 0xDFFF for c in text
+    )
+
+
+@SETTINGS
+@given(text=st.text(chars, max_size=140), field=st.sampled_from(["user_id", "event_id"]))
+def test_identifiers_are_stored_exactly_or_refused(api: Api, text: str, field: str) -> None:
+    ev = event(**{field: text if field == "user_id" else f"{text}"})
+    if field == "user_id":
+        ev["event_id"] = f"id-{next(_ids)}"
+    if valid_identifier(text):
+        assume(field == "user_id" or not api.stored(text))
+        response = api.post(batch(ev))
+        assert response.status_code == 202, response.text
+        assert response.json()["accepted"] == 1
+        stored = api.stored(ev["event_id"])
+        assert len(stored) == 1 and stored[0][0] == ev["user_id"]
+    else:
+        answer = api.refused(batch(ev), 400, 422).text
+        if len(text) >= 4 and valid_identifier(text[:4]):
+            assert json.dumps(text)[1:-1] not in answer  # the input is never echoed
+
+
+# ----------------------------------------------------------------- attributes
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(chars, max_size=20),
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(chars, max_size=8), inner),
+    max_leaves=12,
+)
+
+
+def storable(value: Any) -> bool:
+    """What the ingress contract stores: finite numbers, 64-bit integers, text without
+    NUL or lone surrogates (any depth)."""
+    if isinstance(value, bool) or value is None:
+        return True
+    if isinstance(value, int):
+        return -(2**63) <= value < 2**64
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, str):
+        return "\x00" not in value and not any(0xD800 <= ord(c) <= 0xDFFF for c in value)
+    if isinstance(value, list):
+        return all(storable(v) for v in value)
+    return all(storable(k) and storable(v) for k, v in value.items())
+
+
+@SETTINGS
+@given(attributes=st.dictionaries(st.text(chars, max_size=8), json_values, max_size=5))
+def test_attributes_are_stored_exactly_or_refused(api: Api, attributes: dict[str, Any]) -> None:
+    ev = event(attributes=attributes)
+    body = batch(ev)
+    if storable(attributes) and len(orjson.dumps(attributes)) <= 4096:
+        response = api.post(body)
+        assert response.status_code == 202, response.text
+        ((_user, _event, stored),) = api.stored(ev["event_id"])
+        assert orjson.loads(stored) == attributes
+    else:
+        api.refused(body, 400, 422)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"n": 18446744073709551616}',  # 2**64
+        '{"n": -9223372036854775809}',  # below int64
+        '{"n": 1e400}',
+        '{"n": -1e400}',
+        '{"n": NaN}',
+        '{"n": Infinity}',
+        '{"s": "\\u0000"}',
+        '{"\\u0000": 1}',
+        '{"s": "\\ud800"}',
+        '{"s": "\\udfff\\ud800"}',
+        '{"deep": ' + "[" * 500 + "]" * 500 + "}",
+        '{"deep": ' + '{"a":' * 500 + "1" + "}" * 500 + "}",
+        '{"big": "' + "x" * 4100 + '"}',
+        '{"many": [' + ",".join(["1"] * 3000) + "]}",
+        "[1, 2]",
+        '"text"',
+        "null",
+    ],
+    ids=lambda raw: raw[:30],
+)
+def test_hostile_attributes_are_refused(api: Api, raw: str) -> None:
+    body = (
+        '{"events": [{"event_id": "h1", "user_id": "u", "type": "logged_on", '
+        f'"occurred_at": "{now()}", "attributes": {raw}}}]}}'
+    ).encode()
+    api.refused(body, 400, 422)
+
+
+def test_a_huge_body_is_refused_before_parsing(api: Api) -> None:
+    attributes = {"s": "x" * (9 * 1024 * 1024)}
+    api.refused(batch(event(attributes=attributes)), 413)
+    # 6 MiB of events with 4 KiB+ attributes: under the byte limit, over the attribute one
+    big = [event(attributes={"s": "y" * 5000}) for _ in range(1200)]
+    api.refused(batch(*big), 422)
+
+
+# ------------------------------------------------------------ duplicate keys
+
+SPELLINGS = {
+    "plain": lambda k: json.dumps(k),
+    "escaped": lambda k: '"' + "".join(f"\\u{ord(c):04x}" for c in k) + '"',
+    "spaced": lambda k: json.dumps(k) + " ",
+}
+
+
+def render(value: Any, dup_path: tuple[str, ...], key: str, spelling: str) -> str:
+    """``value`` as JSON, with the object at ``dup_path`` naming ``key`` twice."""
+    if isinstance(value, dict):
+        parts = []
+        for k, v in value.items():
+            inner = render(v, dup_path[1:], key, spelling) if dup_path[:1] == (k,) else None
+            parts.append(f"{json.dumps(k)}:{inner if inner is not None else json.dumps(v)}")
+        if not dup_path:
+            parts.append(f"{SPELLINGS[spelling](key)}:{json.dumps(value[key])}")
+        return "{" + ",".join(parts) + "}"
+    if isinstance(value, list) and dup_path:
+        index = int(dup_path[0])
+        items = [
+            render(v, dup_path[1:], key, spelling) if i == index else json.dumps(v)
+            for i, v in enumerate(value)
+        ]
+        return "[" + ",".join(items) + "]"
+    return json.dumps(value)
+
+
+@SETTINGS
+@given(
+    where=st.sampled_from(["batch", "event", "attributes", "nested"]),
+    spelling=st.sampled_from(sorted(SPELLINGS)),
+    size=st.integers(1, 30),
+    data=st.data(),
+)
+def test_duplicate_keys_are_refused(
+    api: Api, where: str, spelling: str, size: int, data: st.DataObject
+) -> None:
+    events = [event(attributes={"a": 1, "n": {"b": 2}}) for _ in range(size)]
+    doc = {"batch_id": f"b{next(_ids)}", "events": events}
+    index = str(data.draw(st.integers(0, size - 1)))
+    path, key = {
+        "batch": ((), "batch_id"),
+        "event": (("events", index), data.draw(st.sampled_from(["event_id", "user_id", "type"]))),
+        "attributes": (("events", index, "attributes"), "a"),
+        "nested": (("events", index, "attributes", "n"), "b"),
+    }[where]
+    clean = json.dumps(doc, separators=(",", ":")).encode()
+    dup = render(doc, path, key, spelling).encode()
+    assert json.loads(dup) == doc  # the same document, but for the repeated key
+    response = api.refused(dup, 422)
+    assert response.json()["code"] == "duplicate_key"
+    assert api.post(clean).status_code == 202  # the control: it is the key alone
+
+
+def test_duplicate_keys_elsewhere_are_refused(api: Api) -> None:
+    member = "/v1/members/dup-user"
+    for path, body in [
+        (member + "/spend", b'{"order_id": "o", "amount": 1, "amount": 2}'),
+        (
+            member + "/adjustments",
+            b'{"adjustment_id":"a","currency":1,"currency":9,"rank_points":0,"reason":"r"}',
+        ),
+        ("/v1/forget-requests", b'{"user_id": "a", "user_id": "b"}'),
+    ]:
+        response = api.client.post(
+            path, content=body, headers={**api.headers, "Content-Type": "application/json"}
+        )
+        assert response.status_code == 422 and response.json()["code"] == "duplicate_key", path
+    response = api.client.put(
+        "/v1/rules",
+        content=b'{"rules": [], "rules": [], "ranks": []}',
+        headers={**api.headers, "Content-Type": "application/json"},
+    )
+    assert response.status_code == 422 and response.json()["code"] == "duplicate_key"
+
+
+# --------------------------------------------------- content types and encodings
+
+
+@SETTINGS
+@given(
+    content_type=st.one_of(
+        st.sampled_from(
+            [
+                "text/plain",
+                "application/x-www-form-urlencoded",
+                "multipart/form-data; boundary=x",
+                "application/xml",
+                "application/jsonx",
+                "application/json-patch+json",
+                "application/x-ndjson",
+                "json",
+                "",
+            ]
+        ),
+        st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=30),
+    )
+)
+def test_other_content_types_are_refused(api: Api, content_type: str) -> None:
+    assume(content_type.split(";")[0].strip().lower() != "application/json")
+    api.refused(batch(event()), 415, content_type=content_type)
+
+
+def test_json_with_parameters_is_accepted(api: Api) -> None:
+    response = api.post(batch(event()), content_type="Application/JSON; charset=utf-8")
+    assert response.status_code == 202
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd", "GZIP", "gzip, identity"])
+def test_compressed_bodies_are_refused_unread(api: Api, encoding: str) -> None:
+    # a gzip bomb: 10 MiB of events in a few KiB (never inflated)
+    plain = batch(*[event() for _ in range(100)]) + b" " * (10 * 1024 * 1024)
+    body = zlib.compress(plain) if encoding == "deflate" else gzip.compress(plain)
+    assert len(body) < 64 * 1024
+    response = api.refused(body, 415, content_encoding=encoding)
+    assert response.json()["code"] == "unsupported_content_encoding"
+
+
+# ------------------------------------------------------------------ timestamps
+
+EDGES = [
+    "0001-01-01T00:00:00Z",
+    "0001-01-01T00:00:00+23:59",
+    "0001-01-01T00:00:00-23:59",
+    "9999-12-31T23:59:59Z",
+    "9999-12-31T23:59:59.999999999Z",
+    "9999-12-31T23:59:59-23:59",
+    "9999-12-31T23:59:59+23:59",
+    "0000-01-01T00:00:00Z",
+    "2016-12-31T23:59:60Z",  # a real leap second: Python has no 60th second
+    "2026-02-29T00:00:00Z",
+    "2026-13-01T00:00:00Z",
+    "2026-01-01T24:00:00Z",
+    "2026-01-01T00:00:00+24:00",
+    "2026-01-01T00:00:00+00:60",
+    "2026-01-01T00:00:00",
+    "2026-01-01 00:00:00Z",
+    "2026-01-01T00:00:00.Z",
+    "2026-01-01T00:00:00.1234567890Z",
+    "+12026-01-01T00:00:00Z",
+    "١٩٩٩-01-01T00:00:00Z",  # Arabic-Indic digits match \d
+]
+
+
+def classify(response: Any, before: int, api: Api) -> None:
+    """A timestamp is refused (422, nothing stored) or the event is accepted (one row)
+    or listed as rejected (too old, in the future: nothing stored)."""
+    assert response.status_code in (202, 422), response.text
+    if response.status_code == 422:
+        assert response.json()["errors"][0]["loc"] == "events[0].occurred_at"
+        assert api.rows() == before
+        return
+    body = response.json()
+    assert body["accepted"] + len(body["rejected"]) == 1
+    assert api.rows() == before + body["accepted"]
+
+
+@pytest.mark.parametrize("stamp", EDGES)
+def test_timestamps_at_the_edges(api: Api, stamp: str) -> None:
+    before = api.rows()
+    response = api.post(batch(event(occurred_at=stamp)))
+    classify(response, before, api)
+    if stamp.startswith(("0001", "9999")):
+        assert response.status_code == 422 or response.json()["accepted"] == 0
+
+
+@SETTINGS
+@given(
+    moment=st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30)),
+    offset_minutes=st.integers(-(23 * 60 + 59), 23 * 60 + 59),
+    recent=st.booleans(),
+)
+def test_any_timestamp_is_judged_exactly(
+    api: Api, moment: datetime, offset_minutes: int, recent: bool
+) -> None:
+    zone = timezone(timedelta(minutes=offset_minutes))
+    when = datetime.now(zone) - timedelta(hours=1) if recent else moment.replace(tzinfo=zone)
+    before = api.rows()
+    response = api.post(batch(event(occurred_at=when.isoformat())))
+    classify(response, before, api)
+    age = datetime.now(UTC) - when
+    if response.status_code == 202:
+        should_store = timedelta(minutes=-4) < age < timedelta(days=6, hours=23)
+        if should_store or age > timedelta(days=7, hours=1) or age < timedelta(minutes=-6):
+            assert response.json()["accepted"] == int(should_store), (when, response.text)
+
+
+# ---------------------------------------------------------------------- rules
+
+rule_values = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False),
+    st.text(max_size=12),
+    st.sampled_from(["1.5", "NaN", "Infinity", "1e999999999", "-0", "0.0000001", ""]),
+    st.none(),
+    st.booleans(),
+    st.lists(st.integers(), max_size=2),
+)
+
+
+@SETTINGS
+@given(
+    currency=rule_values,
+    rank_points=rule_values,
+    factor=rule_values,
+    cap=rule_values,
+    threshold=rule_values,
+    event_type=st.one_of(st.just("played_game"), st.text(chars, max_size=70)),
+)
+def test_rules_are_stored_or_refused_never_half(
+    api: Api,
+    currency: Any,
+    rank_points: Any,
+    factor: Any,
+    cap: Any,
+    threshold: Any,
+    event_type: str,
+) -> None:
+    wire = {
+        "rules": [
+            {
+                "event_type": event_type,
+                "currency": currency,
+                "rank_points": rank_points,
+                "multipliers": [{"when": {"result": "win"}, "factor": factor}],
+                "daily_cap": cap,
+            }
+        ],
+        "ranks": [{"name": "bronze", "min_rank_points": threshold, "privileges": []}],
+    }
+    headers = {**api.headers, "Content-Type": "application/json"}
+    before = api.client.get("/v1/rules", headers=api.headers).json()
+    body = json.dumps(wire, ensure_ascii=True, allow_nan=True).encode()
+    response = api.client.put("/v1/rules", content=body, headers=headers)
+    assert response.status_code in (200, 400, 422), response.text
+    after = api.client.get("/v1/rules", headers=api.headers).json()
+    if response.status_code == 200:
+        assert after == response.json() and after["version"] == before["version"] + 1
+    else:
+        assert response.headers["content-type"] == "application/problem+json"
+        assert after == before
