@@ -14,27 +14,22 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Protocol
 
 from loyalty.application.accounts import Accounts, AwardCommand
-from loyalty.domain.rules import CapCounter, CapKey, RuleSet, aggregate
+from loyalty.application.backoff import Backoff
+from loyalty.domain.rules import ActivityLike, CapCounter, CapKey, RuleSet, aggregate
 
 log = logging.getLogger(__name__)
 
 Position = tuple[int, int]
 
 
-class IngressRow(Protocol):
+class IngressRow(ActivityLike, Protocol):
+    """An activity as the pipeline reads it: with its position in the ingress log."""
+
     @property
     def position(self) -> Position: ...
-    @property
-    def user_id(self) -> str: ...
-    @property
-    def event_type(self) -> str: ...
-    @property
-    def occurred_at(self) -> datetime: ...
-    @property
-    def attributes(self) -> dict[str, Any]: ...
 
 
 class IngressReader(Protocol):
@@ -213,26 +208,19 @@ class Worker:
                 log.info("worker owns shard %d", shard)
 
     def run(self) -> None:
-        backoff = 0.5
+        backoff = Backoff(self.stop_event, log, "pipeline")
         while not self.stop_event.is_set():
             started = time.monotonic()
             try:
                 self._lease_missing()
                 self._pipeline.drain(sorted(self._owned), self.stop_event)
                 self._sample_lag()
-                backoff = 0.5
+                backoff.reset()
             except self._retry_errors as exc:
                 # Leases live in a database session: take them again (a no-op for those
                 # still held), so that a lease lost with the session is never assumed.
                 self._owned.clear()
-                log.warning(
-                    "pipeline paused (%s: %s); retrying in %.1fs",
-                    type(exc).__name__,
-                    str(exc).splitlines()[0],
-                    backoff,
-                )
-                self.stop_event.wait(backoff)
-                backoff = min(backoff * 2, 10.0)
+                backoff.pause(exc)
                 continue
             self.stop_event.wait(max(0.0, self._window - (time.monotonic() - started)))
 

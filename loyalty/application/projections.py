@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from loyalty.application.accounts import Members
+from loyalty.application.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +260,7 @@ class ProjectionWorker:
         self.stop_event = threading.Event()
 
     def run(self) -> None:
-        backoff = 0.5
+        backoff = Backoff(self.stop_event, log, "projection")
         while not self.stop_event.is_set():
             try:
                 if not self.leased:
@@ -269,16 +270,9 @@ class ProjectionWorker:
                         continue
                     log.info("projection %s runs in this process", self._projection.name)
                 self._projection.catch_up(self.stop_event)
-                backoff = 0.5
+                backoff.reset()
             except self._retry_errors as exc:
-                log.warning(
-                    "projection paused (%s: %s); retrying in %.1fs",
-                    type(exc).__name__,
-                    str(exc).splitlines()[0],
-                    backoff,
-                )
-                self.stop_event.wait(backoff)
-                backoff = min(backoff * 2, 10.0)
+                backoff.pause(exc)
                 continue
             except Exception:  # a bug: keep the thread alive, loudly, and retry slowly
                 log.exception("projection %s failed; retrying in 10s", self._projection.name)
