@@ -24,14 +24,13 @@ every 0.1 s per outstanding probe.
 from __future__ import annotations
 
 import http.client
-import multiprocessing as mp
 import os
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ from psycopg.types.json import set_json_loads
 from benchmarks import data, ingest, servers
 from benchmarks.cpu import CpuMeter
 from benchmarks.framework import Context, Result, benchmark
-from benchmarks.loadgen import percentile
+from benchmarks.loadgen import ChildProcess, percentile
 from loyalty.adapters.db import Database
 from loyalty.adapters.ingress_log import PostgresIngressLog
 from loyalty.adapters.keys import Role
@@ -459,32 +458,9 @@ def _lag_load(spec: LagSpec) -> dict[str, Any]:
     }
 
 
-def _lag_child(spec_dict: dict[str, Any], conn: Any) -> None:
-    try:
-        conn.send(("ok", _lag_load(LagSpec(**spec_dict))))
-    except BaseException as exc:
-        conn.send(("error", repr(exc)))
-    finally:
-        conn.close()
-
-
 def run_lag_load(spec: LagSpec) -> dict[str, Any]:
-    mpx = mp.get_context("spawn")
-    recv, send = mpx.Pipe(duplex=False)
-    proc = mpx.Process(target=_lag_child, args=(asdict(spec), send), daemon=True)
-    proc.start()
-    try:
-        if not recv.poll(spec.duration + spec.drain_limit + 240):
-            raise TimeoutError("lag load generator did not report in time")
-        status, payload = recv.recv()
-    finally:
-        proc.join(timeout=10)
-        if proc.is_alive():
-            proc.kill()
-    if status != "ok":
-        raise RuntimeError(f"lag load generator failed: {payload}")
-    result: dict[str, Any] = payload
-    return result
+    limit = spec.duration + spec.drain_limit + 240
+    return ChildProcess(_lag_load, spec, limit=limit, what="lag load generator").start().result()
 
 
 def loyalty_serve(url: str, port: int) -> tuple[subprocess.Popen[bytes], Any]:

@@ -12,7 +12,8 @@ import itertools
 import multiprocessing as mp
 import threading
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -157,25 +158,29 @@ def _load(spec: LoadSpec) -> dict[str, Any]:
     }
 
 
-def _child(spec_dict: dict[str, Any], conn: Any) -> None:
+def _child(work: Callable[[Any], dict[str, Any]], spec: Any, conn: Any) -> None:
     try:
-        conn.send(("ok", _load(LoadSpec(**spec_dict))))
+        conn.send(("ok", work(spec)))
     except BaseException as exc:  # report to the parent instead of dying silently
         conn.send(("error", repr(exc)))
     finally:
         conn.close()
 
 
-class LoadProcess:
-    """The load generator in its own (spawned) process: ``start`` then ``result``."""
+class ChildProcess:
+    """``work(spec)`` in its own (spawned) process: ``start`` then ``result``. ``work``
+    must be a module-level function and ``spec`` picklable (a dataclass)."""
 
-    def __init__(self, spec: LoadSpec) -> None:
+    def __init__(
+        self, work: Callable[[Any], dict[str, Any]], spec: Any, *, limit: float, what: str
+    ) -> None:
         ctx = mp.get_context("spawn")
         self._recv, send = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=_child, args=(asdict(spec), send), daemon=True)
-        self._limit = spec.time_limit + 300
+        self._proc = ctx.Process(target=_child, args=(work, spec, send), daemon=True)
+        self._limit = limit
+        self._what = what
 
-    def start(self) -> LoadProcess:
+    def start(self) -> ChildProcess:
         self._proc.start()
         return self
 
@@ -186,16 +191,23 @@ class LoadProcess:
     def result(self) -> dict[str, Any]:
         try:
             if not self._recv.poll(self._limit):
-                raise TimeoutError("load generator did not report in time")
+                raise TimeoutError(f"{self._what} did not report in time")
             status, payload = self._recv.recv()
         finally:
             self._proc.join(timeout=10)
             if self._proc.is_alive():
                 self._proc.kill()
         if status != "ok":
-            raise RuntimeError(f"load generator failed: {payload}")
+            raise RuntimeError(f"{self._what} failed: {payload}")
         result: dict[str, Any] = payload
         return result
+
+
+class LoadProcess(ChildProcess):
+    """The ingest load generator in its own (spawned) process."""
+
+    def __init__(self, spec: LoadSpec) -> None:
+        super().__init__(_load, spec, limit=spec.time_limit + 300, what="load generator")
 
 
 def run_in_process(spec: LoadSpec) -> dict[str, Any]:

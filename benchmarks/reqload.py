@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import http.client
 import itertools
-import multiprocessing as mp
 import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from benchmarks.cpu import CpuMeter
-from benchmarks.loadgen import percentile
+from benchmarks.loadgen import ChildProcess, percentile
 
 Request = tuple[str, str, bytes | None]
 KINDS = ("member", "forget404", "spend", "fund")
@@ -185,30 +184,7 @@ def _load(spec: ReqSpec) -> dict[str, Any]:
     }
 
 
-def _child(spec_dict: dict[str, Any], conn: Any) -> None:
-    try:
-        conn.send(("ok", _load(ReqSpec(**spec_dict))))
-    except BaseException as exc:  # report to the parent instead of dying silently
-        conn.send(("error", repr(exc)))
-    finally:
-        conn.close()
-
-
 def run_in_process(spec: ReqSpec) -> dict[str, Any]:
     """Run the load in a spawned process; bounded by ``time_limit`` plus a margin."""
-    ctx = mp.get_context("spawn")
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(asdict(spec), send), daemon=True)
-    proc.start()
-    try:
-        if not recv.poll(spec.time_limit + spec.warmup_s + 180):
-            raise TimeoutError("request load generator did not report in time")
-        status, payload = recv.recv()
-    finally:
-        proc.join(timeout=10)
-        if proc.is_alive():
-            proc.kill()
-    if status != "ok":
-        raise RuntimeError(f"request load generator failed: {payload}")
-    result: dict[str, Any] = payload
-    return result
+    limit = spec.time_limit + spec.warmup_s + 180
+    return ChildProcess(_load, spec, limit=limit, what="request load generator").start().result()

@@ -8,9 +8,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -46,6 +47,23 @@ def create_key(database_url: str, role: str, name: str) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
+def wait_healthy(proc: subprocess.Popen[Any], base: str, output: Callable[[], str]) -> None:
+    """Until ``base``/healthz answers 200; fails with the server's output if it exits,
+    and after 60 s."""
+    deadline = time.monotonic() + 60
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited: {output()}")
+        try:
+            if httpx.get(base + "/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError("server did not answer /healthz within 60 s")
+        time.sleep(0.1)
+
+
 @contextmanager
 def serve(database_url: str, *args: str, cwd: Path | None = None) -> Iterator[str]:
     """``loyalty serve`` on a free port; yields its base URL once /healthz answers."""
@@ -61,20 +79,13 @@ def serve(database_url: str, *args: str, cwd: Path | None = None) -> Iterator[st
         text=True,
     )
     base = f"http://127.0.0.1:{port}"
+
+    def output() -> str:
+        log.seek(0)
+        return log.read()
+
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise AssertionError(f"server exited: {log.read()}")
-            try:
-                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("server did not answer /healthz within 60 s")
-            time.sleep(0.1)
+        wait_healthy(proc, base, output)
         yield base
     finally:
         proc.terminate()

@@ -33,7 +33,7 @@ from loyalty.api.app import create_app
 from loyalty.config import Settings
 from loyalty.worker import build_forget_service, build_projection
 from tests.conftest import drain_pipeline
-from tests.e2e.live import LOYALTY, create_key, env_for, free_port
+from tests.e2e.live import LOYALTY, create_key, env_for, free_port, wait_healthy
 from tests.e2e.pgcluster import Cluster, postgres_bin
 from tests.integration.test_forget import raw_bytes_contain, rows_containing
 
@@ -89,16 +89,7 @@ def live_server(url: str, log: Path, **env: str) -> Iterator[tuple[str, subproce
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.1)
+        wait_healthy(proc, base, log.read_text)
         yield base, proc
     except BaseException:
         print(

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from loyalty.adapters.db import Database
 from loyalty.config import Settings
 from loyalty.observability import JsonFormatter, RequestIdFilter
-from tests.e2e.live import LOYALTY, create_key, env_for, free_port
+from tests.e2e.live import LOYALTY, create_key, env_for, free_port, wait_healthy
 
 CLIENT_LOGGERS = ("httpx", "httpcore")  # the test's own HTTP client logs its URLs
 
@@ -138,16 +138,7 @@ def test_live_server_json_logs_hold_no_user_id_or_key(settings: Settings, tmp_pa
         )
         try:
             base = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 60
-            while True:
-                assert proc.poll() is None, log_path.read_text()
-                try:
-                    if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "server did not start"
-                time.sleep(0.1)
+            wait_healthy(proc, base, log_path.read_text)
             with httpx.Client(base_url=base, timeout=30) as http:
                 drive(http, keys, marker)
                 deadline = time.monotonic() + 30  # let the pipeline and projection run
