@@ -48,6 +48,7 @@ from loyalty.adapters.ingress_log import PostgresIngressLog
 from loyalty.adapters.keys import Role
 from loyalty.adapters.storage import storage_report
 from loyalty.application.ingress import shard_of
+from loyalty.application.pipeline import cyclic_gc_paused
 from loyalty.config import Settings
 
 SHARDS = 16
@@ -124,7 +125,8 @@ def keyset_read(conn: psycopg.Connection[Any], limit_s: float) -> int:
     for shard in range(SHARDS):
         after = (0, 0)
         while time.perf_counter() - started < limit_s:
-            with conn.cursor() as cur:
+            # the same collector pause as the worker's windows: a like-for-like read
+            with cyclic_gc_paused(), conn.cursor() as cur:
                 set_json_loads(orjson.loads, cur)
                 cur.execute(_READ_SQL, (shard, after[0], after[1], CHUNK))
                 rows = cur.fetchall()

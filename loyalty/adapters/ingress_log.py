@@ -19,6 +19,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
+from functools import partial
 from typing import Any, NamedTuple
 
 import orjson
@@ -43,7 +44,8 @@ _COPY_COLUMNS = "(shard, source, event_id, user_id, type, occurred_at, attribute
 class StoredIngress(NamedTuple):
     """One row of the ingress log as the pipeline reads it (a tuple: cheap to build)."""
 
-    position: Position
+    txid: int
+    seq: int
     shard: int
     source: str
     event_id: str
@@ -51,6 +53,15 @@ class StoredIngress(NamedTuple):
     event_type: str
     occurred_at: datetime
     attributes: dict[str, Any]
+
+    @property
+    def position(self) -> Position:
+        return (self.txid, self.seq)
+
+
+# Builds a StoredIngress from a fetched row tuple in C (no Python frame per row): the
+# pipeline reads ~100k rows/s and a per-row ``StoredIngress(*row)`` was a tenth of it.
+_stored_from_row = partial(tuple.__new__, StoredIngress)
 
 
 def partition_name(day: date) -> str:
@@ -232,10 +243,7 @@ class PostgresIngressLog:
                     "ORDER BY txid, seq LIMIT %s",
                     (shard, after[0], after[1], upto[0], upto[1], limit),
                 )
-                return [
-                    StoredIngress((r[0], r[1]), r[2], r[3], r[4], r[5], r[6], r[7], r[8])
-                    for r in cur.fetchall()
-                ]
+                return list(map(_stored_from_row, cur.fetchall()))
 
 
 def _pending_sql(positions: dict[int, Position], placeholder: str) -> tuple[str, list[Any]]:
@@ -294,7 +302,8 @@ class SqliteIngressLog:
             )
             return [
                 StoredIngress(
-                    (r[0], r[1]),
+                    r[0],
+                    r[1],
                     r[2],
                     r[3],
                     r[4],

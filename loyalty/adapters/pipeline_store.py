@@ -12,7 +12,7 @@ from typing import IO, Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from loyalty.adapters.db import Database
+from loyalty.adapters.db import Database, psycopg_connection
 from loyalty.adapters.tables import pipeline_caps, pipeline_checkpoints
 
 Position = tuple[int, int]
@@ -77,7 +77,19 @@ class PipelineStore:
         """Advance the checkpoint and store cap counts in one transaction."""
         c = pipeline_checkpoints.c
         with self._db.write() as conn:
-            if cap_changes:
+            if cap_changes and self._db.backend == "postgresql":
+                # one statement with four arrays, not one bound row per key
+                users, types, days, counts = zip(
+                    *((u, t, d, n) for (u, t, d), n in cap_changes.items()), strict=True
+                )
+                psycopg_connection(conn).execute(
+                    "INSERT INTO pipeline_caps (user_id, event_type, day, shard, count) "
+                    "SELECT u, t, d, %s, n "
+                    "FROM unnest(%s::text[], %s::text[], %s::date[], %s::int[]) AS k(u, t, d, n) "
+                    "ON CONFLICT (user_id, event_type, day) DO UPDATE SET count = excluded.count",
+                    (shard, list(users), list(types), list(days), list(counts)),
+                )
+            elif cap_changes:
                 stmt = _insert(self._db, pipeline_caps)
                 stmt = stmt.on_conflict_do_update(
                     index_elements=["user_id", "event_type", "day"],
@@ -108,6 +120,8 @@ class PipelineStore:
         wanted = set(keys)
         if not wanted:
             return {}
+        if self._db.backend == "postgresql":
+            return self._load_caps_pg(wanted)
         users = sorted({k[0] for k in wanted})
         first_day = min(k[2] for k in wanted)
         c = pipeline_caps.c
@@ -124,6 +138,22 @@ class PipelineStore:
                     if key in wanted:
                         found[key] = int(count)
         return found
+
+    def _load_caps_pg(self, wanted: set[CapKey]) -> dict[CapKey, int]:
+        """The exact keys, joined on the primary key in one statement."""
+        users, types, days = zip(*wanted, strict=True)
+        with self._db.read() as conn:
+            rows = (
+                psycopg_connection(conn)
+                .execute(
+                    "SELECT c.user_id, c.event_type, c.day, c.count FROM pipeline_caps c "
+                    "JOIN unnest(%s::text[], %s::text[], %s::date[]) AS k(u, t, d) "
+                    "ON c.user_id = k.u AND c.event_type = k.t AND c.day = k.d",
+                    (list(users), list(types), list(days)),
+                )
+                .fetchall()
+            )
+        return {(u, t, d): int(n) for u, t, d, n in rows}
 
     def totals(self) -> tuple[int, int]:
         c = pipeline_checkpoints.c

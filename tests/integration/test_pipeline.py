@@ -159,6 +159,7 @@ def test_a_crash_at_any_step_neither_loses_nor_doubles(
     events = random_events(300, 8, seed=2)
     ingest(db, events)
     crashy = make_pipeline(db, members, chunk=25, crash_at=step)
+    crashy_members = members
     crashes = 0
     for _ in range(200):
         try:
@@ -166,9 +167,15 @@ def test_a_crash_at_any_step_neither_loses_nor_doubles(
                 break
         except Crash:
             crashes += 1
-            # a new process: fresh caches, same database
-            fresh = Members(env=event_store_env(db.settings))
-            crashy = make_pipeline(db, fresh, chunk=25, crash_at=step if crashes < 10 else "")
+            # a new process: fresh caches, same database (and the dead one's pool closed)
+            if crashy_members is not members:
+                crashy_members.close()
+            crashy_members = Members(env=event_store_env(db.settings))
+            crashy = make_pipeline(
+                db, crashy_members, chunk=25, crash_at=step if crashes < 10 else ""
+            )
+    if crashy_members is not members:
+        crashy_members.close()
     assert crashes >= 5
     drain_with(make_pipeline(db, members, chunk=25), db)
     want = expected(events)
@@ -233,3 +240,64 @@ def test_worker_cache_notices_a_member_changed_by_another_process(settings: Sett
     finally:
         worker_app.close()
         shop_app.close()
+
+
+def test_the_cyclic_collector_is_off_inside_a_window_and_back_on_after_a_crash(
+    db: Database, members: Members
+) -> None:
+    import gc
+
+    seen: list[bool] = []
+
+    def hook(step: str) -> None:
+        seen.append(gc.isenabled())
+        if step == "awarded":
+            raise Crash(step)
+
+    ingest(db, random_events(50, 4, seed=3))
+    pipeline = make_pipeline(db, members)
+    pipeline._crash_hook = hook
+    assert gc.isenabled()
+    with pytest.raises(Crash):
+        pipeline.drain(range(16))
+    assert seen == [False, False]  # window_noted, awarded: the window ran without it
+    assert gc.isenabled()  # and the crash did not leave it off for the process
+    gc.disable()
+    try:  # a caller that had it off keeps it off
+        pipeline._crash_hook = lambda _step: None
+        drain_with(pipeline, db)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_a_window_read_ahead_for_another_shard_or_position_is_never_used(
+    db: Database, members: Members
+) -> None:
+    from loyalty.application.ingress import shard_of
+
+    n = db.settings.shard_count
+    by_shard: dict[int, str] = {}
+    for i in range(1000):
+        by_shard.setdefault(shard_of(f"ra-{i}", n), f"ra-{i}")
+    (a, user_a), (b, user_b), (c, user_c) = sorted(by_shard.items())[:3]
+    ingest(db, [ev(i, u, "played_game") for i, u in enumerate([user_a, user_b, user_c])])
+    pipeline = make_pipeline(db, members)
+    read_settled = 0
+    for _ in range(100):  # PostgreSQL: wait until no transaction holds the rows back
+        read_settled = pipeline.process_shard(a, then=b)  # reads b's window ahead
+        if read_settled:
+            break
+    assert read_settled == 1
+    # the caller goes to c instead: c's own window is read and awarded, not b's
+    assert pipeline.process_shard(c) == 1
+    got = balances(members, [user_a, user_c])
+    assert got[user_a][0] > 0 and got[user_c][0] > 0
+    with pytest.raises(AggregateNotFoundError):
+        members.repository.get(Member.create_id(user_b))
+    positions = PipelineStore(db).positions()
+    assert b not in positions or positions[b] == (0, 0)
+    # and b, when its turn comes, gets its window exactly once
+    drain_with(pipeline, db)
+    assert balances(members, [user_b])[user_b][0] > 0
+    assert PipelineStore(db).totals() == (3, 3)
