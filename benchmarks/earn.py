@@ -489,6 +489,21 @@ def loyalty_serve(url: str, port: int) -> tuple[subprocess.Popen[bytes], Any]:
     return proc, log
 
 
+def wait_worker_up(port: int, limit_s: float = 60.0) -> None:
+    """Until serve's /metrics carries the worker child's families (it is running)."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            conn.request("GET", "/metrics")
+            if b"loyalty_pipeline_pending_events" in conn.getresponse().read():
+                return
+        finally:
+            conn.close()
+        time.sleep(0.2)
+    raise RuntimeError("the worker process of loyalty serve did not come up")
+
+
 def stop_process(proc: subprocess.Popen[bytes]) -> None:
     proc.terminate()
     try:
@@ -568,7 +583,7 @@ def end_to_end_lag(ctx: Context) -> Result:
 
     lower: dict[str, Any] | None = None
     try:
-        time.sleep(1.0)  # worker threads up
+        wait_worker_up(port)
         got = stage(rate, ctx.pick(quick=15.0, full=60.0), "lag")
         if ctx.mode == "full":  # and at half that rate, once the backlog is gone
             wait_drained(url, limit_s=120.0)

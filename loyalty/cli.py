@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
+import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated
@@ -89,55 +92,55 @@ def _shards(spec: str, settings: Settings) -> list[int]:
         raise fail(str(exc), 2) from None
 
 
+def _exit_cleanly(signum: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     worker: Annotated[
-        bool, typer.Option("--worker/--no-worker", help="run the pipeline in this process")
+        bool,
+        typer.Option(
+            "--worker/--no-worker",
+            help="also run the pipeline worker (a supervised child process)",
+        ),
     ] = True,
     shards: Annotated[str, typer.Option(help="shards for the embedded worker")] = "all",
 ) -> None:
-    """Migrate, then run the HTTP API (and, by default, the pipeline worker)."""
+    """Migrate, then run the HTTP API (and, by default, the pipeline worker beside it).
+
+    The worker is ``loyalty worker`` in a child process (a core of its own: one
+    interpreter cannot both ingest at full rate and weigh what it ingested), restarted
+    if it dies, stopped with serve; its metrics are merged into ``GET /metrics``."""
     import uvicorn
 
     from loyalty.api.app import create_app
+    from loyalty.worker_process import WorkerProcess, merged_registry
 
     settings = load_settings()
-    wanted = _shards(shards, settings)
+    _shards(shards, settings)  # refuse a bad spec before anything starts
     configure_logging(settings)
     db = open_database(settings)
-    metrics = Metrics()  # one registry for the API and the embedded worker
-    api = create_app(settings, db=db, metrics=metrics)
-    thread = None
-    projection_thread = None
+    metrics = Metrics()
+    child = None
     if worker:
-        pipeline_worker = build_worker(db, wanted, metrics=metrics)
-        thread = threading.Thread(target=pipeline_worker.run, name="pipeline", daemon=True)
-        thread.start()
-        # The read models in their own thread: a long pipeline window never delays them.
-        projection_worker = build_projection_worker(db, metrics=metrics)
-        projection_thread = threading.Thread(
-            target=projection_worker.run, name="projection", daemon=True
-        )
-        projection_thread.start()
-        forget_runner = start_forget_runner(db)
-        from loyalty.worker import start_retention_thread
-
-        retention_job = start_retention_thread(db, metrics=metrics)
+        child = WorkerProcess(shards)
+        metrics.exposition = merged_registry(metrics.registry, child)
+    api = create_app(settings, db=db, metrics=metrics)
+    if child is not None:
+        child.start()
+    # uvicorn shuts down on SIGTERM/SIGINT, then raises the signal again with the
+    # handlers it found: make those end this process through the finally block below
+    # (the worker stopped after its window), not by the default action.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _exit_cleanly)
     try:
         uvicorn.run(api, host=host, port=port, log_level="info", access_log=False, log_config=None)
     finally:
-        if worker:
-            forget_runner.stop()
-            if retention_job is not None:
-                retention_job[0].stop()
-        if thread is not None:
-            pipeline_worker.stop()
-            thread.join(timeout=30)
-        if projection_thread is not None:
-            projection_worker.stop()
-            projection_thread.join(timeout=30)
+        if child is not None:
+            child.stop()
         db.dispose()
 
 
@@ -161,6 +164,10 @@ def worker_cmd(
     metrics_host: Annotated[
         str, typer.Option(help="interface for --metrics-port (0.0.0.0 in a container)")
     ] = "127.0.0.1",
+    parent_pid: Annotated[
+        int | None,
+        typer.Option(help="stop when this process (serve, which started it) is gone"),
+    ] = None,
 ) -> None:
     """Run the pipeline worker alone (for scale-out: give each process its own shards)."""
     settings = load_settings()
@@ -188,6 +195,8 @@ def worker_cmd(
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if parent_pid is not None:
+        _stop_when_orphaned(parent_pid, lambda: stop(signal.SIGTERM, None))
     logging.getLogger("loyalty").info("worker for shards %s", shards)
     if projections:
         projection_thread.start()
@@ -202,6 +211,19 @@ def worker_cmd(
     if projections:
         projection_thread.join(timeout=30)
     db.dispose()
+
+
+def _stop_when_orphaned(parent_pid: int, stop: Callable[[], None]) -> None:
+    """Call ``stop`` once ``parent_pid`` is no longer this process's parent (it died,
+    even by kill -9, and the child was re-parented)."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        logging.getLogger("loyalty").warning("serve (pid %d) is gone; stopping", parent_pid)
+        stop()
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 @projections_app.command("rebuild")

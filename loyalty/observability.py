@@ -58,6 +58,9 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = True) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        # What GET /metrics exposes: this registry, or one that merges a worker
+        # process's families into it (``loyalty.worker_process.merged_registry``).
+        self.exposition: CollectorRegistry = self.registry
         r = self.registry
         if process:
             ProcessCollector(registry=r)

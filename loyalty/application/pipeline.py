@@ -15,13 +15,20 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Protocol
 
 from loyalty.application.accounts import Accounts, AwardCommand
 from loyalty.application.backoff import Backoff
 from loyalty.application.read_ahead import ReadAhead
-from loyalty.domain.rules import ActivityLike, CapCounter, CapKey, RuleSet, aggregate
+from loyalty.domain.rules import (
+    ActivityLike,
+    CapCounter,
+    CapKey,
+    RuleSet,
+    aggregate,
+    utc_date,
+)
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +191,7 @@ class Pipeline:
             rows = [r for r in rows if not self._was_forgotten(r)]
         capped_types = {t for t, rule in rule_set.rules.items() if rule.daily_cap is not None}
         capped_keys = {
-            (r.user_id, r.event_type, r.occurred_at.astimezone(UTC).date())
-            for r in rows
-            if r.event_type in capped_types
+            (r.user_id, r.event_type, utc_date(r)) for r in rows if r.event_type in capped_types
         }
         caps = CapCounter(self._state.load_caps(capped_keys))
         result = aggregate(

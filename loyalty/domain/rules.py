@@ -583,6 +583,17 @@ class CapCounter(Mapping[CapKey, int]):
         self._changed.add(key)
         return new
 
+    def take(self, key: CapKey, cap: int) -> bool:
+        """Count one more event against ``key`` if it stays within ``cap``; True if it
+        did (what :meth:`count` then :meth:`increment` do, in one call)."""
+        counts = self._counts
+        current = counts.get(key, 0)
+        if current >= cap:
+            return False
+        counts[key] = current + 1
+        self._changed.add(key)
+        return True
+
     def changes(self) -> dict[CapKey, int]:
         """Current counts of every key changed since seeding or :meth:`mark_saved`."""
         return {key: self._counts[key] for key in self._changed}
@@ -685,6 +696,16 @@ def weigh_parts(rule: Rule, attributes: Mapping[str, Any]) -> tuple[Decimal, Dec
     return _EXACT.multiply(rule.currency, factor), _EXACT.multiply(rule.rank_points, factor)
 
 
+def utc_date(activity: ActivityLike) -> date:
+    """The UTC day an activity occurred on (the day its daily caps count against)."""
+    occurred = activity.occurred_at
+    if occurred.tzinfo is UTC:  # as the ingress log hands them out: no conversion
+        return occurred.date()
+    if occurred.utcoffset() is None:
+        raise ValueError("occurred_at must be timezone-aware")
+    return occurred.astimezone(UTC).date()
+
+
 def aggregate(
     activities: Iterable[ActivityLike], rule_set: RuleSet, caps: CapCounter
 ) -> AggregationResult:
@@ -713,15 +734,9 @@ def aggregate(
             continue
         assert isinstance(weigher, _Weigher)
         cap = weigher.rule.daily_cap
-        if cap is not None:
-            occurred = activity.occurred_at
-            if occurred.utcoffset() is None:
-                raise ValueError("occurred_at must be timezone-aware")
-            key: CapKey = (user_id, event_type, occurred.astimezone(UTC).date())
-            if caps.count(key) >= cap:
-                tally.capped += 1
-                continue
-            caps.increment(key)
+        if cap is not None and not caps.take((user_id, event_type, utc_date(activity)), cap):
+            tally.capped += 1
+            continue
         currency, rank_points = weigher(activity.attributes)
         tally.currency = add(tally.currency, currency)
         tally.rank_points = add(tally.rank_points, rank_points)

@@ -28,4 +28,4 @@ _EXAMPLE = (
 )
 def get_metrics(container: ContainerDep) -> Response:
     """Prometheus metrics of this process (HTTP, ingest, pipeline, accounts, projections)."""
-    return Response(generate_latest(container.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(container.metrics.exposition), media_type=CONTENT_TYPE_LATEST)
