@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import IO, Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -32,6 +33,11 @@ class Checkpoint:
 
 def _insert(db: Database, table: sa.Table) -> Any:
     return (postgresql.insert if db.backend == "postgresql" else sqlite.insert)(table)
+
+
+def _json_rows(rows: Iterable[tuple[Any, ...]]) -> str:
+    """Rows as a JSON array of arrays (dates as ISO strings), for jsonb_array_elements."""
+    return orjson.dumps(list(rows)).decode()
 
 
 class PipelineStore:
@@ -78,16 +84,14 @@ class PipelineStore:
         c = pipeline_checkpoints.c
         with self._db.write() as conn:
             if cap_changes and self._db.backend == "postgresql":
-                # one statement with four arrays, not one bound row per key
-                users, types, days, counts = zip(
-                    *((u, t, d, n) for (u, t, d), n in cap_changes.items()), strict=True
-                )
+                # one statement, the rows as one JSON document: psycopg dumps a list
+                # parameter element by element in Python, orjson does it in C
                 psycopg_connection(conn).execute(
                     "INSERT INTO pipeline_caps (user_id, event_type, day, shard, count) "
-                    "SELECT u, t, d, %s, n "
-                    "FROM unnest(%s::text[], %s::text[], %s::date[], %s::int[]) AS k(u, t, d, n) "
+                    "SELECT e->>0, e->>1, (e->>2)::date, %s, (e->>3)::int "
+                    "FROM jsonb_array_elements(%s::text::jsonb) AS e "
                     "ON CONFLICT (user_id, event_type, day) DO UPDATE SET count = excluded.count",
-                    (shard, list(users), list(types), list(days), list(counts)),
+                    (shard, _json_rows((u, t, d, n) for (u, t, d), n in cap_changes.items())),
                 )
             elif cap_changes:
                 stmt = _insert(self._db, pipeline_caps)
@@ -141,15 +145,14 @@ class PipelineStore:
 
     def _load_caps_pg(self, wanted: set[CapKey]) -> dict[CapKey, int]:
         """The exact keys, joined on the primary key in one statement."""
-        users, types, days = zip(*wanted, strict=True)
         with self._db.read() as conn:
             rows = (
                 psycopg_connection(conn)
                 .execute(
                     "SELECT c.user_id, c.event_type, c.day, c.count FROM pipeline_caps c "
-                    "JOIN unnest(%s::text[], %s::text[], %s::date[]) AS k(u, t, d) "
-                    "ON c.user_id = k.u AND c.event_type = k.t AND c.day = k.d",
-                    (list(users), list(types), list(days)),
+                    "JOIN jsonb_array_elements(%s::text::jsonb) AS e "
+                    "ON c.user_id = e->>0 AND c.event_type = e->>1 AND c.day = (e->>2)::date",
+                    (_json_rows(wanted),),
                 )
                 .fetchall()
             )
