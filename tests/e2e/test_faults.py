@@ -147,7 +147,10 @@ def wait_for_pipeline(client: Client, key: str, total: int, timeout: float = 120
     raise AssertionError(f"pipeline did not catch up: {body}")
 
 
-def test_database_stops_and_restarts_mid_load(cluster: Cluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+def test_database_stops_and_restarts_mid_load(cluster: Cluster, tmp_path: Path, mode: str) -> None:
+    """``fast`` ends sessions cleanly; ``immediate`` is a crash: commits that did not wait
+    for their WAL flush (the pipeline's own state) may be lost, and must only be redone."""
     url = cluster.create_database("loyalty")
     ingest = create_key(url, "ingest", "games")
     operator = create_key(url, "operator", "ops")
@@ -186,7 +189,7 @@ def test_database_stops_and_restarts_mid_load(cluster: Cluster, tmp_path: Path) 
             futures = [pool.submit(load, w) for w in range(4)]
             time.sleep(3)
             outage["stop"] = time.monotonic()
-            cluster.stop("fast")  # terminates in-flight transactions
+            cluster.stop(mode)  # terminates in-flight transactions (immediate: crashes)
             time.sleep(3)
             cluster.start()
             outage["start"] = time.monotonic()
