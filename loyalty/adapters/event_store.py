@@ -18,6 +18,7 @@ from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.sqlite import SQLiteApplicationRecorder
 from psycopg import sql
 
+from loyalty.adapters.event_recorder import TOPIC as RECORDER_TOPIC
 from loyalty.config import Settings
 
 
@@ -48,6 +49,7 @@ def event_store_env(settings: Settings, *, create_table: bool = False) -> dict[s
         "POSTGRES_LOCK_TIMEOUT": "10",
         # No ping per checkout: the library retries a dead connection by itself.
         "POSTGRES_PRE_PING": "n",
+        "APPLICATION_RECORDER_TOPIC": RECORDER_TOPIC,
     }
 
 
