@@ -104,32 +104,33 @@ def serve(
         bool,
         typer.Option(
             "--worker/--no-worker",
-            help="also run the pipeline worker (a supervised child process)",
+            help="also run the pipeline and the read models (supervised child processes)",
         ),
     ] = True,
     shards: Annotated[str, typer.Option(help="shards for the embedded worker")] = "all",
 ) -> None:
     """Migrate, then run the HTTP API (and, by default, the pipeline worker beside it).
 
-    The worker is ``loyalty worker`` in a child process (a core of its own: one
-    interpreter cannot both ingest at full rate and weigh what it ingested), restarted
-    if it dies, stopped with serve; its metrics are merged into ``GET /metrics``."""
+    The worker is two supervised child processes (``loyalty worker --no-projections``
+    and ``loyalty worker --no-pipeline``): one interpreter cannot ingest at full rate,
+    weigh what it ingested and project the accounts at once. They are restarted if they
+    die, stopped with serve, and their metrics merged into ``GET /metrics``."""
     import uvicorn
 
     from loyalty.api.app import create_app
-    from loyalty.worker_process import WorkerProcess, merged_registry
+    from loyalty.worker_process import merged_registry, worker_children
 
     settings = load_settings()
     _shards(shards, settings)  # refuse a bad spec before anything starts
     configure_logging(settings)
     db = open_database(settings)
     metrics = Metrics()
-    child = None
+    children = []
     if worker:
-        child = WorkerProcess(shards)
-        metrics.exposition = merged_registry(metrics.registry, child)
+        children = worker_children(shards)
+        metrics.exposition = merged_registry(metrics.registry, children)
     api = create_app(settings, db=db, metrics=metrics)
-    if child is not None:
+    for child in children:
         child.start()
     # uvicorn shuts down on SIGTERM/SIGINT, then raises the signal again with the
     # handlers it found: make those end this process through the finally block below
@@ -139,7 +140,7 @@ def serve(
     try:
         uvicorn.run(api, host=host, port=port, log_level="info", access_log=False, log_config=None)
     finally:
-        if child is not None:
+        for child in children:
             child.stop()
         db.dispose()
 
@@ -152,6 +153,13 @@ def worker_cmd(
         typer.Option(
             "--projections/--no-projections",
             help="also keep the read models up to date (one process at a time holds them)",
+        ),
+    ] = True,
+    pipeline: Annotated[
+        bool,
+        typer.Option(
+            "--pipeline/--no-pipeline",
+            help="run the pipeline, retention and forget-me (--no-pipeline: read models only)",
         ),
     ] = True,
     projection_batch: Annotated[
@@ -197,6 +205,14 @@ def worker_cmd(
     signal.signal(signal.SIGINT, stop)
     if parent_pid is not None:
         _stop_when_orphaned(parent_pid, lambda: stop(signal.SIGTERM, None))
+    if not pipeline:
+        if not projections:
+            db.dispose()
+            raise fail("--no-pipeline and --no-projections leave nothing to run", 2)
+        logging.getLogger("loyalty").info("worker for the read models")
+        projection_worker.run()
+        db.dispose()
+        return
     logging.getLogger("loyalty").info("worker for shards %s", shards)
     if projections:
         projection_thread.start()
