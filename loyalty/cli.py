@@ -178,6 +178,8 @@ def worker_cmd(
     ] = None,
 ) -> None:
     """Run the pipeline worker alone (for scale-out: give each process its own shards)."""
+    if not pipeline and not projections:
+        raise fail("--no-pipeline and --no-projections leave nothing to run", 2)
     settings = load_settings()
     wanted = _shards(shards, settings)
     configure_logging(settings)
@@ -191,28 +193,27 @@ def worker_cmd(
         except OSError as exc:
             db.dispose()
             raise fail(f"cannot serve metrics on {metrics_host}:{metrics_port}: {exc}", 1) from None
-    pipeline_worker = build_worker(db, wanted, metrics=metrics)
     projection_worker = build_projection_worker(db, batch_size=projection_batch, metrics=metrics)
-    projection_thread = threading.Thread(
-        target=projection_worker.run, name="projection", daemon=True
-    )
+    # the read models alone (serve's second child) need no pipeline to be built
+    pipeline_worker = build_worker(db, wanted, metrics=metrics) if pipeline else None
 
     def stop(_signum: int, _frame: object) -> None:
-        pipeline_worker.stop()
+        if pipeline_worker is not None:
+            pipeline_worker.stop()
         projection_worker.stop()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     if parent_pid is not None:
         _stop_when_orphaned(parent_pid, lambda: stop(signal.SIGTERM, None))
-    if not pipeline:
-        if not projections:
-            db.dispose()
-            raise fail("--no-pipeline and --no-projections leave nothing to run", 2)
+    if pipeline_worker is None:
         logging.getLogger("loyalty").info("worker for the read models")
         projection_worker.run()
         db.dispose()
         return
+    projection_thread = threading.Thread(
+        target=projection_worker.run, name="projection", daemon=True
+    )
     logging.getLogger("loyalty").info("worker for shards %s", shards)
     if projections:
         projection_thread.start()

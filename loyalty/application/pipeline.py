@@ -178,8 +178,7 @@ class Pipeline:
                 else self._reader.read_after(shard, checkpoint.position, self.chunk)
             )
             if not rows:
-                if then is not None:
-                    self._read_next(shard, checkpoint.position, False, then)
+                self._read_next(shard, checkpoint.position, False, then)
                 return 0
             end = rows[-1].position
             self._state.set_pending(shard, end)

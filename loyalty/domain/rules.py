@@ -576,16 +576,9 @@ class CapCounter(Mapping[CapKey, int]):
         """The count for ``key``; 0 when never seen."""
         return self._counts.get(key, 0)
 
-    def increment(self, key: CapKey) -> int:
-        """Add one to ``key``'s count, remember it changed, return the new count."""
-        new = self._counts.get(key, 0) + 1
-        self._counts[key] = new
-        self._changed.add(key)
-        return new
-
     def take(self, key: CapKey, cap: int) -> bool:
-        """Count one more event against ``key`` if it stays within ``cap``; True if it
-        did (what :meth:`count` then :meth:`increment` do, in one call)."""
+        """Count one more event against ``key`` if it stays within ``cap`` (and remember
+        the key changed); True if it did."""
         counts = self._counts
         current = counts.get(key, 0)
         if current >= cap:
