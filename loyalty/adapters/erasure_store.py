@@ -52,6 +52,7 @@ forget_requests = sa.Table(
     sa.Column("requested_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("completed_at", sa.DateTime(timezone=True)),
     sa.Column("erased", sa.Text, nullable=False),
+    sa.Index("forget_requests_status_idx", "status"),
 )
 forget_subjects = sa.Table(
     "forget_subjects",
