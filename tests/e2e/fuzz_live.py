@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ class Outcome:
     seconds: float
     server_errors: list[str]
     output: str
+    server_log: str
 
 
 @contextmanager
@@ -72,12 +74,17 @@ def fresh_database(backend: str) -> Iterator[str]:
 
 
 def server_errors(log: str) -> list[str]:
-    """The log lines that report an unhandled exception (a 500) or any traceback."""
-    return [
-        line
-        for line in log.splitlines()
-        if "Exception in ASGI application" in line or "Traceback (most recent call last)" in line
-    ]
+    """One line per traceback in the server's log: the exception it ended with."""
+    errors: list[str] = []
+    lines = log.splitlines()
+    for i, line in enumerate(lines):
+        if "Traceback (most recent call last)" not in line:
+            continue
+        for after in lines[i + 1 :]:
+            if after and not after.startswith((" ", "\t", "Traceback")):
+                errors.append(after)
+                break
+    return errors
 
 
 def run(
@@ -155,7 +162,8 @@ def run(
             fuzz.returncode,
             seconds,
             server_errors(server_log),
-            fuzz.stdout + fuzz.stderr + "\n--- server log ---\n" + server_log,
+            fuzz.stdout + fuzz.stderr,
+            server_log,
         )
 
 
@@ -168,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-time", type=int, default=None, help="seconds per backend")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=1, help="runs per backend")
+    parser.add_argument("--verbose", action="store_true", help="print the server log too")
     parser.add_argument("extra", nargs="*", help="after --: more schemathesis options")
     args = parser.parse_args(argv)
     failed = False
@@ -190,9 +199,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"{len(outcome.server_errors)} server 500s, {outcome.seconds:.0f} s: {verdict}",
                 flush=True,
             )
+            for error, count in Counter(outcome.server_errors).most_common():
+                print(f"  {count} x {error}", flush=True)
             if verdict == "FAILED":
                 failed = True
                 print(outcome.output, flush=True)
+                if args.verbose:
+                    print("--- server log ---\n" + outcome.server_log, flush=True)
     return 1 if failed else 0
 
 
