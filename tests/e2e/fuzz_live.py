@@ -110,7 +110,7 @@ def run(
         with open(log_path, "w") as log:
             server = subprocess.Popen(
                 [*LOYALTY, "serve", "--port", str(port)],
-                env=env_for(url, LOYALTY_FORGET_SETTLE_SECONDS="0.2"),
+                env=env_for(url),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 text=True,
