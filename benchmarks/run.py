@@ -20,6 +20,7 @@ MODULES = [
     "benchmarks.accounts",
     "benchmarks.expiry",
     "benchmarks.storage",
+    "benchmarks.member_load",
 ]
 
 
