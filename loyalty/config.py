@@ -75,6 +75,21 @@ class Settings(BaseSettings):
     marker_refresh_seconds: float = Field(
         1.0, gt=0, le=60, description="how often a process re-reads the forget markers"
     )
+    webhook_allow_private_urls: bool = Field(
+        False,
+        description="let webhook URLs point at loopback, private, link-local or metadata "
+        "addresses (tests, closed networks)",
+    )
+    webhook_timeout_seconds: float = Field(
+        10.0, gt=0, le=120, description="how long one webhook delivery may take"
+    )
+    webhook_retry_seconds: float = Field(
+        3 * 3600.0,
+        ge=0,
+        le=7 * 86400,
+        description="how long a failing webhook delivery is retried (exponential backoff "
+        "with jitter) before it becomes a dead letter",
+    )
     log_format: Literal["text", "json"] = Field(
         "text", description="log lines on stderr (json: one object per line)"
     )

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from eventsourcing.persistence import PersistenceError
 
 from loyalty.adapters.db import Database, DatabaseUnavailable
+from loyalty.adapters.delivery_store import SqlDeliveryStore
 from loyalty.adapters.erasure_store import SqlErasureStore
 from loyalty.adapters.event_store import event_store_env, stream_loader, worker_env
 from loyalty.adapters.ingress_log import create_ingress_log, pending_stats
@@ -20,11 +21,14 @@ from loyalty.adapters.pipeline_store import PipelineStore, ShardLeases
 from loyalty.adapters.read_models import ReadModels
 from loyalty.adapters.retention_store import create_retention_store
 from loyalty.adapters.rules_store import RulesStore
+from loyalty.adapters.webhook_sender import HttpWebhookSender, check_url
 from loyalty.application.accounts import Accounts, Members
+from loyalty.application.delivery import EventFeed, RetryPolicy, WebhookAdmin, WebhookDispatcher
 from loyalty.application.erasure import ForgetService, MarkerCache
 from loyalty.application.pipeline import LagProbe, Pipeline, Worker
 from loyalty.application.projections import MemberProjection, ProjectionWorker
 from loyalty.application.retention import Retention, RetentionJob
+from loyalty.config import Settings
 from loyalty.domain.errors import MemberBeingErased
 from loyalty.observability import Metrics
 
@@ -255,3 +259,104 @@ def start_retention_thread(
     thread = threading.Thread(target=job.run, name="retention", daemon=True)
     thread.start()
     return job, thread
+
+
+# -- events out (feed, webhooks; the relay is `loyalty relay`) -----------------------------
+
+
+def feed_factory(accounts: Accounts) -> Callable[[], EventFeed]:
+    """The feed over ``accounts``' event store application, built on first use."""
+    built: list[EventFeed] = []
+    lock = threading.Lock()
+
+    def get() -> EventFeed:
+        if not built:
+            with lock:
+                if not built:
+                    app = accounts.app
+                    built.append(EventFeed(app.recorder, app.mapper))
+        return built[0]
+
+    return get
+
+
+def build_webhook_admin(db: Database, head: Callable[[], int]) -> WebhookAdmin:
+    settings = db.settings
+    return WebhookAdmin(
+        SqlDeliveryStore(db),
+        head,
+        lambda url: check_url(url, allow_private=settings.webhook_allow_private_urls),
+    )
+
+
+def webhook_sender(settings: Settings) -> HttpWebhookSender:
+    return HttpWebhookSender(
+        timeout=settings.webhook_timeout_seconds,
+        allow_private=settings.webhook_allow_private_urls,
+    )
+
+
+WEBHOOK_LEASE = 1_000_003
+
+
+def build_webhook_dispatcher(
+    db: Database,
+    members: Members | None = None,
+    *,
+    metrics: Metrics | None = None,
+    refresh: float = 2.0,
+    poll_seconds: float = 0.2,
+    policy: RetryPolicy | None = None,
+) -> WebhookDispatcher:
+    """One delivery loop per subscription, each with its own feed reader."""
+    settings = db.settings
+    members = members or Members(env=event_store_env(settings))
+    return WebhookDispatcher(
+        lambda: EventFeed(members.recorder, members.mapper),
+        SqlDeliveryStore(db),
+        SqlDeliveryStore(db),
+        webhook_sender(settings),
+        policy=policy or RetryPolicy(give_up_after=settings.webhook_retry_seconds),
+        retry_errors=RETRY_ERRORS,
+        metrics=metrics,
+        refresh=refresh,
+        poll_seconds=poll_seconds,
+    )
+
+
+class WebhookRunner:
+    """Runs the webhook dispatcher while this process holds the webhooks lease (one
+    delivering process at a time, so a subscription's events go out in order)."""
+
+    def __init__(self, db: Database, dispatcher: WebhookDispatcher) -> None:
+        self._leases = ShardLeases(db)
+        self._dispatcher = dispatcher
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                if self._leases.try_acquire(WEBHOOK_LEASE):
+                    thread = threading.Thread(
+                        target=self._dispatcher.run, name="webhooks", daemon=True
+                    )
+                    thread.start()
+                    self.stop_event.wait()
+                    self._dispatcher.stop()
+                    thread.join(timeout=15)
+                    break
+            except RETRY_ERRORS as exc:
+                log.warning("webhook runner paused (%s)", type(exc).__name__)
+            self.stop_event.wait(2.0)
+        self._leases.release_all()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+
+def start_webhook_runner(
+    db: Database, members: Members | None = None, *, metrics: Metrics | None = None
+) -> WebhookRunner:
+    runner = WebhookRunner(db, build_webhook_dispatcher(db, members, metrics=metrics))
+    threading.Thread(target=runner.run, name="webhook-runner", daemon=True).start()
+    return runner

@@ -30,6 +30,9 @@ LOCATIONS: dict[str, tuple[str, ...]] = {
     "event_store": ("members_events", "stored_events", "members_snapshots", "stored_snapshots"),
     "read_models": ("member_balances", "member_history"),
     "forget_subjects": ("forget_subjects",),  # deleted when the request completes
+    # events out (issue 17): dead letters of the member are erased; forget-me itself
+    # adds member.forgotten notices here, deleted once each way out delivered them
+    "delivery": ("webhook_dead_letters", "delivery_notices"),
 }
 EXEMPT: dict[str, str] = {
     "alembic_version": "schema revision",
@@ -40,6 +43,8 @@ EXEMPT: dict[str, str] = {
     "loyalty_meta": "the subject-hash salt",
     "forget_markers": "salted hash and stream id only; expires with the retention window",
     "forget_requests": "receipts: request id, times, counts; no user id",
+    "webhook_subscriptions": "URLs, event types and signing secrets; no member data",
+    "delivery_cursors": "positions per way out (webhook subscription, relay)",
 }
 NIL_HEX = uuid.UUID(int=0).hex
 
@@ -296,6 +301,16 @@ class SqlErasureStore:
             ).rowcount
         return {"member_history": int(history), "member_balances": int(balances)}
 
+    # -- events out (issue 17) ---------------------------------------------------------
+    def erase_delivery(
+        self, user_id: str, request_id: str, requested_at: datetime
+    ) -> dict[str, int]:
+        """Drop the member's webhook dead letters; owe each durable way out a
+        member.forgotten notice (deleted once delivered)."""
+        from loyalty.adapters.delivery_store import SqlDeliveryStore
+
+        return SqlDeliveryStore(self._db).erase_member(user_id, request_id, requested_at)
+
     def vacuum(self) -> None:
         """Make deleted rows physically go away. PostgreSQL: VACUUM (the library turns
         autovacuum down on its events table). SQLite: secure_delete zeroed the cells;
@@ -308,7 +323,8 @@ class SqlErasureStore:
                     LOCATIONS["event_store"]
                     + LOCATIONS["read_models"]
                     + LOCATIONS["pipeline_caps"]
-                    + LOCATIONS["forget_subjects"],
+                    + LOCATIONS["forget_subjects"]
+                    + LOCATIONS["delivery"],
                 )
                 conn.execute(sa.text("VACUUM " + ", ".join(f'"{t}"' for t in tables)))
             return

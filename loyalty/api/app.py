@@ -20,17 +20,19 @@ from loyalty.adapters.rules_store import RulesStore
 from loyalty.api import problems
 from loyalty.api.deps import Container
 from loyalty.api.guards import BodyGuardMiddleware, RateLimiter, SecurityHeadersMiddleware
+from loyalty.api.routes import feed as feed_routes
 from loyalty.api.routes import forget as forget_routes
 from loyalty.api.routes import health, ingress, operations
 from loyalty.api.routes import members as member_routes
 from loyalty.api.routes import metrics as metrics_routes
 from loyalty.api.routes import storage as storage_routes
+from loyalty.api.routes import webhooks as webhook_routes
 from loyalty.api.schemas import Batch, Problem, RulesBody, RulesRequest
 from loyalty.application.accounts import Accounts, Members, Spending
 from loyalty.application.ingress import IngestService
 from loyalty.config import Settings
 from loyalty.observability import Metrics, MetricsMiddleware, RequestIdMiddleware
-from loyalty.worker import build_forget_service, marker_cache
+from loyalty.worker import build_forget_service, build_webhook_admin, feed_factory, marker_cache
 
 BATCH_EXAMPLE: dict[str, Any] = {
     "batch_id": "b-1",
@@ -70,6 +72,7 @@ def build_container(
     markers = marker_cache(db)
     accounts = Accounts(members or (lambda: Members(env=env)), markers=markers)
     metrics = metrics if metrics is not None else Metrics()
+    feed = feed_factory(accounts)
     return Container(
         settings=settings,
         db=db,
@@ -95,6 +98,8 @@ def build_container(
             settings.ingest_rate_limit_events_per_s,
             max(settings.ingest_rate_limit_burst, settings.max_batch_events),
         ),
+        feed=feed,
+        webhooks=build_webhook_admin(db, lambda: feed().head()),
     )
 
 
@@ -135,6 +140,8 @@ def create_app(
     app.include_router(forget_routes.router)
     app.include_router(metrics_routes.router)
     app.include_router(storage_routes.router)
+    app.include_router(feed_routes.router)
+    app.include_router(webhook_routes.router)
     # Request ids outermost, so that everything (metrics, handlers, errors) logs with one.
     app.add_middleware(BodyGuardMiddleware, limit=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=container.metrics)

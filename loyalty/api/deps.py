@@ -18,6 +18,7 @@ from loyalty.adapters.rules_store import RulesStore
 from loyalty.api.guards import RateLimiter
 from loyalty.api.problems import ApiProblem
 from loyalty.application.accounts import Accounts, Spending
+from loyalty.application.delivery import EventFeed, WebhookAdmin
 from loyalty.application.erasure import ForgetService
 from loyalty.application.ingress import IngestService
 from loyalty.config import Settings
@@ -41,6 +42,9 @@ class Container:
     metrics: Metrics
     forget: ForgetService
     ingest_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0.0, 0.0))
+    feed: Callable[[], EventFeed] | None = None
+    """The account event feed (built on first use, like the event store application)."""
+    webhooks: WebhookAdmin | None = None
 
 
 def get_container(request: Request) -> Container:
@@ -88,3 +92,4 @@ def require(role: Role) -> Callable[[Principal], Principal]:
 IngestKey = Annotated[Principal, Depends(require(Role.INGEST))]
 ShopKey = Annotated[Principal, Depends(require(Role.SHOP))]
 OperatorKey = Annotated[Principal, Depends(require(Role.OPERATOR))]
+FeedKey = Annotated[Principal, Depends(require(Role.FEED))]
