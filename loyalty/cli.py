@@ -651,14 +651,6 @@ def storage_cmd(
     Console(width=None if sys.stdout.isatty() else 120).print(table)
 
 
-def main() -> None:
-    app(prog_name="loyalty")
-
-
-if __name__ == "__main__":
-    main()
-
-
 # -- events out (issue 17): webhooks and the RabbitMQ relay ---------------------------------
 
 webhooks_app = typer.Typer(
@@ -806,3 +798,34 @@ def webhooks_run() -> None:
         signal.signal(signum, lambda _s, _f: runner.stop())
     runner.run()
     db.dispose()
+
+
+@app.command("relay")
+def relay_cmd(
+    amqp_url: Annotated[
+        str,
+        typer.Option(envvar="LOYALTY_AMQP_URL", help="the broker, amqp://user:pass@host:5672/"),
+    ],
+    exchange: Annotated[str, typer.Option(help="the durable topic exchange")] = "loyalty.events",
+    batch: Annotated[int, typer.Option(min=1, max=10_000, help="events per cursor move")] = 500,
+) -> None:
+    """Relay account events to RabbitMQ (routing key = event type, persistent, publisher
+    confirms; the cursor moves only after the broker confirmed)."""
+    from loyalty.worker import build_relay, run_relay
+
+    settings = load_settings()
+    configure_logging(settings)
+    db = open_database(settings)
+    loop = build_relay(db, amqp_url, exchange=exchange, batch_size=batch)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda _s, _f: loop.stop())
+    run_relay(db, loop)
+    db.dispose()
+
+
+def main() -> None:
+    app(prog_name="loyalty")
+
+
+if __name__ == "__main__":
+    main()

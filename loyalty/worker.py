@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from eventsourcing.persistence import PersistenceError
 
 from loyalty.adapters.db import Database, DatabaseUnavailable
-from loyalty.adapters.delivery_store import SqlDeliveryStore
+from loyalty.adapters.delivery_store import RELAY_CHANNEL, SqlDeliveryStore
 from loyalty.adapters.erasure_store import SqlErasureStore
 from loyalty.adapters.event_store import event_store_env, stream_loader, worker_env
 from loyalty.adapters.ingress_log import create_ingress_log, pending_stats
@@ -23,7 +23,13 @@ from loyalty.adapters.retention_store import create_retention_store
 from loyalty.adapters.rules_store import RulesStore
 from loyalty.adapters.webhook_sender import HttpWebhookSender, check_url
 from loyalty.application.accounts import Accounts, Members
-from loyalty.application.delivery import EventFeed, RetryPolicy, WebhookAdmin, WebhookDispatcher
+from loyalty.application.delivery import (
+    CursorLoop,
+    EventFeed,
+    RetryPolicy,
+    WebhookAdmin,
+    WebhookDispatcher,
+)
 from loyalty.application.erasure import ForgetService, MarkerCache
 from loyalty.application.pipeline import LagProbe, Pipeline, Worker
 from loyalty.application.projections import MemberProjection, ProjectionWorker
@@ -274,7 +280,7 @@ def feed_factory(accounts: Accounts) -> Callable[[], EventFeed]:
             with lock:
                 if not built:
                     app = accounts.app
-                    built.append(EventFeed(app.recorder, app.mapper))
+                    built.append(EventFeed(app.recorder, app.mapper, app))
         return built[0]
 
     return get
@@ -312,7 +318,7 @@ def build_webhook_dispatcher(
     settings = db.settings
     members = members or Members(env=event_store_env(settings))
     return WebhookDispatcher(
-        lambda: EventFeed(members.recorder, members.mapper),
+        lambda: EventFeed(members.recorder, members.mapper, members),
         SqlDeliveryStore(db),
         SqlDeliveryStore(db),
         webhook_sender(settings),
@@ -360,3 +366,54 @@ def start_webhook_runner(
     runner = WebhookRunner(db, build_webhook_dispatcher(db, members, metrics=metrics))
     threading.Thread(target=runner.run, name="webhook-runner", daemon=True).start()
     return runner
+
+
+RELAY_LEASE = 1_000_004
+
+
+def build_relay(
+    db: Database,
+    amqp_url: str,
+    *,
+    exchange: str = "loyalty.events",
+    batch_size: int = 500,
+    members: Members | None = None,
+    metrics: Metrics | None = None,
+) -> CursorLoop:
+    """The RabbitMQ relay: the feed from the ``relay`` cursor to a topic exchange."""
+    from loyalty.adapters.amqp_relay import AmqpSink
+
+    members = members or Members(env=event_store_env(db.settings))
+    return CursorLoop(
+        RELAY_CHANNEL,
+        EventFeed(members.recorder, members.mapper, members),
+        SqlDeliveryStore(db),
+        AmqpSink(amqp_url, exchange),
+        batch_size=batch_size,
+        metrics=metrics,
+    )
+
+
+def run_relay(db: Database, loop: CursorLoop, *, poll_seconds: float = 0.2) -> None:
+    """Run the relay while this process holds its lease (one relay at a time, so the
+    exchange sees the events in commit order); returns when ``loop`` is stopped."""
+    from loyalty.adapters.amqp_relay import RETRY_ERRORS as AMQP_ERRORS
+
+    leases = ShardLeases(db)
+    try:
+        while not loop.stop_event.is_set():
+            try:
+                leased = leases.try_acquire(RELAY_LEASE)
+            except RETRY_ERRORS as exc:
+                log.warning("relay paused (%s)", type(exc).__name__)
+                leased = False
+            if leased:
+                log.info("relay runs in this process")
+                loop.run((*RETRY_ERRORS, *AMQP_ERRORS), poll_seconds)
+                break
+            loop.stop_event.wait(2.0)
+    finally:
+        leases.release_all()
+        close = getattr(loop.sink, "close", None)
+        if close is not None:
+            close()

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 TOMBSTONE = "loyalty.erasure:Tombstone"
 EVENT_NAMESPACE = uuid5(NAMESPACE_URL, "urn:loyalty:feed-event")
-BOOKKEEPING = frozenset({"originator_id", "originator_version", "timestamp"})
+BOOKKEEPING = frozenset({"originator_id", "originator_version", "timestamp", "originator_topic"})
 FORGOTTEN = "member.forgotten"
 EVENT_TYPES = (
     "member.created",
@@ -165,7 +165,10 @@ class EventFeed:
 
     USER_CACHE = 100_000
 
-    def __init__(self, recorder: NotificationLog, mapper: Any) -> None:
+    def __init__(self, recorder: NotificationLog, mapper: Any, owner: Any = None) -> None:
+        # ``owner``: the library application the recorder belongs to, kept alive here
+        # (an application that is garbage-collected closes its connection pool).
+        self._owner = owner
         self._recorder = recorder
         self._mapper = mapper
         self._users: OrderedDict[str, str] = OrderedDict()
