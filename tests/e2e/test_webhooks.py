@@ -151,7 +151,7 @@ def test_signed_deliveries_verify_with_the_reference_library_in_order(
         created = subscribe(api, ops, receiver.url, ["member.adjusted"])
         assert created["secret"].startswith("whsec_")
         secrets["s"] = created["secret"]
-        listed = api.get(HOOKS, headers=ops).json()
+        listed = api.get(HOOKS, headers=ops).json()["subscriptions"]
         assert [s["subscription_id"] for s in listed] == [created["subscription_id"]]
         assert "secret" not in listed[0]
         users = ["ann", "ben", "ann", "cid", "ben", "ann", "ann", "cid"]
@@ -175,6 +175,12 @@ def test_signed_deliveries_verify_with_the_reference_library_in_order(
             Webhook("whsec_" + "A" * 44).verify(
                 orjson.dumps(bodies[0]), receiver.received[0]["headers"]
             )
+        sid = created["subscription_id"]
+        assert api.delete(f"{HOOKS}/{sid}", headers=ops).json() == {
+            "subscription_id": sid,
+            "deleted": True,
+        }
+        assert api.get(HOOKS, headers=ops).json() == {"subscriptions": []}
     finally:
         receiver.close()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Response
+from fastapi import APIRouter, Path
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -43,7 +43,17 @@ class WebhookCreate(BaseModel):
     )
 
 
+SUBSCRIPTION_EXAMPLE: dict[str, Any] = {
+    "subscription_id": "5f0c3b2a9d8e4f7a8b6c5d4e3f2a1b0c",
+    "url": "https://crm.example.com/hooks/loyalty",
+    "event_types": ["member.rank_changed", "member.forgotten"],
+    "created_at": "2026-11-29T10:00:00Z",
+}
+
+
 class WebhookOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [SUBSCRIPTION_EXAMPLE]})
+
     subscription_id: str
     url: str
     event_types: list[str]
@@ -54,13 +64,7 @@ class WebhookCreated(WebhookOut):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
-                {
-                    "subscription_id": "5f0c3b2a9d8e4f7a8b6c5d4e3f2a1b0c",
-                    "url": "https://crm.example.com/hooks/loyalty",
-                    "event_types": ["member.rank_changed", "member.forgotten"],
-                    "created_at": "2026-11-29T10:00:00Z",
-                    "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
-                }
+                {**SUBSCRIPTION_EXAMPLE, "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}
             ]
         }
     )
@@ -68,6 +72,25 @@ class WebhookCreated(WebhookOut):
     secret: str = Field(
         description="the signing secret (Standard Webhooks, whsec_...): shown only once"
     )
+
+
+class WebhookList(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"subscriptions": [SUBSCRIPTION_EXAMPLE]}]}
+    )
+
+    subscriptions: list[WebhookOut]
+
+
+class WebhookDeleted(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"subscription_id": "5f0c3b2a9d8e4f7a8b6c5d4e3f2a1b0c", "deleted": True}]
+        }
+    )
+
+    subscription_id: str
+    deleted: bool
 
 
 def _out(s: Subscription) -> WebhookOut:
@@ -101,23 +124,24 @@ async def create_webhook(
     return WebhookCreated(**_out(created).model_dump(), secret=created.secret)
 
 
-@router.get("/v1/webhooks", response_model=list[WebhookOut], responses=_ERRORS)
-async def list_webhooks(_key: OperatorKey, container: ContainerDep) -> list[WebhookOut]:
+@router.get("/v1/webhooks", response_model=WebhookList, responses=_ERRORS)
+async def list_webhooks(_key: OperatorKey, container: ContainerDep) -> WebhookList:
     """Every subscription (never the secrets)."""
-    return [_out(s) for s in await run_in_threadpool(_admin(container).subscriptions)]
+    subscriptions = await run_in_threadpool(_admin(container).subscriptions)
+    return WebhookList(subscriptions=[_out(s) for s in subscriptions])
 
 
 @router.delete(
     "/v1/webhooks/{subscription_id}",
-    status_code=204,
+    response_model=WebhookDeleted,
     responses={**_ERRORS, 404: {"model": Problem, "description": "no such subscription"}},
 )
 async def delete_webhook(
     subscription_id: Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")],
     _key: OperatorKey,
     container: ContainerDep,
-) -> Response:
+) -> WebhookDeleted:
     """Unsubscribe: deliveries stop; its cursor and dead letters are deleted."""
     if not await run_in_threadpool(_admin(container).delete, subscription_id):
         raise ApiProblem(404, "webhook_not_found", "no such subscription")
-    return Response(status_code=204)
+    return WebhookDeleted(subscription_id=subscription_id, deleted=True)
