@@ -214,8 +214,9 @@ class Metrics:
 
     def webhook_attempt(self, outcome: str) -> None:
         self.deliveries.labels(outcome).inc()
-        if outcome == "dead_lettered":
-            self.dead_letters.inc()
+
+    def webhook_dead_letters(self, count: int) -> None:
+        self.dead_letters.set(count)
 
     # -- ProjectionMetrics
     def projection_progress(self, name: str, *, position: int, head: int, applied: int) -> None:

@@ -368,6 +368,7 @@ class WebhookStore(CursorStore, Protocol):
     def add_dead_letter(
         self, subscription_id: str, event: FeedEvent, attempts: int, error: str
     ) -> None: ...
+    def dead_letter_count(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,6 +384,7 @@ class WebhookSender(Protocol):
 
 class WebhookMetrics(DeliveryMetrics, Protocol):
     def webhook_attempt(self, outcome: str) -> None: ...
+    def webhook_dead_letters(self, count: int) -> None: ...
 
 
 @dataclass
@@ -486,6 +488,8 @@ class WebhookDispatcher:
         current: Mapping[str, Subscription] = {
             s.subscription_id: s for s in self._subscriptions.subscriptions()
         }
+        if self._metrics is not None:
+            self._metrics.webhook_dead_letters(self._store.dead_letter_count())
         for sid in list(self._loops):
             if sid not in current:
                 loop, _ = self._loops.pop(sid)

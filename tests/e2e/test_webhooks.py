@@ -25,6 +25,7 @@ from loyalty.adapters.db import Database
 from loyalty.api.app import create_app
 from loyalty.application.delivery import RetryPolicy
 from loyalty.config import Settings
+from loyalty.observability import Metrics
 from loyalty.worker import build_forget_service, build_webhook_dispatcher
 from tests.conftest import Clock
 from tests.e2e.live import LOYALTY, env_for
@@ -109,9 +110,15 @@ def api(allow: Settings, db: Database, clock: Clock) -> Iterator[TestClient]:
 
 
 @contextmanager
-def dispatching(db: Database, policy: RetryPolicy | None = None) -> Iterator[None]:
+def dispatching(
+    db: Database, policy: RetryPolicy | None = None, metrics: Metrics | None = None
+) -> Iterator[None]:
     dispatcher = build_webhook_dispatcher(
-        db, refresh=0.1, poll_seconds=0.05, policy=policy or RetryPolicy(0.05, 0.2, 30.0)
+        db,
+        refresh=0.1,
+        poll_seconds=0.05,
+        policy=policy or RetryPolicy(0.05, 0.2, 30.0),
+        metrics=metrics,
     )
     thread = threading.Thread(target=dispatcher.run, daemon=True)
     thread.start()
@@ -204,11 +211,22 @@ def test_retries_then_dead_letter_then_replay(
     try:
         subscribe(api, ops, flaky.url, [])
         dead_sub = subscribe(api, ops, dead.url, ["member.adjusted"])
-        with dispatching(db, RetryPolicy(first_delay=0.02, max_delay=0.1, give_up_after=0.6)):
+        metrics = Metrics(process=False)
+        policy = RetryPolicy(first_delay=0.02, max_delay=0.1, give_up_after=0.6)
+        with dispatching(db, policy, metrics):
             adjust(api, ops, "dora", 1)
             adjust(api, ops, "dora", 2)
             wait_for(lambda: len(flaky.bodies()) >= 4)  # created, adjusted x2, ...
             wait_for(lambda: len(admin_letters(api)) == 2)
+            wait_for(lambda: sample(metrics, "loyalty_webhook_dead_letters") == 2)
+            wait_for(lambda: sample(metrics, "loyalty_delivery_lag_events", max) == 0)
+        assert sample(metrics, "loyalty_deliveries_total", outcome="dead_lettered") == 2
+        assert sample(metrics, "loyalty_deliveries_total", outcome="delivered") == len(
+            flaky.bodies()
+        )
+        assert sample(metrics, "loyalty_deliveries_total", outcome="failed") >= 3 * len(
+            flaky.bodies()
+        )
         assert all(n == 4 for n in flaky.attempts.values())  # 3 failures, then delivered
         assert dead.bodies() == []
         letters = admin_letters(api)
@@ -227,6 +245,18 @@ def test_retries_then_dead_letter_then_replay(
     finally:
         flaky.close()
         dead.close()
+
+
+def sample(
+    metrics: Metrics, name: str, combine: Callable[[list[float]], float] = sum, **labels: str
+) -> float:
+    values = [
+        s.value
+        for family in metrics.registry.collect()
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
+    return combine(values) if values else -1.0
 
 
 def admin_letters(api: TestClient) -> list[Any]:
