@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -161,6 +162,78 @@ def _fan_out(db: Database, members: Members, subscriptions: int, head: int) -> d
     }
 
 
+def _isolation(db: Database, members: Members, slow: bool, seconds: float) -> dict[str, Any]:
+    """8 subscriptions while events commit at a steady rate; the first receiver answers
+    after 5 s when ``slow``. Returns the p99 delivery latency (arrival - commit) at the
+    other 7."""
+    arrivals: list[float] = []
+    lock = threading.Lock()
+
+    def handler(delay: float, record: bool) -> type[BaseHTTPRequestHandler]:
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:  # noqa: N802
+                body = orjson.loads(self.rfile.read(int(self.headers["content-length"])))
+                time.sleep(delay)
+                if record:
+                    at = datetime.fromisoformat(body["occurred_at"].replace("Z", "+00:00"))
+                    with lock:
+                        arrivals.append((datetime.now(UTC) - at).total_seconds())
+                self.send_response(204)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        return Handler
+
+    servers = [
+        ThreadingHTTPServer(("127.0.0.1", 0), handler(5.0 if slow and i == 0 else 0.0, i != 0))
+        for i in range(8)
+    ]
+    store = SqlDeliveryStore(db)
+    for s in store.subscriptions():
+        store.delete_subscription(s.subscription_id)
+    head = int(members.recorder.max_notification_id() or 0)
+    for server in servers:
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        store.create_subscription(
+            f"http://127.0.0.1:{server.server_address[1]}/h", ("member.awarded",), head
+        )
+    dispatcher = build_webhook_dispatcher(
+        db, members, refresh=60, poll_seconds=0.05, policy=RetryPolicy(0.1, 1, 60)
+    )
+    thread = threading.Thread(target=dispatcher.run, daemon=True)
+    thread.start()
+    time.sleep(0.5)
+    accounts = Accounts(members)
+    ladder = RankLadder((Rank("base", 0, ()),))
+    tag = uuid.uuid4().hex[:6]
+    sent, started = 0, time.monotonic()
+    while time.monotonic() - started < seconds:
+        accounts.award_many([AwardCommand(f"iso{sent % 50}", f"{tag}{sent}", 1, 1, 1, 1)], ladder)
+        sent += 1
+        time.sleep(0.01)
+    deadline = time.monotonic() + 30
+    while len(arrivals) < 7 * sent and time.monotonic() < deadline:
+        time.sleep(0.05)
+    dispatcher.stop()
+    thread.join(timeout=30)
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+    ordered = sorted(arrivals)
+    return {
+        "events": sent,
+        "healthy_deliveries": len(ordered),
+        "p50_ms": round(ordered[len(ordered) // 2] * 1000, 1) if ordered else None,
+        "p99_ms": round(ordered[int(len(ordered) * 0.99) - 1] * 1000, 1) if ordered else None,
+    }
+
+
 @benchmark("delivery", order=50)
 def delivery(ctx: Context) -> dict[str, object]:
     """Events out: feed vs. notification log, relay with confirms vs. bare, webhook fan-out."""
@@ -178,6 +251,9 @@ def delivery(ctx: Context) -> dict[str, object]:
         result.update(_feed_vs_log(members))
         result.update(_relay(members))
         result.update(_fan_out(db, members, 8, head))
+        seconds = ctx.pick(quick=4.0, full=10.0)
+        result["isolation_all_healthy"] = _isolation(db, members, False, seconds)
+        result["isolation_one_slow_5s"] = _isolation(db, members, True, seconds)
         return result
     finally:
         db.dispose()
