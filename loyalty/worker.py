@@ -314,11 +314,18 @@ def build_webhook_dispatcher(
     poll_seconds: float = 0.2,
     policy: RetryPolicy | None = None,
 ) -> WebhookDispatcher:
-    """One delivery loop per subscription, each with its own feed reader."""
+    """One delivery loop per subscription, each with its own feed reader. The event store
+    application is built on first use (a worker starts while the database is down)."""
     settings = db.settings
-    members = members or Members(env=event_store_env(settings))
+    apps: list[Members] = [members] if members is not None else []
+
+    def feed() -> EventFeed:
+        if not apps:
+            apps.append(Members(env=event_store_env(settings)))
+        return EventFeed(apps[0].recorder, apps[0].mapper, apps[0])
+
     return WebhookDispatcher(
-        lambda: EventFeed(members.recorder, members.mapper, members),
+        feed,
         SqlDeliveryStore(db),
         SqlDeliveryStore(db),
         webhook_sender(settings),

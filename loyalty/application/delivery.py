@@ -428,6 +428,18 @@ class WebhookSink:
             self._count("failed")
             delay = self.policy.delay(attempts)
             if time.monotonic() - started + delay > self.policy.give_up_after:
+                if event.type == FORGOTTEN:
+                    # A dead letter would keep the erased member's user id: the notice
+                    # is given up (counted and logged by event id) instead.
+                    self._count("forgotten_dropped")
+                    log.warning(
+                        "webhook %s: member.forgotten %s given up after %d attempts (%s)",
+                        self.subscription.subscription_id,
+                        event.id,
+                        attempts,
+                        result.detail,
+                    )
+                    return
                 self.store.add_dead_letter(
                     self.subscription.subscription_id, event, attempts, result.detail
                 )

@@ -144,6 +144,8 @@ def test_relay_killed_ten_times_loses_nothing(
     exchange: str,
     tmp_path: Path,
 ) -> None:
+    if db.settings.backend != "postgresql":
+        pytest.skip("the delivering side is what this proves: once, on postgresql")
     ops, feed = make_key("operator", "ops"), make_key("feed", "f")
     consumer = Consumer(amqp_url, exchange)
     stop = threading.Event()
@@ -211,6 +213,8 @@ def test_broker_restart_mid_stream_loses_nothing(
 ) -> None:
     """The machine's shared broker is stopped and started (stop_app / start_app) while
     the relay publishes; it is always started again."""
+    if db.settings.backend != "sqlite":
+        pytest.skip("the delivering side is what this proves: once, on sqlite")
     ops, feed = make_key("operator", "ops"), make_key("feed", "f")
     consumer = Consumer(amqp_url, exchange)
     loop = build_relay(db, amqp_url, exchange=exchange, batch_size=20)
@@ -257,4 +261,80 @@ def test_broker_restart_mid_stream_loses_nothing(
         loop.stop()
         relay.join(timeout=30)
         subprocess.run(["rabbitmqctl", "start_app"], capture_output=True, timeout=120)
+        consumer.close()
+
+
+def consume_with(url: str, queue: str, consumers: int, total: int) -> tuple[float, list[str]]:
+    """``consumers`` queue consumers (prefetch 1) whose handler sleeps 1 s, then acks;
+    returns the wall time until ``total`` messages were acknowledged, and their ids."""
+    acked: list[str] = []
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def consume() -> None:
+        connection = pika.BlockingConnection(pika.URLParameters(url))
+        channel = connection.channel()
+        channel.basic_qos(prefetch_count=1)
+
+        def handle(ch: Any, method: Any, props: Any, _body: bytes) -> None:
+            time.sleep(1.0)
+            ch.basic_ack(method.delivery_tag)
+            with lock:
+                acked.append(props.message_id)
+                if len(acked) >= total:
+                    done.set()
+
+        channel.basic_consume(queue, handle)
+        while not done.is_set():
+            connection.process_data_events(time_limit=0.1)
+        connection.close()
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=consume, daemon=True) for _ in range(consumers)]
+    for t in threads:
+        t.start()
+    assert done.wait(total * 1.5 + 10), "consumers did not finish"
+    elapsed = time.monotonic() - started
+    for t in threads:
+        t.join(timeout=10)
+    return elapsed, acked
+
+
+@pytest.mark.slow
+def test_queue_consumers_scale_and_handle_each_message_once(
+    client: TestClient,
+    db: Database,
+    make_key: Callable[..., dict[str, str]],
+    amqp_url: str,
+    exchange: str,
+) -> None:
+    """The seed's stress scenario on the relay's queue: handlers sleep 1 s; 8 consumers
+    finish the same work about 4 times faster than 2; every id is acknowledged once."""
+    if db.settings.backend != "sqlite":
+        pytest.skip("the delivering side is what this proves: once, on sqlite")
+    ops, feed = make_key("operator", "ops"), make_key("feed", "f")
+    consumer = Consumer(amqp_url, exchange)  # declares the durable queue, bound '#'
+    loop = build_relay(db, amqp_url, exchange=exchange, batch_size=50)
+    relay = threading.Thread(target=run_relay, args=(db, loop), kwargs={"poll_seconds": 0.05})
+    relay.start()
+    try:
+        timings = {}
+        for consumers in (2, 8):
+            start = len(feed_ids(client, feed))
+            for n in range(16):
+                adjust(client, ops, f"s{consumers}-{n % 4}", n)
+            expected = [
+                e["id"] for e in feed_ids(client, feed)[start:] if e["type"] == "member.adjusted"
+            ]
+            # wait for the relay, then consume just the adjustments' share of the queue
+            total = len(feed_ids(client, feed)) - start
+            elapsed, acked = consume_with(amqp_url, consumer.queue, consumers, total)
+            assert len(acked) == len(set(acked)) == total, "a message was handled twice"
+            assert set(expected) <= set(acked), "a message was lost"
+            timings[consumers] = elapsed / total
+        print(f"\nseconds per message: {timings}")
+        assert timings[8] < timings[2] / 2.5
+    finally:
+        loop.stop()
+        relay.join(timeout=10)
         consumer.close()

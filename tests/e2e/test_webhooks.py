@@ -363,6 +363,8 @@ def test_delivering_process_killed_ten_times_loses_nothing(
 ) -> None:
     """``loyalty webhooks run`` is killed with SIGKILL 10 times while events commit;
     every event id arrives, per member in commit order, duplicates only in flight."""
+    if db.settings.backend != "sqlite":
+        pytest.skip("the delivering side is what this proves: once, on sqlite")
     ops, feed = make_key("operator", "ops"), make_key("feed", "f")
     receiver = Receiver()
     subscribe(api, ops, receiver.url, ["member.adjusted"])
@@ -429,3 +431,27 @@ def feed_events(client: TestClient, headers: dict[str, str]) -> list[dict[str, A
             return events
         events += page["events"]
         after = page["next"]
+
+
+def test_an_undeliverable_forgotten_notice_is_given_up_not_kept(
+    api: TestClient, db: Database, make_key: Callable[..., dict[str, str]]
+) -> None:
+    """A member.forgotten notice that fails for the whole retry period is dropped (a dead
+    letter would keep the erased member's user id)."""
+    ops = make_key("operator", "ops")
+    dead = Receiver(lambda _b, _h, _n: 503)
+    try:
+        subscribe(api, ops, dead.url, ["member.forgotten"])
+        adjust(api, ops, "lost-user", 1)
+        service = build_forget_service(db)
+        service.request("lost-user")
+        assert service.run_pending() == 1
+        assert count_notices(db) == 1
+        metrics = Metrics(process=False)
+        with dispatching(db, RetryPolicy(0.02, 0.05, 0.3), metrics):
+            wait_for(lambda: count_notices(db) == 0)
+        assert admin_letters(api) == []
+        assert sample(metrics, "loyalty_deliveries_total", outcome="forgotten_dropped") == 1
+        assert dead.attempts and dead.bodies() == []
+    finally:
+        dead.close()
