@@ -455,3 +455,51 @@ def test_an_undeliverable_forgotten_notice_is_given_up_not_kept(
         assert dead.attempts and dead.bodies() == []
     finally:
         dead.close()
+
+
+def test_cli_create_list_dead_letters_replay_delete(settings: Settings, db: Database) -> None:
+    if settings.backend != "sqlite":
+        pytest.skip("the command line is the same on both backends: once, on sqlite")
+    from datetime import UTC, datetime
+
+    from loyalty.adapters.delivery_store import SqlDeliveryStore
+    from loyalty.application.delivery import FeedEvent
+
+    receiver = Receiver()
+
+    def run(*args: str, private: bool = True) -> subprocess.CompletedProcess[str]:
+        extra = {"COLUMNS": "300"}  # rich tables unwrapped
+        if private:
+            extra["LOYALTY_WEBHOOK_ALLOW_PRIVATE_URLS"] = "true"
+        return subprocess.run(
+            [*LOYALTY, "webhooks", *args],
+            env=env_for(settings.database_url, **extra),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    try:
+        refused = run("create", "--url", receiver.url, private=False)
+        assert refused.returncode == 2 and "private" in refused.stderr
+        created = run("create", "--url", receiver.url, "--event-type", "member.adjusted")
+        assert created.returncode == 0, created.stderr
+        secret = created.stdout.strip().splitlines()[-1]
+        assert secret.startswith("whsec_")
+        sid = created.stdout.split()[2]
+        assert sid in run("list").stdout
+        event = FeedEvent("e-1", 7, "member.adjusted", "zed", datetime.now(UTC), {"x": 1})
+        SqlDeliveryStore(db).add_dead_letter(sid, event, 5, "HTTP 503")
+        letters = run("dead-letters")
+        assert "1 dead letters" in letters.stdout and "HTTP 503" in letters.stdout
+        replayed = run("replay", "--subscription", sid)
+        assert replayed.returncode == 0 and "1 delivered, 0 still failing" in replayed.stdout
+        assert [b["id"] for b in receiver.bodies()] == ["e-1"]
+        Webhook(secret).verify(
+            orjson.dumps(receiver.received[0]["body"]), receiver.received[0]["headers"]
+        )
+        assert "0 dead letters" in run("dead-letters").stdout
+        assert run("delete", sid).returncode == 0
+        assert run("delete", sid).returncode == 1
+    finally:
+        receiver.close()
