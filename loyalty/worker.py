@@ -156,6 +156,7 @@ def build_worker(
         shards,
         window_seconds=db.settings.award_window_seconds,
         try_lease=leases.try_acquire,
+        held_leases=leases.held,
         retry_errors=RETRY_ERRORS,
         lag_probe=lag_probe(db) if metrics is not None else None,
     )

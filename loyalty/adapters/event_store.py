@@ -47,8 +47,9 @@ def event_store_env(settings: Settings, *, create_table: bool = False) -> dict[s
         "POSTGRES_MAX_OVERFLOW": str(settings.db_pool_size),
         "POSTGRES_CONNECT_TIMEOUT": "5",
         "POSTGRES_LOCK_TIMEOUT": "10",
-        # No ping per checkout: the library retries a dead connection by itself.
-        "POSTGRES_PRE_PING": "n",
+        # A ping per checkout: after the server dropped every connection (a restart, a
+        # failover) the pool would otherwise hand out one dead connection per retry.
+        "POSTGRES_PRE_PING": "y",
         "APPLICATION_RECORDER_TOPIC": RECORDER_TOPIC,
     }
 

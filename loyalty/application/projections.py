@@ -263,11 +263,15 @@ class ProjectionWorker:
         backoff = Backoff(self.stop_event, log, "projection")
         while not self.stop_event.is_set():
             try:
+                # Asked every round (a lease dies with its database session); each batch
+                # is fenced anyway: it commits only if the tracking position is unmoved.
+                leased, self.leased = self.leased, self._try_lease()
                 if not self.leased:
-                    self.leased = self._try_lease()
-                    if not self.leased:
-                        self.stop_event.wait(self._lease_retry)
-                        continue
+                    if leased:
+                        log.warning("projection %s lost its lease", self._projection.name)
+                    self.stop_event.wait(self._lease_retry)
+                    continue
+                if not leased:
                     log.info("projection %s runs in this process", self._projection.name)
                 self._projection.catch_up(self.stop_event)
                 backoff.reset()
