@@ -67,7 +67,7 @@ def cluster() -> Iterator[Cluster]:
         if os.environ.get("CI"):
             pytest.fail("PostgreSQL binaries are required in CI")
         pytest.skip("no PostgreSQL binaries under /usr/lib/postgresql")
-    owned = Cluster()
+    owned = Cluster(max_connections=120)
     owned.start()
     try:
         yield owned
@@ -460,3 +460,57 @@ def test_a_crash_between_erasing_the_subject_and_recording_it(settings: Settings
     done = service.status(request.request_id)
     assert done is not None and done.status == "completed" and done.user_id is None
     db.dispose()
+
+
+# -- leases that die with their session (issue 14) ------------------------------------
+
+
+def terminate_lease_sessions(url: str) -> int:
+    """What a restart or failover does to the sessions holding shard/projection leases."""
+    from tests.integration.test_leases import terminate_lease_sessions as terminate
+
+    return terminate(url)
+
+
+def test_lease_sessions_terminated_while_two_workers_run_never_credit_twice(
+    cluster: Cluster,
+) -> None:
+    """Two workers on all shards (one holds the leases, one waits). Ten times, while
+    traffic flows, the sessions holding the leases are terminated: the other worker takes
+    the shards over while the first may still be mid-window. Every balance must still be
+    exact: the checkpoint compare-and-set lets only one of them commit each window."""
+    from loyalty.adapters.migrate import migrate
+    from tests.e2e.test_worker_processes import (
+        balances,
+        expected,
+        ingester,
+        make_events,
+        wait_until_drained,
+        worker,
+    )
+
+    settings = Settings(database_url=cluster.create_database("loyalty"))
+    db = Database(settings)
+    migrate(db)
+    db.dispose()
+    events = make_events(6_000, 120, seed=31)
+    service = ingester(settings)
+    rnd = random.Random(5)
+    sent, terminated, rounds = 0, 0, 0
+    with worker(settings) as first, worker(settings) as second:
+        while rounds < 10 or sent < len(events):
+            deadline = time.monotonic() + rnd.uniform(0.3, 0.7)
+            while time.monotonic() < deadline:
+                if sent < len(events):
+                    service.ingest("src", events[sent : sent + 200])
+                    sent += 200
+                time.sleep(0.01)
+            if rounds < 10:
+                terminated += terminate_lease_sessions(settings.database_url)
+            rounds += 1
+            for proc in (first, second):
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        wait_until_drained(settings, len(events))
+    assert terminated >= 10
+    want = expected(events)
+    assert balances(settings, sorted(want)) == want
