@@ -26,6 +26,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+import orjson
 import sqlalchemy as sa
 from psycopg import sql
 
@@ -225,15 +226,20 @@ class PostgresRetentionStore:
 
     # -- derived rows --------------------------------------------------------------------
     def delete_caps_before(self, day: date) -> int:
+        """Cap counters of days before ``day`` whose ingress is gone: a day that still has
+        a partition (kept for its unprocessed events, or half-dropped) keeps its counters,
+        which the pipeline needs when it weighs those events."""
+        kept = sorted(d for d in self._states() if d < day)
         deleted = 0
         while True:
             with self._db.write() as conn:
                 n = conn.execute(
                     sa.text(
                         "DELETE FROM pipeline_caps WHERE ctid = ANY(ARRAY("
-                        "SELECT ctid FROM pipeline_caps WHERE day < :day LIMIT :n))"
+                        "SELECT ctid FROM pipeline_caps WHERE day < :day "
+                        "AND day <> ALL(CAST(:kept AS date[])) LIMIT :n))"
                     ),
-                    {"day": day, "n": CHUNK_ROWS},
+                    {"day": day, "kept": kept, "n": CHUNK_ROWS},
                 ).rowcount
             deleted += n
             if n < CHUNK_ROWS:
@@ -334,13 +340,17 @@ class SqliteRetentionStore:
                 cursor.close()
 
     def delete_caps_before(self, day: date) -> int:
+        """Cap counters of days before ``day`` that hold no ingress row any more: a day
+        kept for its unprocessed events keeps its counters (the pipeline needs them)."""
+        kept = orjson.dumps([d.isoformat() for d in self.expired_days(day)]).decode()
         deleted = 0
         while True:
             with self._db.write() as conn:
                 n = conn.exec_driver_sql(
                     "DELETE FROM pipeline_caps WHERE rowid IN "
-                    "(SELECT rowid FROM pipeline_caps WHERE day < ? LIMIT ?)",
-                    (day.isoformat(), self._chunk),
+                    "(SELECT rowid FROM pipeline_caps WHERE day < ? "
+                    "AND day NOT IN (SELECT value FROM json_each(?)) LIMIT ?)",
+                    (day.isoformat(), kept, self._chunk),
                 ).rowcount
             deleted += n
             if n < self._chunk:

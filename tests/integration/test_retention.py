@@ -25,7 +25,7 @@ from loyalty.adapters.retention_store import (
     SqliteRetentionStore,
     create_retention_store,
 )
-from loyalty.application.accounts import Members
+from loyalty.application.accounts import Accounts, Members
 from loyalty.application.ingress import IncomingEvent, IngestService, shard_of
 from loyalty.application.retention import KeptDay, Retention, RetentionReport
 from loyalty.config import Settings
@@ -212,9 +212,10 @@ def test_expires_processed_days_keeps_unprocessed_events_accounts_and_current_da
     bytes_after = database_bytes(db)
     assert report.bytes_reclaimed > 2 * PER_DAY * 200
     assert bytes_before - bytes_after > 2 * PER_DAY * 200
-    # derived rows of expired days went; accounts, read models and D4 stayed
-    assert caps_per_day(db) == {D4: caps_before[D4]}
-    assert report.cap_rows_deleted == caps_before[D1] + caps_before[D2] + caps_before[D3]
+    # derived rows of expired days went (D2 keeps its cap counters: it still has an
+    # event to weigh); accounts, read models and D4 stayed
+    assert caps_per_day(db) == {D2: caps_before[D2], D4: caps_before[D4]}
+    assert report.cap_rows_deleted == caps_before[D1] + caps_before[D3]
     assert account_state(db) == accounts_before
     assert scalar(db, "SELECT count(*) FROM ingress_events WHERE event_id = 'late-1'") == 1
 
@@ -224,12 +225,33 @@ def test_expires_processed_days_keeps_unprocessed_events_accounts_and_current_da
     assert again.ok and again.kept == []
     assert rows_per_day(db) == {D4: PER_DAY}
     assert D2 in {d.day for d in again.dropped}
+    assert set(caps_per_day(db)) == {D4} and again.cap_rows_deleted == caps_before[D2] + 1
     if db.backend == "postgresql":
         assert partition_name(D2) not in relations(db)
     assert metrics.registry.get_sample_value("loyalty_retention_kept_unprocessed_partitions") == 0
     # nothing left to do: a third run is a no-op
     third = build_retention(db).run(AS_OF, strict=True)
     assert third.ok and [d for d in third.dropped if d.rows] == []
+
+
+def test_a_day_kept_for_its_backlog_keeps_its_cap_counters(db: Database, members: Members) -> None:
+    """A member's first logon of D2 is processed (cap 1 reached), the second is still in
+    the backlog when retention runs: D2 is kept, and so must be its cap counter, or the
+    second logon would earn past the cap."""
+    ingest(db, [IncomingEvent("on-1", "capped", "logged_on", NOW - timedelta(days=2), "{}")])
+    assert drain(db, members, 1) == 1
+    ingest(
+        db, [IncomingEvent("on-2", "capped", "logged_on", NOW - timedelta(days=2, hours=-1), "{}")]
+    )
+    report = build_retention(db).run(AS_OF)
+    assert report.kept == [KeptDay(D2, 1)]
+    assert caps_per_day(db) == {D2: 1} and report.cap_rows_deleted == 0
+    assert drain(db, members, 1) == 1
+    member = Accounts(members).get("capped")
+    assert (member.currency, member.rank_points) == (1, 1)
+    # processed now: the next run drops the day and its counters together
+    again = build_retention(db).run(AS_OF)
+    assert again.ok and caps_per_day(db) == {} and again.cap_rows_deleted == 1
 
 
 def test_a_shard_without_checkpoint_keeps_its_expired_events(
