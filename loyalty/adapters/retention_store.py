@@ -219,6 +219,14 @@ class PostgresRetentionStore:
                 )
             ).fetchone()
             assert row is not None
+            # The day's dedup keys go with its rows (in the same transaction): a day kept
+            # for unprocessed events keeps them, a dropped day leaves none behind.
+            raw.execute(
+                sql.SQL(
+                    "DELETE FROM ingress_keys k USING {} p "
+                    "WHERE k.source = p.source AND k.event_id = p.event_id AND k.day = {}"
+                ).format(ident, sql.Literal(day))
+            )
             raw.execute(sql.SQL("DROP TABLE {}").format(ident))
         return DayOutcome(
             removed_rows=int(row[0]), bytes=int(row[1]), unprocessed_rows=0, removed=True

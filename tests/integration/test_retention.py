@@ -113,6 +113,13 @@ def caps_per_day(db: Database) -> dict[date, int]:
     return {d if isinstance(d, date) else date.fromisoformat(d): int(n) for d, n in rows}
 
 
+def keys_per_day(db: Database) -> dict[date, int]:
+    """PostgreSQL: the dedup keys (migration 0006) per day."""
+    with db.read() as conn:
+        rows = conn.execute(sa.text("SELECT day, count(*) FROM ingress_keys GROUP BY 1")).all()
+    return {d: int(n) for d, n in rows}
+
+
 def relations(db: Database) -> dict[str, str]:
     """PostgreSQL: every table named like an ingress day partition of 2030, with whether
     it is attached, half-detached or a plain table."""
@@ -194,6 +201,8 @@ def test_expires_processed_days_keeps_unprocessed_events_accounts_and_current_da
         assert set(dropped) == {D1, D3}
         assert {d: dropped[d].bytes for d in dropped} == {d: partition_bytes[d] for d in (D1, D3)}
         assert left == {D2: PER_DAY + 1, D4: PER_DAY}
+        # the dedup keys of the dropped days went with them; D2 keeps its own
+        assert keys_per_day(db) == {D2: PER_DAY + 1, D4: PER_DAY}
         rels = relations(db)
         # gone from the catalog, not merely detached
         assert partition_name(D1) not in rels and partition_name(D3) not in rels
@@ -228,6 +237,7 @@ def test_expires_processed_days_keeps_unprocessed_events_accounts_and_current_da
     assert set(caps_per_day(db)) == {D4} and again.cap_rows_deleted == caps_before[D2] + 1
     if db.backend == "postgresql":
         assert partition_name(D2) not in relations(db)
+        assert keys_per_day(db) == {D4: PER_DAY}
     assert metrics.registry.get_sample_value("loyalty_retention_kept_unprocessed_partitions") == 0
     # nothing left to do: a third run is a no-op
     third = build_retention(db).run(AS_OF, strict=True)
