@@ -12,7 +12,7 @@ import psycopg
 import sqlalchemy as sa
 from eventsourcing.persistence import PersistenceError
 
-from loyalty.adapters.db import Database, DatabaseUnavailable
+from loyalty.adapters.db import Database, DatabaseUnavailable, fast_pool_reconnect
 from loyalty.adapters.erasure_store import SqlErasureStore
 from loyalty.adapters.event_store import event_store_env, stream_loader, worker_env
 from loyalty.adapters.ingress_log import create_ingress_log, pending_stats
@@ -62,6 +62,7 @@ def build_pipeline(
     db: Database, members: Members | None = None, *, metrics: Metrics | None = None
 ) -> Pipeline:
     settings = db.settings
+    fast_pool_reconnect()
     members = members or Members(env=worker_env(settings))
     markers = marker_cache(db)
     return Pipeline(
@@ -74,6 +75,19 @@ def build_pipeline(
         forgotten_at=markers.forgotten_at,
         forgotten_any=markers.any,
     )
+
+
+def drop_dead_connections(members: Members) -> Callable[[], None]:
+    """After a database error: test every idle connection of the event store's pool and
+    replace the dead ones at once (psycopg_pool's ``check``). Without it, after a restart
+    each checkout finds one dead connection and backs off before the next (seconds)."""
+
+    def check() -> None:
+        pool = getattr(getattr(members.recorder, "datastore", None), "pool", None)
+        if pool is not None:
+            pool.check()
+
+    return check
 
 
 def marker_cache(db: Database) -> MarkerCache:
@@ -151,12 +165,14 @@ def build_worker(
     metrics: Metrics | None = None,
 ) -> Worker:
     leases = ShardLeases(db)
+    members = members or Members(env=worker_env(db.settings))
     return Worker(
         build_pipeline(db, members, metrics=metrics),
         shards,
         window_seconds=db.settings.award_window_seconds,
         try_lease=leases.try_acquire,
         held_leases=leases.held,
+        on_error=drop_dead_connections(members),
         retry_errors=RETRY_ERRORS,
         lag_probe=lag_probe(db) if metrics is not None else None,
     )
@@ -170,6 +186,7 @@ PROJECTION_LEASE = 1_000_001
 def build_projection(
     db: Database, members: Members | None = None, *, metrics: Metrics | None = None
 ) -> MemberProjection:
+    fast_pool_reconnect()
     members = members or Members(env=event_store_env(db.settings))
     return MemberProjection(members, ReadModels(db), metrics=metrics)
 
@@ -200,12 +217,15 @@ def build_projection_worker(
     batch_size: int = 500,
     metrics: Metrics | None = None,
 ) -> ProjectionWorker:
+    fast_pool_reconnect()
+    members = members or Members(env=event_store_env(db.settings))
     projection = build_projection(db, members, metrics=metrics)
     projection.batch_size = batch_size
     return ProjectionWorker(
         projection,
         try_lease=ProjectionLease(db).try_acquire,
         retry_errors=RETRY_ERRORS,
+        on_error=drop_dead_connections(members),
         poll_seconds=poll_seconds,
     )
 

@@ -267,6 +267,7 @@ class Worker:
         try_lease: Callable[[int], bool],
         retry_errors: tuple[type[BaseException], ...],
         held_leases: Callable[[], Collection[int]] | None = None,
+        on_error: Callable[[], None] | None = None,
         lag_probe: LagProbe | None = None,
         lag_every_seconds: float = 5.0,
     ) -> None:
@@ -279,6 +280,9 @@ class Worker:
         self._window = window_seconds
         self._try_lease = try_lease
         self._held_leases = held_leases
+        # After a database error: drop the pooled connections that died with it (a
+        # restart ends them all; found one by one, each costs the pool a back-off).
+        self._on_error = on_error or (lambda: None)
         self._retry_errors = retry_errors
         self.stop_event = threading.Event()
 
@@ -314,6 +318,7 @@ class Worker:
                 # Leases live in a database session: take them again (a no-op for those
                 # still held), so that a lease lost with the session is never assumed.
                 self._owned.clear()
+                self._on_error()
                 backoff.pause(exc)
                 continue
             self.stop_event.wait(max(0.0, self._window - (time.monotonic() - started)))

@@ -250,7 +250,9 @@ class ProjectionWorker:
         retry_errors: tuple[type[BaseException], ...],
         poll_seconds: float = 0.2,
         lease_retry_seconds: float = 2.0,
+        on_error: Callable[[], None] | None = None,
     ) -> None:
+        self._on_error = on_error or (lambda: None)  # e.g. drop dead pooled connections
         self._projection = projection
         self._try_lease = try_lease
         self._retry_errors = retry_errors
@@ -276,6 +278,7 @@ class ProjectionWorker:
                 self._projection.catch_up(self.stop_event)
                 backoff.reset()
             except self._retry_errors as exc:
+                self._on_error()
                 backoff.pause(exc)
                 continue
             except Exception:  # a bug: keep the thread alive, loudly, and retry slowly
