@@ -25,7 +25,8 @@ from loyalty.application.projections import TOMBSTONE as TOMBSTONE_TOPIC
 
 # location name -> tables it erases the member from
 LOCATIONS: dict[str, tuple[str, ...]] = {
-    "ingress_events": ("ingress_events",),  # every live day partition
+    # every live day partition, and (PostgreSQL) the dedup keys of the erased rows
+    "ingress_events": ("ingress_events", "ingress_keys"),
     "pipeline_caps": ("pipeline_caps",),
     "event_store": ("members_events", "stored_events", "members_snapshots", "stored_snapshots"),
     "read_models": ("member_balances", "member_history"),
@@ -217,10 +218,19 @@ class SqlErasureStore:
     def erase_ingress(self, user_id: str, before: datetime) -> int:
         with self._db.write() as conn:
             if self._pg:
+                # the rows' dedup keys too (an event id may carry the user's data); the
+                # forget marker refuses a resend of them while it lives
                 result = conn.execute(
-                    sa.text("DELETE FROM ingress_events WHERE user_id = :u AND occurred_at <= :t"),
+                    sa.text(
+                        "WITH gone AS (DELETE FROM ingress_events "
+                        "WHERE user_id = :u AND occurred_at <= :t RETURNING source, event_id), "
+                        "keys AS (DELETE FROM ingress_keys k USING gone "
+                        "WHERE k.source = gone.source AND k.event_id = gone.event_id) "
+                        "SELECT count(*) FROM gone"
+                    ),
                     {"u": user_id, "t": before},
                 )
+                return int(result.scalar_one())
             else:
                 result = conn.execute(
                     sa.text("DELETE FROM ingress_events WHERE user_id = :u AND occurred_at <= :t"),
