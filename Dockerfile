@@ -8,6 +8,7 @@ WORKDIR /src
 RUN python -m venv /opt/loyalty
 COPY pyproject.toml README.md ./
 COPY loyalty ./loyalty
+COPY alembic ./alembic
 RUN /opt/loyalty/bin/pip install .
 
 FROM python:3.11-slim

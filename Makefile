@@ -9,7 +9,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 export LOYALTY_DATABASE_URL ?= sqlite:///./var/loyalty.db
 
-.PHONY: install serve test test-fast lint format bench bench-quick soak clean
+.PHONY: install serve test test-fast lint format fuzz bench bench-quick soak clean
 
 install: $(STAMP)
 
@@ -27,13 +27,23 @@ test: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check loyalty tests benchmarks
-	$(BIN)/ruff format --check loyalty tests benchmarks
+	$(BIN)/ruff check loyalty alembic tests benchmarks
+	$(BIN)/ruff format --check loyalty alembic tests benchmarks
 	$(BIN)/mypy
 
 format: install
-	$(BIN)/ruff format loyalty tests benchmarks
-	$(BIN)/ruff check --fix loyalty tests benchmarks
+	$(BIN)/ruff format loyalty alembic tests benchmarks
+	$(BIN)/ruff check --fix loyalty alembic tests benchmarks
+
+# Before a release: the full schemathesis run (examples, coverage, fuzzing and stateful
+# phases, 2 workers, FUZZ_SECONDS per backend) against a live `loyalty serve` with its
+# workers, on a fresh SQLite file and a fresh PostgreSQL database; fails on any failed
+# check and on any 500 in the server's log. `make test` keeps the short, in-process run
+# (tests/e2e/test_fuzz_openapi.py).
+FUZZ_SECONDS ?= 150
+fuzz: install
+	$(BIN)/python -m tests.e2e.fuzz_live --backend sqlite --backend postgresql \
+		--workers 2 --max-time $(FUZZ_SECONDS)
 
 # The benchmarks need the `bench` extra (matplotlib for the chart, granian, py-spy);
 # installed once, again only when pyproject.toml changes.

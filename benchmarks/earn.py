@@ -39,7 +39,7 @@ import orjson
 import psycopg
 from psycopg.types.json import set_json_loads
 
-from benchmarks import data, ingest, servers
+from benchmarks import data, ingest_load, servers
 from benchmarks.cpu import CpuMeter
 from benchmarks.framework import Context, Result, benchmark
 from benchmarks.loadgen import ChildProcess, percentile
@@ -87,7 +87,7 @@ def dbname(url: str) -> str:
 
 
 def cpu_note(cpu: dict[str, float], elapsed: float, events: int) -> dict[str, Any]:
-    return ingest.per_core_note(cpu, elapsed, max(events, 1))
+    return ingest_load.per_core_note(cpu, elapsed, max(events, 1))
 
 
 def fill_pending(url: str, n: int, users: int, *, prefix: str = "pe", seed: float = 0.42) -> None:
@@ -533,13 +533,14 @@ def lag_rate(ctx: Context, url: str) -> tuple[float, str]:
     done = ctx.results.get("ingest_http")
     if done and isinstance(done.get("value"), int | float):
         return 0.5 * float(done["value"]), "0.5 x ingest_http of this run"
-    wl = ingest.Workload(
+    wl = ingest_load.Workload(
         n_events=ctx.pick(quick=40_000, full=100_000), now=datetime.now(UTC), prefix="rate"
     )
     key = ctx.create_key(Role.INGEST, "bench-rate", database_url=url)
-    ingest.ensure_partitions(url, wl)
-    got = ingest.run_http(ctx, url, wl, key, watch_pg=False)
-    ingest.reset_ingress(url)  # rows and their dedup keys
+    ingest_load.ensure_partitions(url, wl)
+    got = ingest_load.run_http(ctx, url, wl, key, watch_pg=False)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("TRUNCATE ingress_events, ingress_keys")  # rows and their dedup keys
     return 0.5 * got["rate"], f"0.5 x a short in-run ingest_http ({got['rate']:.0f}/s)"
 
 
@@ -570,7 +571,7 @@ def end_to_end_lag(ctx: Context) -> Result:
                 batch=1_000,
                 senders=4,
                 probe_every_s=0.25,
-                seed=ingest.SEED + len(prefix),
+                seed=ingest_load.SEED + len(prefix),
                 now=datetime.now(UTC),
                 prefix=prefix,
                 drain_limit=ctx.pick(quick=30.0, full=60.0),

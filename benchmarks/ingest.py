@@ -1,5 +1,6 @@
 """Ingest benchmarks: ``ingest_http`` (and its baselines), ``ingest_naive_dedup``,
-``ingest_vs_event_store``, ``ingest_http_sqlite`` and ``storage``.
+``ingest_vs_event_store`` and ``ingest_http_sqlite`` (``storage`` is in
+:mod:`benchmarks.storage`; the shared workload in :mod:`benchmarks.ingest_load`).
 
 PostgreSQL phases share this run's database; each timed phase starts from an empty
 ingress log (TRUNCATE, partitions kept) after a CHECKPOINT, and every phase writes the
@@ -24,41 +25,30 @@ import os
 import shutil
 import sqlite3
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
-from benchmarks import data, loadgen, naive_store, servers
+from benchmarks import data, naive_store
 from benchmarks.framework import Context, Result, benchmark
+from benchmarks.ingest_load import (
+    BATCH,
+    COLUMNS,
+    COPY_TYPES,
+    SOURCE,
+    Workload,
+    ensure_partitions,
+    per_core_note,
+    run_http,
+    wl_time_limit,
+)
 from loyalty.adapters.db import Database
-from loyalty.adapters.ingress_log import PostgresIngressLog, sqlite_timestamp
+from loyalty.adapters.ingress_log import sqlite_timestamp
 from loyalty.adapters.keys import Role
 from loyalty.adapters.migrate import migrate
 from loyalty.config import Settings
-
-SOURCE = "bench"
-BATCH = 1_000
-CLIENTS = 8
-SEED = 20_261_126
-# jsonb's binary form is a version byte and the JSON text: sent as bytea (a str with
-# "jsonb" would be dumped as a JSON *string*).
-COPY_TYPES = ["int2", "text", "text", "text", "text", "timestamptz", "bytea"]
-COLUMNS = "(shard, source, event_id, user_id, type, occurred_at, attributes)"
-SERVER = os.environ.get("LOYALTY_BENCH_SERVER", "uvicorn")
-
-
-@dataclass(frozen=True)
-class Workload:
-    n_events: int
-    now: datetime
-    prefix: str
-    seed: int = SEED
-
-    def events(self) -> list[data.Event]:
-        return data.make_events(self.n_events, seed=self.seed, now=self.now, prefix=self.prefix)
 
 
 def workload(ctx: Context) -> Workload:
@@ -73,26 +63,12 @@ def workload(ctx: Context) -> Workload:
     )
 
 
-def ensure_partitions(url: str, wl: Workload) -> None:
-    """The day partitions the workload needs (the service creates them on first use)."""
-    db = Database(Settings(database_url=url, db_pool_size=1))
-    try:
-        days = {datetime.fromisoformat(e["occurred_at"]).date() for e in wl.events()}
-        PostgresIngressLog(db).ensure_partitions(days)
-    finally:
-        db.dispose()
-
-
 def reset_ingress(url: str) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("TRUNCATE ingress_events")
         if conn.execute("SELECT to_regclass('ingress_keys')").fetchone() != (None,):
             conn.execute("TRUNCATE ingress_keys")  # the dedup keys (migration 0006)
         conn.execute("CHECKPOINT")
-
-
-def dbname(url: str) -> str:
-    return url.rsplit("/", 1)[1]
 
 
 # -- worker processes (baselines and the event store) ----------------------------------
@@ -154,11 +130,6 @@ def _worker(
         raise
 
 
-def wl_time_limit(wl: Workload) -> float:
-    """Every loop is bounded in time as well as in count."""
-    return 60.0 + wl.n_events / 2_000
-
-
 def _wait(ready: Any, start: Any) -> float:
     ready.release()
     if not start.wait(timeout=300):
@@ -212,38 +183,6 @@ def run_workers(kind: str, url: str, wl: Workload, workers: int) -> dict[str, An
                 p.kill()
 
 
-# -- HTTP ------------------------------------------------------------------------------
-def run_http(
-    ctx: Context,
-    url: str,
-    wl: Workload,
-    key: str,
-    *,
-    kind: str = SERVER,
-    processes: int = 2,
-    watch_pg: bool = True,
-) -> dict[str, Any]:
-    with servers.serve(url, kind=kind, processes=processes) as running:
-        spec = loadgen.LoadSpec(
-            ports=running.ports,
-            key=key,
-            clients=CLIENTS,
-            n_events=wl.n_events,
-            batch_size=BATCH,
-            seed=wl.seed,
-            now=wl.now,
-            prefix=wl.prefix,
-            time_limit=wl_time_limit(wl),
-            watch={"server": running.pids},
-            pg_admin_url=ctx.admin_url if watch_pg else None,
-            pg_dbname=dbname(url) if watch_pg else None,
-        )
-        result = loadgen.run_in_process(spec)
-    result["rate"] = result["accepted"] / result["elapsed_s"]
-    result["server"] = f"{kind} x{processes}"
-    return result
-
-
 def pg_phases(ctx: Context) -> dict[str, Any]:
     """copy, naive_dedup and http on PostgreSQL (best of two), then storage."""
 
@@ -282,17 +221,6 @@ def ingress_storage(url: str) -> dict[str, Any]:
             "WHERE i.inhparent = 'ingress_events'::regclass"
         ).fetchone()  # type: ignore[misc]
     return {"bytes": int(size), "rows": int(rows)}
-
-
-def per_core_note(cpu: dict[str, float], elapsed: float, events: int) -> dict[str, Any]:
-    """CPU seconds per 1M events by process group, and share of the 2 cores used."""
-    cores = os.cpu_count() or 1
-    return {
-        "cpu_s_per_1M": {k: round(v / events * 1e6, 1) for k, v in cpu.items() if k != "other"},
-        "cpu_busy": round(sum(v for k, v in cpu.items() if k != "other") / (elapsed * cores), 2),
-        # The share of the cores other work on the machine took meanwhile (noise).
-        "cpu_other": round(cpu.get("other", 0.0) / (elapsed * cores), 2),
-    }
 
 
 @benchmark("ingest_http", order=10)
@@ -368,46 +296,6 @@ def ingest_vs_event_store(ctx: Context) -> Result:
         "events": es["events"],
         "ours_over_event_store": ours / es["rate"],
         "target": "ours_over_event_store >= 20",
-    }
-
-
-@benchmark("storage", order=90)
-def storage(ctx: Context) -> Result:
-    """Bytes on disk per 1M ingress events after processing and retention vs the naive
-    design (every event a stream event in the event store, kept)."""
-    from benchmarks.earn import pipeline_db
-
-    ours = pg_phases(ctx)["storage"]
-    es = event_store_phase(ctx)["storage"]
-    kept = pipeline_db(ctx)["storage"]
-    ingested_per_m = ours["bytes"] / max(ours["rows"], 1) * 1e6
-    es_per_m = es["bytes"] / max(es["rows"], 1) * 1e6
-    per_m = kept["after_bytes"] / max(kept["ingress_events"], 1) * 1e6
-    scale = 1e6 / max(kept["ingress_events"], 1)
-    return {
-        "value": per_m,
-        "unit": "bytes/1M events",
-        "baseline": "event_store",
-        "baseline_value": es_per_m,
-        "lower_is_better": True,
-        "after_retention_by_kind_per_1M": {
-            k: round(v * scale) for k, v in kept["after_retention"].items()
-        },
-        "before_retention_by_kind_per_1M": {
-            k: round(v * scale) for k, v in kept["before_retention"].items()
-        },
-        "ingress_right_after_ingest_per_1M": ingested_per_m,
-        "ingress_rows": ours["rows"],
-        "baseline_rows": es["rows"],
-        "pipeline_ingress_events": kept["ingress_events"],
-        "retention_rows_dropped": kept["retention_rows_dropped"],
-        "projection_rate": kept["projection_rate"],
-        "note": (
-            "value: every table left after the pipeline processed N events over M members, "
-            "the projection caught up and retention expired the ingress days, per 1M "
-            "ingress events; baseline: the naive event store's table per 1M events (kept "
-            "forever); ingress_right_after_ingest_per_1M: our day partitions before retention"
-        ),
     }
 
 

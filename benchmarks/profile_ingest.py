@@ -20,7 +20,7 @@ from pathlib import Path
 
 from benchmarks import cpu, loadgen, servers
 from benchmarks.framework import Context
-from benchmarks.ingest import BATCH, CLIENTS, SOURCE, Workload, ensure_partitions
+from benchmarks.ingest_load import BATCH, CLIENTS, SOURCE, Workload, ensure_partitions
 from loyalty.adapters.keys import Role
 
 

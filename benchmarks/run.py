@@ -14,7 +14,14 @@ import sys
 
 from benchmarks.framework import REGISTRY, Context, write_chart, write_results
 
-MODULES = ["benchmarks.ingest", "benchmarks.earn", "benchmarks.accounts", "benchmarks.expiry"]
+MODULES = [
+    "benchmarks.ingest",
+    "benchmarks.earn",
+    "benchmarks.accounts",
+    "benchmarks.expiry",
+    "benchmarks.storage",
+    "benchmarks.member_load",
+]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,6 +58,13 @@ class Settings(BaseSettings):
     aggregate_cache_size: int = Field(
         10_000, ge=0, description="member aggregates cached per process"
     )
+    snapshot_interval: int = Field(
+        100,
+        ge=0,
+        le=1_000_000,
+        description="a member's account is snapshotted every this many events, so loading it "
+        "reads the latest snapshot and the events after it (0: take no new snapshots)",
+    )
     forget_settle_seconds: float = Field(
         2.0,
         ge=0,

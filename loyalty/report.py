@@ -189,8 +189,10 @@ def render_table(report: Report) -> Table:
     return table
 
 
-def write_chart(report: Report, path: Path) -> None:
-    """A PNG with three panels: ingress by type, currency issued/spent, members/awards."""
+def build_chart(report: Report) -> Any:
+    """The chart as a matplotlib ``Figure``: three panels sharing one x axis with a tick
+    per day, every bar centred on its day's tick. Ingress events by type (stacked);
+    currency issued (up) and spent (down) on the same tick; members and awards."""
     from matplotlib.figure import Figure  # heavy: only when a chart is wanted
 
     labels = [d.day.strftime("%m-%d") for d in report.days]
@@ -201,29 +203,38 @@ def write_chart(report: Report, path: Path) -> None:
     bottoms = [0] * len(xs)
     for name in report.columns():
         heights = [report.by_column(d)[name] for d in report.days]
-        ingress_ax.bar(xs, heights, bottom=bottoms, label=name)
+        ingress_ax.bar(xs, heights, width=0.6, bottom=bottoms, align="center", label=name)
         bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
     ingress_ax.set_title("ingress events by type")
     ingress_ax.set_ylabel("events")
     if report.columns():
         ingress_ax.legend(loc="upper left", fontsize="small")
 
-    width = 0.4
     currency_ax.bar(
-        [x - width / 2 for x in xs], [d.currency_issued for d in report.days], width, label="issued"
+        xs, [d.currency_issued for d in report.days], 0.6, align="center", label="issued"
     )
     currency_ax.bar(
-        [x + width / 2 for x in xs], [d.currency_spent for d in report.days], width, label="spent"
+        xs, [-d.currency_spent for d in report.days], 0.6, align="center", label="spent"
     )
-    currency_ax.set_title("currency")
+    currency_ax.axhline(0, color="black", linewidth=0.8)
+    currency_ax.set_title("currency issued (up) and spent (down)")
     currency_ax.legend(loc="upper left", fontsize="small")
 
     members_ax.plot(xs, [d.active_members for d in report.days], marker="o", label="active")
     members_ax.plot(xs, [d.members_awarded for d in report.days], marker="o", label="awarded")
     members_ax.plot(xs, [d.awards for d in report.days], marker=".", linestyle="--", label="awards")
     members_ax.set_title("members and awards")
-    members_ax.set_xticks(xs, labels)
     members_ax.legend(loc="upper left", fontsize="small")
+    for ax in (ingress_ax, currency_ax, members_ax):
+        ax.set_xticks(xs, labels)
+        ax.tick_params(axis="x", labelbottom=ax is members_ax)
+    members_ax.set_xlim(-0.5, len(xs) - 0.5)
     fig.suptitle(f"loyalty, {report.first_day} to {report.last_day}")
+    return fig
+
+
+def write_chart(report: Report, path: Path) -> None:
+    """The chart of :func:`build_chart` as a PNG file."""
+    fig = build_chart(report)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=100)

@@ -69,7 +69,13 @@ def build_pipeline(
         create_ingress_log(db),
         PipelineStore(db),
         RulesStore(db),
-        Accounts(members, lambda app: stream_loader(app.recorder), markers=markers),
+        Accounts(
+            members,
+            lambda app: stream_loader(
+                app.recorder, app.snapshots.recorder if app.snapshots is not None else None
+            ),
+            markers=markers,
+        ),
         chunk=settings.pipeline_chunk,
         metrics=metrics,
         forgotten_at=markers.forgotten_at,

@@ -53,6 +53,7 @@ forget_requests = sa.Table(
     sa.Column("requested_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("completed_at", sa.DateTime(timezone=True)),
     sa.Column("erased", sa.Text, nullable=False),
+    sa.Index("forget_requests_status_idx", "status"),
 )
 forget_subjects = sa.Table(
     "forget_subjects",
@@ -262,6 +263,14 @@ class SqlErasureStore:
                 return erased
             for table in tables:
                 hex_id = uuid.UUID(member_id).hex
+                if table.endswith("_snapshots"):
+                    # The library's snapshot table is WITHOUT ROWID and read by
+                    # (originator_id, version) only: no position to keep.
+                    result = conn.execute(
+                        sa.text(f"DELETE FROM {table} WHERE originator_id = :m"), {"m": hex_id}
+                    )
+                    erased += int(result.rowcount)
+                    continue
                 top = conn.execute(sa.text(f"SELECT max(rowid) FROM {table}")).scalar()
                 result = conn.execute(
                     sa.text(f"DELETE FROM {table} WHERE originator_id = :m"), {"m": hex_id}

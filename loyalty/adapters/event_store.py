@@ -26,6 +26,7 @@ def event_store_env(settings: Settings, *, create_table: bool = False) -> dict[s
     common = {
         "CREATE_TABLE": "y" if create_table else "n",
         "AGGREGATE_CACHE_MAXSIZE": str(settings.aggregate_cache_size),
+        "SNAPSHOT_INTERVAL": str(settings.snapshot_interval),
     }
     if settings.backend == "sqlite":
         return {
@@ -66,20 +67,44 @@ def worker_env(settings: Settings) -> dict[str, str]:
     }
 
 
-def stream_loader(recorder: Any) -> Callable[[Sequence[UUID]], list[StoredEvent]]:
+def stream_loader(
+    recorder: Any, snapshot_recorder: Any = None
+) -> Callable[[Sequence[UUID]], list[StoredEvent]]:
     """Read many aggregates' stored events in one query (the library reads one stream
-    per query). Events come ordered by aggregate, then version."""
+    per query). Events come ordered by aggregate, then version. With the snapshot store's
+    recorder, each aggregate's latest snapshot comes first (a ``Snapshot`` whose
+    ``mutate`` builds the aggregate) and only the events after it follow, as the
+    library's repository loads; snapshot and events are read in one statement."""
     if isinstance(recorder, PostgresApplicationRecorder):
-        statement = sql.SQL(
-            "SELECT originator_id, originator_version, topic, state FROM {}.{} "
-            "WHERE originator_id = ANY(%s) ORDER BY originator_id, originator_version"
-        ).format(
-            sql.Identifier(recorder.datastore.schema), sql.Identifier(recorder.events_table_name)
-        )
+        schema = sql.Identifier(recorder.datastore.schema)
+        events = sql.Identifier(recorder.events_table_name)
+        if snapshot_recorder is None:
+            statement = sql.SQL(
+                "SELECT originator_id, originator_version, topic, state FROM {}.{} "
+                "WHERE originator_id = ANY(%(ids)s) ORDER BY originator_id, originator_version"
+            ).format(schema, events)
+        else:
+            statement = sql.SQL(
+                "WITH s AS (SELECT DISTINCT ON (originator_id) originator_id, "
+                "originator_version, topic, state FROM {schema}.{snapshots} "
+                "WHERE originator_id = ANY(%(ids)s) "
+                "ORDER BY originator_id, originator_version DESC) "
+                "SELECT originator_id, originator_version, topic, state FROM s "
+                "UNION ALL "
+                "SELECT e.originator_id, e.originator_version, e.topic, e.state "
+                "FROM {schema}.{events} e LEFT JOIN s ON s.originator_id = e.originator_id "
+                "WHERE e.originator_id = ANY(%(ids)s) "
+                "AND e.originator_version > coalesce(s.originator_version, 0) "
+                "ORDER BY 1, 2"
+            ).format(
+                schema=schema,
+                events=events,
+                snapshots=sql.Identifier(snapshot_recorder.events_table_name),
+            )
 
         def load_pg(ids: Sequence[UUID]) -> list[StoredEvent]:
             with recorder.datastore.get_connection() as conn, conn.cursor() as curs:
-                curs.execute(statement, (list(ids),))
+                curs.execute(statement, {"ids": list(ids)})
                 return [
                     StoredEvent(
                         r["originator_id"], r["originator_version"], r["topic"], bytes(r["state"])
@@ -90,15 +115,34 @@ def stream_loader(recorder: Any) -> Callable[[Sequence[UUID]], list[StoredEvent]
         return load_pg
     if isinstance(recorder, SQLiteApplicationRecorder):
         table = recorder.events_table_name
+        snapshots = snapshot_recorder.events_table_name if snapshot_recorder else None
 
         def load_sqlite(ids: Sequence[UUID]) -> list[StoredEvent]:
             marks = ",".join("?" * len(ids))
-            with recorder.datastore.transaction(commit=False) as curs:
-                curs.execute(
+            hex_ids = [i.hex for i in ids]
+            if snapshots is None:
+                query = (
                     f"SELECT originator_id, originator_version, topic, state FROM {table} "
-                    f"WHERE originator_id IN ({marks}) ORDER BY originator_id, originator_version",
-                    [i.hex for i in ids],
+                    f"WHERE originator_id IN ({marks}) ORDER BY originator_id, originator_version"
                 )
+                params = hex_ids
+            else:
+                query = (
+                    f"WITH s AS (SELECT originator_id, max(originator_version) AS v "
+                    f"FROM {snapshots} WHERE originator_id IN ({marks}) GROUP BY originator_id) "
+                    f"SELECT n.originator_id, n.originator_version, n.topic, n.state "
+                    f"FROM {snapshots} n JOIN s ON n.originator_id = s.originator_id "
+                    f"AND n.originator_version = s.v "
+                    f"UNION ALL "
+                    f"SELECT e.originator_id, e.originator_version, e.topic, e.state "
+                    f"FROM {table} e LEFT JOIN s ON s.originator_id = e.originator_id "
+                    f"WHERE e.originator_id IN ({marks}) "
+                    f"AND e.originator_version > coalesce(s.v, 0) "
+                    f"ORDER BY 1, 2"
+                )
+                params = hex_ids + hex_ids
+            with recorder.datastore.transaction(commit=False) as curs:
+                curs.execute(query, params)
                 return [StoredEvent(UUID(r[0]), r[1], r[2], r[3]) for r in curs.fetchall()]
 
         return load_sqlite

@@ -7,6 +7,7 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import command
@@ -15,15 +16,50 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 from loyalty.adapters.db import Database
+from loyalty.adapters.tables import EVENT_STORE_TABLES, INGRESS_PARTITION_PREFIX
 
-MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+# The scripts are alembic/ at the top of a source checkout; a wheel (and so the image)
+# carries the very same files as loyalty/migrations/ (pyproject.toml maps the directory).
+PACKAGED = Path(__file__).resolve().parent.parent / "migrations"
+CHECKOUT = Path(__file__).resolve().parents[2] / "alembic"
 # Arbitrary constant: the advisory lock that serializes migrations on PostgreSQL.
 PG_MIGRATION_LOCK = 7_304_118_275
 
 
+def script_location() -> Path:
+    """The Alembic script directory: the installed copy, else the checkout's alembic/."""
+    for candidate in (PACKAGED, CHECKOUT):
+        if (candidate / "env.py").is_file() and (candidate / "versions").is_dir():
+            return candidate
+    raise FileNotFoundError(f"no Alembic scripts in {PACKAGED} or {CHECKOUT}")
+
+
+def include_object(
+    obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any
+) -> bool:
+    """Autogenerate's filter (alembic/env.py): the event store's tables (the eventsourcing
+    library creates and owns them) and the ingress log's day partitions (created at run
+    time), with their indexes, are not ours to diff."""
+    table = name if type_ == "table" else getattr(getattr(obj, "table", None), "name", None)
+    if type_ in ("table", "index", "unique_constraint", "foreign_key_constraint") and table:
+        if table in EVENT_STORE_TABLES or table.startswith(INGRESS_PARTITION_PREFIX):
+            return False
+    return True
+
+
+def target_metadata() -> sa.MetaData:
+    """Every table of ours, for autogenerate: the modules that define tables on the
+    shared ``metadata`` are imported here so that none is missed (and so proposed for
+    dropping)."""
+    import loyalty.adapters.erasure_store  # noqa: F401  (forget-me tables)
+    from loyalty.adapters.tables import metadata
+
+    return metadata
+
+
 def alembic_config() -> Config:
     cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("script_location", str(script_location()))
     return cfg
 
 
@@ -67,28 +103,35 @@ def _create_event_store_tables(db: Database) -> None:
     Members(env=event_store_env(db.settings, create_table=True)).close()
 
 
-def migrate(db: Database) -> str | None:
-    """Upgrade to the newest revision; returns it. Idempotent and concurrency-safe."""
-    cfg = alembic_config()
+@contextmanager
+def locked_connection(db: Database) -> Iterator[sa.Connection]:
+    """A connection holding the migration lock (PostgreSQL: an advisory lock; SQLite: a
+    file lock, the file prepared first). ``loyalty migrate`` and the ``alembic`` command
+    (alembic/env.py) both migrate through it, so concurrent starts are serialized."""
     if db.backend == "sqlite":
         path = db.settings.sqlite_path
         with _file_lock(path.with_name(path.name + ".migrate-lock")):
             _prepare_sqlite_file(path)
             with db.engine.connect() as conn:
-                cfg.attributes["connection"] = conn
-                command.upgrade(cfg, "head")
-                conn.commit()
-            _create_event_store_tables(db)
-    else:
-        with db.engine.connect() as conn:
-            conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": PG_MIGRATION_LOCK})
+                yield conn
+        return
+    with db.engine.connect() as conn:
+        conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": PG_MIGRATION_LOCK})
+        conn.commit()
+        try:
+            yield conn
+        finally:
+            conn.rollback()
+            conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": PG_MIGRATION_LOCK})
             conn.commit()
-            try:
-                cfg.attributes["connection"] = conn
-                command.upgrade(cfg, "head")
-                conn.commit()
-                _create_event_store_tables(db)
-            finally:
-                conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": PG_MIGRATION_LOCK})
-                conn.commit()
+
+
+def migrate(db: Database) -> str | None:
+    """Upgrade to the newest revision; returns it. Idempotent and concurrency-safe."""
+    cfg = alembic_config()
+    with locked_connection(db) as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+        conn.commit()
+        _create_event_store_tables(db)
     return head_revision()

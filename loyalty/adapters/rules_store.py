@@ -36,7 +36,7 @@ class RulesStore:
         if row is None:
             rule_set = self._store_default()
         else:
-            rule_set = parse_rule_set(orjson.loads(row[1]), row[0])
+            rule_set = parse_rule_set(orjson.loads(row[1]), row[0], require_rank=False)
         with self._lock:
             self._cached = (time.monotonic() + self._cache_seconds, rule_set)
         return rule_set
@@ -56,7 +56,7 @@ class RulesStore:
                 .order_by(rule_versions.c.version.desc())
                 .limit(1)
             ).one()
-        return parse_rule_set(orjson.loads(row[1]), row[0])
+        return parse_rule_set(orjson.loads(row[1]), row[0], require_rank=False)
 
     def put(self, wire: dict[str, object]) -> RuleSet:
         """Validate and store a new version (raises InvalidRules)."""

@@ -40,13 +40,15 @@ ingress_events = sa.Table(
     sa.Column("seq", sa.BigInteger, nullable=False),
     sa.Column("txid", sa.BigInteger, nullable=False),
     sa.Column("shard", sa.SmallInteger, nullable=False),
-    sa.Column("source", sa.String(128), nullable=False),
-    sa.Column("event_id", sa.String(128), nullable=False),
-    sa.Column("user_id", sa.String(128), nullable=False),
-    sa.Column("type", sa.String(64), nullable=False),
+    # TEXT in the database (the API bounds the lengths: 128, 128, 128, 64)
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("event_id", sa.Text, nullable=False),
+    sa.Column("user_id", sa.Text, nullable=False),
+    sa.Column("type", sa.Text, nullable=False),
     sa.Column("occurred_at", Timestamp, nullable=False),
     sa.Column("received_at", Timestamp, nullable=False),
     sa.Column("attributes", Json, nullable=False),
+    sa.Index("ingress_events_read_idx", "shard", "txid", "seq"),
 )
 
 # PostgreSQL only (migration 0006): one row per stored ingress event, filled by a trigger

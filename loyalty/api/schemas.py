@@ -8,6 +8,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, StringConstraints
 
+from loyalty.domain.rules import MAX_DAILY_CAP, MAX_RANK_POINTS_THRESHOLD
+
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
 
 # Printable text: no control characters (they break logs, CSV exports and COPY).
@@ -108,23 +110,40 @@ class MemberBody(BaseModel):
     lifetime_currency: int = Field(description="currency ever earned (awards + adjustments)")
 
 
+# The rules are parsed by ``loyalty.domain.rules.parse_rule_set`` (one parser, with the
+# locations and exact decimals it needs); these models publish exactly what it accepts,
+# so a body the schema refuses is refused by the parser (tests/e2e/test_rules_schema.py).
+Weight = Annotated[
+    int | float | str,
+    Field(description='non-negative decimal: a number or a decimal string ("2.5")'),
+]
+
+
 class MultiplierBody(BaseModel):
-    when: dict[str, str | int | float | bool | None]
-    factor: int | str = Field(description='decimal, e.g. "1.5"')
+    model_config = ConfigDict(extra="forbid")
+
+    when: dict[str, str | int | float | bool | None] = Field(
+        min_length=1, description="attribute values that must all be equal (type-aware)"
+    )
+    factor: Weight
 
 
 class RuleBody(BaseModel):
-    event_type: str
-    currency: int | str = Field(description="non-negative decimal")
-    rank_points: int | str = Field(description="non-negative decimal")
+    model_config = ConfigDict(extra="forbid")
+
+    event_type: EventType
+    currency: Weight
+    rank_points: Weight
     multipliers: list[MultiplierBody] = []
-    daily_cap: int | None = None
+    daily_cap: int | None = Field(None, ge=0, le=MAX_DAILY_CAP)
 
 
 class RankBody(BaseModel):
-    name: str
-    min_rank_points: int
-    privileges: list[str] = []
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    min_rank_points: int = Field(ge=0, le=MAX_RANK_POINTS_THRESHOLD)
+    privileges: list[Annotated[str, StringConstraints(min_length=1)]] = []
 
 
 class RulesBody(BaseModel):
@@ -138,9 +157,11 @@ class RulesRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    rules: list[RuleBody] = []
-    ranks: list[RankBody] = []
-    version: int | None = Field(None, description="ignored: the store numbers versions")
+    rules: list[RuleBody]
+    ranks: list[RankBody] = Field(min_length=1, description="at least one rank")
+    version: int | None = Field(
+        None, ge=0, description="ignored (the store numbers versions); rules show prints it"
+    )
 
 
 class PipelineBody(BaseModel):

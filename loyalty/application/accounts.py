@@ -7,14 +7,15 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 from uuid import UUID
 
-from eventsourcing.application import AggregateNotFoundError, Application
-from eventsourcing.persistence import IntegrityError
+from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent
+from eventsourcing.persistence import IntegrityError, JSONTranscoder
 
+from loyalty.application.transcodings import register_member_transcodings
 from loyalty.domain.errors import DomainError, MemberNotFound
 from loyalty.domain.member import Member
 from loyalty.domain.ranks import RankLadder
@@ -37,9 +38,55 @@ class MemberMarkers(Protocol):
 
 
 class Members(Application[UUID]):
-    """The event store of member accounts (tables ``members_*`` / ``stored_*``)."""
+    """The event store of member accounts (tables ``members_*`` / ``stored_*``).
+
+    Snapshots (tables ``members_snapshots`` / ``stored_snapshots``): a save that records a
+    member's event number k x ``SNAPSHOT_INTERVAL`` also stores a snapshot of that member,
+    so a load reads the latest snapshot and at most about an interval of events after it
+    (the library's repository does that whenever a snapshot store exists). The store is
+    always on, so snapshots already taken are used even with the interval set to 0 (no
+    new ones). Erasure deletes a member's snapshots with its events."""
 
     name = "Members"
+    is_snapshotting_enabled = True
+    SNAPSHOT_INTERVAL = "SNAPSHOT_INTERVAL"
+    DEFAULT_SNAPSHOT_INTERVAL = 100
+
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        super().__init__(env)
+        interval = self.env.get(self.SNAPSHOT_INTERVAL)
+        self.snapshot_interval = (
+            int(interval) if interval is not None else self.DEFAULT_SNAPSHOT_INTERVAL
+        )
+
+    def register_transcodings(self, transcoder: JSONTranscoder) -> None:
+        super().register_transcodings(transcoder)
+        register_member_transcodings(transcoder)
+
+    def _take_snapshots(self, processing_event: ProcessingEvent[UUID]) -> None:
+        """The library's rule (snapshot when a saved event's version is a multiple of the
+        interval), but each snapshot is of the saved aggregate itself, at its new
+        version, instead of a re-read: its events were just recorded at exactly those
+        versions (else the insert would have failed), so it *is* the recorded state.
+        All the save's snapshots go in one insert."""
+        interval = self.snapshot_interval
+        if self.snapshots is None or interval <= 0:
+            return
+        due = {
+            e.originator_id for e in processing_event.events if e.originator_version % interval == 0
+        }
+        snapshots = [
+            Member.Snapshot.take(aggregate)
+            for member_id in due
+            if isinstance(aggregate := processing_event.aggregates.get(member_id), Member)
+        ]
+        if not snapshots:
+            return
+        try:
+            self.snapshots.put(snapshots)
+        except IntegrityError:
+            # A snapshot at that version exists already (it can only hold the same state).
+            log.debug("snapshot already stored for %d members", len(snapshots))
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,11 +3,24 @@
 Public command methods validate and derive; private ``@event`` methods only
 assign state, so replaying stored events is cheap and deterministic. Every
 command is idempotent by its id (award_id, order_id, adjustment_id).
+
+Award idempotency takes constant space: the pipeline's award ids are window ends
+``w{shard}.{txid}.{seq}``, a shard's window ends strictly increase and a member's events
+all go to one shard, so the member keeps only the highest window end awarded per shard
+(``award_positions``) and an award at or below it is a replay. Any other award id (tools,
+tests) is kept as it is (``other_award_ids``); the pipeline never makes one.
+
+Version 2 of the state (``class_version``): ``award_positions`` + ``other_award_ids``
+instead of every award id ever seen, ``Adjustment`` values instead of tuples (JSON has no
+tuple, so a snapshot could not give them back). Stored events are unchanged: replaying a
+version-1 stream builds the version-2 state; ``upcast_v1_v2`` converts a version-1 state.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID, uuid5
 
@@ -36,8 +49,35 @@ def _require_int(value: object, *, minimum: int | None, what: str) -> int:
     return value
 
 
+_PIPELINE_AWARD_ID = re.compile(r"w([0-9]{1,10})\.([0-9]{1,20})\.([0-9]{1,20})")
+
+
+def award_position(award_id: str) -> tuple[str, list[int]] | None:
+    """``(shard key, [txid, seq])`` of a pipeline award id ``w{shard}.{txid}.{seq}``
+    (``loyalty.application.pipeline.award_id_for``), or None for any other id, including
+    a non-canonical spelling of one (``w03.1.2``): such ids are matched exactly."""
+    match = _PIPELINE_AWARD_ID.fullmatch(award_id)
+    if match is None:
+        return None
+    shard, txid, seq = (int(group) for group in match.groups())
+    if f"w{shard}.{txid}.{seq}" != award_id:
+        return None
+    return str(shard), [txid, seq]
+
+
+@dataclass(frozen=True, slots=True)
+class Adjustment:
+    """What an adjustment id was used for (a replay must repeat it exactly)."""
+
+    currency: int
+    rank_points: int
+    reason: str
+
+
 class Member(Aggregate):
     """A member's account: spendable currency, lifetime rank points, rank."""
+
+    class_version = 2
 
     @staticmethod
     def create_id(user_id: str) -> UUID:
@@ -54,10 +94,34 @@ class Member(Aggregate):
         """Currency ever earned: awards plus adjustments (spending excluded)."""
         self.rank: str | None = None
         """The rank name last recorded by a RankChanged event."""
-        self.award_ids: set[str] = set()
+        self.award_positions: dict[str, list[int]] = {}
+        """Per shard (``str(shard)``), the highest window end ``[txid, seq]`` awarded."""
+        self.other_award_ids: set[str] = set()
+        """Award ids not in the pipeline's form, each kept (the pipeline makes none)."""
         self.orders: dict[str, int] = {}
         self.refunded_orders: set[str] = set()
-        self.adjustments: dict[str, tuple[int, int, str]] = {}
+        self.adjustments: dict[str, Adjustment] = {}
+
+    @staticmethod
+    def upcast_v1_v2(state: dict[str, Any]) -> None:
+        """A version-1 state (a snapshot): every award id seen -> one high-water position
+        per shard plus the other ids; adjustment tuples (or JSON lists) -> Adjustment."""
+        positions: dict[str, list[int]] = {}
+        others: set[str] = set()
+        for award_id in state.pop("award_ids", ()):
+            position = award_position(award_id)
+            if position is None:
+                others.add(award_id)
+                continue
+            shard, end = position
+            if shard not in positions or end > positions[shard]:
+                positions[shard] = end
+        state["award_positions"] = positions
+        state["other_award_ids"] = others
+        state["refunded_orders"] = set(state.get("refunded_orders", ()))
+        state["adjustments"] = {
+            key: Adjustment(*value) for key, value in state.get("adjustments", {}).items()
+        }
 
     # ------------------------------------------------------------------ commands
 
@@ -70,8 +134,11 @@ class Member(Aggregate):
         rule_version: int,
         ranks: RankLadder,
     ) -> bool:
-        """Credit an award once per ``award_id``; False (no event) on a replay."""
-        if award_id in self.award_ids:
+        """Credit an award once per ``award_id``; False (no event) on a replay.
+
+        A pipeline award id at or below the member's high-water position of its shard is
+        a replay (windows of a shard only move forward; a crash replays the same one)."""
+        if self.has_award(award_id):
             return False
         _require_int(currency, minimum=0, what="currency")
         _require_int(rank_points, minimum=0, what="rank_points")
@@ -125,7 +192,7 @@ class Member(Aggregate):
             raise TypeError("reason must be a string")
         previous = self.adjustments.get(adjustment_id)
         if previous is not None:
-            if previous != (currency, rank_points, reason):
+            if previous != Adjustment(currency, rank_points, reason):
                 raise AdjustmentConflict()
             return False
         if self.currency + currency < 0:
@@ -142,6 +209,15 @@ class Member(Aggregate):
         return True
 
     # --------------------------------------------------------------------- reads
+
+    def has_award(self, award_id: str) -> bool:
+        """Whether an award with this id is already credited (see :meth:`award`)."""
+        position = award_position(award_id)
+        if position is None:
+            return award_id in self.other_award_ids
+        shard, end = position
+        highest = self.award_positions.get(shard)
+        return highest is not None and end <= highest
 
     def current_rank(self, ranks: RankLadder) -> str | None:
         """The rank name for the lifetime rank points under ``ranks``."""
@@ -169,7 +245,14 @@ class Member(Aggregate):
         event_count: int,
         rule_version: int,
     ) -> None:
-        self.award_ids.add(award_id)
+        position = award_position(award_id)
+        if position is None:
+            self.other_award_ids.add(award_id)
+        else:
+            shard, end = position
+            highest = self.award_positions.get(shard)
+            if highest is None or end > highest:
+                self.award_positions[shard] = end
         self.currency += currency
         self.lifetime_currency += currency
         self.rank_points += rank_points
@@ -186,7 +269,7 @@ class Member(Aggregate):
 
     @event("Adjusted")
     def _adjusted(self, adjustment_id: str, currency: int, rank_points: int, reason: str) -> None:
-        self.adjustments[adjustment_id] = (currency, rank_points, reason)
+        self.adjustments[adjustment_id] = Adjustment(currency, rank_points, reason)
         self.currency += currency
         self.lifetime_currency += currency
         self.rank_points += rank_points

@@ -247,7 +247,11 @@ def _parse_decimal(
 
 
 def _parse_int(value: object, loc: str, problems: list[Problem], maximum: int) -> int | None:
-    """A non-negative bounded integer (an integral float or string is accepted)."""
+    """A non-negative bounded JSON integer. As in JSON Schema, an integral number written
+    with a fraction (``5.0``) is an integer; a string or a bool is not."""
+    if not (is_int(value) or isinstance(value, float | Decimal)):
+        problems.append((loc, "must be an integer"))
+        return None
     sub: list[Problem] = []
     number = _parse_decimal(value, loc, sub, Decimal(maximum))
     if sub:
@@ -341,11 +345,13 @@ def _parse_rule(entry: object, loc: str, problems: list[Problem]) -> Rule | None
     )
 
 
-def _parse_ranks(raw_ranks: object, problems: list[Problem]) -> list[Rank]:
+def _parse_ranks(raw_ranks: object, problems: list[Problem], require_rank: bool) -> list[Rank]:
     if not _is_list(raw_ranks):
         problems.append(("ranks", "must be a list"))
         return []
     assert isinstance(raw_ranks, Sequence)
+    if require_rank and not raw_ranks:
+        problems.append(("ranks", "must list at least one rank"))
     ranks: list[Rank] = []
     names: list[tuple[int, str | None]] = []
     thresholds: list[tuple[int, int | None]] = []
@@ -385,17 +391,26 @@ def _parse_ranks(raw_ranks: object, problems: list[Problem]) -> list[Rank]:
     return ranks
 
 
-def parse_rule_set(data: Mapping[str, Any], version: int) -> RuleSet:
+def parse_rule_set(data: Mapping[str, Any], version: int, *, require_rank: bool = True) -> RuleSet:
     """Build a :class:`RuleSet` from its wire shape, or raise :class:`InvalidRules`
     listing every problem with its location (``rules[2].currency``, ...).
 
     A top-level ``version`` key (as produced by :func:`rule_set_to_wire`) is
-    accepted and ignored: the ``version`` argument is authoritative.
+    accepted and ignored: the ``version`` argument is authoritative. It must still be
+    null or an integer >= 0, like every other field of the published schema.
+
+    A programme has at least one rank (``require_rank``): a new version with an empty
+    ladder is refused. Versions stored before that check are read with
+    ``require_rank=False``; under an empty ladder every member has rank null and no
+    privileges, as below the lowest threshold of any ladder.
     """
     problems: list[Problem] = []
     if not isinstance(data, Mapping):
         raise InvalidRules([("", "must be an object with 'rules' and 'ranks'")])
     _check_fields(data, "", _TOP_FIELDS, ("rules", "ranks"), problems)
+    claimed = data.get("version")
+    if claimed is not None and (not is_int(claimed) or claimed < 0):
+        problems.append(("version", "must be null or an integer >= 0 (the store numbers versions)"))
     rules: dict[str, Rule] = {}
     raw_rules = data.get("rules", [])
     if not _is_list(raw_rules):
@@ -417,7 +432,7 @@ def parse_rule_set(data: Mapping[str, Any], version: int) -> RuleSet:
                 first_index[event_type] = i
             if rule is not None:
                 rules[rule.event_type] = rule
-    ranks = _parse_ranks(data.get("ranks", []), problems)
+    ranks = _parse_ranks(data.get("ranks", []), problems, require_rank)
     if not is_int(version) or version < 0:
         problems.append(("version", "must be an integer >= 0"))
     if problems:

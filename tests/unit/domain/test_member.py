@@ -2,7 +2,10 @@ from typing import Any
 from uuid import uuid5
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from loyalty.application.pipeline import award_id_for
 from loyalty.domain.errors import (
     AdjustmentConflict,
     DomainError,
@@ -13,7 +16,7 @@ from loyalty.domain.errors import (
     OrderConflict,
     OrderNotFound,
 )
-from loyalty.domain.member import NAMESPACE, Member, replay
+from loyalty.domain.member import NAMESPACE, Adjustment, Member, award_position, replay
 from loyalty.domain.ranks import Rank, RankLadder
 
 USER = "user-7f3a9c"
@@ -312,7 +315,7 @@ def test_rebuilding_from_events_gives_identical_state_and_idempotency() -> None:
     assert (rebuilt.currency, rebuilt.rank_points, rebuilt.lifetime_currency) == (430, 1210, 480)
     assert rebuilt.rank == "silver"
     assert rebuilt.version == len(events)
-    # seen ids are rebuilt too, so replays stay idempotent after a reload
+    # award positions and seen ids are rebuilt too, so replays stay idempotent after a reload
     assert rebuilt.award("w1", 500, 1200, 4, 1, LADDER) is False
     assert rebuilt.spend("o2", 50) == 50
     assert rebuilt.refund("o1") == 100
@@ -354,3 +357,160 @@ def test_domain_errors_have_stable_codes_and_messages(error: DomainError, code: 
     assert isinstance(error, DomainError)
     assert error.code == code
     assert str(error) == error.message != ""
+
+
+# ------------------------------------------------- O(1) award idempotency (v2)
+
+
+@pytest.mark.parametrize(
+    ("shard", "end"), [(0, (0, 1)), (3, (7001, 5)), (1023, (2**62, 2**62)), (15, (0, 0))]
+)
+def test_pipeline_award_ids_parse_to_their_shard_and_window_end(
+    shard: int, end: tuple[int, int]
+) -> None:
+    assert award_position(award_id_for(shard, end)) == (str(shard), list(end))
+
+
+@pytest.mark.parametrize(
+    "award_id",
+    [
+        "w1",
+        "seed",
+        "a-seed",
+        "",
+        "w3.1",
+        "w3.1.2.3",
+        "w-1.2.3",
+        "w3.-1.2",
+        "w03.1.2",  # not canonical: award_id_for never writes it
+        "w3.01.2",
+        "w3.1.02",
+        " w3.1.2",
+        "w3.1.2\n",
+        "W3.1.2",
+        "w\u0663.1.2",  # an Arabic-Indic digit three: int() would accept it
+        "w3.1.2x",
+        "w1.2.3" + "4" * 30,  # too long to be a position
+    ],
+)
+def test_other_award_ids_are_not_positions_and_are_matched_exactly(award_id: str) -> None:
+    assert award_position(award_id) is None
+    member = new_member()
+    assert member.award(award_id, 1, 1, 1, 1, LADDER) is True
+    assert member.award(award_id, 1, 1, 1, 1, LADDER) is False
+    assert member.other_award_ids == {award_id} and member.award_positions == {}
+    assert member.currency == 1
+
+
+def test_an_award_at_or_below_the_shards_high_water_is_a_replay() -> None:
+    member = new_member()
+    assert member.award("w3.10.5", 10, 0, 1, 1, LADDER) is True
+    assert member.award("w3.10.5", 10, 0, 1, 1, LADDER) is False  # the same window
+    # Below the high-water: under the pipeline's protocol only a replay can be there (a
+    # shard's window ends strictly increase), so it is one, seen or not.
+    assert member.award("w3.10.4", 10, 0, 1, 1, LADDER) is False
+    assert member.award("w3.9.99", 10, 0, 1, 1, LADDER) is False
+    assert member.award("w3.10.6", 10, 0, 1, 1, LADDER) is True
+    assert member.award("w3.11.0", 10, 0, 1, 1, LADDER) is True  # txid first, then seq
+    # another shard's positions are not comparable: kept apart
+    assert member.award("w4.1.1", 10, 0, 1, 1, LADDER) is True
+    assert member.award("w4.1.1", 10, 0, 1, 1, LADDER) is False
+    assert member.award_positions == {"3": [11, 0], "4": [1, 1]}
+    assert member.currency == 40
+    assert member.has_award("w3.10.6") and not member.has_award("w4.1.2")
+
+
+def test_award_state_does_not_grow_with_the_number_of_awards() -> None:
+    member = Member(user_id=USER)
+    for i in range(10_000):
+        member.award(award_id_for(5, (1000 + i // 7, i)), 1, 1, 1, 1, LADDER)
+    assert member.currency == 10_000
+    assert member.award_positions == {"5": [1000 + 9_999 // 7, 9_999]}
+    assert member.other_award_ids == set()
+    assert replay(member.collect_events()) == member
+
+
+# A window of one shard: its end position and the amounts the member gets in it.
+Window = tuple[int, tuple[int, int], int, int]
+
+
+@st.composite
+def pipeline_histories(draw: st.DrawFn) -> list[tuple[str, Any]]:
+    """Steps as the pipeline may produce them for one member: new windows of a few shards
+    (a shard count change moves the member), each ending past the shard's last end;
+    replays of any window already recorded (a crash before the checkpoint moved, any
+    earlier one for good measure), with any amounts; and reloads from the stream."""
+    ends: dict[int, tuple[int, int]] = {}
+    recorded: list[Window] = []
+    steps: list[tuple[str, Any]] = []
+    for _ in range(draw(st.integers(0, 30))):
+        kind = draw(st.sampled_from(["new", "new", "replay", "reload"]))
+        if kind == "replay" and recorded:
+            shard, end, _c, _r = draw(st.sampled_from(recorded))
+            steps.append(("award", (shard, end, draw(st.integers(0, 9)), draw(st.integers(0, 9)))))
+        elif kind == "reload":
+            steps.append(("reload", None))
+        else:
+            shard = draw(st.integers(0, 2))
+            txid, seq = ends.get(shard, (0, 0))
+            step = draw(st.integers(0, 2))
+            end = (
+                (txid, seq + draw(st.integers(1, 5)))
+                if step == 0
+                else (
+                    txid + step,
+                    draw(st.integers(0, 50)),  # a later transaction: any seq
+                )
+            )
+            ends[shard] = end
+            window = (shard, end, draw(st.integers(0, 9)), draw(st.integers(0, 9)))
+            recorded.append(window)
+            steps.append(("award", window))
+    return steps
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=pipeline_histories())
+def test_high_water_idempotency_equals_the_set_of_seen_ids(steps: list[tuple[str, Any]]) -> None:
+    member = Member(user_id=USER)
+    events: list[Any] = member.collect_events()
+    seen: set[str] = set()  # the version-1 rule: every award id ever seen
+    expected = [0, 0]
+    for kind, window in steps:
+        if kind == "reload":
+            member = replay(events)
+            continue
+        shard, end, currency, points = window
+        award_id = award_id_for(shard, end)
+        new = award_id not in seen
+        seen.add(award_id)
+        if new:
+            expected[0] += currency
+            expected[1] += points
+        assert member.award(award_id, currency, points, 1, 1, LADDER) is new
+        events += member.collect_events()
+    assert [member.currency, member.rank_points] == expected
+    assert replay(events) == member
+    assert all(member.has_award(award_id) for award_id in seen)
+
+
+# ------------------------------------------------------------ v1 -> v2 state
+
+
+def test_upcast_v1_state_keeps_every_replay_rule() -> None:
+    state: dict[str, Any] = {
+        "user_id": USER,
+        "award_ids": ["w3.7001.5", "w3.7002.1", "w11.100.9", "seed-1", "w03.1.1"],
+        "orders": {"o1": 30},
+        "refunded_orders": ["o1"],
+        "adjustments": {"adj-1": [7, -50, "goodwill"], "adj-2": (1, 2, "tuple")},
+    }
+    Member.upcast_v1_v2(state)
+    assert state["award_positions"] == {"3": [7002, 1], "11": [100, 9]}
+    assert state["other_award_ids"] == {"seed-1", "w03.1.1"}
+    assert state["refunded_orders"] == {"o1"}
+    assert state["adjustments"] == {
+        "adj-1": Adjustment(7, -50, "goodwill"),
+        "adj-2": Adjustment(1, 2, "tuple"),
+    }
+    assert "award_ids" not in state

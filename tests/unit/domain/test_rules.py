@@ -325,6 +325,11 @@ M0 = ("rules", 0, "multipliers", 0)
         (set_in(("ranks", 1, "min_rank_points"), -5), "ranks[1].min_rank_points"),
         (set_in(("ranks", 0, "min_rank_points"), 500), "ranks[1].min_rank_points"),
         (set_in(("ranks", 1, "min_rank_points"), "many"), "ranks[1].min_rank_points"),
+        (set_in(("ranks", 1, "min_rank_points"), "100"), "ranks[1].min_rank_points"),
+        (set_in((*R0, "daily_cap"), "3"), "rules[0].daily_cap"),
+        (set_in(("ranks",), []), "ranks"),
+        (set_in(("version",), {}), "version"),
+        (set_in(("version",), "1"), "version"),
         (set_in(("ranks", 1, "name"), "bronze"), "ranks[1].name"),
         (set_in(("ranks", 0, "name"), ""), "ranks[0].name"),
         (drop(("ranks", 0, "min_rank_points")), "ranks[0].min_rank_points"),
@@ -367,10 +372,10 @@ def test_non_object_document_is_rejected() -> None:
     assert [loc for loc, _ in info.value.problems] == [""]
 
 
-def test_parse_accepts_numbers_as_int_string_or_float() -> None:
+def test_parse_accepts_weights_as_int_string_or_float_and_integers_as_numbers() -> None:
     wire = edit(set_in((*R0, "currency"), 0.1))
     wire["rules"][1]["rank_points"] = "2.50"
-    wire["ranks"][1]["min_rank_points"] = "100"
+    wire["ranks"][1]["min_rank_points"] = 100.0  # integral: an integer, as in JSON Schema
     rs = parse_rule_set(wire, version=3)
     assert rs.version == 3
     assert rs.rules["played_game"].currency == Decimal("0.1")  # not binary 0.1000000000000000055
@@ -383,7 +388,9 @@ def test_parse_accepts_numbers_as_int_string_or_float() -> None:
     [
         pytest.param(DEFAULT_RULES_WIRE, id="default"),
         pytest.param(VALID, id="valid"),
-        pytest.param({"rules": [], "ranks": []}, id="empty"),
+        pytest.param(
+            {"rules": [], "ranks": [{"name": "member", "min_rank_points": 0}]}, id="empty"
+        ),
         pytest.param(
             {
                 "rules": [
