@@ -25,7 +25,16 @@ from loyalty.api.routes import health, ingress, operations
 from loyalty.api.routes import members as member_routes
 from loyalty.api.routes import metrics as metrics_routes
 from loyalty.api.routes import storage as storage_routes
-from loyalty.api.schemas import Batch, Problem, RulesBody, RulesRequest
+from loyalty.api.schemas import (
+    AdjustmentRequest,
+    Batch,
+    ForgetRequestBody,
+    Problem,
+    RefundRequest,
+    RulesBody,
+    RulesRequest,
+    SpendRequest,
+)
 from loyalty.application.accounts import Accounts, Members, Spending
 from loyalty.application.ingress import IngestService
 from loyalty.config import Settings
@@ -125,6 +134,8 @@ def create_app(
         version="1",
         description="Event-sourced loyalty service: activity ingress, member accounts.",
         lifespan=lifespan,
+        # A redirect to the slash-less path would echo the Host header in Location.
+        redirect_slashes=False,
     )
     app.state.container = container
     problems.install(app)
@@ -147,7 +158,16 @@ def create_app(
                 title=app.title, version=app.version, description=app.description, routes=app.routes
             )
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (Batch, Problem, RulesBody, RulesRequest):
+            for model in (
+                Batch,
+                Problem,
+                RulesBody,
+                RulesRequest,
+                SpendRequest,
+                RefundRequest,
+                AdjustmentRequest,
+                ForgetRequestBody,
+            ):
                 model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(model_schema.pop("$defs", {}))
                 components[model.__name__] = model_schema

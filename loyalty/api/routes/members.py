@@ -10,7 +10,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query
 from starlette.concurrency import run_in_threadpool
 
-from loyalty.api.deps import Container, ContainerDep, OperatorKey, ShopKey
+from loyalty.adapters.keys import Role
+from loyalty.api.deps import Container, ContainerDep, OperatorKey, ShopKey, json_body, request_body
 from loyalty.api.problems import ApiProblem
 from loyalty.api.schemas import (
     AdjustmentRequest,
@@ -62,16 +63,25 @@ def _conflicts(*codes: str) -> dict[int | str, dict[str, Any]]:
     return {409: {"model": Problem, "description": " | ".join(codes)}}
 
 
-_INVALID: dict[int | str, dict[str, Any]] = {422: {"model": Problem, "description": "invalid body"}}
+_INVALID: dict[int | str, dict[str, Any]] = {
+    400: {"model": Problem, "description": "malformed JSON"},
+    413: {"model": Problem, "description": "body too large"},
+    415: {"model": Problem, "description": "not application/json, or compressed"},
+    422: {"model": Problem, "description": "invalid body, or an object repeats a key"},
+}
 
 
 @router.post(
     "/v1/members/{user_id}/spend",
     response_model=OrderBody,
     responses={**_ERRORS, **_INVALID, **_conflicts("insufficient_funds", "order_conflict")},
+    openapi_extra=request_body(SpendRequest),
 )
 async def spend(
-    user_id: UserId, body: SpendRequest, _key: ShopKey, container: ContainerDep
+    user_id: UserId,
+    _key: ShopKey,
+    body: Annotated[SpendRequest, json_body(SpendRequest, Role.SHOP)],
+    container: ContainerDep,
 ) -> OrderBody:
     """Spend currency on an order (idempotent by order id; the description is not stored)."""
     result = await run_in_threadpool(container.spending.spend, user_id, body.order_id, body.amount)
@@ -82,9 +92,13 @@ async def spend(
     "/v1/members/{user_id}/refunds",
     response_model=OrderBody,
     responses={**_ERRORS, **_INVALID},
+    openapi_extra=request_body(RefundRequest),
 )
 async def refund(
-    user_id: UserId, body: RefundRequest, _key: ShopKey, container: ContainerDep
+    user_id: UserId,
+    _key: ShopKey,
+    body: Annotated[RefundRequest, json_body(RefundRequest, Role.SHOP)],
+    container: ContainerDep,
 ) -> OrderBody:
     """Refund a spent order once; a repeated refund answers the same."""
     result = await run_in_threadpool(container.spending.refund, user_id, body.order_id)
@@ -95,9 +109,13 @@ async def refund(
     "/v1/members/{user_id}/adjustments",
     response_model=MemberBody,
     responses={**_ERRORS, **_INVALID, **_conflicts("insufficient_funds", "adjustment_conflict")},
+    openapi_extra=request_body(AdjustmentRequest),
 )
 async def adjust(
-    user_id: UserId, body: AdjustmentRequest, _key: OperatorKey, container: ContainerDep
+    user_id: UserId,
+    _key: OperatorKey,
+    body: Annotated[AdjustmentRequest, json_body(AdjustmentRequest, Role.OPERATOR)],
+    container: ContainerDep,
 ) -> MemberBody:
     """Correct a member's account (creates the account of an unknown member)."""
 
