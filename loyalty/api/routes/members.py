@@ -79,12 +79,14 @@ _INVALID: dict[int | str, dict[str, Any]] = {
 )
 async def spend(
     user_id: UserId,
-    _key: ShopKey,
+    key: ShopKey,
     body: Annotated[SpendRequest, json_body(SpendRequest, Role.SHOP)],
     container: ContainerDep,
 ) -> OrderBody:
-    """Spend currency on an order (idempotent by order id; the description is not stored)."""
-    result = await run_in_threadpool(container.spending.spend, user_id, body.order_id, body.amount)
+    """Spend currency on an order (idempotent by the key's source and order id; the
+    description is not stored)."""
+    spending = container.spending
+    result = await run_in_threadpool(spending.spend, user_id, body.order_id, body.amount, key.name)
     return OrderBody(order_id=result.order_id, amount=result.amount, currency=result.currency)
 
 
@@ -96,12 +98,12 @@ async def spend(
 )
 async def refund(
     user_id: UserId,
-    _key: ShopKey,
+    key: ShopKey,
     body: Annotated[RefundRequest, json_body(RefundRequest, Role.SHOP)],
     container: ContainerDep,
 ) -> OrderBody:
     """Refund a spent order once; a repeated refund answers the same."""
-    result = await run_in_threadpool(container.spending.refund, user_id, body.order_id)
+    result = await run_in_threadpool(container.spending.refund, user_id, body.order_id, key.name)
     return OrderBody(order_id=result.order_id, amount=result.amount, currency=result.currency)
 
 
@@ -113,7 +115,7 @@ async def refund(
 )
 async def adjust(
     user_id: UserId,
-    _key: OperatorKey,
+    key: OperatorKey,
     body: Annotated[AdjustmentRequest, json_body(AdjustmentRequest, Role.OPERATOR)],
     container: ContainerDep,
 ) -> MemberBody:
@@ -127,6 +129,7 @@ async def adjust(
             body.rank_points,
             body.reason,
             container.rules.current().ranks,
+            key.name,
         )
         return member_body(container, member)
 
