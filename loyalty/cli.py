@@ -118,11 +118,13 @@ def serve(
     import uvicorn
 
     from loyalty.api.app import create_app
+    from loyalty.api.http_server import ensure_descriptors, http_limits, limited_protocol
     from loyalty.worker_process import merged_registry, worker_children
 
     settings = load_settings()
     _shards(shards, settings)  # refuse a bad spec before anything starts
     configure_logging(settings)
+    ensure_descriptors(settings.http_max_connections)
     db = open_database(settings)
     metrics = Metrics()
     children = []
@@ -138,7 +140,16 @@ def serve(
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _exit_cleanly)
     try:
-        uvicorn.run(api, host=host, port=port, log_level="info", access_log=False, log_config=None)
+        uvicorn.run(
+            api,
+            host=host,
+            port=port,
+            log_level="info",
+            access_log=False,
+            log_config=None,
+            http=limited_protocol(http_limits(settings)),
+            timeout_keep_alive=max(1, round(settings.http_keep_alive_seconds)),
+        )
     finally:
         for child in children:
             child.stop()

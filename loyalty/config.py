@@ -68,6 +68,22 @@ class Settings(BaseSettings):
     marker_refresh_seconds: float = Field(
         1.0, gt=0, le=60, description="how often a process re-reads the forget markers"
     )
+    http_max_header_bytes: int = Field(
+        16 * 1024, ge=1024, description="bytes of a request line plus headers (431 above)"
+    )
+    http_max_headers: int = Field(100, ge=10, description="headers per request (431 above)")
+    http_header_timeout_seconds: float = Field(
+        10.0, gt=0, description="seconds a request's line and headers may take to arrive (408)"
+    )
+    http_body_timeout_seconds: float = Field(
+        30.0, gt=0, description="seconds a request's body may take to arrive (408)"
+    )
+    http_keep_alive_seconds: float = Field(
+        5.0, gt=0, description="seconds an idle kept-alive connection stays open"
+    )
+    http_max_connections: int = Field(
+        1000, ge=1, description="open connections per serve process (503 and close above)"
+    )
     log_format: Literal["text", "json"] = Field(
         "text", description="log lines on stderr (json: one object per line)"
     )
