@@ -7,6 +7,7 @@ The limits are protocol-level (one code path for both backends): SQLite only."""
 
 from __future__ import annotations
 
+import json
 import socket
 import statistics
 import subprocess
@@ -15,11 +16,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import pytest
 
-from tests.e2e.live import LOYALTY, env_for, free_port, wait_healthy
+from tests.e2e.live import LOYALTY, create_key, env_for, free_port, wait_healthy
 
 HEADER_TIMEOUT = 1.0
 BODY_TIMEOUT = 2.0
@@ -27,9 +29,10 @@ MAX_CONNECTIONS = 300
 
 
 class Server:
-    def __init__(self, proc: subprocess.Popen[str], port: int) -> None:
+    def __init__(self, proc: subprocess.Popen[str], port: int, url: str) -> None:
         self.proc = proc
         self.port = port
+        self.url = url
         self.base = f"http://127.0.0.1:{port}"
 
     def rss_mb(self) -> float:
@@ -68,7 +71,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
     try:
         wait_healthy(proc, f"http://127.0.0.1:{port}", output)
-        yield Server(proc, port)
+        yield Server(proc, port, f"sqlite:///{path}")
     finally:
         proc.terminate()
         try:
@@ -279,3 +282,20 @@ def test_unauthenticated_bodies_are_answered_before_they_are_read(server: Server
     assert answered[0] > 20
     assert statistics.median(latency.samples) < 0.05, latency.samples
     assert latency.p99() < 0.5, latency.samples
+
+
+def test_a_user_id_with_percent_signs_is_addressed_by_its_escapes(server: Server) -> None:
+    key = create_key(server.url, "operator", "ops")
+    user_id = "a%ff?b #\u00e9"
+    path = "/v1/members/" + quote(user_id, safe="")
+    sock = server.connect()
+    body = b'{"adjustment_id":"p1","currency":3,"rank_points":0,"reason":"r"}'
+    sock.sendall(
+        f"POST {path}/adjustments HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: application/json\r\nConnection: close\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    data = answer(sock)
+    assert status(data) == 200, data
+    assert json.loads(data.split(b"\r\n\r\n", 1)[1])["user_id"] == user_id

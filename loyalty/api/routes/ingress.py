@@ -26,6 +26,7 @@ from loyalty.api.guards import (
 from loyalty.api.problems import ApiProblem, validation_errors
 from loyalty.api.schemas import (
     RFC3339,
+    USER_ID_PATTERN,
     Batch,
     BatchAccepted,
     EventType,
@@ -34,6 +35,7 @@ from loyalty.api.schemas import (
     parse_rfc3339,
 )
 from loyalty.application.ingress import IncomingEvent
+from loyalty.domain.user_ids import MAX_LENGTH, user_id_problem
 
 router = APIRouter(tags=["ingress"])
 
@@ -74,7 +76,10 @@ class _FastEvent(TypedDict):
 
     __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
     event_id: Identifier
-    user_id: Identifier
+    # the rest of the user-id rule: in parse_batch, for the ids that need it
+    user_id: Annotated[
+        str, StringConstraints(min_length=1, max_length=MAX_LENGTH, pattern=USER_ID_PATTERN)
+    ]
     type: EventType
     occurred_at: Annotated[str, StringConstraints(pattern=RFC3339.pattern)]
     attributes: NotRequired[dict[str, Any]]
@@ -195,6 +200,11 @@ def parse_batch(body: bytes, container: Container) -> tuple[str, list[IncomingEv
     errors_out: list[dict[str, str]] = []
     attribute_keys = 0
     for index, (event_id, user_id, type_, occurred_at, attrs) in enumerate(parsed):
+        if not user_id.isascii() or user_id[0] == ".":  # (the pattern covered the rest)
+            problem = user_id_problem(user_id)
+            if problem is not None:
+                errors_out.append({"loc": f"events[{index}].user_id", "msg": problem})
+                continue
         try:
             attributes = dumps(attrs)
         except orjson.JSONEncodeError as exc:

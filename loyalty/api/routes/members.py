@@ -8,12 +8,14 @@ import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
+from pydantic import AfterValidator
 from starlette.concurrency import run_in_threadpool
 
 from loyalty.adapters.keys import Role
 from loyalty.api.deps import Container, ContainerDep, OperatorKey, ShopKey, json_body, request_body
 from loyalty.api.problems import ApiProblem
 from loyalty.api.schemas import (
+    USER_ID_PATTERN,
     AdjustmentRequest,
     HistoryBody,
     HistoryEntryBody,
@@ -26,10 +28,20 @@ from loyalty.api.schemas import (
     SpendRequest,
 )
 from loyalty.domain.member import Member
+from loyalty.domain.user_ids import MAX_LENGTH, check_user_id
 
 router = APIRouter(tags=["members"])
 
-UserId = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
+UserId = Annotated[
+    str,
+    Path(
+        min_length=1,
+        max_length=MAX_LENGTH,
+        pattern=USER_ID_PATTERN,
+        description="a user id (NFC, no control or format characters, no /), percent-encoded",
+    ),
+    AfterValidator(check_user_id),
+]
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": Problem, "description": "missing or invalid API key"},
     403: {"model": Problem, "description": "the key's role may not do this"},
