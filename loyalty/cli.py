@@ -132,6 +132,17 @@ def serve(
         children = worker_children(shards)
         metrics.exposition = merged_registry(metrics.registry, children)
     api = create_app(settings, db=db, metrics=metrics)
+    if settings.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        try:
+            start_http_server(
+                settings.metrics_port, addr=settings.metrics_host, registry=metrics.exposition
+            )
+        except OSError as exc:
+            db.dispose()
+            where = f"{settings.metrics_host}:{settings.metrics_port}"
+            raise fail(f"cannot serve metrics on {where}: {exc}", 1) from None
     for child in children:
         child.start()
     # uvicorn shuts down on SIGTERM/SIGINT, then raises the signal again with the

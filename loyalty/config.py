@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATABASE_URL = "sqlite:///./var/loyalty.db"
@@ -83,6 +83,17 @@ class Settings(BaseSettings):
     )
     http_max_connections: int = Field(
         1000, ge=1, description="open connections per serve process (503 and close above)"
+    )
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="GET /metrics on the API port needs Authorization: Bearer <this> "
+        "(unset: no /metrics on the API port)",
+    )
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="serve also serves its metrics on this port (no auth)"
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", description="interface of metrics_port (0.0.0.0 in a container)"
     )
     log_format: Literal["text", "json"] = Field(
         "text", description="log lines on stderr (json: one object per line)"

@@ -118,7 +118,8 @@ def create_app(
     """Build the API for ``settings``. The schema must already be migrated.
 
     ``metrics`` lets the caller share one registry with an embedded worker; by default
-    the app gets its own (served at ``GET /metrics``)."""
+    the app gets its own (served at ``GET /metrics`` when ``settings.metrics_token`` is
+    set, to callers sending it)."""
     container = build_container(settings, db=db, clock=clock, members=members, metrics=metrics)
 
     @asynccontextmanager
@@ -144,7 +145,8 @@ def create_app(
     app.include_router(member_routes.router)
     app.include_router(operations.router)
     app.include_router(forget_routes.router)
-    app.include_router(metrics_routes.router)
+    if settings.metrics_token is not None:  # else not on the API's listener at all
+        app.include_router(metrics_routes.router)
     app.include_router(storage_routes.router)
     # Request ids outermost, so that everything (metrics, handlers, errors) logs with one.
     app.add_middleware(BodyGuardMiddleware, limit=settings.max_request_bytes)
