@@ -19,6 +19,7 @@ from loyalty.adapters.read_models import ReadModels
 from loyalty.adapters.rules_store import RulesStore
 from loyalty.api import problems
 from loyalty.api.deps import Container
+from loyalty.api.docs import install_docs
 from loyalty.api.guards import BodyGuardMiddleware, RateLimiter, SecurityHeadersMiddleware
 from loyalty.api.routes import forget as forget_routes
 from loyalty.api.routes import health, ingress, operations
@@ -137,9 +138,12 @@ def create_app(
         lifespan=lifespan,
         # A redirect to the slash-less path would echo the Host header in Location.
         redirect_slashes=False,
+        docs_url=None,  # served from vendored assets by install_docs
+        redoc_url=None,  # ReDoc would load from a CDN: Swagger UI only
     )
     app.state.container = container
     problems.install(app)
+    install_docs(app)
     app.include_router(health.router)
     app.include_router(ingress.router)
     app.include_router(member_routes.router)

@@ -29,14 +29,13 @@ SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"referrer-policy", b"no-referrer"),
 )
 CSP = b"default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
-DOCS_PATHS = ("/docs", "/redoc")
-"""Swagger UI and ReDoc load scripts and styles: no restrictive CSP there."""
+"""Every response's policy, unless it set its own (``/docs`` does: see ``api/docs.py``)."""
 
 
 class SecurityHeadersMiddleware:
     """Adds ``nosniff``, ``DENY`` framing, ``no-referrer``, ``Cache-Control: no-store``
-    (unless the response set its own) and a restrictive Content-Security-Policy (except
-    on the interactive docs) to every HTTP response."""
+    (unless the response set its own) and a restrictive Content-Security-Policy (unless
+    the response set its own) to every HTTP response."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -45,7 +44,6 @@ class SecurityHeadersMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        docs = str(scope.get("path", "")).startswith(DOCS_PATHS)
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -54,7 +52,7 @@ class SecurityHeadersMiddleware:
                 headers.extend(h for h in SECURITY_HEADERS if h[0] not in present)
                 if b"cache-control" not in present:
                     headers.append((b"cache-control", b"no-store"))
-                if not docs and b"content-security-policy" not in present:
+                if b"content-security-policy" not in present:
                     headers.append((b"content-security-policy", CSP))
                 message["headers"] = headers
             await send(message)
