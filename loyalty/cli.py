@@ -114,7 +114,11 @@ def serve(
     The worker is two supervised child processes (``loyalty worker --no-projections``
     and ``loyalty worker --no-pipeline``): one interpreter cannot ingest at full rate,
     weigh what it ingested and project the accounts at once. They are restarted if they
-    die, stopped with serve, and their metrics merged into ``GET /metrics``."""
+    die, stopped with serve, and their metrics merged into serve's (exposed on
+    ``LOYALTY_METRICS_PORT``, or as ``GET /metrics`` with ``LOYALTY_METRICS_TOKEN``).
+
+    The HTTP server enforces the edge limits itself (``loyalty.api.http_server``):
+    header size and count, header- and body-read timeouts, a connection cap."""
     import uvicorn
 
     from loyalty.api.app import create_app

@@ -93,28 +93,20 @@ _WHITESPACE = (b" ", b"\n", b"\r", b"\t")
 _KEY_THEN_WHITESPACE = re.compile(rb'"[ \t\r\n]+:')
 
 
-def count_keys(value: Any) -> int:
-    """How many keys the parsed objects in ``value`` hold (nested ones included)."""
-    if isinstance(value, dict):
-        return len(value) + sum(count_keys(v) for v in value.values() if isinstance(v, dict | list))
-    if isinstance(value, list):
-        return sum(count_keys(v) for v in value if isinstance(v, dict | list))
-    return 0
-
-
 def keys_counted(body: bytes, keys: int) -> bool:
-    """Cheap proof that a JSON ``body`` whose parsed objects hold ``keys`` keys in all
-    (counted on the parsed values, :func:`count_keys`, never on re-encoded text) repeats
-    no key. Why it holds: in JSON a key is a string followed by optional white space
-    and ``:``; its closing ``"`` is never escaped. If no ``"`` is followed by white
-    space and then ``:`` anywhere in the body, every key of the document therefore ends
-    in its own occurrence of ``":``, so ``body.count(b'":') >= keys in the document >=
-    keys parsed`` (a parser keeps one value per repeated key). Equality of the outer
-    terms forces equality throughout: no key was repeated. Anything else that makes
-    ``":`` (an escaped quote then a colon inside a string, a string starting with a
-    colon) only raises the count, which withholds the proof and sends the caller to
-    :func:`has_duplicate_keys`. Costs one scan of the body at memchr speed (compact
-    JSON has no white space), or also one regex scan."""
+    """Cheap proof that a JSON ``body`` repeats no key, given ``keys``: at most the
+    number of keys its parsed objects hold (a lower bound of the parser's view, never a
+    count of the body's own text). Why it holds: in JSON a key is a string followed by
+    optional white space and ``:``; its closing ``"`` is never escaped. If no ``"`` is
+    followed by white space and then ``:`` anywhere in the body, every key of the
+    document ends in its own occurrence of ``":``, so ``body.count(b'":') >= keys in
+    the document >= keys parsed >= keys`` (a parser keeps one value per repeated key).
+    Equality of the outer terms forces equality throughout: no key was repeated.
+    Anything else that makes ``":`` (an escaped quote then a colon inside a string, a
+    string starting with a colon), or a ``keys`` below the parsed count, only breaks
+    the equality, which withholds the proof and sends the caller to
+    :func:`has_duplicate_keys` (the stdlib parser's pairs). Costs one scan of the body
+    at memchr speed (compact JSON has no white space), or also one regex scan."""
     if body.count(_KEY_END) != keys:
         return False
     if not any(space in body for space in _WHITESPACE):
