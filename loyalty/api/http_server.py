@@ -17,7 +17,10 @@ httptools protocol that adds:
   ``header_timeout`` seconds of its first byte (of the connection, for the first
   request): 408 and close. Between requests uvicorn's keep-alive timeout applies;
 - **body-read timeout**: a request's body must arrive within ``body_timeout`` seconds
-  of its headers: 408 (if no answer was started yet) and close;
+  of its headers: 408 (if no answer was started yet) and close. The clock runs from
+  the headers whether or not the application has started reading (uvicorn stops
+  reading a body the application has not asked for past 64 KiB); the 30 s default
+  leaves a busy process ample room;
 - **connection cap**: at most ``max_connections`` open connections per process; one
   more is answered 503 and closed at once (the descriptor is freed immediately).
 
