@@ -114,15 +114,21 @@ def serve(
     The worker is two supervised child processes (``loyalty worker --no-projections``
     and ``loyalty worker --no-pipeline``): one interpreter cannot ingest at full rate,
     weigh what it ingested and project the accounts at once. They are restarted if they
-    die, stopped with serve, and their metrics merged into ``GET /metrics``."""
+    die, stopped with serve, and their metrics merged into serve's (exposed on
+    ``LOYALTY_METRICS_PORT``, or as ``GET /metrics`` with ``LOYALTY_METRICS_TOKEN``).
+
+    The HTTP server enforces the edge limits itself (``loyalty.api.http_server``):
+    header size and count, header- and body-read timeouts, a connection cap."""
     import uvicorn
 
     from loyalty.api.app import create_app
+    from loyalty.api.http_server import ensure_descriptors, http_limits, limited_protocol
     from loyalty.worker_process import merged_registry, worker_children
 
     settings = load_settings()
     _shards(shards, settings)  # refuse a bad spec before anything starts
     configure_logging(settings)
+    ensure_descriptors(settings.http_max_connections)
     db = open_database(settings)
     metrics = Metrics()
     children = []
@@ -130,6 +136,17 @@ def serve(
         children = worker_children(shards)
         metrics.exposition = merged_registry(metrics.registry, children)
     api = create_app(settings, db=db, metrics=metrics)
+    if settings.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        try:
+            start_http_server(
+                settings.metrics_port, addr=settings.metrics_host, registry=metrics.exposition
+            )
+        except OSError as exc:
+            db.dispose()
+            where = f"{settings.metrics_host}:{settings.metrics_port}"
+            raise fail(f"cannot serve metrics on {where}: {exc}", 1) from None
     for child in children:
         child.start()
     # uvicorn shuts down on SIGTERM/SIGINT, then raises the signal again with the
@@ -138,7 +155,16 @@ def serve(
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _exit_cleanly)
     try:
-        uvicorn.run(api, host=host, port=port, log_level="info", access_log=False, log_config=None)
+        uvicorn.run(
+            api,
+            host=host,
+            port=port,
+            log_level="info",
+            access_log=False,
+            log_config=None,
+            http=limited_protocol(http_limits(settings)),
+            timeout_keep_alive=max(1, round(settings.http_keep_alive_seconds)),
+        )
     finally:
         for child in children:
             child.stop()

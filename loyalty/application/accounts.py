@@ -17,7 +17,7 @@ from eventsourcing.persistence import IntegrityError, JSONTranscoder
 
 from loyalty.application.transcodings import register_member_transcodings
 from loyalty.domain.errors import DomainError, MemberNotFound
-from loyalty.domain.member import Member
+from loyalty.domain.member import Member, scoped_key
 from loyalty.domain.ranks import RankLadder
 
 log = logging.getLogger(__name__)
@@ -352,15 +352,20 @@ class Spending:
         assert isinstance(member, Member)
         return member
 
-    def spend(self, user_id: str, order_id: str, amount: int) -> OrderResult:
+    def spend(
+        self, user_id: str, order_id: str, amount: int, source: str | None = None
+    ) -> OrderResult:
+        """Spend for ``source``'s ``order_id`` (order ids are scoped by source)."""
+
         def action() -> tuple[OrderResult, str, int]:
             member = self._accounts.get(user_id)
-            replay = order_id in member.orders
-            member.spend(order_id, amount)  # raises OrderConflict / InsufficientFunds
+            key = member.order_key(order_id, source)
+            replay = key in member.orders
+            member.spend(order_id, amount, source)  # raises OrderConflict / InsufficientFunds
             if replay:
                 after = self._state_after(
                     user_id,
-                    lambda e: _is(e, "Spent") and e.order_id == order_id,
+                    lambda e: _is(e, "Spent") and scoped_key(e.source, e.order_id) == key,
                 )
                 return OrderResult(order_id, amount, after.currency), REPLAYED, amount
             self._save(member)
@@ -370,15 +375,18 @@ class Spending:
             "spend", lambda: with_retry(self._locked(user_id, action), what="spend")
         )
 
-    def refund(self, user_id: str, order_id: str) -> OrderResult:
+    def refund(self, user_id: str, order_id: str, source: str | None = None) -> OrderResult:
+        """Refund ``source``'s ``order_id`` (another source's order is not found)."""
+
         def action() -> tuple[OrderResult, str, int]:
             member = self._accounts.get(user_id)
-            replay = order_id in member.refunded_orders
-            amount = member.refund(order_id)  # raises OrderNotFound
+            key = member.order_key(order_id, source)
+            replay = key in member.refunded_orders
+            amount = member.refund(order_id, source)  # raises OrderNotFound
             if replay:
                 after = self._state_after(
                     user_id,
-                    lambda e: _is(e, "Refunded") and e.order_id == order_id,
+                    lambda e: _is(e, "Refunded") and scoped_key(e.source, e.order_id) == key,
                 )
                 return OrderResult(order_id, amount, after.currency), REPLAYED, amount
             self._save(member)
@@ -396,22 +404,24 @@ class Spending:
         rank_points: int,
         reason: str,
         ranks: RankLadder,
+        source: str | None = None,
     ) -> Member:
-        """Apply an operator adjustment; returns the member right after it. An unknown
-        member gets an account (an operator may credit someone who has not earned yet);
-        a rejected adjustment creates nothing."""
+        """Apply an operator adjustment (ids scoped by ``source``); returns the member
+        right after it. An unknown member gets an account (an operator may credit
+        someone who has not earned yet); a rejected adjustment creates nothing."""
 
         def action() -> tuple[Member, str, int]:
             try:
                 member = self._accounts.get(user_id)
             except MemberNotFound:
                 member = Member(user_id=user_id)
-            if member.adjust(adjustment_id, currency, rank_points, reason, ranks):
+            key = member.adjustment_key(adjustment_id, source)
+            if member.adjust(adjustment_id, currency, rank_points, reason, ranks, source):
                 self._save(member)
                 return member, APPLIED, currency
             after = self._state_after(
                 user_id,
-                lambda e: _is(e, "Adjusted") and e.adjustment_id == adjustment_id,
+                lambda e: _is(e, "Adjusted") and scoped_key(e.source, e.adjustment_id) == key,
                 with_rank_change=True,
             )
             return after, REPLAYED, currency

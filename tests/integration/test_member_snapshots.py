@@ -24,7 +24,7 @@ from loyalty.adapters.event_store import event_store_env, stream_loader
 from loyalty.application.accounts import Accounts, AwardCommand, Members, Spending
 from loyalty.config import Settings
 from loyalty.domain.errors import AdjustmentConflict, DomainError, OrderConflict
-from loyalty.domain.member import Member, replay
+from loyalty.domain.member import Member, replay, scoped_key
 from loyalty.domain.rules import DEFAULT_RULES_WIRE, parse_rule_set
 from loyalty.worker import build_forget_service
 
@@ -220,11 +220,11 @@ def check_v1_account(app: Members, expected: dict[str, Any]) -> None:
         expected["rank_points"],
         expected["lifetime_currency"],
         expected["rank"],
-        expected["orders"],
-        expected["refunded_orders"],
+        {scoped_key(None, k): v for k, v in expected["orders"].items()},
+        sorted(scoped_key(None, k) for k in expected["refunded_orders"]),
     )
     assert {k: [a.currency, a.rank_points, a.reason] for k, a in member.adjustments.items()} == (
-        expected["adjustments"]
+        {scoped_key(None, k): v for k, v in expected["adjustments"].items()}
     )
     old = [AwardCommand("legacy-1", award_id, 99, 99, 1, 1) for award_id in expected["award_ids"]]
     assert accounts.award_many(old, RANKS) == 0
