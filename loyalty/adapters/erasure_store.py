@@ -127,8 +127,10 @@ class SqlErasureStore:
     def markers(self) -> list[Marker]:
         m = forget_markers.c
         with self._db.read() as conn:
-            rows = conn.execute(sa.select(m.subject_hash, m.member_id, m.requested_at, m.state))
-            return [Marker(r[0], r[1], _aware(r[2]), r[3]) for r in rows]
+            rows = conn.execute(
+                sa.select(m.subject_hash, m.member_id, m.requested_at, m.state, m.seq)
+            )
+            return [Marker(r[0], r[1], _aware(r[2]), r[3], int(r[4])) for r in rows]
 
     def put_marker(self, marker: Marker, expires_at: datetime) -> None:
         with self._db.write() as conn:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 from uuid import UUID
 
-from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.application import AggregateNotFoundError, Application, Cache, LRUCache
 from eventsourcing.persistence import IntegrityError
 
 from loyalty.domain.errors import DomainError, MemberBeingErased, MemberNotFound
@@ -36,7 +36,7 @@ class MemberMarkers(Protocol):
     def check_member(self, user_id: str) -> Any: ...
     def fence(self) -> int: ...
     def invalidate(self) -> None: ...
-    def subscribe(self, listener: Callable[[Sequence[str]], None]) -> None: ...
+    def subscribe(self, listener: Callable[[Sequence[str] | None], None]) -> None: ...
 
 
 class StreamErased(IntegrityError):
@@ -133,10 +133,18 @@ class Accounts:
         if exc.reason == "erasing":
             raise MemberBeingErased() from exc
 
-    def _evict_streams(self, member_ids: Sequence[str]) -> None:
+    def _evict_streams(self, member_ids: Sequence[str] | None) -> None:
+        """Evict these streams from the cache (None: empty the cache)."""
         if self._app is None:  # nothing cached yet
             return
-        cache = self._app.repository.cache
+        repository = self._app.repository
+        cache = repository.cache
+        if cache is None:
+            return
+        if member_ids is None:
+            maxsize = getattr(cache, "maxsize", None)
+            repository.cache = LRUCache(maxsize) if maxsize else Cache()
+            return
         if cache is not None:
             for member_id in member_ids:
                 with contextlib.suppress(KeyError, ValueError):

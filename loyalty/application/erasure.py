@@ -61,6 +61,8 @@ class Marker:
     member_id: str
     requested_at: datetime
     state: str
+    seq: int = 0
+    """The erasure generation it was set at (``erasing``); 0 when not known."""
 
 
 @dataclass(slots=True)
@@ -108,43 +110,51 @@ class MarkerCache:
     at or before that generation is in the view). A thread's last answer remembers the
     generation it came from (``fence``): a save passes it to the event insert, which
     refuses a stream whose marker is newer. Subscribers (the accounts' caches) hear of
-    every member whose marker appeared, changed state or went away."""
+    every member whose marker appeared, changed state or went away; and of everyone
+    (``None``) when the generation moved past markers this process never saw (they
+    expired before it looked: an idle process's cache may hold an erased account)."""
 
     def __init__(self, store: ErasureStore, refresh: float = 1.0) -> None:
         self._store = store
         self._refresh = refresh
-        self._snapshot = _Snapshot(0, {}, {})
+        self._snapshot: _Snapshot | None = None
         self._expires = 0.0
         self._lock = threading.Lock()
         self._seen = threading.local()
-        self._listeners: list[weakref.WeakMethod[Callable[[Sequence[str]], None]]] = []
+        self._listeners: list[weakref.WeakMethod[Callable[[Sequence[str] | None], None]]] = []
 
-    def subscribe(self, listener: Callable[[Sequence[str]], None]) -> None:
+    def subscribe(self, listener: Callable[[Sequence[str] | None], None]) -> None:
         """Call the bound method ``listener`` with the stream ids whose markers changed
         (held weakly: a subscriber that goes away is dropped)."""
         self._listeners.append(weakref.WeakMethod(listener))
 
-    def _current(self) -> dict[str, Marker]:
+    def _current(self) -> _Snapshot:
         if time.monotonic() >= self._expires:
             with self._lock:
                 if time.monotonic() >= self._expires:
                     self._reload()
         snapshot = self._snapshot
+        assert snapshot is not None
         self._seen.generation = snapshot.generation
-        return snapshot.by_hash
+        return snapshot
 
     def _reload(self) -> None:
         generation = self._store.generation()
         markers = self._store.markers()
-        old = self._snapshot.by_member
         new = {m.member_id: m for m in markers}
-        changed = sorted(
-            m
-            for m in old.keys() | new.keys()
-            if (old.get(m) and (old[m].state, old[m].requested_at))
-            != (new.get(m) and (new[m].state, new[m].requested_at))
-        )
-        if changed:  # evict before anyone answers from the new view
+        changed: list[str] | None = None  # None: evict everyone
+        if self._snapshot is not None:
+            old = self._snapshot.by_member
+            changed = sorted(
+                m
+                for m in old.keys() | new.keys()
+                if (old.get(m) and (old[m].state, old[m].requested_at))
+                != (new.get(m) and (new[m].state, new[m].requested_at))
+            )
+            seen = {m.seq for m in markers if self._snapshot.generation < m.seq <= generation}
+            if len(seen) < generation - self._snapshot.generation:
+                changed = None  # erasures this process never saw the markers of
+        if changed is None or changed:  # evict before anyone answers from the new view
             for ref in list(self._listeners):
                 listener = ref()
                 if listener is None:
@@ -164,14 +174,14 @@ class MarkerCache:
 
     def any(self) -> bool:
         """Whether any member has a marker (most of the time: none)."""
-        return bool(self._current())
+        return bool(self._current().by_hash)
 
     def invalidate(self) -> None:
         self._expires = 0.0
 
     def forgotten_at(self, user_id: str) -> datetime | None:
         """When a forget-me of ``user_id`` was requested (None if none is known)."""
-        by_hash = self._current()
+        by_hash = self._current().by_hash
         if not by_hash:
             return None
         marker = by_hash.get(self._store.subject_hash(user_id))
@@ -179,9 +189,10 @@ class MarkerCache:
 
     def check_member(self, user_id: str) -> Marker | None:
         """Raise while the member is being erased; the marker when one is done."""
-        if not self._current():
+        snapshot = self._current()
+        if not snapshot.by_hash:
             return None
-        marker = self._snapshot.by_member.get(str(Member.create_id(user_id)))
+        marker = snapshot.by_member.get(str(Member.create_id(user_id)))
         if marker is not None and marker.state == ERASING:
             raise MemberBeingErased()
         return marker
