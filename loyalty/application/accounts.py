@@ -385,6 +385,9 @@ class Spending:
                 break
             member = domain_event.mutate(member)
             found = match(domain_event)
+        if member is None:  # the stream is gone: erased since the copy was loaded
+            self._accounts.evict(user_id)
+            raise MemberNotFound()
         if not found:  # the aggregate said it happened: the stream must show it
             raise LookupError("event not found in the member's stream")
         assert isinstance(member, Member)

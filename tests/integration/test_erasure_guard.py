@@ -341,3 +341,32 @@ def test_forget_of_a_member_without_an_account_keeps_later_activity(
         assert body.status_code == 200, body.text
         assert body.json()["currency"] == 20
         assert stream(fdb, "new1") == [1, 2, 3]
+
+
+def test_a_replayed_spend_on_a_stale_copy_after_the_erasure_is_a_404(settings: Settings) -> None:
+    """The API process has not re-read the markers yet (a long refresh) and still caches
+    alice when another process erases her: a replay of her order answers 404, not 500."""
+    slow = Database(settings.model_copy(update={"marker_refresh_seconds": 60.0}))
+    try:
+        with TestClient(create_app(slow.settings, db=slow)) as client:
+            k = keys(slow)
+            adj = {"adjustment_id": "a0", "currency": 50, "rank_points": 0, "reason": "x"}
+            client.post("/v1/members/alice/adjustments", json=adj, headers=k["operator"])
+            order = {"order_id": "o1", "amount": 10}
+            assert (
+                client.post("/v1/members/alice/spend", json=order, headers=k["shop"]).status_code
+                == 200
+            )
+            assert client.get("/v1/members/alice", headers=k["shop"]).json()["currency"] == 40
+            other = Database(settings)  # the cached copy now holds the order
+            try:
+                service = build_forget_service(other)
+                service.request("alice")
+                service.run_pending()
+            finally:
+                other.dispose()
+            replay = client.post("/v1/members/alice/spend", json=order, headers=k["shop"])
+            assert replay.status_code == 404, replay.text
+            assert stream(slow, "alice") == [] and orphans(slow) == 0
+    finally:
+        slow.dispose()
