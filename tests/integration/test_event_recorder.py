@@ -109,8 +109,10 @@ class _OnOurSQLiteRecorder:
         self.path = str(tmp_path / "recorder.db")
         self.datastores = []
         yield
-        for datastore in self.datastores:
-            datastore.close()
+        # Not closed here: a reader thread of the library's concurrency cases may still
+        # be in a query (closing a SQLite connection under it crashes the interpreter);
+        # each datastore closes when its last user lets go of it.
+        self.datastores.clear()
 
     def create_recorder(self) -> GuardedSQLiteApplicationRecorder:
         datastore = SQLiteDatastore(self.path, lock_timeout=30, pool_size=12, max_overflow=12)
