@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -96,8 +97,17 @@ def drop_dead_connections(members: Members) -> Callable[[], None]:
     return check
 
 
+_MARKER_CACHES: weakref.WeakKeyDictionary[Database, MarkerCache] = weakref.WeakKeyDictionary()
+
+
 def marker_cache(db: Database) -> MarkerCache:
-    return MarkerCache(SqlErasureStore(db), refresh=db.settings.marker_refresh_seconds)
+    """The process's one view of the forget markers on ``db``: shared by the accounts
+    (API, pipeline) and the forget runner, so an erasure run here is seen at once."""
+    found = _MARKER_CACHES.get(db)
+    if found is None:
+        found = MarkerCache(SqlErasureStore(db), refresh=db.settings.marker_refresh_seconds)
+        _MARKER_CACHES[db] = found
+    return found
 
 
 def build_forget_service(
@@ -110,6 +120,7 @@ def build_forget_service(
         marker_ttl=timedelta(days=settings.retention_days, hours=1),
         settle=timedelta(seconds=settings.forget_settle_seconds),
         evict=accounts.evict if accounts is not None else (lambda _user_id: None),
+        markers_changed=marker_cache(db).invalidate,
     )
 
 

@@ -10,14 +10,14 @@ transaction that drops its partition, so de-duplication holds for the retention 
 SQLite's ingress log is one table with a UNIQUE (source, event_id): nothing to do.
 
 Revision ID: 0006
-Revises: 0004
+Revises: 0005
 Create Date: 2026-11-29
 """
 
 from alembic import op
 
 revision = "0006"
-down_revision = "0004"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 

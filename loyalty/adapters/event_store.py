@@ -18,6 +18,7 @@ from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.sqlite import SQLiteApplicationRecorder
 from psycopg import sql
 
+from loyalty.adapters.event_recorder import SQLITE_TOPIC as SQLITE_RECORDER_TOPIC
 from loyalty.adapters.event_recorder import TOPIC as RECORDER_TOPIC
 from loyalty.config import Settings
 
@@ -34,6 +35,7 @@ def event_store_env(settings: Settings, *, create_table: bool = False) -> dict[s
             "PERSISTENCE_MODULE": "eventsourcing.sqlite",
             "SQLITE_DBNAME": str(settings.sqlite_path),
             "SQLITE_LOCK_TIMEOUT": "30",
+            "APPLICATION_RECORDER_TOPIC": SQLITE_RECORDER_TOPIC,
         }
     url = urlsplit(settings.database_url)
     return {

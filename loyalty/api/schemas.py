@@ -190,6 +190,11 @@ class PipelineBody(BaseModel):
     oldest_pending_age_s: float | None = Field(description="age of the oldest pending event")
     processed_total: int
     awards_total: int
+    quarantined_events: int = Field(
+        0,
+        description="account events the read models passed over because they could not "
+        "apply them (see `loyalty doctor`); 0 when healthy",
+    )
 
 
 # ------------------------------------------------------------------------- spending

@@ -12,11 +12,17 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 from uuid import UUID
 
-from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent
+from eventsourcing.application import (
+    AggregateNotFoundError,
+    Application,
+    Cache,
+    LRUCache,
+    ProcessingEvent,
+)
 from eventsourcing.persistence import IntegrityError, JSONTranscoder
 
 from loyalty.application.transcodings import register_member_transcodings
-from loyalty.domain.errors import DomainError, MemberNotFound
+from loyalty.domain.errors import DomainError, MemberBeingErased, MemberNotFound
 from loyalty.domain.member import Member, scoped_key
 from loyalty.domain.ranks import RankLadder
 
@@ -35,6 +41,30 @@ class MemberMarkers(Protocol):
     """Forget-me markers as the accounts see them (see ``loyalty.application.erasure``)."""
 
     def check_member(self, user_id: str) -> Any: ...
+    def fence(self) -> int: ...
+    def invalidate(self) -> None: ...
+    def subscribe(self, listener: Callable[[Sequence[str] | None], None]) -> None: ...
+
+
+class StreamErased(IntegrityError):
+    """The event store refused a save into a member stream that is being or has been
+    erased (raised by the insert itself, in its own transaction; see
+    ``loyalty.adapters.event_recorder``). ``reason``:
+
+    - ``erasing``: a forget-me of the member is under way;
+    - ``fenced``: the member was erased after the caller read what it saves (its
+      erasure generation is older than the marker's): read again;
+    - ``gone``: the stream lacks the event just before the saved ones (a copy of an
+      erased aggregate, or a copy ahead of the store): read again."""
+
+    def __init__(self, reason: str, member_ids: Sequence[str]) -> None:
+        super().__init__(f"member stream {reason}: {', '.join(member_ids)}")
+        self.reason = reason
+        self.member_ids = list(member_ids)
+
+
+FENCE = "erasure_fence"
+"""Keyword of ``Application.save`` passing the erasure generation to the insert."""
 
 
 class Members(Application[UUID]):
@@ -134,6 +164,44 @@ class Accounts:
         self._stream_loader: StreamLoader | None = None
         # Members the last prefetch found no stream for (new accounts): no read needed.
         self._absent: set[UUID] = set()
+        if markers is not None:
+            # every marker this process sees appear or change (erasing, done, expired)
+            # evicts the member's cached copy: no process serves an erased account
+            markers.subscribe(self._evict_streams)
+
+    def fence(self) -> int | None:
+        """The erasure generation this thread last read the markers at (before loading
+        what it saves): the insert refuses streams whose marker is newer."""
+        return self.markers.fence() if self.markers is not None else None
+
+    def save(self, *members: Member, fence: int | None) -> None:
+        self.app.save(*members, **{FENCE: fence})
+
+    def refused(self, exc: StreamErased) -> None:
+        """After the store refused a save: forget the cached copies and re-read the
+        markers; while the erasure runs, the member answers as being erased."""
+        self._evict_streams(exc.member_ids)
+        if self.markers is not None:
+            self.markers.invalidate()
+        if exc.reason == "erasing":
+            raise MemberBeingErased() from exc
+
+    def _evict_streams(self, member_ids: Sequence[str] | None) -> None:
+        """Evict these streams from the cache (None: empty the cache)."""
+        if self._app is None:  # nothing cached yet
+            return
+        repository = self._app.repository
+        cache = repository.cache
+        if cache is None:
+            return
+        if member_ids is None:
+            maxsize = getattr(cache, "maxsize", None)
+            repository.cache = LRUCache(maxsize) if maxsize else Cache()
+            return
+        if cache is not None:
+            for member_id in member_ids:
+                with contextlib.suppress(KeyError, ValueError):
+                    cache.get(UUID(member_id), evict=True)
 
     def prefetch(self, user_ids: Sequence[str]) -> None:
         """Load the members not in the cache with a few bulk reads instead of one read
@@ -211,13 +279,21 @@ class Accounts:
         """Apply awards (each idempotent by award id), saving in small groups.
         Returns how many were new."""
         applied = 0
+        # The generation the caller (the pipeline) filtered its events with: a member
+        # erased since must not receive them (the window fails and is read again).
+        fence = self.fence()
         self.prefetch([c.user_id for c in commands])
         for start in range(0, len(commands), SAVE_GROUP):
             group = commands[start : start + SAVE_GROUP]
-            applied += with_retry(lambda g=group: self._award_group(g, ranks), what="awards")  # type: ignore[misc]
+            applied += with_retry(
+                lambda g=group: self._award_group(g, ranks, fence),  # type: ignore[misc]
+                what="awards",
+            )
         return applied
 
-    def _award_group(self, group: Sequence[AwardCommand], ranks: RankLadder) -> int:
+    def _award_group(
+        self, group: Sequence[AwardCommand], ranks: RankLadder, fence: int | None
+    ) -> int:
         members: dict[str, Any] = {}  # a member twice in a group is loaded once
         applied = 0
         for cmd in group:
@@ -241,7 +317,13 @@ class Accounts:
                 members[cmd.user_id] = member
         if members:
             try:
-                self.app.save(*members.values())
+                self.save(*members.values(), fence=fence)
+            except StreamErased as exc:
+                self._evict(list(members))
+                self.refused(exc)  # raises MemberBeingErased while erasing
+                if exc.reason == "fenced":  # the window predates the erasure: read it again
+                    raise MemberBeingErased() from exc
+                raise  # gone: retried from a fresh read of the store
             except Exception:
                 # The worker's cache hands out its own copies (no deep copy): a save that
                 # failed for any reason (a conflict, or the database gone mid-commit)
@@ -300,11 +382,19 @@ class Spending:
         self._stripes = [threading.Lock() for _ in range(self.LOCK_STRIPES)]
 
     def _locked(self, user_id: str, action: Callable[[], T]) -> Callable[[], T]:
+        """Run ``action`` under the member's stripe lock. A save the store refused
+        because the member is being erased answers as being erased; one refused because
+        it was erased (a stale copy) is read again from the store (by ``with_retry``):
+        the same answer as a command arriving after the erasure."""
         lock = self._stripes[hash(user_id) % self.LOCK_STRIPES]
 
         def run() -> T:
             with lock:
-                return action()
+                try:
+                    return action()
+                except StreamErased as exc:
+                    self._accounts.refused(exc)
+                    raise
 
         return run
 
@@ -330,7 +420,8 @@ class Spending:
     def _save(self, member: Member) -> None:
         # On a conflict (IntegrityError) nothing needs evicting: the repository hands out
         # deep copies of cached aggregates and fast-forwards the cached one on each get.
-        self.app.save(member)
+        # The fence: the markers as read by this command's load, just before it.
+        self._accounts.save(member, fence=self._accounts.fence())
 
     def _state_after(
         self, user_id: str, match: Callable[[Any], bool], *, with_rank_change: bool = False
@@ -347,6 +438,9 @@ class Spending:
                 break
             member = domain_event.mutate(member)
             found = match(domain_event)
+        if member is None:  # the stream is gone: erased since the copy was loaded
+            self._accounts.evict(user_id)
+            raise MemberNotFound()
         if not found:  # the aggregate said it happened: the stream must show it
             raise LookupError("event not found in the member's stream")
         assert isinstance(member, Member)

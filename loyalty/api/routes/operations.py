@@ -67,6 +67,7 @@ async def get_pipeline(_key: OperatorKey, container: ContainerDep) -> PipelineBo
             oldest_pending_age_s=age,
             processed_total=processed,
             awards_total=awards,
+            quarantined_events=container.read_models.quarantined_count(),
         )
 
     return await run_in_threadpool(work)
