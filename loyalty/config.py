@@ -69,8 +69,9 @@ class Settings(BaseSettings):
         2.0,
         ge=0,
         le=300,
-        description="forget-me waits this long for every process to see "
-        "the marker before erasing (must exceed marker_refresh_seconds)",
+        description="forget-me waits this long before erasing, so that processes evict "
+        "the member from their caches first (politeness only: the event insert refuses "
+        "writes into an erased stream whatever the wait; 0 is safe)",
     )
     marker_refresh_seconds: float = Field(
         1.0, gt=0, le=60, description="how often a process re-reads the forget markers"

@@ -20,7 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from loyalty.adapters.db import Database
 from loyalty.adapters.tables import metadata
-from loyalty.application.erasure import ERASING, ForgetRequest, Marker
+from loyalty.application.erasure import ERASING, STEPS, ForgetRequest, Marker
 from loyalty.application.projections import TOMBSTONE as TOMBSTONE_TOPIC
 from loyalty.domain.member import Member
 
@@ -227,10 +227,16 @@ class SqlErasureStore:
         return [self._request(r) for r in rows]
 
     def record_step(self, request_id: str, step: str, erased: dict[str, int]) -> None:
+        """Record ``step`` as done, only if it moves the request forward: a second runner
+        (one whose lease died under it) must never move a request back to a step before
+        ``subject`` once the user id is gone, nor overwrite the counts of a later step."""
+        earlier = list(STEPS[: STEPS.index(step)])
+        c = forget_requests.c
         with self._db.write() as conn:
             conn.execute(
                 forget_requests.update()
-                .where(forget_requests.c.request_id == request_id)
+                .where(c.request_id == request_id, c.status != "completed")
+                .where(sa.or_(c.step.is_(None), c.step.in_(earlier)))
                 .values(step=step, status="running", erased=orjson.dumps(erased).decode())
             )
 
