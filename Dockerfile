@@ -31,4 +31,9 @@ EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"]
 ENTRYPOINT ["loyalty"]
+# `serve` enforces the edge limits itself (header size/count, header and body read
+# timeouts, LOYALTY_HTTP_MAX_CONNECTIONS; README "Abuse limits"): give the container an
+# open-file limit above that cap + 256 (docker run --ulimit nofile=4096). Metrics are
+# not on port 8000: set LOYALTY_METRICS_PORT (with LOYALTY_METRICS_HOST=0.0.0.0) to
+# scrape them from another container.
 CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -465,10 +465,14 @@ def run_lag_load(spec: LagSpec) -> dict[str, Any]:
     return ChildProcess(_lag_load, spec, limit=limit, what="lag load generator").start().result()
 
 
+BENCH_METRICS_TOKEN = "bench-metrics"
+
+
 def loyalty_serve(url: str, port: int) -> tuple[subprocess.Popen[bytes], Any]:
     """``loyalty serve`` (API + embedded worker), default settings, on 127.0.0.1:port."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOYALTY_")}
     env["LOYALTY_DATABASE_URL"] = url
+    env["LOYALTY_METRICS_TOKEN"] = BENCH_METRICS_TOKEN  # /metrics on the API port
     exe = str(Path(sys.executable).with_name("loyalty"))
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(
@@ -495,7 +499,9 @@ def wait_worker_up(port: int, limit_s: float = 60.0) -> None:
     while time.monotonic() < deadline:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         try:
-            conn.request("GET", "/metrics")
+            conn.request(
+                "GET", "/metrics", headers={"Authorization": f"Bearer {BENCH_METRICS_TOKEN}"}
+            )
             if b"loyalty_pipeline_pending_events" in conn.getresponse().read():
                 return
         finally:
@@ -540,7 +546,7 @@ def lag_rate(ctx: Context, url: str) -> tuple[float, str]:
     ingest_load.ensure_partitions(url, wl)
     got = ingest_load.run_http(ctx, url, wl, key, watch_pg=False)
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("TRUNCATE ingress_events")
+        conn.execute("TRUNCATE ingress_events, ingress_keys")  # rows and their dedup keys
     return 0.5 * got["rate"], f"0.5 x a short in-run ingest_http ({got['rate']:.0f}/s)"
 
 

@@ -66,6 +66,8 @@ def workload(ctx: Context) -> Workload:
 def reset_ingress(url: str) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("TRUNCATE ingress_events")
+        if conn.execute("SELECT to_regclass('ingress_keys')").fetchone() != (None,):
+            conn.execute("TRUNCATE ingress_keys")  # the dedup keys (migration 0006)
         conn.execute("CHECKPOINT")
 
 

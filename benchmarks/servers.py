@@ -57,7 +57,8 @@ def _command(kind: str, port: int, workers: int) -> list[str]:
             "--loop",
             "uvloop",
             "--http",
-            "httptools",
+            # what `loyalty serve` runs: httptools with the edge limits
+            "loyalty.api.http_server:LimitedHttpToolsProtocol",
             "--no-access-log",
             "--log-level",
             "warning",

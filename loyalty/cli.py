@@ -116,15 +116,21 @@ def serve(
     The worker is two supervised child processes (``loyalty worker --no-projections``
     and ``loyalty worker --no-pipeline``): one interpreter cannot ingest at full rate,
     weigh what it ingested and project the accounts at once. They are restarted if they
-    die, stopped with serve, and their metrics merged into ``GET /metrics``."""
+    die, stopped with serve, and their metrics merged into serve's (exposed on
+    ``LOYALTY_METRICS_PORT``, or as ``GET /metrics`` with ``LOYALTY_METRICS_TOKEN``).
+
+    The HTTP server enforces the edge limits itself (``loyalty.api.http_server``):
+    header size and count, header- and body-read timeouts, a connection cap."""
     import uvicorn
 
     from loyalty.api.app import create_app
+    from loyalty.api.http_server import ensure_descriptors, http_limits, limited_protocol
     from loyalty.worker_process import merged_registry, worker_children
 
     settings = load_settings()
     _shards(shards, settings)  # refuse a bad spec before anything starts
     configure_logging(settings)
+    ensure_descriptors(settings.http_max_connections)
     db = open_database(settings)
     metrics = Metrics()
     children = []
@@ -132,6 +138,17 @@ def serve(
         children = worker_children(shards)
         metrics.exposition = merged_registry(metrics.registry, children)
     api = create_app(settings, db=db, metrics=metrics)
+    if settings.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        try:
+            start_http_server(
+                settings.metrics_port, addr=settings.metrics_host, registry=metrics.exposition
+            )
+        except OSError as exc:
+            db.dispose()
+            where = f"{settings.metrics_host}:{settings.metrics_port}"
+            raise fail(f"cannot serve metrics on {where}: {exc}", 1) from None
     for child in children:
         child.start()
     # uvicorn shuts down on SIGTERM/SIGINT, then raises the signal again with the
@@ -140,7 +157,16 @@ def serve(
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _exit_cleanly)
     try:
-        uvicorn.run(api, host=host, port=port, log_level="info", access_log=False, log_config=None)
+        uvicorn.run(
+            api,
+            host=host,
+            port=port,
+            log_level="info",
+            access_log=False,
+            log_config=None,
+            http=limited_protocol(http_limits(settings)),
+            timeout_keep_alive=max(1, round(settings.http_keep_alive_seconds)),
+        )
     finally:
         for child in children:
             child.stop()
@@ -271,7 +297,9 @@ def projections_rebuild(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from loyalty.adapters.event_store import event_store_env
+    from loyalty.adapters.read_models import ReadModels
     from loyalty.application.accounts import Members
+    from loyalty.application.projections import PROJECTION_NAME
 
     settings = load_settings()
     db = open_database(settings)
@@ -299,11 +327,152 @@ def projections_rebuild(
 
             applied = projection.catch_up(on_batch=advanced)
             progress.update(task, completed=max(projection.position(), head, 1))
+        quarantined = ReadModels(db).quarantined_count(PROJECTION_NAME)
     finally:
         members.close()
         lease.release()
         db.dispose()
     typer.echo(f"rebuilt read models from {applied} events (position {projection.position()})")
+    if quarantined:
+        typer.echo(
+            f"{quarantined} events could not be applied and are quarantined: "
+            "see `loyalty projections status`, repair with `loyalty doctor --repair`"
+        )
+
+
+@projections_app.command("status")
+def projections_status(
+    json_output: Annotated[bool, typer.Option("--json", help="print the status as JSON")] = False,
+) -> None:
+    """Position and lag of the read models, and the events they quarantined (passed over
+    because they could not apply them; see ``loyalty doctor``)."""
+    import orjson
+
+    from loyalty.adapters.event_store import event_store_env
+    from loyalty.adapters.read_models import ReadModels
+    from loyalty.application.accounts import Members
+    from loyalty.application.projections import PROJECTION_NAME
+
+    settings = load_settings()
+    db = open_database(settings)
+    members = Members(env=event_store_env(settings))
+    try:
+        read_models = ReadModels(db)
+        position = read_models.position(PROJECTION_NAME)
+        head = int(members.recorder.max_notification_id() or 0)
+        held = read_models.quarantined(limit=100)
+        total = read_models.quarantined_count()
+    finally:
+        members.close()
+        db.dispose()
+    if json_output:
+        wire = {
+            "projection": PROJECTION_NAME,
+            "position": position,
+            "head": head,
+            "lag_events": max(0, head - position),
+            "quarantined_events": total,
+            "quarantined": [
+                {
+                    "position": q.event.position,
+                    "stream": q.event.member_id,
+                    "version": q.event.originator_version,
+                    "topic": q.event.topic,
+                    "error": q.event.error,
+                    "quarantined_at": q.quarantined_at.isoformat(),
+                }
+                for q in held
+            ],
+        }
+        typer.echo(orjson.dumps(wire, option=orjson.OPT_INDENT_2).decode())
+        return
+    out = Console(width=None if sys.stdout.isatty() else 160)
+    out.print(
+        f"projection {PROJECTION_NAME}: position {position:,} of {head:,} "
+        f"(lag {max(0, head - position):,} events); quarantined events: {total:,}",
+        highlight=False,
+    )
+    if held:
+        table = Table("position", "stream", "version", "event", "error", title="quarantined")
+        for q in held:
+            table.add_row(
+                str(q.event.position),
+                q.event.member_id,
+                str(q.event.originator_version),
+                q.event.topic,
+                q.event.error,
+            )
+        out.print(table)
+        out.print("repair with `loyalty doctor --repair`", highlight=False)
+
+
+@app.command("doctor")
+def doctor_cmd(
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="finish erasing orphan streams, release stale quarantine entries, "
+            "erase read models of accounts without a stream",
+        ),
+    ] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """Find impossible states: member streams without their first event or with a gap,
+    quarantined events, balance rows without a stream. Exits 1 when any is found
+    (after --repair: when any is left)."""
+    import orjson
+
+    from loyalty.adapters.doctor import Doctor
+
+    db = open_database(load_settings())
+    try:
+        doctor = Doctor(db)
+        found = doctor.examine()
+        repaired = doctor.repair(found) if repair else None
+        after = doctor.examine() if repair else found
+    finally:
+        db.dispose()
+    if json_output:
+        wire: dict[str, object] = {"found": found.to_wire()}
+        if repaired is not None:
+            wire["repaired"] = repaired.to_wire()
+            wire["after"] = after.to_wire()
+        typer.echo(orjson.dumps(wire, option=orjson.OPT_INDENT_2).decode())
+    else:
+        out = Console(width=None if sys.stdout.isatty() else 160)
+        table = Table("check", "found", title=f"loyalty doctor, {found.backend}")
+        table.add_row("streams without their first event", str(len(found.orphan_streams)))
+        table.add_row("streams with a gap", str(len(found.gapped_streams)))
+        table.add_row("quarantined events", str(found.quarantined))
+        table.add_row("balance rows without a stream", str(len(found.balances_without_stream)))
+        table.add_row("forget-me requests not completed", str(found.unfinished_forget_requests))
+        out.print(table)
+        for orphan in found.orphan_streams:
+            out.print(
+                f"orphan stream {orphan.member_id}: versions {orphan.first_version}-"
+                f"{orphan.last_version} ({orphan.events} events)",
+                highlight=False,
+            )
+        for gapped in found.gapped_streams:
+            out.print(
+                f"gap in stream {gapped.member_id}: {gapped.events} events in versions "
+                f"{gapped.first_version}-{gapped.last_version}",
+                highlight=False,
+            )
+        if repaired is not None:
+            out.print(
+                f"repaired: {repaired.orphan_streams_erased} orphan streams erased "
+                f"({repaired.events_erased} events), {repaired.quarantine_released} "
+                f"quarantine entries released, {repaired.read_models_erased} read-model rows "
+                "erased",
+                highlight=False,
+            )
+            for note in repaired.skipped:
+                out.print(f"not repaired: {note}", highlight=False)
+        out.print("healthy" if after.healthy else "problems remain", highlight=False)
+    if not after.healthy:
+        raise typer.Exit(1)
 
 
 @keys_app.command("create")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATABASE_URL = "sqlite:///./var/loyalty.db"
@@ -69,8 +69,9 @@ class Settings(BaseSettings):
         2.0,
         ge=0,
         le=300,
-        description="forget-me waits this long for every process to see "
-        "the marker before erasing (must exceed marker_refresh_seconds)",
+        description="forget-me waits this long before erasing, so that processes evict "
+        "the member from their caches first (politeness only: the event insert refuses "
+        "writes into an erased stream whatever the wait; 0 is safe)",
     )
     marker_refresh_seconds: float = Field(
         1.0, gt=0, le=60, description="how often a process re-reads the forget markers"
@@ -89,6 +90,33 @@ class Settings(BaseSettings):
         le=7 * 86400,
         description="how long a failing webhook delivery is retried (exponential backoff "
         "with jitter) before it becomes a dead letter",
+    )
+    http_max_header_bytes: int = Field(
+        16 * 1024, ge=1024, description="bytes of a request line plus headers (431 above)"
+    )
+    http_max_headers: int = Field(100, ge=10, description="headers per request (431 above)")
+    http_header_timeout_seconds: float = Field(
+        10.0, gt=0, description="seconds a request's line and headers may take to arrive (408)"
+    )
+    http_body_timeout_seconds: float = Field(
+        30.0, gt=0, description="seconds a request's body may take to arrive (408)"
+    )
+    http_keep_alive_seconds: float = Field(
+        5.0, gt=0, description="seconds an idle kept-alive connection stays open"
+    )
+    http_max_connections: int = Field(
+        1000, ge=1, description="open connections per serve process (503 and close above)"
+    )
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="GET /metrics on the API port needs Authorization: Bearer <this> "
+        "(unset: no /metrics on the API port)",
+    )
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="serve also serves its metrics on this port (no auth)"
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", description="interface of metrics_port (0.0.0.0 in a container)"
     )
     log_format: Literal["text", "json"] = Field(
         "text", description="log lines on stderr (json: one object per line)"

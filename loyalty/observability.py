@@ -149,6 +149,12 @@ class Metrics:
             ["projection"],
             registry=r,
         )
+        self.projection_quarantine = Counter(
+            "loyalty_projection_events_quarantined",
+            "account events a projection could not apply and passed over (loyalty doctor)",
+            ["projection"],
+            registry=r,
+        )
         # retention and forget-me (see the class docstring)
         self.retention_partitions_dropped = Counter(
             "loyalty_retention_partitions_dropped",
@@ -224,6 +230,9 @@ class Metrics:
         self.projection_lag.labels(name).set(max(0, head - position))
         if applied:
             self.projection_events.labels(name).inc(applied)
+
+    def projection_quarantined(self, name: str, count: int) -> None:
+        self.projection_quarantine.labels(name).inc(count)
 
 
 # -------------------------------------------------------------------- ASGI middleware

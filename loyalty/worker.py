@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -12,7 +13,7 @@ import psycopg
 import sqlalchemy as sa
 from eventsourcing.persistence import PersistenceError
 
-from loyalty.adapters.db import Database, DatabaseUnavailable
+from loyalty.adapters.db import Database, DatabaseUnavailable, fast_pool_reconnect
 from loyalty.adapters.delivery_store import RELAY_CHANNEL, SqlDeliveryStore
 from loyalty.adapters.erasure_store import SqlErasureStore
 from loyalty.adapters.event_store import event_store_env, stream_loader, worker_env
@@ -72,6 +73,7 @@ def build_pipeline(
     db: Database, members: Members | None = None, *, metrics: Metrics | None = None
 ) -> Pipeline:
     settings = db.settings
+    fast_pool_reconnect()
     members = members or Members(env=worker_env(settings))
     markers = marker_cache(db)
     return Pipeline(
@@ -92,8 +94,30 @@ def build_pipeline(
     )
 
 
+def drop_dead_connections(members: Members) -> Callable[[], None]:
+    """After a database error: test every idle connection of the event store's pool and
+    replace the dead ones at once (psycopg_pool's ``check``). Without it, after a restart
+    each checkout finds one dead connection and backs off before the next (seconds)."""
+
+    def check() -> None:
+        pool = getattr(getattr(members.recorder, "datastore", None), "pool", None)
+        if pool is not None:
+            pool.check()
+
+    return check
+
+
+_MARKER_CACHES: weakref.WeakKeyDictionary[Database, MarkerCache] = weakref.WeakKeyDictionary()
+
+
 def marker_cache(db: Database) -> MarkerCache:
-    return MarkerCache(SqlErasureStore(db), refresh=db.settings.marker_refresh_seconds)
+    """The process's one view of the forget markers on ``db``: shared by the accounts
+    (API, pipeline) and the forget runner, so an erasure run here is seen at once."""
+    found = _MARKER_CACHES.get(db)
+    if found is None:
+        found = MarkerCache(SqlErasureStore(db), refresh=db.settings.marker_refresh_seconds)
+        _MARKER_CACHES[db] = found
+    return found
 
 
 def build_forget_service(
@@ -106,6 +130,7 @@ def build_forget_service(
         marker_ttl=timedelta(days=settings.retention_days, hours=1),
         settle=timedelta(seconds=settings.forget_settle_seconds),
         evict=accounts.evict if accounts is not None else (lambda _user_id: None),
+        markers_changed=marker_cache(db).invalidate,
     )
 
 
@@ -167,11 +192,14 @@ def build_worker(
     metrics: Metrics | None = None,
 ) -> Worker:
     leases = ShardLeases(db)
+    members = members or Members(env=worker_env(db.settings))
     return Worker(
         build_pipeline(db, members, metrics=metrics),
         shards,
         window_seconds=db.settings.award_window_seconds,
         try_lease=leases.try_acquire,
+        held_leases=leases.held,
+        on_error=drop_dead_connections(members),
         retry_errors=RETRY_ERRORS,
         lag_probe=lag_probe(db) if metrics is not None else None,
     )
@@ -185,6 +213,7 @@ PROJECTION_LEASE = 1_000_001
 def build_projection(
     db: Database, members: Members | None = None, *, metrics: Metrics | None = None
 ) -> MemberProjection:
+    fast_pool_reconnect()
     members = members or Members(env=event_store_env(db.settings))
     return MemberProjection(members, ReadModels(db), metrics=metrics)
 
@@ -215,12 +244,15 @@ def build_projection_worker(
     batch_size: int = 500,
     metrics: Metrics | None = None,
 ) -> ProjectionWorker:
+    fast_pool_reconnect()
+    members = members or Members(env=event_store_env(db.settings))
     projection = build_projection(db, members, metrics=metrics)
     projection.batch_size = batch_size
     return ProjectionWorker(
         projection,
         try_lease=ProjectionLease(db).try_acquire,
         retry_errors=RETRY_ERRORS,
+        on_error=drop_dead_connections(members),
         poll_seconds=poll_seconds,
     )
 

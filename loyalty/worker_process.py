@@ -9,7 +9,8 @@ session so a terminal's Ctrl-C reaches only ``serve``, which then stops them. ``
 restarts a child that dies; a child exits by itself if ``serve`` dies.
 
 Each child serves its metrics on a loopback port; :class:`WorkerMetrics` merges the
-families each one owns into ``serve``'s ``GET /metrics``.
+families each one owns into ``serve``'s metrics (``LOYALTY_METRICS_PORT`` or the
+token-protected ``GET /metrics``).
 """
 
 from __future__ import annotations

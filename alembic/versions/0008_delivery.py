@@ -1,14 +1,14 @@
 """Events out: webhook subscriptions, delivery cursors, dead letters.
 
 Revision ID: 0008
-Revises: 0004
+Revises: 0006
 Create Date: 2026-11-29
 """
 
 from alembic import op
 
 revision = "0008"
-down_revision = "0004"
+down_revision = "0006"  # issue 17 was briefed on "0004"; re-chained here after merging main
 branch_labels = None
 depends_on = None
 

@@ -108,6 +108,23 @@ class Database:
         self.engine.dispose()
 
 
+# psycopg_pool (the event store's pool) replaces a lost connection after 1 s, then 2, 4,
+# 8 ... s (up to its 5-minute reconnect timeout): after an outage of T seconds the next
+# attempt can come T seconds after the database is back, and every checkout waits for it.
+# A constant short delay instead: one failed connect per half second while it is down.
+POOL_RECONNECT_DELAY = 0.5
+
+
+def fast_pool_reconnect() -> None:
+    """Make psycopg_pool retry a lost connection every ``POOL_RECONNECT_DELAY`` seconds
+    instead of backing off exponentially (process-wide; called by the composition roots
+    that build event store applications)."""
+    from psycopg_pool.base import AttemptWithBackoff
+
+    AttemptWithBackoff.INITIAL_DELAY = POOL_RECONNECT_DELAY
+    AttemptWithBackoff.DELAY_BACKOFF = 1.0
+
+
 def psycopg_connection(conn: Connection) -> psycopg.Connection[Any]:
     """The psycopg connection under a SQLAlchemy connection (for COPY)."""
     driver = conn.connection.driver_connection

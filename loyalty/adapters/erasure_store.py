@@ -20,15 +20,18 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from loyalty.adapters.db import Database
 from loyalty.adapters.tables import metadata
-from loyalty.application.erasure import ForgetRequest, Marker
+from loyalty.application.erasure import ERASING, STEPS, ForgetRequest, Marker
 from loyalty.application.projections import TOMBSTONE as TOMBSTONE_TOPIC
+from loyalty.domain.member import Member
 
 # location name -> tables it erases the member from
 LOCATIONS: dict[str, tuple[str, ...]] = {
-    "ingress_events": ("ingress_events",),  # every live day partition
+    # every live day partition, and (PostgreSQL) the dedup keys of the erased rows
+    "ingress_events": ("ingress_events", "ingress_keys"),
     "pipeline_caps": ("pipeline_caps",),
     "event_store": ("members_events", "stored_events", "members_snapshots", "stored_snapshots"),
     "read_models": ("member_balances", "member_history"),
+    "projection_quarantine": ("projection_quarantine",),  # erased with the read models
     "forget_subjects": ("forget_subjects",),  # deleted when the request completes
     # events out (issue 17): dead letters of the member are erased; forget-me itself
     # adds member.forgotten notices here, deleted once each way out delivered them
@@ -47,6 +50,7 @@ EXEMPT: dict[str, str] = {
     "delivery_cursors": "positions per way out (webhook subscription, relay)",
 }
 NIL_HEX = uuid.UUID(int=0).hex
+SEQ_KEY = "erasure_seq"
 
 forget_requests = sa.Table(
     "forget_requests",
@@ -73,6 +77,8 @@ forget_markers = sa.Table(
     sa.Column("requested_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+    # the erasure generation (loyalty_meta 'erasure_seq') the marker was set at
+    sa.Column("seq", sa.BigInteger, nullable=False, server_default="0"),
 )
 loyalty_meta = sa.Table(
     "loyalty_meta",
@@ -116,35 +122,69 @@ class SqlErasureStore:
         return hmac.new(self._load_salt(), user_id.encode(), hashlib.sha256).hexdigest()
 
     # -- markers -----------------------------------------------------------------------
+    def generation(self) -> int:
+        """The erasure generation: bumped with every marker set to ``erasing``, in the
+        marker's own transaction (read it before the markers)."""
+        with self._db.read() as conn:
+            value = conn.execute(
+                sa.select(loyalty_meta.c.value).where(loyalty_meta.c.key == SEQ_KEY)
+            ).scalar()
+        return int(value or 0)
+
     def markers(self) -> list[Marker]:
         m = forget_markers.c
         with self._db.read() as conn:
-            rows = conn.execute(sa.select(m.subject_hash, m.member_id, m.requested_at, m.state))
-            return [Marker(r[0], r[1], _aware(r[2]), r[3]) for r in rows]
+            rows = conn.execute(
+                sa.select(m.subject_hash, m.member_id, m.requested_at, m.state, m.seq)
+            )
+            return [Marker(r[0], r[1], _aware(r[2]), r[3], int(r[4])) for r in rows]
 
     def put_marker(self, marker: Marker, expires_at: datetime) -> None:
-        stmt = self._insert(forget_markers).values(
-            subject_hash=marker.subject_hash,
-            member_id=marker.member_id,
-            requested_at=marker.requested_at,
-            state=marker.state,
-            expires_at=expires_at,
+        with self._db.write() as conn:
+            self._put_marker(conn, marker, expires_at)
+
+    def _next_seq(self, conn: sa.Connection) -> int:
+        conn.execute(
+            self._insert(loyalty_meta).values(key=SEQ_KEY, value="0").on_conflict_do_nothing()
         )
+        return int(
+            conn.execute(
+                sa.text(
+                    "UPDATE loyalty_meta "
+                    "SET value = CAST(CAST(value AS BIGINT) + 1 AS VARCHAR(20)) "
+                    "WHERE key = :k RETURNING value"
+                ),
+                {"k": SEQ_KEY},
+            ).scalar_one()
+        )
+
+    def _put_marker(self, conn: sa.Connection, marker: Marker, expires_at: datetime) -> None:
+        """Upsert the marker; one set to ``erasing`` takes the next erasure generation
+        (a ``done`` marker keeps its own)."""
+        values: dict[str, Any] = {
+            "subject_hash": marker.subject_hash,
+            "member_id": marker.member_id,
+            "requested_at": marker.requested_at,
+            "state": marker.state,
+            "expires_at": expires_at,
+        }
+        if marker.state == ERASING:
+            values["seq"] = self._next_seq(conn)
+        stmt = self._insert(forget_markers).values(**values)
         stmt = stmt.on_conflict_do_update(
             index_elements=["subject_hash"],
-            set_={
-                "requested_at": stmt.excluded.requested_at,
-                "state": stmt.excluded.state,
-                "expires_at": stmt.excluded.expires_at,
-            },
+            set_={k: stmt.excluded[k] for k in values if k != "subject_hash"},
         )
-        with self._db.write() as conn:
-            conn.execute(stmt)
+        conn.execute(stmt)
 
     # -- requests ----------------------------------------------------------------------
-    def create_request(self, user_id: str, requested_at: datetime) -> str:
+    def create_request(
+        self, user_id: str, requested_at: datetime, marker: Marker, expires_at: datetime
+    ) -> str:
+        """The request, its subject and its marker, in one transaction."""
         request_id = uuid.uuid4().hex
         with self._db.write() as conn:
+            self._put_marker(conn, marker, expires_at)
             conn.execute(
                 forget_requests.insert().values(
                     request_id=request_id,
@@ -192,10 +232,16 @@ class SqlErasureStore:
         return [self._request(r) for r in rows]
 
     def record_step(self, request_id: str, step: str, erased: dict[str, int]) -> None:
+        """Record ``step`` as done, only if it moves the request forward: a second runner
+        (one whose lease died under it) must never move a request back to a step before
+        ``subject`` once the user id is gone, nor overwrite the counts of a later step."""
+        earlier = list(STEPS[: STEPS.index(step)])
+        c = forget_requests.c
         with self._db.write() as conn:
             conn.execute(
                 forget_requests.update()
-                .where(forget_requests.c.request_id == request_id)
+                .where(c.request_id == request_id, c.status != "completed")
+                .where(sa.or_(c.step.is_(None), c.step.in_(earlier)))
                 .values(step=step, status="running", erased=orjson.dumps(erased).decode())
             )
 
@@ -223,10 +269,19 @@ class SqlErasureStore:
     def erase_ingress(self, user_id: str, before: datetime) -> int:
         with self._db.write() as conn:
             if self._pg:
+                # the rows' dedup keys too (an event id may carry the user's data); the
+                # forget marker refuses a resend of them while it lives
                 result = conn.execute(
-                    sa.text("DELETE FROM ingress_events WHERE user_id = :u AND occurred_at <= :t"),
+                    sa.text(
+                        "WITH gone AS (DELETE FROM ingress_events "
+                        "WHERE user_id = :u AND occurred_at <= :t RETURNING source, event_id), "
+                        "keys AS (DELETE FROM ingress_keys k USING gone "
+                        "WHERE k.source = gone.source AND k.event_id = gone.event_id) "
+                        "SELECT count(*) FROM gone"
+                    ),
                     {"u": user_id, "t": before},
                 )
+                return int(result.scalar_one())
             else:
                 result = conn.execute(
                     sa.text("DELETE FROM ingress_events WHERE user_id = :u AND occurred_at <= :t"),
@@ -290,7 +345,11 @@ class SqlErasureStore:
         return erased
 
     def erase_read_models(self, user_id: str) -> dict[str, int]:
+        member_id = str(Member.create_id(user_id))
         with self._db.write() as conn:
+            quarantined = conn.execute(
+                sa.text("DELETE FROM projection_quarantine WHERE member_id = :m"), {"m": member_id}
+            ).rowcount
             # Invalidate every projection batch read before now (see the projection).
             conn.execute(sa.text("UPDATE projection_tracking SET epoch = epoch + 1"))
             history = conn.execute(
@@ -299,7 +358,11 @@ class SqlErasureStore:
             balances = conn.execute(
                 sa.text("DELETE FROM member_balances WHERE user_id = :u"), {"u": user_id}
             ).rowcount
-        return {"member_history": int(history), "member_balances": int(balances)}
+        return {
+            "member_history": int(history),
+            "member_balances": int(balances),
+            "projection_quarantine": int(quarantined),
+        }
 
     # -- events out (issue 17) ---------------------------------------------------------
     def erase_delivery(

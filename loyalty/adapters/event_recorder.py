@@ -1,52 +1,152 @@
-"""The eventsourcing library's PostgreSQL application recorder, inserting a batch of
-stored events from one JSON parameter instead of an array of composite values.
+"""The eventsourcing library's application recorders, ours in two ways.
 
-psycopg dumps a list parameter element by element in Python; the library's insert of an
-award group (an array of ``stored_event`` composites) spent most of its client time
-there. Here the rows go as one JSON text (built by orjson, in C) that PostgreSQL unpacks
-in order (``WITH ORDINALITY``), so notification ids follow the events' order exactly as
-the library's own statement does. Everything else (the table lock, NOTIFY, returned
-notification ids, selects) is the library's; the library's own recorder test cases run
-against this class (tests/integration/test_event_recorder.py).
+**The erasure guard (both backends).** Every insert of a batch of stored events checks,
+in its own transaction and after the library's serialization point (``LOCK TABLE ... IN
+EXCLUSIVE MODE`` on PostgreSQL; SQLite's single write lock, held from the first insert),
+that it does not write into a member stream that is being or has been erased:
+
+- *no orphans*: for each stream in the batch whose lowest version is past the first, the
+  event just before it must exist. A save from any stale copy of an erased aggregate (a
+  cache in any process, the marker expired or not) finds its predecessor gone;
+- *not while erasing*: no stream with a forget marker in state ``erasing`` is written to;
+- *not from before the erasure*: a caller may pass ``erasure_fence=N``, the erasure
+  generation it had read before it loaded what it saves; a stream whose marker was set at
+  a later generation is refused (what the caller read may predate the erasure).
+
+Forget-me commits the marker before it deletes the stream, and deletes it under a lock
+that conflicts with the insert's (PostgreSQL: a DELETE's ROW EXCLUSIVE against the
+insert's EXCLUSIVE; SQLite: the write lock), so either the insert commits first (and the
+deletion removes what it wrote) or it runs after the marker is visible (and is refused).
+A refusal raises :class:`~loyalty.application.accounts.StreamErased`, an
+``IntegrityError`` with the reason and the stream ids, inside the rolled-back transaction.
+Without a ``forget_markers`` table (the library's own test cases) only the first check runs.
+
+**PostgreSQL: one JSON parameter.** psycopg dumps a list parameter element by element in
+Python; the library's insert of an award group (an array of ``stored_event`` composites)
+spent most of its client time there. Here the rows go as one JSON text (built by orjson,
+in C) that PostgreSQL unpacks in order (``WITH ORDINALITY``), so notification ids follow
+the events' order exactly as the library's own statement does. Everything else (the table
+lock, NOTIFY, returned notification ids, selects) is the library's; the library's own
+recorder test cases run against both classes (tests/integration/test_event_recorder.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
+from uuid import UUID
 
 import orjson
 from eventsourcing.persistence import StoredEvent
-from eventsourcing.postgres import PostgresApplicationRecorder
+from eventsourcing.postgres import (
+    PostgresAggregateRecorder,
+    PostgresApplicationRecorder,
+    PostgresFactory,
+)
+from eventsourcing.sqlite import (
+    SQLiteAggregateRecorder,
+    SQLiteApplicationRecorder,
+    SQLiteCursor,
+    SQLiteFactory,
+)
 from psycopg import Cursor
 from psycopg.rows import DictRow
 from psycopg.sql import SQL, Identifier
 
+from loyalty.application.accounts import FENCE, StreamErased
+
 TOPIC = f"{__name__}:JsonInsertApplicationRecorder"
+SQLITE_TOPIC = f"{__name__}:GuardedSQLiteApplicationRecorder"
+MARKERS_TABLE = "forget_markers"
+NO_FENCE = 2**62
+
+
+def predecessors(stored_events: Iterable[StoredEvent]) -> list[tuple[Any, int]]:
+    """(stream, version) of the event that must already exist before each stream's
+    lowest version in the batch (none for a batch that starts a stream)."""
+    lowest: dict[Any, int] = {}
+    for e in stored_events:
+        known = lowest.get(e.originator_id)
+        if known is None or e.originator_version < known:
+            lowest[e.originator_id] = e.originator_version
+    return [(oid, v - 1) for oid, v in lowest.items() if v > 1]
+
+
+def refusal(rows: Iterable[tuple[str, str]]) -> StreamErased | None:
+    """The error for the check's rows (stream id, why), or None when there are none."""
+    found = list(rows)
+    if not found:
+        return None
+    reasons = {why for _, why in found}
+    reason = next(r for r in ("erasing", "fenced", "gone") if r in reasons)
+    return StreamErased(reason, sorted({str(m) for m, _ in found}))
+
+
+def _fence(kwargs: dict[str, Any]) -> int:
+    fence = kwargs.get(FENCE)
+    return NO_FENCE if fence is None else int(fence)
 
 
 class JsonInsertApplicationRecorder(PostgresApplicationRecorder):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        schema = Identifier(self.datastore.schema)
+        table = Identifier(self.events_table_name)
+        id_type = Identifier(self.datastore.originator_id_type)
         self.insert_events_statement = SQL(
             "INSERT INTO {schema}.{table} AS t "
             "(originator_id, originator_version, topic, state) "
             "SELECT (e->>0)::{id_type}, (e->>1)::bigint, e->>2, decode(e->>3, 'hex') "
             "FROM jsonb_array_elements(%s::text::jsonb) WITH ORDINALITY AS x(e, n) "
             "ORDER BY n RETURNING notification_id"
-        ).format(
-            schema=Identifier(self.datastore.schema),
-            table=Identifier(self.events_table_name),
-            id_type=Identifier(self.datastore.originator_id_type),
-        )
+        ).format(schema=schema, table=table, id_type=id_type)
+        self._gone_statement = SQL(
+            "SELECT x.id::text AS member_id FROM unnest(%s::{id_type}[], %s::bigint[]) AS x(id, v) "
+            "WHERE NOT EXISTS (SELECT 1 FROM {schema}.{table} s "
+            "WHERE s.originator_id = x.id AND s.originator_version = x.v)"
+        ).format(schema=schema, table=table, id_type=id_type)
+        self._markers_statement = SQL(
+            "SELECT member_id, CASE WHEN state = 'erasing' THEN 'erasing' ELSE 'fenced' END "
+            "AS why FROM {schema}.{markers} WHERE member_id = ANY(%s::text[]) "
+            "AND (state = 'erasing' OR seq > %s)"
+        ).format(schema=schema, markers=Identifier(MARKERS_TABLE))
+        self._has_markers: bool | None = None
+
+    def _markers_exist(self, curs: Cursor[DictRow]) -> bool:
+        if not self._has_markers:
+            curs.execute(
+                "SELECT to_regclass(%s) IS NOT NULL AS found",
+                (f'"{self.datastore.schema}"."{MARKERS_TABLE}"',),
+            )
+            row = curs.fetchone()
+            self._has_markers = bool(row and row["found"])
+        return self._has_markers
+
+    def _check_erasure(
+        self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent], fence: int
+    ) -> None:
+        rows: list[tuple[str, str]] = []
+        before = predecessors(stored_events)
+        if before:
+            curs.execute(self._gone_statement, ([p[0] for p in before], [p[1] for p in before]))
+            rows += [(r["member_id"], "gone") for r in curs.fetchall()]
+        if self._markers_exist(curs):
+            ids = sorted({str(e.originator_id) for e in stored_events})
+            curs.execute(self._markers_statement, (ids, fence))
+            rows += [(r["member_id"], r["why"]) for r in curs.fetchall()]
+        error = refusal(rows)
+        if error is not None:
+            raise error
 
     def _insert_stored_events(
         self,
         curs: Cursor[DictRow],
         stored_events: Sequence[StoredEvent],
-        **_: Any,
+        **kwargs: Any,
     ) -> None:
         self._lock_table(curs)
+        with curs.connection.cursor() as check:
+            self._check_erasure(check, stored_events, _fence(kwargs))
         self._notify_channel(curs)
         rows = orjson.dumps(
             [
@@ -55,3 +155,150 @@ class JsonInsertApplicationRecorder(PostgresApplicationRecorder):
             ]
         ).decode()
         curs.execute(query=self.insert_events_statement, params=(rows,))
+
+
+class GuardedSQLiteApplicationRecorder(SQLiteApplicationRecorder):
+    """The library's SQLite application recorder with the erasure guard. The checks run
+    after the inserts: the first insert takes the database's write lock (a read first
+    would pin a snapshot that a concurrent commit makes stale, failing the upgrade)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._has_markers = False
+
+    def _markers_exist(self, c: SQLiteCursor) -> bool:
+        if not self._has_markers:
+            c.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (MARKERS_TABLE,)
+            )
+            self._has_markers = c.fetchone() is not None
+        return self._has_markers
+
+    @staticmethod
+    def _key(originator_id: Any) -> str:
+        return originator_id.hex if isinstance(originator_id, UUID) else str(originator_id)
+
+    def _insert_events(
+        self,
+        c: SQLiteCursor,
+        stored_events: Sequence[StoredEvent],
+        **kwargs: Any,
+    ) -> Sequence[int] | None:
+        returning = super()._insert_events(c, stored_events, **kwargs)
+        rows: list[tuple[str, str]] = []
+        before = predecessors(stored_events)
+        for start in range(0, len(before), 400):
+            part = before[start : start + 400]
+            values = ",".join("(?,?)" for _ in part)
+            c.execute(
+                f"WITH x(id, v) AS (VALUES {values}) SELECT x.id FROM x WHERE NOT EXISTS "
+                f"(SELECT 1 FROM {self.events_table_name} s "
+                "WHERE s.originator_id = x.id AND s.originator_version = x.v)",
+                [p for oid, v in part for p in (self._key(oid), v)],
+            )
+            gone = {r[0] for r in c.fetchall()}
+            rows += [(str(oid), "gone") for oid, _ in part if self._key(oid) in gone]
+        if self._markers_exist(c):
+            ids = sorted({str(e.originator_id) for e in stored_events})
+            for start in range(0, len(ids), 800):
+                chunk = ids[start : start + 800]
+                c.execute(
+                    "SELECT member_id, CASE WHEN state = 'erasing' THEN 'erasing' "
+                    f"ELSE 'fenced' END FROM {MARKERS_TABLE} "
+                    f"WHERE member_id IN ({','.join('?' * len(chunk))}) "
+                    "AND (state = 'erasing' OR seq > ?)",
+                    [*chunk, _fence(kwargs)],
+                )
+                rows += [(r[0], r[1]) for r in c.fetchall()]
+        error = refusal(rows)
+        if error is not None:
+            raise error
+        return returning
+
+
+# ------------------------------------------------------------------ snapshots
+#
+# A snapshot is taken after its events were saved, in a transaction of its own. Without
+# a check, a snapshot inserted after forget-me deleted the stream would bring the erased
+# account back (a load starts from the latest snapshot). So a snapshot is stored only if
+# the event it stands for still exists, checked in the snapshot's own transaction under a
+# lock that conflicts with the erasure's DELETE: on PostgreSQL ``FOR KEY SHARE`` on that
+# event row (the DELETE waits for the snapshot to commit, and then deletes it with the
+# stream in its own transaction; or the snapshot's SELECT waits for the DELETE and finds
+# nothing); on SQLite the write lock, taken by the insert before the check.
+
+
+def _events_table(snapshots_table: str) -> str:
+    """``members_snapshots`` -> ``members_events``; ``stored_snapshots`` -> ``stored_events``."""
+    assert snapshots_table.endswith("_snapshots"), snapshots_table
+    return snapshots_table[: -len("_snapshots")] + "_events"
+
+
+class GuardedPostgresSnapshotRecorder(PostgresAggregateRecorder):
+    def insert_events(
+        self, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        if not stored_events:
+            return None
+        events = Identifier(self.datastore.schema, _events_table(self.events_table_name))
+        keys = orjson.dumps(
+            [(str(e.originator_id), e.originator_version) for e in stored_events]
+        ).decode()
+        with self.datastore.get_connection() as conn, conn.transaction(), conn.cursor() as curs:
+            curs.execute(
+                SQL(
+                    "SELECT s.originator_id, s.originator_version FROM {} s "
+                    "JOIN jsonb_array_elements(%s::text::jsonb) AS k "
+                    "ON s.originator_id = (k->>0)::uuid AND s.originator_version = (k->>1)::bigint "
+                    "FOR KEY SHARE OF s"
+                ).format(events),
+                (keys,),
+            )
+            present = {(str(r["originator_id"]), int(r["originator_version"])) for r in curs}
+            kept = [
+                e for e in stored_events if (str(e.originator_id), e.originator_version) in present
+            ]
+            if kept:
+                self._insert_stored_events(curs, kept, **kwargs)
+        return None
+
+
+class GuardedSQLiteSnapshotRecorder(SQLiteAggregateRecorder):
+    def _insert_events(
+        self,
+        c: SQLiteCursor,
+        stored_events: Sequence[StoredEvent],
+        **kwargs: Any,
+    ) -> Sequence[int] | None:
+        returning = super()._insert_events(c, stored_events, **kwargs)
+        events = _events_table(self.events_table_name)
+        for e in stored_events:
+            key = GuardedSQLiteApplicationRecorder._key(e.originator_id)
+            c.execute(
+                f"SELECT 1 FROM {events} WHERE originator_id = ? AND originator_version = ?",
+                (key, e.originator_version),
+            )
+            if c.fetchone() is None:  # erased meanwhile: no snapshot of it either
+                c.execute(
+                    f"DELETE FROM {self.events_table_name} "
+                    "WHERE originator_id = ? AND originator_version = ?",
+                    (key, e.originator_version),
+                )
+        return returning
+
+
+class GuardedPostgresFactory(PostgresFactory):
+    """The library's PostgreSQL persistence with guarded snapshots (the application
+    recorder is chosen by ``APPLICATION_RECORDER_TOPIC``)."""
+
+    aggregate_recorder_class = GuardedPostgresSnapshotRecorder
+
+
+class GuardedSQLiteFactory(SQLiteFactory):
+    """The library's SQLite persistence with guarded snapshots."""
+
+    aggregate_recorder_class = GuardedSQLiteSnapshotRecorder
+
+
+POSTGRES_FACTORY_TOPIC = f"{__name__}:GuardedPostgresFactory"
+SQLITE_FACTORY_TOPIC = f"{__name__}:GuardedSQLiteFactory"

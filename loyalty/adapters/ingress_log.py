@@ -1,11 +1,17 @@
 """The ingress log on both backends.
 
-PostgreSQL: one day partition per UTC day of ``occurred_at`` (created on demand, each
-with its own UNIQUE (source, event_id)); rows go in with COPY. The common case (no
-resent event) is one COPY statement straight into the partitioned table, sent on an
-autocommit connection so that the statement is the whole transaction (one round trip,
-no BEGIN/COMMIT); only a batch that collides (nothing of it stored) falls back to COPY
-into a staging table plus ``INSERT ... ON CONFLICT DO NOTHING`` in a transaction. COPY
+PostgreSQL: one day partition per UTC day of ``occurred_at`` (created on demand); rows
+go in with COPY. De-duplication is per (source, event_id) across every day still kept:
+a statement-level trigger records each stored row's key in ``ingress_keys`` (primary
+key (source, event_id); migration 0006), so a resend stamped on another day (a client
+that stamps the time when it sends, retrying after midnight) is a duplicate too. The
+common case (no resent event) is one COPY statement straight into the partitioned table,
+sent on an autocommit connection so that the statement (rows and keys) is the whole
+transaction (one round trip, no BEGIN/COMMIT); only a batch that collides (nothing of it
+stored) falls back to COPY into a staging table, recording the new keys with ``INSERT
+... ON CONFLICT DO NOTHING`` and inserting only their rows, in one transaction. A day's
+keys are deleted with its partition (retention), so a resend older than the retention
+window is accepted again (it is also too old to be accepted, unless re-stamped). COPY
 uses the binary format, rows formatted by psycopg's C dumpers (see :func:`_copy`).
 
 Read order is (txid, seq) and only rows of transactions older than every transaction
@@ -39,6 +45,7 @@ _FAR: Position = (2**62, 2**62)
 PARTITION_LOCK_NS = 7_304_118
 
 _COPY_COLUMNS = "(shard, source, event_id, user_id, type, occurred_at, attributes)"
+_STAGED = "s.shard, s.source, s.event_id, s.user_id, s.type, s.occurred_at, s.attributes"
 
 
 class StoredIngress(NamedTuple):
@@ -138,11 +145,7 @@ def create_day_partition(db: Database, day: date) -> bool:
         raw.execute(
             sql.SQL("CREATE TABLE {} (LIKE ingress_events INCLUDING DEFAULTS)").format(ident)
         )
-        raw.execute(
-            sql.SQL("CREATE UNIQUE INDEX {} ON {} (source, event_id)").format(
-                sql.Identifier(name + "_dedup"), ident
-            )
-        )
+        # No UNIQUE (source, event_id) of its own: ingress_keys de-duplicates across days.
         raw.execute(attach_partition_sql(day))
     return True
 
@@ -207,7 +210,9 @@ class PostgresIngressLog:
             try:
                 _copy(raw, "ingress_events", records)
                 return len(records)
-            except psycopg.errors.UniqueViolation:
+            except (psycopg.errors.UniqueViolation, psycopg.errors.DeadlockDetected):
+                # a key stored before (or by a batch committing meanwhile, whose keys
+                # this one waited for in another order): nothing of this batch is stored
                 pass
         with self._db.write() as conn:
             raw = psycopg_connection(conn)
@@ -216,10 +221,19 @@ class PostgresIngressLog:
                 "(LIKE ingress_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
             )
             _copy(raw, "ingress_staging", records)
+            # The keys are recorded here (only the new ones, in key order so that two
+            # fallbacks lock them in the same order); the trigger stands aside.
+            raw.execute("SET LOCAL loyalty.keys_recorded = 'on'")
             cur = raw.execute(
+                "WITH new_keys AS ("
+                "INSERT INTO ingress_keys (source, event_id, day) "
+                "SELECT source, event_id, (occurred_at AT TIME ZONE 'UTC')::date "
+                "FROM ingress_staging ORDER BY source, event_id "
+                "ON CONFLICT DO NOTHING RETURNING source, event_id) "
                 f"INSERT INTO ingress_events {_COPY_COLUMNS} "
-                f"SELECT {_COPY_COLUMNS[1:-1]} FROM ingress_staging ORDER BY seq "
-                "ON CONFLICT DO NOTHING"
+                f"SELECT {_STAGED} FROM ingress_staging s "
+                "JOIN new_keys k ON k.source = s.source AND k.event_id = s.event_id "
+                "ORDER BY s.seq"
             )
             return cur.rowcount
 

@@ -15,6 +15,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from loyalty.adapters.db import Database, psycopg_connection
 from loyalty.adapters.tables import pipeline_caps, pipeline_checkpoints
+from loyalty.application.pipeline import LeaseLost
 
 Position = tuple[int, int]
 CapKey = tuple[str, str, date]
@@ -62,27 +63,63 @@ class PipelineStore:
         pending = None if row[2] is None else (int(row[2]), int(row[3]))
         return Checkpoint(shard, (int(row[0]), int(row[1])), pending, int(row[4]), int(row[5]))
 
-    def set_pending(self, shard: int, end: Position) -> None:
-        """Record the window about to be awarded, before any award of it is saved."""
+    def set_pending(self, shard: int, start: Position, end: Position) -> None:
+        """Record the window ``(start, end]`` about to be awarded, before any award of it
+        is saved: only if the checkpoint still stands at ``start`` with no window noted
+        (a compare-and-set). Raises :class:`LeaseLost` when it does not: another worker
+        has noted or committed a window of this shard since ``start`` was read."""
+        c = pipeline_checkpoints.c
         with self._db.write() as conn:
-            conn.execute(
+            noted = conn.execute(
                 pipeline_checkpoints.update()
-                .where(pipeline_checkpoints.c.shard == shard)
+                .where(
+                    c.shard == shard,
+                    c.pending_txid.is_(None),
+                    c.txid == start[0],
+                    c.seq == start[1],
+                )
                 .values(pending_txid=end[0], pending_seq=end[1])
-            )
+            ).rowcount
+            if noted != 1:
+                raise LeaseLost(f"shard {shard}: checkpoint moved from {start}")
 
     def commit(
         self,
         shard: int,
+        start: Position,
         end: Position,
         cap_changes: Mapping[CapKey, int],
         *,
         processed: int,
         awards: int,
     ) -> None:
-        """Advance the checkpoint and store cap counts in one transaction."""
+        """Advance the checkpoint from ``start`` to the noted ``end`` and store the cap
+        counts, in one transaction, only if the checkpoint still stands at ``start`` with
+        ``end`` noted (a compare-and-set, written first: its row lock also orders two
+        commits of one window). Raises :class:`LeaseLost` (nothing written) otherwise."""
         c = pipeline_checkpoints.c
         with self._db.write() as conn:
+            moved = conn.execute(
+                pipeline_checkpoints.update()
+                .where(
+                    c.shard == shard,
+                    c.txid == start[0],
+                    c.seq == start[1],
+                    c.pending_txid == end[0],
+                    c.pending_seq == end[1],
+                )
+                .values(
+                    txid=end[0],
+                    seq=end[1],
+                    pending_txid=None,
+                    pending_seq=None,
+                    processed_total=c.processed_total + processed,
+                    awards_total=c.awards_total + awards,
+                    updated_at=datetime.now(UTC),
+                )
+            ).rowcount
+            if moved != 1:
+                raise LeaseLost(f"shard {shard}: window ({start}, {end}] not ours to commit")
             if cap_changes and self._db.backend == "postgresql":
                 # one statement, the rows as one JSON document: psycopg dumps a list
                 # parameter element by element in Python, orjson does it in C
@@ -106,19 +143,6 @@ class PipelineStore:
                         for (u, t, d), n in cap_changes.items()
                     ],
                 )
-            conn.execute(
-                pipeline_checkpoints.update()
-                .where(c.shard == shard)
-                .values(
-                    txid=end[0],
-                    seq=end[1],
-                    pending_txid=None,
-                    pending_seq=None,
-                    processed_total=c.processed_total + processed,
-                    awards_total=c.awards_total + awards,
-                    updated_at=datetime.now(UTC),
-                )
-            )
 
     def load_caps(self, keys: Iterable[CapKey]) -> dict[CapKey, int]:
         wanted = set(keys)
@@ -181,7 +205,15 @@ class PipelineStore:
 class ShardLeases:
     """Exclusive ownership of shards across processes: a session advisory lock per shard
     on PostgreSQL (held on one dedicated connection), a file lock per shard on SQLite.
-    Released when the process exits, however it exits."""
+    Released when the process exits, however it exits.
+
+    A PostgreSQL lease lives exactly as long as its session, which the server can end at
+    any moment (a restart, a failover, ``pg_terminate_backend``): a lease is never
+    assumed from memory. :meth:`held` asks the server which locks this session holds,
+    and :meth:`try_acquire` of a lease believed held asks too. Between two such
+    questions the lease can still be lost, so the writes it guards prove themselves
+    (the pipeline's checkpoint compare-and-set): the lease keeps workers from doing the
+    same work twice, it is not what makes that work correct."""
 
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -189,16 +221,43 @@ class ShardLeases:
         self._held: set[int] = set()
         self._files: dict[int, IO[bytes]] = {}
 
+    def held(self) -> set[int]:
+        """The leases this object holds, as the database sees them now (one query on
+        PostgreSQL). A lease connection that fails is discarded: every lease is gone."""
+        if self._db.backend != "postgresql":
+            return set(self._files)  # flock on an open descriptor: held until closed
+        if self._conn is None or not self._held:
+            self._held.clear()
+            return set()
+        try:
+            rows = self._conn.execute(
+                sa.text(
+                    "SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                    "AND pid = pg_backend_pid() AND classid = :ns AND objsubid = 2"
+                ),
+                {"ns": SHARD_LEASE_NS},
+            ).scalars()
+            found = {int(r) for r in rows}
+            self._conn.commit()
+        except sa.exc.DBAPIError:
+            self._discard_connection()
+            return set()
+        self._held &= found
+        return set(self._held)
+
     def try_acquire(self, shard: int) -> bool:
-        """Take the shard's lease (True also when this object already holds it). If the
-        lease connection is lost (the database restarted), every lease it held is gone:
-        the error is raised and the next calls take the leases anew."""
+        """Take the shard's lease (True also when this object still holds it, which is
+        asked of the database). If the lease connection is lost (the database restarted),
+        every lease it held is gone: the error is raised and the next calls take the
+        leases anew."""
         if self._db.backend == "postgresql":
-            if shard in self._held:
+            if shard in self._held and shard in self.held():
                 return True
             try:
                 if self._conn is None:
                     self._conn = self._db.engine.connect()
+                # Advisory locks are re-entrant (each lock needs its own unlock): only
+                # ever asked for a key this session does not hold, so each is held once.
                 got = self._conn.execute(
                     sa.text("SELECT pg_try_advisory_lock(:ns, :shard)"),
                     {"ns": SHARD_LEASE_NS, "shard": shard},

@@ -18,10 +18,37 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from loyalty.adapters.db import Database
-from loyalty.adapters.tables import member_balances, member_history, projection_tracking
-from loyalty.application.projections import HistoryEntry, ProjectedBatch
+from loyalty.adapters.tables import (
+    Timestamp,
+    member_balances,
+    member_history,
+    metadata,
+    projection_tracking,
+)
+from loyalty.application.projections import HistoryEntry, ProjectedBatch, QuarantinedEvent
 
 _IN_CHUNK = 500
+
+# Events a projection passed over (see ``loyalty.application.projections``); erased by
+# forget-me with the stream (it holds the stream id).
+projection_quarantine = sa.Table(
+    "projection_quarantine",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("position", sa.BigInteger, primary_key=True),
+    sa.Column("member_id", sa.String(36), nullable=False),
+    sa.Column("originator_version", sa.BigInteger, nullable=False),
+    sa.Column("topic", sa.Text, nullable=False),
+    sa.Column("error", sa.Text, nullable=False),
+    sa.Column("quarantined_at", Timestamp, nullable=False),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineEntry:
+    name: str
+    event: QuarantinedEvent
+    quarantined_at: datetime
 
 
 class _TrackingMoved(Exception):
@@ -92,6 +119,23 @@ class ReadModels:
                 )
                 if moved.rowcount != 1:
                     raise _TrackingMoved()
+                if batch.quarantined:
+                    now = datetime.now(UTC)
+                    conn.execute(
+                        projection_quarantine.insert(),
+                        [
+                            {
+                                "name": name,
+                                "position": q.position,
+                                "member_id": q.member_id,
+                                "originator_version": q.originator_version,
+                                "topic": q.topic,
+                                "error": q.error[:2000],
+                                "quarantined_at": now,
+                            }
+                            for q in batch.quarantined
+                        ],
+                    )
                 new_rows = [self._balance_row(c) for c in batch.balances.values() if c.created]
                 if new_rows:
                     conn.execute(member_balances.insert(), new_rows)
@@ -159,6 +203,47 @@ class ReadModels:
                 conn.execute(member_balances.delete())
             conn.execute(projection_tracking.delete().where(projection_tracking.c.name == name))
             conn.execute(projection_tracking.insert().values(name=name, position=0))
+            conn.execute(projection_quarantine.delete().where(projection_quarantine.c.name == name))
+
+    # ------------------------------------------------------------------ quarantine
+
+    def quarantined_count(self, name: str | None = None) -> int:
+        q = projection_quarantine.c
+        query = sa.select(sa.func.count()).select_from(projection_quarantine)
+        if name is not None:
+            query = query.where(q.name == name)
+        with self._db.read() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def quarantined(self, limit: int = 1000) -> list[QuarantineEntry]:
+        """Quarantined events, oldest position first."""
+        q = projection_quarantine.c
+        with self._db.read() as conn:
+            rows = conn.execute(
+                sa.select(projection_quarantine).order_by(q.name, q.position).limit(limit)
+            ).all()
+        return [
+            QuarantineEntry(
+                r.name,
+                QuarantinedEvent(
+                    int(r.position), r.member_id, int(r.originator_version), r.topic, r.error
+                ),
+                _utc(r.quarantined_at),
+            )
+            for r in rows
+        ]
+
+    def release_quarantined(self, member_ids: Collection[str]) -> int:
+        """Delete the quarantine entries of these streams (after they were repaired)."""
+        q = projection_quarantine.c
+        deleted = 0
+        wanted = sorted(member_ids)
+        with self._db.write() as conn:
+            for i in range(0, len(wanted), _IN_CHUNK):
+                deleted += conn.execute(
+                    projection_quarantine.delete().where(q.member_id.in_(wanted[i : i + _IN_CHUNK]))
+                ).rowcount
+        return deleted
 
     # ---------------------------------------------------------------- query side
 

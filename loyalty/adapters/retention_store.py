@@ -26,6 +26,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+import orjson
 import sqlalchemy as sa
 from psycopg import sql
 
@@ -218,6 +219,14 @@ class PostgresRetentionStore:
                 )
             ).fetchone()
             assert row is not None
+            # The day's dedup keys go with its rows (in the same transaction): a day kept
+            # for unprocessed events keeps them, a dropped day leaves none behind.
+            raw.execute(
+                sql.SQL(
+                    "DELETE FROM ingress_keys k USING {} p "
+                    "WHERE k.source = p.source AND k.event_id = p.event_id AND k.day = {}"
+                ).format(ident, sql.Literal(day))
+            )
             raw.execute(sql.SQL("DROP TABLE {}").format(ident))
         return DayOutcome(
             removed_rows=int(row[0]), bytes=int(row[1]), unprocessed_rows=0, removed=True
@@ -225,15 +234,20 @@ class PostgresRetentionStore:
 
     # -- derived rows --------------------------------------------------------------------
     def delete_caps_before(self, day: date) -> int:
+        """Cap counters of days before ``day`` whose ingress is gone: a day that still has
+        a partition (kept for its unprocessed events, or half-dropped) keeps its counters,
+        which the pipeline needs when it weighs those events."""
+        kept = sorted(d for d in self._states() if d < day)
         deleted = 0
         while True:
             with self._db.write() as conn:
                 n = conn.execute(
                     sa.text(
                         "DELETE FROM pipeline_caps WHERE ctid = ANY(ARRAY("
-                        "SELECT ctid FROM pipeline_caps WHERE day < :day LIMIT :n))"
+                        "SELECT ctid FROM pipeline_caps WHERE day < :day "
+                        "AND day <> ALL(CAST(:kept AS date[])) LIMIT :n))"
                     ),
-                    {"day": day, "n": CHUNK_ROWS},
+                    {"day": day, "kept": kept, "n": CHUNK_ROWS},
                 ).rowcount
             deleted += n
             if n < CHUNK_ROWS:
@@ -334,13 +348,17 @@ class SqliteRetentionStore:
                 cursor.close()
 
     def delete_caps_before(self, day: date) -> int:
+        """Cap counters of days before ``day`` that hold no ingress row any more: a day
+        kept for its unprocessed events keeps its counters (the pipeline needs them)."""
+        kept = orjson.dumps([d.isoformat() for d in self.expired_days(day)]).decode()
         deleted = 0
         while True:
             with self._db.write() as conn:
                 n = conn.exec_driver_sql(
                     "DELETE FROM pipeline_caps WHERE rowid IN "
-                    "(SELECT rowid FROM pipeline_caps WHERE day < ? LIMIT ?)",
-                    (day.isoformat(), self._chunk),
+                    "(SELECT rowid FROM pipeline_caps WHERE day < ? "
+                    "AND day NOT IN (SELECT value FROM json_each(?)) LIMIT ?)",
+                    (day.isoformat(), kept, self._chunk),
                 ).rowcount
             deleted += n
             if n < self._chunk:

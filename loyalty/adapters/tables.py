@@ -51,6 +51,17 @@ ingress_events = sa.Table(
     sa.Index("ingress_events_read_idx", "shard", "txid", "seq"),
 )
 
+# PostgreSQL only (migration 0006): one row per stored ingress event, filled by a trigger
+# on ingress_events, so that (source, event_id) is unique across day partitions; a day's
+# keys are deleted with its partition. (SQLite's one table has its own UNIQUE.)
+ingress_keys = sa.Table(
+    "ingress_keys",
+    metadata,
+    sa.Column("source", sa.String(128), primary_key=True),
+    sa.Column("event_id", sa.String(128), primary_key=True),
+    sa.Column("day", sa.Date, nullable=False),
+)
+
 rule_versions = sa.Table(
     "rule_versions",
     metadata,

@@ -19,6 +19,7 @@ from loyalty.adapters.read_models import ReadModels
 from loyalty.adapters.rules_store import RulesStore
 from loyalty.api import problems
 from loyalty.api.deps import Container
+from loyalty.api.docs import install_docs
 from loyalty.api.guards import BodyGuardMiddleware, RateLimiter, SecurityHeadersMiddleware
 from loyalty.api.routes import feed as feed_routes
 from loyalty.api.routes import forget as forget_routes
@@ -27,7 +28,17 @@ from loyalty.api.routes import members as member_routes
 from loyalty.api.routes import metrics as metrics_routes
 from loyalty.api.routes import storage as storage_routes
 from loyalty.api.routes import webhooks as webhook_routes
-from loyalty.api.schemas import Batch, Problem, RulesBody, RulesRequest
+from loyalty.api.routes.webhooks import WebhookCreate
+from loyalty.api.schemas import (
+    AdjustmentRequest,
+    Batch,
+    ForgetRequestBody,
+    Problem,
+    RefundRequest,
+    RulesBody,
+    RulesRequest,
+    SpendRequest,
+)
 from loyalty.application.accounts import Accounts, Members, Spending
 from loyalty.application.ingress import IngestService
 from loyalty.config import Settings
@@ -114,7 +125,8 @@ def create_app(
     """Build the API for ``settings``. The schema must already be migrated.
 
     ``metrics`` lets the caller share one registry with an embedded worker; by default
-    the app gets its own (served at ``GET /metrics``)."""
+    the app gets its own (served at ``GET /metrics`` when ``settings.metrics_token`` is
+    set, to callers sending it)."""
     container = build_container(settings, db=db, clock=clock, members=members, metrics=metrics)
 
     @asynccontextmanager
@@ -130,15 +142,21 @@ def create_app(
         version="1",
         description="Event-sourced loyalty service: activity ingress, member accounts.",
         lifespan=lifespan,
+        # A redirect to the slash-less path would echo the Host header in Location.
+        redirect_slashes=False,
+        docs_url=None,  # served from vendored assets by install_docs
+        redoc_url=None,  # ReDoc would load from a CDN: Swagger UI only
     )
     app.state.container = container
     problems.install(app)
+    install_docs(app)
     app.include_router(health.router)
     app.include_router(ingress.router)
     app.include_router(member_routes.router)
     app.include_router(operations.router)
     app.include_router(forget_routes.router)
-    app.include_router(metrics_routes.router)
+    if settings.metrics_token is not None:  # else not on the API's listener at all
+        app.include_router(metrics_routes.router)
     app.include_router(storage_routes.router)
     app.include_router(feed_routes.router)
     app.include_router(webhook_routes.router)
@@ -154,7 +172,17 @@ def create_app(
                 title=app.title, version=app.version, description=app.description, routes=app.routes
             )
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (Batch, Problem, RulesBody, RulesRequest):
+            for model in (
+                Batch,
+                Problem,
+                RulesBody,
+                RulesRequest,
+                SpendRequest,
+                RefundRequest,
+                AdjustmentRequest,
+                ForgetRequestBody,
+                WebhookCreate,
+            ):
                 model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(model_schema.pop("$defs", {}))
                 components[model.__name__] = model_schema

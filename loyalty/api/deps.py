@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ValidationError
 
 from loyalty.adapters.db import Database
 from loyalty.adapters.keys import KeyStore, Principal, Role
 from loyalty.adapters.pipeline_store import PipelineStore
 from loyalty.adapters.read_models import ReadModels
 from loyalty.adapters.rules_store import RulesStore
-from loyalty.api.guards import RateLimiter
-from loyalty.api.problems import ApiProblem
+from loyalty.api.guards import (
+    BodyProblem,
+    RateLimiter,
+    check_json_content_type,
+    parse_json_document,
+    read_limited_body,
+)
+from loyalty.api.problems import ApiProblem, validation_errors
 from loyalty.application.accounts import Accounts, Spending
 from loyalty.application.delivery import EventFeed, WebhookAdmin
 from loyalty.application.erasure import ForgetService
@@ -80,7 +88,11 @@ def authenticate(
     return principal
 
 
+@functools.cache
 def require(role: Role) -> Callable[[Principal], Principal]:
+    """The dependency checking that the key may act as ``role`` (one function per role,
+    so that FastAPI resolves it once per request however many dependencies need it)."""
+
     def check(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
         if not principal.may(role):
             raise ApiProblem(403, "forbidden", f"this endpoint needs a {role.value} key")
@@ -89,7 +101,72 @@ def require(role: Role) -> Callable[[Principal], Principal]:
     return check
 
 
+def problem_of(exc: BodyProblem) -> ApiProblem:
+    errors = [{"loc": "body", "msg": "an object repeats a key"}]
+    return ApiProblem(
+        exc.status, exc.code, exc.detail, errors=errors if exc.code == "duplicate_key" else None
+    )
+
+
+async def read_json_body(
+    request: Request, limit: int, code: str = "body_too_large"
+) -> tuple[bytes, Any]:
+    """The request's body and JSON document, after the key check (call it from a route or a
+    dependency that depends on one): 415 for another content type or a compressed
+    body, 413 over ``limit`` bytes (read counted, never buffered beyond), 400 for
+    malformed JSON, 422 ``duplicate_key`` for an object repeating a key (judged by a
+    real parser's view of the document, every object's pairs)."""
+    try:
+        check_json_content_type(request.headers)
+        body = await read_limited_body(request.headers, request.stream(), limit, code)
+        return body, parse_json_document(body)
+    except BodyProblem as exc:
+        raise problem_of(exc) from None
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def json_body(model: type[M], role: Role) -> Any:
+    """A dependency giving the request body as ``model``, parsed only once the key has
+    been checked for ``role`` (FastAPI would otherwise read and parse a declared body
+    before any dependency runs). Errors: see :func:`read_json_body`; schema errors 422
+    ``validation_error``."""
+
+    async def parse(
+        request: Request,
+        container: ContainerDep,
+        _principal: Annotated[Principal, Depends(require(role))],
+    ) -> M:
+        body, _document = await read_json_body(request, container.settings.max_request_bytes)
+        try:
+            return model.model_validate_json(body)
+        except ValidationError as exc:
+            errors = exc.errors(include_input=False, include_url=False)
+            if any(e["type"] == "json_invalid" for e in errors):
+                raise ApiProblem(400, "malformed_json", "the body is not valid JSON") from None
+            raise ApiProblem(422, "validation_error", errors=validation_errors(errors)) from None
+
+    parse.__name__ = f"{model.__name__}_body"
+    # Real objects, not this module's postponed annotations: ``role`` and ``model`` are
+    # locals that FastAPI could not resolve from a string.
+    parse.__annotations__ = {
+        "request": Request,
+        "container": ContainerDep,
+        "_principal": Annotated[Principal, Depends(require(role))],
+        "return": model,
+    }
+    return Depends(parse)
+
+
 IngestKey = Annotated[Principal, Depends(require(Role.INGEST))]
 ShopKey = Annotated[Principal, Depends(require(Role.SHOP))]
 OperatorKey = Annotated[Principal, Depends(require(Role.OPERATOR))]
 FeedKey = Annotated[Principal, Depends(require(Role.FEED))]
+
+
+def request_body(model: type[BaseModel]) -> dict[str, Any]:
+    """``openapi_extra`` documenting a body read by :func:`json_body` (its schema is
+    added to the document's components by ``create_app``)."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}

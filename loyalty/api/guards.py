@@ -8,7 +8,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 import orjson
@@ -29,14 +29,13 @@ SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"referrer-policy", b"no-referrer"),
 )
 CSP = b"default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
-DOCS_PATHS = ("/docs", "/redoc")
-"""Swagger UI and ReDoc load scripts and styles: no restrictive CSP there."""
+"""Every response's policy, unless it set its own (``/docs`` does: see ``api/docs.py``)."""
 
 
 class SecurityHeadersMiddleware:
     """Adds ``nosniff``, ``DENY`` framing, ``no-referrer``, ``Cache-Control: no-store``
-    (unless the response set its own) and a restrictive Content-Security-Policy (except
-    on the interactive docs) to every HTTP response."""
+    (unless the response set its own) and a restrictive Content-Security-Policy (unless
+    the response set its own) to every HTTP response."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -45,7 +44,6 @@ class SecurityHeadersMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        docs = str(scope.get("path", "")).startswith(DOCS_PATHS)
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -54,7 +52,7 @@ class SecurityHeadersMiddleware:
                 headers.extend(h for h in SECURITY_HEADERS if h[0] not in present)
                 if b"cache-control" not in present:
                     headers.append((b"cache-control", b"no-store"))
-                if not docs and b"content-security-policy" not in present:
+                if b"content-security-policy" not in present:
                     headers.append((b"content-security-policy", CSP))
                 message["headers"] = headers
             await send(message)
@@ -96,13 +94,19 @@ _KEY_THEN_WHITESPACE = re.compile(rb'"[ \t\r\n]+:')
 
 
 def keys_counted(body: bytes, keys: int) -> bool:
-    """Cheap proof that a body which parsed into objects with ``keys`` keys in all holds
-    no duplicate key: every key ends with ``":`` unless white space stands before its
-    colon, so a duplicate (even one spelled with escapes) adds one more ``":`` than the
-    parsed objects have keys. Strings may hold ``\\":`` too (then the counts differ and
-    there is no proof), and a body with ``"`` + white space + ``:`` gets none either.
-    Costs one scan of the body at memchr speed (compact JSON has no white space), or
-    also one regex scan."""
+    """Cheap proof that a JSON ``body`` repeats no key, given ``keys``: at most the
+    number of keys its parsed objects hold (a lower bound of the parser's view, never a
+    count of the body's own text). Why it holds: in JSON a key is a string followed by
+    optional white space and ``:``; its closing ``"`` is never escaped. If no ``"`` is
+    followed by white space and then ``:`` anywhere in the body, every key of the
+    document ends in its own occurrence of ``":``, so ``body.count(b'":') >= keys in
+    the document >= keys parsed >= keys`` (a parser keeps one value per repeated key).
+    Equality of the outer terms forces equality throughout: no key was repeated.
+    Anything else that makes ``":`` (an escaped quote then a colon inside a string, a
+    string starting with a colon), or a ``keys`` below the parsed count, only breaks
+    the equality, which withholds the proof and sends the caller to
+    :func:`has_duplicate_keys` (the stdlib parser's pairs). Costs one scan of the body
+    at memchr speed (compact JSON has no white space), or also one regex scan."""
     if body.count(_KEY_END) != keys:
         return False
     if not any(space in body for space in _WHITESPACE):
@@ -117,7 +121,7 @@ INGRESS_PATH = "/v1/ingress/batches"
 
 
 def _problem(status: int, code: str, detail: str) -> tuple[int, bytes]:
-    titles = {413: "Payload too large", 422: "Unprocessable content", 400: "Bad request"}
+    titles = {413: "Payload too large", 400: "Bad request"}
     body = {
         "type": "about:blank",
         "title": titles[status],
@@ -130,10 +134,10 @@ def _problem(status: int, code: str, detail: str) -> tuple[int, bytes]:
 
 class BodyGuardMiddleware:
     """Every request body except ingress': refused with 413 when ``Content-Length`` says
-    it is over ``limit`` bytes, or as soon as the streamed bytes are (before anything
-    parses it); a JSON body that repeats a key in an object is refused with 422
-    (``duplicate_key``). The body is buffered here (at most ``limit`` bytes) and handed
-    on unchanged."""
+    it is over ``limit`` bytes (a header read costs nothing, so this comes before the
+    key check), and with 400 when ``Content-Length`` is not a number. Nothing is read
+    or parsed here: a route that takes a body reads it after the key check, counted
+    (:func:`read_limited_body`), and parses it with :func:`parse_json_document`."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -143,58 +147,17 @@ class BodyGuardMiddleware:
         if scope["type"] != "http" or scope.get("path") == INGRESS_PATH:
             await self.app(scope, receive, send)
             return
-        if scope.get("method") in ("GET", "HEAD", "OPTIONS", "DELETE"):
-            headers = dict(scope.get("headers", ()))
-            if b"content-length" not in headers and b"transfer-encoding" not in headers:
-                await self.app(scope, receive, send)
-                return
-        declared = None
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
-                declared = value
+                if not value.isdigit():
+                    await self._answer(send, *_problem(400, "bad_content_length", "bad length"))
+                    return
+                if int(value) > self.limit:
+                    detail = f"a request body may have at most {self.limit} bytes"
+                    await self._answer(send, *_problem(413, "body_too_large", detail))
+                    return
                 break
-        if declared is not None:
-            if not declared.isdigit():
-                await self._answer(send, *_problem(400, "bad_content_length", "bad length"))
-                return
-            if int(declared) > self.limit:
-                await self._answer(send, *self._too_large())
-                return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                await self._answer(send, *self._too_large())
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        if body[:1] in (b"{", b"[") and has_duplicate_keys(body):
-            await self._answer(
-                send, *_problem(422, "duplicate_key", "an object in the body repeats a key")
-            )
-            return
-        sent = False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    def _too_large(self) -> tuple[int, bytes]:
-        return _problem(
-            413, "body_too_large", f"a request body may have at most {self.limit} bytes"
-        )
+        await self.app(scope, receive, send)
 
     @staticmethod
     async def _answer(send: Send, status: int, body: bytes) -> None:
@@ -210,6 +173,63 @@ class BodyGuardMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+class BodyProblem(ValueError):
+    """A request body refused before validation: ``status`` 400, 413 or 415 (or 422
+    ``duplicate_key``), with a stable ``code``."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+
+
+def check_json_content_type(headers: Mapping[str, str]) -> None:
+    """415 unless ``Content-Type`` is ``application/json`` (parameters allowed) and the
+    body is not compressed."""
+    media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise BodyProblem(415, "unsupported_media_type", "send Content-Type: application/json")
+    encoding = headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise BodyProblem(415, "unsupported_content_encoding", "send an uncompressed body")
+
+
+async def read_limited_body(
+    headers: Mapping[str, str], stream: AsyncIterator[bytes], limit: int, code: str
+) -> bytes:
+    """The request body, refused with 413 ``code`` as soon as it exceeds ``limit``
+    bytes (by ``Content-Length``, or counted while it streams in)."""
+    too_large = BodyProblem(413, code, f"a request body may have at most {limit} bytes")
+    declared = headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise BodyProblem(400, "bad_content_length", "Content-Length must be a number")
+        if int(declared) > limit:
+            raise too_large
+    chunks, size = [], 0
+    async for chunk in stream:
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json_document(body: bytes) -> Any:
+    """The JSON document ``body`` as the stdlib parser reads it, every object seen as
+    its list of (key, value) pairs: 422 ``duplicate_key`` if one repeats a key, 400
+    ``malformed_json`` if it is not JSON (or nests too deeply to parse)."""
+    try:
+        return json.loads(body, object_pairs_hook=_pairs_without_duplicates)
+    except DuplicateKey:
+        raise BodyProblem(422, "duplicate_key", "an object in the body repeats a key") from None
+    except RecursionError:
+        raise BodyProblem(400, "malformed_json", "the body nests too deeply") from None
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        raise BodyProblem(400, "malformed_json", "the body is not valid JSON") from None
 
 
 # ------------------------------------------------------------------------ rate limit

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import Any
 
 import eventsourcing.persistence as es
@@ -16,6 +17,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loyalty.adapters.db import DatabaseUnavailable
 from loyalty.domain.errors import DomainError, InvalidRules
+from loyalty.observability import request_id_var
+
+log = logging.getLogger(__name__)
 
 # HTTP status of each domain error code (anything not listed is a 409 conflict).
 DOMAIN_STATUS = {
@@ -38,6 +42,7 @@ _STATUS_CODES = {
     415: "unsupported_media_type",
     422: "validation_error",
     429: "rate_limited",
+    500: "internal_error",
     503: "service_unavailable",
 }
 _TITLES = {
@@ -51,6 +56,7 @@ _TITLES = {
     415: "Unsupported media type",
     422: "Unprocessable content",
     429: "Too many requests",
+    500: "Internal server error",
     503: "Service unavailable",
 }
 
@@ -187,9 +193,115 @@ def to_problem(exc: Exception) -> ApiProblem:
     raise exc
 
 
+def _chain(exc: BaseException) -> Iterable[BaseException]:
+    """The error and what it wraps (``orig`` of SQLAlchemy, causes, contexts)."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen or len(seen) > 16:
+            continue
+        seen.add(id(current))
+        yield current
+        for nxt in (getattr(current, "orig", None), current.__cause__, current.__context__):
+            if isinstance(nxt, BaseException):
+                todo.append(nxt)
+
+
+def database_busy(exc: BaseException) -> bool:
+    """Whether an error is the database being busy or out of reach, however wrapped:
+    SQLite ``database is locked``/``busy``, a pool or lock timeout, a refused or lost
+    connection, a deadlock or serialization failure (the client should retry)."""
+    for error in _chain(exc):
+        if isinstance(error, sqlite3.OperationalError) and (
+            "locked" in str(error) or "busy" in str(error)
+        ):
+            return True
+        if isinstance(
+            error,
+            psycopg.OperationalError
+            | psycopg.InterfaceError
+            | psycopg.errors.LockNotAvailable
+            | psycopg.errors.QueryCanceled
+            | psycopg.errors.SerializationFailure
+            | psycopg.errors.DeadlockDetected
+            | psycopg.errors.TooManyConnections
+            | DatabaseUnavailable
+            | sa.exc.TimeoutError
+            | es.OperationalError
+            | es.InterfaceError,
+        ):
+            return True
+    return False
+
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class UnhandledErrors:
+    """Innermost middleware: an error no handler answered becomes a problem response,
+    logged here while the request id is still known. The database being busy answers
+    503 with Retry-After (logged in one line); anything else is a bug: 500, logged with
+    its traceback and the request id (also in the response's ``x-request-id``)."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking)
+        except Exception as exc:
+            request_id = request_id_var.get()
+            where = f"{scope.get('method')} {scope.get('path')}"
+            if started:  # too late for another answer: log it, let the server close
+                log.exception(
+                    "error after the response started (%s, request_id=%s)", where, request_id
+                )
+                raise
+            if database_busy(exc):
+                log.warning(
+                    "database busy in %s (request_id=%s): %s: %s",
+                    where,
+                    request_id,
+                    type(exc).__name__,
+                    (str(exc).splitlines() or [""])[0],
+                )
+                problem = ApiProblem(
+                    503,
+                    "database_busy",
+                    "the database is busy; retry later",
+                    headers={"Retry-After": "1"},
+                )
+            else:
+                log.exception("unhandled error in %s (request_id=%s)", where, request_id)
+                problem = ApiProblem(
+                    500,
+                    "internal_error",
+                    f"an unexpected error; quote request id {request_id} when reporting it",
+                )
+            await problem_response(problem)(scope, receive, send)
+
+
 def install(app: FastAPI, extra: Sequence[type[Exception]] = ()) -> None:
     async def handle(_request: Request, exc: Exception) -> Response:
         return problem_response(to_problem(exc))
+
+    # added first, so innermost of the middlewares: inside the request id's
+    app.add_middleware(UnhandledErrors)
 
     for exc_type in (
         ApiProblem,

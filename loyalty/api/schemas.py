@@ -6,9 +6,18 @@ import re
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    StringConstraints,
+)
 
 from loyalty.domain.rules import MAX_DAILY_CAP, MAX_RANK_POINTS_THRESHOLD
+from loyalty.domain.user_ids import MAX_LENGTH, check_user_id
 
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
 
@@ -17,6 +26,16 @@ Identifier = Annotated[
     str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")
 ]
 EventType = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_.-]{1,64}$")]
+USER_ID_PATTERN = r"^[^\x00-\x1f\x7f/]+$"
+"""The part of the user-id rule a regular expression can say (for the fast paths and
+OpenAPI); :func:`loyalty.domain.user_ids.check_user_id` says the rest."""
+UserIdentifier = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=MAX_LENGTH, pattern=USER_ID_PATTERN),
+    AfterValidator(check_user_id),
+]
+"""A user id (see ``loyalty.domain.user_ids``): NFC, no control, format or surrogate
+characters, no U+FFFD, no ``/``, not ``.`` or ``..``, at most 128 characters."""
 
 
 def parse_rfc3339(value: str) -> datetime:
@@ -47,7 +66,9 @@ class IngressEvent(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     event_id: Identifier = Field(description="unique per source; a resend is a duplicate")
-    user_id: Identifier = Field(description="opaque member id")
+    user_id: UserIdentifier = Field(
+        description="opaque member id: NFC, no control/format characters, no /, <= 128"
+    )
     type: EventType = Field(description="activity type, e.g. played_game")
     occurred_at: Annotated[datetime, BeforeValidator(_rfc3339)] = Field(
         description="RFC 3339 with an explicit offset", examples=["2026-11-26T10:00:00Z"]
@@ -169,6 +190,11 @@ class PipelineBody(BaseModel):
     oldest_pending_age_s: float | None = Field(description="age of the oldest pending event")
     processed_total: int
     awards_total: int
+    quarantined_events: int = Field(
+        0,
+        description="account events the read models passed over because they could not "
+        "apply them (see `loyalty doctor`); 0 when healthy",
+    )
 
 
 # ------------------------------------------------------------------------- spending
@@ -243,7 +269,7 @@ class LeaderboardBody(BaseModel):
 class ForgetRequestBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    user_id: Identifier = Field(description="the member to erase everywhere")
+    user_id: UserIdentifier = Field(description="the member to erase everywhere")
 
 
 class ForgetAccepted(BaseModel):

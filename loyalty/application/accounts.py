@@ -12,12 +12,18 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 from uuid import UUID
 
-from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent
+from eventsourcing.application import (
+    AggregateNotFoundError,
+    Application,
+    Cache,
+    LRUCache,
+    ProcessingEvent,
+)
 from eventsourcing.persistence import IntegrityError, JSONTranscoder
 
 from loyalty.application.transcodings import register_member_transcodings
-from loyalty.domain.errors import DomainError, MemberNotFound
-from loyalty.domain.member import Member
+from loyalty.domain.errors import DomainError, MemberBeingErased, MemberNotFound
+from loyalty.domain.member import Member, scoped_key
 from loyalty.domain.ranks import RankLadder
 
 log = logging.getLogger(__name__)
@@ -35,6 +41,30 @@ class MemberMarkers(Protocol):
     """Forget-me markers as the accounts see them (see ``loyalty.application.erasure``)."""
 
     def check_member(self, user_id: str) -> Any: ...
+    def fence(self) -> int: ...
+    def invalidate(self) -> None: ...
+    def subscribe(self, listener: Callable[[Sequence[str] | None], None]) -> None: ...
+
+
+class StreamErased(IntegrityError):
+    """The event store refused a save into a member stream that is being or has been
+    erased (raised by the insert itself, in its own transaction; see
+    ``loyalty.adapters.event_recorder``). ``reason``:
+
+    - ``erasing``: a forget-me of the member is under way;
+    - ``fenced``: the member was erased after the caller read what it saves (its
+      erasure generation is older than the marker's): read again;
+    - ``gone``: the stream lacks the event just before the saved ones (a copy of an
+      erased aggregate, or a copy ahead of the store): read again."""
+
+    def __init__(self, reason: str, member_ids: Sequence[str]) -> None:
+        super().__init__(f"member stream {reason}: {', '.join(member_ids)}")
+        self.reason = reason
+        self.member_ids = list(member_ids)
+
+
+FENCE = "erasure_fence"
+"""Keyword of ``Application.save`` passing the erasure generation to the insert."""
 
 
 class Members(Application[UUID]):
@@ -134,6 +164,44 @@ class Accounts:
         self._stream_loader: StreamLoader | None = None
         # Members the last prefetch found no stream for (new accounts): no read needed.
         self._absent: set[UUID] = set()
+        if markers is not None:
+            # every marker this process sees appear or change (erasing, done, expired)
+            # evicts the member's cached copy: no process serves an erased account
+            markers.subscribe(self._evict_streams)
+
+    def fence(self) -> int | None:
+        """The erasure generation this thread last read the markers at (before loading
+        what it saves): the insert refuses streams whose marker is newer."""
+        return self.markers.fence() if self.markers is not None else None
+
+    def save(self, *members: Member, fence: int | None) -> None:
+        self.app.save(*members, **{FENCE: fence})
+
+    def refused(self, exc: StreamErased) -> None:
+        """After the store refused a save: forget the cached copies and re-read the
+        markers; while the erasure runs, the member answers as being erased."""
+        self._evict_streams(exc.member_ids)
+        if self.markers is not None:
+            self.markers.invalidate()
+        if exc.reason == "erasing":
+            raise MemberBeingErased() from exc
+
+    def _evict_streams(self, member_ids: Sequence[str] | None) -> None:
+        """Evict these streams from the cache (None: empty the cache)."""
+        if self._app is None:  # nothing cached yet
+            return
+        repository = self._app.repository
+        cache = repository.cache
+        if cache is None:
+            return
+        if member_ids is None:
+            maxsize = getattr(cache, "maxsize", None)
+            repository.cache = LRUCache(maxsize) if maxsize else Cache()
+            return
+        if cache is not None:
+            for member_id in member_ids:
+                with contextlib.suppress(KeyError, ValueError):
+                    cache.get(UUID(member_id), evict=True)
 
     def prefetch(self, user_ids: Sequence[str]) -> None:
         """Load the members not in the cache with a few bulk reads instead of one read
@@ -211,13 +279,21 @@ class Accounts:
         """Apply awards (each idempotent by award id), saving in small groups.
         Returns how many were new."""
         applied = 0
+        # The generation the caller (the pipeline) filtered its events with: a member
+        # erased since must not receive them (the window fails and is read again).
+        fence = self.fence()
         self.prefetch([c.user_id for c in commands])
         for start in range(0, len(commands), SAVE_GROUP):
             group = commands[start : start + SAVE_GROUP]
-            applied += with_retry(lambda g=group: self._award_group(g, ranks), what="awards")  # type: ignore[misc]
+            applied += with_retry(
+                lambda g=group: self._award_group(g, ranks, fence),  # type: ignore[misc]
+                what="awards",
+            )
         return applied
 
-    def _award_group(self, group: Sequence[AwardCommand], ranks: RankLadder) -> int:
+    def _award_group(
+        self, group: Sequence[AwardCommand], ranks: RankLadder, fence: int | None
+    ) -> int:
         members: dict[str, Any] = {}  # a member twice in a group is loaded once
         applied = 0
         for cmd in group:
@@ -241,7 +317,13 @@ class Accounts:
                 members[cmd.user_id] = member
         if members:
             try:
-                self.app.save(*members.values())
+                self.save(*members.values(), fence=fence)
+            except StreamErased as exc:
+                self._evict(list(members))
+                self.refused(exc)  # raises MemberBeingErased while erasing
+                if exc.reason == "fenced":  # the window predates the erasure: read it again
+                    raise MemberBeingErased() from exc
+                raise  # gone: retried from a fresh read of the store
             except Exception:
                 # The worker's cache hands out its own copies (no deep copy): a save that
                 # failed for any reason (a conflict, or the database gone mid-commit)
@@ -300,11 +382,19 @@ class Spending:
         self._stripes = [threading.Lock() for _ in range(self.LOCK_STRIPES)]
 
     def _locked(self, user_id: str, action: Callable[[], T]) -> Callable[[], T]:
+        """Run ``action`` under the member's stripe lock. A save the store refused
+        because the member is being erased answers as being erased; one refused because
+        it was erased (a stale copy) is read again from the store (by ``with_retry``):
+        the same answer as a command arriving after the erasure."""
         lock = self._stripes[hash(user_id) % self.LOCK_STRIPES]
 
         def run() -> T:
             with lock:
-                return action()
+                try:
+                    return action()
+                except StreamErased as exc:
+                    self._accounts.refused(exc)
+                    raise
 
         return run
 
@@ -330,7 +420,8 @@ class Spending:
     def _save(self, member: Member) -> None:
         # On a conflict (IntegrityError) nothing needs evicting: the repository hands out
         # deep copies of cached aggregates and fast-forwards the cached one on each get.
-        self.app.save(member)
+        # The fence: the markers as read by this command's load, just before it.
+        self._accounts.save(member, fence=self._accounts.fence())
 
     def _state_after(
         self, user_id: str, match: Callable[[Any], bool], *, with_rank_change: bool = False
@@ -347,20 +438,28 @@ class Spending:
                 break
             member = domain_event.mutate(member)
             found = match(domain_event)
+        if member is None:  # the stream is gone: erased since the copy was loaded
+            self._accounts.evict(user_id)
+            raise MemberNotFound()
         if not found:  # the aggregate said it happened: the stream must show it
             raise LookupError("event not found in the member's stream")
         assert isinstance(member, Member)
         return member
 
-    def spend(self, user_id: str, order_id: str, amount: int) -> OrderResult:
+    def spend(
+        self, user_id: str, order_id: str, amount: int, source: str | None = None
+    ) -> OrderResult:
+        """Spend for ``source``'s ``order_id`` (order ids are scoped by source)."""
+
         def action() -> tuple[OrderResult, str, int]:
             member = self._accounts.get(user_id)
-            replay = order_id in member.orders
-            member.spend(order_id, amount)  # raises OrderConflict / InsufficientFunds
+            key = member.order_key(order_id, source)
+            replay = key in member.orders
+            member.spend(order_id, amount, source)  # raises OrderConflict / InsufficientFunds
             if replay:
                 after = self._state_after(
                     user_id,
-                    lambda e: _is(e, "Spent") and e.order_id == order_id,
+                    lambda e: _is(e, "Spent") and scoped_key(e.source, e.order_id) == key,
                 )
                 return OrderResult(order_id, amount, after.currency), REPLAYED, amount
             self._save(member)
@@ -370,15 +469,18 @@ class Spending:
             "spend", lambda: with_retry(self._locked(user_id, action), what="spend")
         )
 
-    def refund(self, user_id: str, order_id: str) -> OrderResult:
+    def refund(self, user_id: str, order_id: str, source: str | None = None) -> OrderResult:
+        """Refund ``source``'s ``order_id`` (another source's order is not found)."""
+
         def action() -> tuple[OrderResult, str, int]:
             member = self._accounts.get(user_id)
-            replay = order_id in member.refunded_orders
-            amount = member.refund(order_id)  # raises OrderNotFound
+            key = member.order_key(order_id, source)
+            replay = key in member.refunded_orders
+            amount = member.refund(order_id, source)  # raises OrderNotFound
             if replay:
                 after = self._state_after(
                     user_id,
-                    lambda e: _is(e, "Refunded") and e.order_id == order_id,
+                    lambda e: _is(e, "Refunded") and scoped_key(e.source, e.order_id) == key,
                 )
                 return OrderResult(order_id, amount, after.currency), REPLAYED, amount
             self._save(member)
@@ -396,22 +498,24 @@ class Spending:
         rank_points: int,
         reason: str,
         ranks: RankLadder,
+        source: str | None = None,
     ) -> Member:
-        """Apply an operator adjustment; returns the member right after it. An unknown
-        member gets an account (an operator may credit someone who has not earned yet);
-        a rejected adjustment creates nothing."""
+        """Apply an operator adjustment (ids scoped by ``source``); returns the member
+        right after it. An unknown member gets an account (an operator may credit
+        someone who has not earned yet); a rejected adjustment creates nothing."""
 
         def action() -> tuple[Member, str, int]:
             try:
                 member = self._accounts.get(user_id)
             except MemberNotFound:
                 member = Member(user_id=user_id)
-            if member.adjust(adjustment_id, currency, rank_points, reason, ranks):
+            key = member.adjustment_key(adjustment_id, source)
+            if member.adjust(adjustment_id, currency, rank_points, reason, ranks, source):
                 self._save(member)
                 return member, APPLIED, currency
             after = self._state_after(
                 user_id,
-                lambda e: _is(e, "Adjusted") and e.adjustment_id == adjustment_id,
+                lambda e: _is(e, "Adjusted") and scoped_key(e.source, e.adjustment_id) == key,
                 with_rank_change=True,
             )
             return after, REPLAYED, currency

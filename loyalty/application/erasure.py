@@ -4,11 +4,18 @@ A request is durable (its row keeps the user id only until it completes). Steps 
 order and each is idempotent, so a crash anywhere finishes on the next run:
 
 1. ``marker``: a short-lived marker (salted hash of the user id, stream id, request
-   time) makes every process drop the member's older ingress events, refuse commands on
-   the account while it is being erased, and evict it from its caches.
-2. ``settle``: wait until every process has re-read the markers (they do so every
-   ``marker_refresh`` seconds), so no command that loaded the account before the marker
-   can still save into it.
+   time, and the erasure generation it was set at) makes every process drop the
+   member's older ingress events, refuse commands on the account while it is being
+   erased, and evict it from its caches (each process re-reads the markers every
+   ``marker_refresh`` seconds and evicts every member whose marker appeared or changed).
+   It is written in the request's own transaction.
+2. ``settle``: politeness only: give commands already running the time to finish
+   before the deletion (they would be refused otherwise). Correctness does not depend
+   on it: the event insert itself refuses, in its own transaction, any write into a
+   stream that is being erased, that lacks the event before the written ones (a stale
+   copy of an erased account), or whose marker is newer than the markers the command
+   read before loading (``loyalty.adapters.event_recorder``); the deletion takes a lock
+   that conflicts with the insert's, so one always sees the other.
 3. every registered location is erased (ingress rows, cap counters, the event stream,
    read models), then storage is vacuumed, then the request completes: the user id is
    blanked and the receipt keeps times and a count per location.
@@ -22,6 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -54,6 +62,8 @@ class Marker:
     member_id: str
     requested_at: datetime
     state: str
+    seq: int = 0
+    """The erasure generation it was set at (``erasing``); 0 when not known."""
 
 
 @dataclass(slots=True)
@@ -69,9 +79,12 @@ class ForgetRequest:
 
 class ErasureStore(Protocol):
     def subject_hash(self, user_id: str) -> str: ...
+    def generation(self) -> int: ...
     def markers(self) -> list[Marker]: ...
     def put_marker(self, marker: Marker, expires_at: datetime) -> None: ...
-    def create_request(self, user_id: str, requested_at: datetime) -> str: ...
+    def create_request(
+        self, user_id: str, requested_at: datetime, marker: Marker, expires_at: datetime
+    ) -> str: ...
     def get_request(self, request_id: str) -> ForgetRequest | None: ...
     def unfinished_requests(self) -> list[ForgetRequest]: ...
     def record_step(self, request_id: str, step: str, erased: dict[str, int]) -> None: ...
@@ -87,37 +100,92 @@ class ErasureStore(Protocol):
     def vacuum(self) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    generation: int
+    by_hash: dict[str, Marker]
+    by_member: dict[str, Marker]
+
+
 class MarkerCache:
-    """This process's view of the forget markers, re-read every ``refresh`` seconds."""
+    """This process's view of the forget markers, re-read every ``refresh`` seconds.
+
+    Each read takes the erasure generation first, then the markers (so every marker set
+    at or before that generation is in the view). A thread's last answer remembers the
+    generation it came from (``fence``): a save passes it to the event insert, which
+    refuses a stream whose marker is newer. Subscribers (the accounts' caches) hear of
+    every member whose marker appeared, changed state or went away; and of everyone
+    (``None``) when the generation moved past markers this process never saw (they
+    expired before it looked: an idle process's cache may hold an erased account)."""
 
     def __init__(self, store: ErasureStore, refresh: float = 1.0) -> None:
         self._store = store
         self._refresh = refresh
-        self._by_hash: dict[str, Marker] = {}
-        self._by_member: dict[str, Marker] = {}
+        self._snapshot: _Snapshot | None = None
         self._expires = 0.0
         self._lock = threading.Lock()
+        self._seen = threading.local()
+        self._listeners: list[weakref.WeakMethod[Callable[[Sequence[str] | None], None]]] = []
 
-    def _current(self) -> dict[str, Marker]:
+    def subscribe(self, listener: Callable[[Sequence[str] | None], None]) -> None:
+        """Call the bound method ``listener`` with the stream ids whose markers changed
+        (held weakly: a subscriber that goes away is dropped)."""
+        self._listeners.append(weakref.WeakMethod(listener))
+
+    def _current(self) -> _Snapshot:
         if time.monotonic() >= self._expires:
             with self._lock:
                 if time.monotonic() >= self._expires:
-                    markers = self._store.markers()
-                    self._by_hash = {m.subject_hash: m for m in markers}
-                    self._by_member = {m.member_id: m for m in markers}
-                    self._expires = time.monotonic() + self._refresh
-        return self._by_hash
+                    self._reload()
+        snapshot = self._snapshot
+        assert snapshot is not None
+        self._seen.generation = snapshot.generation
+        return snapshot
+
+    def _reload(self) -> None:
+        generation = self._store.generation()
+        markers = self._store.markers()
+        new = {m.member_id: m for m in markers}
+        changed: list[str] | None = None  # None: evict everyone
+        if self._snapshot is not None:
+            old = self._snapshot.by_member
+            changed = sorted(
+                m
+                for m in old.keys() | new.keys()
+                if (old.get(m) and (old[m].state, old[m].requested_at))
+                != (new.get(m) and (new[m].state, new[m].requested_at))
+            )
+            seen = {m.seq for m in markers if self._snapshot.generation < m.seq <= generation}
+            if len(seen) < generation - self._snapshot.generation:
+                changed = None  # erasures this process never saw the markers of
+        if changed is None or changed:  # evict before anyone answers from the new view
+            for ref in list(self._listeners):
+                listener = ref()
+                if listener is None:
+                    self._listeners.remove(ref)
+                else:
+                    listener(changed)
+        self._snapshot = _Snapshot(generation, {m.subject_hash: m for m in markers}, new)
+        self._expires = time.monotonic() + self._refresh
+
+    def fence(self) -> int:
+        """The erasure generation of this thread's last answer (the current one if none)."""
+        seen = getattr(self._seen, "generation", None)
+        if seen is None:
+            self._current()
+            seen = self._seen.generation
+        return int(seen)
 
     def any(self) -> bool:
         """Whether any member has a marker (most of the time: none)."""
-        return bool(self._current())
+        return bool(self._current().by_hash)
 
     def invalidate(self) -> None:
         self._expires = 0.0
 
     def forgotten_at(self, user_id: str) -> datetime | None:
         """When a forget-me of ``user_id`` was requested (None if none is known)."""
-        by_hash = self._current()
+        by_hash = self._current().by_hash
         if not by_hash:
             return None
         marker = by_hash.get(self._store.subject_hash(user_id))
@@ -125,9 +193,10 @@ class MarkerCache:
 
     def check_member(self, user_id: str) -> Marker | None:
         """Raise while the member is being erased; the marker when one is done."""
-        if not self._current():
+        snapshot = self._current()
+        if not snapshot.by_hash:
             return None
-        marker = self._by_member.get(str(Member.create_id(user_id)))
+        marker = snapshot.by_member.get(str(Member.create_id(user_id)))
         if marker is not None and marker.state == ERASING:
             raise MemberBeingErased()
         return marker
@@ -144,7 +213,9 @@ class ForgetService:
         evict: Callable[[str], None] = lambda _user_id: None,
         crash_hook: Callable[[str], None] | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        markers_changed: Callable[[], None] = lambda: None,
     ) -> None:
+        self._markers_changed = markers_changed
         self._store = store
         self._clock = clock
         self._marker_ttl = marker_ttl
@@ -157,17 +228,22 @@ class ForgetService:
         """Record the request and its marker at once (ingress drops the member's older
         events from now on); the erasure itself runs in the worker."""
         now = self._clock()
-        request_id = self._store.create_request(user_id, now)
-        self._put_marker(user_id, now, ERASING)
+        marker = self._marker(user_id, now, ERASING)
+        request_id = self._store.create_request(user_id, now, marker, now + self._marker_ttl)
+        self._markers_changed()
         found = self._store.get_request(request_id)
         assert found is not None
         return found
 
-    def _put_marker(self, user_id: str, requested_at: datetime, state: str) -> None:
-        marker = Marker(
+    def _marker(self, user_id: str, requested_at: datetime, state: str) -> Marker:
+        return Marker(
             self._store.subject_hash(user_id), str(Member.create_id(user_id)), requested_at, state
         )
+
+    def _put_marker(self, user_id: str, requested_at: datetime, state: str) -> None:
+        marker = self._marker(user_id, requested_at, state)
         self._store.put_marker(marker, requested_at + self._marker_ttl)
+        self._markers_changed()  # this process's caches see it now
 
     def run_pending(self) -> int:
         """Carry out every unfinished request; returns how many completed."""
@@ -189,7 +265,7 @@ class ForgetService:
                 assert user_id, "the user id is kept until the subject step"
             if step == "marker":
                 self._put_marker(user_id, request.requested_at, ERASING)
-            elif step == "settle":
+            elif step == "settle":  # politeness: see the module's docstring
                 remaining = (request.requested_at + self._settle - self._clock()).total_seconds()
                 if remaining > 0:
                     self._sleep(min(remaining, self._settle.total_seconds()))
@@ -202,6 +278,7 @@ class ForgetService:
             elif step == "event_store":
                 erased["event_store"] = self._store.erase_stream(member_id)
                 self._evict(user_id)
+                self._markers_changed()
             elif step == "read_models":
                 erased.update(self._store.erase_read_models(user_id))
             elif step == "delivery":  # events out (issue 17): dead letters, notices

@@ -5,6 +5,12 @@ of that window, weigh and aggregate them, award each member once with the window
 deterministic award id, then advance the checkpoint together with the cap counters in
 one transaction. A crash anywhere re-reads exactly the same window, so the same award
 ids come out and the Member aggregate ignores the ones it has already seen.
+
+Both checkpoint writes are compare-and-sets on the position the window was read after
+(noting the end: only if no window is noted; committing: only if this window is), so
+correctness never rests on the shard lease: two workers on one shard (a lease lost with
+its database session) can only note the same end for a window, award it under the same
+award id, and one of them commits it; the other gets :class:`LeaseLost`.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Protocol
@@ -33,6 +39,11 @@ from loyalty.domain.rules import (
 log = logging.getLogger(__name__)
 
 Position = tuple[int, int]
+
+
+class LeaseLost(Exception):
+    """A checkpoint write found the shard's checkpoint moved: another worker has taken
+    the shard over. Nothing was written; drop the window and re-take the leases."""
 
 
 class IngressRow(ActivityLike, Protocol):
@@ -57,10 +68,11 @@ class CheckpointLike(Protocol):
 
 class PipelineState(Protocol):
     def load(self, shard: int) -> CheckpointLike: ...
-    def set_pending(self, shard: int, end: Position) -> None: ...
+    def set_pending(self, shard: int, start: Position, end: Position) -> None: ...
     def commit(
         self,
         shard: int,
+        start: Position,
         end: Position,
         cap_changes: Mapping[CapKey, int],
         *,
@@ -151,7 +163,11 @@ class Pipeline:
         ``then`` names the shard the caller processes next if this window is not full:
         its first window is read while this one is weighed and awarded."""
         with cyclic_gc_paused():
-            return self._process_window(shard, then)
+            try:
+                return self._process_window(shard, then)
+            except LeaseLost:
+                self._ahead.discard()
+                raise
 
     def _read_next(self, shard: int, end: Position, full: bool, then: int | None) -> None:
         if full:  # the caller comes back to this shard
@@ -181,7 +197,8 @@ class Pipeline:
                 self._read_next(shard, checkpoint.position, False, then)
                 return 0
             end = rows[-1].position
-            self._state.set_pending(shard, end)
+            self._crash_hook("window_read")
+            self._state.set_pending(shard, checkpoint.position, end)
             self._read_next(shard, end, len(rows) >= self.chunk, then)
         self._crash_hook("window_noted")
         rule_set = self._rules.current()
@@ -208,7 +225,14 @@ class Pipeline:
         ]
         self._accounts.award_many(commands, rule_set.ranks)
         self._crash_hook("awarded")
-        self._state.commit(shard, end, caps.changes(), processed=window_size, awards=len(commands))
+        self._state.commit(
+            shard,
+            checkpoint.position,
+            end,
+            caps.changes(),
+            processed=window_size,
+            awards=len(commands),
+        )
         caps.mark_saved()
         self._crash_hook("committed")
         if self.metrics is not None:
@@ -242,6 +266,8 @@ class Worker:
         window_seconds: float,
         try_lease: Callable[[int], bool],
         retry_errors: tuple[type[BaseException], ...],
+        held_leases: Callable[[], Collection[int]] | None = None,
+        on_error: Callable[[], None] | None = None,
         lag_probe: LagProbe | None = None,
         lag_every_seconds: float = 5.0,
     ) -> None:
@@ -253,10 +279,20 @@ class Worker:
         self._owned: list[int] = []
         self._window = window_seconds
         self._try_lease = try_lease
+        self._held_leases = held_leases
+        # After a database error: drop the pooled connections that died with it (a
+        # restart ends them all; found one by one, each costs the pool a back-off).
+        self._on_error = on_error or (lambda: None)
         self._retry_errors = retry_errors
         self.stop_event = threading.Event()
 
     def _lease_missing(self) -> None:
+        if self._held_leases is not None:  # asks the database: a lease dies with its session
+            held = self._held_leases()
+            lost = [s for s in self._owned if s not in held]
+            if lost:
+                log.warning("worker lost the lease of shards %s", lost)
+                self._owned = [s for s in self._owned if s in held]
         for shard in self._wanted:
             if shard not in self._owned and self._try_lease(shard):
                 self._owned.append(shard)
@@ -271,10 +307,18 @@ class Worker:
                 self._pipeline.drain(sorted(self._owned), self.stop_event)
                 self._sample_lag()
                 backoff.reset()
+            except LeaseLost as exc:
+                # Another worker committed or noted a window of one of our shards: our
+                # lease of it is gone. Nothing of the window was written; ask again.
+                log.warning("pipeline: %s; taking the leases again", exc)
+                self._owned.clear()
+                self.stop_event.wait(0.05)
+                continue
             except self._retry_errors as exc:
                 # Leases live in a database session: take them again (a no-op for those
                 # still held), so that a lease lost with the session is never assumed.
                 self._owned.clear()
+                self._on_error()
                 backoff.pause(exc)
                 continue
             self.stop_event.wait(max(0.0, self._window - (time.monotonic() - started)))

@@ -7,6 +7,14 @@ position in one transaction, on the condition that the tracking position is stil
 one the batch started from. A crash before the commit loses nothing (the batch is read
 again); a crash after it re-reads nothing; two runners cannot both apply a batch.
 
+An event the projection cannot apply (its stream has no balance row, i.e. no ``Created``
+event: an orphan left by an old forget-me race; or an event that does not decode) is
+*quarantined*: recorded with its position, stream and error in the same transaction
+as the batch and the new position, counted, logged once per stream, and passed over; the
+projection goes on for everyone else. ``loyalty projections status`` and ``GET
+/v1/pipeline`` show the quarantine; ``loyalty doctor --repair`` finishes erasing orphan
+streams and clears their entries; ``loyalty projections rebuild`` starts it afresh.
+
 Reading the log is gap-safe on both backends: on SQLite there is one writer at a time,
 so rowid order is commit order; on PostgreSQL the library serializes inserts of stored
 events with ``LOCK TABLE ... IN EXCLUSIVE MODE``, so once an id is visible every lower id
@@ -63,6 +71,17 @@ class BalanceChange:
     lifetime_currency: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class QuarantinedEvent:
+    """An event the projection passed over because it could not apply it."""
+
+    position: int
+    member_id: str
+    originator_version: int
+    topic: str
+    error: str
+
+
 @dataclass(slots=True)
 class ProjectedBatch:
     start: int
@@ -73,12 +92,15 @@ class ProjectedBatch:
     history: list[HistoryEntry] = field(default_factory=list)
     epoch: int = 0
     """The tracking epoch when the batch was read (forget-me bumps it)."""
+    quarantined: list[QuarantinedEvent] = field(default_factory=list)
+    """Events passed over, recorded with the batch."""
 
 
 class ProjectionMetrics(Protocol):
     """Where projection progress is recorded (implemented by ``loyalty.observability``)."""
 
     def projection_progress(self, name: str, *, position: int, head: int, applied: int) -> None: ...
+    def projection_quarantined(self, name: str, count: int) -> None: ...
 
 
 class ReadModelWriter(Protocol):
@@ -98,7 +120,9 @@ def project(
     notifications: Sequence[tuple[int, Any]],
     known_user_ids: Callable[[Collection[str]], Mapping[str, str]],
 ) -> ProjectedBatch:
-    """Map ``(notification_id, domain_event)`` pairs, oldest first, to row changes."""
+    """Map ``(notification_id, domain_event)`` pairs, oldest first, to row changes. An
+    event of a stream with no balance row (and no ``Created`` in the batch) is put in
+    ``batch.quarantined`` instead."""
     batch = ProjectedBatch(start=start, end=notifications[-1][0] if notifications else start)
     created = {
         str(e.originator_id): str(e.user_id)
@@ -107,12 +131,21 @@ def project(
     }
     others = {str(e.originator_id) for _, e in notifications} - created.keys()
     users = {**known_user_ids(others), **created} if others else created
-    for _, event in notifications:
+    for position, event in notifications:
         name = type(event).__name__
         member_id = str(event.originator_id)
         user_id = users.get(member_id)
         if user_id is None:
-            raise LookupError(f"no balance row for member stream {member_id}")
+            batch.quarantined.append(
+                QuarantinedEvent(
+                    position,
+                    member_id,
+                    int(event.originator_version),
+                    name,
+                    f"LookupError: no balance row for member stream {member_id}",
+                )
+            )
+            continue
         at = _utc(event.timestamp)
         change = batch.balances.get(member_id)
         if change is None:
@@ -168,6 +201,7 @@ class MemberProjection:
         self.batch_size = batch_size
         self.metrics = metrics
         self._position: int | None = None
+        self._logged: set[str] = set()  # streams whose quarantine was logged
 
     def head(self) -> int:
         """The newest notification id in the event store (0 when empty)."""
@@ -193,9 +227,25 @@ class MemberProjection:
             self._report(start, head, 0)
             return 0
         mapper = self._members.mapper
-        # SQLite tombstones (forget-me keeps the highest rowid taken) are not events.
-        pairs = [(n.id, mapper.to_domain_event(n)) for n in notifications if n.topic != TOMBSTONE]
+        pairs: list[tuple[int, Any]] = []
+        undecodable: list[QuarantinedEvent] = []
+        for n in notifications:
+            if n.topic == TOMBSTONE:  # SQLite: forget-me keeps the highest rowid taken
+                continue
+            try:
+                pairs.append((n.id, mapper.to_domain_event(n)))
+            except Exception as exc:  # recorded, counted and logged below: not hidden
+                undecodable.append(
+                    QuarantinedEvent(
+                        n.id,
+                        str(n.originator_id),
+                        int(n.originator_version),
+                        n.topic,
+                        f"{type(exc).__name__}: {exc}",
+                    )
+                )
         batch = project(start, pairs, self._store.user_ids)
+        batch.quarantined[:0] = undecodable
         batch.end = notifications[-1].id
         batch.epoch = epoch
         if not self._store.apply(self.name, batch):
@@ -203,8 +253,27 @@ class MemberProjection:
             self._position = None
             return 0
         self._position = batch.end
+        if batch.quarantined:
+            self._quarantined(batch.quarantined)
         self._report(batch.end, head, len(pairs))
-        return len(pairs)
+        return len(pairs) + len(undecodable)
+
+    def _quarantined(self, events: Sequence[QuarantinedEvent]) -> None:
+        for q in events:
+            if q.member_id not in self._logged:
+                self._logged.add(q.member_id)
+                log.error(
+                    "projection %s quarantined event %d (stream %s, version %d, %s): %s; "
+                    "it goes on without it (see `loyalty doctor`)",
+                    self.name,
+                    q.position,
+                    q.member_id,
+                    q.originator_version,
+                    q.topic,
+                    q.error,
+                )
+        if self.metrics is not None:
+            self.metrics.projection_quarantined(self.name, len(events))
 
     def _report(self, position: int, head: int, applied: int) -> None:
         if self.metrics is not None:
@@ -250,7 +319,9 @@ class ProjectionWorker:
         retry_errors: tuple[type[BaseException], ...],
         poll_seconds: float = 0.2,
         lease_retry_seconds: float = 2.0,
+        on_error: Callable[[], None] | None = None,
     ) -> None:
+        self._on_error = on_error or (lambda: None)  # e.g. drop dead pooled connections
         self._projection = projection
         self._try_lease = try_lease
         self._retry_errors = retry_errors
@@ -263,15 +334,20 @@ class ProjectionWorker:
         backoff = Backoff(self.stop_event, log, "projection")
         while not self.stop_event.is_set():
             try:
+                # Asked every round (a lease dies with its database session); each batch
+                # is fenced anyway: it commits only if the tracking position is unmoved.
+                leased, self.leased = self.leased, self._try_lease()
                 if not self.leased:
-                    self.leased = self._try_lease()
-                    if not self.leased:
-                        self.stop_event.wait(self._lease_retry)
-                        continue
+                    if leased:
+                        log.warning("projection %s lost its lease", self._projection.name)
+                    self.stop_event.wait(self._lease_retry)
+                    continue
+                if not leased:
                     log.info("projection %s runs in this process", self._projection.name)
                 self._projection.catch_up(self.stop_event)
                 backoff.reset()
             except self._retry_errors as exc:
+                self._on_error()
                 backoff.pause(exc)
                 continue
             except Exception:  # a bug: keep the thread alive, loudly, and retry slowly

@@ -6,7 +6,13 @@ Pure orchestration over :class:`RetentionStore` (SQL for both backends lives in
 Per expired day the store removes what the pipeline has processed (PostgreSQL: the whole
 day partition, or nothing; SQLite: the processed rows) and reports what it had to keep.
 An event the pipeline has not processed is never removed. Derived rows keyed to expired
-days (daily cap counters) and expired forget-me markers go too.
+days (daily cap counters, PostgreSQL's dedup keys) go with their day's ingress: a day kept
+for its unprocessed events keeps them, because the pipeline still needs them. Expired
+forget-me markers go too.
+
+Every destructive step is conditional on the database's state at that moment (no
+unprocessed row, no ingress left for the day), not on the lease: two runs at once (a
+lease lost with its session) can only both find nothing left to do.
 """
 
 from __future__ import annotations
@@ -133,7 +139,8 @@ class RetentionStore(Protocol):
         ...
 
     def delete_caps_before(self, day: date) -> int:
-        """Delete daily cap counters of days before ``day``; return how many."""
+        """Delete daily cap counters of days before ``day`` that hold no ingress any
+        more (never those of a kept day); return how many."""
         ...
 
     def delete_expired_markers(self, as_of: datetime) -> int:

@@ -14,12 +14,21 @@ Version 2 of the state (``class_version``): ``award_positions`` + ``other_award_
 instead of every award id ever seen, ``Adjustment`` values instead of tuples (JSON has no
 tuple, so a snapshot could not give them back). Stored events are unchanged: replaying a
 version-1 stream builds the version-2 state; ``upcast_v1_v2`` converts a version-1 state.
+
+Order ids and adjustment ids are scoped by *source* (the name of the API key that sent
+the command, as ingest de-duplication is): shop A's ``o-77`` and shop B's ``o-77`` are two
+orders, and B can neither replay nor refund A's. They are kept under one string key per
+(source, id) (:func:`scoped_key`; JSON object keys are strings, so a snapshot keeps
+them). Events stored before sources were recorded (``Spent``, ``Refunded``, ``Adjusted``
+version 1) load with ``source = None``: such a legacy id answers every source as before
+(a replay is still a replay, never a second charge).
 """
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID, uuid5
@@ -65,6 +74,12 @@ def award_position(award_id: str) -> tuple[str, list[int]] | None:
     return str(shard), [txid, seq]
 
 
+def scoped_key(source: str | None, id_: str) -> str:
+    """The key of ``source``'s order or adjustment id ``id_`` (source None: stored before
+    sources were recorded). Unambiguous for any strings."""
+    return json.dumps([source, id_], ensure_ascii=False, separators=(",", ":"))
+
+
 @dataclass(frozen=True, slots=True)
 class Adjustment:
     """What an adjustment id was used for (a replay must repeat it exactly)."""
@@ -99,13 +114,15 @@ class Member(Aggregate):
         self.other_award_ids: set[str] = set()
         """Award ids not in the pipeline's form, each kept (the pipeline makes none)."""
         self.orders: dict[str, int] = {}
+        """Amount per :func:`scoped_key` (source, order id)."""
         self.refunded_orders: set[str] = set()
         self.adjustments: dict[str, Adjustment] = {}
 
     @staticmethod
     def upcast_v1_v2(state: dict[str, Any]) -> None:
         """A version-1 state (a snapshot): every award id seen -> one high-water position
-        per shard plus the other ids; adjustment tuples (or JSON lists) -> Adjustment."""
+        per shard plus the other ids; adjustment tuples (or JSON lists) -> Adjustment;
+        order and adjustment ids (no source then) -> their scoped keys."""
         positions: dict[str, list[int]] = {}
         others: set[str] = set()
         for award_id in state.pop("award_ids", ()):
@@ -118,10 +135,37 @@ class Member(Aggregate):
                 positions[shard] = end
         state["award_positions"] = positions
         state["other_award_ids"] = others
-        state["refunded_orders"] = set(state.get("refunded_orders", ()))
-        state["adjustments"] = {
-            key: Adjustment(*value) for key, value in state.get("adjustments", {}).items()
+        state["orders"] = {
+            scoped_key(None, key): value for key, value in state.get("orders", {}).items()
         }
+        state["refunded_orders"] = {
+            scoped_key(None, key) for key in state.get("refunded_orders", ())
+        }
+        state["adjustments"] = {
+            scoped_key(None, key): Adjustment(*value)
+            for key, value in state.get("adjustments", {}).items()
+        }
+
+    # ------------------------------------------------------------ scoped ids
+
+    @staticmethod
+    def _scoped(known: Collection[str], source: str | None, id_: str) -> str:
+        """The key of ``id_`` from ``source``: its own, a legacy one (no source) if
+        only that is known, else its own (new)."""
+        own = scoped_key(source, id_)
+        if own not in known:
+            legacy = scoped_key(None, id_)
+            if legacy in known:
+                return legacy
+        return own
+
+    def order_key(self, order_id: str, source: str | None) -> str:
+        """The key under which ``source``'s ``order_id`` is (or would be) stored."""
+        return self._scoped(self.orders, source, order_id)
+
+    def adjustment_key(self, adjustment_id: str, source: str | None) -> str:
+        """The key under which ``source``'s ``adjustment_id`` is (or would be) stored."""
+        return self._scoped(self.adjustments, source, adjustment_id)
 
     # ------------------------------------------------------------------ commands
 
@@ -154,27 +198,29 @@ class Member(Aggregate):
         self._record_rank(ranks)
         return True
 
-    def spend(self, order_id: str, amount: int) -> int:
-        """Debit ``amount`` for ``order_id``; a replay with the same amount is a
-        no-op returning the amount."""
+    def spend(self, order_id: str, amount: int, source: str | None = None) -> int:
+        """Debit ``amount`` for ``source``'s ``order_id``; a replay with the same
+        amount is a no-op returning the amount."""
         _require_int(amount, minimum=1, what="amount")
-        spent = self.orders.get(order_id)
+        spent = self.orders.get(self.order_key(order_id, source))
         if spent is not None:
             if spent != amount:
                 raise OrderConflict()
             return amount
         if self.currency < amount:
             raise InsufficientFunds(available=self.currency, requested=amount)
-        self._spent(order_id=order_id, amount=amount)
+        self._spent(order_id=order_id, amount=amount, source=source)
         return amount
 
-    def refund(self, order_id: str) -> int:
-        """Put a spent order's amount back, once; returns the amount."""
-        amount = self.orders.get(order_id)
+    def refund(self, order_id: str, source: str | None = None) -> int:
+        """Put ``source``'s spent order's amount back, once; returns the amount."""
+        key = self.order_key(order_id, source)
+        amount = self.orders.get(key)
         if amount is None:
             raise OrderNotFound()
-        if order_id not in self.refunded_orders:
-            self._refunded(order_id=order_id, amount=amount)
+        if key not in self.refunded_orders:
+            legacy = key != scoped_key(source, order_id)
+            self._refunded(order_id=order_id, amount=amount, source=None if legacy else source)
         return amount
 
     def adjust(
@@ -184,13 +230,15 @@ class Member(Aggregate):
         rank_points: int,
         reason: str,
         ranks: RankLadder,
+        source: str | None = None,
     ) -> bool:
-        """Operator correction (may be negative); False (no event) on a replay."""
+        """Operator correction (may be negative), idempotent by ``source``'s
+        ``adjustment_id``; False (no event) on a replay."""
         _require_int(currency, minimum=None, what="currency")
         _require_int(rank_points, minimum=None, what="rank_points")
         if not isinstance(reason, str):
             raise TypeError("reason must be a string")
-        previous = self.adjustments.get(adjustment_id)
+        previous = self.adjustments.get(self.adjustment_key(adjustment_id, source))
         if previous is not None:
             if previous != Adjustment(currency, rank_points, reason):
                 raise AdjustmentConflict()
@@ -204,6 +252,7 @@ class Member(Aggregate):
             currency=currency,
             rank_points=rank_points,
             reason=reason,
+            source=source,
         )
         self._record_rank(ranks)
         return True
@@ -257,19 +306,54 @@ class Member(Aggregate):
         self.lifetime_currency += currency
         self.rank_points += rank_points
 
-    @event("Spent")
-    def _spent(self, order_id: str, amount: int) -> None:
-        self.orders[order_id] = amount
+    # Version 2 of these events records the source; version 1 (stored before) had none.
+
+    class SourcedEvent(Aggregate.Event):
+        """An event of a command scoped by its source (version 1 had no source)."""
+
+        class_version = 2
+        source: str | None
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["source"] = None
+
+    class Spent(SourcedEvent):
+        order_id: str
+        amount: int
+
+    class Refunded(SourcedEvent):
+        order_id: str
+        amount: int
+
+    class Adjusted(SourcedEvent):
+        adjustment_id: str
+        currency: int
+        rank_points: int
+        reason: str
+
+    @event(Spent)
+    def _spent(self, order_id: str, amount: int, source: str | None) -> None:
+        self.orders[scoped_key(source, order_id)] = amount
         self.currency -= amount
 
-    @event("Refunded")
-    def _refunded(self, order_id: str, amount: int) -> None:
-        self.refunded_orders.add(order_id)
+    @event(Refunded)
+    def _refunded(self, order_id: str, amount: int, source: str | None) -> None:
+        self.refunded_orders.add(scoped_key(source, order_id))
         self.currency += amount
 
-    @event("Adjusted")
-    def _adjusted(self, adjustment_id: str, currency: int, rank_points: int, reason: str) -> None:
-        self.adjustments[adjustment_id] = Adjustment(currency, rank_points, reason)
+    @event(Adjusted)
+    def _adjusted(
+        self,
+        adjustment_id: str,
+        currency: int,
+        rank_points: int,
+        reason: str,
+        source: str | None,
+    ) -> None:
+        self.adjustments[scoped_key(source, adjustment_id)] = Adjustment(
+            currency, rank_points, reason
+        )
         self.currency += currency
         self.lifetime_currency += currency
         self.rank_points += rank_points

@@ -16,6 +16,9 @@ from typing import Any
 import httpx
 
 LOYALTY = [sys.executable, "-m", "loyalty.cli"]
+METRICS_TOKEN = "live-metrics-token"
+"""``serve`` below exposes GET /metrics with this token (LOYALTY_METRICS_TOKEN)."""
+METRICS_HEADERS = {"Authorization": f"Bearer {METRICS_TOKEN}"}
 
 
 def free_port() -> int:
@@ -72,7 +75,7 @@ def serve(database_url: str, *args: str, cwd: Path | None = None) -> Iterator[st
     log = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen(
         [*LOYALTY, "serve", "--port", str(port), *args],
-        env=env_for(database_url),
+        env=env_for(database_url, LOYALTY_METRICS_TOKEN=METRICS_TOKEN),
         cwd=cwd,
         stdout=log,
         stderr=subprocess.STDOUT,

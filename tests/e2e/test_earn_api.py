@@ -133,6 +133,7 @@ def test_pipeline_status_counts_pending_and_processed(
         "oldest_pending_age_s": None,
         "processed_total": 0,
         "awards_total": 0,
+        "quarantined_events": 0,
     }
     post(
         client,
@@ -158,4 +159,5 @@ def test_pipeline_status_counts_pending_and_processed(
         "oldest_pending_age_s": None,
         "processed_total": 9,
         "awards_total": 3,
+        "quarantined_events": 0,
     }

@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
+import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
 
 from loyalty.adapters.db import Database
+from loyalty.api.app import create_app
 from loyalty.api.deps import Container
 from loyalty.config import Settings
 from loyalty.worker import build_pipeline, build_projection, build_worker
+from tests.conftest import Clock
 from tests.e2e.live import LOYALTY, env_for, free_port
 
 Headers = dict[str, str]
@@ -31,8 +35,19 @@ def metric(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
+METRICS_TOKEN = "metrics-test-token"
+
+
+@pytest.fixture
+def client(settings: Settings, db: Database, clock: Clock) -> Iterator[TestClient]:
+    """The API with GET /metrics exposed (behind LOYALTY_METRICS_TOKEN)."""
+    exposed = settings.model_copy(update={"metrics_token": SecretStr(METRICS_TOKEN)})
+    with TestClient(create_app(exposed, db=db, clock=clock)) as test_client:
+        yield test_client
+
+
 def scrape(client: TestClient) -> str:
-    resp = client.get("/metrics")
+    resp = client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
     assert resp.status_code == 200
     assert resp.headers["content-type"].startswith("text/plain")
     return resp.text
@@ -164,11 +179,10 @@ def test_pipeline_lag_is_reported_while_events_wait(
 
 
 def test_two_apps_have_separate_registries(settings: Settings, db: Database) -> None:
-    from loyalty.api.app import create_app
-
+    exposed = settings.model_copy(update={"metrics_token": SecretStr(METRICS_TOKEN)})
     with (
-        TestClient(create_app(settings, db=db)) as one,
-        TestClient(create_app(settings, db=db)) as two,
+        TestClient(create_app(exposed, db=db)) as one,
+        TestClient(create_app(exposed, db=db)) as two,
     ):
         one.get("/healthz")
         assert metric(scrape(one), "loyalty_http_requests_total", route="/healthz") == 1
@@ -203,3 +217,42 @@ def test_worker_serves_metrics_on_its_port(settings: Settings, tmp_path: Path) -
         proc.wait(timeout=30)
         log.close()
     assert proc.returncode == 0, (tmp_path / "worker.log").read_text()
+
+
+def test_metrics_are_off_the_api_port_by_default_and_need_the_token(
+    settings: Settings, db: Database, client: TestClient
+) -> None:
+    with TestClient(create_app(settings, db=db)) as default:
+        assert default.get("/metrics").status_code == 404
+        assert "/metrics" not in default.get("/openapi.json").json()["paths"]
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": METRICS_TOKEN}):
+        response = client.get("/metrics", headers=headers)
+        assert response.status_code == 401, headers
+        assert "loyalty_" not in response.text
+    assert "loyalty_http_requests_total" in scrape(client)
+
+
+def test_serve_exposes_metrics_on_their_own_port(tmp_path: Path) -> None:
+    api_port, metrics_port = free_port(), free_port()
+    env = env_for(f"sqlite:///{tmp_path / 'm.db'}", LOYALTY_METRICS_PORT=str(metrics_port))
+    proc = subprocess.Popen(
+        [*LOYALTY, "serve", "--no-worker", "--port", str(api_port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2).text
+                assert httpx.get(f"http://127.0.0.1:{api_port}/healthz", timeout=2).is_success
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+        assert "loyalty_http_requests_total" in text
+        assert httpx.get(f"http://127.0.0.1:{api_port}/metrics").status_code == 404
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

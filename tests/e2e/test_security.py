@@ -328,7 +328,7 @@ def test_security_headers_on_every_response(
         assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp, name
     docs = client.get("/docs")
     assert docs.status_code == 200 and docs.headers["x-content-type-options"] == "nosniff"
-    assert "content-security-policy" not in docs.headers  # Swagger UI loads its scripts
+    assert "default-src 'none'" in docs.headers["content-security-policy"]  # its own policy
 
 
 # ------------------------------------------------------------------ source isolation
@@ -356,3 +356,57 @@ def test_a_source_can_neither_spoof_nor_collide_with_another(
         ).all()
     assert [tuple(r) for r in rows] == [("games", 3), ("shop", 3)]
     assert keys_module.NAME_PATTERN.match("games")
+
+
+# ------------------------------------------------- the key before the body, 400 / 415
+
+WRITE_ROUTES = [
+    ("POST", "/v1/members/u/spend", "shop"),
+    ("POST", "/v1/members/u/refunds", "shop"),
+    ("POST", "/v1/members/u/adjustments", "operator"),
+    ("POST", "/v1/forget-requests", "operator"),
+    ("PUT", "/v1/rules", "operator"),
+    ("POST", BATCHES, "ingest"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "role"), WRITE_ROUTES)
+def test_bodies_are_judged_only_after_the_key_with_400_and_415(
+    client: TestClient,
+    make_key: Callable[..., dict[str, str]],
+    method: str,
+    path: str,
+    role: str,
+) -> None:
+    json_type = {"Content-Type": "application/json"}
+    bad_bodies = [
+        (b'{"order_id": ', json_type),  # malformed
+        (b'{"a": 1, "a": 2}', json_type),  # duplicate key
+        (b"x" * 1000, {"Content-Type": "text/plain"}),
+        (b'{"a": 1}', {**json_type, "Content-Encoding": "gzip"}),
+    ]
+    wrong = make_key("ingest" if role != "ingest" else "shop", "other")
+    for body, headers in bad_bodies:  # no key, or a key of the wrong role: never parsed
+        response = client.request(method, path, content=body, headers=headers)
+        assert (response.status_code, response.json()["code"]) == (401, "missing_api_key")
+        response = client.request(method, path, content=body, headers={**headers, **wrong})
+        assert response.status_code == 403, response.text
+    key = make_key(role, role)
+    # (ingress judges a body's schema before its keys: 422 either way)
+    duplicate = "validation_error" if path == BATCHES else "duplicate_key"
+    expected = [(400, "malformed_json"), (422, duplicate)]
+    expected += [(415, "unsupported_media_type"), (415, "unsupported_content_encoding")]
+    for (body, headers), (status, code) in zip(bad_bodies, expected, strict=True):
+        response = client.request(method, path, content=body, headers={**headers, **key})
+        assert (response.status_code, response.json()["code"]) == (status, code), response.text
+        assert response.headers["content-type"] == "application/problem+json"
+    template = path.replace("/u/", "/{user_id}/")
+    operation = client.get("/openapi.json").json()["paths"][template][method.lower()]
+    assert {"400", "401", "403", "413", "415", "422"} <= set(operation["responses"])
+    assert "application/json" in operation["requestBody"]["content"]
+
+
+def test_no_slash_redirect_echoes_the_host(client: TestClient) -> None:
+    response = client.get("/healthz/", headers={"Host": "evil.example"}, follow_redirects=False)
+    assert response.status_code == 404
+    assert "location" not in response.headers

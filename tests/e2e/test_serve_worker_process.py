@@ -16,7 +16,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.live import LOYALTY, create_key, env_for, free_port, wait_healthy
+from tests.e2e.live import (
+    LOYALTY,
+    METRICS_HEADERS,
+    METRICS_TOKEN,
+    create_key,
+    env_for,
+    free_port,
+    wait_healthy,
+)
 from tests.e2e.test_metrics import metric
 
 
@@ -61,7 +69,9 @@ class Served:
         self.log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
             [*LOYALTY, "serve", "--port", str(self.port)],
-            env=env_for(url, LOYALTY_AWARD_WINDOW_SECONDS="0.2"),
+            env=env_for(
+                url, LOYALTY_AWARD_WINDOW_SECONDS="0.2", LOYALTY_METRICS_TOKEN=METRICS_TOKEN
+            ),
             stdout=self.log,
             stderr=subprocess.STDOUT,
             text=True,
@@ -129,7 +139,7 @@ def test_the_worker_children_award_project_and_report_through_serves_metrics(
     )
 
     def scraped() -> str:
-        return httpx.get(served.base + "/metrics").text
+        return httpx.get(served.base + "/metrics", headers=METRICS_HEADERS).text
 
     wait_for(
         lambda: (

@@ -9,7 +9,7 @@ import time
 import httpx
 
 from loyalty.config import Settings
-from tests.e2e.live import LOYALTY, create_key, env_for, serve
+from tests.e2e.live import LOYALTY, METRICS_HEADERS, create_key, env_for, serve
 from tests.e2e.test_metrics import metric
 
 
@@ -38,7 +38,7 @@ def test_simulate_against_a_live_server(settings: Settings) -> None:
         assert again.returncode == 0, again.stderr
         assert "accepted 0, duplicates 2000" in again.stdout  # same seed: same event ids
 
-        text = httpx.get(base + "/metrics").text
+        text = httpx.get(base + "/metrics", headers=METRICS_HEADERS).text
         assert metric(text, "loyalty_ingest_events_total", source="sim", outcome="accepted") == 2000
         assert (
             metric(text, "loyalty_ingest_events_total", source="sim", outcome="duplicate") == 2000
@@ -55,7 +55,7 @@ def test_simulate_against_a_live_server(settings: Settings) -> None:
         )
         deadline = time.monotonic() + 60  # the embedded worker shares the registry
         while time.monotonic() < deadline:
-            text = httpx.get(base + "/metrics").text
+            text = httpx.get(base + "/metrics", headers=METRICS_HEADERS).text
             if metric(text, "loyalty_pipeline_events_processed_total") == 2000:
                 break
             time.sleep(0.3)

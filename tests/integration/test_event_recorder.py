@@ -1,7 +1,8 @@
-"""The eventsourcing library's own recorder test cases, run against our subclass of its
-PostgreSQL application recorder (``loyalty.adapters.event_recorder``): inserts, selects,
-notification ids in order and without interleaving, concurrency, both id types. And our
-event store is wired to it."""
+"""The eventsourcing library's own recorder test cases, run against our subclasses of its
+PostgreSQL and SQLite application recorders (``loyalty.adapters.event_recorder``):
+inserts, selects, notification ids in order and without interleaving, concurrency, both
+id types (the SQLite one also with the forget-markers table present, so the erasure
+guard's checks run on every insert). And our event store is wired to them."""
 
 from __future__ import annotations
 
@@ -12,12 +13,16 @@ from typing import Any
 import psycopg
 import pytest
 from eventsourcing.postgres import PostgresDatastore
+from eventsourcing.sqlite import SQLiteDatastore
 from eventsourcing.tests.persistence import (
     ApplicationRecorderTestCase,
     NonInterleavingNotificationIDsBaseCase,
 )
 
-from loyalty.adapters.event_recorder import JsonInsertApplicationRecorder
+from loyalty.adapters.event_recorder import (
+    GuardedSQLiteApplicationRecorder,
+    JsonInsertApplicationRecorder,
+)
 from loyalty.adapters.event_store import event_store_env
 from loyalty.application.accounts import Members
 from loyalty.config import Settings
@@ -89,5 +94,64 @@ def test_the_event_store_uses_it(pg_url: str) -> None:
     app = Members(env=event_store_env(Settings(database_url=pg_url)))
     try:
         assert type(app.recorder) is JsonInsertApplicationRecorder
+    finally:
+        app.close()
+
+
+class _OnOurSQLiteRecorder:
+    """Each test gets our SQLite recorder on a file database of its own."""
+
+    with_markers = False
+    datastores: list[SQLiteDatastore]
+
+    @pytest.fixture(autouse=True)
+    def _database(self, tmp_path: Any) -> Iterator[None]:
+        self.path = str(tmp_path / "recorder.db")
+        self.datastores = []
+        yield
+        # Not closed here: a reader thread of the library's concurrency cases may still
+        # be in a query (closing a SQLite connection under it crashes the interpreter);
+        # each datastore closes when its last user lets go of it.
+        self.datastores.clear()
+
+    def create_recorder(self) -> GuardedSQLiteApplicationRecorder:
+        datastore = SQLiteDatastore(self.path, lock_timeout=30, pool_size=12, max_overflow=12)
+        self.datastores.append(datastore)
+        recorder = GuardedSQLiteApplicationRecorder(datastore)
+        recorder.create_table()
+        if self.with_markers:
+            with datastore.transaction(commit=True) as c:
+                c.execute(
+                    "CREATE TABLE IF NOT EXISTS forget_markers (subject_hash TEXT PRIMARY KEY, "
+                    "member_id TEXT NOT NULL, state TEXT NOT NULL, seq INTEGER NOT NULL)"
+                )
+        return recorder
+
+    def new_originator_id(self) -> Any:
+        return uuid.uuid4()
+
+
+class TestSQLiteAsApplicationRecorder(_OnOurSQLiteRecorder, ApplicationRecorderTestCase[Any]):
+    pass
+
+
+class TestSQLiteWithMarkers(_OnOurSQLiteRecorder, ApplicationRecorderTestCase[Any]):
+    with_markers = True
+
+
+class TestSQLiteNonInterleavingNotificationIds(
+    _OnOurSQLiteRecorder, NonInterleavingNotificationIDsBaseCase
+):
+    with_markers = True
+
+
+def test_the_sqlite_event_store_uses_it(tmp_path: Any) -> None:
+    app = Members(
+        env=event_store_env(
+            Settings(database_url=f"sqlite:///{tmp_path / 'x.db'}"), create_table=True
+        )
+    )
+    try:
+        assert type(app.recorder) is GuardedSQLiteApplicationRecorder
     finally:
         app.close()

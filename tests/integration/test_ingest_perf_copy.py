@@ -72,7 +72,7 @@ def pg_db(settings: Settings, db: Database) -> Database:
 
 def truncate(db: Database) -> None:
     with db.write() as conn:
-        conn.execute(sa.text("TRUNCATE ingress_events"))
+        conn.execute(sa.text("TRUNCATE ingress_events, ingress_keys"))  # rows and dedup keys
 
 
 def test_binary_copy_stores_what_text_copy_stored(settings: Settings, pg_db: Database) -> None:

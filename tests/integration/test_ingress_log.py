@@ -184,11 +184,8 @@ def test_a_partition_is_created_for_a_new_day(settings, db: Database) -> None:  
                 "WHERE relname = 'ingress_events_p20310304'"
             )
         ).scalar_one()
-        dedup = conn.execute(
-            sa.text(
-                "SELECT indexdef FROM pg_indexes WHERE tablename = 'ingress_events_p20310304' "
-                "AND indexname LIKE '%dedup'"
-            )
+        keys = conn.execute(
+            sa.text("SELECT count(*) FROM ingress_keys WHERE day = '2031-03-04'")
         ).scalar_one()
         default = conn.execute(
             sa.text(
@@ -198,7 +195,51 @@ def test_a_partition_is_created_for_a_new_day(settings, db: Database) -> None:  
             )
         ).scalar_one()
     assert "2031-03-04 00:00:00+00" in bounds and "2031-03-05 00:00:00+00" in bounds
-    assert "UNIQUE" in dedup and "(source, event_id)" in dedup
+    assert keys == 2  # each stored row's dedup key, recorded by the same statement
     assert default == 0
     assert count_rows(db) == 2
     other._db.dispose()
+
+
+def test_a_resend_after_midnight_is_stored_once_and_awarded_once(db: Database) -> None:
+    """A client stamps the time when it sends: the first try at 23:59:58, the retry at
+    00:00:01 the next day. Same source and event id: stored once (PostgreSQL: across day
+    partitions), counted as a duplicate, awarded once; another source's same id is not."""
+    from loyalty.application.ingress import IncomingEvent, IngestService
+    from tests.conftest import drain_pipeline
+
+    midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    service = IngestService(
+        create_ingress_log(db),
+        clock=lambda: midnight + timedelta(seconds=2),
+        retention=timedelta(days=7),
+        future_skew=timedelta(minutes=5),
+        shard_count=16,
+    )
+
+    def send(source: str, at: datetime) -> tuple[int, int]:
+        event = IncomingEvent("order-77", "night-owl", "joined_competition", at, "{}")
+        result = service.ingest(source, [event])
+        return result.accepted, result.duplicates
+
+    assert send("shop", midnight - timedelta(seconds=2)) == (1, 0)
+    assert send("shop", midnight + timedelta(seconds=1)) == (0, 1)
+    # a batch holding the resend and a new event: the new one is stored, the resend not
+    batch = [
+        IncomingEvent("order-77", "night-owl", "joined_competition", midnight, "{}"),
+        IncomingEvent("order-78", "night-owl", "logged_on", midnight, "{}"),
+    ]
+    assert (service.ingest("shop", batch).accepted, count_rows(db)) == (1, 2)
+    assert send("app", midnight + timedelta(seconds=1)) == (1, 0)  # another source
+    assert count_rows(db) == 3
+    drain_pipeline(db)
+    from loyalty.adapters.event_store import event_store_env
+    from loyalty.application.accounts import Accounts, Members
+
+    members = Members(env=event_store_env(db.settings))
+    try:
+        member = Accounts(members).get("night-owl")
+        # joined_competition twice (shop, app) and one logon: 2 * (20, 50) + (1, 1)
+        assert (member.currency, member.rank_points) == (41, 101)
+    finally:
+        members.close()

@@ -260,7 +260,7 @@ def test_the_cyclic_collector_is_off_inside_a_window_and_back_on_after_a_crash(
     assert gc.isenabled()
     with pytest.raises(Crash):
         pipeline.drain(range(16))
-    assert seen == [False, False]  # window_noted, awarded: the window ran without it
+    assert seen == [False, False, False]  # window_read, window_noted, awarded: without it
     assert gc.isenabled()  # and the crash did not leave it off for the process
     gc.disable()
     try:  # a caller that had it off keeps it off
@@ -301,3 +301,86 @@ def test_a_window_read_ahead_for_another_shard_or_position_is_never_used(
     drain_with(pipeline, db)
     assert balances(members, [user_b])[user_b][0] > 0
     assert PipelineStore(db).totals() == (3, 3)
+
+
+# -- two pipelines on one shard (a lease lost with its session): fenced by the checkpoint
+
+
+def one_shard_events(n: int, shard: int, seed: int) -> list[IncomingEvent]:
+    """``n`` events of users that all fall in ``shard`` (capped types included)."""
+    from loyalty.application.ingress import shard_of
+
+    users = [u for u in (f"user-{i}" for i in range(400)) if shard_of(u, 16) == shard][:6]
+    rnd = random.Random(seed)
+    types = ["logged_on", "played_game", "joined_competition", "made_purchase"]
+    return [
+        ev(i, rnd.choice(users), rnd.choice(types), NOW - timedelta(hours=rnd.randrange(30)))
+        for i in range(n)
+    ]
+
+
+def test_a_second_pipeline_noting_a_window_after_the_checkpoint_moved_is_refused(
+    db: Database, members: Members, settings: Settings
+) -> None:
+    """P1 reads a window; before it notes the window's end, P2 (another worker, other
+    window size) processes the shard. P1's note must be refused, or P1 would award P2's
+    events again under another award id."""
+    from loyalty.application.pipeline import LeaseLost
+
+    events = one_shard_events(120, 5, seed=21)
+    ingest(db, events)
+    other = Members(env=event_store_env(settings))
+    p2 = make_pipeline(db, other, chunk=30)
+    ran: list[int] = []
+
+    def hook(step: str) -> None:
+        if step == "window_read" and not ran:
+            ran.append(p2.process_shard(5))  # P2 notes, awards, commits (start, +30]
+
+    p1 = make_pipeline(db, members, chunk=50)
+    p1._crash_hook = hook
+    try:
+        with pytest.raises(LeaseLost):
+            p1.process_shard(5)
+        assert ran == [30]
+        assert PipelineStore(db).totals()[0] == 30
+        drain_with(p1, db)  # the refused worker carries on from the committed checkpoint
+    finally:
+        other.close()
+    want = expected(events)
+    assert balances(members, sorted(want)) == want
+    assert PipelineStore(db).totals()[0] == 120
+
+
+def test_a_second_pipeline_committing_a_window_already_committed_is_refused(
+    db: Database, members: Members, settings: Settings
+) -> None:
+    """P1 notes and awards a window; P2 finds it noted, awards it again (same award ids:
+    no-ops), commits it and goes on with later windows. P1's late commit must be
+    refused: it would move the checkpoint back and the later windows would be awarded
+    twice (and the totals counted twice)."""
+    from loyalty.application.pipeline import LeaseLost
+
+    events = one_shard_events(150, 5, seed=22)
+    ingest(db, events)
+    other = Members(env=event_store_env(settings))
+    p2 = make_pipeline(db, other, chunk=40)
+    drained: list[int] = []
+
+    def hook(step: str) -> None:
+        if step == "awarded" and not drained:
+            drained.append(p2.drain([5]))  # the noted window of 40, then the rest
+
+    p1 = make_pipeline(db, members, chunk=40)
+    p1._crash_hook = hook
+    try:
+        with pytest.raises(LeaseLost):
+            p1.process_shard(5)
+        assert drained == [150]
+        p1._crash_hook = lambda _step: None
+        assert p1.drain([5]) == 0
+    finally:
+        other.close()
+    want = expected(events)
+    assert balances(members, sorted(want)) == want
+    assert PipelineStore(db).totals()[0] == 150

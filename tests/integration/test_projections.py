@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from loyalty.adapters.db import Database
 from loyalty.adapters.event_store import event_store_env
@@ -233,3 +234,69 @@ def test_member_ids_map_back_to_user_ids(db: Database, members: Members) -> None
     assert ReadModels(db).user_ids([str(Member.create_id("zoe"))]) == {
         str(Member.create_id("zoe")): "zoe"
     }
+
+
+def plant_orphan(db: Database, members: Members, user_id: str) -> int:
+    """A stream without its first event (what the old forget-me race left behind):
+    saved through the event store, then its Created row deleted directly. Returns how
+    many events are left in it."""
+    accounts = Accounts(members)
+    accounts.award_many([AwardCommand(user_id, "g1", 50, 40, 1, 1)], LADDER)
+    accounts.award_many([AwardCommand(user_id, "g2", 5, 1, 1, 1)], LADDER)
+    member_id = Member.create_id(user_id)
+    table, key = (
+        ("members_events", str(member_id))
+        if db.backend == "postgresql"
+        else ("stored_events", member_id.hex)
+    )
+    with db.write() as conn:
+        conn.execute(
+            sa.text(f"DELETE FROM {table} WHERE originator_id = :m AND originator_version = 1"),
+            {"m": key},
+        )
+        return int(
+            conn.execute(
+                sa.text(f"SELECT count(*) FROM {table} WHERE originator_id = :m"), {"m": key}
+            ).scalar_one()
+        )
+
+
+def test_an_unprojectable_event_is_quarantined_and_the_projection_goes_on(
+    db: Database, members: Members, caplog: pytest.LogCaptureFixture
+) -> None:
+    from loyalty.observability import Metrics
+
+    seed(members, users=6, rounds=2)
+    left = plant_orphan(db, members, "ghost")
+    seed(members, users=6, rounds=2, tag="b")
+    metrics = Metrics(process=False)
+    projection = MemberProjection(members, ReadModels(db), batch_size=7, metrics=metrics)
+    with caplog.at_level("ERROR", logger="loyalty.application.projections"):
+        projection.catch_up()
+    assert projection.position() == projection.head()  # it did not stop at the orphan
+    held = ReadModels(db).quarantined()
+    assert len(held) == left and {q.event.member_id for q in held} == {
+        str(Member.create_id("ghost"))
+    }
+    assert all("no balance row" in q.event.error for q in held)
+    logged = [r for r in caplog.records if "quarantined" in r.getMessage()]
+    assert len(logged) == 1  # once per stream
+    counted = metrics.registry.get_sample_value(
+        "loyalty_projection_events_quarantined_total", {"projection": PROJECTION_NAME}
+    )
+    assert counted == left
+    assert_matches_aggregates_except(db, members, "ghost")
+    # later events of everyone else still reach the read models
+    seed(members, users=6, rounds=1, tag="c")
+    projection.catch_up()
+    live = ReadModels(db).snapshot()
+    assert any(h[6] == "wc0" for h in live["member_history"])
+    assert rebuilt(db, members) == live  # a rebuild equals the live read models
+    assert ReadModels(db).quarantined_count() == left  # and quarantines the same again
+
+
+def assert_matches_aggregates_except(db: Database, members: Members, orphan: str) -> None:
+    snapshot = ReadModels(db).snapshot()
+    assert orphan not in {r[0] for r in snapshot["member_balances"]}
+    assert orphan not in {r[0] for r in snapshot["member_history"]}
+    assert_matches_aggregates(db, members)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -25,7 +26,7 @@ from loyalty.adapters.retention_store import (
     SqliteRetentionStore,
     create_retention_store,
 )
-from loyalty.application.accounts import Members
+from loyalty.application.accounts import Accounts, Members
 from loyalty.application.ingress import IncomingEvent, IngestService, shard_of
 from loyalty.application.retention import KeptDay, Retention, RetentionReport
 from loyalty.config import Settings
@@ -113,6 +114,13 @@ def caps_per_day(db: Database) -> dict[date, int]:
     return {d if isinstance(d, date) else date.fromisoformat(d): int(n) for d, n in rows}
 
 
+def keys_per_day(db: Database) -> dict[date, int]:
+    """PostgreSQL: the dedup keys (migration 0006) per day."""
+    with db.read() as conn:
+        rows = conn.execute(sa.text("SELECT day, count(*) FROM ingress_keys GROUP BY 1")).all()
+    return {d: int(n) for d, n in rows}
+
+
 def relations(db: Database) -> dict[str, str]:
     """PostgreSQL: every table named like an ingress day partition of 2030, with whether
     it is attached, half-detached or a plain table."""
@@ -194,6 +202,8 @@ def test_expires_processed_days_keeps_unprocessed_events_accounts_and_current_da
         assert set(dropped) == {D1, D3}
         assert {d: dropped[d].bytes for d in dropped} == {d: partition_bytes[d] for d in (D1, D3)}
         assert left == {D2: PER_DAY + 1, D4: PER_DAY}
+        # the dedup keys of the dropped days went with them; D2 keeps its own
+        assert keys_per_day(db) == {D2: PER_DAY + 1, D4: PER_DAY}
         rels = relations(db)
         # gone from the catalog, not merely detached
         assert partition_name(D1) not in rels and partition_name(D3) not in rels
@@ -212,9 +222,10 @@ def test_expires_processed_days_keeps_unprocessed_events_accounts_and_current_da
     bytes_after = database_bytes(db)
     assert report.bytes_reclaimed > 2 * PER_DAY * 200
     assert bytes_before - bytes_after > 2 * PER_DAY * 200
-    # derived rows of expired days went; accounts, read models and D4 stayed
-    assert caps_per_day(db) == {D4: caps_before[D4]}
-    assert report.cap_rows_deleted == caps_before[D1] + caps_before[D2] + caps_before[D3]
+    # derived rows of expired days went (D2 keeps its cap counters: it still has an
+    # event to weigh); accounts, read models and D4 stayed
+    assert caps_per_day(db) == {D2: caps_before[D2], D4: caps_before[D4]}
+    assert report.cap_rows_deleted == caps_before[D1] + caps_before[D3]
     assert account_state(db) == accounts_before
     assert scalar(db, "SELECT count(*) FROM ingress_events WHERE event_id = 'late-1'") == 1
 
@@ -224,12 +235,34 @@ def test_expires_processed_days_keeps_unprocessed_events_accounts_and_current_da
     assert again.ok and again.kept == []
     assert rows_per_day(db) == {D4: PER_DAY}
     assert D2 in {d.day for d in again.dropped}
+    assert set(caps_per_day(db)) == {D4} and again.cap_rows_deleted == caps_before[D2] + 1
     if db.backend == "postgresql":
         assert partition_name(D2) not in relations(db)
+        assert keys_per_day(db) == {D4: PER_DAY}
     assert metrics.registry.get_sample_value("loyalty_retention_kept_unprocessed_partitions") == 0
     # nothing left to do: a third run is a no-op
     third = build_retention(db).run(AS_OF, strict=True)
     assert third.ok and [d for d in third.dropped if d.rows] == []
+
+
+def test_a_day_kept_for_its_backlog_keeps_its_cap_counters(db: Database, members: Members) -> None:
+    """A member's first logon of D2 is processed (cap 1 reached), the second is still in
+    the backlog when retention runs: D2 is kept, and so must be its cap counter, or the
+    second logon would earn past the cap."""
+    ingest(db, [IncomingEvent("on-1", "capped", "logged_on", NOW - timedelta(days=2), "{}")])
+    assert drain(db, members, 1) == 1
+    ingest(
+        db, [IncomingEvent("on-2", "capped", "logged_on", NOW - timedelta(days=2, hours=-1), "{}")]
+    )
+    report = build_retention(db).run(AS_OF)
+    assert report.kept == [KeptDay(D2, 1)]
+    assert caps_per_day(db) == {D2: 1} and report.cap_rows_deleted == 0
+    assert drain(db, members, 1) == 1
+    member = Accounts(members).get("capped")
+    assert (member.currency, member.rank_points) == (1, 1)
+    # processed now: the next run drops the day and its counters together
+    again = build_retention(db).run(AS_OF)
+    assert again.ok and caps_per_day(db) == {} and again.cap_rows_deleted == 1
 
 
 def test_a_shard_without_checkpoint_keeps_its_expired_events(
@@ -486,3 +519,51 @@ def test_a_row_that_races_in_before_the_detach_puts_the_partition_back(
     assert drain(db, members, 1) == 1  # the pipeline still sees it
     assert build_retention(db).run(AS_OF, strict=True).ok
     assert partition_name(D1) not in relations(db)
+
+
+def test_two_runs_at_once_without_the_lease_remove_nothing_still_needed(
+    db: Database, members: Members
+) -> None:
+    """The lease may die with its session while a run goes on, and another process start
+    one: every destructive step checks the database itself, so two runs at once (no
+    lease at all here) still keep the unprocessed event and its day's cap counters."""
+    ingest(db, day_events(D1, 300))
+    ingest(db, day_events(D3, 300))
+    d2 = NOW - timedelta(days=2)
+    ingest(db, [IncomingEvent("early-1", "user-1", "logged_on", d2, "{}")])
+    assert drain(db, members, 601) == 601
+    ingest(db, [IncomingEvent("late-1", "user-1", "logged_on", d2, "{}")])
+    caps_d2_before = caps_per_day(db)[D2]
+
+    class Unleased:
+        def __init__(self) -> None:
+            self.store = create_retention_store(db)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.store, name)
+
+        @contextmanager
+        def lease(self) -> Iterator[bool]:
+            yield True
+
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            Retention(Unleased(), retention_days=7).run(AS_OF)  # type: ignore[arg-type]
+        except Exception as exc:  # a concurrent DDL may fail one run: recorded, not hidden
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(failures) <= 1, failures
+    final = build_retention(db).run(AS_OF)
+    assert final.kept == [KeptDay(D2, 1)]
+    assert rows_per_day(db).get(D2) == (1 if db.backend == "sqlite" else 2)
+    assert D1 not in rows_per_day(db)
+    assert D3 not in rows_per_day(db)
+    assert caps_per_day(db).get(D2, 0) == caps_d2_before
+    assert D1 not in caps_per_day(db) and D3 not in caps_per_day(db)

@@ -60,12 +60,15 @@ def test_later_events_are_deltas_for_a_known_member() -> None:
     assert not change.created and (change.currency, change.lifetime_currency) == (-4, 0)
 
 
-def test_an_unknown_stream_is_an_error_not_a_skip() -> None:
+def test_an_unknown_stream_is_quarantined_not_silently_skipped() -> None:
     member = Member(user_id="u3")
     member.collect_events()
     member.award("w", 1, 1, 1, 1, LADDER)
-    with pytest.raises(LookupError):
-        project(0, [(1, member.collect_events()[0])], lambda ids: {})
+    batch = project(0, [(1, member.collect_events()[0])], lambda ids: {})
+    assert not batch.balances and not batch.history
+    [held] = batch.quarantined
+    assert (held.position, held.member_id, held.topic) == (1, str(member.id), "Awarded")
+    assert "no balance row" in held.error
 
 
 def test_cursors_round_trip_and_refuse_forgeries() -> None:

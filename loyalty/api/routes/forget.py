@@ -7,7 +7,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path
 from starlette.concurrency import run_in_threadpool
 
-from loyalty.api.deps import ContainerDep, OperatorKey
+from loyalty.adapters.keys import Role
+from loyalty.api.deps import ContainerDep, OperatorKey, json_body, request_body
 from loyalty.api.problems import ApiProblem
 from loyalty.api.schemas import ForgetAccepted, ForgetReceipt, ForgetRequestBody, Problem
 from loyalty.application.erasure import ForgetRequest
@@ -34,10 +35,19 @@ def receipt(request: ForgetRequest) -> ForgetReceipt:
     "/v1/forget-requests",
     status_code=202,
     response_model=ForgetAccepted,
-    responses={**_ERRORS, 422: {"model": Problem, "description": "invalid body"}},
+    responses={
+        **_ERRORS,
+        400: {"model": Problem, "description": "malformed JSON"},
+        413: {"model": Problem, "description": "body too large"},
+        415: {"model": Problem, "description": "not application/json, or compressed"},
+        422: {"model": Problem, "description": "invalid body, or an object repeats a key"},
+    },
+    openapi_extra=request_body(ForgetRequestBody),
 )
 async def post_forget_request(
-    body: ForgetRequestBody, _key: OperatorKey, container: ContainerDep
+    _key: OperatorKey,
+    body: Annotated[ForgetRequestBody, json_body(ForgetRequestBody, Role.OPERATOR)],
+    container: ContainerDep,
 ) -> ForgetAccepted:
     """Ask for a member to be forgotten; the worker erases every copy and keeps a receipt."""
     request = await run_in_threadpool(container.forget.request, body.user_id)

@@ -13,11 +13,19 @@ from pydantic import ConfigDict, StringConstraints, TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 from typing_extensions import TypedDict
 
-from loyalty.api.deps import Container, ContainerDep, IngestKey
-from loyalty.api.guards import RateLimiter, has_duplicate_keys, keys_counted
+from loyalty.api.deps import Container, ContainerDep, IngestKey, problem_of
+from loyalty.api.guards import (
+    BodyProblem,
+    RateLimiter,
+    check_json_content_type,
+    has_duplicate_keys,
+    keys_counted,
+    read_limited_body,
+)
 from loyalty.api.problems import ApiProblem, validation_errors
 from loyalty.api.schemas import (
     RFC3339,
+    USER_ID_PATTERN,
     Batch,
     BatchAccepted,
     EventType,
@@ -26,6 +34,7 @@ from loyalty.api.schemas import (
     parse_rfc3339,
 )
 from loyalty.application.ingress import IncomingEvent
+from loyalty.domain.user_ids import MAX_LENGTH, user_id_problem
 
 router = APIRouter(tags=["ingress"])
 
@@ -41,31 +50,14 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def read_limited_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it exceeds ``limit`` bytes."""
-    too_large = ApiProblem(413, "batch_too_large", f"a batch may have at most {limit} bytes")
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise ApiProblem(400, "bad_content_length", "Content-Length must be a number")
-        if int(declared) > limit:
-            raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def check_content_type(request: Request) -> None:
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type != "application/json":
-        raise ApiProblem(415, "unsupported_media_type", "send Content-Type: application/json")
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        raise ApiProblem(415, "unsupported_content_encoding", "send an uncompressed body")
+async def read_batch_body(request: Request, limit: int) -> bytes:
+    """The batch body: 415 unless JSON and uncompressed, 413 ``batch_too_large`` as soon
+    as it exceeds ``limit`` bytes."""
+    try:
+        check_json_content_type(request.headers)
+        return await read_limited_body(request.headers, request.stream(), limit, "batch_too_large")
+    except BodyProblem as exc:
+        raise problem_of(exc) from None
 
 
 def _has_nul(value: Any) -> bool:
@@ -83,7 +75,10 @@ class _FastEvent(TypedDict):
 
     __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
     event_id: Identifier
-    user_id: Identifier
+    # the rest of the user-id rule: in parse_batch, for the ids that need it
+    user_id: Annotated[
+        str, StringConstraints(min_length=1, max_length=MAX_LENGTH, pattern=USER_ID_PATTERN)
+    ]
     type: EventType
     occurred_at: Annotated[str, StringConstraints(pattern=RFC3339.pattern)]
     attributes: NotRequired[dict[str, Any]]
@@ -204,6 +199,11 @@ def parse_batch(body: bytes, container: Container) -> tuple[str, list[IncomingEv
     errors_out: list[dict[str, str]] = []
     attribute_keys = 0
     for index, (event_id, user_id, type_, occurred_at, attrs) in enumerate(parsed):
+        if not user_id.isascii() or user_id[0] == ".":  # (the pattern covered the rest)
+            problem = user_id_problem(user_id)
+            if problem is not None:
+                errors_out.append({"loc": f"events[{index}].user_id", "msg": problem})
+                continue
         try:
             attributes = dumps(attrs)
         except orjson.JSONEncodeError as exc:
@@ -222,7 +222,10 @@ def parse_batch(body: bytes, container: Container) -> tuple[str, list[IncomingEv
             loc = f"events[{index}].attributes"
             errors_out.append({"loc": loc, "msg": "numbers must be finite"})
             continue
-        attribute_keys += attributes.count(b'":')
+        # a lower bound of the keys parsed in ``attrs`` (exact unless a key ends in a
+        # backslash): in the dump every quote inside a string is escaped, so each ":
+        # that is not a key's end is a \": (see keys_counted for why a bound suffices)
+        attribute_keys += attributes.count(b'":') - attributes.count(b'\\":')
         events.append(IncomingEvent(event_id, user_id, type_, occurred_at, attributes.decode()))
     if errors_out:
         raise ApiProblem(422, "validation_error", errors=errors_out)
@@ -258,11 +261,10 @@ def _rate_limited(wait: float) -> ApiProblem:
 )
 async def post_batch(request: Request, principal: IngestKey, container: ContainerDep) -> Any:
     """Accept a batch of activity events; resent events count as duplicates."""
-    check_content_type(request)
     wait = container.ingest_limiter.wait(principal.key_id)
     if wait:  # refused before reading and parsing the body
         raise _rate_limited(wait)
-    body = await read_limited_body(request, container.settings.max_batch_bytes)
+    body = await read_batch_body(request, container.settings.max_batch_bytes)
 
     def work() -> bytes:
         batch_id, events = parse_batch(body, container)

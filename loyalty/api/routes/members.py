@@ -8,11 +8,14 @@ import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
+from pydantic import AfterValidator
 from starlette.concurrency import run_in_threadpool
 
-from loyalty.api.deps import Container, ContainerDep, OperatorKey, ShopKey
+from loyalty.adapters.keys import Role
+from loyalty.api.deps import Container, ContainerDep, OperatorKey, ShopKey, json_body, request_body
 from loyalty.api.problems import ApiProblem
 from loyalty.api.schemas import (
+    USER_ID_PATTERN,
     AdjustmentRequest,
     HistoryBody,
     HistoryEntryBody,
@@ -25,10 +28,20 @@ from loyalty.api.schemas import (
     SpendRequest,
 )
 from loyalty.domain.member import Member
+from loyalty.domain.user_ids import MAX_LENGTH, check_user_id
 
 router = APIRouter(tags=["members"])
 
-UserId = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
+UserId = Annotated[
+    str,
+    Path(
+        min_length=1,
+        max_length=MAX_LENGTH,
+        pattern=USER_ID_PATTERN,
+        description="a user id (NFC, no control or format characters, no /), percent-encoded",
+    ),
+    AfterValidator(check_user_id),
+]
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": Problem, "description": "missing or invalid API key"},
     403: {"model": Problem, "description": "the key's role may not do this"},
@@ -62,19 +75,30 @@ def _conflicts(*codes: str) -> dict[int | str, dict[str, Any]]:
     return {409: {"model": Problem, "description": " | ".join(codes)}}
 
 
-_INVALID: dict[int | str, dict[str, Any]] = {422: {"model": Problem, "description": "invalid body"}}
+_INVALID: dict[int | str, dict[str, Any]] = {
+    400: {"model": Problem, "description": "malformed JSON"},
+    413: {"model": Problem, "description": "body too large"},
+    415: {"model": Problem, "description": "not application/json, or compressed"},
+    422: {"model": Problem, "description": "invalid body, or an object repeats a key"},
+}
 
 
 @router.post(
     "/v1/members/{user_id}/spend",
     response_model=OrderBody,
     responses={**_ERRORS, **_INVALID, **_conflicts("insufficient_funds", "order_conflict")},
+    openapi_extra=request_body(SpendRequest),
 )
 async def spend(
-    user_id: UserId, body: SpendRequest, _key: ShopKey, container: ContainerDep
+    user_id: UserId,
+    key: ShopKey,
+    body: Annotated[SpendRequest, json_body(SpendRequest, Role.SHOP)],
+    container: ContainerDep,
 ) -> OrderBody:
-    """Spend currency on an order (idempotent by order id; the description is not stored)."""
-    result = await run_in_threadpool(container.spending.spend, user_id, body.order_id, body.amount)
+    """Spend currency on an order (idempotent by the key's source and order id; the
+    description is not stored)."""
+    spending = container.spending
+    result = await run_in_threadpool(spending.spend, user_id, body.order_id, body.amount, key.name)
     return OrderBody(order_id=result.order_id, amount=result.amount, currency=result.currency)
 
 
@@ -82,12 +106,16 @@ async def spend(
     "/v1/members/{user_id}/refunds",
     response_model=OrderBody,
     responses={**_ERRORS, **_INVALID},
+    openapi_extra=request_body(RefundRequest),
 )
 async def refund(
-    user_id: UserId, body: RefundRequest, _key: ShopKey, container: ContainerDep
+    user_id: UserId,
+    key: ShopKey,
+    body: Annotated[RefundRequest, json_body(RefundRequest, Role.SHOP)],
+    container: ContainerDep,
 ) -> OrderBody:
     """Refund a spent order once; a repeated refund answers the same."""
-    result = await run_in_threadpool(container.spending.refund, user_id, body.order_id)
+    result = await run_in_threadpool(container.spending.refund, user_id, body.order_id, key.name)
     return OrderBody(order_id=result.order_id, amount=result.amount, currency=result.currency)
 
 
@@ -95,9 +123,13 @@ async def refund(
     "/v1/members/{user_id}/adjustments",
     response_model=MemberBody,
     responses={**_ERRORS, **_INVALID, **_conflicts("insufficient_funds", "adjustment_conflict")},
+    openapi_extra=request_body(AdjustmentRequest),
 )
 async def adjust(
-    user_id: UserId, body: AdjustmentRequest, _key: OperatorKey, container: ContainerDep
+    user_id: UserId,
+    key: OperatorKey,
+    body: Annotated[AdjustmentRequest, json_body(AdjustmentRequest, Role.OPERATOR)],
+    container: ContainerDep,
 ) -> MemberBody:
     """Correct a member's account (creates the account of an unknown member)."""
 
@@ -109,6 +141,7 @@ async def adjust(
             body.rank_points,
             body.reason,
             container.rules.current().ranks,
+            key.name,
         )
         return member_body(container, member)
 

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from loyalty.adapters.ingress_log import pending_stats
-from loyalty.api.deps import ContainerDep, OperatorKey
+from loyalty.api.deps import ContainerDep, OperatorKey, read_json_body
 from loyalty.api.problems import ApiProblem
-from loyalty.api.routes.ingress import check_content_type, read_limited_body
 from loyalty.api.schemas import PipelineBody, Problem, RulesBody
 from loyalty.domain.rules import rule_set_to_wire
 
@@ -46,12 +44,7 @@ async def get_rules(_key: OperatorKey, container: ContainerDep) -> Any:
 )
 async def put_rules(request: Request, _key: OperatorKey, container: ContainerDep) -> Any:
     """Store a new version of the rules; later awards use it and record its version."""
-    check_content_type(request)
-    body = await read_limited_body(request, RULES_MAX_BYTES)
-    try:
-        wire = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise ApiProblem(400, "malformed_json", "the body is not valid JSON") from None
+    _body, wire = await read_json_body(request, RULES_MAX_BYTES)
     if not isinstance(wire, dict):
         raise ApiProblem(422, "invalid_rules", errors=[{"loc": "body", "msg": "must be an object"}])
     rule_set = await run_in_threadpool(container.rules.put, wire)
@@ -74,6 +67,7 @@ async def get_pipeline(_key: OperatorKey, container: ContainerDep) -> PipelineBo
             oldest_pending_age_s=age,
             processed_total=processed,
             awards_total=awards,
+            quarantined_events=container.read_models.quarantined_count(),
         )
 
     return await run_in_threadpool(work)

@@ -9,7 +9,8 @@ from fastapi import APIRouter, Path
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from loyalty.api.deps import ContainerDep, OperatorKey
+from loyalty.adapters.keys import Role
+from loyalty.api.deps import ContainerDep, OperatorKey, json_body, request_body
 from loyalty.api.problems import ApiProblem
 from loyalty.api.schemas import Problem
 from loyalty.application.delivery import EVENT_TYPES, Subscription, WebhookAdmin
@@ -111,10 +112,19 @@ def _admin(container: ContainerDep) -> WebhookAdmin:
     "/v1/webhooks",
     status_code=201,
     response_model=WebhookCreated,
-    responses={**_ERRORS, 422: {"model": Problem, "description": "refused URL or event type"}},
+    responses={
+        **_ERRORS,
+        400: {"model": Problem, "description": "malformed JSON"},
+        413: {"model": Problem, "description": "body too large"},
+        415: {"model": Problem, "description": "not application/json, or compressed"},
+        422: {"model": Problem, "description": "invalid body, refused URL or event type"},
+    },
+    openapi_extra=request_body(WebhookCreate),
 )
 async def create_webhook(
-    body: WebhookCreate, _key: OperatorKey, container: ContainerDep
+    _key: OperatorKey,
+    body: Annotated[WebhookCreate, json_body(WebhookCreate, Role.OPERATOR)],
+    container: ContainerDep,
 ) -> WebhookCreated:
     """Subscribe a URL to account events committed from now on; the secret is shown once."""
     try:

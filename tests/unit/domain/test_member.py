@@ -16,7 +16,14 @@ from loyalty.domain.errors import (
     OrderConflict,
     OrderNotFound,
 )
-from loyalty.domain.member import NAMESPACE, Adjustment, Member, award_position, replay
+from loyalty.domain.member import (
+    NAMESPACE,
+    Adjustment,
+    Member,
+    award_position,
+    replay,
+    scoped_key,
+)
 from loyalty.domain.ranks import Rank, RankLadder
 
 USER = "user-7f3a9c"
@@ -508,9 +515,10 @@ def test_upcast_v1_state_keeps_every_replay_rule() -> None:
     Member.upcast_v1_v2(state)
     assert state["award_positions"] == {"3": [7002, 1], "11": [100, 9]}
     assert state["other_award_ids"] == {"seed-1", "w03.1.1"}
-    assert state["refunded_orders"] == {"o1"}
+    assert state["orders"] == {scoped_key(None, "o1"): 30}
+    assert state["refunded_orders"] == {scoped_key(None, "o1")}
     assert state["adjustments"] == {
-        "adj-1": Adjustment(7, -50, "goodwill"),
-        "adj-2": Adjustment(1, 2, "tuple"),
+        scoped_key(None, "adj-1"): Adjustment(7, -50, "goodwill"),
+        scoped_key(None, "adj-2"): Adjustment(1, 2, "tuple"),
     }
     assert "award_ids" not in state
