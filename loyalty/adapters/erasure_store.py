@@ -79,6 +79,7 @@ forget_markers = sa.Table(
     sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
     # the erasure generation (loyalty_meta 'erasure_seq') the marker was set at
     sa.Column("seq", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Index("forget_markers_member_idx", "member_id"),
 )
 loyalty_meta = sa.Table(
     "loyalty_meta",
