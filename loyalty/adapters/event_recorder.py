@@ -44,6 +44,7 @@ from typing import Any
 from uuid import UUID
 
 import orjson
+import psycopg
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteCursor
@@ -163,16 +164,22 @@ class JsonInsertApplicationRecorder(PostgresApplicationRecorder):
         curs.execute(query=self.insert_events_statement, params=(rows,))
         consumed = _consumed(kwargs)
         if consumed:
+            # The library commits its transaction even when this method raises (it only
+            # re-raises afterwards): a mismatch must fail the transaction in the database
+            # (division by zero), which rolls the events and the deletions back together.
             with curs.connection.cursor() as delete:
-                delete.execute(
-                    "DELETE FROM pipeline_pending p USING jsonb_array_elements(%s::text::jsonb) e "
-                    "WHERE p.user_id = e->>0 AND p.upto_txid = (e->>1)::bigint "
-                    "AND p.upto_seq = (e->>2)::bigint RETURNING p.user_id",
-                    (orjson.dumps(consumed).decode(),),
-                )
-                deleted = {r["user_id"] for r in delete.fetchall()}
-            if len(deleted) != len(consumed):
-                raise PendingMoved([u for u, _, _ in consumed if u not in deleted])
+                try:
+                    delete.execute(
+                        "WITH d AS (DELETE FROM pipeline_pending p "
+                        "USING jsonb_array_elements(%s::text::jsonb) e "
+                        "WHERE p.user_id = e->>0 AND p.upto_txid = (e->>1)::bigint "
+                        "AND p.upto_seq = (e->>2)::bigint RETURNING 1) "
+                        "SELECT 1 / (CASE WHEN count(*) = %s THEN 1 ELSE 0 END) AS ok FROM d",
+                        (orjson.dumps(consumed).decode(), len(consumed)),
+                    )
+                    delete.fetchall()
+                except psycopg.errors.DivisionByZero as exc:
+                    raise PendingMoved([u for u, _, _ in consumed]) from exc
 
 
 class GuardedSQLiteApplicationRecorder(SQLiteApplicationRecorder):
