@@ -14,6 +14,9 @@ from typing import Any
 import orjson
 import pytest
 import sqlalchemy as sa
+from eventsourcing.application import AggregateNotFoundError
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from loyalty.adapters.db import Database
 from loyalty.adapters.event_store import event_store_env
@@ -26,7 +29,7 @@ from loyalty.application.ingress import IncomingEvent, IngestService, shard_of
 from loyalty.application.pending import PendingMoved
 from loyalty.application.pipeline import Pipeline
 from loyalty.config import Settings
-from loyalty.domain.errors import InsufficientFunds
+from loyalty.domain.errors import InsufficientFunds, MemberNotFound
 from loyalty.domain.member import Member
 from loyalty.domain.rules import (
     DEFAULT_RULES_WIRE,
@@ -277,3 +280,111 @@ def _pending_rows(db: Database, user: str) -> list[Any]:
         return conn.execute(
             sa.text("SELECT * FROM pipeline_pending WHERE user_id = :u"), {"u": user}
         ).all()
+
+
+# ------------------------------------------------------------------ property test
+
+_example = [0]
+USERS = 3
+step = st.one_of(
+    st.tuples(
+        st.just("events"),
+        st.integers(0, USERS - 1),
+        st.sampled_from(["premium", "played_game", "logged_on", "joined_competition"]),
+        st.integers(1, 6),
+    ),
+    st.tuples(st.just("window"), st.integers(1, 5)),
+    st.tuples(st.just("expire")),
+    st.tuples(st.just("spend"), st.integers(0, USERS - 1), st.integers(1, 60)),
+    st.tuples(st.just("restart")),
+)
+
+
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(steps=st.lists(step, min_size=1, max_size=25))
+def test_any_interleaving_keeps_recorded_plus_pending_exact(
+    db: Database, settings: Settings, steps: list[tuple[Any, ...]]
+) -> None:
+    """Windows of any size, interval expiries, spends of pending currency and restarts in
+    any order: recorded + pending (+ spent) = floor(exact total) for every member, and
+    every award is a new account, an interval expiry, a command or a rank change."""
+    _example[0] += 1
+    prefix = f"x{_example[0]}-"
+    users = [f"{prefix}{i}" for i in range(USERS)]
+    shards = range(db.settings.shard_count)
+    app = Members(env=event_store_env(settings))
+    apps = [app]
+    pipeline = make_pipeline(db, app)
+    spending = Spending(Accounts(app, pending=PendingTable(db)), ranks=lambda: LADDER)
+    events: list[IncomingEvent] = []
+    spent = dict.fromkeys(users, 0)
+    forced = dict.fromkeys(users, 1)  # the first contribution creates the account
+    try:
+        for op in steps:
+            if op[0] == "events":
+                _, u, kind, n = op
+                base = len(events)
+                new = [
+                    premium(0, users[u]) if kind == "premium" else ev(0, users[u], kind)
+                    for _ in range(n)
+                ]
+                new = [
+                    IncomingEvent(
+                        f"{prefix}{base + i}", e.user_id, e.type, e.occurred_at, e.attributes_json
+                    )
+                    for i, e in enumerate(new)
+                ]
+                events += new
+                ingest(db, new)
+            elif op[0] == "window":
+                pipeline.chunk = op[1]
+                for shard in shards:
+                    pipeline.process_shard(shard)
+            elif op[0] == "expire":
+                pipeline.record_all(shards)
+                for u in users:
+                    forced[u] += 1
+            elif op[0] == "spend":
+                _, u, amount = op
+                forced[users[u]] += 1
+                try:
+                    spending.spend(users[u], f"o{len(events)}-{amount}", amount)
+                    spent[users[u]] += amount
+                except (InsufficientFunds, MemberNotFound):
+                    pass
+            else:  # restart: new processes, nothing in memory survives
+                app = Members(env=event_store_env(settings))
+                apps.append(app)
+                pipeline = make_pipeline(db, app)
+                spending = Spending(Accounts(app, pending=PendingTable(db)), ranks=lambda: LADDER)
+        pipeline.chunk = 1  # the rest in windows of one event: every fraction counts
+        drain_with(pipeline, db, record=False)
+        want = exact(events)
+        table = PendingTable(db)
+        rows = table.load(users)
+        for user in users:
+            target = want.get(user, (0, 0))
+            try:
+                member = account(app, user)
+            except AggregateNotFoundError:
+                assert target == (0, 0) and user not in rows
+                continue
+            row = rows.get(user)
+            extra = (0, 0) if row is None else member.with_pending(row.currency, row.rank_points)
+            assert (member.currency + extra[0] + spent[user], member.rank_points + extra[1]) == (
+                target
+            )
+            kinds = stream(app, user)
+            assert kinds.count("Awarded") <= forced[user] + kinds.count("RankChanged")
+        pipeline.record_all(shards)
+        for user in want:
+            member = account(app, user)
+            assert (member.currency + spent[user], member.rank_points) == want[user]
+        assert table.load(users) == {}
+    finally:
+        for a in apps:
+            a.close()
