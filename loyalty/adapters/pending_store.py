@@ -70,7 +70,7 @@ def merge(
     contributions: Sequence[Contribution],
     now: datetime,
     fence: int | None = None,
-) -> list[str]:
+) -> list[PendingRow]:
     """Add ``contributions`` to the pending rows inside ``conn``'s transaction (the
     checkpoint's). Returns the members to settle now: new rows (rank need unknown) and
     rows whose pending reaches the rank need.
@@ -83,12 +83,12 @@ def merge(
         return []
     ids = sorted({c.user_id for c in contributions})
     _guard(db, conn, ids, fence)
-    existing: dict[str, tuple[Decimal, Decimal, int, Decimal | None]] = {}
+    existing: dict[str, tuple[Decimal, Decimal, int, Decimal | None, datetime]] = {}
     if db.backend == "postgresql":
         rows = (
             psycopg_connection(conn)
             .execute(
-                "SELECT user_id, currency, rank_points, event_count, rank_need "
+                "SELECT user_id, currency, rank_points, event_count, rank_need, since "
                 "FROM pipeline_pending WHERE user_id IN "
                 "(SELECT jsonb_array_elements_text(%s::text::jsonb)) ORDER BY user_id FOR UPDATE",
                 (orjson.dumps(ids).decode(),),
@@ -100,26 +100,46 @@ def merge(
         rows = []
         for i in range(0, len(ids), _IN_CHUNK):
             rows += conn.execute(
-                sa.select(c.user_id, c.currency, c.rank_points, c.event_count, c.rank_need).where(
-                    c.user_id.in_(ids[i : i + _IN_CHUNK])
-                )
+                sa.select(
+                    c.user_id, c.currency, c.rank_points, c.event_count, c.rank_need, c.since
+                ).where(c.user_id.in_(ids[i : i + _IN_CHUNK]))
             ).all()
-    for user_id, currency, rank_points, count, need in rows:
-        existing[user_id] = (Decimal(currency), Decimal(rank_points), int(count), _need(need))
+    for user_id, currency_text, points_text, count_value, need_text, since_value in rows:
+        existing[user_id] = (
+            Decimal(currency_text),
+            Decimal(points_text),
+            int(count_value),
+            _need(need_text),
+            since_value
+            if isinstance(since_value, datetime)
+            else datetime.fromisoformat(since_value),
+        )
     out: list[tuple[str, str, str, int, int]] = []
-    settle: list[str] = []
+    settle: list[PendingRow] = []
     for contribution in contributions:
         before = existing.get(contribution.user_id)
+        need: Decimal | None = None
         if before is None:
             currency, points, count = contribution.currency, contribution.rank_points, 0
-            settle.append(contribution.user_id)
+            since = now
         else:
             currency = exact_sum(before[0], contribution.currency)
             points = exact_sum(before[1], contribution.rank_points)
-            count = before[2]
-            need = before[3]
-            if need is None or points >= need:
-                settle.append(contribution.user_id)
+            count, need, since = before[2], before[3], before[4]
+        if need is None or points >= need:
+            settle.append(
+                PendingRow(
+                    contribution.user_id,
+                    shard,
+                    currency,
+                    points,
+                    count + contribution.event_count,
+                    contribution.rule_version,
+                    end,
+                    since,
+                    need,
+                )
+            )
         out.append(
             (
                 contribution.user_id,
@@ -239,14 +259,33 @@ class PendingTable:
                 )
             ]
 
-    def set_need(self, user_id: str, upto: Position, need: Decimal | None) -> None:
-        """Store the rank need of a row still at revision ``upto`` (else nothing)."""
+    def set_needs(self, needs: Sequence[tuple[str, Position, Decimal | None]]) -> None:
+        """Store the rank need of each row still at its revision (others: nothing), in
+        one transaction."""
+        if not needs:
+            return
         c = pipeline_pending.c
+        statement = (
+            pipeline_pending.update()
+            .where(
+                c.user_id == sa.bindparam("u"),
+                c.upto_txid == sa.bindparam("t"),
+                c.upto_seq == sa.bindparam("s"),
+            )
+            .values(rank_need=sa.bindparam("n"))
+        )
         with self._db.write() as conn:
             conn.execute(
-                pipeline_pending.update()
-                .where(c.user_id == user_id, c.upto_txid == upto[0], c.upto_seq == upto[1])
-                .values(rank_need=NO_RANK_ABOVE if need is None else str(need))
+                statement,
+                [
+                    {
+                        "u": user_id,
+                        "t": upto[0],
+                        "s": upto[1],
+                        "n": NO_RANK_ABOVE if need is None else f"{need:f}",
+                    }
+                    for user_id, upto, need in sorted(needs, key=lambda n: n[0])
+                ],
             )
 
     def discard(self, user_id: str, upto: Position) -> bool:

@@ -16,7 +16,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from loyalty.adapters.db import Database, psycopg_connection
 from loyalty.adapters.pending_store import PendingTable, merge
 from loyalty.adapters.tables import pipeline_caps, pipeline_checkpoints
-from loyalty.application.pending import Contribution
+from loyalty.application.pending import Contribution, PendingRow
 from loyalty.application.pipeline import LeaseLost
 
 Position = tuple[int, int]
@@ -96,7 +96,7 @@ class PipelineStore:
         awards: int,
         contributions: Sequence[Contribution] = (),
         fence: int | None = None,
-    ) -> list[str]:
+    ) -> list[PendingRow]:
         """Advance the checkpoint from ``start`` to the noted ``end``, store the cap
         counts and add the window's ``contributions`` to the pending rows, in one
         transaction, only if the checkpoint still stands at ``start`` with ``end`` noted

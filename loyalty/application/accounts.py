@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, Protocol, TypeVar
 from uuid import UUID
 
@@ -212,37 +213,53 @@ class Accounts:
             ranks,
         )
 
-    def record_pending(self, user_ids: Sequence[str], ranks: RankLadder) -> int:
+    def record_pending(
+        self,
+        user_ids: Sequence[str],
+        ranks: RankLadder,
+        rows: Mapping[str, PendingRow] | None = None,
+        *,
+        prefetched: bool = False,
+    ) -> int:
         """Record the pending rows of ``user_ids`` (those that exist), each as one award,
-        in groups; each group's save deletes the rows it recorded. Returns how many
-        awards were recorded."""
+        in groups; each group's save deletes the rows it recorded. ``rows``: as just read
+        (a first attempt uses them; a retry reads again). Returns how many awards were
+        recorded."""
         if self.pending is None or not user_ids:
             return 0
         recorded = 0
         fence = self.fence()
-        self.prefetch(list(user_ids))
+        if not prefetched:
+            self.prefetch(list(user_ids))
         for start in range(0, len(user_ids), SAVE_GROUP):
             group = list(user_ids[start : start + SAVE_GROUP])
-            recorded += with_retry(
-                lambda g=group: self._record_group(g, ranks, fence),  # type: ignore[misc]
-                what="pending",
-            )
+            first: list[Mapping[str, PendingRow] | None] = [
+                None if rows is None else {u: rows[u] for u in group if u in rows}
+            ]
+
+            def attempt(g: list[str] = group, known: list[Any] = first) -> int:
+                given, known[0] = known[0], None  # a retry reads the rows again
+                return self._record_group(g, ranks, fence, given)
+
+            recorded += with_retry(attempt, what="pending")
         return recorded
 
-    def settle_pending(self, user_ids: Sequence[str], ranks: RankLadder) -> int:
-        """For rows just created or grown: record those of members without an account or
-        whose pending reaches their next rank; note the rank need of the others.
-        Returns how many awards were recorded."""
-        if self.pending is None or not user_ids:
+    def settle_pending(self, rows: Sequence[PendingRow], ranks: RankLadder) -> int:
+        """For rows just created or grown (as the pipeline's commit wrote them): record
+        those of members without an account or whose pending reaches their next rank;
+        note the rank need of the others. Returns how many awards were recorded."""
+        if self.pending is None or not rows:
             return 0
-        rows = self.pending.load(user_ids)
         now: list[str] = []
-        unknown = [row for row in rows.values() if row.rank_need is None]
+        needs: list[tuple[str, tuple[int, int], Decimal | None]] = []
+        unknown = [row for row in rows if row.rank_need is None]
         if unknown:
             self.prefetch([row.user_id for row in unknown])
-        for row in rows.values():
+        for row in rows:
             if row.rank_need is None:
-                member = self._load(row.user_id)
+                # the prefetch found no stream: no account yet (no read per member)
+                absent = Member.create_id(row.user_id) in self._absent
+                member = None if absent else self._load(row.user_id)
                 if member is None:
                     now.append(row.user_id)
                     continue
@@ -250,14 +267,23 @@ class Accounts:
                 if need is not None and row.rank_points >= need:
                     now.append(row.user_id)
                 else:
-                    self.pending.set_need(row.user_id, row.upto, need)
+                    needs.append((row.user_id, row.upto, need))
             elif row.lifts_rank():
                 now.append(row.user_id)
-        return self.record_pending(now, ranks)
+        self.pending.set_needs(needs)
+        by_user = {row.user_id: row for row in rows}
+        return self.record_pending(now, ranks, by_user, prefetched=bool(unknown))
 
-    def _record_group(self, group: Sequence[str], ranks: RankLadder, fence: int | None) -> int:
+    def _record_group(
+        self,
+        group: Sequence[str],
+        ranks: RankLadder,
+        fence: int | None,
+        given: Mapping[str, PendingRow] | None = None,
+    ) -> int:
         assert self.pending is not None
-        rows = self.pending.load(group)  # fresh on every attempt: the revision is checked
+        # as just read, or read now: the insert checks the revision either way
+        rows = dict(given) if given is not None else self.pending.load(group)
         members: dict[str, Member] = {}
         consumed: list[PendingRow] = []
         for user_id, row in rows.items():

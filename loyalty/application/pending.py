@@ -21,7 +21,7 @@ adjustment of the member, in the command's own save.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -79,7 +79,7 @@ class PendingRow:
 class PendingStore(Protocol):
     def load(self, user_ids: Iterable[str]) -> dict[str, PendingRow]: ...
     def due(self, shards: Collection[int], before: datetime, limit: int) -> list[str]: ...
-    def set_need(self, user_id: str, upto: Position, need: Decimal | None) -> None: ...
+    def set_needs(self, needs: Sequence[tuple[str, Position, Decimal | None]]) -> None: ...
     def discard(self, user_id: str, upto: Position) -> bool: ...
 
 

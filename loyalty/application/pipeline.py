@@ -32,7 +32,7 @@ from typing import Protocol
 
 from loyalty.application.accounts import Accounts, StreamErased
 from loyalty.application.backoff import Backoff
-from loyalty.application.pending import Contribution, PendingStore
+from loyalty.application.pending import Contribution, PendingRow, PendingStore
 from loyalty.application.read_ahead import ReadAhead
 from loyalty.domain.errors import MemberBeingErased
 from loyalty.domain.rules import (
@@ -88,7 +88,7 @@ class PipelineState(Protocol):
         awards: int,
         contributions: Sequence[Contribution] = (),
         fence: int | None = None,
-    ) -> list[str]: ...
+    ) -> Sequence[PendingRow]: ...
     def load_caps(self, keys: Iterable[CapKey]) -> dict[CapKey, int]: ...
     def pending_rows(self) -> PendingStore: ...
 
