@@ -388,3 +388,30 @@ def test_any_interleaving_keeps_recorded_plus_pending_exact(
     finally:
         for a in apps:
             a.close()
+
+
+def test_a_window_of_a_member_being_erased_commits_nothing(db: Database, members: Members) -> None:
+    """The commit refuses contributions of a member whose erasure is under way (as the
+    event insert does): the checkpoint does not move, no pending row appears."""
+    from loyalty.domain.errors import MemberBeingErased
+
+    ingest(db, [ev(0, "gus", "logged_on"), premium(1, "gus")])
+    with db.write() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO forget_markers (subject_hash, member_id, requested_at, state, "
+                "expires_at, seq) VALUES ('h', :m, :t, 'erasing', :e, 1)"
+            ),
+            {
+                "m": str(Member.create_id("gus")),
+                "t": NOW - timedelta(days=3),  # older than the events: they are not filtered
+                "e": NOW + timedelta(days=7),
+            },
+        )
+    pipeline = make_pipeline(db, members)
+    shard = shard_of("gus", db.settings.shard_count)
+    before = PipelineStore(db).load(shard).position
+    with pytest.raises(MemberBeingErased):
+        pipeline.process_shard(shard)
+    assert PipelineStore(db).load(shard).position == before
+    assert _pending_rows(db, "gus") == []
