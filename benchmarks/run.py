@@ -21,6 +21,7 @@ MODULES = [
     "benchmarks.expiry",
     "benchmarks.storage",
     "benchmarks.member_load",
+    "benchmarks.delivery",
     "benchmarks.durable_growth",
 ]
 

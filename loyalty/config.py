@@ -75,11 +75,27 @@ class Settings(BaseSettings):
         2.0,
         ge=0,
         le=300,
-        description="forget-me waits this long for every process to see "
-        "the marker before erasing (must exceed marker_refresh_seconds)",
+        description="forget-me waits this long before erasing, so that processes evict "
+        "the member from their caches first (politeness only: the event insert refuses "
+        "writes into an erased stream whatever the wait; 0 is safe)",
     )
     marker_refresh_seconds: float = Field(
         1.0, gt=0, le=60, description="how often a process re-reads the forget markers"
+    )
+    webhook_allow_private_urls: bool = Field(
+        False,
+        description="let webhook URLs point at loopback, private, link-local or metadata "
+        "addresses (tests, closed networks)",
+    )
+    webhook_timeout_seconds: float = Field(
+        10.0, gt=0, le=120, description="how long one webhook delivery may take"
+    )
+    webhook_retry_seconds: float = Field(
+        3 * 3600.0,
+        ge=0,
+        le=7 * 86400,
+        description="how long a failing webhook delivery is retried (exponential backoff "
+        "with jitter) before it becomes a dead letter",
     )
     http_max_header_bytes: int = Field(
         16 * 1024, ge=1024, description="bytes of a request line plus headers (431 above)"

@@ -169,6 +169,22 @@ class Metrics:
         self.forget_requests = Counter(
             "loyalty_forget_requests", "forget-me requests by status", ["status"], registry=r
         )
+        # events out (feed, webhooks, relay)
+        self.deliveries = Counter(
+            "loyalty_deliveries",
+            "webhook delivery attempts and relay publishes by outcome",
+            ["outcome"],
+            registry=r,
+        )
+        self.delivery_lag = Gauge(
+            "loyalty_delivery_lag_events",
+            "account events (notification ids) a way out has not passed yet",
+            ["channel"],
+            registry=r,
+        )
+        self.dead_letters = Gauge(
+            "loyalty_webhook_dead_letters", "webhook deliveries parked as dead letters", registry=r
+        )
 
     # -- IngestMetrics
     def ingested(self, source: str, *, accepted: int, duplicates: int, rejected: int) -> None:
@@ -197,6 +213,16 @@ class Metrics:
                 self.currency_spent.inc(amount)
             elif command == "refund":
                 self.currency_refunded.inc(amount)
+
+    # -- DeliveryMetrics (loyalty.application.delivery)
+    def delivery_progress(self, channel: str, *, position: int, head: int) -> None:
+        self.delivery_lag.labels(channel).set(max(0, head - position))
+
+    def webhook_attempt(self, outcome: str) -> None:
+        self.deliveries.labels(outcome).inc()
+
+    def webhook_dead_letters(self, count: int) -> None:
+        self.dead_letters.set(count)
 
     # -- ProjectionMetrics
     def projection_progress(self, name: str, *, position: int, head: int, applied: int) -> None:

@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from eventsourcing.persistence import PersistenceError
 
 from loyalty.adapters.db import Database, DatabaseUnavailable, fast_pool_reconnect
+from loyalty.adapters.delivery_store import RELAY_CHANNEL, SqlDeliveryStore
 from loyalty.adapters.erasure_store import SqlErasureStore
 from loyalty.adapters.event_store import event_store_env, stream_loader, worker_env
 from loyalty.adapters.ingress_log import create_ingress_log, pending_stats
@@ -22,11 +23,20 @@ from loyalty.adapters.pipeline_store import PipelineStore, ShardLeases
 from loyalty.adapters.read_models import ReadModels
 from loyalty.adapters.retention_store import create_retention_store
 from loyalty.adapters.rules_store import RulesStore
+from loyalty.adapters.webhook_sender import HttpWebhookSender, check_url
 from loyalty.application.accounts import Accounts, Members
+from loyalty.application.delivery import (
+    CursorLoop,
+    EventFeed,
+    RetryPolicy,
+    WebhookAdmin,
+    WebhookDispatcher,
+)
 from loyalty.application.erasure import ForgetService, MarkerCache
 from loyalty.application.pipeline import LagProbe, Pipeline, Worker
 from loyalty.application.projections import MemberProjection, ProjectionWorker
 from loyalty.application.retention import Retention, RetentionJob
+from loyalty.config import Settings
 from loyalty.domain.errors import MemberBeingErased
 from loyalty.observability import Metrics
 
@@ -290,3 +300,162 @@ def start_retention_thread(
     thread = threading.Thread(target=job.run, name="retention", daemon=True)
     thread.start()
     return job, thread
+
+
+# -- events out (feed, webhooks; the relay is `loyalty relay`) -----------------------------
+
+
+def feed_factory(accounts: Accounts) -> Callable[[], EventFeed]:
+    """The feed over ``accounts``' event store application, built on first use."""
+    built: list[EventFeed] = []
+    lock = threading.Lock()
+
+    def get() -> EventFeed:
+        if not built:
+            with lock:
+                if not built:
+                    app = accounts.app
+                    built.append(EventFeed(app.recorder, app.mapper, app))
+        return built[0]
+
+    return get
+
+
+def build_webhook_admin(db: Database, head: Callable[[], int]) -> WebhookAdmin:
+    settings = db.settings
+    return WebhookAdmin(
+        SqlDeliveryStore(db),
+        head,
+        lambda url: check_url(url, allow_private=settings.webhook_allow_private_urls),
+    )
+
+
+def webhook_sender(settings: Settings) -> HttpWebhookSender:
+    return HttpWebhookSender(
+        timeout=settings.webhook_timeout_seconds,
+        allow_private=settings.webhook_allow_private_urls,
+    )
+
+
+WEBHOOK_LEASE = 1_000_003
+
+
+def build_webhook_dispatcher(
+    db: Database,
+    members: Members | None = None,
+    *,
+    metrics: Metrics | None = None,
+    refresh: float = 2.0,
+    poll_seconds: float = 0.2,
+    policy: RetryPolicy | None = None,
+) -> WebhookDispatcher:
+    """One delivery loop per subscription, each with its own feed reader. The event store
+    application is built on first use (a worker starts while the database is down)."""
+    settings = db.settings
+    apps: list[Members] = [members] if members is not None else []
+
+    def feed() -> EventFeed:
+        if not apps:
+            apps.append(Members(env=event_store_env(settings)))
+        return EventFeed(apps[0].recorder, apps[0].mapper, apps[0])
+
+    return WebhookDispatcher(
+        feed,
+        SqlDeliveryStore(db),
+        SqlDeliveryStore(db),
+        webhook_sender(settings),
+        policy=policy or RetryPolicy(give_up_after=settings.webhook_retry_seconds),
+        retry_errors=RETRY_ERRORS,
+        metrics=metrics,
+        refresh=refresh,
+        poll_seconds=poll_seconds,
+    )
+
+
+class WebhookRunner:
+    """Runs the webhook dispatcher while this process holds the webhooks lease (one
+    delivering process at a time, so a subscription's events go out in order)."""
+
+    def __init__(self, db: Database, dispatcher: WebhookDispatcher) -> None:
+        self._leases = ShardLeases(db)
+        self._dispatcher = dispatcher
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                if self._leases.try_acquire(WEBHOOK_LEASE):
+                    thread = threading.Thread(
+                        target=self._dispatcher.run, name="webhooks", daemon=True
+                    )
+                    thread.start()
+                    self.stop_event.wait()
+                    self._dispatcher.stop()
+                    thread.join(timeout=15)
+                    break
+            except RETRY_ERRORS as exc:
+                log.warning("webhook runner paused (%s)", type(exc).__name__)
+            self.stop_event.wait(2.0)
+        self._leases.release_all()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+
+def start_webhook_runner(
+    db: Database, members: Members | None = None, *, metrics: Metrics | None = None
+) -> WebhookRunner:
+    runner = WebhookRunner(db, build_webhook_dispatcher(db, members, metrics=metrics))
+    threading.Thread(target=runner.run, name="webhook-runner", daemon=True).start()
+    return runner
+
+
+RELAY_LEASE = 1_000_004
+
+
+def build_relay(
+    db: Database,
+    amqp_url: str,
+    *,
+    exchange: str = "loyalty.events",
+    batch_size: int = 500,
+    members: Members | None = None,
+    metrics: Metrics | None = None,
+) -> CursorLoop:
+    """The RabbitMQ relay: the feed from the ``relay`` cursor to a topic exchange."""
+    from loyalty.adapters.amqp_relay import AmqpSink
+
+    members = members or Members(env=event_store_env(db.settings))
+    return CursorLoop(
+        RELAY_CHANNEL,
+        EventFeed(members.recorder, members.mapper, members),
+        SqlDeliveryStore(db),
+        AmqpSink(amqp_url, exchange),
+        batch_size=batch_size,
+        metrics=metrics,
+    )
+
+
+def run_relay(db: Database, loop: CursorLoop, *, poll_seconds: float = 0.2) -> None:
+    """Run the relay while this process holds its lease (one relay at a time, so the
+    exchange sees the events in commit order); returns when ``loop`` is stopped."""
+    from loyalty.adapters.amqp_relay import RETRY_ERRORS as AMQP_ERRORS
+
+    leases = ShardLeases(db)
+    try:
+        while not loop.stop_event.is_set():
+            try:
+                leased = leases.try_acquire(RELAY_LEASE)
+            except RETRY_ERRORS as exc:
+                log.warning("relay paused (%s)", type(exc).__name__)
+                leased = False
+            if leased:
+                log.info("relay runs in this process")
+                loop.run((*RETRY_ERRORS, *AMQP_ERRORS), poll_seconds)
+                break
+            loop.stop_event.wait(2.0)
+    finally:
+        leases.release_all()
+        close = getattr(loop.sink, "close", None)
+        if close is not None:
+            close()

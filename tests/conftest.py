@@ -176,3 +176,22 @@ def drain_with(
         if time.monotonic() > deadline:
             raise AssertionError("pipeline did not drain")
         time.sleep(0.05)
+
+
+AMQP_URL = os.environ.get("LOYALTY_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> str:
+    """The machine's RabbitMQ (LOYALTY_TEST_AMQP overrides): relay tests skip without
+    it locally and fail without it in CI, like PostgreSQL."""
+    import pika
+    import pika.exceptions
+
+    try:
+        pika.BlockingConnection(pika.URLParameters(AMQP_URL)).close()
+    except pika.exceptions.AMQPError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"RabbitMQ is required in CI and unreachable: {exc!r}")
+        pytest.skip(f"RabbitMQ unreachable: {exc!r}")
+    return AMQP_URL

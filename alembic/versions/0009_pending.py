@@ -8,14 +8,14 @@ the last window that changed the row: the row's revision (window ends of a shard
 grow, a member lives in one shard) and the recording's award id.
 
 Revision ID: 0009
-Revises: 0006
+Revises: 0008
 Create Date: 2026-11-29
 """
 
 from alembic import op
 
 revision = "0009"
-down_revision = "0006"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 

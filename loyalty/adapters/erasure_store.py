@@ -20,7 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from loyalty.adapters.db import Database
 from loyalty.adapters.tables import metadata
-from loyalty.application.erasure import ERASING, ForgetRequest, Marker
+from loyalty.application.erasure import ERASING, STEPS, ForgetRequest, Marker
 from loyalty.application.projections import TOMBSTONE as TOMBSTONE_TOPIC
 from loyalty.domain.member import Member
 
@@ -34,6 +34,9 @@ LOCATIONS: dict[str, tuple[str, ...]] = {
     "read_models": ("member_balances", "member_history"),
     "projection_quarantine": ("projection_quarantine",),  # erased with the read models
     "forget_subjects": ("forget_subjects",),  # deleted when the request completes
+    # events out (issue 17): dead letters of the member are erased; forget-me itself
+    # adds member.forgotten notices here, deleted once each way out delivered them
+    "delivery": ("webhook_dead_letters", "delivery_notices"),
 }
 EXEMPT: dict[str, str] = {
     "alembic_version": "schema revision",
@@ -44,6 +47,8 @@ EXEMPT: dict[str, str] = {
     "loyalty_meta": "the subject-hash salt",
     "forget_markers": "salted hash and stream id only; expires with the retention window",
     "forget_requests": "receipts: request id, times, counts; no user id",
+    "webhook_subscriptions": "URLs, event types and signing secrets; no member data",
+    "delivery_cursors": "positions per way out (webhook subscription, relay)",
 }
 NIL_HEX = uuid.UUID(int=0).hex
 SEQ_KEY = "erasure_seq"
@@ -75,6 +80,7 @@ forget_markers = sa.Table(
     sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
     # the erasure generation (loyalty_meta 'erasure_seq') the marker was set at
     sa.Column("seq", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Index("forget_markers_member_idx", "member_id"),
 )
 loyalty_meta = sa.Table(
     "loyalty_meta",
@@ -228,10 +234,16 @@ class SqlErasureStore:
         return [self._request(r) for r in rows]
 
     def record_step(self, request_id: str, step: str, erased: dict[str, int]) -> None:
+        """Record ``step`` as done, only if it moves the request forward: a second runner
+        (one whose lease died under it) must never move a request back to a step before
+        ``subject`` once the user id is gone, nor overwrite the counts of a later step."""
+        earlier = list(STEPS[: STEPS.index(step)])
+        c = forget_requests.c
         with self._db.write() as conn:
             conn.execute(
                 forget_requests.update()
-                .where(forget_requests.c.request_id == request_id)
+                .where(c.request_id == request_id, c.status != "completed")
+                .where(sa.or_(c.step.is_(None), c.step.in_(earlier)))
                 .values(step=step, status="running", erased=orjson.dumps(erased).decode())
             )
 
@@ -369,6 +381,16 @@ class SqlErasureStore:
             "projection_quarantine": int(quarantined),
         }
 
+    # -- events out (issue 17) ---------------------------------------------------------
+    def erase_delivery(
+        self, user_id: str, request_id: str, requested_at: datetime
+    ) -> dict[str, int]:
+        """Drop the member's webhook dead letters; owe each durable way out a
+        member.forgotten notice (deleted once delivered)."""
+        from loyalty.adapters.delivery_store import SqlDeliveryStore
+
+        return SqlDeliveryStore(self._db).erase_member(user_id, request_id, requested_at)
+
     def vacuum(self) -> None:
         """Make deleted rows physically go away. PostgreSQL: VACUUM (the library turns
         autovacuum down on its events table). SQLite: secure_delete zeroed the cells;
@@ -382,7 +404,8 @@ class SqlErasureStore:
                     + LOCATIONS["read_models"]
                     + LOCATIONS["pipeline_caps"]
                     + LOCATIONS["pipeline_pending"]
-                    + LOCATIONS["forget_subjects"],
+                    + LOCATIONS["forget_subjects"]
+                    + LOCATIONS["delivery"],
                 )
                 conn.execute(sa.text("VACUUM " + ", ".join(f'"{t}"' for t in tables)))
             return

@@ -46,8 +46,17 @@ from uuid import UUID
 import orjson
 import psycopg
 from eventsourcing.persistence import StoredEvent
-from eventsourcing.postgres import PostgresApplicationRecorder
-from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteCursor
+from eventsourcing.postgres import (
+    PostgresAggregateRecorder,
+    PostgresApplicationRecorder,
+    PostgresFactory,
+)
+from eventsourcing.sqlite import (
+    SQLiteAggregateRecorder,
+    SQLiteApplicationRecorder,
+    SQLiteCursor,
+    SQLiteFactory,
+)
 from psycopg import Cursor
 from psycopg.rows import DictRow
 from psycopg.sql import SQL, Identifier
@@ -250,3 +259,91 @@ class GuardedSQLiteApplicationRecorder(SQLiteApplicationRecorder):
         if moved:
             raise PendingMoved(moved)
         return returning
+
+
+# ------------------------------------------------------------------ snapshots
+#
+# A snapshot is taken after its events were saved, in a transaction of its own. Without
+# a check, a snapshot inserted after forget-me deleted the stream would bring the erased
+# account back (a load starts from the latest snapshot). So a snapshot is stored only if
+# the event it stands for still exists, checked in the snapshot's own transaction under a
+# lock that conflicts with the erasure's DELETE: on PostgreSQL ``FOR KEY SHARE`` on that
+# event row (the DELETE waits for the snapshot to commit, and then deletes it with the
+# stream in its own transaction; or the snapshot's SELECT waits for the DELETE and finds
+# nothing); on SQLite the write lock, taken by the insert before the check.
+
+
+def _events_table(snapshots_table: str) -> str:
+    """``members_snapshots`` -> ``members_events``; ``stored_snapshots`` -> ``stored_events``."""
+    assert snapshots_table.endswith("_snapshots"), snapshots_table
+    return snapshots_table[: -len("_snapshots")] + "_events"
+
+
+class GuardedPostgresSnapshotRecorder(PostgresAggregateRecorder):
+    def insert_events(
+        self, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        if not stored_events:
+            return None
+        events = Identifier(self.datastore.schema, _events_table(self.events_table_name))
+        keys = orjson.dumps(
+            [(str(e.originator_id), e.originator_version) for e in stored_events]
+        ).decode()
+        with self.datastore.get_connection() as conn, conn.transaction(), conn.cursor() as curs:
+            curs.execute(
+                SQL(
+                    "SELECT s.originator_id, s.originator_version FROM {} s "
+                    "JOIN jsonb_array_elements(%s::text::jsonb) AS k "
+                    "ON s.originator_id = (k->>0)::uuid AND s.originator_version = (k->>1)::bigint "
+                    "FOR KEY SHARE OF s"
+                ).format(events),
+                (keys,),
+            )
+            present = {(str(r["originator_id"]), int(r["originator_version"])) for r in curs}
+            kept = [
+                e for e in stored_events if (str(e.originator_id), e.originator_version) in present
+            ]
+            if kept:
+                self._insert_stored_events(curs, kept, **kwargs)
+        return None
+
+
+class GuardedSQLiteSnapshotRecorder(SQLiteAggregateRecorder):
+    def _insert_events(
+        self,
+        c: SQLiteCursor,
+        stored_events: Sequence[StoredEvent],
+        **kwargs: Any,
+    ) -> Sequence[int] | None:
+        returning = super()._insert_events(c, stored_events, **kwargs)
+        events = _events_table(self.events_table_name)
+        for e in stored_events:
+            key = GuardedSQLiteApplicationRecorder._key(e.originator_id)
+            c.execute(
+                f"SELECT 1 FROM {events} WHERE originator_id = ? AND originator_version = ?",
+                (key, e.originator_version),
+            )
+            if c.fetchone() is None:  # erased meanwhile: no snapshot of it either
+                c.execute(
+                    f"DELETE FROM {self.events_table_name} "
+                    "WHERE originator_id = ? AND originator_version = ?",
+                    (key, e.originator_version),
+                )
+        return returning
+
+
+class GuardedPostgresFactory(PostgresFactory):
+    """The library's PostgreSQL persistence with guarded snapshots (the application
+    recorder is chosen by ``APPLICATION_RECORDER_TOPIC``)."""
+
+    aggregate_recorder_class = GuardedPostgresSnapshotRecorder
+
+
+class GuardedSQLiteFactory(SQLiteFactory):
+    """The library's SQLite persistence with guarded snapshots."""
+
+    aggregate_recorder_class = GuardedSQLiteSnapshotRecorder
+
+
+POSTGRES_FACTORY_TOPIC = f"{__name__}:GuardedPostgresFactory"
+SQLITE_FACTORY_TOPIC = f"{__name__}:GuardedSQLiteFactory"

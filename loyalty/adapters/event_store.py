@@ -18,6 +18,7 @@ from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.sqlite import SQLiteApplicationRecorder
 from psycopg import sql
 
+from loyalty.adapters.event_recorder import POSTGRES_FACTORY_TOPIC, SQLITE_FACTORY_TOPIC
 from loyalty.adapters.event_recorder import SQLITE_TOPIC as SQLITE_RECORDER_TOPIC
 from loyalty.adapters.event_recorder import TOPIC as RECORDER_TOPIC
 from loyalty.config import Settings
@@ -32,7 +33,7 @@ def event_store_env(settings: Settings, *, create_table: bool = False) -> dict[s
     if settings.backend == "sqlite":
         return {
             **common,
-            "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+            "PERSISTENCE_MODULE": SQLITE_FACTORY_TOPIC,
             "SQLITE_DBNAME": str(settings.sqlite_path),
             "SQLITE_LOCK_TIMEOUT": "30",
             "APPLICATION_RECORDER_TOPIC": SQLITE_RECORDER_TOPIC,
@@ -40,7 +41,7 @@ def event_store_env(settings: Settings, *, create_table: bool = False) -> dict[s
     url = urlsplit(settings.database_url)
     return {
         **common,
-        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "PERSISTENCE_MODULE": POSTGRES_FACTORY_TOPIC,
         "POSTGRES_DBNAME": unquote(url.path.lstrip("/")),
         "POSTGRES_HOST": url.hostname or "127.0.0.1",
         "POSTGRES_PORT": str(url.port or 5432),

@@ -31,6 +31,7 @@ class Role(StrEnum):
     INGEST = "ingest"
     SHOP = "shop"
     OPERATOR = "operator"
+    FEED = "feed"
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,6 +51,7 @@ def target_metadata() -> sa.MetaData:
     """Every table of ours, for autogenerate: the modules that define tables on the
     shared ``metadata`` are imported here so that none is missed (and so proposed for
     dropping)."""
+    import loyalty.adapters.delivery_store  # noqa: F401  (events out)
     import loyalty.adapters.erasure_store  # noqa: F401  (forget-me tables)
     from loyalty.adapters.tables import metadata
 

@@ -42,6 +42,7 @@ projection_quarantine = sa.Table(
     sa.Column("topic", sa.Text, nullable=False),
     sa.Column("error", sa.Text, nullable=False),
     sa.Column("quarantined_at", Timestamp, nullable=False),
+    sa.Index("projection_quarantine_member_idx", "member_id"),
 )
 
 

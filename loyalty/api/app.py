@@ -22,11 +22,14 @@ from loyalty.api import problems
 from loyalty.api.deps import Container
 from loyalty.api.docs import install_docs
 from loyalty.api.guards import BodyGuardMiddleware, RateLimiter, SecurityHeadersMiddleware
+from loyalty.api.routes import feed as feed_routes
 from loyalty.api.routes import forget as forget_routes
 from loyalty.api.routes import health, ingress, operations
 from loyalty.api.routes import members as member_routes
 from loyalty.api.routes import metrics as metrics_routes
 from loyalty.api.routes import storage as storage_routes
+from loyalty.api.routes import webhooks as webhook_routes
+from loyalty.api.routes.webhooks import WebhookCreate
 from loyalty.api.schemas import (
     AdjustmentRequest,
     Batch,
@@ -41,7 +44,7 @@ from loyalty.application.accounts import Accounts, Members, Spending
 from loyalty.application.ingress import IngestService
 from loyalty.config import Settings
 from loyalty.observability import Metrics, MetricsMiddleware, RequestIdMiddleware
-from loyalty.worker import build_forget_service, marker_cache
+from loyalty.worker import build_forget_service, build_webhook_admin, feed_factory, marker_cache
 
 BATCH_EXAMPLE: dict[str, Any] = {
     "batch_id": "b-1",
@@ -84,6 +87,7 @@ def build_container(
     )
     rules = RulesStore(db)
     metrics = metrics if metrics is not None else Metrics()
+    feed = feed_factory(accounts)
     return Container(
         settings=settings,
         db=db,
@@ -109,6 +113,8 @@ def build_container(
             settings.ingest_rate_limit_events_per_s,
             max(settings.ingest_rate_limit_burst, settings.max_batch_events),
         ),
+        feed=feed,
+        webhooks=build_webhook_admin(db, lambda: feed().head()),
     )
 
 
@@ -156,6 +162,8 @@ def create_app(
     if settings.metrics_token is not None:  # else not on the API's listener at all
         app.include_router(metrics_routes.router)
     app.include_router(storage_routes.router)
+    app.include_router(feed_routes.router)
+    app.include_router(webhook_routes.router)
     # Request ids outermost, so that everything (metrics, handlers, errors) logs with one.
     app.add_middleware(BodyGuardMiddleware, limit=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=container.metrics)
@@ -177,6 +185,7 @@ def create_app(
                 RefundRequest,
                 AdjustmentRequest,
                 ForgetRequestBody,
+                WebhookCreate,
             ):
                 model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(model_schema.pop("$defs", {}))

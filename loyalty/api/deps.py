@@ -26,6 +26,7 @@ from loyalty.api.guards import (
 )
 from loyalty.api.problems import ApiProblem, validation_errors
 from loyalty.application.accounts import Accounts, Spending
+from loyalty.application.delivery import EventFeed, WebhookAdmin
 from loyalty.application.erasure import ForgetService
 from loyalty.application.ingress import IngestService
 from loyalty.config import Settings
@@ -49,6 +50,9 @@ class Container:
     metrics: Metrics
     forget: ForgetService
     ingest_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0.0, 0.0))
+    feed: Callable[[], EventFeed] | None = None
+    """The account event feed (built on first use, like the event store application)."""
+    webhooks: WebhookAdmin | None = None
 
 
 def get_container(request: Request) -> Container:
@@ -158,6 +162,7 @@ def json_body(model: type[M], role: Role) -> Any:
 IngestKey = Annotated[Principal, Depends(require(Role.INGEST))]
 ShopKey = Annotated[Principal, Depends(require(Role.SHOP))]
 OperatorKey = Annotated[Principal, Depends(require(Role.OPERATOR))]
+FeedKey = Annotated[Principal, Depends(require(Role.FEED))]
 
 
 def request_body(model: type[BaseModel]) -> dict[str, Any]:

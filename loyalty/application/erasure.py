@@ -48,6 +48,7 @@ STEPS = (
     "caps",
     "event_store",
     "read_models",
+    "delivery",
     "marker_done",
     "subject",
     "vacuum",
@@ -94,6 +95,9 @@ class ErasureStore(Protocol):
     def erase_pending(self, user_id: str) -> int: ...
     def erase_stream(self, member_id: str) -> int: ...
     def erase_read_models(self, user_id: str) -> dict[str, int]: ...
+    def erase_delivery(
+        self, user_id: str, request_id: str, requested_at: datetime
+    ) -> dict[str, int]: ...
     def vacuum(self) -> None: ...
 
 
@@ -279,6 +283,10 @@ class ForgetService:
                 self._markers_changed()
             elif step == "read_models":
                 erased.update(self._store.erase_read_models(user_id))
+            elif step == "delivery":  # events out (issue 17): dead letters, notices
+                erased.update(
+                    self._store.erase_delivery(user_id, request.request_id, request.requested_at)
+                )
             elif step == "marker_done":
                 self._put_marker(user_id, request.requested_at, DONE)
             elif step == "subject":

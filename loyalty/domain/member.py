@@ -402,37 +402,29 @@ class Member(Aggregate):
 
     # Version 2 of these events records the source; version 1 (stored before) had none.
 
-    class Spent(Aggregate.Event):
+    class SourcedEvent(Aggregate.Event):
+        """An event of a command scoped by its source (version 1 had no source)."""
+
         class_version = 2
-        order_id: str
-        amount: int
         source: str | None
 
         @staticmethod
         def upcast_v1_v2(state: dict[str, Any]) -> None:
             state["source"] = None
 
-    class Refunded(Aggregate.Event):
-        class_version = 2
+    class Spent(SourcedEvent):
         order_id: str
         amount: int
-        source: str | None
 
-        @staticmethod
-        def upcast_v1_v2(state: dict[str, Any]) -> None:
-            state["source"] = None
+    class Refunded(SourcedEvent):
+        order_id: str
+        amount: int
 
-    class Adjusted(Aggregate.Event):
-        class_version = 2
+    class Adjusted(SourcedEvent):
         adjustment_id: str
         currency: int
         rank_points: int
         reason: str
-        source: str | None
-
-        @staticmethod
-        def upcast_v1_v2(state: dict[str, Any]) -> None:
-            state["source"] = None
 
     @event(Spent)
     def _spent(self, order_id: str, amount: int, source: str | None) -> None:

@@ -314,3 +314,26 @@ def test_unknown_request_is_404_and_shop_cannot_forget(
         ).status_code
         == 422
     )
+
+
+def test_a_late_runner_cannot_move_a_request_back(db: Database) -> None:
+    """Two runners on one request (a lease lost under the first): the one that is behind
+    must not record an earlier step after a later one, or a resume would start before
+    ``subject`` with the user id already gone (and overwrite the later counts)."""
+    from datetime import UTC, datetime
+
+    from loyalty.adapters.erasure_store import SqlErasureStore
+    from loyalty.application.erasure import ERASING, Marker
+
+    store, now = SqlErasureStore(db), datetime.now(UTC)
+    marker = Marker(store.subject_hash("late-runner"), "m-late", now, ERASING)
+    request_id = store.create_request("late-runner", now, marker, now + timedelta(days=1))
+    store.record_step(request_id, "event_store", {"event_store": 4})
+    store.record_step(request_id, "subject", {"event_store": 4, "member_history": 2})
+    store.record_step(request_id, "caps", {"pipeline_caps": 9})  # the late runner
+    found = store.get_request(request_id)
+    assert found is not None
+    assert (found.step, found.erased) == ("subject", {"event_store": 4, "member_history": 2})
+    store.record_step(request_id, "vacuum", {"event_store": 4, "member_history": 2})
+    found = store.get_request(request_id)
+    assert found is not None and found.step == "vacuum"

@@ -189,6 +189,34 @@ def test_forget_me_erases_the_members_snapshots(settings: Settings, apps: list[M
     assert cold.repository.get(bystander).currency == 7
 
 
+def test_a_snapshot_taken_after_the_erasure_deleted_the_stream_is_not_stored(
+    settings: Settings, apps: list[Members]
+) -> None:
+    """A snapshot goes in after its events, in a transaction of its own: one that lands
+    after forget-me deleted the stream would bring the erased account back (loads start
+    from the latest snapshot). The snapshot recorder stores it only while the event it
+    stands for exists, checked under a lock that conflicts with the erasure's delete."""
+    app = opened(apps, members_app(settings, 0))  # no automatic snapshots: taken by hand
+    accounts = Accounts(app)
+    accounts.award_many([AwardCommand(u, "w1.1.0", 5, 5, 1, 1) for u in ("erased", "kept")], RANKS)
+    erased, kept = accounts.get("erased"), accounts.get("kept")
+    db = Database(settings)
+    try:
+        from loyalty.adapters.erasure_store import SqlErasureStore
+
+        assert SqlErasureStore(db).erase_stream(str(erased.id)) > 0
+    finally:
+        db.dispose()
+    assert app.snapshots is not None
+    app.snapshots.put([Member.Snapshot.take(erased), Member.Snapshot.take(kept)])
+    assert snapshot_versions(app, erased.id) == []
+    assert snapshot_versions(app, kept.id) == [kept.version]
+    cold = opened(apps, members_app(settings, 0))
+    with pytest.raises(AggregateNotFoundError):
+        cold.repository.get(erased.id)
+    assert cold.repository.get(kept.id).currency == 5
+
+
 # ------------------------------------------------------------ version-1 accounts
 
 
