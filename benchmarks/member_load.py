@@ -29,7 +29,7 @@ from psycopg import sql
 from benchmarks.framework import Context, benchmark
 from loyalty.adapters.event_store import event_store_env
 from loyalty.application.accounts import Members
-from loyalty.application.pipeline import award_id_for
+from loyalty.application.pending import award_id_for
 from loyalty.config import Settings
 from loyalty.domain.member import Member
 from loyalty.domain.ranks import Rank, RankLadder

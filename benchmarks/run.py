@@ -22,6 +22,7 @@ MODULES = [
     "benchmarks.storage",
     "benchmarks.member_load",
     "benchmarks.delivery",
+    "benchmarks.durable_growth",
 ]
 
 

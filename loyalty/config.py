@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     award_window_seconds: float = Field(
         1.0, gt=0, le=3600, description="how long events accumulate before one award per member"
     )
+    award_interval_seconds: float = Field(
+        3600.0,
+        ge=0,
+        le=86_400 * 7,
+        description="at most one recorded award per member per interval (pending between)",
+    )
     pipeline_chunk: int = Field(
         50_000, ge=1, le=1_000_000, description="most ingress events one shard window reads"
     )

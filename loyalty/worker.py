@@ -18,6 +18,7 @@ from loyalty.adapters.delivery_store import RELAY_CHANNEL, SqlDeliveryStore
 from loyalty.adapters.erasure_store import SqlErasureStore
 from loyalty.adapters.event_store import event_store_env, stream_loader, worker_env
 from loyalty.adapters.ingress_log import create_ingress_log, pending_stats
+from loyalty.adapters.pending_store import PendingTable
 from loyalty.adapters.pipeline_store import PipelineStore, ShardLeases
 from loyalty.adapters.read_models import ReadModels
 from loyalty.adapters.retention_store import create_retention_store
@@ -86,8 +87,10 @@ def build_pipeline(
                 app.recorder, app.snapshots.recorder if app.snapshots is not None else None
             ),
             markers=markers,
+            pending=PendingTable(db),
         ),
         chunk=settings.pipeline_chunk,
+        interval_seconds=settings.award_interval_seconds,
         metrics=metrics,
         forgotten_at=markers.forgotten_at,
         forgotten_any=markers.any,

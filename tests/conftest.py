@@ -154,8 +154,11 @@ def drain_pipeline(db: Database, members: object | None = None, timeout: float =
     return drain_with(build_pipeline(db, members), db, timeout)  # type: ignore[arg-type]
 
 
-def drain_with(pipeline: object, db: Database, timeout: float = 30.0) -> int:
-    """Run ``pipeline`` until nothing is pending (see drain_pipeline)."""
+def drain_with(
+    pipeline: object, db: Database, timeout: float = 30.0, *, record: bool = True
+) -> int:
+    """Run ``pipeline`` until nothing is pending (see drain_pipeline), then (``record``)
+    record every member's pending earnings on the account, whatever the interval."""
     import time
 
     from loyalty.adapters.ingress_log import pending_stats
@@ -167,6 +170,8 @@ def drain_with(pipeline: object, db: Database, timeout: float = 30.0) -> int:
     while True:
         total += pipeline.drain(range(db.settings.shard_count))  # type: ignore[attr-defined]
         if pending_stats(db, state.positions(), db.settings.shard_count)[0] == 0:
+            if record:
+                pipeline.record_all(range(db.settings.shard_count))  # type: ignore[attr-defined]
             return total
         if time.monotonic() > deadline:
             raise AssertionError("pipeline did not drain")

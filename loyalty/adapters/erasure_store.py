@@ -29,6 +29,7 @@ LOCATIONS: dict[str, tuple[str, ...]] = {
     # every live day partition, and (PostgreSQL) the dedup keys of the erased rows
     "ingress_events": ("ingress_events", "ingress_keys"),
     "pipeline_caps": ("pipeline_caps",),
+    "pipeline_pending": ("pipeline_pending",),  # earnings not yet recorded on the account
     "event_store": ("members_events", "stored_events", "members_snapshots", "stored_snapshots"),
     "read_models": ("member_balances", "member_history"),
     "projection_quarantine": ("projection_quarantine",),  # erased with the read models
@@ -297,6 +298,21 @@ class SqlErasureStore:
             )
             return int(result.rowcount)
 
+    def erase_pending(self, user_id: str) -> int:
+        """Delete the member's pending earnings. After the marker (state erasing) is
+        committed; a pipeline commit already under way is waited for (its checkpoint
+        row locks, taken here too on PostgreSQL; SQLite's write lock), and every later
+        one refuses contributions of a member being erased (``pending_store.merge``)."""
+        with self._db.write() as conn:
+            if self._pg:
+                conn.execute(
+                    sa.text("SELECT shard FROM pipeline_checkpoints ORDER BY shard FOR UPDATE")
+                )
+            result = conn.execute(
+                sa.text("DELETE FROM pipeline_pending WHERE user_id = :u"), {"u": user_id}
+            )
+            return int(result.rowcount)
+
     def _existing(self, conn: sa.Connection, names: tuple[str, ...]) -> list[str]:
         return [n for n in names if sa.inspect(conn).has_table(n)]
 
@@ -387,6 +403,7 @@ class SqlErasureStore:
                     LOCATIONS["event_store"]
                     + LOCATIONS["read_models"]
                     + LOCATIONS["pipeline_caps"]
+                    + LOCATIONS["pipeline_pending"]
                     + LOCATIONS["forget_subjects"]
                     + LOCATIONS["delivery"],
                 )

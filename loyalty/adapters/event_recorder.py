@@ -21,6 +21,13 @@ A refusal raises :class:`~loyalty.application.accounts.StreamErased`, an
 ``IntegrityError`` with the reason and the stream ids, inside the rolled-back transaction.
 Without a ``forget_markers`` table (the library's own test cases) only the first check runs.
 
+**Pending consumed (both backends).** A save may carry ``pending_consumed={user_id:
+(txid, seq)}`` (``loyalty.application.pending.PENDING``): the pending rows its events
+record. The insert deletes each row only if it is still at that revision, in its own
+transaction; if any is not, it raises :class:`~loyalty.application.pending.PendingMoved`
+(an ``IntegrityError``) and the events are rolled back with it. So a recording and the
+removal of what it recorded commit together or not at all.
+
 **PostgreSQL: one JSON parameter.** psycopg dumps a list parameter element by element in
 Python; the library's insert of an award group (an array of ``stored_event`` composites)
 spent most of its client time there. Here the rows go as one JSON text (built by orjson,
@@ -37,6 +44,7 @@ from typing import Any
 from uuid import UUID
 
 import orjson
+import psycopg
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.postgres import (
     PostgresAggregateRecorder,
@@ -54,6 +62,7 @@ from psycopg.rows import DictRow
 from psycopg.sql import SQL, Identifier
 
 from loyalty.application.accounts import FENCE, StreamErased
+from loyalty.application.pending import PENDING, PendingMoved
 
 TOPIC = f"{__name__}:JsonInsertApplicationRecorder"
 SQLITE_TOPIC = f"{__name__}:GuardedSQLiteApplicationRecorder"
@@ -80,6 +89,13 @@ def refusal(rows: Iterable[tuple[str, str]]) -> StreamErased | None:
     reasons = {why for _, why in found}
     reason = next(r for r in ("erasing", "fenced", "gone") if r in reasons)
     return StreamErased(reason, sorted({str(m) for m, _ in found}))
+
+
+def _consumed(kwargs: dict[str, Any]) -> list[tuple[str, int, int]]:
+    """The pending rows a save records, as (user_id, txid, seq) in user id order (the
+    order every writer locks them in)."""
+    consumed = kwargs.get(PENDING) or {}
+    return sorted((u, int(p[0]), int(p[1])) for u, p in consumed.items())
 
 
 def _fence(kwargs: dict[str, Any]) -> int:
@@ -155,6 +171,24 @@ class JsonInsertApplicationRecorder(PostgresApplicationRecorder):
             ]
         ).decode()
         curs.execute(query=self.insert_events_statement, params=(rows,))
+        consumed = _consumed(kwargs)
+        if consumed:
+            # The library commits its transaction even when this method raises (it only
+            # re-raises afterwards): a mismatch must fail the transaction in the database
+            # (division by zero), which rolls the events and the deletions back together.
+            with curs.connection.cursor() as delete:
+                try:
+                    delete.execute(
+                        "WITH d AS (DELETE FROM pipeline_pending p "
+                        "USING jsonb_array_elements(%s::text::jsonb) e "
+                        "WHERE p.user_id = e->>0 AND p.upto_txid = (e->>1)::bigint "
+                        "AND p.upto_seq = (e->>2)::bigint RETURNING 1) "
+                        "SELECT 1 / (CASE WHEN count(*) = %s THEN 1 ELSE 0 END) AS ok FROM d",
+                        (orjson.dumps(consumed).decode(), len(consumed)),
+                    )
+                    delete.fetchall()
+                except psycopg.errors.DivisionByZero as exc:
+                    raise PendingMoved([u for u, _, _ in consumed]) from exc
 
 
 class GuardedSQLiteApplicationRecorder(SQLiteApplicationRecorder):
@@ -213,6 +247,17 @@ class GuardedSQLiteApplicationRecorder(SQLiteApplicationRecorder):
         error = refusal(rows)
         if error is not None:
             raise error
+        moved = []
+        for user_id, txid, seq in _consumed(kwargs):
+            c.execute(
+                "DELETE FROM pipeline_pending WHERE user_id = ? AND upto_txid = ? AND upto_seq = ? "
+                "RETURNING user_id",
+                (user_id, txid, seq),
+            )
+            if not c.fetchall():
+                moved.append(user_id)
+        if moved:
+            raise PendingMoved(moved)
         return returning
 
 

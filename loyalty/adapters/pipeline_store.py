@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import IO, Any
@@ -14,7 +14,9 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from loyalty.adapters.db import Database, psycopg_connection
+from loyalty.adapters.pending_store import PendingTable, merge
 from loyalty.adapters.tables import pipeline_caps, pipeline_checkpoints
+from loyalty.application.pending import Contribution, PendingRow
 from loyalty.application.pipeline import LeaseLost
 
 Position = tuple[int, int]
@@ -92,12 +94,17 @@ class PipelineStore:
         *,
         processed: int,
         awards: int,
-    ) -> None:
-        """Advance the checkpoint from ``start`` to the noted ``end`` and store the cap
-        counts, in one transaction, only if the checkpoint still stands at ``start`` with
-        ``end`` noted (a compare-and-set, written first: its row lock also orders two
-        commits of one window). Raises :class:`LeaseLost` (nothing written) otherwise."""
+        contributions: Sequence[Contribution] = (),
+        fence: int | None = None,
+    ) -> list[PendingRow]:
+        """Advance the checkpoint from ``start`` to the noted ``end``, store the cap
+        counts and add the window's ``contributions`` to the pending rows, in one
+        transaction, only if the checkpoint still stands at ``start`` with ``end`` noted
+        (a compare-and-set, written first: its row lock also orders two commits of one
+        window). Raises :class:`LeaseLost` (nothing written) otherwise. Returns the
+        members to settle (see ``pending_store.merge``)."""
         c = pipeline_checkpoints.c
+        now = datetime.now(UTC)
         with self._db.write() as conn:
             moved = conn.execute(
                 pipeline_checkpoints.update()
@@ -115,7 +122,7 @@ class PipelineStore:
                     pending_seq=None,
                     processed_total=c.processed_total + processed,
                     awards_total=c.awards_total + awards,
-                    updated_at=datetime.now(UTC),
+                    updated_at=now,
                 )
             ).rowcount
             if moved != 1:
@@ -143,6 +150,10 @@ class PipelineStore:
                         for (u, t, d), n in cap_changes.items()
                     ],
                 )
+            return merge(self._db, conn, shard, end, contributions, now, fence)
+
+    def pending_rows(self) -> PendingTable:
+        return PendingTable(self._db)
 
     def load_caps(self, keys: Iterable[CapKey]) -> dict[CapKey, int]:
         wanted = set(keys)

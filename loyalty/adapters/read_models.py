@@ -23,6 +23,7 @@ from loyalty.adapters.tables import (
     member_balances,
     member_history,
     metadata,
+    pipeline_pending,
     projection_tracking,
 )
 from loyalty.application.projections import HistoryEntry, ProjectedBatch, QuarantinedEvent
@@ -274,9 +275,22 @@ class ReadModels:
         ]
 
     def leaderboard(self, limit: int) -> list[LeaderboardRow]:
-        """Members by rank points, highest first; ties by user id."""
+        """Members by rank points including the whole points of their pending earnings
+        (``pipeline_pending``; the carried fraction below one point, which only the
+        account holds, is left out), highest first; ties by user id."""
         b = member_balances.c
-        query = sa.select(b.user_id, b.rank_points).order_by(b.rank_points.desc(), b.user_id)
+        p = pipeline_pending.c
+        whole = (
+            sa.func.floor(sa.cast(p.rank_points, sa.Numeric))
+            if self._db.backend == "postgresql"
+            else sa.cast(p.rank_points, sa.Integer)  # text -> integer truncates: floor for >= 0
+        )
+        points = (b.rank_points + sa.func.coalesce(whole, 0)).label("points")
+        query = (
+            sa.select(b.user_id, points)
+            .select_from(member_balances.outerjoin(pipeline_pending, p.user_id == b.user_id))
+            .order_by(points.desc(), b.user_id)
+        )
         with self._db.read() as conn:
             rows = conn.execute(query.limit(limit)).all()
         return [LeaderboardRow(r[0], int(r[1])) for r in rows]

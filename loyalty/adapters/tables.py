@@ -94,6 +94,23 @@ pipeline_caps = sa.Table(
     sa.Index("pipeline_caps_day_idx", "day"),
 )
 
+pipeline_pending = sa.Table(
+    "pipeline_pending",
+    metadata,
+    sa.Column("user_id", sa.String(128), primary_key=True),
+    sa.Column("shard", sa.Integer, nullable=False),
+    sa.Column("currency", sa.Text, nullable=False),
+    sa.Column("rank_points", sa.Text, nullable=False),
+    sa.Column("event_count", sa.BigInteger, nullable=False),
+    sa.Column("rule_version", sa.Integer, nullable=False),
+    sa.Column("upto_txid", sa.BigInteger, nullable=False),
+    sa.Column("upto_seq", sa.BigInteger, nullable=False),
+    sa.Column("since", Timestamp, nullable=False),
+    sa.Column("rank_need", sa.Text),
+    sa.Index("pipeline_pending_due_idx", "shard", "since"),
+)
+"""What a member earned and the pipeline has not recorded yet (exact decimal text)."""
+
 # Read models (projections of the member event store). Every table is keyed by user_id,
 # so forget-me deletes a member's rows by user id.
 projection_tracking = sa.Table(

@@ -14,6 +14,7 @@ from loyalty.adapters.db import Database
 from loyalty.adapters.event_store import event_store_env
 from loyalty.adapters.ingress_log import create_ingress_log
 from loyalty.adapters.keys import KeyStore
+from loyalty.adapters.pending_store import PendingTable
 from loyalty.adapters.pipeline_store import PipelineStore
 from loyalty.adapters.read_models import ReadModels
 from loyalty.adapters.rules_store import RulesStore
@@ -81,7 +82,10 @@ def build_container(
     db = db or Database(settings)
     env = event_store_env(settings)
     markers = marker_cache(db)
-    accounts = Accounts(members or (lambda: Members(env=env)), markers=markers)
+    accounts = Accounts(
+        members or (lambda: Members(env=env)), markers=markers, pending=PendingTable(db)
+    )
+    rules = RulesStore(db)
     metrics = metrics if metrics is not None else Metrics()
     feed = feed_factory(accounts)
     return Container(
@@ -98,10 +102,10 @@ def build_container(
             forgotten_at=markers.forgotten_at,
         ),
         accounts=accounts,
-        rules=RulesStore(db),
+        rules=rules,
         pipeline_state=PipelineStore(db),
         clock=clock,
-        spending=Spending(accounts, metrics),
+        spending=Spending(accounts, metrics, ranks=lambda: rules.current().ranks),
         read_models=ReadModels(db),
         metrics=metrics,
         forget=build_forget_service(db, accounts, clock=clock),

@@ -129,6 +129,12 @@ class MemberBody(BaseModel):
     rank: str | None
     privileges: list[str]
     lifetime_currency: int = Field(description="currency ever earned (awards + adjustments)")
+    pending_currency: int = Field(
+        0,
+        description="part of currency earned but not yet recorded on the account "
+        "(recorded at the award interval, a rank change or the member's next command)",
+    )
+    pending_rank_points: int = Field(0, description="part of rank_points not yet recorded")
 
 
 # The rules are parsed by ``loyalty.domain.rules.parse_rule_set`` (one parser, with the
@@ -315,6 +321,8 @@ OPENAPI_EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
         "rank": "bronze",
         "privileges": ["member_prices"],
         "lifetime_currency": 11,
+        "pending_currency": 3,
+        "pending_rank_points": 6,
     },
     RulesBody: {
         "version": 2,

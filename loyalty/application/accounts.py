@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, Protocol, TypeVar
 from uuid import UUID
 
@@ -21,6 +22,7 @@ from eventsourcing.application import (
 )
 from eventsourcing.persistence import IntegrityError, JSONTranscoder
 
+from loyalty.application.pending import PENDING, PendingRow, PendingStore, award_id_for
 from loyalty.application.transcodings import register_member_transcodings
 from loyalty.domain.errors import DomainError, MemberBeingErased, MemberNotFound
 from loyalty.domain.member import Member, scoped_key
@@ -155,8 +157,10 @@ class Accounts:
         app: Members | Callable[[], Members],
         stream_loader: Callable[[Members], StreamLoader] | None = None,
         markers: MemberMarkers | None = None,
+        pending: PendingStore | None = None,
     ) -> None:
         self.markers = markers
+        self.pending = pending
         self._app = app if isinstance(app, Members) else None
         self._factory = app if not isinstance(app, Members) else None
         self._lock = threading.Lock()
@@ -174,8 +178,141 @@ class Accounts:
         what it saves): the insert refuses streams whose marker is newer."""
         return self.markers.fence() if self.markers is not None else None
 
-    def save(self, *members: Member, fence: int | None) -> None:
-        self.app.save(*members, **{FENCE: fence})
+    def save(
+        self,
+        *members: Member,
+        fence: int | None,
+        consumed: Iterable[PendingRow] = (),
+    ) -> None:
+        """Save, deleting the ``consumed`` pending rows in the same transaction (only if
+        unchanged since read, else :class:`PendingMoved` and nothing is saved)."""
+        revisions = {row.user_id: row.upto for row in consumed}
+        if revisions:
+            self.app.save(*members, **{FENCE: fence, PENDING: revisions})
+        else:
+            self.app.save(*members, **{FENCE: fence})
+
+    def pending_of(self, user_id: str) -> PendingRow | None:
+        """The member's pending row, if any (None without a pending store)."""
+        if self.pending is None:
+            return None
+        return self.pending.load([user_id]).get(user_id)
+
+    @staticmethod
+    def fold(member: Member, row: PendingRow | None, ranks: RankLadder) -> bool:
+        """Record ``row`` on ``member`` (one ``Awarded``, plus ``RankChanged`` if it lifts
+        the rank). False when there is nothing to record."""
+        if row is None:
+            return False
+        return member.record_pending(
+            award_id_for(row.shard, row.upto),
+            row.currency,
+            row.rank_points,
+            row.event_count,
+            row.rule_version,
+            ranks,
+        )
+
+    def record_pending(
+        self,
+        user_ids: Sequence[str],
+        ranks: RankLadder,
+        rows: Mapping[str, PendingRow] | None = None,
+        *,
+        prefetched: bool = False,
+    ) -> int:
+        """Record the pending rows of ``user_ids`` (those that exist), each as one award,
+        in groups; each group's save deletes the rows it recorded. ``rows``: as just read
+        (a first attempt uses them; a retry reads again). Returns how many awards were
+        recorded."""
+        if self.pending is None or not user_ids:
+            return 0
+        recorded = 0
+        fence = self.fence()
+        if not prefetched:
+            self.prefetch(list(user_ids))
+        for start in range(0, len(user_ids), SAVE_GROUP):
+            group = list(user_ids[start : start + SAVE_GROUP])
+            first: list[Mapping[str, PendingRow] | None] = [
+                None if rows is None else {u: rows[u] for u in group if u in rows}
+            ]
+
+            def attempt(g: list[str] = group, known: list[Any] = first) -> int:
+                given, known[0] = known[0], None  # a retry reads the rows again
+                return self._record_group(g, ranks, fence, given)
+
+            recorded += with_retry(attempt, what="pending")
+        return recorded
+
+    def settle_pending(self, rows: Sequence[PendingRow], ranks: RankLadder) -> int:
+        """For rows just created or grown (as the pipeline's commit wrote them): record
+        those of members without an account or whose pending reaches their next rank;
+        note the rank need of the others. Returns how many awards were recorded."""
+        if self.pending is None or not rows:
+            return 0
+        now: list[str] = []
+        needs: list[tuple[str, tuple[int, int], Decimal | None]] = []
+        unknown = [row for row in rows if row.rank_need is None]
+        if unknown:
+            self.prefetch([row.user_id for row in unknown])
+        for row in rows:
+            if row.rank_need is None:
+                # the prefetch found no stream: no account yet (no read per member)
+                absent = Member.create_id(row.user_id) in self._absent
+                member = None if absent else self._load(row.user_id)
+                if member is None:
+                    now.append(row.user_id)
+                    continue
+                need = member.rank_need(ranks)
+                if need is not None and row.rank_points >= need:
+                    now.append(row.user_id)
+                else:
+                    needs.append((row.user_id, row.upto, need))
+            elif row.lifts_rank():
+                now.append(row.user_id)
+        self.pending.set_needs(needs)
+        by_user = {row.user_id: row for row in rows}
+        return self.record_pending(now, ranks, by_user, prefetched=bool(unknown))
+
+    def _record_group(
+        self,
+        group: Sequence[str],
+        ranks: RankLadder,
+        fence: int | None,
+        given: Mapping[str, PendingRow] | None = None,
+    ) -> int:
+        assert self.pending is not None
+        # as just read, or read now: the insert checks the revision either way
+        rows = dict(given) if given is not None else self.pending.load(group)
+        members: dict[str, Member] = {}
+        consumed: list[PendingRow] = []
+        for user_id, row in rows.items():
+            member_id = Member.create_id(user_id)
+            if member_id in self._absent:
+                self._absent.discard(member_id)
+                member: Member | None = Member(user_id=user_id)
+            else:
+                member = self._load(user_id) or Member(user_id=user_id)
+            assert member is not None
+            if self.fold(member, row, ranks):
+                members[user_id] = member
+                consumed.append(row)
+            else:  # recorded already (a window awarded by a version before pending)
+                self.pending.discard(user_id, row.upto)
+        if members:
+            try:
+                self.save(*members.values(), fence=fence, consumed=consumed)
+            except StreamErased as exc:
+                self._evict(list(members))
+                self.refused(exc)
+                if exc.reason == "fenced":
+                    raise MemberBeingErased() from exc
+                raise
+            except Exception:
+                # the cache's copies are ahead of the store: evict them (see _award_group)
+                self._evict(list(members))
+                raise
+        return len(members)
 
     def refused(self, exc: StreamErased) -> None:
         """After the store refused a save: forget the cached copies and re-read the
@@ -372,8 +509,15 @@ class Spending:
 
     LOCK_STRIPES = 256
 
-    def __init__(self, accounts: Accounts, metrics: SpendingMetrics | None = None) -> None:
+    def __init__(
+        self,
+        accounts: Accounts,
+        metrics: SpendingMetrics | None = None,
+        ranks: Callable[[], RankLadder] | None = None,
+    ) -> None:
         self._accounts = accounts
+        # the current rank ladder: a recording of pending earnings records rank changes
+        self._ranks = ranks or (lambda: RankLadder())
         self._metrics = metrics
         # Commands on one member from this process's threads queue on a striped lock
         # instead of racing to save the same version: without it a hot member under
@@ -417,11 +561,24 @@ class Spending:
         self._metrics.account_command(command, outcome, amount)
         return result
 
-    def _save(self, member: Member) -> None:
+    def _save(self, member: Member, row: PendingRow | None = None) -> None:
         # On a conflict (IntegrityError) nothing needs evicting: the repository hands out
         # deep copies of cached aggregates and fast-forwards the cached one on each get.
         # The fence: the markers as read by this command's load, just before it.
-        self._accounts.save(member, fence=self._accounts.fence())
+        # ``row``: the pending row recorded by this save (deleted in its transaction).
+        self._accounts.save(
+            member, fence=self._accounts.fence(), consumed=() if row is None else (row,)
+        )
+
+    def _with_pending(self, member: Member, ranks: RankLadder | None) -> PendingRow | None:
+        """Record the member's pending earnings on ``member`` (before the command, in
+        the command's save). Read after the member: a window committed in between only
+        makes the save fail its revision check and the command retry."""
+        row = self._accounts.pending_of(member.user_id)
+        if row is None:
+            return None
+        ladder = ranks if ranks is not None else self._ranks()
+        return row if self._accounts.fold(member, row, ladder) else None
 
     def _state_after(
         self, user_id: str, match: Callable[[Any], bool], *, with_rank_change: bool = False
@@ -455,14 +612,16 @@ class Spending:
             member = self._accounts.get(user_id)
             key = member.order_key(order_id, source)
             replay = key in member.orders
-            member.spend(order_id, amount, source)  # raises OrderConflict / InsufficientFunds
             if replay:
+                member.spend(order_id, amount, source)  # raises OrderConflict
                 after = self._state_after(
                     user_id,
                     lambda e: _is(e, "Spent") and scoped_key(e.source, e.order_id) == key,
                 )
                 return OrderResult(order_id, amount, after.currency), REPLAYED, amount
-            self._save(member)
+            row = self._with_pending(member, None)  # pending currency is spendable
+            member.spend(order_id, amount, source)  # raises InsufficientFunds
+            self._save(member, row)
             return OrderResult(order_id, amount, member.currency), APPLIED, amount
 
         return self._observed(
@@ -476,14 +635,18 @@ class Spending:
             member = self._accounts.get(user_id)
             key = member.order_key(order_id, source)
             replay = key in member.refunded_orders
-            amount = member.refund(order_id, source)  # raises OrderNotFound
             if replay:
+                amount = member.refund(order_id, source)
                 after = self._state_after(
                     user_id,
                     lambda e: _is(e, "Refunded") and scoped_key(e.source, e.order_id) == key,
                 )
                 return OrderResult(order_id, amount, after.currency), REPLAYED, amount
-            self._save(member)
+            if key not in member.orders:
+                member.refund(order_id, source)  # raises OrderNotFound
+            row = self._with_pending(member, None)
+            amount = member.refund(order_id, source)
+            self._save(member, row)
             return OrderResult(order_id, amount, member.currency), APPLIED, amount
 
         return self._observed(
@@ -510,9 +673,12 @@ class Spending:
             except MemberNotFound:
                 member = Member(user_id=user_id)
             key = member.adjustment_key(adjustment_id, source)
-            if member.adjust(adjustment_id, currency, rank_points, reason, ranks, source):
-                self._save(member)
+            if key not in member.adjustments:
+                row = self._with_pending(member, ranks)
+                member.adjust(adjustment_id, currency, rank_points, reason, ranks, source)
+                self._save(member, row)
                 return member, APPLIED, currency
+            member.adjust(adjustment_id, currency, rank_points, reason, ranks, source)
             after = self._state_after(
                 user_id,
                 lambda e: _is(e, "Adjusted") and scoped_key(e.source, e.adjustment_id) == key,

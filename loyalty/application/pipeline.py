@@ -1,10 +1,16 @@
-"""The weighting pipeline: ingress log -> rules -> one award per member per window.
+"""The weighting pipeline: ingress log -> rules -> pending earnings -> recorded awards.
 
 Per shard: read the rows past the checkpoint (at most ``chunk``), durably note the end
-of that window, weigh and aggregate them, award each member once with the window's
-deterministic award id, then advance the checkpoint together with the cap counters in
-one transaction. A crash anywhere re-reads exactly the same window, so the same award
-ids come out and the Member aggregate ignores the ones it has already seen.
+of that window, weigh and aggregate them, then advance the checkpoint together with the
+cap counters and each member's exact contribution to its pending earnings
+(``loyalty.application.pending``) in one transaction. A crash anywhere re-reads exactly
+the same window; its contributions are added only by the commit that advances the
+checkpoint, so each event is counted exactly once.
+
+Pending earnings become account events (one ``Awarded`` per member) when the member's
+pending row is older than the award interval (:meth:`Pipeline.record_due`, after each
+drain), at once when they would lift the member's rank or the member has no account yet
+(right after the commit), and with any command on the member (``Spending``).
 
 Both checkpoint writes are compare-and-sets on the position the window was read after
 (noting the end: only if no window is noted; committing: only if this window is), so
@@ -21,12 +27,14 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-from loyalty.application.accounts import Accounts, AwardCommand
+from loyalty.application.accounts import Accounts, StreamErased
 from loyalty.application.backoff import Backoff
+from loyalty.application.pending import Contribution, PendingRow, PendingStore
 from loyalty.application.read_ahead import ReadAhead
+from loyalty.domain.errors import MemberBeingErased
 from loyalty.domain.rules import (
     ActivityLike,
     CapCounter,
@@ -78,8 +86,11 @@ class PipelineState(Protocol):
         *,
         processed: int,
         awards: int,
-    ) -> None: ...
+        contributions: Sequence[Contribution] = (),
+        fence: int | None = None,
+    ) -> Sequence[PendingRow]: ...
     def load_caps(self, keys: Iterable[CapKey]) -> dict[CapKey, int]: ...
+    def pending_rows(self) -> PendingStore: ...
 
 
 class RulesSource(Protocol):
@@ -114,11 +125,6 @@ def cyclic_gc_paused() -> Iterator[None]:
         gc.enable()
 
 
-def award_id_for(shard: int, end: Position) -> str:
-    """The award id of a window: the same on every replay of that window."""
-    return f"w{shard}.{end[0]}.{end[1]}"
-
-
 class Pipeline:
     def __init__(
         self,
@@ -132,13 +138,19 @@ class Pipeline:
         metrics: PipelineMetrics | None = None,
         forgotten_at: Callable[[str], datetime | None] | None = None,
         forgotten_any: Callable[[], bool] | None = None,
+        interval_seconds: float = 3600.0,
+        record_group: int = 2000,
     ) -> None:
         self._reader = reader
+        self.interval_seconds = interval_seconds
+        self._record_group = record_group
         self._forgotten_any = forgotten_any
         self.metrics = metrics
         self._state = state
         self._rules = rules
         self._accounts = accounts
+        if accounts.pending is None:  # the pipeline owns the pending rows it records
+            accounts.pending = state.pending_rows()
         self.chunk = chunk
         # Tests inject crashes between steps; production leaves this None.
         self._crash_hook = crash_hook or (lambda _step: None)
@@ -205,6 +217,10 @@ class Pipeline:
         window_size = len(rows)
         if self._any_forgotten():  # events of forgotten members that slipped in
             rows = [r for r in rows if not self._was_forgotten(r)]
+        # the erasure generation the window's events were filtered at (read after the
+        # filter, which refreshes the markers): its commit refuses contributions of
+        # members erased since (see ``pending_store.merge``)
+        fence = self._accounts.fence()
         capped_types = {t for t, rule in rule_set.rules.items() if rule.daily_cap is not None}
         capped_keys = {
             (r.user_id, r.event_type, utc_date(r)) for r in rows if r.event_type in capped_types
@@ -215,31 +231,65 @@ class Pipeline:
             rule_set,
             caps,
         )
-        award_id = award_id_for(shard, end)
-        commands = [
-            AwardCommand(
-                d.user_id, award_id, d.currency, d.rank_points, d.event_count, rule_set.version
+        contributions = [
+            Contribution(
+                d.user_id, d.exact_currency, d.exact_rank_points, d.event_count, rule_set.version
             )
             for d in result.drafts.values()
-            if d.currency or d.rank_points
+            if d.exact_currency or d.exact_rank_points
         ]
-        self._accounts.award_many(commands, rule_set.ranks)
         self._crash_hook("awarded")
-        self._state.commit(
-            shard,
-            checkpoint.position,
-            end,
-            caps.changes(),
-            processed=window_size,
-            awards=len(commands),
-        )
+        try:
+            settle = self._state.commit(
+                shard,
+                checkpoint.position,
+                end,
+                caps.changes(),
+                processed=window_size,
+                awards=len(contributions),
+                contributions=contributions,
+                fence=fence,
+            )
+        except StreamErased as exc:  # nothing written: the window is read again
+            self._accounts.refused(exc)  # raises MemberBeingErased while erasing
+            raise MemberBeingErased() from exc
         caps.mark_saved()
         self._crash_hook("committed")
+        # new accounts and rank changes are recorded at once (a crash here leaves them
+        # pending: the next window of the member, or the interval, records them)
+        recorded = self._accounts.settle_pending(settle, rule_set.ranks)
         if self.metrics is not None:
             self.metrics.window_processed(
-                events=window_size, awards=len(commands), seconds=time.monotonic() - started
+                events=window_size, awards=recorded, seconds=time.monotonic() - started
             )
         return window_size
+
+    def record_all(self, shards: Collection[int]) -> int:
+        """Record every pending row of ``shards`` now, whatever its age (tests, tools)."""
+        return self.record_due(shards, now=datetime.max.replace(tzinfo=UTC))
+
+    def record_due(
+        self,
+        shards: Collection[int],
+        stop: threading.Event | None = None,
+        now: datetime | None = None,
+    ) -> int:
+        """Record the pending earnings of the members of ``shards`` whose oldest pending
+        contribution is older than the award interval; returns how many were recorded."""
+        pending = self._accounts.pending
+        if pending is None or not shards:
+            return 0
+        before = (now or datetime.now(UTC)) - timedelta(seconds=self.interval_seconds)
+        total = 0
+        ranks = self._rules.current().ranks
+        while stop is None or not stop.is_set():
+            due = pending.due(shards, before, self._record_group)
+            if not due:
+                break
+            total += self._accounts.record_pending(due, ranks)
+            if len(due) < self._record_group:
+                break
+        return total
 
     def drain(self, shards: Iterable[int], stop: threading.Event | None = None) -> int:
         """Process every shard until nothing is pending; returns events processed."""
@@ -305,6 +355,7 @@ class Worker:
             try:
                 self._lease_missing()
                 self._pipeline.drain(sorted(self._owned), self.stop_event)
+                self._pipeline.record_due(self._owned, self.stop_event)
                 self._sample_lag()
                 backoff.reset()
             except LeaseLost as exc:

@@ -10,6 +10,15 @@ all go to one shard, so the member keeps only the highest window end awarded per
 (``award_positions``) and an award at or below it is a replay. Any other award id (tools,
 tests) is kept as it is (``other_award_ids``); the pipeline never makes one.
 
+Pending earnings (version 3 of the state, version 2 of ``Awarded``): the pipeline sums
+each member's exact weights into a pending balance and records it as one award now and
+then (:meth:`Member.record_pending`). A recording credits the whole units of the carried
+fraction plus the pending amount and carries the exact rest (``fraction_currency``,
+``fraction_rank_points``, in [0, 1)), so what a member is credited over any period is the
+floor of the exact sum of its weights, however the windows and recordings fell.
+``Awarded`` stores the fractions after it; version-1 awards (whose fraction was dropped)
+load with a zero fraction, version-2 states with zero fractions.
+
 Version 2 of the state (``class_version``): ``award_positions`` + ``other_award_ids``
 instead of every award id ever seen, ``Adjustment`` values instead of tuples (JSON has no
 tuple, so a snapshot could not give them back). Stored events are unchanged: replaying a
@@ -30,6 +39,7 @@ import json
 import re
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 from uuid import UUID, uuid5
 
@@ -43,6 +53,7 @@ from loyalty.domain.errors import (
     OrderNotFound,
 )
 from loyalty.domain.ranks import RankLadder, is_int
+from loyalty.domain.rules import exact_difference, exact_sum, split_whole
 
 NAMESPACE = UUID("5b0e6c1e-3f43-5c9a-9d0b-6f1d2a7c4e10")
 """Namespace of member ids: ``Member.create_id(user_id) == uuid5(NAMESPACE, user_id)``.
@@ -92,7 +103,7 @@ class Adjustment:
 class Member(Aggregate):
     """A member's account: spendable currency, lifetime rank points, rank."""
 
-    class_version = 2
+    class_version = 3
 
     @staticmethod
     def create_id(user_id: str) -> UUID:
@@ -117,6 +128,16 @@ class Member(Aggregate):
         """Amount per :func:`scoped_key` (source, order id)."""
         self.refunded_orders: set[str] = set()
         self.adjustments: dict[str, Adjustment] = {}
+        self.fraction_currency = Decimal(0)
+        """Exact currency earned but not credited (less than one unit)."""
+        self.fraction_rank_points = Decimal(0)
+        """Exact rank points earned but not credited (less than one point)."""
+
+    @staticmethod
+    def upcast_v2_v3(state: dict[str, Any]) -> None:
+        """A version-2 state: no fractions were carried then."""
+        state["fraction_currency"] = Decimal(0)
+        state["fraction_rank_points"] = Decimal(0)
 
     @staticmethod
     def upcast_v1_v2(state: dict[str, Any]) -> None:
@@ -194,9 +215,60 @@ class Member(Aggregate):
             rank_points=rank_points,
             event_count=event_count,
             rule_version=rule_version,
+            fraction_currency=str(self.fraction_currency),
+            fraction_rank_points=str(self.fraction_rank_points),
         )
         self._record_rank(ranks)
         return True
+
+    def record_pending(
+        self,
+        award_id: str,
+        currency: Decimal,
+        rank_points: Decimal,
+        event_count: int,
+        rule_version: int,
+        ranks: RankLadder,
+    ) -> bool:
+        """Record pending earnings (exact decimals) as one award: credit the whole units
+        of the carried fraction plus ``currency``/``rank_points`` and carry the rest.
+        False (no event) when ``award_id`` is a replay (see :meth:`award`)."""
+        if self.has_award(award_id):
+            return False
+        if not (isinstance(currency, Decimal) and isinstance(rank_points, Decimal)):
+            raise InvalidAmount("pending amounts must be decimals")
+        if currency < 0 or rank_points < 0:
+            raise InvalidAmount("pending amounts must be >= 0")
+        _require_int(event_count, minimum=0, what="event_count")
+        _require_int(rule_version, minimum=0, what="rule_version")
+        whole_currency, rest_currency = split_whole(exact_sum(self.fraction_currency, currency))
+        whole_points, rest_points = split_whole(exact_sum(self.fraction_rank_points, rank_points))
+        self._awarded(
+            award_id=award_id,
+            currency=whole_currency,
+            rank_points=whole_points,
+            event_count=event_count,
+            rule_version=rule_version,
+            fraction_currency=str(rest_currency),
+            fraction_rank_points=str(rest_points),
+        )
+        self._record_rank(ranks)
+        return True
+
+    def with_pending(self, currency: Decimal, rank_points: Decimal) -> tuple[int, int]:
+        """The whole (currency, rank points) that recording this pending would add."""
+        return (
+            split_whole(exact_sum(self.fraction_currency, currency))[0],
+            split_whole(exact_sum(self.fraction_rank_points, rank_points))[0],
+        )
+
+    def rank_need(self, ranks: RankLadder) -> Decimal | None:
+        """Exact rank points still to earn (beyond the carried fraction) before the next
+        rank of ``ranks``; None when no rank is above the current points."""
+        above = [r.min_rank_points for r in ranks.ranks if r.min_rank_points > self.rank_points]
+        if not above:
+            return None
+        return exact_difference(Decimal(min(above) - self.rank_points), self.fraction_rank_points)
 
     def spend(self, order_id: str, amount: int, source: str | None = None) -> int:
         """Debit ``amount`` for ``source``'s ``order_id``; a replay with the same
@@ -285,7 +357,25 @@ class Member(Aggregate):
         if new != self.rank:
             self._rank_changed(old=self.rank, new=new)
 
-    @event("Awarded")
+    class Awarded(Aggregate.Event):
+        """Version 2 records the fractions carried after the award (version 1: none), as
+        exact decimal strings (event attributes stay plain JSON values)."""
+
+        class_version = 2
+        award_id: str
+        currency: int
+        rank_points: int
+        event_count: int
+        rule_version: int
+        fraction_currency: str
+        fraction_rank_points: str
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["fraction_currency"] = "0"
+            state["fraction_rank_points"] = "0"
+
+    @event(Awarded)
     def _awarded(
         self,
         award_id: str,
@@ -293,6 +383,8 @@ class Member(Aggregate):
         rank_points: int,
         event_count: int,
         rule_version: int,
+        fraction_currency: str,
+        fraction_rank_points: str,
     ) -> None:
         position = award_position(award_id)
         if position is None:
@@ -305,6 +397,8 @@ class Member(Aggregate):
         self.currency += currency
         self.lifetime_currency += currency
         self.rank_points += rank_points
+        self.fraction_currency = Decimal(fraction_currency)
+        self.fraction_rank_points = Decimal(fraction_rank_points)
 
     # Version 2 of these events records the source; version 1 (stored before) had none.
 

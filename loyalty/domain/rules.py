@@ -624,6 +624,10 @@ class AwardDraft:
     """Events of unknown types."""
     capped: int
     """Events beyond a daily cap."""
+    exact_currency: Decimal = Decimal(0)
+    """The exact sum of the member's currency weights (``currency`` is its floor)."""
+    exact_rank_points: Decimal = Decimal(0)
+    """The exact sum of the member's rank-point weights (``rank_points`` is its floor)."""
 
 
 @dataclass(frozen=True)
@@ -757,6 +761,8 @@ def aggregate(
             event_count=t.events,
             ignored=t.ignored,
             capped=t.capped,
+            exact_currency=t.currency,
+            exact_rank_points=t.rank_points,
         )
         for user_id, t in tallies.items()
     }
@@ -771,3 +777,24 @@ def aggregate(
 
 def _floor(value: Decimal) -> int:
     return int(_EXACT.to_integral_value(value))
+
+
+def exact_sum(*values: Decimal) -> Decimal:
+    """The exact sum of decimals (no rounding: the context is wide enough for any sum of
+    bounded weights; the default context would round at 28 digits)."""
+    total = _ZERO
+    for value in values:
+        total = _EXACT.add(total, value)
+    return total
+
+
+def exact_difference(a: Decimal, b: Decimal) -> Decimal:
+    """``a - b`` exactly."""
+    return _EXACT.subtract(a, b)
+
+
+def split_whole(value: Decimal) -> tuple[int, Decimal]:
+    """``(floor(value), value - floor(value))``, exactly: the whole units to credit and
+    the remainder (in [0, 1)) to carry."""
+    whole = _floor(value)
+    return whole, _EXACT.subtract(value, Decimal(whole))

@@ -57,6 +57,8 @@ def test_member_balance_rank_and_privileges(client: TestClient, make_key, clock)
         "rank": "bronze",
         "privileges": ["member_prices"],
         "lifetime_currency": 110,
+        "pending_currency": 0,
+        "pending_rank_points": 0,
     }
     assert client.get("/v1/members/alice", headers=make_key("ingest")).status_code == 403
     assert client.get("/v1/members/alice").status_code == 401

@@ -82,7 +82,16 @@ def live_server(url: str, log: Path, **env: str) -> Iterator[tuple[str, subproce
     out = log.open("w")
     proc = subprocess.Popen(
         [*LOYALTY, "serve", "--port", str(port)],
-        env=env_for(url, LOYALTY_AWARD_WINDOW_SECONDS="0.2", **env),
+        # interval 0: pending is recorded after every drain, so the projection has account
+        # events to commit (its recovery is measured)
+        env=env_for(
+            url,
+            **{
+                "LOYALTY_AWARD_WINDOW_SECONDS": "0.2",
+                "LOYALTY_AWARD_INTERVAL_SECONDS": "0",
+                **env,
+            },
+        ),
         stdout=out,
         stderr=subprocess.STDOUT,
         text=True,

@@ -161,6 +161,8 @@ def test_adjustments_credit_debit_replay_conflict(
         "rank",
         "privileges",
         "lifetime_currency",
+        "pending_currency",
+        "pending_rank_points",
     }
     assert client.get("/v1/members/fay", headers=shop).json() == body
     spend(client, shop, "fay", order_id="o", amount=10)

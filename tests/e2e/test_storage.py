@@ -98,6 +98,7 @@ def test_storage_endpoint_reports_rows_and_bytes_per_location(
     assert where["member_balances"]["kind"] == "read_model"
     assert where["member_history"]["rows"] > 0
     assert where["pipeline_caps"]["kind"] == "pipeline"
+    assert where["pipeline_pending"]["kind"] == "pipeline"  # pending earnings are listed
     assert where["forget_requests"]["kind"] == "forget"
     assert body["total"] == {
         "rows": sum(loc["rows"] for loc in body["locations"]),

@@ -72,9 +72,15 @@ def ingester(settings: Settings) -> IngestService:
 
 
 @contextmanager
-def worker(settings: Settings, shards: str = "all") -> Iterator[subprocess.Popen[bytes]]:
+def worker(
+    settings: Settings, shards: str = "all", interval: str = "0"
+) -> Iterator[subprocess.Popen[bytes]]:
     env = env_for(
-        settings.database_url, LOYALTY_AWARD_WINDOW_SECONDS="0.05", LOYALTY_PIPELINE_CHUNK="300"
+        settings.database_url,
+        LOYALTY_AWARD_WINDOW_SECONDS="0.05",
+        LOYALTY_PIPELINE_CHUNK="300",
+        # "0": pending earnings are recorded after every drain
+        LOYALTY_AWARD_INTERVAL_SECONDS=interval,
     )
     proc = subprocess.Popen(
         [*LOYALTY, "worker", "--shards", shards],

@@ -175,10 +175,10 @@ def test_a_command_loaded_before_the_erasure_cannot_save_after_it(
         loaded, erased = threading.Event(), threading.Event()
         original = accounts.save
 
-        def hooked(*saved: Member, fence: int | None) -> None:
+        def hooked(*saved: Member, fence: int | None, **pending: Any) -> None:
             loaded.set()
             assert erased.wait(30)
-            original(*saved, fence=fence)
+            original(*saved, fence=fence, **pending)
 
         accounts.save = hooked  # type: ignore[method-assign]
         answer: dict[str, Any] = {}

@@ -379,6 +379,7 @@ def test_a_second_pipeline_committing_a_window_already_committed_is_refused(
         assert drained == [150]
         p1._crash_hook = lambda _step: None
         assert p1.drain([5]) == 0
+        p1.record_all([5])
     finally:
         other.close()
     want = expected(events)

@@ -60,14 +60,23 @@ async def get_member(user_id: UserId, _key: ShopKey, container: ContainerDep) ->
 
 
 def member_body(container: Container, member: Member) -> MemberBody:
+    """The account as recorded plus the member's pending earnings (whole units of the
+    carried fraction plus pending: what the next recording will credit)."""
     ranks = container.rules.current().ranks
+    row = container.accounts.pending_of(member.user_id)
+    currency, rank_points = (
+        (0, 0) if row is None else member.with_pending(row.currency, row.rank_points)
+    )
+    rank = ranks.rank_for(member.rank_points + rank_points)
     return MemberBody(
         user_id=member.user_id,
-        currency=member.currency,
-        rank_points=member.rank_points,
-        rank=member.current_rank(ranks),
-        privileges=list(member.privileges(ranks)),
-        lifetime_currency=member.lifetime_currency,
+        currency=member.currency + currency,
+        rank_points=member.rank_points + rank_points,
+        rank=rank.name if rank is not None else None,
+        privileges=list(rank.privileges) if rank is not None else [],
+        lifetime_currency=member.lifetime_currency + currency,
+        pending_currency=currency,
+        pending_rank_points=rank_points,
     )
 
 

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loyalty.application.pipeline import award_id_for
+from loyalty.application.pending import award_id_for
 from loyalty.domain.errors import (
     AdjustmentConflict,
     DomainError,

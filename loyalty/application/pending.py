@@ -1,0 +1,93 @@
+"""Pending earnings: what the pipeline has counted for a member and not yet recorded.
+
+The pipeline adds each window's exact contribution per member to the member's pending
+row in the transaction that advances the shard's checkpoint (``PipelineStore.commit``),
+so each ingress event is counted exactly once. A *recording* turns a member's whole
+pending row into one ``Awarded`` event on the account (whole units of the carried
+fraction plus pending are credited, the exact rest is carried on the account) and deletes
+the row **in the event insert's own transaction**, only if the row is still the one that
+was read (its revision: the end of the last window that changed it; window ends of a
+shard only grow and a member lives in one shard, so a revision is never reused). A row
+changed since (a window committed more) fails the insert with :class:`PendingMoved`,
+which rolls the event back; the recording is retried from a fresh read. Hence nothing is
+recorded twice or lost, whatever crashes, and no idempotency set is needed.
+
+Recordings happen (a) when the row is older than the award interval (the worker, after
+each drain), (b) at once when pending would lift the member into a higher rank (the row
+holds the rank points still needed, ``rank_need``, set from the account when the row is
+new) or the member has no account yet, and (c) together with a spend, refund or
+adjustment of the member, in the command's own save.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Protocol
+
+from eventsourcing.persistence import IntegrityError
+
+Position = tuple[int, int]
+
+PENDING = "pending_consumed"
+"""Keyword of ``Application.save``: ``{user_id: revision}`` of the pending rows the saved
+events record; the insert deletes them in its transaction, or fails."""
+
+
+class PendingMoved(IntegrityError):
+    """A pending row recorded by a save was changed or removed since it was read: the
+    save is rolled back; read again and retry."""
+
+    def __init__(self, user_ids: Collection[str]) -> None:
+        super().__init__(f"pending changed for {len(user_ids)} member(s)")
+        self.user_ids = sorted(user_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class Contribution:
+    """One window's exact earnings of one member."""
+
+    user_id: str
+    currency: Decimal
+    rank_points: Decimal
+    event_count: int
+    rule_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class PendingRow:
+    user_id: str
+    shard: int
+    currency: Decimal
+    rank_points: Decimal
+    event_count: int
+    rule_version: int
+    upto: Position
+    """End of the last window that changed the row: its revision and award id."""
+    since: datetime
+    """When the oldest unrecorded contribution was committed."""
+    rank_need: Decimal | None
+    """Rank points (exact) the member still needed for its next rank when the row was
+    settled; None: not known yet (a new row). Infinite: no rank above."""
+
+    def lifts_rank(self) -> bool:
+        return self.rank_need is not None and self.rank_points >= self.rank_need
+
+
+class PendingStore(Protocol):
+    def load(self, user_ids: Iterable[str]) -> dict[str, PendingRow]: ...
+    def due(self, shards: Collection[int], before: datetime, limit: int) -> list[str]: ...
+    def set_needs(self, needs: Sequence[tuple[str, Position, Decimal | None]]) -> None: ...
+    def discard(self, user_id: str, upto: Position) -> bool: ...
+
+
+def award_id_for(shard: int, end: Position) -> str:
+    """The award id of a window end (and of a recording up to it): ``w{shard}.{txid}.{seq}``,
+    the same on every replay; per shard strictly increasing (``Member.has_award``)."""
+    return f"w{shard}.{end[0]}.{end[1]}"
+
+
+def revisions(rows: Iterable[PendingRow]) -> Mapping[str, Position]:
+    return {row.user_id: row.upto for row in rows}
