@@ -68,14 +68,17 @@ def wait_healthy(proc: subprocess.Popen[Any], base: str, output: Callable[[], st
 
 
 @contextmanager
-def serve(database_url: str, *args: str, cwd: Path | None = None) -> Iterator[str]:
-    """``loyalty serve`` on a free port; yields its base URL once /healthz answers."""
+def serve_logged(
+    database_url: str, *args: str, cwd: Path | None = None, **extra: str
+) -> Iterator[tuple[str, Callable[[], str]]]:
+    """``loyalty serve`` on a free port (``extra``: more environment variables); yields its
+    base URL once /healthz answers, and a function returning its output so far."""
     port = free_port()
     # output to a file, not a pipe nobody reads (a chatty server would block on it)
     log = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen(
         [*LOYALTY, "serve", "--port", str(port), *args],
-        env=env_for(database_url, LOYALTY_METRICS_TOKEN=METRICS_TOKEN),
+        env=env_for(database_url, **{"LOYALTY_METRICS_TOKEN": METRICS_TOKEN, **extra}),
         cwd=cwd,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -89,12 +92,19 @@ def serve(database_url: str, *args: str, cwd: Path | None = None) -> Iterator[st
 
     try:
         wait_healthy(proc, base, output)
-        yield base
+        yield base, output
     finally:
         proc.terminate()
         try:
-            proc.wait(timeout=15)
+            proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
         log.close()
+
+
+@contextmanager
+def serve(database_url: str, *args: str, cwd: Path | None = None) -> Iterator[str]:
+    """``loyalty serve`` on a free port; yields its base URL once /healthz answers."""
+    with serve_logged(database_url, *args, cwd=cwd) as (base, _output):
+        yield base

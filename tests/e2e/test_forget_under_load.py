@@ -7,14 +7,10 @@ event, nothing quarantined, and the read models still move."""
 from __future__ import annotations
 
 import random
-import subprocess
-import tempfile
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,41 +20,11 @@ import sqlalchemy as sa
 
 from loyalty.adapters.db import Database
 from loyalty.config import Settings
-from tests.e2e.live import LOYALTY, create_key, env_for, free_port, wait_healthy
+from tests.e2e.live import create_key, serve_logged
 
 CLIENTS = 16
 SECONDS = 10.0
 MEMBERS = [f"m{i:02d}" for i in range(30)]
-
-
-@contextmanager
-def serve_with(database_url: str, **extra: str) -> Iterator[tuple[str, Any]]:
-    port = free_port()
-    log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(
-        [*LOYALTY, "serve", "--port", str(port)],
-        env=env_for(database_url, **extra),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-
-    def output() -> str:
-        log.seek(0)
-        return log.read()
-
-    try:
-        wait_healthy(proc, base, output)
-        yield base, output
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def orphan_streams(settings: Settings) -> int:
@@ -87,7 +53,9 @@ def orphan_streams(settings: Settings) -> int:
 @pytest.mark.slow
 def test_forget_me_under_mixed_load(settings: Settings) -> None:
     url = settings.database_url
-    with serve_with(url, LOYALTY_FORGET_SETTLE_SECONDS="0", LOYALTY_AWARD_WINDOW_SECONDS="0.2") as (
+    with serve_logged(
+        url, LOYALTY_FORGET_SETTLE_SECONDS="0", LOYALTY_AWARD_WINDOW_SECONDS="0.2"
+    ) as (
         base,
         output,
     ):
