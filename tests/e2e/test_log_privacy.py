@@ -96,7 +96,8 @@ def drive(http: httpx.Client | TestClient, keys: dict[str, str], marker: str) ->
 
 
 def secrets_of(keys: dict[str, str]) -> list[str]:
-    return [part for key in keys.values() for part in (key, key.rsplit("_", 1)[-1])]
+    # a key is lk_<key id, hex>_<secret, url-safe base64 that may itself hold "_">
+    return [part for key in keys.values() for part in (key, key.split("_", 2)[2])]
 
 
 def test_in_process_logs_hold_no_user_id_or_key(

@@ -101,7 +101,8 @@ def test_kill_9_while_batches_flow_and_pending_currency_is_spent(settings: Setti
         while kills < 20 or sent < len(events):
             # a short interval: recordings, pending growth and spends interleave
             with worker(settings, interval="0.3") as proc:
-                deadline = time.monotonic() + rnd.uniform(0.3, 0.9)
+                # long enough for a worker started on a loaded machine to process windows
+                deadline = time.monotonic() + rnd.uniform(0.8, 1.8)
                 while time.monotonic() < deadline:
                     if sent < len(events):
                         service.ingest("src", events[sent : sent + 300])
