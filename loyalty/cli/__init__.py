@@ -996,5 +996,5 @@ def main() -> None:
     app(prog_name="loyalty")
 
 
-if __name__ == "__main__":
-    main()
+# Command groups in modules of their own register on ``app`` (or a sub-app above) when
+# imported; each imports what it needs from this module, so they are imported last.
