@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from loyalty.adapters.db import Database
+from loyalty.adapters.rollup_store import RollupStore
 from loyalty.adapters.tables import (
     Timestamp,
     member_balances,
@@ -71,6 +72,7 @@ def _utc(value: datetime) -> datetime:
 class ReadModels:
     def __init__(self, db: Database) -> None:
         self._db = db
+        self._rollups = RollupStore(db)
 
     # ------------------------------------------------------------ projection side
 
@@ -121,6 +123,8 @@ class ReadModels:
                 )
                 if moved.rowcount != 1:
                     raise _TrackingMoved()
+                # before the balance rows change: the rollup counts from them
+                self._rollups.apply_accounts(conn, batch.facts, batch.end)
                 if batch.quarantined:
                     now = datetime.now(UTC)
                     conn.execute(

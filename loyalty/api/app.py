@@ -17,6 +17,7 @@ from loyalty.adapters.keys import KeyStore
 from loyalty.adapters.pending_store import PendingTable
 from loyalty.adapters.pipeline_store import PipelineStore
 from loyalty.adapters.read_models import ReadModels
+from loyalty.adapters.rollup_store import RollupStore
 from loyalty.adapters.rules_store import RulesStore
 from loyalty.api import problems
 from loyalty.api.deps import Container
@@ -27,6 +28,7 @@ from loyalty.api.routes import forget as forget_routes
 from loyalty.api.routes import health, ingress, operations
 from loyalty.api.routes import members as member_routes
 from loyalty.api.routes import metrics as metrics_routes
+from loyalty.api.routes import reports as report_routes
 from loyalty.api.routes import storage as storage_routes
 from loyalty.api.routes import webhooks as webhook_routes
 from loyalty.api.routes.webhooks import WebhookCreate
@@ -115,6 +117,7 @@ def build_container(
         ),
         feed=feed,
         webhooks=build_webhook_admin(db, lambda: feed().head()),
+        rollups=RollupStore(db),
     )
 
 
@@ -162,6 +165,7 @@ def create_app(
     if settings.metrics_token is not None:  # else not on the API's listener at all
         app.include_router(metrics_routes.router)
     app.include_router(storage_routes.router)
+    app.include_router(report_routes.router)
     app.include_router(feed_routes.router)
     app.include_router(webhook_routes.router)
     # Request ids outermost, so that everything (metrics, handlers, errors) logs with one.

@@ -29,6 +29,7 @@ from loyalty.application.accounts import Accounts, Spending
 from loyalty.application.delivery import EventFeed, WebhookAdmin
 from loyalty.application.erasure import ForgetService
 from loyalty.application.ingress import IngestService
+from loyalty.application.reporting import RollupReader
 from loyalty.config import Settings
 from loyalty.observability import Metrics
 
@@ -53,6 +54,8 @@ class Container:
     feed: Callable[[], EventFeed] | None = None
     """The account event feed (built on first use, like the event store application)."""
     webhooks: WebhookAdmin | None = None
+    rollups: RollupReader | None = None
+    """The daily rollups (``GET /v1/reports/daily``)."""
 
 
 def get_container(request: Request) -> Container:

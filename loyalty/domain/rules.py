@@ -718,15 +718,27 @@ def utc_date(activity: ActivityLike) -> date:
     return occurred.astimezone(UTC).date()
 
 
+class WeighObserver(Protocol):
+    """Told of every activity :func:`aggregate` sees, with the exact weight it counted
+    (zero for an unknown type or an event beyond its daily cap): the daily rollups."""
+
+    def weighed(self, activity: ActivityLike, currency: Decimal, rank_points: Decimal) -> None: ...
+
+
 def aggregate(
-    activities: Iterable[ActivityLike], rule_set: RuleSet, caps: CapCounter
+    activities: Iterable[ActivityLike],
+    rule_set: RuleSet,
+    caps: CapCounter,
+    observer: WeighObserver | None = None,
 ) -> AggregationResult:
     """Weigh and sum ``activities`` per member, in input order, applying daily caps.
 
     ``caps`` is read and updated in place, so consecutive windows aggregated with
     one shared counter cap exactly like a single aggregation of all of them. Per
-    member, the exact decimal sum is rounded down once, at the end.
+    member, the exact decimal sum is rounded down once, at the end. ``observer`` (if
+    any) is told each activity's counted weight.
     """
+    seen = observer.weighed if observer is not None else None
     tallies: dict[str, _Tally] = {}
     weighers: dict[str, _Weigher | None] = {}
     add = _EXACT.add
@@ -743,13 +755,19 @@ def aggregate(
             weigher = weighers[event_type] = None if rule is None else _Weigher(rule)
         if weigher is None:
             tally.ignored += 1
+            if seen is not None:
+                seen(activity, _ZERO, _ZERO)
             continue
         assert isinstance(weigher, _Weigher)
         cap = weigher.rule.daily_cap
         if cap is not None and not caps.take((user_id, event_type, utc_date(activity)), cap):
             tally.capped += 1
+            if seen is not None:
+                seen(activity, _ZERO, _ZERO)
             continue
         currency, rank_points = weigher(activity.attributes)
+        if seen is not None:
+            seen(activity, currency, rank_points)
         tally.currency = add(tally.currency, currency)
         tally.rank_points = add(tally.rank_points, rank_points)
 
