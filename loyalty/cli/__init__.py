@@ -672,31 +672,6 @@ def simulate(
     )
 
 
-@app.command()
-def report(
-    days: Annotated[int, typer.Option(min=1, max=366, help="UTC days, ending today")] = 7,
-    out: Annotated[
-        Path | None, typer.Option(help="also write a PNG chart here (e.g. report.png)")
-    ] = None,
-) -> None:
-    """Daily ingress by type, awards, currency issued and spent, active members."""
-    from loyalty.report import collect, render_table, write_chart
-
-    db = open_database(load_settings())
-    try:
-        stats = collect(db, days)
-    finally:
-        db.dispose()
-    # Not a terminal (a pipe, a file): wide enough that no column is cut.
-    Console(width=None if sys.stdout.isatty() else 160).print(render_table(stats))
-    if out is not None:
-        try:
-            write_chart(stats, out)
-        except OSError as exc:
-            raise fail(f"{out}: {exc.strerror or exc}", 1) from None
-        typer.echo(f"chart written to {out}")
-
-
 retention_app = typer.Typer(
     help="Expire old ingress events and every row derived from them.", no_args_is_help=True
 )
@@ -998,3 +973,4 @@ def main() -> None:
 
 # Command groups in modules of their own register on ``app`` (or a sub-app above) when
 # imported; each imports what it needs from this module, so they are imported last.
+from loyalty.cli import reporting  # noqa: E402,F401

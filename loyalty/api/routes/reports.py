@@ -7,7 +7,7 @@ from datetime import date
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from loyalty.api.deps import ContainerDep, OperatorKey
@@ -54,7 +54,56 @@ class DayBody(BaseModel):
     activity: list[ActivityBody] = Field(description="per source x event type")
 
 
+DAILY_EXAMPLE: dict[str, Any] = {
+    "days": [
+        {
+            "day": "2026-11-28",
+            "events": 3,
+            "earning_events": 2,
+            "active_members": 2,
+            "currency_awarded": "16.5",
+            "rank_points_awarded": 15,
+            "currency_credited": 16,
+            "rank_points_credited": 15,
+            "currency_spent": 10,
+            "currency_refunded": 0,
+            "currency_adjusted": 0,
+            "rank_points_adjusted": 0,
+            "currency_expired": 0,
+            "currency_forgotten": 0,
+            "new_members": 2,
+            "members": 2,
+            "members_with_balance": 1,
+            "members_per_rank": {"bronze": 2},
+            "outstanding_currency": 6,
+            "activity": [
+                {
+                    "source": "gamesite",
+                    "event_type": "logged_on",
+                    "events": 2,
+                    "earning_events": 1,
+                    "members": 1,
+                    "currency_awarded": 1,
+                    "rank_points_awarded": 1,
+                },
+                {
+                    "source": "shop",
+                    "event_type": "made_purchase",
+                    "events": 1,
+                    "earning_events": 1,
+                    "members": 1,
+                    "currency_awarded": "15.5",
+                    "rank_points_awarded": 14,
+                },
+            ],
+        }
+    ]
+}
+
+
 class DailyReportBody(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [DAILY_EXAMPLE]})
+
     days: list[DayBody]
 
 
