@@ -695,7 +695,16 @@ def retention_run(
     ] = None,
     strict: Annotated[
         bool,
-        typer.Option(help="exit 1 when an expired day is kept because it is not processed yet"),
+        typer.Option(
+            help="exit 1 when an expired day is kept (not processed yet, or not rolled up)"
+        ),
+    ] = False,
+    drop_unrolled: Annotated[
+        bool,
+        typer.Option(
+            help="also drop days processed before the daily rollups began (their activity "
+            "is then missing from every report)"
+        ),
     ] = False,
     json_output: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ) -> None:
@@ -727,7 +736,9 @@ def retention_run(
             def advanced(description: str, done: int, total: int) -> None:
                 progress.update(task, description=description, completed=done, total=total)
 
-            result = retention.run(moment, strict=strict, progress=advanced)
+            result = retention.run(
+                moment, strict=strict, progress=advanced, drop_unrolled=drop_unrolled
+            )
     finally:
         db.dispose()
     if result.skipped:
@@ -749,12 +760,14 @@ def retention_run(
         else:
             out.print("nothing expired to drop")
         if result.kept:
-            kept = Table("kept day", "unprocessed events", "why", title="expired but KEPT")
+            kept = Table("kept day", "events", "why", title="expired but KEPT")
             for k in result.kept:
                 kept.add_row(
                     k.day.isoformat(),
                     f"{k.unprocessed_rows:,}",
-                    "the pipeline has not processed these events yet",
+                    "the pipeline has not processed these events yet"
+                    if k.reason == "unprocessed"
+                    else "processed before the daily rollups began (--drop-unrolled)",
                 )
             out.print(kept)
         out.print(
@@ -764,7 +777,10 @@ def retention_run(
             highlight=False,
         )
     if strict and result.kept:
-        raise fail(f"{len(result.kept)} expired day(s) kept: events not processed yet", 1)
+        raise fail(
+            f"{len(result.kept)} expired day(s) kept: events not processed yet or not rolled up",
+            1,
+        )
 
 
 @app.command("storage")
