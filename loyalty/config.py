@@ -127,6 +127,12 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         "text", description="log lines on stderr (json: one object per line)"
     )
+    export_pseudonym_key: SecretStr | None = Field(
+        None,
+        description="secret of `loyalty export`'s member pseudonyms (HMAC-SHA256 of the user "
+        "id), at least 32 characters; unset: account events are not exported",
+        min_length=32,
+    )
 
     @field_validator("database_url")
     @classmethod

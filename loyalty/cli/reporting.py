@@ -73,3 +73,63 @@ def report(
         except OSError as exc:
             raise fail(f"{out}: {exc.strerror or exc}", 1) from None
         typer.echo(f"chart written to {out}", err=json_output)
+
+
+@app.command("export")
+def export_cmd(
+    first: Annotated[str, typer.Option("--from", help="first UTC day (YYYY-MM-DD)")],
+    last: Annotated[str, typer.Option("--to", help="last UTC day, inclusive")],
+    out: Annotated[Path, typer.Option(help="directory of the files (made if missing)")],
+    file_format: Annotated[
+        str, typer.Option("--format", help="file format (parquet is the one there is)")
+    ] = "parquet",
+    rollups_only: Annotated[
+        bool, typer.Option(help="only the rollups (no account events, no key needed)")
+    ] = False,
+) -> None:
+    """Write the daily rollups and the account events (members as keyed pseudonyms) as
+    Parquet files, one per dataset and UTC day (OUT/<dataset>/day=YYYY-MM-DD/), each
+    atomically; days that can no longer change and are already exported are skipped."""
+    from loyalty.adapters.event_store import event_store_env
+    from loyalty.adapters.parquet_export import ParquetSink
+    from loyalty.adapters.rollup_store import RollupStore
+    from loyalty.application.accounts import Members
+    from loyalty.application.reporting import ExportRefused, MembersLog, ReportRangeError, export
+    from loyalty.application.retention import cutoff_day
+
+    if file_format != "parquet":
+        raise fail(f"--format {file_format!r}: only parquet", 2)
+    start, to = _range(first, last, 1)
+    settings = load_settings()
+    key = settings.export_pseudonym_key
+    db = open_database(settings)
+    members = Members(env=event_store_env(settings))
+    now = datetime.now(UTC)
+    try:
+        result = export(
+            RollupStore(db),
+            MembersLog(members),
+            ParquetSink(out),
+            start,
+            to,
+            key=None if key is None else key.get_secret_value().encode(),
+            # no ingress is accepted for a day before the retention cutoff, and no account
+            # event is stamped with a day before today: such a day is final
+            final_before=min(cutoff_day(now, settings.retention_days), now.date()),
+            events=not rollups_only,
+        )
+    except ExportRefused as exc:
+        raise fail(str(exc), 2) from None
+    except ReportRangeError as exc:
+        raise fail(str(exc), 2) from None
+    except OSError as exc:
+        raise fail(f"{out}: {exc.strerror or exc}", 1) from None
+    finally:
+        members.close()
+        db.dispose()
+    written = ", ".join(f"{n} {name}" for name, n in result.written.items())
+    skipped = sum(result.skipped.values())
+    typer.echo(
+        f"exported {start} to {to} into {out}: files written: {written}; "
+        f"{result.events:,} account events; {skipped} complete day files skipped"
+    )
