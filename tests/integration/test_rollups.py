@@ -199,3 +199,30 @@ def test_a_rebuild_of_the_read_models_counts_nothing_twice(db: Database, members
     projection.catch_up()
     after = daily_report(RollupStore(db), TODAY, TODAY)[0]
     assert after.to_wire() == before.to_wire()
+
+
+def test_forget_me_takes_the_member_out_of_the_figures_not_out_of_the_past(
+    db: Database, members: Members
+) -> None:
+    from loyalty.worker import build_forget_service
+
+    ingest(
+        db,
+        "shop",
+        [IncomingEvent(f"f{i}", f"m{i % 2}", "made_purchase", NOW, "{}") for i in range(4)],
+    )
+    drain_with(make_pipeline(db, members, chunk=10), db)
+    MemberProjection(members, ReadModels(db)).catch_up()
+    before = daily_report(RollupStore(db), TODAY, TODAY)[0]
+    assert (before.outstanding_currency, before.members, before.members_with_balance) == (40, 2, 2)
+    accounts = Accounts(members, pending=PendingTable(db))
+    forget = build_forget_service(db, accounts)
+    forget.request("m1")
+    assert forget.run_pending() == 1
+    MemberProjection(members, ReadModels(db)).catch_up()
+    after = daily_report(RollupStore(db), TODAY, TODAY)[0]
+    assert (after.outstanding_currency, after.members, after.members_with_balance) == (20, 1, 1)
+    assert after.changes.currency_forgotten == 20
+    assert after.members_per_rank == {"bronze": 1}
+    # the activity the member had is still counted: the rollup holds no one to erase
+    assert after.events == before.events == 4
