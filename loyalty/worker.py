@@ -71,7 +71,11 @@ def parse_shards(spec: str, shard_count: int) -> list[int]:
 
 
 def build_pipeline(
-    db: Database, members: Members | None = None, *, metrics: Metrics | None = None
+    db: Database,
+    members: Members | None = None,
+    *,
+    metrics: Metrics | None = None,
+    rollups: bool = True,
 ) -> Pipeline:
     settings = db.settings
     fast_pool_reconnect()
@@ -94,6 +98,7 @@ def build_pipeline(
         metrics=metrics,
         forgotten_at=markers.forgotten_at,
         forgotten_any=markers.any,
+        rollups=rollups,  # off only in the benchmark that measures their cost
     )
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -471,7 +471,22 @@ class ExportSink(Protocol):
         ...
 
 
-_REFS = {"Awarded": "award_id", "Spent": "order_id", "Refunded": "order_id"}
+_Change = tuple[int, int, str | None]
+"""(signed currency change, rank points, reference) of one account event"""
+
+_CHANGES: dict[str, Callable[[Any], _Change]] = {
+    "Created": lambda e: (0, 0, None),
+    "Awarded": lambda e: (e.currency, e.rank_points, e.award_id),
+    "Spent": lambda e: (-e.amount, 0, e.order_id),
+    "Refunded": lambda e: (e.amount, 0, e.order_id),
+    "Adjusted": lambda e: (e.currency, e.rank_points, e.adjustment_id),
+    "RankChanged": lambda e: (0, 0, e.new),
+    EXPIRED_EVENT: lambda e: (-int(e.amount), 0, getattr(e, "lot", None)),
+}
+
+
+def _unknown(_event: Any) -> _Change:
+    return (0, 0, None)
 
 
 def account_event_rows(
@@ -480,8 +495,7 @@ def account_event_rows(
     """The account events of the ``wanted`` days, in log order, each member as
     :func:`pseudonym`. The whole log is read (a member's ``Created`` names its user id);
     a forgotten member's stream is gone from the log, so none of its events is exported."""
-    users: dict[str, str] = {}
-    names: dict[str, str] = {}
+    users: dict[Any, str] = {}  # stream id -> pseudonym
     after = 0
     while True:
         page, last = log.read(after, batch)
@@ -489,31 +503,27 @@ def account_event_rows(
             return
         after = last
         for position, event in page:
-            member = str(event.originator_id)
-            name = type(event).__name__
+            member = event.originator_id
+            cls = type(event)
+            name = cls.__name__
             if name == "Created":
                 users[member] = pseudonym(key, event.user_id)
             at: datetime = event.timestamp
-            at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
-            if at.date() not in wanted or member not in users:
+            if at.tzinfo is not UTC:
+                at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+            day = at.date()
+            if day not in wanted:
                 continue
-            fact = account_facts([(position, event)])
-            currency = fact[0].currency if fact else 0
-            points = fact[0].rank_points if fact else 0
-            if name == "Adjusted":
-                ref: str | None = event.adjustment_id
-            elif name == "RankChanged":
-                ref = event.new
-            elif name in _REFS:
-                ref = getattr(event, _REFS[name])
-            else:
-                ref = getattr(event, "lot", None)
+            who = users.get(member)
+            if who is None:  # a stream without its Created (an orphan): no one to name
+                continue
+            currency, points, ref = _CHANGES.get(name, _unknown)(event)
             yield AccountEventRow(
                 position,
-                at.date(),
-                users[member],
-                int(event.originator_version),
-                names.setdefault(name, name),
+                day,
+                who,
+                event.originator_version,
+                name,
                 at,
                 currency,
                 points,
