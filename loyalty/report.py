@@ -175,6 +175,8 @@ def build_chart(days: Sequence[DayReport]) -> Any:
     for ax in (ingress_ax, currency_ax, members_ax):
         ax.set_xticks(xs, labels)
         ax.tick_params(axis="x", labelbottom=ax is members_ax)
+    if len(xs) > 10:  # dates side by side would overlap
+        members_ax.tick_params(axis="x", labelrotation=60)
     members_ax.set_xlim(-0.5, len(xs) - 0.5)
     if days:
         fig.suptitle(f"loyalty, {days[0].day} to {days[-1].day}")
