@@ -226,3 +226,43 @@ def test_forget_me_takes_the_member_out_of_the_figures_not_out_of_the_past(
     assert after.members_per_rank == {"bronze": 1}
     # the activity the member had is still counted: the rollup holds no one to erase
     assert after.events == before.events == 4
+
+
+def test_an_upgraded_database_starts_with_its_accounts_in_the_rollups(
+    db: Database, members: Members
+) -> None:
+    """Accounts projected before migration 0010: the migration fills the account
+    rollups from the read models, and the projection then counts only what is new."""
+    from alembic import command
+
+    from loyalty.adapters.migrate import alembic_config, locked_connection
+
+    ingest(
+        db,
+        "shop",
+        [IncomingEvent(f"g{i}", f"m{i % 3}", "made_purchase", NOW, "{}") for i in range(9)],
+    )
+    drain_with(make_pipeline(db, members, chunk=4), db)
+    MemberProjection(members, ReadModels(db)).catch_up()
+    live = daily_report(RollupStore(db), TODAY, TODAY)[0]
+    cfg = alembic_config()
+    with locked_connection(db) as conn:  # back to before the rollups, and up again
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0009")
+        command.upgrade(cfg, "head")
+        conn.commit()
+    upgraded = daily_report(RollupStore(db), TODAY, TODAY)[0]
+    assert upgraded.activity == []  # activity before the upgrade is in no rollup
+    assert upgraded.changes == live.changes
+    assert (upgraded.outstanding_currency, upgraded.members, upgraded.members_with_balance) == (
+        90,
+        3,
+        3,
+    )
+    assert upgraded.members_per_rank == live.members_per_rank == {"bronze": 3}
+    Spending(Accounts(members, pending=PendingTable(db)), ranks=lambda: RULES.ranks).spend(
+        "m0", "o1", 5
+    )
+    MemberProjection(members, ReadModels(db)).catch_up()
+    after = daily_report(RollupStore(db), TODAY, TODAY)[0]
+    assert (after.outstanding_currency, after.changes.currency_spent) == (85, 5)
