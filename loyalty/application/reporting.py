@@ -36,7 +36,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Protocol
 
-from loyalty.domain.rules import ActivityLike, decimal_to_wire, exact_sum
+from loyalty.domain.rules import ActivityLike, decimal_to_wire, exact_add, exact_sum
 from loyalty.domain.sketch import estimate, merge
 
 ActivityKey = tuple[date, str, str]
@@ -73,7 +73,7 @@ class ActivityFacts:
     def weighed(self, activity: ActivityLike, currency: Decimal, rank_points: Decimal) -> None:
         occurred = activity.occurred_at
         day = occurred.date() if occurred.tzinfo is UTC else occurred.astimezone(UTC).date()
-        key = (day, str(getattr(activity, "source", "")), activity.event_type)
+        key = (day, getattr(activity, "source", ""), activity.event_type)
         cell = self.cells.get(key)
         if cell is None:
             cell = self.cells[key] = ActivityCell()
@@ -81,8 +81,8 @@ class ActivityFacts:
         cell.members.add(activity.user_id)
         if currency or rank_points:
             cell.earning_events += 1
-            cell.currency = exact_sum(cell.currency, currency)
-            cell.rank_points = exact_sum(cell.rank_points, rank_points)
+            cell.currency = exact_add(cell.currency, currency)
+            cell.rank_points = exact_add(cell.rank_points, rank_points)
 
     def __bool__(self) -> bool:
         return bool(self.cells)

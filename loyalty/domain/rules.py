@@ -797,6 +797,10 @@ def _floor(value: Decimal) -> int:
     return int(_EXACT.to_integral_value(value))
 
 
+exact_add: Final = _EXACT.add
+"""``a + b`` exactly (one call, for hot loops)."""
+
+
 def exact_sum(*values: Decimal) -> Decimal:
     """The exact sum of decimals (no rounding: the context is wide enough for any sum of
     bounded weights; the default context would round at 28 digits)."""
