@@ -24,6 +24,11 @@ The projection counts an event in the rollups only once: a rollup watermark (its
 tracking position, which a read-model rebuild leaves alone) says which events were
 already counted, so a rebuild re-projects balances without counting history twice (and
 without losing the days of members forgotten since).
+
+The report (:func:`daily_report`) reads only the rollups, so a day reads the same after
+retention dropped its activity. The export (:func:`export`) hands the rollups and the
+account events to a sink (Parquet files, ``adapters/parquet_export.py``), each member as
+an HMAC-SHA256 pseudonym under the deployment's export key.
 """
 
 from __future__ import annotations
