@@ -46,7 +46,7 @@ EXEMPT: dict[str, str] = {
     "rule_versions": "weighting rules",
     "pipeline_checkpoints": "positions per shard",
     "projection_tracking": "positions per projection",
-    "loyalty_meta": "the subject-hash salt",
+    "loyalty_meta": "the subject-hash salt, the member-sketch key, counters",
     "forget_markers": "salted hash and stream id only; expires with the retention window",
     "forget_requests": "receipts: request id, times, counts; no user id",
     "webhook_subscriptions": "URLs, event types and signing secrets; no member data",
