@@ -150,7 +150,7 @@ class PipelineStore:
                         for (u, t, d), n in cap_changes.items()
                     ],
                 )
-            return merge(self._db, conn, shard, end, contributions, now, fence)
+            return merge(self._db, conn, shard, end, contributions, now, fence, start)
 
     def pending_rows(self) -> PendingTable:
         return PendingTable(self._db)

@@ -27,7 +27,9 @@ from loyalty.api.guards import (
 from loyalty.api.problems import ApiProblem, validation_errors
 from loyalty.application.accounts import Accounts, Spending
 from loyalty.application.delivery import EventFeed, WebhookAdmin
+from loyalty.application.dryrun import DryRun
 from loyalty.application.erasure import ForgetService
+from loyalty.application.explain import Explanations
 from loyalty.application.ingress import IngestService
 from loyalty.config import Settings
 from loyalty.observability import Metrics
@@ -53,6 +55,10 @@ class Container:
     feed: Callable[[], EventFeed] | None = None
     """The account event feed (built on first use, like the event store application)."""
     webhooks: WebhookAdmin | None = None
+    explanations: Explanations | None = None
+    """Award explanations (issue 20)."""
+    dry_run: DryRun | None = None
+    """Rule dry runs (issue 20)."""
 
 
 def get_container(request: Request) -> Container:

@@ -35,6 +35,7 @@ from loyalty.application.backoff import Backoff
 from loyalty.application.pending import Contribution, PendingRow, PendingStore
 from loyalty.application.read_ahead import ReadAhead
 from loyalty.domain.errors import MemberBeingErased
+from loyalty.domain.explain import summarize
 from loyalty.domain.rules import (
     ActivityLike,
     CapCounter,
@@ -226,18 +227,22 @@ class Pipeline:
             (r.user_id, r.event_type, utc_date(r)) for r in rows if r.event_type in capped_types
         }
         caps = CapCounter(self._state.load_caps(capped_keys))
-        result = aggregate(
-            rows,
-            rule_set,
-            caps,
-        )
+        result = aggregate(rows, rule_set, caps, explain=True)
+        # members who earned nothing in the window (capped or unknown events only) add
+        # their counts to the explanation of a pending row that exists
         contributions = [
             Contribution(
-                d.user_id, d.exact_currency, d.exact_rank_points, d.event_count, rule_set.version
+                d.user_id,
+                d.exact_currency,
+                d.exact_rank_points,
+                d.event_count,
+                rule_set.version,
+                summarize(d, rule_set),
             )
             for d in result.drafts.values()
-            if d.exact_currency or d.exact_rank_points
+            if d.exact_currency or d.exact_rank_points or d.capped or d.ignored
         ]
+        earning = sum(1 for c in contributions if c.currency or c.rank_points)
         self._crash_hook("awarded")
         try:
             settle = self._state.commit(
@@ -246,7 +251,7 @@ class Pipeline:
                 end,
                 caps.changes(),
                 processed=window_size,
-                awards=len(contributions),
+                awards=earning,
                 contributions=contributions,
                 fence=fence,
             )

@@ -998,3 +998,4 @@ def main() -> None:
 
 # Command groups in modules of their own register on ``app`` (or a sub-app above) when
 # imported; each imports what it needs from this module, so they are imported last.
+from loyalty.cli import rules_tools  # noqa: E402,F401

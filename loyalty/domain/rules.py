@@ -628,6 +628,8 @@ class AwardDraft:
     """The exact sum of the member's currency weights (``currency`` is its floor)."""
     exact_rank_points: Decimal = Decimal(0)
     """The exact sum of the member's rank-point weights (``rank_points`` is its floor)."""
+    by_type: Mapping[str, TypeTally] | None = None
+    """Per event type, what made the sums (``aggregate(..., explain=True)``; else None)."""
 
 
 @dataclass(frozen=True)
@@ -642,12 +644,27 @@ class AggregationResult:
 
 
 @dataclass
+class TypeTally:
+    """One member's events of one type in an aggregation: how many, how many a daily cap
+    stopped, how many earned with each multiplier (by its index in the rule), and the
+    exact sums they added. ``known``: the rule set has a rule for the type."""
+
+    known: bool
+    events: int = 0
+    capped: int = 0
+    currency: Decimal = _ZERO
+    rank_points: Decimal = _ZERO
+    matched: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
 class _Tally:
     currency: Decimal = _ZERO
     rank_points: Decimal = _ZERO
     events: int = 0
     ignored: int = 0
     capped: int = 0
+    types: dict[str, TypeTally] | None = None
 
 
 class ActivityLike(Protocol):
@@ -689,6 +706,19 @@ class _Weigher:
         self.keys = tuple(sorted({k for m in rule.multipliers for k in m.when}))
         self.constant = None if self.keys else weigh_parts(rule, {})
         self.memo: dict[tuple[Any, ...], tuple[Decimal, Decimal]] = {}
+        self.matched_memo: dict[tuple[Any, ...], tuple[int, ...]] = {}
+
+    def matched(self, attributes: Mapping[str, Any]) -> tuple[int, ...]:
+        """Indices of the rule's multipliers that match ``attributes`` (memoized)."""
+        if not self.keys:
+            return ()
+        signature = _signature(attributes, self.keys)
+        found = self.matched_memo.get(signature)
+        if found is None:
+            found = self.matched_memo[signature] = tuple(
+                i for i, m in enumerate(self.rule.multipliers) if m.matches(attributes)
+            )
+        return found
 
     def __call__(self, attributes: Mapping[str, Any]) -> tuple[Decimal, Decimal]:
         if self.constant is not None:
@@ -719,13 +749,18 @@ def utc_date(activity: ActivityLike) -> date:
 
 
 def aggregate(
-    activities: Iterable[ActivityLike], rule_set: RuleSet, caps: CapCounter
+    activities: Iterable[ActivityLike],
+    rule_set: RuleSet,
+    caps: CapCounter,
+    *,
+    explain: bool = False,
 ) -> AggregationResult:
     """Weigh and sum ``activities`` per member, in input order, applying daily caps.
 
     ``caps`` is read and updated in place, so consecutive windows aggregated with
     one shared counter cap exactly like a single aggregation of all of them. Per
-    member, the exact decimal sum is rounded down once, at the end.
+    member, the exact decimal sum is rounded down once, at the end. ``explain``: also
+    tally per event type (``AwardDraft.by_type``), what award explanations are built of.
     """
     tallies: dict[str, _Tally] = {}
     weighers: dict[str, _Weigher | None] = {}
@@ -734,13 +769,19 @@ def aggregate(
         user_id = activity.user_id
         tally = tallies.get(user_id)
         if tally is None:
-            tally = tallies[user_id] = _Tally()
+            tally = tallies[user_id] = _Tally(types={} if explain else None)
         tally.events += 1
         event_type = activity.event_type
         weigher = weighers.get(event_type, _MISSING)
         if weigher is _MISSING:
             rule = rule_set.rules.get(event_type)
             weigher = weighers[event_type] = None if rule is None else _Weigher(rule)
+        line: TypeTally | None = None
+        if tally.types is not None:
+            line = tally.types.get(event_type)
+            if line is None:
+                line = tally.types[event_type] = TypeTally(known=weigher is not None)
+            line.events += 1
         if weigher is None:
             tally.ignored += 1
             continue
@@ -748,10 +789,17 @@ def aggregate(
         cap = weigher.rule.daily_cap
         if cap is not None and not caps.take((user_id, event_type, utc_date(activity)), cap):
             tally.capped += 1
+            if line is not None:
+                line.capped += 1
             continue
         currency, rank_points = weigher(activity.attributes)
         tally.currency = add(tally.currency, currency)
         tally.rank_points = add(tally.rank_points, rank_points)
+        if line is not None:
+            line.currency = add(line.currency, currency)
+            line.rank_points = add(line.rank_points, rank_points)
+            for index in weigher.matched(activity.attributes):
+                line.matched[index] = line.matched.get(index, 0) + 1
 
     drafts = {
         user_id: AwardDraft(
@@ -763,6 +811,7 @@ def aggregate(
             capped=t.capped,
             exact_currency=t.currency,
             exact_rank_points=t.rank_points,
+            by_type=t.types,
         )
         for user_id, t in tallies.items()
     }
