@@ -41,7 +41,10 @@ EMPTY: Summary = {"rule_versions": [], "types": {}}
 
 
 def _text(value: Decimal) -> str:
-    return f"{value:f}"
+    """Exact, plain and short: ``"390"``, ``"0.5"`` (never ``"-0.0"``)."""
+    if not value:
+        return "0"
+    return str(decimal_to_wire(value))
 
 
 def _multiplier_key(entry: Mapping[str, Any]) -> tuple[bytes, str]:
