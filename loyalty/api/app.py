@@ -36,6 +36,7 @@ from loyalty.api.routes.webhooks import WebhookCreate
 from loyalty.api.schemas import (
     AdjustmentRequest,
     Batch,
+    DryRunRequest,
     ForgetRequestBody,
     Problem,
     RefundRequest,
@@ -204,6 +205,7 @@ def create_app(
                 Problem,
                 RulesBody,
                 RulesRequest,
+                DryRunRequest,
                 SpendRequest,
                 RefundRequest,
                 AdjustmentRequest,

@@ -364,7 +364,14 @@ OPENAPI_EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
     HistoryBody: {
         "entries": [
             {"kind": "spend", "currency": -5, "rank_points": 0, "at": _WHEN, "ref": "o-1"},
-            {"kind": "award", "currency": 11, "rank_points": 21, "at": _WHEN, "ref": "w3.0.2"},
+            {
+                "kind": "award",
+                "currency": 11,
+                "rank_points": 21,
+                "at": _WHEN,
+                "ref": "w3.0.2",
+                "explanation": "/v1/members/alice/awards/w3.0.2",
+            },
         ],
         "next": None,
     },
@@ -500,3 +507,91 @@ class DryRunBody(BaseModel):
         description="per event type: events, capped {current, candidate}, currency, rank_points"
     )
     seconds: float
+
+
+_EXPLAIN_EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
+    ExplanationBody: {
+        "user_id": "alice",
+        "award_id": "w3.0.2",
+        "kind": "award",
+        "status": "recorded",
+        "recorded_at": _WHEN,
+        "rule_version": 4,
+        "rule_versions": [4],
+        "event_count": 53,
+        "currency": {
+            "contributed": "37.5",
+            "carried_in": "0.25",
+            "credited": 37,
+            "carried_out": "0.75",
+        },
+        "rank_points": {"contributed": "75", "carried_in": "0", "credited": 75, "carried_out": "0"},
+        "complete": True,
+        "by_event_type": [
+            {
+                "event_type": "played_game",
+                "known": True,
+                "events": 53,
+                "capped": [{"daily_cap": 50, "events": 3}],
+                "multipliers": [{"when": {"result": "win"}, "factor": "1.5", "events": 10}],
+                "currency": "37.5",
+                "rank_points": "75",
+            }
+        ],
+        "compensation": None,
+        "events": {
+            "status": "retained",
+            "retained": 53,
+            "truncated": False,
+            "items": [
+                {
+                    "source": "gamesite",
+                    "event_id": "e-1",
+                    "event_type": "played_game",
+                    "occurred_at": _WHEN,
+                }
+            ],
+        },
+    },
+    DryRunRequest: {
+        "rules": {
+            "rules": [{"event_type": "logged_on", "currency": 2, "rank_points": 1, "daily_cap": 1}],
+            "ranks": [{"name": "bronze", "min_rank_points": 0}],
+        },
+        "from": "2026-11-27",
+        "to": "2026-11-28",
+    },
+    DryRunBody: {
+        "period": {"from": "2026-11-27", "to": "2026-11-28"},
+        "current_version": 4,
+        "events": 1_000_000,
+        "members": 20_000,
+        "members_with_difference": 18_200,
+        "members_with_different_rank": 35,
+        "totals": {
+            "currency": {"current": 2_100_000, "candidate": "2150000.5", "difference": "50000.5"},
+            "rank_points": {"current": 900_000, "candidate": 900_000, "difference": 0},
+        },
+        "largest_differences": [
+            {
+                "user_id": "alice",
+                "currency": {"current": 120, "candidate": 180, "difference": 60},
+                "rank_points": {"current": 40, "candidate": 40, "difference": 0},
+                "rank": {"current": "bronze", "candidate": "bronze"},
+            }
+        ],
+        "by_event_type": [
+            {
+                "event_type": "logged_on",
+                "events": 30_000,
+                "capped": {"current": 9_000, "candidate": 9_000},
+                "currency": {"current": 21_000, "candidate": 42_000, "difference": 21_000},
+                "rank_points": {"current": 21_000, "candidate": 21_000, "difference": 0},
+            }
+        ],
+        "seconds": 7.9,
+    },
+}
+OPENAPI_EXAMPLES.update(_EXPLAIN_EXAMPLES)
+for _model, _example in _EXPLAIN_EXAMPLES.items():
+    _model.model_config["json_schema_extra"] = {"examples": [_example]}
