@@ -72,6 +72,7 @@ def build_dry_run(
         retention_days=settings.retention_days,
         shard_count=settings.shard_count,
         clock=clock or (lambda: datetime.now(UTC)),
+        duty=settings.dry_run_duty,
     )
 
 

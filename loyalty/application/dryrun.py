@@ -149,7 +149,7 @@ class DryRun:
         shard_count: int,
         clock: Callable[[], datetime],
         chunk: int = 5000,
-        pause_seconds: float = 0.0,
+        duty: float = 1.0,
     ) -> None:
         self._reader = reader
         self._rules = rules
@@ -158,8 +158,9 @@ class DryRun:
         self._shards = shard_count
         self._clock = clock
         self.chunk = chunk
-        self.pause_seconds = pause_seconds
-        """Sleep between chunks (lowers the load on the database; 0 by default)."""
+        self.duty = duty
+        """Fraction of the time spent working: after each chunk it sleeps the chunk's
+        time x (1/duty - 1), leaving the pipeline its share of CPU (1: never sleeps)."""
 
     def period(self, first: str | date | None, end: str | date | None) -> tuple[date, date]:
         """``[first, end)`` as dates, checked against retention: by default the last
@@ -232,6 +233,7 @@ class DryRun:
                 caps_current, caps_candidate = CapCounter(), CapCounter()
                 after = BEFORE_ALL
                 while True:
+                    started = time.monotonic()
                     rows = self._reader.read_day(day, shard, after, self.chunk, received_before)
                     if not rows:
                         break
@@ -241,10 +243,10 @@ class DryRun:
                         len(rows),
                     )
                     after = rows[-1].position
+                    if self.duty < 1:
+                        time.sleep((time.monotonic() - started) * (1 / self.duty - 1))
                     if len(rows) < self.chunk:
                         break
-                    if self.pause_seconds:
-                        time.sleep(self.pause_seconds)
             day += timedelta(days=1)
 
     def _fold(
