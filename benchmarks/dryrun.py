@@ -9,10 +9,11 @@ process. Then the dry run of a candidate rule set (played_game wins x3 instead o
 logged_on worth 2) over the same rows (``build_dry_run(db).compare``), in this process.
 Ratio = dry-run events/s / pipeline events/s.
 
-Interference: N/4 new events are filled three times more; the pipeline drains the first
-lot alone (and a fourth, after the others: the mean of both is the reference), the second while ``loyalty rules dry-run`` loops in a separate process at full
+Interference: N/4 new events are filled four times more; the pipeline drains the first
+lot alone, the second while ``loyalty rules dry-run`` loops in a separate process at full
 speed (``LOYALTY_DRY_RUN_DUTY=1``), the third at the default duty (0.5: it sleeps as long
-as it works). ``pipeline_slowdown_*`` = 1 - (rate beside the dry run / rate alone).
+as it works), the fourth alone again (the reference is the mean rate of both lots alone).
+``pipeline_slowdown_*`` = 1 - (rate beside the dry run / rate alone).
 """
 
 from __future__ import annotations
