@@ -9,11 +9,10 @@ process. Then the dry run of a candidate rule set (played_game wins x3 instead o
 logged_on worth 2) over the same rows (``build_dry_run(db).compare``), in this process.
 Ratio = dry-run events/s / pipeline events/s.
 
-Interference: N/4 new events are filled four times more; the pipeline drains the first
-lot alone, the second while ``loyalty rules dry-run`` loops in a separate process at full
-speed (``LOYALTY_DRY_RUN_DUTY=1``), the third at the default duty (0.5: it sleeps as long
-as it works), the fourth alone again (the reference is the mean rate of both lots alone).
-``pipeline_slowdown_*`` = 1 - (rate beside the dry run / rate alone).
+Interference: in two rounds, N/8 new events (at least 50,000) are filled and drained by
+the pipeline alone, then again while ``loyalty rules dry-run`` loops in a separate process
+at full speed (``LOYALTY_DRY_RUN_DUTY=1``), then again at the default duty (0.5: it sleeps
+as long as it works). ``pipeline_slowdown_*`` = 1 - (mean rate beside / mean rate alone).
 """
 
 from __future__ import annotations
@@ -77,23 +76,26 @@ def rule_dry_run(ctx: Context) -> dict[str, Any]:
         comparison = dry.compare(candidate, first, end)
         dry_s = time.perf_counter() - t0
         report = dry.report(comparison)
-        # interference: the pipeline alone, then beside a dry run in another process
-        lot = max(n // 4, 50_000)
-        fill_pending(url, lot, users, prefix="alone", seed=0.11)
-        alone, alone_s = _drain(db)
+        # interference: the pipeline alone and beside a dry run in another process,
+        # in two interleaved rounds (the rates of single lots are noisy)
+        lot = max(n // 8, 50_000)
         rules_file = ctx.tmp_dir / "candidate.json"
         rules_file.write_text(json.dumps(_candidate()))
-        beside: dict[str, float] = {}
-        for duty in ("1.0", "0.5"):
-            fill_pending(url, lot, users, prefix=f"beside{duty}", seed=0.12)
-            beside[duty] = _beside(db, url, rules_file, first, end, duty)
-        fill_pending(url, lot, users, prefix="alone2", seed=0.13)  # alone again: the noise
-        alone2, alone2_s = _drain(db)
+        rates: dict[str, list[float]] = {"alone": [], "1.0": [], "0.5": []}
+        for round_ in range(2):
+            for mode in ("alone", "1.0", "0.5"):
+                fill_pending(url, lot, users, prefix=f"{mode}-{round_}", seed=0.1 + round_)
+                if mode == "alone":
+                    done_lot, lot_s = _drain(db)
+                    rates[mode].append(done_lot / lot_s)
+                else:
+                    rates[mode].append(_beside(db, url, rules_file, first, end, mode))
     finally:
         db.dispose()
     pipeline_rate = done / pipeline_s
     dry_rate = comparison.events / dry_s
-    alone_rate = (alone + alone2) / (alone_s + alone2_s)
+    alone_rate = sum(rates["alone"]) / 2
+    full_rate, paced_rate = sum(rates["1.0"]) / 2, sum(rates["0.5"]) / 2
     return {
         "name": "rule_dry_run",
         "value": dry_rate,
@@ -106,11 +108,12 @@ def rule_dry_run(ctx: Context) -> dict[str, Any]:
         "pipeline_s": pipeline_s,
         "members_with_difference": report["members_with_difference"],
         "pipeline_alone_rate": alone_rate,
-        "pipeline_alone_rates": [alone / alone_s, alone2 / alone2_s],
-        "pipeline_beside_full_speed_rate": beside["1.0"],
-        "pipeline_slowdown_full_speed": 1 - beside["1.0"] / alone_rate,
-        "pipeline_beside_default_duty_rate": beside["0.5"],
-        "pipeline_slowdown_default_duty": 1 - beside["0.5"] / alone_rate,
+        "pipeline_beside_full_speed_rate": full_rate,
+        "pipeline_slowdown_full_speed": 1 - full_rate / alone_rate,
+        "pipeline_beside_default_duty_rate": paced_rate,
+        "pipeline_slowdown_default_duty": 1 - paced_rate / alone_rate,
+        "interference_rates": rates,
+        "interference_lot": lot,
     }
 
 
