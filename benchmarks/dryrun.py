@@ -84,7 +84,7 @@ def rule_dry_run(ctx: Context) -> dict[str, Any]:
         rates: dict[str, list[float]] = {"alone": [], "1.0": [], "0.5": []}
         for round_ in range(2):
             for mode in ("alone", "1.0", "0.5"):
-                fill_pending(url, lot, users, prefix=f"{mode}-{round_}", seed=0.1 + round_)
+                fill_pending(url, lot, users, prefix=f"{mode}-{round_}", seed=0.1 + 0.2 * round_)
                 if mode == "alone":
                     done_lot, lot_s = _drain(db)
                     rates[mode].append(done_lot / lot_s)
