@@ -706,18 +706,18 @@ class _Weigher:
         self.keys = tuple(sorted({k for m in rule.multipliers for k in m.when}))
         self.constant = None if self.keys else weigh_parts(rule, {})
         self.memo: dict[tuple[Any, ...], tuple[Decimal, Decimal]] = {}
-        self.matched_memo: dict[tuple[Any, ...], tuple[int, ...]] = {}
+        self.explained_memo: dict[tuple[Any, ...], tuple[Decimal, Decimal, tuple[int, ...]]] = {}
 
-    def matched(self, attributes: Mapping[str, Any]) -> tuple[int, ...]:
-        """Indices of the rule's multipliers that match ``attributes`` (memoized)."""
-        if not self.keys:
-            return ()
+    def explained(self, attributes: Mapping[str, Any]) -> tuple[Decimal, Decimal, tuple[int, ...]]:
+        """The weights and the indices of the multipliers that match (memoized)."""
+        if self.constant is not None:
+            return self.constant[0], self.constant[1], ()
         signature = _signature(attributes, self.keys)
-        found = self.matched_memo.get(signature)
+        found = self.explained_memo.get(signature)
         if found is None:
-            found = self.matched_memo[signature] = tuple(
-                i for i, m in enumerate(self.rule.multipliers) if m.matches(attributes)
-            )
+            currency, points = weigh_parts(self.rule, attributes)
+            matched = tuple(i for i, m in enumerate(self.rule.multipliers) if m.matches(attributes))
+            found = self.explained_memo[signature] = (currency, points, matched)
         return found
 
     def __call__(self, attributes: Mapping[str, Any]) -> tuple[Decimal, Decimal]:
@@ -792,14 +792,16 @@ def aggregate(
             if line is not None:
                 line.capped += 1
             continue
-        currency, rank_points = weigher(activity.attributes)
-        tally.currency = add(tally.currency, currency)
-        tally.rank_points = add(tally.rank_points, rank_points)
-        if line is not None:
+        if line is None:
+            currency, rank_points = weigher(activity.attributes)
+        else:
+            currency, rank_points, matched = weigher.explained(activity.attributes)
             line.currency = add(line.currency, currency)
             line.rank_points = add(line.rank_points, rank_points)
-            for index in weigher.matched(activity.attributes):
+            for index in matched:
                 line.matched[index] = line.matched.get(index, 0) + 1
+        tally.currency = add(tally.currency, currency)
+        tally.rank_points = add(tally.rank_points, rank_points)
 
     drafts = {
         user_id: AwardDraft(

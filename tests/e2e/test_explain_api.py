@@ -114,3 +114,37 @@ def test_dry_run_over_http(client: TestClient, make_key: Any, clock: Any) -> Non
     assert client.post("/v1/rules/dry-run", json=bad, headers=operator).status_code == 422
     shop = make_key("shop", "frontend")
     assert client.post("/v1/rules/dry-run", json=body, headers=shop).status_code == 403
+
+
+def test_dry_run_command(client: TestClient, make_key: Any, clock: Any, tmp_path: Any) -> None:
+    """``loyalty rules dry-run``: the same report as the API; days outside retention
+    are refused with exit 2 and the oldest retained day."""
+    import json
+
+    from tests.e2e.live import cli
+
+    url = client.app.state.container.settings.database_url  # type: ignore[attr-defined]
+    yesterday = clock.now - timedelta(days=1)
+    events = [
+        {
+            "event_id": f"j{i}",
+            "user_id": "jo",
+            "type": "joined_competition",
+            "occurred_at": yesterday.isoformat(),
+        }
+        for i in range(7)
+    ]
+    client.post("/v1/ingress/batches", json={"events": events}, headers=make_key("ingest"))
+    candidate = copy.deepcopy(DEFAULT_RULES_WIRE)
+    candidate["rules"][2]["daily_cap"] = 6  # joined_competition: 5 a day -> 6
+    rules = tmp_path / "candidate.json"
+    rules.write_text(json.dumps(candidate))
+    day = yesterday.date()
+    done = cli(url, "rules", "dry-run", str(rules), "--from", day.isoformat())
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["totals"]["currency"] == {"current": 100, "candidate": 120, "difference": 20}
+    assert report["by_event_type"][0]["capped"] == {"current": 2, "candidate": 1}
+    old = (day - timedelta(days=30)).isoformat()
+    refused = cli(url, "rules", "dry-run", str(rules), "--from", old)
+    assert refused.returncode == 2 and "outside retention" in refused.stderr
