@@ -655,6 +655,9 @@ class TypeTally:
     currency: Decimal = _ZERO
     rank_points: Decimal = _ZERO
     matched: dict[int, int] = field(default_factory=dict)
+    earned: dict[int, int] = field(default_factory=dict)
+    """While aggregating: events per weighing outcome (an index into the rule's
+    ``_Weigher.entries``); the sums above are made of it once, at the end."""
 
 
 @dataclass
@@ -706,19 +709,31 @@ class _Weigher:
         self.keys = tuple(sorted({k for m in rule.multipliers for k in m.when}))
         self.constant = None if self.keys else weigh_parts(rule, {})
         self.memo: dict[tuple[Any, ...], tuple[Decimal, Decimal]] = {}
-        self.explained_memo: dict[tuple[Any, ...], tuple[Decimal, Decimal, tuple[int, ...]]] = {}
+        self.explained_memo: dict[tuple[Any, ...], int] = {}
+        self.entries: list[tuple[Decimal, Decimal, tuple[int, ...]]] = []
+        """Each distinct weighing outcome: weights and the matching multipliers."""
 
-    def explained(self, attributes: Mapping[str, Any]) -> tuple[Decimal, Decimal, tuple[int, ...]]:
-        """The weights and the indices of the multipliers that match (memoized)."""
-        if self.constant is not None:
-            return self.constant[0], self.constant[1], ()
-        signature = _signature(attributes, self.keys)
+    def explained(self, attributes: Mapping[str, Any]) -> int:
+        """The index in ``entries`` of the outcome for ``attributes`` (memoized)."""
+        signature = _signature(attributes, self.keys) if self.keys else ()
         found = self.explained_memo.get(signature)
         if found is None:
             currency, points = weigh_parts(self.rule, attributes)
             matched = tuple(i for i, m in enumerate(self.rule.multipliers) if m.matches(attributes))
-            found = self.explained_memo[signature] = (currency, points, matched)
+            found = self.explained_memo[signature] = len(self.entries)
+            self.entries.append((currency, points, matched))
         return found
+
+    def settle(self, line: TypeTally) -> None:
+        """Turn ``line.earned`` into its exact sums and multiplier counts."""
+        for index, n in line.earned.items():
+            currency, points, matched = self.entries[index]
+            count = Decimal(n)
+            line.currency = _EXACT.add(line.currency, _EXACT.multiply(currency, count))
+            line.rank_points = _EXACT.add(line.rank_points, _EXACT.multiply(points, count))
+            for m in matched:
+                line.matched[m] = line.matched.get(m, 0) + n
+        line.earned.clear()
 
     def __call__(self, attributes: Mapping[str, Any]) -> tuple[Decimal, Decimal]:
         if self.constant is not None:
@@ -795,13 +810,19 @@ def aggregate(
         if line is None:
             currency, rank_points = weigher(activity.attributes)
         else:
-            currency, rank_points, matched = weigher.explained(activity.attributes)
-            line.currency = add(line.currency, currency)
-            line.rank_points = add(line.rank_points, rank_points)
-            for index in matched:
-                line.matched[index] = line.matched.get(index, 0) + 1
+            index = weigher.explained(activity.attributes)
+            earned = line.earned
+            earned[index] = earned.get(index, 0) + 1
+            currency, rank_points = weigher.entries[index][0], weigher.entries[index][1]
         tally.currency = add(tally.currency, currency)
         tally.rank_points = add(tally.rank_points, rank_points)
+
+    if explain:
+        for t in tallies.values():
+            for event_type, line in (t.types or {}).items():
+                found = weighers.get(event_type)
+                if isinstance(found, _Weigher):
+                    found.settle(line)
 
     drafts = {
         user_id: AwardDraft(
