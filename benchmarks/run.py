@@ -24,6 +24,7 @@ MODULES = [
     "benchmarks.delivery",
     "benchmarks.durable_growth",
     "benchmarks.reporting",
+    "benchmarks.dryrun",
 ]
 
 

@@ -39,6 +39,8 @@ LOCATIONS: dict[str, tuple[str, ...]] = {
     # events out (issue 17): dead letters of the member are erased; forget-me itself
     # adds member.forgotten notices here, deleted once each way out delivered them
     "delivery": ("webhook_dead_letters", "delivery_notices"),
+    # award explanations (issue 20): written with the stream's events, erased after it
+    "award_explanations": ("award_explanations",),
 }
 EXEMPT: dict[str, str] = {
     "alembic_version": "schema revision",
@@ -56,6 +58,7 @@ EXEMPT: dict[str, str] = {
     "rollup_accounts": "account figures per day (forget-me adds its own change)",
     "rollup_ranks": "members per rank, changes per day",
     "rollup_origin": "positions per shard",
+    "rule_compensations": "rule versions, periods and totals of compensation runs; no user id",
 }
 NIL_HEX = uuid.UUID(int=0).hex
 SEQ_KEY = "erasure_seq"
@@ -383,7 +386,12 @@ class SqlErasureStore:
             balances = conn.execute(
                 sa.text("DELETE FROM member_balances WHERE user_id = :u"), {"u": user_id}
             ).rowcount
+            # after the stream (step event_store): no insert can add one any more
+            explanations = conn.execute(
+                sa.text("DELETE FROM award_explanations WHERE user_id = :u"), {"u": user_id}
+            ).rowcount
         return {
+            "award_explanations": int(explanations),
             "member_history": int(history),
             "member_balances": int(balances),
             "projection_quarantine": int(quarantined),
@@ -433,7 +441,8 @@ class SqlErasureStore:
                     + LOCATIONS["pipeline_caps"]
                     + LOCATIONS["pipeline_pending"]
                     + LOCATIONS["forget_subjects"]
-                    + LOCATIONS["delivery"],
+                    + LOCATIONS["delivery"]
+                    + LOCATIONS["award_explanations"],
                 )
                 conn.execute(sa.text("VACUUM " + ", ".join(f'"{t}"' for t in tables)))
             return

@@ -159,7 +159,7 @@ class PipelineStore:
                 )
             if facts:
                 self._rollups.add_window(conn, shard, facts)
-            return merge(self._db, conn, shard, end, contributions, now, fence)
+            return merge(self._db, conn, shard, end, contributions, now, fence, start)
 
     def pending_rows(self) -> PendingTable:
         return PendingTable(self._db)

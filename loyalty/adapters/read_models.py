@@ -9,7 +9,7 @@ and then finds the position moved). Every table is keyed by user_id.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -73,6 +73,19 @@ class ReadModels:
     def __init__(self, db: Database) -> None:
         self._db = db
         self._rollups = RollupStore(db)
+
+    def rank_points_of(self, user_ids: Sequence[str]) -> dict[str, int]:
+        """Recorded rank points of ``user_ids`` (members without a balance row: absent)."""
+        b = member_balances.c
+        found: dict[str, int] = {}
+        ids = list(user_ids)
+        with self._db.read() as conn:
+            for i in range(0, len(ids), 500):
+                for user_id, points in conn.execute(
+                    sa.select(b.user_id, b.rank_points).where(b.user_id.in_(ids[i : i + 500]))
+                ):
+                    found[user_id] = int(points)
+        return found
 
     # ------------------------------------------------------------ projection side
 

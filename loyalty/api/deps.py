@@ -27,7 +27,9 @@ from loyalty.api.guards import (
 from loyalty.api.problems import ApiProblem, validation_errors
 from loyalty.application.accounts import Accounts, Spending
 from loyalty.application.delivery import EventFeed, WebhookAdmin
+from loyalty.application.dryrun import DryRun
 from loyalty.application.erasure import ForgetService
+from loyalty.application.explain import Explanations
 from loyalty.application.ingress import IngestService
 from loyalty.application.reporting import RollupReader
 from loyalty.config import Settings
@@ -56,6 +58,10 @@ class Container:
     webhooks: WebhookAdmin | None = None
     rollups: RollupReader | None = None
     """The daily rollups (``GET /v1/reports/daily``)."""
+    explanations: Explanations | None = None
+    """Award explanations (issue 20)."""
+    dry_run: DryRun | None = None
+    """Rule dry runs (issue 20)."""
 
 
 def get_container(request: Request) -> Container:

@@ -36,6 +36,7 @@ from loyalty.application.pending import Contribution, PendingRow, PendingStore
 from loyalty.application.read_ahead import ReadAhead
 from loyalty.application.reporting import ActivityFacts
 from loyalty.domain.errors import MemberBeingErased
+from loyalty.domain.explain import summarize
 from loyalty.domain.rules import (
     ActivityLike,
     CapCounter,
@@ -231,14 +232,22 @@ class Pipeline:
         }
         caps = CapCounter(self._state.load_caps(capped_keys))
         facts = ActivityFacts() if self._rollups else None  # the day x source x type rollup
-        result = aggregate(rows, rule_set, caps, facts)
+        result = aggregate(rows, rule_set, caps, facts, explain=True)
+        # members who earned nothing in the window (capped or unknown events only) add
+        # their counts to the explanation of a pending row that exists
         contributions = [
             Contribution(
-                d.user_id, d.exact_currency, d.exact_rank_points, d.event_count, rule_set.version
+                d.user_id,
+                d.exact_currency,
+                d.exact_rank_points,
+                d.event_count,
+                rule_set.version,
+                summarize(d, rule_set),
             )
             for d in result.drafts.values()
-            if d.exact_currency or d.exact_rank_points
+            if d.exact_currency or d.exact_rank_points or d.capped or d.ignored
         ]
+        earning = sum(1 for c in contributions if c.currency or c.rank_points)
         self._crash_hook("awarded")
         try:
             settle = self._state.commit(
@@ -247,7 +256,7 @@ class Pipeline:
                 end,
                 caps.changes(),
                 processed=window_size,
-                awards=len(contributions),
+                awards=earning,
                 contributions=contributions,
                 fence=fence,
                 facts=facts,

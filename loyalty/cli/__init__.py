@@ -989,4 +989,4 @@ def main() -> None:
 
 # Command groups in modules of their own register on ``app`` (or a sub-app above) when
 # imported; each imports what it needs from this module, so they are imported last.
-from loyalty.cli import reporting  # noqa: E402,F401
+from loyalty.cli import reporting, rules_tools  # noqa: E402,F401

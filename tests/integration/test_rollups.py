@@ -162,7 +162,9 @@ def test_rollups_equal_the_sums_over_ingress_and_account_events(
     for key, (events, earning, currency, points, who) in want.items():
         g = got[key]
         assert g[:4] == (events, earning, currency, points), key
-        assert g[4] == len(who), key  # small sets: linear counting is exact here
+        # a sketch: a few members in 4,096 registers count exactly unless two of them hash
+        # into one register (p ~ n^2 / 8192 per set with this deployment's random key)
+        assert len(who) - 2 <= g[4] <= len(who), key
     # the account figures, against the accounts themselves
     accounts_now = [members.repository.get(Member.create_id(u)) for u in users]
     last = days[-1]
