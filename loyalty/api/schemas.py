@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -16,6 +16,7 @@ from pydantic import (
     StringConstraints,
 )
 
+from loyalty.domain.expiry import MAX_AFTER_MONTHS, MAX_GRACE_DAYS, MAX_ROLLING_DAYS
 from loyalty.domain.rules import MAX_DAILY_CAP, MAX_RANK_POINTS_THRESHOLD
 from loyalty.domain.user_ids import MAX_LENGTH, check_user_id
 
@@ -173,10 +174,43 @@ class RankBody(BaseModel):
     privileges: list[Annotated[str, StringConstraints(min_length=1)]] = []
 
 
+class CurrencyExpiryBody(BaseModel):
+    """Currency earned in a month expires at the end of the month ``after_months``
+    later; lots earned before ``effective_from`` (stamped with the current month when
+    left out) never expire unless ``retroactive``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    after_months: int = Field(ge=0, le=MAX_AFTER_MONTHS)
+    at: Literal["month_end"] = "month_end"
+    effective_from: (
+        Annotated[str, StringConstraints(pattern=r"^[0-9]{4}-(0[1-9]|1[0-2])$")] | None
+    ) = None
+    retroactive: bool = False
+
+
+class RollingPeriod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rolling_days: int = Field(ge=1, le=MAX_ROLLING_DAYS)
+
+
+class RankQualificationBody(BaseModel):
+    """A rank is held by rank points earned in the period (or kept through the grace
+    after the previous one); re-evaluated at period end by the scheduled job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    period: Literal["calendar_year"] | RollingPeriod
+    grace_days: int | None = Field(0, ge=0, le=MAX_GRACE_DAYS)
+
+
 class RulesBody(BaseModel):
     version: int
     rules: list[RuleBody]
     ranks: list[RankBody]
+    currency_expiry: CurrencyExpiryBody | None = None
+    rank_qualification: RankQualificationBody | None = None
 
 
 class RulesRequest(BaseModel):
@@ -186,6 +220,12 @@ class RulesRequest(BaseModel):
 
     rules: list[RuleBody]
     ranks: list[RankBody] = Field(min_length=1, description="at least one rank")
+    currency_expiry: CurrencyExpiryBody | None = Field(
+        None, description="null: currency never expires"
+    )
+    rank_qualification: RankQualificationBody | None = Field(
+        None, description="null: ranks by lifetime rank points"
+    )
     version: int | None = Field(
         None, ge=0, description="ignored (the store numbers versions); rules show prints it"
     )

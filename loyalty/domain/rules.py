@@ -23,6 +23,15 @@ from types import MappingProxyType
 from typing import Any, Final, Protocol
 
 from loyalty.domain.errors import InvalidRules, Problem
+from loyalty.domain.expiry import (
+    LEGACY,
+    MAX_AFTER_MONTHS,
+    MAX_GRACE_DAYS,
+    MAX_ROLLING_DAYS,
+    CurrencyExpiry,
+    RankQualification,
+    is_month,
+)
 from loyalty.domain.ranks import Rank, RankLadder, is_int, ladder_order_problems
 
 AttrValue = str | int | float | bool | None
@@ -165,6 +174,10 @@ class RuleSet:
     version: int
     rules: Mapping[str, Rule]
     ranks: RankLadder
+    currency_expiry: CurrencyExpiry | None = None
+    """None: currency never expires (the default)."""
+    rank_qualification: RankQualification | None = None
+    """None: ranks by lifetime rank points (the default)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rules", MappingProxyType(dict(self.rules)))
@@ -185,7 +198,11 @@ class RuleSet:
 
 # --------------------------------------------------------------------------- wire
 
-_TOP_FIELDS: Final = frozenset({"rules", "ranks", "version"})
+_TOP_FIELDS: Final = frozenset(
+    {"rules", "ranks", "version", "currency_expiry", "rank_qualification"}
+)
+_EXPIRY_FIELDS: Final = frozenset({"after_months", "at", "effective_from", "retroactive"})
+_QUALIFICATION_FIELDS: Final = frozenset({"period", "grace_days"})
 _RULE_FIELDS: Final = frozenset(
     {"event_type", "currency", "rank_points", "multipliers", "daily_cap"}
 )
@@ -391,6 +408,58 @@ def _parse_ranks(raw_ranks: object, problems: list[Problem], require_rank: bool)
     return ranks
 
 
+def _parse_expiry(raw: object, problems: list[Problem]) -> CurrencyExpiry | None:
+    loc = "currency_expiry"
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        problems.append((loc, "must be an object or null"))
+        return None
+    before = len(problems)
+    _check_fields(raw, loc, _EXPIRY_FIELDS, ("after_months",), problems)
+    after = None
+    if "after_months" in raw:
+        after = _parse_int(raw["after_months"], f"{loc}.after_months", problems, MAX_AFTER_MONTHS)
+    if raw.get("at", "month_end") != "month_end":
+        problems.append((f"{loc}.at", "must be 'month_end'"))
+    start = raw.get("effective_from")
+    if start is not None and (not is_month(start) or start == LEGACY):
+        problems.append((f"{loc}.effective_from", "must be a month 'YYYY-MM' or null"))
+    retroactive = raw.get("retroactive", False)
+    if not isinstance(retroactive, bool):
+        problems.append((f"{loc}.retroactive", "must be a boolean"))
+    if len(problems) > before or after is None:
+        return None
+    return CurrencyExpiry(after_months=after, effective_from=start, retroactive=retroactive)
+
+
+def _parse_qualification(raw: object, problems: list[Problem]) -> RankQualification | None:
+    loc = "rank_qualification"
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        problems.append((loc, "must be an object or null"))
+        return None
+    before = len(problems)
+    _check_fields(raw, loc, _QUALIFICATION_FIELDS, ("period",), problems)
+    period = raw.get("period")
+    rolling: int | None = None
+    if isinstance(period, Mapping) and set(period) == {"rolling_days"}:
+        rolling = _parse_int(
+            period["rolling_days"], f"{loc}.period.rolling_days", problems, MAX_ROLLING_DAYS
+        )
+        if rolling is not None and rolling < 1:
+            problems.append((f"{loc}.period.rolling_days", "must be >= 1"))
+    elif "period" in raw and period != "calendar_year":
+        problems.append((f"{loc}.period", "must be 'calendar_year' or {'rolling_days': N}"))
+    grace = 0
+    if raw.get("grace_days") is not None:
+        grace = _parse_int(raw["grace_days"], f"{loc}.grace_days", problems, MAX_GRACE_DAYS) or 0
+    if len(problems) > before:
+        return None
+    return RankQualification(rolling_days=rolling, grace_days=grace)
+
+
 def parse_rule_set(data: Mapping[str, Any], version: int, *, require_rank: bool = True) -> RuleSet:
     """Build a :class:`RuleSet` from its wire shape, or raise :class:`InvalidRules`
     listing every problem with its location (``rules[2].currency``, ...).
@@ -433,11 +502,19 @@ def parse_rule_set(data: Mapping[str, Any], version: int, *, require_rank: bool 
             if rule is not None:
                 rules[rule.event_type] = rule
     ranks = _parse_ranks(data.get("ranks", []), problems, require_rank)
+    expiry = _parse_expiry(data.get("currency_expiry"), problems)
+    qualification = _parse_qualification(data.get("rank_qualification"), problems)
     if not is_int(version) or version < 0:
         problems.append(("version", "must be an integer >= 0"))
     if problems:
         raise InvalidRules(problems)
-    return RuleSet(version=version, rules=rules, ranks=RankLadder(tuple(ranks)))
+    return RuleSet(
+        version=version,
+        rules=rules,
+        ranks=RankLadder(tuple(ranks)),
+        currency_expiry=expiry,
+        rank_qualification=qualification,
+    )
 
 
 def decimal_to_wire(value: Decimal) -> int | str:
@@ -449,8 +526,8 @@ def decimal_to_wire(value: Decimal) -> int | str:
 
 def rule_set_to_wire(rule_set: RuleSet) -> dict[str, Any]:
     """The JSON-ready wire shape; ``parse_rule_set(rule_set_to_wire(x), x.version)
-    == x``."""
-    return {
+    == x``. ``currency_expiry`` / ``rank_qualification`` appear only when set."""
+    wire = {
         "version": rule_set.version,
         "rules": [
             {
@@ -474,6 +551,23 @@ def rule_set_to_wire(rule_set: RuleSet) -> dict[str, Any]:
             for rank in rule_set.ranks.ranks
         ],
     }
+    expiry = rule_set.currency_expiry
+    if expiry is not None:
+        wire["currency_expiry"] = {
+            "after_months": expiry.after_months,
+            "at": expiry.at,
+            "effective_from": expiry.effective_from,
+            "retroactive": expiry.retroactive,
+        }
+    qualification = rule_set.rank_qualification
+    if qualification is not None:
+        wire["rank_qualification"] = {
+            "period": "calendar_year"
+            if qualification.rolling_days is None
+            else {"rolling_days": qualification.rolling_days},
+            "grace_days": qualification.grace_days,
+        }
+    return wire
 
 
 DEFAULT_RULES_WIRE: Final[dict[str, Any]] = {
