@@ -22,6 +22,7 @@ from loyalty.adapters.tables import (
     Timestamp,
     member_balances,
     member_history,
+    member_lots,
     metadata,
     pipeline_pending,
     projection_tracking,
@@ -180,9 +181,30 @@ class ReadModels:
                             for h in batch.history
                         ],
                     )
+                self._apply_lots(conn, batch.lots)
         except _TrackingMoved:
             return False
         return True
+
+    def _apply_lots(self, conn: sa.Connection, lots: Mapping[tuple[str, str], bool]) -> None:
+        """The expiry index: lots credited in (idempotent), lots expired out."""
+        opened = [{"user_id": u, "lot": lot} for (u, lot), is_open in lots.items() if is_open]
+        closed = [{"u": u, "l": lot} for (u, lot), is_open in lots.items() if not is_open]
+        if opened:
+            insert = (
+                postgresql.insert(member_lots)
+                if self._db.backend == "postgresql"
+                else sqlite.insert(member_lots)
+            )
+            conn.execute(insert.on_conflict_do_nothing(), opened)
+        if closed:
+            c = member_lots.c
+            conn.execute(
+                member_lots.delete().where(
+                    c.user_id == sa.bindparam("u"), c.lot == sa.bindparam("l")
+                ),
+                closed,
+            )
 
     @staticmethod
     def _balance_row(change: Any) -> dict[str, Any]:
@@ -199,8 +221,9 @@ class ReadModels:
         """Empty the read models and set the tracking position to 0, atomically."""
         with self._db.write() as conn:
             if self._db.backend == "postgresql":
-                conn.execute(sa.text("TRUNCATE member_history, member_balances"))
+                conn.execute(sa.text("TRUNCATE member_history, member_balances, member_lots"))
             else:
+                conn.execute(member_lots.delete())
                 conn.execute(member_history.delete())
                 conn.execute(member_balances.delete())
             conn.execute(projection_tracking.delete().where(projection_tracking.c.name == name))

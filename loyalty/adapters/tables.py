@@ -107,6 +107,9 @@ pipeline_pending = sa.Table(
     sa.Column("upto_seq", sa.BigInteger, nullable=False),
     sa.Column("since", Timestamp, nullable=False),
     sa.Column("rank_need", sa.Text),
+    # issue 19: exact pending currency per month earned, JSON {"YYYY-MM": "decimal"}
+    # (NULL: a row from before, credited to the month it is recorded in)
+    sa.Column("currency_months", sa.Text),
     sa.Index("pipeline_pending_due_idx", "shard", "since"),
 )
 """What a member earned and the pipeline has not recorded yet (exact decimal text)."""
@@ -133,6 +136,18 @@ member_balances = sa.Table(
     sa.Column("updated_at", Timestamp, nullable=False),
     sa.Index("member_balances_leaderboard_idx", sa.desc("rank_points"), "user_id"),
 )
+
+member_lots = sa.Table(
+    "member_lots",
+    metadata,
+    sa.Column("user_id", sa.String(128), primary_key=True),
+    sa.Column("lot", sa.String(7), primary_key=True),
+    sa.Index("member_lots_due_idx", "lot", "user_id"),
+)
+"""The expiry index: which members may hold currency of which month (lot), so the
+expiry job reads only members with lots due. Written by the projection (credited lots
+in, expired lots out) and by the job (lots it found empty); rebuilt with the read
+models."""
 
 member_history = sa.Table(
     "member_history",

@@ -25,6 +25,7 @@ from eventsourcing.persistence import IntegrityError, JSONTranscoder
 from loyalty.application.pending import PENDING, PendingRow, PendingStore, award_id_for
 from loyalty.application.transcodings import register_member_transcodings
 from loyalty.domain.errors import DomainError, MemberBeingErased, MemberNotFound
+from loyalty.domain.expiry import month_of
 from loyalty.domain.member import Member, scoped_key
 from loyalty.domain.ranks import RankLadder
 
@@ -211,6 +212,8 @@ class Accounts:
             row.event_count,
             row.rule_version,
             ranks,
+            months=row.months,
+            month=month_of(row.since),
         )
 
     def record_pending(

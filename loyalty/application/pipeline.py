@@ -233,7 +233,12 @@ class Pipeline:
         )
         contributions = [
             Contribution(
-                d.user_id, d.exact_currency, d.exact_rank_points, d.event_count, rule_set.version
+                d.user_id,
+                d.exact_currency,
+                d.exact_rank_points,
+                d.event_count,
+                rule_set.version,
+                d.exact_currency_months,
             )
             for d in result.drafts.values()
             if d.exact_currency or d.exact_rank_points

@@ -722,6 +722,9 @@ class AwardDraft:
     """The exact sum of the member's currency weights (``currency`` is its floor)."""
     exact_rank_points: Decimal = Decimal(0)
     """The exact sum of the member's rank-point weights (``rank_points`` is its floor)."""
+    exact_currency_months: Mapping[str, Decimal] = field(default_factory=dict)
+    """``exact_currency`` split by the UTC month (``"YYYY-MM"``) the events occurred in:
+    the lots the currency is credited to."""
 
 
 @dataclass(frozen=True)
@@ -742,6 +745,7 @@ class _Tally:
     events: int = 0
     ignored: int = 0
     capped: int = 0
+    months: dict[tuple[int, int], Decimal] = field(default_factory=dict)
 
 
 class ActivityLike(Protocol):
@@ -844,6 +848,13 @@ def aggregate(
             tally.capped += 1
             continue
         currency, rank_points = weigher(activity.attributes)
+        if currency:
+            occurred = activity.occurred_at
+            if occurred.tzinfo is not UTC:
+                occurred = occurred.astimezone(UTC)
+            month = (occurred.year, occurred.month)
+            months = tally.months
+            months[month] = add(months.get(month, _ZERO), currency)
         tally.currency = add(tally.currency, currency)
         tally.rank_points = add(tally.rank_points, rank_points)
 
@@ -857,6 +868,7 @@ def aggregate(
             capped=t.capped,
             exact_currency=t.currency,
             exact_rank_points=t.rank_points,
+            exact_currency_months={f"{y:04d}-{m:02d}": v for (y, m), v in sorted(t.months.items())},
         )
         for user_id, t in tallies.items()
     }
