@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -16,7 +16,7 @@ from pydantic import (
     StringConstraints,
 )
 
-from loyalty.domain.expiry import MAX_AFTER_MONTHS, MAX_GRACE_DAYS, MAX_ROLLING_DAYS
+from loyalty.domain.expiry import MAX_AFTER_MONTHS
 from loyalty.domain.rules import MAX_DAILY_CAP, MAX_RANK_POINTS_THRESHOLD
 from loyalty.domain.user_ids import MAX_LENGTH, check_user_id
 
@@ -136,6 +136,28 @@ class MemberBody(BaseModel):
         "(recorded at the award interval, a rank change or the member's next command)",
     )
     pending_rank_points: int = Field(0, description="part of rank_points not yet recorded")
+    expiring: list[ExpiringBody] = Field(
+        [],
+        description="the next expiries under the rules' currency_expiry, soonest first: "
+        "each amount expires at the end of its day (UTC) unless spent first",
+    )
+    rank_points_this_period: int = Field(
+        0,
+        description="rank points counting for the rank now (lifetime rank points: ranks "
+        "have no qualification period)",
+    )
+    rank_valid_until: date | None = Field(
+        None, description="the last day the rank is held without more points (null: kept)"
+    )
+    rank_points_to_keep: int = Field(0, description="rank points still needed to keep the rank")
+    rank_points_to_next: int | None = Field(
+        None, description="rank points still needed for the next rank (null: none above)"
+    )
+
+
+class ExpiringBody(BaseModel):
+    amount: int
+    on: date = Field(description="expires at the end of this day (UTC)")
 
 
 # The rules are parsed by ``loyalty.domain.rules.parse_rule_set`` (one parser, with the
@@ -189,28 +211,11 @@ class CurrencyExpiryBody(BaseModel):
     retroactive: bool = False
 
 
-class RollingPeriod(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    rolling_days: int = Field(ge=1, le=MAX_ROLLING_DAYS)
-
-
-class RankQualificationBody(BaseModel):
-    """A rank is held by rank points earned in the period (or kept through the grace
-    after the previous one); re-evaluated at period end by the scheduled job."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    period: Literal["calendar_year"] | RollingPeriod
-    grace_days: int | None = Field(0, ge=0, le=MAX_GRACE_DAYS)
-
-
 class RulesBody(BaseModel):
     version: int
     rules: list[RuleBody]
     ranks: list[RankBody]
     currency_expiry: CurrencyExpiryBody | None = None
-    rank_qualification: RankQualificationBody | None = None
 
 
 class RulesRequest(BaseModel):
@@ -222,9 +227,6 @@ class RulesRequest(BaseModel):
     ranks: list[RankBody] = Field(min_length=1, description="at least one rank")
     currency_expiry: CurrencyExpiryBody | None = Field(
         None, description="null: currency never expires"
-    )
-    rank_qualification: RankQualificationBody | None = Field(
-        None, description="null: ranks by lifetime rank points"
     )
     version: int | None = Field(
         None, ge=0, description="ignored (the store numbers versions); rules show prints it"

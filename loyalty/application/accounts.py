@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Protocol, TypeVar
 from uuid import UUID
@@ -25,7 +26,7 @@ from eventsourcing.persistence import IntegrityError, JSONTranscoder
 from loyalty.application.pending import PENDING, PendingRow, PendingStore, award_id_for
 from loyalty.application.transcodings import register_member_transcodings
 from loyalty.domain.errors import DomainError, MemberBeingErased, MemberNotFound
-from loyalty.domain.expiry import month_of
+from loyalty.domain.expiry import CurrencyExpiry, month_of
 from loyalty.domain.member import Member, scoped_key
 from loyalty.domain.ranks import RankLadder
 
@@ -517,10 +518,16 @@ class Spending:
         accounts: Accounts,
         metrics: SpendingMetrics | None = None,
         ranks: Callable[[], RankLadder] | None = None,
+        expiry: Callable[[], CurrencyExpiry | None] | None = None,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         self._accounts = accounts
         # the current rank ladder: a recording of pending earnings records rank changes
         self._ranks = ranks or (lambda: RankLadder())
+        # the current expiry rule (a refund into an expired lot expires at once) and the
+        # clock (the month an adjustment's currency is earned in; the refund's "now")
+        self._expiry = expiry or (lambda: None)
+        self._clock = clock or (lambda: datetime.now(UTC))
         self._metrics = metrics
         # Commands on one member from this process's threads queue on a striped lock
         # instead of racing to save the same version: without it a hot member under
@@ -648,7 +655,7 @@ class Spending:
             if key not in member.orders:
                 member.refund(order_id, source)  # raises OrderNotFound
             row = self._with_pending(member, None)
-            amount = member.refund(order_id, source)
+            amount = member.refund(order_id, source, self._expiry(), self._clock())
             self._save(member, row)
             return OrderResult(order_id, amount, member.currency), APPLIED, amount
 
@@ -678,7 +685,15 @@ class Spending:
             key = member.adjustment_key(adjustment_id, source)
             if key not in member.adjustments:
                 row = self._with_pending(member, ranks)
-                member.adjust(adjustment_id, currency, rank_points, reason, ranks, source)
+                member.adjust(
+                    adjustment_id,
+                    currency,
+                    rank_points,
+                    reason,
+                    ranks,
+                    source,
+                    month=month_of(self._clock()),
+                )
                 self._save(member, row)
                 return member, APPLIED, currency
             member.adjust(adjustment_id, currency, rank_points, reason, ranks, source)

@@ -7,11 +7,6 @@ amount back into the lots it came from, and under a :class:`CurrencyExpiry` rule
 earned in month M expires at the end of month M + ``after_months`` (the instant the
 month after that begins, UTC). At most ``after_months`` + 1 dated lots are open per
 member under a rule, whatever the member's activity.
-
-Rank qualification (:class:`RankQualification`): a member's rank is the highest whose
-threshold is met by rank points earned in the current period, or kept from the previous
-period for ``grace_days`` after it ended. Periods are calendar years or rolling windows
-of whole days; points are bucketed by UTC day (rolling) or year (calendar).
 """
 
 from __future__ import annotations
@@ -27,8 +22,6 @@ LEGACY: Final = "0000-00"
 
 MONTH_PATTERN: Final = re.compile(r"([0-9]{4})-(0[1-9]|1[0-2])")
 MAX_AFTER_MONTHS: Final = 1200
-MAX_ROLLING_DAYS: Final = 3660
-MAX_GRACE_DAYS: Final = 3660
 
 
 def is_month(value: object) -> bool:
@@ -143,72 +136,3 @@ def expiring(lots: Mapping[str, int], rule: CurrencyExpiry | None) -> list[Expir
         day = (when - timedelta(days=1)).date()
         by_date[day] = by_date.get(day, 0) + amount
     return [Expiring(amount, day) for day, amount in sorted(by_date.items())]
-
-
-# ----------------------------------------------------------- rank qualification
-
-
-@dataclass(frozen=True)
-class RankQualification:
-    """Ranks by rank points earned in a period: ``calendar_year`` (``rolling_days`` None)
-    or the last ``rolling_days`` days; a rank reached in a period is kept for
-    ``grace_days`` after the period ends."""
-
-    rolling_days: int | None = None
-    grace_days: int = 0
-
-    def bucket(self, moment: datetime) -> str:
-        """The bucket rank points earned at ``moment`` are counted in."""
-        day = moment.astimezone(UTC).date()
-        return f"{day.year:04d}" if self.rolling_days is None else day.isoformat()
-
-    def period_points(self, buckets: Mapping[str, int], as_of: datetime) -> int:
-        """Rank points earned in the period containing ``as_of``."""
-        start, end = self.period(as_of)
-        return self._sum(buckets, start, end)
-
-    def previous_points(self, buckets: Mapping[str, int], as_of: datetime) -> int:
-        """Rank points of the period that ended last (calendar: last year; rolling: the
-        window ending ``grace`` ago is not tracked separately, so the same window)."""
-        start, _ = self.period(as_of)
-        if self.rolling_days is None:
-            return self._sum(buckets, date(start.year - 1, 1, 1), start)
-        return 0
-
-    def period(self, as_of: datetime) -> tuple[date, date]:
-        """``[start, end)`` of the period containing ``as_of`` (UTC days)."""
-        day = as_of.astimezone(UTC).date()
-        if self.rolling_days is None:
-            return date(day.year, 1, 1), date(day.year + 1, 1, 1)
-        return day - timedelta(days=self.rolling_days - 1), day + timedelta(days=1)
-
-    def in_grace(self, as_of: datetime) -> bool:
-        """Whether ``as_of`` lies within the grace after the previous period."""
-        start, _ = self.period(as_of)
-        return self.rolling_days is None and as_of.astimezone(UTC).date() < start + timedelta(
-            days=self.grace_days
-        )
-
-    def valid_until(self, as_of: datetime) -> date:
-        """The last day a rank qualified in the current period is held without more
-        points: the period's last day plus the grace."""
-        _, end = self.period(as_of)
-        if self.rolling_days is not None:
-            # points earned today count for rolling_days days, then the grace
-            end = as_of.astimezone(UTC).date() + timedelta(days=1)
-        return end - timedelta(days=1) + timedelta(days=self.grace_days)
-
-    def _sum(self, buckets: Mapping[str, int], start: date, end: date) -> int:
-        total = 0
-        for key, points in buckets.items():
-            day = date(int(key), 1, 1) if len(key) == 4 else date.fromisoformat(key)
-            if start <= day < end:
-                total += points
-        return total
-
-    def prune_before(self, as_of: datetime) -> str:
-        """Buckets older than this key are no longer needed at ``as_of``."""
-        start, _ = self.period(as_of)
-        if self.rolling_days is None:
-            return f"{start.year - 1:04d}"
-        return (start - timedelta(days=self.grace_days)).isoformat()

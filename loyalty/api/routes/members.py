@@ -17,6 +17,7 @@ from loyalty.api.problems import ApiProblem
 from loyalty.api.schemas import (
     USER_ID_PATTERN,
     AdjustmentRequest,
+    ExpiringBody,
     HistoryBody,
     HistoryEntryBody,
     LeaderboardBody,
@@ -27,6 +28,7 @@ from loyalty.api.schemas import (
     RefundRequest,
     SpendRequest,
 )
+from loyalty.domain.expiry import expiring
 from loyalty.domain.member import Member
 from loyalty.domain.user_ids import MAX_LENGTH, check_user_id
 
@@ -62,12 +64,18 @@ async def get_member(user_id: UserId, _key: ShopKey, container: ContainerDep) ->
 def member_body(container: Container, member: Member) -> MemberBody:
     """The account as recorded plus the member's pending earnings (whole units of the
     carried fraction plus pending: what the next recording will credit)."""
-    ranks = container.rules.current().ranks
+    rule_set = container.rules.current()
+    ranks = rule_set.ranks
     row = container.accounts.pending_of(member.user_id)
     currency, rank_points = (
         (0, 0) if row is None else member.with_pending(row.currency, row.rank_points)
     )
     rank = ranks.rank_for(member.rank_points + rank_points)
+    above = [
+        r.min_rank_points
+        for r in ranks.ranks
+        if r.min_rank_points > member.rank_points + rank_points
+    ]
     return MemberBody(
         user_id=member.user_id,
         currency=member.currency + currency,
@@ -77,6 +85,14 @@ def member_body(container: Container, member: Member) -> MemberBody:
         lifetime_currency=member.lifetime_currency + currency,
         pending_currency=currency,
         pending_rank_points=rank_points,
+        expiring=[
+            ExpiringBody(amount=e.amount, on=e.on)
+            for e in expiring(member.lots, rule_set.currency_expiry)
+        ],
+        rank_points_this_period=member.rank_points + rank_points,
+        rank_valid_until=None,
+        rank_points_to_keep=0,
+        rank_points_to_next=min(above) - member.rank_points - rank_points if above else None,
     )
 
 

@@ -234,22 +234,20 @@ def test_month_of_a_last_second_is_that_month() -> None:
 # ------------------------------------------------------------------------- rules
 
 
-def test_rules_default_to_nothing_expiring_and_lifetime_ranks() -> None:
+def test_rules_default_to_nothing_expiring() -> None:
     rules = parse_rule_set(copy.deepcopy(DEFAULT_RULES_WIRE), 1)
-    assert rules.currency_expiry is None and rules.rank_qualification is None
+    assert rules.currency_expiry is None
     assert "currency_expiry" not in rule_set_to_wire(rules)
 
 
-def test_expiry_and_qualification_round_trip_and_are_validated() -> None:
+def test_expiry_rules_round_trip_and_are_validated() -> None:
     wire = copy.deepcopy(DEFAULT_RULES_WIRE)
     wire["currency_expiry"] = {"after_months": 12, "at": "month_end", "effective_from": "2026-01"}
-    wire["rank_qualification"] = {"period": {"rolling_days": 365}, "grace_days": 30}
     rules = parse_rule_set(wire, 2)
     assert rules.currency_expiry == CurrencyExpiry(12, "2026-01")
     assert parse_rule_set(rule_set_to_wire(rules), 2) == rules
     bad = copy.deepcopy(DEFAULT_RULES_WIRE)
     bad["currency_expiry"] = {"after_months": -1, "at": "day_end", "retroactive": "yes"}
-    bad["rank_qualification"] = {"period": "fortnight"}
     with pytest.raises(InvalidRules) as caught:
         parse_rule_set(bad, 2)
     locations = {loc for loc, _ in caught.value.problems}
@@ -257,7 +255,6 @@ def test_expiry_and_qualification_round_trip_and_are_validated() -> None:
         "currency_expiry.after_months",
         "currency_expiry.at",
         "currency_expiry.retroactive",
-        "rank_qualification.period",
     }
 
 

@@ -1,0 +1,240 @@
+"""The expiry job: expire currency lots that are due, member by member, as of a time.
+
+It reads only members the expiry index (``member_lots``, kept by the projection) lists
+with a lot due at ``as_of`` — never every member — in key order ``(lot, user id)``, and
+for each one loads the account, records its pending earnings (so currency still pending
+from a due month expires too) and calls :meth:`Member.expire`, which decides on the
+aggregate: one ``CurrencyExpired`` per lot with currency left, nothing for a lot already
+expired. Each member is saved on its own (a small transaction: a spend of another member
+never waits for it; a spend of the same member conflicts on the stream version and one
+of the two retries from a fresh read), and only then are its due index rows deleted.
+
+Hence exactly once per lot, whatever crashes: a run killed after a save and before the
+index delete finds the member again next time and the aggregate has nothing left to
+expire; two runs at once (the lease normally prevents it) cannot both append, the stream
+version decides. The lease (a database lock, asked of the database before each batch)
+only saves duplicate work.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from loyalty.application.accounts import Accounts, with_retry
+from loyalty.domain.errors import MemberNotFound
+from loyalty.domain.expiry import CurrencyExpiry
+from loyalty.domain.rules import RuleSet
+
+log = logging.getLogger(__name__)
+
+DueRow = tuple[str, str]
+"""(lot, user id) of the expiry index, in its key order."""
+
+
+class LotIndex(Protocol):
+    """The expiry index (implemented by ``loyalty.adapters.expiry_store``)."""
+
+    def due(self, last_lot: str, after: DueRow | None, limit: int) -> list[DueRow]: ...
+    def count_due(self, last_lot: str) -> int: ...
+    def remove(self, rows: Sequence[DueRow]) -> None: ...
+
+
+class JobLease(Protocol):
+    def hold(self) -> AbstractContextManager[Callable[[], bool] | None]:
+        """Take the lease for a block: yields a check that asks the database whether it
+        is still held, or None when another process holds it."""
+        ...
+
+
+class ExpiryMetrics(Protocol):
+    def currency_expired(self, lots: int, amount: int) -> None: ...
+
+
+@dataclass
+class ExpiryReport:
+    as_of: datetime
+    rule: CurrencyExpiry | None
+    members: int = 0
+    """Members read (their index rows were due)."""
+    lots: int = 0
+    """``CurrencyExpired`` events recorded."""
+    amount: int = 0
+    skipped: bool = False
+    """Another process holds the lease."""
+    interrupted: bool = False
+    """The lease was lost mid-run (the rest is done by the next run)."""
+    seconds: float = 0.0
+    expired: list[tuple[str, str, int]] = field(default_factory=list)
+    """(user id, lot, amount) of the first expiries (at most 100, for the report)."""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "as_of": self.as_of.isoformat(),
+            "enabled": self.rule is not None,
+            "members": self.members,
+            "lots_expired": self.lots,
+            "amount_expired": self.amount,
+            "skipped": self.skipped,
+            "interrupted": self.interrupted,
+            "seconds": round(self.seconds, 3),
+        }
+
+    def summary(self) -> str:
+        if self.rule is None:
+            return f"expiry as of {self.as_of.isoformat()}: currency expiry is off"
+        return (
+            f"expiry as of {self.as_of.isoformat()}: {self.members:,} members read, "
+            f"{self.lots:,} lots expired, {self.amount:,} currency, {self.seconds:.2f}s"
+        )
+
+
+Progress = Callable[[int, int], None]
+
+
+class Expiry:
+    """Expire due lots as of a time (the worker's clock, or ``loyalty expiry run
+    --as-of``)."""
+
+    def __init__(
+        self,
+        accounts: Accounts,
+        index: LotIndex,
+        rules: Callable[[], RuleSet],
+        lease: JobLease,
+        *,
+        batch: int = 500,
+        metrics: ExpiryMetrics | None = None,
+    ) -> None:
+        self._accounts = accounts
+        self._index = index
+        self._rules = rules
+        self._lease = lease
+        self._batch = batch
+        self._metrics = metrics
+
+    def run(self, as_of: datetime, progress: Progress | None = None) -> ExpiryReport:
+        rule_set = self._rules()
+        rule = rule_set.currency_expiry
+        report = ExpiryReport(as_of=as_of, rule=rule)
+        if rule is None:
+            return report
+        started = time.monotonic()
+        last_lot = rule.last_expired_lot(as_of)
+        with self._lease.hold() as still_held:
+            if still_held is None:
+                report.skipped = True
+                log.info("expiry skipped: another process holds the lease")
+                return report
+            total = self._index.count_due(last_lot) if progress is not None else 0
+            after: DueRow | None = None
+            done = 0
+            while True:
+                if not still_held():
+                    report.interrupted = True
+                    log.warning("expiry lease lost; the next run finishes")
+                    break
+                rows = self._index.due(last_lot, after, self._batch)
+                if not rows:
+                    break
+                after = rows[-1]
+                due = [(lot, user) for lot, user in rows if _is_due(rule, lot, as_of)]
+                for user_id in dict.fromkeys(user for _, user in due):
+                    self._expire_member(user_id, rule_set, as_of, report)
+                self._index.remove(due)
+                done += len(rows)
+                if progress is not None:
+                    progress(done, max(total, done))
+        report.seconds = time.monotonic() - started
+        if self._metrics is not None and report.lots:
+            self._metrics.currency_expired(report.lots, report.amount)
+        return report
+
+    def _expire_member(
+        self, user_id: str, rule_set: RuleSet, as_of: datetime, report: ExpiryReport
+    ) -> None:
+        rule = rule_set.currency_expiry
+        accounts = self._accounts
+
+        def action() -> list[tuple[str, int]]:
+            try:
+                member = accounts.get(user_id)
+            except MemberNotFound:  # erased since the index row was written
+                return []
+            row = accounts.pending_of(user_id)
+            recorded = accounts.fold(member, row, rule_set.ranks)
+            expired = member.expire(rule, as_of)
+            if expired or recorded:
+                try:
+                    accounts.save(
+                        member, fence=accounts.fence(), consumed=(row,) if recorded and row else ()
+                    )
+                except Exception:
+                    accounts.evict(user_id)  # the cached copy is ahead of the store
+                    raise
+            return expired
+
+        expired = with_retry(action, what="expiry")
+        report.members += 1
+        for lot, amount in expired:
+            report.lots += 1
+            report.amount += amount
+            if len(report.expired) < 100:
+                report.expired.append((user_id, lot, amount))
+
+
+def _is_due(rule: CurrencyExpiry | None, lot: str, as_of: datetime) -> bool:
+    when = None if rule is None else rule.expires_at(lot)
+    return when is not None and when <= as_of
+
+
+class ExpiryJob:
+    """Runs expiry periodically (in the worker) with the clock; a failure is logged and
+    retried at the next run, never ending the thread."""
+
+    def __init__(
+        self,
+        expiry: Expiry,
+        *,
+        interval_seconds: float,
+        clock: Callable[[], datetime] | None = None,
+        first_delay_seconds: float | None = None,
+    ) -> None:
+        import threading
+
+        self._expiry = expiry
+        self._interval = interval_seconds
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._first = (
+            min(interval_seconds, 30.0) if first_delay_seconds is None else first_delay_seconds
+        )
+        self.stop_event = threading.Event()
+        self.runs = 0
+        self.failures = 0
+
+    def run(self) -> None:
+        wait = self._first
+        while not self.stop_event.wait(wait):
+            wait = self._interval
+            try:
+                report = self._expiry.run(self._clock())
+            except Exception as exc:  # logged and retried next time; never kill the worker
+                self.failures += 1
+                log.warning(
+                    "expiry failed (%s: %s); retrying in %.0fs",
+                    type(exc).__name__,
+                    (str(exc).splitlines() or [""])[0],
+                    self._interval,
+                )
+                continue
+            self.runs += 1
+            if report.rule is not None:
+                log.info("%s", report.summary())
+
+    def stop(self) -> None:
+        self.stop_event.set()
