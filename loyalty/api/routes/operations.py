@@ -50,7 +50,7 @@ async def put_rules(request: Request, _key: OperatorKey, container: ContainerDep
     _body, wire = await read_json_body(request, RULES_MAX_BYTES)
     if not isinstance(wire, dict):
         raise ApiProblem(422, "invalid_rules", errors=[{"loc": "body", "msg": "must be an object"}])
-    rule_set = await run_in_threadpool(container.rules.put, wire)
+    rule_set = await run_in_threadpool(container.rules.put, wire, container.clock())
     return rule_set_to_wire(rule_set)
 
 
