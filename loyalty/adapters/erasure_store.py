@@ -32,7 +32,8 @@ LOCATIONS: dict[str, tuple[str, ...]] = {
     "pipeline_pending": ("pipeline_pending",),  # earnings not yet recorded on the account
     "event_store": ("members_events", "stored_events", "members_snapshots", "stored_snapshots"),
     # member_lots: the expiry index (issue 19), a read model of the account's lots
-    "read_models": ("member_balances", "member_history", "member_lots"),
+    # and member_ranks: whom the job re-qualifies
+    "read_models": ("member_balances", "member_history", "member_lots", "member_ranks"),
     "projection_quarantine": ("projection_quarantine",),  # erased with the read models
     "forget_subjects": ("forget_subjects",),  # deleted when the request completes
     # events out (issue 17): dead letters of the member are erased; forget-me itself
@@ -376,6 +377,9 @@ class SqlErasureStore:
             lots = conn.execute(
                 sa.text("DELETE FROM member_lots WHERE user_id = :u"), {"u": user_id}
             ).rowcount
+            ranks = conn.execute(
+                sa.text("DELETE FROM member_ranks WHERE user_id = :u"), {"u": user_id}
+            ).rowcount
             balances = conn.execute(
                 sa.text("DELETE FROM member_balances WHERE user_id = :u"), {"u": user_id}
             ).rowcount
@@ -383,6 +387,7 @@ class SqlErasureStore:
             "member_history": int(history),
             "member_balances": int(balances),
             "member_lots": int(lots),
+            "member_ranks": int(ranks),
             "projection_quarantine": int(quarantined),
         }
 

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 from loyalty.adapters.db import Database
 from loyalty.adapters.pipeline_store import ShardLeases
-from loyalty.adapters.tables import member_lots
+from loyalty.adapters.tables import member_lots, member_ranks
 from loyalty.application.expiry import DueRow
 
 EXPIRY_LEASE = 1_000_019
@@ -40,6 +40,18 @@ class MemberLots:
                     sa.select(sa.func.count()).select_from(member_lots).where(c.lot <= last_lot)
                 ).scalar_one()
             )
+
+    def ranked(self, keep: str | None, after: str | None, limit: int) -> list[str]:
+        """Members holding a rank other than ``keep`` (the lowest rank, when it cannot
+        be lost), by user id after ``after``."""
+        c = member_ranks.c
+        query = sa.select(c.user_id)
+        if keep is not None:
+            query = query.where(c.rank != keep)
+        if after is not None:
+            query = query.where(c.user_id > after)
+        with self._db.read() as conn:
+            return [str(u) for u in conn.execute(query.order_by(c.user_id).limit(limit)).scalars()]
 
     def remove(self, rows: Sequence[DueRow]) -> None:
         if not rows:

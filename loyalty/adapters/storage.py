@@ -19,7 +19,7 @@ from loyalty.adapters.db import Database, psycopg_connection
 from loyalty.adapters.tables import EVENT_STORE_TABLES
 
 READ_MODEL_TABLES = frozenset(
-    {"member_balances", "member_history", "member_lots", "projection_tracking"}
+    {"member_balances", "member_history", "member_lots", "member_ranks", "projection_tracking"}
 )
 KIND_ORDER = ("ingress", "event_store", "read_model", "pipeline", "forget", "other")
 

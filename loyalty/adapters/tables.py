@@ -149,6 +149,16 @@ expiry job reads only members with lots due. Written by the projection (credited
 in, expired lots out) and by the job (lots it found empty); rebuilt with the read
 models."""
 
+member_ranks = sa.Table(
+    "member_ranks",
+    metadata,
+    sa.Column("user_id", sa.String(128), primary_key=True),
+    sa.Column("rank", sa.String(64), nullable=False),
+    sa.Index("member_ranks_rank_idx", "rank", "user_id"),
+)
+"""Each ranked member's recorded rank (the projection, from RankChanged): whom the
+scheduled job re-qualifies when ranks have a qualification period."""
+
 member_history = sa.Table(
     "member_history",
     metadata,

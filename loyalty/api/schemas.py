@@ -17,6 +17,7 @@ from pydantic import (
 )
 
 from loyalty.domain.expiry import MAX_AFTER_MONTHS
+from loyalty.domain.qualification import MAX_GRACE_DAYS, MAX_ROLLING_DAYS
 from loyalty.domain.rules import MAX_DAILY_CAP, MAX_RANK_POINTS_THRESHOLD
 from loyalty.domain.user_ids import MAX_LENGTH, check_user_id
 
@@ -211,11 +212,28 @@ class CurrencyExpiryBody(BaseModel):
     retroactive: bool = False
 
 
+class RollingPeriod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rolling_days: int = Field(ge=1, le=MAX_ROLLING_DAYS)
+
+
+class RankQualificationBody(BaseModel):
+    """A rank is held by rank points earned in the period (or kept through the grace
+    after it); upgrades at once, downgrades by the scheduled job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    period: Literal["calendar_year"] | RollingPeriod
+    grace_days: int | None = Field(0, ge=0, le=MAX_GRACE_DAYS)
+
+
 class RulesBody(BaseModel):
     version: int
     rules: list[RuleBody]
     ranks: list[RankBody]
     currency_expiry: CurrencyExpiryBody | None = None
+    rank_qualification: RankQualificationBody | None = None
 
 
 class RulesRequest(BaseModel):
@@ -227,6 +245,9 @@ class RulesRequest(BaseModel):
     ranks: list[RankBody] = Field(min_length=1, description="at least one rank")
     currency_expiry: CurrencyExpiryBody | None = Field(
         None, description="null: currency never expires"
+    )
+    rank_qualification: RankQualificationBody | None = Field(
+        None, description="null: ranks by lifetime rank points"
     )
     version: int | None = Field(
         None, ge=0, description="ignored (the store numbers versions); rules show prints it"

@@ -215,6 +215,7 @@ class Accounts:
             ranks,
             months=row.months,
             month=month_of(row.since),
+            on=row.since.astimezone(UTC).date().isoformat(),
         )
 
     def record_pending(
@@ -692,7 +693,8 @@ class Spending:
                     reason,
                     ranks,
                     source,
-                    month=month_of(self._clock()),
+                    month=month_of(now := self._clock()),
+                    on=now.astimezone(UTC).date().isoformat(),
                 )
                 self._save(member, row)
                 return member, APPLIED, currency

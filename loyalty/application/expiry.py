@@ -42,6 +42,7 @@ class LotIndex(Protocol):
 
     def due(self, last_lot: str, after: DueRow | None, limit: int) -> list[DueRow]: ...
     def count_due(self, last_lot: str) -> int: ...
+    def ranked(self, keep: str | None, after: str | None, limit: int) -> list[str]: ...
     def remove(self, rows: Sequence[DueRow]) -> None: ...
 
 
@@ -72,6 +73,11 @@ class ExpiryReport:
     seconds: float = 0.0
     expired: list[tuple[str, str, int]] = field(default_factory=list)
     """(user id, lot, amount) of the first expiries (at most 100, for the report)."""
+    qualification: bool = False
+    """Ranks have a qualification period: ranked members were re-qualified."""
+    ranked_members: int = 0
+    rank_changes: int = 0
+    rank_downgrades: int = 0
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -83,15 +89,26 @@ class ExpiryReport:
             "skipped": self.skipped,
             "interrupted": self.interrupted,
             "seconds": round(self.seconds, 3),
+            "qualification": self.qualification,
+            "ranked_members": self.ranked_members,
+            "rank_changes": self.rank_changes,
+            "rank_downgrades": self.rank_downgrades,
         }
 
     def summary(self) -> str:
         if self.rule is None:
-            return f"expiry as of {self.as_of.isoformat()}: currency expiry is off"
-        return (
-            f"expiry as of {self.as_of.isoformat()}: {self.members:,} members read, "
-            f"{self.lots:,} lots expired, {self.amount:,} currency, {self.seconds:.2f}s"
-        )
+            text = f"expiry as of {self.as_of.isoformat()}: currency expiry is off"
+        else:
+            text = (
+                f"expiry as of {self.as_of.isoformat()}: {self.members:,} members read, "
+                f"{self.lots:,} lots expired, {self.amount:,} currency, {self.seconds:.2f}s"
+            )
+        if self.qualification:
+            text += (
+                f"; ranks re-qualified: {self.ranked_members:,} ranked members, "
+                f"{self.rank_changes:,} changes ({self.rank_downgrades:,} down)"
+            )
+        return text
 
 
 Progress = Callable[[int, int], None]
@@ -121,39 +138,108 @@ class Expiry:
     def run(self, as_of: datetime, progress: Progress | None = None) -> ExpiryReport:
         rule_set = self._rules()
         rule = rule_set.currency_expiry
-        report = ExpiryReport(as_of=as_of, rule=rule)
-        if rule is None:
+        report = ExpiryReport(
+            as_of=as_of, rule=rule, qualification=rule_set.ranks.qualification is not None
+        )
+        if rule is None and not report.qualification:
             return report
         started = time.monotonic()
-        last_lot = rule.last_expired_lot(as_of)
         with self._lease.hold() as still_held:
             if still_held is None:
                 report.skipped = True
                 log.info("expiry skipped: another process holds the lease")
                 return report
-            total = self._index.count_due(last_lot) if progress is not None else 0
-            after: DueRow | None = None
-            done = 0
-            while True:
-                if not still_held():
-                    report.interrupted = True
-                    log.warning("expiry lease lost; the next run finishes")
-                    break
-                rows = self._index.due(last_lot, after, self._batch)
-                if not rows:
-                    break
-                after = rows[-1]
-                due = [(lot, user) for lot, user in rows if _is_due(rule, lot, as_of)]
-                for user_id in dict.fromkeys(user for _, user in due):
-                    self._expire_member(user_id, rule_set, as_of, report)
-                self._index.remove(due)
-                done += len(rows)
-                if progress is not None:
-                    progress(done, max(total, done))
+            if rule is not None:
+                self._expire(rule_set, rule, as_of, still_held, report, progress)
+            if report.qualification and not report.interrupted:
+                self._requalify(rule_set, as_of, still_held, report)
         report.seconds = time.monotonic() - started
         if self._metrics is not None and report.lots:
             self._metrics.currency_expired(report.lots, report.amount)
         return report
+
+    def _expire(
+        self,
+        rule_set: RuleSet,
+        rule: CurrencyExpiry,
+        as_of: datetime,
+        still_held: Callable[[], bool],
+        report: ExpiryReport,
+        progress: Progress | None,
+    ) -> None:
+        last_lot = rule.last_expired_lot(as_of)
+        total = self._index.count_due(last_lot) if progress is not None else 0
+        after: DueRow | None = None
+        done = 0
+        while True:
+            if not still_held():
+                report.interrupted = True
+                log.warning("expiry lease lost; the next run finishes")
+                break
+            rows = self._index.due(last_lot, after, self._batch)
+            if not rows:
+                break
+            after = rows[-1]
+            due = [(lot, user) for lot, user in rows if _is_due(rule, lot, as_of)]
+            for user_id in dict.fromkeys(user for _, user in due):
+                self._expire_member(user_id, rule_set, as_of, report)
+            self._index.remove(due)
+            done += len(rows)
+            if progress is not None:
+                progress(done, max(total, done))
+
+    def _requalify(
+        self,
+        rule_set: RuleSet,
+        as_of: datetime,
+        still_held: Callable[[], bool],
+        report: ExpiryReport,
+    ) -> None:
+        """Re-evaluate every ranked member's rank as of ``as_of`` (a rank whose
+        threshold is 0 cannot be lost: its holders are not read)."""
+        ladder = rule_set.ranks
+        lowest = ladder.ranks[0] if ladder.ranks else None
+        keep = lowest.name if lowest is not None and lowest.min_rank_points == 0 else None
+        after: str | None = None
+        accounts = self._accounts
+        while True:
+            if not still_held():
+                report.interrupted = True
+                log.warning("expiry lease lost; the next run finishes")
+                return
+            users = self._index.ranked(keep, after, self._batch)
+            if not users:
+                return
+            after = users[-1]
+            for user_id in users:
+
+                def action(user_id: str = user_id) -> tuple[str | None, str | None] | None:
+                    try:
+                        member = accounts.get(user_id)
+                    except MemberNotFound:
+                        return None
+                    row = accounts.pending_of(user_id)
+                    recorded = accounts.fold(member, row, ladder)
+                    old = member.rank
+                    changed = member.requalify(ladder, as_of)
+                    if changed or recorded:
+                        try:
+                            accounts.save(
+                                member,
+                                fence=accounts.fence(),
+                                consumed=(row,) if recorded and row else (),
+                            )
+                        except Exception:
+                            accounts.evict(user_id)
+                            raise
+                    return (old, member.rank) if changed else None
+
+                change = with_retry(action, what="requalification")
+                report.ranked_members += 1
+                if change is not None:
+                    report.rank_changes += 1
+                    if ladder.order(change[1]) < ladder.order(change[0]):
+                        report.rank_downgrades += 1
 
     def _expire_member(
         self, user_id: str, rule_set: RuleSet, as_of: datetime, report: ExpiryReport
@@ -233,7 +319,7 @@ class ExpiryJob:
                 )
                 continue
             self.runs += 1
-            if report.rule is not None:
+            if report.rule is not None or report.qualification:
                 log.info("%s", report.summary())
 
     def stop(self) -> None:

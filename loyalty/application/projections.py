@@ -97,6 +97,8 @@ class ProjectedBatch:
     """The tracking epoch when the batch was read (forget-me bumps it)."""
     quarantined: list[QuarantinedEvent] = field(default_factory=list)
     """Events passed over, recorded with the batch."""
+    ranks: dict[str, str | None] = field(default_factory=dict)
+    """Per user id, the rank last recorded in the batch (``member_ranks``)."""
     lots: dict[tuple[str, str], bool] = field(default_factory=dict)
     """The expiry index (``member_lots``): per (user id, lot), True when currency was
     credited to the lot in the batch, False when the lot expired (last change wins)."""
@@ -187,6 +189,7 @@ def project(
             batch.lots[(user_id, event.lot)] = False
         elif name == "RankChanged":
             entry = ("rank_changed", 0, 0, event.new)
+            batch.ranks[user_id] = event.new
         elif name != "Created":
             log.warning("projection ignores unknown event type %s", name)
         if entry is not None:

@@ -39,7 +39,7 @@ import json
 import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 from uuid import UUID, uuid5
@@ -54,6 +54,7 @@ from loyalty.domain.errors import (
     OrderNotFound,
 )
 from loyalty.domain.expiry import LEGACY, CurrencyExpiry, credit, debit_fifo, is_month
+from loyalty.domain.qualification import prune
 from loyalty.domain.ranks import RankLadder, is_int
 from loyalty.domain.rules import exact_difference, exact_sum, split_whole
 
@@ -139,6 +140,9 @@ class Member(Aggregate):
         before lots were tracked); the sum is ``currency``."""
         self.order_lots: dict[str, dict[str, int]] = {}
         """Per order key, what its spend took from each lot (a refund puts it back)."""
+        self.rank_days: dict[str, int] = {}
+        """Rank points per UTC day earned (``"YYYY-MM-DD"``; recent days only, see
+        ``loyalty.domain.qualification``): what qualification periods count."""
         self.expired_lots: dict[str, int] = {}
         """Per lot, the currency expired from it (a lot here is closed: anything put back
         into it later expires at once)."""
@@ -150,6 +154,7 @@ class Member(Aggregate):
         currency = state.get("currency", 0)
         state["lots"] = {LEGACY: currency} if currency else {}
         refunded = state.get("refunded_orders", set())
+        state["rank_days"] = {}
         state["order_lots"] = {
             key: {LEGACY: amount}
             for key, amount in state.get("orders", {}).items()
@@ -223,10 +228,12 @@ class Member(Aggregate):
         rule_version: int,
         ranks: RankLadder,
         month: str | None = None,
+        on: str | None = None,
     ) -> bool:
         """Credit an award once per ``award_id``; False (no event) on a replay. The
         currency goes to the lot of ``month`` (None: the legacy lot, never expiring by
-        default).
+        default), the rank points to the day ``on`` (``"YYYY-MM-DD"``; None: counted in
+        no qualification period).
 
         A pipeline award id at or below the member's high-water position of its shard is
         a replay (windows of a shard only move forward; a crash replays the same one)."""
@@ -246,9 +253,10 @@ class Member(Aggregate):
             fraction_currency=str(self.fraction_currency),
             fraction_rank_points=str(self.fraction_rank_points),
             lots=_lots_text({lot: currency} if currency else {}),
+            on=_day(on),
         )
         self._expire_closed()
-        self._record_rank(ranks)
+        self._record_rank(ranks, on)
         return True
 
     def record_pending(
@@ -263,6 +271,7 @@ class Member(Aggregate):
         month: str | None = None,
         expiry: CurrencyExpiry | None = None,
         as_of: datetime | None = None,
+        on: str | None = None,
     ) -> bool:
         """Record pending earnings (exact decimals) as one award: credit the whole units
         of the carried fraction plus ``currency``/``rank_points`` and carry the rest.
@@ -298,9 +307,10 @@ class Member(Aggregate):
             fraction_currency=str(rest_currency),
             fraction_rank_points=str(rest_points),
             lots=_lots_text(lots),
+            on=_day(on),
         )
         self._expire_closed(expiry, as_of)
-        self._record_rank(ranks)
+        self._record_rank(ranks, on)
         return True
 
     def with_pending(self, currency: Decimal, rank_points: Decimal) -> tuple[int, int]:
@@ -377,6 +387,7 @@ class Member(Aggregate):
         ranks: RankLadder,
         source: str | None = None,
         month: str | None = None,
+        on: str | None = None,
     ) -> bool:
         """Operator correction (may be negative), idempotent by ``source``'s
         ``adjustment_id``; False (no event) on a replay. Added currency goes to the lot
@@ -401,9 +412,10 @@ class Member(Aggregate):
             reason=reason,
             source=source,
             lot=_lot(month),
+            on=_day(on),
         )
         self._expire_closed()
-        self._record_rank(ranks)
+        self._record_rank(ranks, on)
         return True
 
     # --------------------------------------------------------------------- reads
@@ -417,6 +429,28 @@ class Member(Aggregate):
         highest = self.award_positions.get(shard)
         return highest is not None and end <= highest
 
+    def qualified_rank(self, ranks: RankLadder, day: date) -> str | None:
+        """The rank on ``day`` by the ladder's qualification period (lifetime rank
+        points without one)."""
+        qualification = ranks.qualification
+        if qualification is None:
+            return self.current_rank(ranks)
+        rank = ranks.rank_for(qualification.qualifying_points(self.rank_days, day))
+        return rank.name if rank is not None else None
+
+    def requalify(self, ranks: RankLadder, as_of: datetime) -> bool:
+        """Re-evaluate the rank as of ``as_of`` under the ladder's qualification period
+        (the scheduled job): a lower rank is a ``RankChanged`` with reason
+        ``requalification``. False when nothing changes (or ranks are lifetime)."""
+        if ranks.qualification is None:
+            return False
+        new = self.qualified_rank(ranks, as_of.astimezone(UTC).date())
+        if new == self.rank:
+            return False
+        lower = ranks.order(new) < ranks.order(self.rank)
+        self._rank_changed(old=self.rank, new=new, reason=REQUALIFICATION if lower else THRESHOLD)
+        return True
+
     def current_rank(self, ranks: RankLadder) -> str | None:
         """The rank name for the lifetime rank points under ``ranks``."""
         rank = ranks.rank_for(self.rank_points)
@@ -429,8 +463,17 @@ class Member(Aggregate):
 
     # -------------------------------------------------------------------- events
 
-    def _record_rank(self, ranks: RankLadder) -> None:
-        new = self.current_rank(ranks)
+    def _record_rank(self, ranks: RankLadder, on: str | None = None) -> None:
+        if ranks.qualification is None:
+            new = self.current_rank(ranks)
+        else:
+            # with a qualification period a credit only lifts the rank (as of its day);
+            # the scheduled job lowers it (requalify)
+            if on is None:
+                return
+            new = self.qualified_rank(ranks, date.fromisoformat(on))
+            if ranks.order(new) <= ranks.order(self.rank):
+                return
         if new != self.rank:
             self._rank_changed(old=self.rank, new=new, reason=THRESHOLD)
 
@@ -461,6 +504,8 @@ class Member(Aggregate):
         lots: str | None
         """Version 3: the currency credited per lot (month earned) as JSON object text
         (event attributes stay plain values); None before: all to the legacy lot."""
+        on: str | None
+        """Version 3: the UTC day the rank points count on; None before."""
 
         @staticmethod
         def upcast_v1_v2(state: dict[str, Any]) -> None:
@@ -470,6 +515,7 @@ class Member(Aggregate):
         @staticmethod
         def upcast_v2_v3(state: dict[str, Any]) -> None:
             state["lots"] = None
+            state["on"] = None
 
     @event(Awarded)
     def _awarded(
@@ -482,6 +528,7 @@ class Member(Aggregate):
         fraction_currency: str,
         fraction_rank_points: str,
         lots: str | None,
+        on: str | None,
     ) -> None:
         position = award_position(award_id)
         if position is None:
@@ -497,6 +544,7 @@ class Member(Aggregate):
         credited: dict[str, int] = json.loads(lots) if lots is not None else {LEGACY: currency}
         for lot, amount in credited.items():
             credit(self.lots, lot, amount)
+        self._count_day(on, rank_points)
         self.fraction_currency = Decimal(fraction_currency)
         self.fraction_rank_points = Decimal(fraction_rank_points)
 
@@ -529,10 +577,12 @@ class Member(Aggregate):
         rank_points: int
         reason: str
         lot: str | None
+        on: str | None
 
         @staticmethod
         def upcast_v2_v3(state: dict[str, Any]) -> None:
             state["lot"] = None
+            state["on"] = None
 
     @event(Spent)
     def _spent(self, order_id: str, amount: int, source: str | None) -> None:
@@ -558,6 +608,7 @@ class Member(Aggregate):
         reason: str,
         source: str | None,
         lot: str | None,
+        on: str | None,
     ) -> None:
         self.adjustments[scoped_key(source, adjustment_id)] = Adjustment(
             currency, rank_points, reason
@@ -566,6 +617,7 @@ class Member(Aggregate):
             credit(self.lots, lot or LEGACY, currency)
         else:
             debit_fifo(self.lots, -currency)
+        self._count_day(on, rank_points)
         self.currency += currency
         self.lifetime_currency += currency
         self.rank_points += rank_points
@@ -594,6 +646,16 @@ class Member(Aggregate):
         amount: int
         lot: str
 
+    def _count_day(self, on: str | None, rank_points: int) -> None:
+        if on is None or not rank_points:
+            return
+        left = self.rank_days.get(on, 0) + rank_points
+        if left:
+            self.rank_days[on] = left
+        else:
+            self.rank_days.pop(on, None)
+        prune(self.rank_days, max(self.rank_days, default=on))
+
     @event(CurrencyExpired)
     def _currency_expired(self, amount: int, lot: str) -> None:
         left = self.lots.get(lot, 0) - amount
@@ -607,6 +669,15 @@ class Member(Aggregate):
 
 THRESHOLD = "threshold"
 REQUALIFICATION = "requalification"
+
+
+def _day(on: str | None) -> str | None:
+    if on is None:
+        return None
+    try:
+        return date.fromisoformat(on).isoformat()
+    except (TypeError, ValueError):
+        raise InvalidAmount("on must be a day YYYY-MM-DD") from None
 
 
 def _lot(month: str | None) -> str:

@@ -29,6 +29,7 @@ from loyalty.domain.expiry import (
     CurrencyExpiry,
     is_month,
 )
+from loyalty.domain.qualification import MAX_GRACE_DAYS, MAX_ROLLING_DAYS, RankQualification
 from loyalty.domain.ranks import Rank, RankLadder, is_int, ladder_order_problems
 
 AttrValue = str | int | float | bool | None
@@ -193,7 +194,10 @@ class RuleSet:
 
 # --------------------------------------------------------------------------- wire
 
-_TOP_FIELDS: Final = frozenset({"rules", "ranks", "version", "currency_expiry"})
+_TOP_FIELDS: Final = frozenset(
+    {"rules", "ranks", "version", "currency_expiry", "rank_qualification"}
+)
+_QUALIFICATION_FIELDS: Final = frozenset({"period", "grace_days"})
 _EXPIRY_FIELDS: Final = frozenset({"after_months", "at", "effective_from", "retroactive"})
 
 _RULE_FIELDS: Final = frozenset(
@@ -426,6 +430,33 @@ def _parse_expiry(raw: object, problems: list[Problem]) -> CurrencyExpiry | None
     return CurrencyExpiry(after_months=after, effective_from=start, retroactive=retroactive)
 
 
+def _parse_qualification(raw: object, problems: list[Problem]) -> RankQualification | None:
+    loc = "rank_qualification"
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        problems.append((loc, "must be an object or null"))
+        return None
+    before = len(problems)
+    _check_fields(raw, loc, _QUALIFICATION_FIELDS, ("period",), problems)
+    period = raw.get("period")
+    rolling: int | None = None
+    if isinstance(period, Mapping) and set(period) == {"rolling_days"}:
+        rolling = _parse_int(
+            period["rolling_days"], f"{loc}.period.rolling_days", problems, MAX_ROLLING_DAYS
+        )
+        if rolling is not None and rolling < 1:
+            problems.append((f"{loc}.period.rolling_days", "must be >= 1"))
+    elif "period" in raw and period != "calendar_year":
+        problems.append((f"{loc}.period", "must be 'calendar_year' or {'rolling_days': N}"))
+    grace = 0
+    if raw.get("grace_days") is not None:
+        grace = _parse_int(raw["grace_days"], f"{loc}.grace_days", problems, MAX_GRACE_DAYS) or 0
+    if len(problems) > before:
+        return None
+    return RankQualification(rolling_days=rolling, grace_days=grace)
+
+
 def parse_rule_set(data: Mapping[str, Any], version: int, *, require_rank: bool = True) -> RuleSet:
     """Build a :class:`RuleSet` from its wire shape, or raise :class:`InvalidRules`
     listing every problem with its location (``rules[2].currency``, ...).
@@ -469,6 +500,7 @@ def parse_rule_set(data: Mapping[str, Any], version: int, *, require_rank: bool 
                 rules[rule.event_type] = rule
     ranks = _parse_ranks(data.get("ranks", []), problems, require_rank)
     expiry = _parse_expiry(data.get("currency_expiry"), problems)
+    qualification = _parse_qualification(data.get("rank_qualification"), problems)
     if not is_int(version) or version < 0:
         problems.append(("version", "must be an integer >= 0"))
     if problems:
@@ -476,7 +508,7 @@ def parse_rule_set(data: Mapping[str, Any], version: int, *, require_rank: bool 
     return RuleSet(
         version=version,
         rules=rules,
-        ranks=RankLadder(tuple(ranks)),
+        ranks=RankLadder(tuple(ranks), qualification),
         currency_expiry=expiry,
     )
 
@@ -490,7 +522,7 @@ def decimal_to_wire(value: Decimal) -> int | str:
 
 def rule_set_to_wire(rule_set: RuleSet) -> dict[str, Any]:
     """The JSON-ready wire shape; ``parse_rule_set(rule_set_to_wire(x), x.version)
-    == x``. ``currency_expiry`` appears only when set."""
+    == x``. ``currency_expiry`` / ``rank_qualification`` appear only when set."""
     wire = {
         "version": rule_set.version,
         "rules": [
@@ -522,6 +554,14 @@ def rule_set_to_wire(rule_set: RuleSet) -> dict[str, Any]:
             "at": expiry.at,
             "effective_from": expiry.effective_from,
             "retroactive": expiry.retroactive,
+        }
+    qualification = rule_set.ranks.qualification
+    if qualification is not None:
+        wire["rank_qualification"] = {
+            "period": "calendar_year"
+            if qualification.rolling_days is None
+            else {"rolling_days": qualification.rolling_days},
+            "grace_days": qualification.grace_days,
         }
     return wire
 

@@ -181,3 +181,44 @@ def test_pending_currency_counts_in_the_month_it_was_earned(
     ]
     assert expired(run("2026-11-01T00:00:01Z")) == (1, 10)
     assert view(client, shop, "cy")["currency"] == 10
+
+
+def test_ranks_requalify_by_calendar_year_with_grace(
+    client: TestClient,
+    clock: Clock,
+    make_key: Callable[..., Headers],
+    run: Callable[..., dict[str, Any]],
+) -> None:
+    op, shop = make_key("operator", "ops"), make_key("shop", "shop")
+    wire = copy.deepcopy(DEFAULT_RULES_WIRE)
+    wire["rank_qualification"] = {"period": "calendar_year", "grace_days": 31}
+    assert client.put("/v1/rules", json=wire, headers=op).status_code == 200
+    at(clock, "2024-12-31T23:59:59+00:00")  # the last second of a leap year
+    body = {"adjustment_id": "r1", "currency": 0, "rank_points": 1200, "reason": "earned"}
+    assert client.post("/v1/members/dee/adjustments", json=body, headers=op).status_code == 200
+    project(client)
+    me = view(client, shop, "dee")
+    assert (me["rank"], me["rank_points_this_period"]) == ("silver", 1200)
+    assert me["rank_valid_until"] == "2025-01-31"  # the year's end plus the grace
+    assert (me["rank_points_to_keep"], me["rank_points_to_next"]) == (0, 5000 - 1200)
+    at(clock, "2025-01-10T00:00:00+00:00")
+    me = view(client, shop, "dee")
+    assert (me["rank"], me["rank_points_this_period"], me["rank_points_to_keep"]) == (
+        "silver",
+        0,
+        1000,
+    )
+    assert run("2025-01-31T23:59:59Z")["rank_changes"] == 0  # still in the grace
+    report = run("2025-02-01T00:00:00Z")
+    assert (report["ranked_members"], report["rank_changes"], report["rank_downgrades"]) == (
+        1,
+        1,
+        1,
+    )
+    assert run("2025-02-01T00:00:00Z")["rank_changes"] == 0  # decided once
+    me = view(client, shop, "dee")
+    assert (me["rank"], me["rank_points"], me["privileges"]) == ("bronze", 1200, ["member_prices"])
+    project(client)
+    feed = client.get("/v1/members/dee/history", headers=shop).json()
+    entries = feed["entries"] if isinstance(feed, dict) else feed
+    assert sorted(e["ref"] for e in entries if e["kind"] == "rank_changed") == ["bronze", "silver"]

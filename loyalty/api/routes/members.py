@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from datetime import UTC
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
@@ -70,12 +71,21 @@ def member_body(container: Container, member: Member) -> MemberBody:
     currency, rank_points = (
         (0, 0) if row is None else member.with_pending(row.currency, row.rank_points)
     )
-    rank = ranks.rank_for(member.rank_points + rank_points)
-    above = [
-        r.min_rank_points
-        for r in ranks.ranks
-        if r.min_rank_points > member.rank_points + rank_points
-    ]
+    qualification = ranks.qualification
+    if qualification is None:
+        rank = ranks.rank_for(member.rank_points + rank_points)
+        period_points = member.rank_points + rank_points
+        valid_until = None
+        to_keep = 0
+    else:  # the recorded rank; points of the period (pending counted as earned today)
+        today = container.clock().astimezone(UTC).date()
+        rank = ranks.named(member.rank)
+        period_points = qualification.period_points(member.rank_days, today) + rank_points
+        threshold = rank.min_rank_points if rank is not None else 0
+        valid_until = qualification.valid_until(member.rank_days, today, threshold)
+        to_keep = max(0, threshold - period_points) if threshold else 0
+    held = rank.min_rank_points if rank is not None else -1
+    above = [r.min_rank_points for r in ranks.ranks if r.min_rank_points > held]
     return MemberBody(
         user_id=member.user_id,
         currency=member.currency + currency,
@@ -89,10 +99,10 @@ def member_body(container: Container, member: Member) -> MemberBody:
             ExpiringBody(amount=e.amount, on=e.on)
             for e in expiring(member.lots, rule_set.currency_expiry)
         ],
-        rank_points_this_period=member.rank_points + rank_points,
-        rank_valid_until=None,
-        rank_points_to_keep=0,
-        rank_points_to_next=min(above) - member.rank_points - rank_points if above else None,
+        rank_points_this_period=period_points,
+        rank_valid_until=valid_until,
+        rank_points_to_keep=to_keep,
+        rank_points_to_next=max(0, min(above) - period_points) if above else None,
     )
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import pytest
@@ -243,11 +244,13 @@ def test_rules_default_to_nothing_expiring() -> None:
 def test_expiry_rules_round_trip_and_are_validated() -> None:
     wire = copy.deepcopy(DEFAULT_RULES_WIRE)
     wire["currency_expiry"] = {"after_months": 12, "at": "month_end", "effective_from": "2026-01"}
+    wire["rank_qualification"] = {"period": {"rolling_days": 365}, "grace_days": 30}
     rules = parse_rule_set(wire, 2)
     assert rules.currency_expiry == CurrencyExpiry(12, "2026-01")
     assert parse_rule_set(rule_set_to_wire(rules), 2) == rules
     bad = copy.deepcopy(DEFAULT_RULES_WIRE)
     bad["currency_expiry"] = {"after_months": -1, "at": "day_end", "retroactive": "yes"}
+    bad["rank_qualification"] = {"period": "fortnight", "grace_days": 400}
     with pytest.raises(InvalidRules) as caught:
         parse_rule_set(bad, 2)
     locations = {loc for loc, _ in caught.value.problems}
@@ -255,6 +258,8 @@ def test_expiry_rules_round_trip_and_are_validated() -> None:
         "currency_expiry.after_months",
         "currency_expiry.at",
         "currency_expiry.retroactive",
+        "rank_qualification.period",
+        "rank_qualification.grace_days",
     }
 
 
@@ -294,3 +299,55 @@ def test_todays_stored_streams_load_with_their_balance_in_the_legacy_lot() -> No
     assert (from_snapshot.currency, from_snapshot.lots) == (1150, {LEGACY: 1150})
     assert from_snapshot.order_lots == {'["shop","o-2"]': {LEGACY: 100}}
     assert from_snapshot == app.repository.get(member.id)  # as its events replay
+
+
+# ------------------------------------------------------------ rank qualification
+
+
+def qualified_ladder(**qualification: object) -> Any:
+    wire = copy.deepcopy(DEFAULT_RULES_WIRE)
+    wire["rank_qualification"] = qualification
+    return parse_rule_set(wire, 2).ranks
+
+
+def reasons(member: Member) -> list[tuple[str | None, str | None, str]]:
+    return [
+        (e.old, e.new, e.reason)
+        for e in member.collect_events()
+        if type(e).__name__ == "RankChanged"
+    ]
+
+
+def test_calendar_year_with_grace_keeps_the_rank_until_the_grace_ends() -> None:
+    ladder = qualified_ladder(period="calendar_year", grace_days=30)
+    member = Member(user_id="amy")
+    member.award("a1", 0, 1000, 1, 1, ladder, on="2024-03-01")  # silver at 1,000
+    assert reasons(member) == [(None, "silver", "threshold")]
+    q = ladder.qualification
+    assert q.valid_until(member.rank_days, date(2024, 3, 1), 1000) == date(2025, 1, 30)
+    assert member.requalify(ladder, at("2024-12-31T23:59:59")) is False
+    assert member.requalify(ladder, at("2025-01-30T23:59:59")) is False  # the grace's last day
+    assert member.requalify(ladder, at("2025-01-31T00:00:00")) is True
+    assert reasons(member) == [("silver", "bronze", "requalification")]
+    assert member.rank_points == 1000  # lifetime rank points stay
+
+
+def test_a_rolling_window_over_a_leap_day() -> None:
+    ladder = qualified_ladder(period={"rolling_days": 365})
+    member = Member(user_id="amy")
+    member.award("a1", 0, 1000, 1, 1, ladder, on="2024-02-29")
+    member.collect_events()
+    # the 365 days ending 2025-02-27 start on 2024-02-29
+    assert member.requalify(ladder, at("2025-02-27T12:00:00")) is False
+    assert member.requalify(ladder, at("2025-02-28T00:00:00")) is True
+    assert reasons(member) == [("silver", "bronze", "requalification")]
+    # earning again lifts the rank at once
+    member.award("a2", 0, 1000, 1, 1, ladder, on="2025-03-01")
+    assert reasons(member) == [("bronze", "silver", "threshold")]
+
+
+def test_without_a_period_ranks_stay_lifetime() -> None:
+    member = Member(user_id="amy")
+    member.award("a1", 0, 1000, 1, 1, LADDER, on="2024-01-01")
+    assert member.requalify(LADDER, at("2030-01-01T00:00:00")) is False
+    assert member.rank == "silver"
