@@ -313,7 +313,14 @@ def build_expiry(
     """The expiry job over this database (one run at a time: its lease)."""
     members = members or Members(env=worker_env(db.settings))
     rules = RulesStore(db)
-    accounts = Accounts(members, markers=marker_cache(db), pending=PendingTable(db))
+    accounts = Accounts(
+        members,
+        lambda app: stream_loader(
+            app.recorder, app.snapshots.recorder if app.snapshots is not None else None
+        ),
+        markers=marker_cache(db),
+        pending=PendingTable(db),
+    )
     return Expiry(accounts, MemberLots(db), rules.current, ExpiryLease(db), metrics=metrics)
 
 

@@ -20,15 +20,19 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from eventsourcing.persistence import IntegrityError
+
 from loyalty.application.accounts import Accounts, with_retry
+from loyalty.application.pending import PendingRow
 from loyalty.domain.errors import MemberNotFound
 from loyalty.domain.expiry import CurrencyExpiry
+from loyalty.domain.member import Member
 from loyalty.domain.rules import RuleSet
 
 log = logging.getLogger(__name__)
@@ -126,6 +130,7 @@ class Expiry:
         lease: JobLease,
         *,
         batch: int = 500,
+        group: int = 50,
         metrics: ExpiryMetrics | None = None,
     ) -> None:
         self._accounts = accounts
@@ -133,6 +138,7 @@ class Expiry:
         self._rules = rules
         self._lease = lease
         self._batch = batch
+        self._group = group
         self._metrics = metrics
 
     def run(self, as_of: datetime, progress: Progress | None = None) -> ExpiryReport:
@@ -181,8 +187,18 @@ class Expiry:
                 break
             after = rows[-1]
             due = [(lot, user) for lot, user in rows if _is_due(rule, lot, as_of)]
-            for user_id in dict.fromkeys(user for _, user in due):
-                self._expire_member(user_id, rule_set, as_of, report)
+            users = list(dict.fromkeys(user for _, user in due))
+            self._accounts.prefetch(users)  # one read for the page's accounts
+            pending = self._accounts.pending.load(users) if self._accounts.pending else {}
+            for start in range(0, len(users), self._group):
+                group = users[start : start + self._group]
+                try:
+                    self._expire_group(group, pending, rule_set, as_of, report)
+                except IntegrityError:
+                    # a member of the group changed meanwhile (a spend) or is being
+                    # erased: one at a time, each from a fresh read
+                    for user_id in group:
+                        self._expire_member(user_id, rule_set, as_of, report)
             self._index.remove(due)
             done += len(rows)
             if progress is not None:
@@ -241,6 +257,53 @@ class Expiry:
                     if ladder.order(change[1]) < ladder.order(change[0]):
                         report.rank_downgrades += 1
 
+    def _expire_group(
+        self,
+        group: Sequence[str],
+        pending: Mapping[str, PendingRow],
+        rule_set: RuleSet,
+        as_of: datetime,
+        report: ExpiryReport,
+    ) -> None:
+        """Expire a group of members in one save (one transaction; the group is small,
+        so a spend waits at most one group's insert). Any conflict fails the whole save
+        and nothing of it is stored."""
+        accounts = self._accounts
+        changed: list[Member] = []
+        consumed: list[PendingRow] = []
+        results: list[tuple[str, list[tuple[str, int]]]] = []
+        for user_id in group:
+            try:
+                member = accounts.get(user_id)
+            except MemberNotFound:  # erased since the index row was written
+                continue
+            row = pending.get(user_id)
+            recorded = accounts.fold(member, row, rule_set.ranks)
+            expired = member.expire(rule_set.currency_expiry, as_of)
+            if expired or recorded:
+                changed.append(member)
+                if recorded and row is not None:
+                    consumed.append(row)
+            results.append((user_id, expired))
+        if changed:
+            try:
+                accounts.save(*changed, fence=accounts.fence(), consumed=consumed)
+            except Exception:
+                for member in changed:  # the cached copies are ahead of the store
+                    accounts.evict(member.user_id)
+                raise
+        for user_id, expired in results:
+            self._count(report, user_id, expired)
+
+    @staticmethod
+    def _count(report: ExpiryReport, user_id: str, expired: list[tuple[str, int]]) -> None:
+        report.members += 1
+        for lot, amount in expired:
+            report.lots += 1
+            report.amount += amount
+            if len(report.expired) < 100:
+                report.expired.append((user_id, lot, amount))
+
     def _expire_member(
         self, user_id: str, rule_set: RuleSet, as_of: datetime, report: ExpiryReport
     ) -> None:
@@ -265,13 +328,7 @@ class Expiry:
                     raise
             return expired
 
-        expired = with_retry(action, what="expiry")
-        report.members += 1
-        for lot, amount in expired:
-            report.lots += 1
-            report.amount += amount
-            if len(report.expired) < 100:
-                report.expired.append((user_id, lot, amount))
+        self._count(report, user_id, with_retry(action, what="expiry"))
 
 
 def _is_due(rule: CurrencyExpiry | None, lot: str, as_of: datetime) -> bool:
