@@ -144,8 +144,8 @@ class MemberBody(BaseModel):
     )
     rank_points_this_period: int = Field(
         0,
-        description="rank points counting for the rank now (lifetime rank points: ranks "
-        "have no qualification period)",
+        description="rank points of the current qualification period (lifetime rank "
+        "points when the rules have no rank_qualification)",
     )
     rank_valid_until: date | None = Field(
         None, description="the last day the rank is held without more points (null: kept)"
