@@ -1,6 +1,7 @@
-"""The expiry job in real processes: ``kill -9`` of ``loyalty expiry run`` again and
-again mid-run, then one run to the end: every lot expired exactly once (one
-``CurrencyExpired`` per member and lot, for exactly what was in it)."""
+"""The expiry job in real processes: ``kill -9`` of ``loyalty expiry run``, and of a
+``loyalty worker`` running it periodically, again and again mid-run, then one run to the
+end: every lot expired exactly once (one ``CurrencyExpired`` per member and lot, for
+exactly what was in it)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import random
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 
 import pytest
 import sqlalchemy as sa
@@ -43,9 +45,11 @@ def head(settings: Settings) -> int:
         app.close()
 
 
-def test_kill_9_during_an_expiry_run_expires_each_lot_exactly_once(
-    settings: Settings, db: Database
+def accounts_with_lots(
+    settings: Settings, db: Database, lots: Callable[[int], dict[str, int]]
 ) -> None:
+    """MEMBERS accounts with ``lots(i)``, rules that expire a lot a month after it (from
+    2024-01), and the expiry index caught up."""
     wire = copy.deepcopy(DEFAULT_RULES_WIRE)
     wire["currency_expiry"] = {"after_months": 1, "effective_from": "2024-01"}
     RulesStore(db).put(wire)
@@ -54,7 +58,7 @@ def test_kill_9_during_an_expiry_run_expires_each_lot_exactly_once(
         batch = []
         for i in range(MEMBERS):
             member = Member(user_id=f"m{i}")
-            for month, amount in amounts(i).items():
+            for month, amount in lots(i).items():
                 member.award(f"a-{month}", amount, 0, 1, 1, LADDER, month=month)
             batch.append(member)
             if len(batch) == 200:
@@ -64,6 +68,29 @@ def test_kill_9_during_an_expiry_run_expires_each_lot_exactly_once(
         build_projection(db, app).catch_up()
     finally:
         app.close()
+
+
+def expiries(settings: Settings, db: Database) -> dict[tuple[str, str], tuple[int, int]]:
+    """(user, lot) -> (CurrencyExpired events, amount), read through the projection."""
+    app = Members(env=event_store_env(settings))
+    try:
+        build_projection(db, app).catch_up()
+    finally:
+        app.close()
+    with db.read() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT user_id, ref, count(*), sum(currency) FROM member_history "
+                "WHERE kind = 'expiry' GROUP BY user_id, ref"
+            )
+        ).all()
+    return {(user, lot): (int(n), -int(total)) for user, lot, n, total in rows}
+
+
+def test_kill_9_during_an_expiry_run_expires_each_lot_exactly_once(
+    settings: Settings, db: Database
+) -> None:
+    accounts_with_lots(settings, db, amounts)
 
     start = head(settings)
     rnd = random.Random(19)
@@ -94,22 +121,11 @@ def test_kill_9_during_an_expiry_run_expires_each_lot_exactly_once(
     # kills landed mid-run: some expiries stored, the rest left for the next run
     assert any(0 < n < 2 * MEMBERS for n in left), left
 
-    app = Members(env=event_store_env(settings))
-    try:
-        build_projection(db, app).catch_up()
-    finally:
-        app.close()
+    found = expiries(settings, db)
     with db.read() as conn:
-        rows = conn.execute(
-            sa.text(
-                "SELECT user_id, ref, count(*), sum(currency) FROM member_history "
-                "WHERE kind = 'expiry' GROUP BY user_id, ref"
-            )
-        ).all()
         balances = dict(
             conn.execute(sa.text("SELECT user_id, currency FROM member_balances")).all()
         )
-    found = {(user, lot): (int(n), -int(total)) for user, lot, n, total in rows}
     wanted = {
         (f"m{i}", month): (1, amount)
         for i in range(MEMBERS)
@@ -118,3 +134,41 @@ def test_kill_9_during_an_expiry_run_expires_each_lot_exactly_once(
     }
     assert found == wanted  # each due lot exactly once, for all it held; nothing else
     assert all(balances[f"m{i}"] == 1 for i in range(MEMBERS))  # May 2025 is not due
+
+
+def test_kill_9_of_the_worker_during_its_expiry_run(settings: Settings, db: Database) -> None:
+    """The worker's periodic job (on the real clock: every 2024 lot is long due)."""
+
+    def lots(i: int) -> dict[str, int]:
+        return {"2024-02": 4 + i % 3}
+
+    accounts_with_lots(settings, db, lots)
+    start = head(settings)
+    env = env_for(settings.database_url, LOYALTY_EXPIRY_INTERVAL_SECONDS="0.5")
+    rnd = random.Random(91)
+    progress: list[int] = []
+    for _ in range(6):
+        proc = subprocess.Popen(
+            [*LOYALTY, "worker", "--no-webhooks"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(rnd.uniform(2.0, 3.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        progress.append(head(settings) - start)
+        if progress[-1] >= MEMBERS:
+            break
+    assert any(0 < n < MEMBERS for n in progress), progress  # killed mid-run
+    done = subprocess.run(
+        [*LOYALTY, "expiry", "run", "--json"],
+        env=env_for(settings.database_url),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert expiries(settings, db) == {
+        (f"m{i}", "2024-02"): (1, amount) for i in range(MEMBERS) for amount in lots(i).values()
+    }
