@@ -188,6 +188,10 @@ class Expiry:
             after = rows[-1]
             due = [(lot, user) for lot, user in rows if _is_due(rule, lot, as_of)]
             users = list(dict.fromkeys(user for _, user in due))
+            # Decide on the store's state, never on a cached copy: a copy that shows
+            # nothing to expire is not saved, so no version check would catch it stale.
+            for user_id in users:
+                self._accounts.evict(user_id)
             self._accounts.prefetch(users)  # one read for the page's accounts
             pending = self._accounts.pending.load(users) if self._accounts.pending else {}
             for start in range(0, len(users), self._group):
@@ -228,6 +232,7 @@ class Expiry:
                 return
             after = users[-1]
             for user_id in users:
+                accounts.evict(user_id)  # decide on the store's state (see _expire)
 
                 def action(user_id: str = user_id) -> tuple[str | None, str | None] | None:
                     try:

@@ -73,3 +73,31 @@ def test_the_worker_runs_expiry_on_its_clock_and_counts_it(
     assert job.runs >= 2 and job.failures == 0
     assert metrics.currency_expired_lots._value.get() == 4  # once, however many runs
     assert metrics.currency_expired_amount._value.get() == 20
+
+
+def test_the_job_decides_on_the_store_not_on_its_cached_copies(
+    settings: Settings, db: Database
+) -> None:
+    """A run caches an account whose due lot was spent; a refund elsewhere puts currency
+    back into a later lot; the next run (same process) must see it."""
+    wire = copy.deepcopy(DEFAULT_RULES_WIRE)
+    wire["currency_expiry"] = {"after_months": 1, "effective_from": "2024-01"}
+    RulesStore(db).put(wire)
+    app = Members(env=event_store_env(settings))
+    try:
+        member = Member(user_id="kit")
+        member.award("a1", 5, 0, 1, 1, LADDER, month="2024-01")
+        member.award("a2", 10, 0, 1, 1, LADDER, month="2024-02")
+        member.spend("o-1", 15)
+        app.save(member)
+        build_projection(db, app).catch_up()
+        expiry = build_expiry(db)
+        assert expiry.run(datetime(2024, 3, 15, tzinfo=UTC)).lots == 0  # January: spent
+        rule = RulesStore(db).current().currency_expiry
+        fresh = app.repository.get(member.id)
+        fresh.refund("o-1", expiry=rule, as_of=datetime(2024, 3, 20, tzinfo=UTC))
+        app.save(fresh)  # January's 5 expire at once, February's 10 are back
+        assert expiry.run(datetime(2024, 4, 1, tzinfo=UTC)).amount == 10
+        assert app.repository.get(member.id).currency == 0
+    finally:
+        app.close()
