@@ -18,9 +18,15 @@ from loyalty.adapters.db import Database, DatabaseUnavailable, fast_pool_reconne
 from loyalty.adapters.delivery_store import RELAY_CHANNEL, SqlDeliveryStore
 from loyalty.adapters.erasure_store import SqlErasureStore
 from loyalty.adapters.event_store import event_store_env, stream_loader, worker_env
-from loyalty.adapters.explanation_store import ExplanationStore
 from loyalty.adapters.expiry_store import ExpiryLease, MemberLots
+from loyalty.adapters.explanation_store import ExplanationStore
 from loyalty.adapters.ingress_log import create_ingress_log, pending_stats
+from loyalty.adapters.lease_keys import (
+    FORGET_LEASE,
+    PROJECTION_LEASE,
+    RELAY_LEASE,
+    WEBHOOK_LEASE,
+)
 from loyalty.adapters.pending_store import PendingTable
 from loyalty.adapters.pipeline_store import PipelineStore, ShardLeases
 from loyalty.adapters.read_models import ReadModels
@@ -182,9 +188,6 @@ def build_forget_service(
     )
 
 
-FORGET_LEASE = 1_000_002
-
-
 class ForgetRunner:
     """Carries out forget requests in the background (one process at a time)."""
 
@@ -255,7 +258,6 @@ def build_worker(
 
 # Lease key of the member projection: beyond any shard number (shard_count <= 1024), so
 # it shares ShardLeases' mechanism (advisory lock / lock file) without colliding.
-PROJECTION_LEASE = 1_000_001
 
 
 def build_projection(
@@ -415,9 +417,6 @@ def webhook_sender(settings: Settings) -> HttpWebhookSender:
     )
 
 
-WEBHOOK_LEASE = 1_000_003
-
-
 def build_webhook_dispatcher(
     db: Database,
     members: Members | None = None,
@@ -486,9 +485,6 @@ def start_webhook_runner(
     runner = WebhookRunner(db, build_webhook_dispatcher(db, members, metrics=metrics))
     threading.Thread(target=runner.run, name="webhook-runner", daemon=True).start()
     return runner
-
-
-RELAY_LEASE = 1_000_004
 
 
 def build_relay(

@@ -8,11 +8,11 @@ from contextlib import contextmanager
 import sqlalchemy as sa
 
 from loyalty.adapters.db import Database
+from loyalty.adapters.lease_keys import EXPIRY_LEASE
 from loyalty.adapters.pipeline_store import ShardLeases
 from loyalty.adapters.tables import member_lots, member_ranks
 from loyalty.application.expiry import DueRow
 
-EXPIRY_LEASE = 1_000_019
 """In ShardLeases' namespace, beyond any shard number and the other jobs' keys."""
 
 

@@ -153,9 +153,16 @@ def merge(
                     c.explain,
                 ).where(c.user_id.in_(ids[i : i + _IN_CHUNK]))
             ).all()
-    for user_id, currency_text, points_text, count_value, need_text, since_value, months, text in (
-        rows
-    ):
+    for (
+        user_id,
+        currency_text,
+        points_text,
+        count_value,
+        need_text,
+        since_value,
+        months,
+        text,
+    ) in rows:
         explained[user_id] = text
         existing[user_id] = (
             Decimal(currency_text),

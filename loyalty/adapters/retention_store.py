@@ -38,13 +38,12 @@ from loyalty.adapters.ingress_log import (
     partition_name,
     sqlite_timestamp,
 )
+from loyalty.adapters.lease_keys import RETENTION_LEASE
 from loyalty.adapters.pipeline_store import SHARD_LEASE_NS, PipelineStore, ShardLeases
 from loyalty.adapters.rollup_store import RollupStore
 from loyalty.adapters.tables import INGRESS_PARTITION_PREFIX
 from loyalty.application.retention import DayOutcome
 
-# Lease key of retention: beyond any shard number, like the projection's (1_000_001).
-RETENTION_LEASE = 1_000_003
 CHUNK_ROWS = 5_000
 _PARTITION_RE = re.compile(rf"^{INGRESS_PARTITION_PREFIX}(\d{{8}})$")
 

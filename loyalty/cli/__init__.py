@@ -539,7 +539,7 @@ def forget_cmd(
     import orjson
 
     from loyalty.adapters.pipeline_store import ShardLeases
-    from loyalty.worker import FORGET_LEASE
+    from loyalty.adapters.lease_keys import FORGET_LEASE
 
     settings = load_settings()
     db = open_database(settings)

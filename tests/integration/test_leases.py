@@ -9,8 +9,10 @@ import pytest
 
 from loyalty.adapters.db import Database
 from loyalty.adapters.event_store import event_store_env
+from loyalty.adapters.lease_keys import JOB_LEASES
 from loyalty.adapters.pipeline_store import SHARD_LEASE_NS, ShardLeases
 from loyalty.adapters.read_models import ReadModels
+from loyalty.adapters.retention_store import create_retention_store
 from loyalty.application.accounts import Accounts, AwardCommand, Members
 from loyalty.application.projections import PROJECTION_NAME, MemberProjection, ProjectedBatch
 from loyalty.config import Settings
@@ -129,3 +131,30 @@ def test_a_projection_batch_read_before_another_runner_moved_on_is_not_applied(
     ]:
         member = accounts.get(user_id)
         assert (currency, points) == (member.currency, member.rank_points)
+
+
+def test_each_background_job_has_a_lease_of_its_own(settings: Settings) -> None:
+    """A job holding its lease (a webhook runner delivers for hours) never stops another
+    job: retention once shared its key with the webhook runner and, on PostgreSQL, never
+    ran beside it, so ingress grew without bound."""
+    holder_db, other_db = Database(settings), Database(settings)
+    try:
+        for name, held in JOB_LEASES.items():
+            holder = ShardLeases(holder_db)
+            assert holder.try_acquire(held), name
+            try:
+                other = ShardLeases(other_db)
+                try:
+                    for other_name, key in JOB_LEASES.items():
+                        if key != held:
+                            assert other.try_acquire(key), f"{name} blocks {other_name}"
+                    assert not other.try_acquire(held)  # the lease itself still excludes
+                finally:
+                    other.release_all()
+                with create_retention_store(other_db).lease() as leased:
+                    assert leased == (name != "retention"), name
+            finally:
+                holder.release_all()
+    finally:
+        holder_db.dispose()
+        other_db.dispose()

@@ -19,9 +19,9 @@ from loyalty.adapters.db import Database
 from loyalty.adapters.erasure_store import forget_markers
 from loyalty.adapters.event_store import event_store_env
 from loyalty.adapters.ingress_log import create_ingress_log, partition_name
+from loyalty.adapters.lease_keys import RETENTION_LEASE
 from loyalty.adapters.pipeline_store import ShardLeases
 from loyalty.adapters.retention_store import (
-    RETENTION_LEASE,
     PostgresRetentionStore,
     SqliteRetentionStore,
     create_retention_store,
