@@ -49,6 +49,7 @@ EXEMPT: dict[str, str] = {
     "forget_requests": "receipts: request id, times, counts; no user id",
     "webhook_subscriptions": "URLs, event types and signing secrets; no member data",
     "delivery_cursors": "positions per way out (webhook subscription, relay)",
+    "console_sessions": "operator console sessions: hashed id, key id, CSRF token, times",
 }
 NIL_HEX = uuid.UUID(int=0).hex
 SEQ_KEY = "erasure_seq"

@@ -73,6 +73,27 @@ class RulesStore:
                     return rule_set
         raise RuntimeError("could not store a new rules version after 20 attempts")
 
+    def versions(self, limit: int = 100) -> list[tuple[int, datetime]]:
+        """(version, stored at), newest first."""
+        self.current()  # make sure version 1 (the default) exists
+        r = rule_versions.c
+        with self._db.read() as conn:
+            rows = conn.execute(
+                sa.select(r.version, r.created_at).order_by(r.version.desc()).limit(limit)
+            ).all()
+        return [(int(v), at if at.tzinfo else at.replace(tzinfo=UTC)) for v, at in rows]
+
+    def version(self, version: int) -> RuleSet | None:
+        """One stored version, or None."""
+        r = rule_versions.c
+        with self._db.read() as conn:
+            body = conn.execute(sa.select(r.body).where(r.version == version)).scalar()
+        return (
+            None
+            if body is None
+            else parse_rule_set(orjson.loads(body), version, require_rank=False)
+        )
+
 
 def _insert_ignore(db: Database, version: int, rule_set: RuleSet) -> sa.Insert:
     body = orjson.dumps(rule_set_to_wire(rule_set)).decode()

@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from loyalty.adapters.console_sessions import ConsoleSessions
 from loyalty.adapters.db import Database
 from loyalty.adapters.event_store import event_store_env
 from loyalty.adapters.ingress_log import create_ingress_log
@@ -43,8 +44,15 @@ from loyalty.api.schemas import (
 from loyalty.application.accounts import Accounts, Members, Spending
 from loyalty.application.ingress import IngestService
 from loyalty.config import Settings
+from loyalty.console.routes import install_console
 from loyalty.observability import Metrics, MetricsMiddleware, RequestIdMiddleware
-from loyalty.worker import build_forget_service, build_webhook_admin, feed_factory, marker_cache
+from loyalty.worker import (
+    build_forget_service,
+    build_webhook_admin,
+    feed_factory,
+    marker_cache,
+    webhook_sender,
+)
 
 BATCH_EXAMPLE: dict[str, Any] = {
     "batch_id": "b-1",
@@ -115,6 +123,8 @@ def build_container(
         ),
         feed=feed,
         webhooks=build_webhook_admin(db, lambda: feed().head()),
+        webhook_sender=lambda: webhook_sender(settings),
+        console_sessions=ConsoleSessions(db, timedelta(minutes=settings.console_session_minutes)),
     )
 
 
@@ -154,6 +164,7 @@ def create_app(
     app.state.container = container
     problems.install(app)
     install_docs(app)
+    install_console(app)
     app.include_router(health.router)
     app.include_router(ingress.router)
     app.include_router(member_routes.router)

@@ -1,0 +1,794 @@
+"""The operator console: server-rendered pages under ``/console`` (Jinja2 templates, a
+sprinkle of vendored htmx), calling the same use cases as the JSON API.
+
+Security, in the order a request meets it:
+
+- a session is server-side (``console_sessions``): the browser holds a random id in a
+  cookie (``HttpOnly; SameSite=Strict; Path=/console``, ``Secure`` over HTTPS, as
+  uvicorn sees the scheme, forwarded headers included); every request re-reads it with
+  its key, which must still be unrevoked and an operator key;
+- every POST carries the session's CSRF token (a hidden field, or the ``X-CSRF-Token``
+  header htmx sends from ``hx-headers``), compared in constant time; the sign-in form
+  carries a pre-session token (double submit);
+- every page has a Content-Security-Policy without ``unsafe-inline`` or ``unsafe-eval``:
+  scripts and styles only from this origin (htmx is configured through a ``<meta>``).
+
+Pages are one template and one route each; fragments (``_*.html``) answer htmx requests.
+Nothing is logged with a user id or a key (the access log is off; errors are rendered).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import secrets
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import parse_qs
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.responses import HTMLResponse, RedirectResponse
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.concurrency import run_in_threadpool
+from starlette.staticfiles import StaticFiles
+
+from loyalty.adapters.console_sessions import ConsoleSession, ConsoleSessions
+from loyalty.adapters.keys import KEY_PATTERN, NAME_PATTERN, Role
+from loyalty.adapters.storage import storage_report
+from loyalty.api.deps import Container, ContainerDep
+from loyalty.api.guards import BodyProblem, read_limited_body
+from loyalty.api.problems import ApiProblem, to_problem
+from loyalty.api.routes.members import member_body
+from loyalty.api.routes.operations import pipeline_status
+from loyalty.application.delivery import EVENT_TYPES
+from loyalty.domain.errors import DomainError, InvalidRules
+from loyalty.domain.rules import rule_set_to_wire
+from loyalty.domain.user_ids import user_id_problem
+
+HERE = Path(__file__).parent
+STATIC = HERE / "static"
+PREFIX = "/console"
+COOKIE = "loyalty_console"
+PRE_COOKIE = "loyalty_console_signin"
+"""The sign-in form's double-submit token (no session exists yet)."""
+CSRF_HEADER = "x-csrf-token"
+CSP = "; ".join(
+    [
+        "default-src 'none'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "img-src 'self'",
+        "connect-src 'self'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+        "base-uri 'none'",
+    ]
+)
+HTMX_CONFIG = json.dumps(
+    {
+        "includeIndicatorStyles": False,  # they would be an inline <style>
+        "allowEval": False,
+        "allowScriptTags": False,
+        "selfRequestsOnly": True,
+        "historyCacheSize": 0,  # pages hold member data: never in localStorage
+        # errors are answered with their status and swapped in place
+        "responseHandling": [
+            {"code": "204", "swap": False},
+            {"code": "[23]..", "swap": True},
+            {"code": "[45]..", "swap": True, "error": True},
+        ],
+    }
+)
+
+router = APIRouter(prefix=PREFIX, include_in_schema=False)
+
+_templates = Environment(
+    loader=FileSystemLoader(HERE / "templates"),
+    autoescape=select_autoescape(["html"]),
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+NAV: list[tuple[str, str, str]] = [
+    ("dashboard", "Dashboard", "/"),
+    ("members", "Members", "/members"),
+    ("rules", "Rules", "/rules"),
+    ("forget", "Forget-me", "/forget"),
+    ("keys", "Keys", "/keys"),
+    ("webhooks", "Webhooks", "/webhooks"),
+]
+"""The sections (a new page: a template, a route and a line here)."""
+_templates.globals.update(htmx_config=HTMX_CONFIG, prefix=PREFIX, event_types=EVENT_TYPES, nav=NAV)
+
+
+# ----------------------------------------------------------------------------- plumbing
+
+
+class ConsoleProblem(ApiProblem):
+    """An error of a console request: answered with an HTML page (or fragment), not JSON."""
+
+
+class SignInRequired(Exception):
+    """No live session: a page redirects to the sign-in form, htmx is told to go there."""
+
+
+def _sessions(container: Container) -> ConsoleSessions:
+    assert container.console_sessions is not None
+    return container.console_sessions
+
+
+def render(
+    request: Request,
+    template: str,
+    status: int = 200,
+    headers: Mapping[str, str] | None = None,
+    **context: Any,
+) -> HTMLResponse:
+    html = _templates.get_template(template).render(request=request, **context)
+    return HTMLResponse(html, status, headers={"Content-Security-Policy": CSP, **(headers or {})})
+
+
+def _is_htmx(request: Request) -> bool:
+    return request.headers.get("hx-request") == "true"
+
+
+def _secure(request: Request) -> bool:
+    return request.url.scheme == "https"
+
+
+async def current_session(request: Request, container: ContainerDep) -> ConsoleSession:
+    session_id = request.cookies.get(COOKIE, "")
+    found = None
+    if session_id:
+        found = await run_in_threadpool(_sessions(container).find, session_id, container.clock())
+    if found is None:
+        raise SignInRequired()
+    return found
+
+
+SessionDep = Annotated[ConsoleSession, Depends(current_session)]
+
+
+async def read_form(request: Request, container: Container) -> dict[str, str]:
+    """The urlencoded body (first value of each field), read counted up to the limit."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    empty = request.headers.get("content-length", "0") == "0"
+    if media != "application/x-www-form-urlencoded" and not (media == "" and empty):
+        raise ConsoleProblem(415, "unsupported_media_type", "send a form")
+    try:
+        body = await read_limited_body(
+            request.headers,
+            request.stream(),
+            container.settings.max_request_bytes,
+            "body_too_large",
+        )
+    except BodyProblem as exc:
+        raise ConsoleProblem(exc.status, exc.code, exc.detail) from None
+    try:
+        parsed = parse_qs(body.decode("utf-8"), keep_blank_values=True, max_num_fields=200)
+    except (UnicodeDecodeError, ValueError):
+        raise ConsoleProblem(400, "bad_form", "the form could not be read") from None
+    request.state.form_lists = parsed  # repeated fields (a webhook's event types)
+    return {name: values[0] for name, values in parsed.items()}
+
+
+def _same(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+async def checked_form(
+    request: Request, container: ContainerDep, session: SessionDep
+) -> dict[str, str]:
+    """The form of a POST, refused with 403 unless it carries the session's CSRF token."""
+    form = await read_form(request, container)
+    token = request.headers.get(CSRF_HEADER) or form.get("csrf", "")
+    if not _same(token, session.csrf_token):
+        raise ConsoleProblem(403, "csrf_failed", "the form's CSRF token is missing or wrong")
+    return form
+
+
+FormDep = Annotated[dict[str, str], Depends(checked_form)]
+
+
+def _problem(exc: Exception) -> ApiProblem:
+    """A known error (domain, API, database busy) as a problem; anything else re-raised."""
+    return to_problem(exc)
+
+
+def _message(problem: ApiProblem) -> str:
+    return problem.detail or problem.code
+
+
+# ------------------------------------------------------------------------- sign in / out
+
+
+@router.get("/sign-in")
+async def sign_in_form(request: Request) -> HTMLResponse:
+    token = secrets.token_urlsafe(32)
+    response = render(request, "sign_in.html", pre_token=token, error=None)
+    _set_cookie(response, request, PRE_COOKIE, token, max_age=3600)
+    return response
+
+
+def _set_cookie(response: Response, request: Request, name: str, value: str, max_age: int) -> None:
+    response.set_cookie(
+        name,
+        value,
+        max_age=max_age,
+        path=PREFIX,
+        httponly=True,
+        samesite="strict",
+        secure=_secure(request),
+    )
+
+
+@router.post("/sign-in")
+async def sign_in(request: Request, container: ContainerDep) -> Response:
+    form = await read_form(request, container)
+    pre = request.cookies.get(PRE_COOKIE, "")
+    if not pre or not _same(form.get("csrf", ""), pre):
+        raise ConsoleProblem(403, "csrf_failed", "reload the sign-in page and try again")
+    principal = await run_in_threadpool(container.keys.verify, form.get("key", "").strip())
+    if principal is None or principal.role is not Role.OPERATOR:
+        token = secrets.token_urlsafe(32)
+        error = (
+            "this key is unknown or revoked"
+            if principal is None
+            else "only operator keys may use the console"
+        )
+        refused = render(request, "sign_in.html", 403, pre_token=token, error=error)
+        _set_cookie(refused, request, PRE_COOKIE, token, max_age=3600)
+        return refused
+    session_id, session = await run_in_threadpool(
+        _sessions(container).open, principal, container.clock()
+    )
+    response = RedirectResponse(f"{PREFIX}/", status_code=303)
+    lifetime = int((session.expires_at - container.clock()).total_seconds())
+    _set_cookie(response, request, COOKIE, session_id, max_age=lifetime)
+    response.delete_cookie(
+        PRE_COOKIE, path=PREFIX, httponly=True, samesite="strict", secure=_secure(request)
+    )
+    return response
+
+
+@router.post("/sign-out")
+async def sign_out(request: Request, container: ContainerDep, _form: FormDep) -> Response:
+    await run_in_threadpool(_sessions(container).close, request.cookies.get(COOKIE, ""))
+    response = RedirectResponse(f"{PREFIX}/sign-in", status_code=303)
+    response.delete_cookie(
+        COOKIE, path=PREFIX, httponly=True, samesite="strict", secure=_secure(request)
+    )
+    return response
+
+
+# ----------------------------------------------------------------------------- dashboard
+
+
+class IngestRate:
+    """Events accepted per second by this process's ingest route, over the last minute
+    (sampled when the dashboard polls; a replica sees its own share)."""
+
+    WINDOW = 60.0
+
+    def __init__(self, total: Callable[[], float]) -> None:
+        self._total = total
+        self._samples: deque[tuple[float, float]] = deque()
+        self._lock = threading.Lock()
+
+    def rate(self) -> float | None:
+        now, total = time.monotonic(), self._total()
+        with self._lock:
+            self._samples.append((now, total))
+            while len(self._samples) > 2 and now - self._samples[1][0] >= self.WINDOW:
+                self._samples.popleft()
+            first_at, first = self._samples[0]
+        if now - first_at < 0.5:
+            return None
+        return max(0.0, (total - first) / (now - first_at))
+
+
+def _accepted_total(container: Container) -> float:
+    total = 0.0
+    for metric in container.metrics.ingest_events.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total") and sample.labels.get("outcome") == "accepted":
+                total += sample.value
+    return total
+
+
+_rates: dict[int, IngestRate] = {}
+
+
+def _ingest_rate(container: Container) -> IngestRate:
+    rate = _rates.get(id(container))
+    if rate is None:
+        rate = _rates.setdefault(id(container), IngestRate(lambda: _accepted_total(container)))
+    return rate
+
+
+def dashboard_data(container: Container) -> dict[str, Any]:
+    settings = container.settings
+    now = container.clock()
+    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    pipeline = pipeline_status(container)
+    totals = container.read_models.totals_since(today)
+    members, outstanding = container.read_models.outstanding_currency()
+    storage = storage_report(container.db)
+    admin = container.webhooks
+    subscriptions = admin.subscriptions() if admin else []
+    backlog = admin.backlog() if admin else {}
+    dead_letters = len(admin.dead_letters()) if admin else 0
+    lag = pipeline.oldest_pending_age_s or 0.0
+    alerts = []
+    if lag > settings.console_alert_lag_seconds:
+        alerts.append(
+            f"pipeline lag {lag:.0f} s is over {settings.console_alert_lag_seconds:.0f} s"
+        )
+    if dead_letters >= settings.console_alert_dead_letters:
+        alerts.append(f"{dead_letters} webhook dead letters wait for a replay")
+    if pipeline.quarantined_events:
+        alerts.append(f"{pipeline.quarantined_events} account events quarantined (loyalty doctor)")
+    return {
+        "now": now,
+        "ingest_rate": _ingest_rate(container).rate(),
+        "pipeline": pipeline,
+        "lag": lag,
+        "awarded_today": totals.get("award", 0),
+        "spent_today": -totals.get("spend", 0),
+        "refunded_today": totals.get("refund", 0),
+        "members": members,
+        "outstanding": outstanding,
+        "storage": storage,
+        "horizon": (today - timedelta(days=settings.retention_days)).date(),
+        "retention_days": settings.retention_days,
+        "subscriptions": len(subscriptions),
+        "backlog": sum(backlog.values()),
+        "dead_letters": dead_letters,
+        "alerts": alerts,
+    }
+
+
+@router.get("/")
+async def dashboard(request: Request, container: ContainerDep, session: SessionDep) -> Response:
+    data = await run_in_threadpool(dashboard_data, container)
+    return render(request, "dashboard.html", session=session, page="dashboard", **data)
+
+
+@router.get("/dashboard/live")
+async def dashboard_live(
+    request: Request, container: ContainerDep, session: SessionDep
+) -> Response:
+    data = await run_in_threadpool(dashboard_data, container)
+    return render(request, "_dashboard_live.html", session=session, **data)
+
+
+# ------------------------------------------------------------------------------ members
+
+
+def member_view(container: Container, user_id: str) -> dict[str, Any]:
+    """Everything the member page shows, or ``missing`` when there is no account."""
+    try:
+        member = container.accounts.get(user_id)
+    except DomainError as exc:
+        return {"missing": _message(_problem(exc))}
+    body = member_body(container, member)
+    ranks = container.rules.current().ranks
+    following = [r for r in ranks.ranks if r.min_rank_points > body.rank_points]
+    progress = None
+    if following:
+        target = following[0]
+        floor = ranks.rank_for(body.rank_points)
+        start = floor.min_rank_points if floor is not None else 0
+        span = max(1, target.min_rank_points - start)
+        progress = {
+            "next": target.name,
+            "need": target.min_rank_points - body.rank_points,
+            "percent": min(100, max(0, round(100 * (body.rank_points - start) / span))),
+        }
+    history = container.read_models.history(user_id, 50)
+    return {"member": body, "progress": progress, "history": history, "missing": None}
+
+
+def _member_context(container: Container, user_id: str) -> dict[str, Any]:
+    problem = user_id_problem(user_id) if user_id else None
+    if not user_id or problem:
+        return {"user_id": user_id, "invalid": problem, "member": None, "missing": None}
+    return {"user_id": user_id, "invalid": None, **member_view(container, user_id)}
+
+
+@router.get("/members")
+async def members_page(
+    request: Request,
+    container: ContainerDep,
+    session: SessionDep,
+    user_id: str = "",
+) -> Response:
+    context = await run_in_threadpool(_member_context, container, user_id.strip())
+    return render(
+        request,
+        "member.html",
+        session=session,
+        page="members",
+        adjustment_id=uuid.uuid4().hex,
+        result=None,
+        **context,
+    )
+
+
+def _int(form: Mapping[str, str], name: str, *, minimum: int | None = None) -> int:
+    text = form.get(name, "").strip()
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConsoleProblem(
+            422, "validation_error", f"{name.replace('_', ' ')} must be a whole number"
+        ) from None
+    if minimum is not None and value < minimum:
+        raise ConsoleProblem(
+            422, "validation_error", f"{name.replace('_', ' ')} must be at least {minimum}"
+        )
+    return value
+
+
+def _text(form: Mapping[str, str], name: str, label: str, max_length: int = 128) -> str:
+    value = form.get(name, "").strip()
+    if not value:
+        raise ConsoleProblem(422, "validation_error", f"{label} is required")
+    if len(value) > max_length:
+        raise ConsoleProblem(
+            422, "validation_error", f"{label} has at most {max_length} characters"
+        )
+    return value
+
+
+def _member_action(
+    container: Container, session: ConsoleSession, action: str, form: Mapping[str, str]
+) -> tuple[str, str]:
+    """Run ``action`` on the member named by the form; (message, member user id)."""
+    user_id = form.get("user_id", "")
+    problem = user_id_problem(user_id)
+    if problem:
+        raise ConsoleProblem(422, "validation_error", f"user id: {problem}")
+    source = session.principal.name
+    spending = container.spending
+    if action == "spend":
+        order_id = _text(form, "order_id", "order id")
+        result = spending.spend(user_id, order_id, _int(form, "amount", minimum=1), source)
+        return f"spent {result.amount} on order {result.order_id}", user_id
+    if action == "refund":
+        order_id = _text(form, "order_id", "order id")
+        result = spending.refund(user_id, order_id, source)
+        return f"refunded {result.amount} of order {result.order_id}", user_id
+    reason = _text(form, "reason", "a reason", 256)
+    currency = _int(form, "currency")
+    rank_points = _int(form, "rank_points")
+    adjustment_id = _text(form, "adjustment_id", "adjustment id")
+    ranks = container.rules.current().ranks
+    spending.adjust(user_id, adjustment_id, currency, rank_points, reason, ranks, source)
+    return f"adjusted by {currency:+d} currency and {rank_points:+d} rank points", user_id
+
+
+@router.post("/members/{action}")
+async def member_action(
+    action: str,
+    request: Request,
+    container: ContainerDep,
+    session: SessionDep,
+    form: FormDep,
+) -> Response:
+    if action not in ("spend", "refund", "adjust"):
+        raise ConsoleProblem(404, "not_found")
+    user_id = form.get("user_id", "")
+
+    def work() -> tuple[int, dict[str, Any]]:
+        try:
+            message, _ = _member_action(container, session, action, form)
+            status, outcome = 200, {"ok": True, "message": message}
+        except (ApiProblem, DomainError) as exc:
+            problem = _problem(exc)
+            status, outcome = problem.status, {"ok": False, "message": _message(problem)}
+        return status, {**outcome, **_member_context(container, user_id)}
+
+    status, context = await run_in_threadpool(work)
+    context.update(action=action, adjustment_id=uuid.uuid4().hex)
+    if _is_htmx(request):
+        return render(request, "_member_result.html", status, session=session, **context)
+    result = {"action": action, "ok": context["ok"], "message": context["message"]}
+    context.update(result=result)
+    return render(request, "member.html", status, session=session, page="members", **context)
+
+
+# -------------------------------------------------------------------------------- rules
+
+
+def _rules_context(container: Container, text: str | None = None) -> dict[str, Any]:
+    current = container.rules.current()
+    return {
+        "current": current,
+        "text": text if text is not None else json.dumps(rule_set_to_wire(current), indent=2),
+        "versions": container.rules.versions(),
+    }
+
+
+@router.get("/rules")
+async def rules_page(request: Request, container: ContainerDep, session: SessionDep) -> Response:
+    context = await run_in_threadpool(_rules_context, container)
+    return render(
+        request, "rules.html", session=session, page="rules", errors=[], saved=None, **context
+    )
+
+
+@router.get("/rules/versions/{version}")
+async def rules_version(
+    version: int, request: Request, container: ContainerDep, session: SessionDep
+) -> Response:
+    found = await run_in_threadpool(container.rules.version, version)
+    if found is None:
+        raise ConsoleProblem(404, "not_found", "no such rules version")
+    text = json.dumps(rule_set_to_wire(found), indent=2)
+    return render(
+        request, "rules_version.html", session=session, page="rules", version=version, text=text
+    )
+
+
+def parse_rules_text(text: str) -> tuple[dict[str, Any] | None, list[dict[str, str]]]:
+    """The editor's JSON as an object, or the errors that stop it (with line and column)."""
+    try:
+        wire = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return None, [{"loc": f"line {exc.lineno}, column {exc.colno}", "msg": exc.msg}]
+    if not isinstance(wire, dict):
+        return None, [{"loc": "(document)", "msg": "must be a JSON object"}]
+    return wire, []
+
+
+@router.post("/rules")
+async def save_rules(
+    request: Request, container: ContainerDep, session: SessionDep, form: FormDep
+) -> Response:
+    text = form.get("rules", "")
+
+    def work() -> tuple[int, list[dict[str, str]], int | None]:
+        wire, errors = parse_rules_text(text)
+        if wire is None:
+            return 422, errors, None
+        try:
+            saved = container.rules.put(wire)
+        except InvalidRules as exc:
+            return (
+                422,
+                [{"loc": loc or "(document)", "msg": msg} for loc, msg in exc.problems],
+                None,
+            )
+        return 200, [], saved.version
+
+    status, errors, saved = await run_in_threadpool(work)
+    context = await run_in_threadpool(_rules_context, container, None if saved else text)
+    return render(
+        request,
+        "rules.html",
+        status,
+        session=session,
+        page="rules",
+        errors=errors,
+        saved=saved,
+        **context,
+    )
+
+
+# ---------------------------------------------------------------------------- forget-me
+
+
+@router.get("/forget")
+async def forget_page(request: Request, session: SessionDep) -> Response:
+    return render(request, "forget.html", session=session, page="forget", error=None)
+
+
+@router.post("/forget")
+async def forget_request(
+    request: Request, container: ContainerDep, session: SessionDep, form: FormDep
+) -> Response:
+    user_id = form.get("user_id", "")
+    problem = user_id_problem(user_id)
+    if problem:
+        return render(
+            request, "forget.html", 422, session=session, page="forget", error=f"user id: {problem}"
+        )
+    created = await run_in_threadpool(container.forget.request, user_id)
+    container.metrics.forget_requests.labels(status="requested").inc()
+    return RedirectResponse(f"{PREFIX}/forget/{created.request_id}", status_code=303)
+
+
+@router.get("/forget/lookup")
+async def forget_lookup(request_id: str = "") -> Response:
+    request_id = request_id.strip().lower()
+    if (
+        not request_id
+        or len(request_id) != 32
+        or any(c not in "0123456789abcdef" for c in request_id)
+    ):
+        raise ConsoleProblem(404, "forget_request_not_found", "no such forget request")
+    return RedirectResponse(f"{PREFIX}/forget/{request_id}", status_code=303)
+
+
+@router.get("/forget/{request_id}")
+async def forget_receipt(
+    request_id: str, request: Request, container: ContainerDep, session: SessionDep
+) -> Response:
+    found = None
+    if len(request_id) == 32 and all(c in "0123456789abcdef" for c in request_id):
+        found = await run_in_threadpool(container.forget.status, request_id)
+    if found is None:
+        raise ConsoleProblem(404, "forget_request_not_found", "no such forget request")
+    template = "_forget_receipt.html" if _is_htmx(request) else "forget_receipt.html"
+    return render(request, template, session=session, page="forget", receipt=found)
+
+
+# --------------------------------------------------------------------------------- keys
+
+
+@router.get("/keys")
+async def keys_page(request: Request, container: ContainerDep, session: SessionDep) -> Response:
+    keys = await run_in_threadpool(container.keys.list)
+    return render(
+        request, "keys.html", session=session, page="keys", keys=keys, created=None, error=None
+    )
+
+
+@router.post("/keys")
+async def create_key(
+    request: Request, container: ContainerDep, session: SessionDep, form: FormDep
+) -> Response:
+    name = form.get("name", "").strip()
+    created = error = None
+    status = 200
+    try:
+        role = Role(form.get("role", ""))
+        if not NAME_PATTERN.match(name):
+            raise ValueError("name: 1-128 characters of A-Z a-z 0-9 _ . -")
+        created = await run_in_threadpool(container.keys.create, role, name)
+    except ValueError as exc:
+        error, status = str(exc), 422
+    keys = await run_in_threadpool(container.keys.list)
+    return render(
+        request,
+        "keys.html",
+        status,
+        session=session,
+        page="keys",
+        keys=keys,
+        created=created,
+        error=error,
+    )
+
+
+@router.post("/keys/{key_id}/revoke")
+async def revoke_key(
+    key_id: str, request: Request, container: ContainerDep, session: SessionDep, _form: FormDep
+) -> Response:
+    if not KEY_PATTERN.match(f"lk_{key_id}_{'A' * 43}"):
+        raise ConsoleProblem(404, "not_found", "no such key")
+    await run_in_threadpool(container.keys.revoke, key_id)
+    return RedirectResponse(f"{PREFIX}/keys", status_code=303)
+
+
+# ----------------------------------------------------------------------------- webhooks
+
+
+def _webhooks_context(container: Container) -> dict[str, Any]:
+    admin = container.webhooks
+    assert admin is not None
+    return {
+        "subscriptions": admin.subscriptions(),
+        "backlog": admin.backlog(),
+        "dead_letters": admin.dead_letters(),
+    }
+
+
+@router.get("/webhooks")
+async def webhooks_page(request: Request, container: ContainerDep, session: SessionDep) -> Response:
+    context = await run_in_threadpool(_webhooks_context, container)
+    return render(
+        request,
+        "webhooks.html",
+        session=session,
+        page="webhooks",
+        created=None,
+        error=None,
+        replayed=None,
+        **context,
+    )
+
+
+@router.post("/webhooks")
+async def create_webhook(
+    request: Request, container: ContainerDep, session: SessionDep, form: FormDep
+) -> Response:
+    admin = container.webhooks
+    assert admin is not None
+    types = [t for t in request.state.form_lists.get("event_type", []) if t]
+    created = error = None
+    status = 201
+    try:
+        created = await run_in_threadpool(admin.create, form.get("url", "").strip(), types)
+    except ValueError as exc:
+        error, status = str(exc), 422
+    context = await run_in_threadpool(_webhooks_context, container)
+    return render(
+        request,
+        "webhooks.html",
+        status,
+        session=session,
+        page="webhooks",
+        created=created,
+        error=error,
+        replayed=None,
+        **context,
+    )
+
+
+@router.post("/webhooks/{subscription_id}/delete")
+async def delete_webhook(
+    subscription_id: str, container: ContainerDep, _session: SessionDep, _form: FormDep
+) -> Response:
+    admin = container.webhooks
+    assert admin is not None
+    await run_in_threadpool(admin.delete, subscription_id)
+    return RedirectResponse(f"{PREFIX}/webhooks", status_code=303)
+
+
+@router.post("/webhooks/replay")
+async def replay_dead_letters(
+    request: Request, container: ContainerDep, session: SessionDep, _form: FormDep
+) -> Response:
+    admin, factory = container.webhooks, container.webhook_sender
+    assert admin is not None and factory is not None
+
+    def work() -> tuple[int, int]:
+        sender = factory()
+        try:
+            return admin.replay(sender)
+        finally:
+            sender.close()
+
+    replayed = await run_in_threadpool(work)
+    context = await run_in_threadpool(_webhooks_context, container)
+    return render(
+        request,
+        "webhooks.html",
+        session=session,
+        page="webhooks",
+        created=None,
+        error=None,
+        replayed=replayed,
+        **context,
+    )
+
+
+# ------------------------------------------------------------------------------ install
+
+
+def install_console(app: FastAPI) -> None:
+    """``/console`` (pages), ``/console/static`` (vendored htmx, the stylesheet), and
+    the answers to a missing session and to errors (an HTML page, never JSON)."""
+
+    async def sign_in_required(request: Request, _exc: Exception) -> Response:
+        target = f"{PREFIX}/sign-in"
+        if _is_htmx(request):
+            return Response(status_code=401, headers={"HX-Redirect": target})
+        return RedirectResponse(target, status_code=303)
+
+    async def console_problem(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ConsoleProblem)
+        template = "_problem.html" if _is_htmx(request) else "error.html"
+        return render(request, template, exc.status, problem=exc, session=None)
+
+    app.add_exception_handler(SignInRequired, sign_in_required)
+    app.add_exception_handler(ConsoleProblem, console_problem)
+    app.include_router(router)
+    app.mount(f"{PREFIX}/static", StaticFiles(directory=STATIC), name="console-static")
