@@ -234,6 +234,15 @@ class SqlErasureStore:
             ).all()
         return [self._request(r) for r in rows]
 
+    def recent_requests(self, limit: int) -> list[ForgetRequest]:
+        with self._db.read() as conn:
+            rows = conn.execute(
+                self._select()
+                .order_by(forget_requests.c.requested_at.desc(), forget_requests.c.request_id)
+                .limit(limit)
+            ).all()
+        return [self._request(r) for r in rows]
+
     def record_step(self, request_id: str, step: str, erased: dict[str, int]) -> None:
         """Record ``step`` as done, only if it moves the request forward: a second runner
         (one whose lease died under it) must never move a request back to a step before

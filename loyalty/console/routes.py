@@ -301,17 +301,7 @@ def _accepted_total(container: Container) -> float:
     return total
 
 
-_rates: dict[int, IngestRate] = {}
-
-
-def _ingest_rate(container: Container) -> IngestRate:
-    rate = _rates.get(id(container))
-    if rate is None:
-        rate = _rates.setdefault(id(container), IngestRate(lambda: _accepted_total(container)))
-    return rate
-
-
-def dashboard_data(container: Container) -> dict[str, Any]:
+def dashboard_data(container: Container, ingest_rate: IngestRate) -> dict[str, Any]:
     settings = container.settings
     now = container.clock()
     today = now.replace(hour=0, minute=0, second=0, microsecond=0)
@@ -335,7 +325,7 @@ def dashboard_data(container: Container) -> dict[str, Any]:
         alerts.append(f"{pipeline.quarantined_events} account events quarantined (loyalty doctor)")
     return {
         "now": now,
-        "ingest_rate": _ingest_rate(container).rate(),
+        "ingest_rate": ingest_rate.rate(),
         "pipeline": pipeline,
         "lag": lag,
         "awarded_today": totals.get("award", 0),
@@ -355,7 +345,7 @@ def dashboard_data(container: Container) -> dict[str, Any]:
 
 @router.get("/")
 async def dashboard(request: Request, container: ContainerDep, session: SessionDep) -> Response:
-    data = await run_in_threadpool(dashboard_data, container)
+    data = await run_in_threadpool(dashboard_data, container, request.app.state.console_rate)
     return render(request, "dashboard.html", session=session, page="dashboard", **data)
 
 
@@ -363,7 +353,7 @@ async def dashboard(request: Request, container: ContainerDep, session: SessionD
 async def dashboard_live(
     request: Request, container: ContainerDep, session: SessionDep
 ) -> Response:
-    data = await run_in_threadpool(dashboard_data, container)
+    data = await run_in_threadpool(dashboard_data, container, request.app.state.console_rate)
     return render(request, "_dashboard_live.html", session=session, **data)
 
 
@@ -585,8 +575,9 @@ async def save_rules(
 
 
 @router.get("/forget")
-async def forget_page(request: Request, session: SessionDep) -> Response:
-    return render(request, "forget.html", session=session, page="forget", error=None)
+async def forget_page(request: Request, container: ContainerDep, session: SessionDep) -> Response:
+    recent = await run_in_threadpool(container.forget.recent)
+    return render(request, "forget.html", session=session, page="forget", error=None, recent=recent)
 
 
 @router.post("/forget")
@@ -596,8 +587,15 @@ async def forget_request(
     user_id = form.get("user_id", "")
     problem = user_id_problem(user_id)
     if problem:
+        recent = await run_in_threadpool(container.forget.recent)
         return render(
-            request, "forget.html", 422, session=session, page="forget", error=f"user id: {problem}"
+            request,
+            "forget.html",
+            422,
+            session=session,
+            page="forget",
+            error=f"user id: {problem}",
+            recent=recent,
         )
     created = await run_in_threadpool(container.forget.request, user_id)
     container.metrics.forget_requests.labels(status="requested").inc()
@@ -790,5 +788,7 @@ def install_console(app: FastAPI) -> None:
 
     app.add_exception_handler(SignInRequired, sign_in_required)
     app.add_exception_handler(ConsoleProblem, console_problem)
+    container: Container = app.state.container
+    app.state.console_rate = IngestRate(lambda: _accepted_total(container))
     app.include_router(router)
     app.mount(f"{PREFIX}/static", StaticFiles(directory=STATIC), name="console-static")

@@ -358,6 +358,8 @@ def test_forget_me_request_progress_and_receipt_without_the_user_id(
     done = client.get(receipt_path, headers={"HX-Request": "true"})
     assert 'id="forget-status">completed<' in done.text and "every 1s" not in done.text
     assert user not in done.text and 'id="erased"' in done.text
+    listed = client.get("/console/forget").text
+    assert receipt_path in listed and user not in listed  # in the receipts, without the id
     looked_up = client.get("/console/forget/lookup", params={"request_id": receipt_path[-32:]})
     assert looked_up.url.path == receipt_path
     bad = client.post("/console/forget", data={"csrf": csrf, "user_id": "a/b"})

@@ -19,6 +19,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +162,7 @@ def test_an_operator_runs_the_loyalty_programme_from_the_console(
     base, keys, output = live
     member = f"member-{uuid.uuid4().hex[:12]}"
     forgotten = f"forget-{uuid.uuid4().hex[:12]}"
+    player = f"player-{uuid.uuid4().hex[:12]}"
     visit = Visit(browser, base)
     page = visit.page
 
@@ -193,6 +195,19 @@ def test_an_operator_runs_the_loyalty_programme_from_the_console(
     page.wait_for_function(
         "t => [...document.querySelectorAll('#live time')].pop().textContent !== t",
         arg=first,
+        timeout=15_000,
+    )
+    # events arrive: the ingest rate and the waiting events show it, still no reload
+    now = datetime.now(UTC).isoformat()
+    events = [
+        {"event_id": f"e{i}", "user_id": player, "type": "logged_on", "occurred_at": now}
+        for i in range(50)
+    ]
+    ingest = {"Authorization": f"Bearer {keys['ingest']}"}
+    answer = httpx.post(base + "/v1/ingress/batches", json={"events": events}, headers=ingest)
+    assert answer.status_code == 202
+    page.wait_for_function(
+        "() => parseFloat(document.querySelector('#ingest-rate').textContent) > 0",
         timeout=15_000,
     )
     assert page.evaluate("window.stillTheSamePage") is True  # refreshed without reloading
@@ -298,6 +313,6 @@ def test_an_operator_runs_the_loyalty_programme_from_the_console(
     # the key never reached the browser's storage, and the server logged no user id or key
     log = output()
     assert "Uvicorn running" in log
-    for secret in [member, forgotten, *keys.values(), new_key]:
+    for secret in [member, forgotten, player, *keys.values(), new_key]:
         assert secret not in log
         assert secret.split("_", 2)[-1] not in log
