@@ -189,6 +189,14 @@ def test_an_operator_runs_the_loyalty_programme_from_the_console(
     # the operator signs in from the keyboard; the dashboard refreshes by itself
     sign_in_by_keyboard(page, keys["operator"])
     assert page.url == base + "/console/", page.content()
+    # the browser holds a session id only: not the key, in no cookie or storage
+    held = page.evaluate(
+        "() => document.cookie + JSON.stringify(localStorage) + JSON.stringify(sessionStorage)"
+    )
+    cookies = visit.context.cookies()
+    assert [c["name"] for c in cookies] == ["loyalty_console"] and cookies[0]["httpOnly"]
+    for secret in (keys["operator"], keys["operator"].split("_", 2)[2]):
+        assert secret not in held and all(secret not in c["value"] for c in cookies)
     assert page.locator("h1").inner_text() == "Dashboard"
     page.evaluate("window.stillTheSamePage = true")
     first = page.locator("#live time").last.inner_text()
