@@ -23,6 +23,7 @@ MODULES = [
     "benchmarks.member_load",
     "benchmarks.delivery",
     "benchmarks.durable_growth",
+    "benchmarks.console",
 ]
 
 

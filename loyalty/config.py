@@ -133,6 +133,13 @@ class Settings(BaseSettings):
     console_alert_dead_letters: int = Field(
         1, ge=1, description="the console alerts at this many webhook dead letters"
     )
+    console_figures_seconds: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description="the console dashboard recomputes today's totals, outstanding currency "
+        "and storage at most this often (they scan tables; the rest is live)",
+    )
     log_format: Literal["text", "json"] = Field(
         "text", description="log lines on stderr (json: one object per line)"
     )

@@ -597,6 +597,9 @@ class WebhookAdmin:
     def dead_letters(self, subscription_id: str | None = None) -> list[DeadLetter]:
         return self._store.dead_letters(subscription_id)
 
+    def dead_letter_count(self) -> int:
+        return self._store.dead_letter_count()
+
     def backlog(self) -> dict[str, int]:
         """Per subscription id: account events committed and not yet delivered (the
         log's head minus the subscription's cursor)."""

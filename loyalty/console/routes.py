@@ -27,6 +27,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -301,18 +302,58 @@ def _accepted_total(container: Container) -> float:
     return total
 
 
-def dashboard_data(container: Container, ingest_rate: IngestRate) -> dict[str, Any]:
+class Figures:
+    """The dashboard's costly figures (today's totals and outstanding currency scan the
+    read models, the storage report counts every table), computed at most once per
+    ``ttl`` seconds per process however many dashboards poll; the rest is live."""
+
+    def __init__(self, ttl: float = 30.0) -> None:
+        self.ttl = ttl
+        self._value: tuple[float, dict[str, Any]] | None = None
+        self._lock = threading.Lock()
+
+    def get(self, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        with self._lock:  # one computation at a time; the others wait for its result
+            found = self._value
+            if found is None or time.monotonic() - found[0] >= self.ttl:
+                found = (time.monotonic(), compute())
+                self._value = found
+            return found[1]
+
+
+@dataclass
+class ConsoleState:
+    """Per app: the ingest-rate sampler and the cached figures of the dashboard."""
+
+    rate: IngestRate
+    figures: Figures = field(default_factory=Figures)
+
+
+def slow_figures(container: Container) -> dict[str, Any]:
+    now = container.clock()
+    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    totals = container.read_models.totals_since(today)
+    members, outstanding = container.read_models.outstanding_currency()
+    return {
+        "figures_at": now,
+        "awarded_today": totals.get("award", 0),
+        "spent_today": -totals.get("spend", 0),
+        "refunded_today": totals.get("refund", 0),
+        "members": members,
+        "outstanding": outstanding,
+        "storage": storage_report(container.db),
+    }
+
+
+def dashboard_data(container: Container, state: ConsoleState) -> dict[str, Any]:
     settings = container.settings
     now = container.clock()
     today = now.replace(hour=0, minute=0, second=0, microsecond=0)
     pipeline = pipeline_status(container)
-    totals = container.read_models.totals_since(today)
-    members, outstanding = container.read_models.outstanding_currency()
-    storage = storage_report(container.db)
     admin = container.webhooks
     subscriptions = admin.subscriptions() if admin else []
     backlog = admin.backlog() if admin else {}
-    dead_letters = len(admin.dead_letters()) if admin else 0
+    dead_letters = admin.dead_letter_count() if admin else 0
     lag = pipeline.oldest_pending_age_s or 0.0
     alerts = []
     if lag > settings.console_alert_lag_seconds:
@@ -325,17 +366,13 @@ def dashboard_data(container: Container, ingest_rate: IngestRate) -> dict[str, A
         alerts.append(f"{pipeline.quarantined_events} account events quarantined (loyalty doctor)")
     return {
         "now": now,
-        "ingest_rate": ingest_rate.rate(),
+        "ingest_rate": state.rate.rate(),
         "pipeline": pipeline,
         "lag": lag,
-        "awarded_today": totals.get("award", 0),
-        "spent_today": -totals.get("spend", 0),
-        "refunded_today": totals.get("refund", 0),
-        "members": members,
-        "outstanding": outstanding,
-        "storage": storage,
+        **state.figures.get(lambda: slow_figures(container)),
         "horizon": (today - timedelta(days=settings.retention_days)).date(),
         "retention_days": settings.retention_days,
+        "figures_seconds": state.figures.ttl,
         "subscriptions": len(subscriptions),
         "backlog": sum(backlog.values()),
         "dead_letters": dead_letters,
@@ -345,7 +382,7 @@ def dashboard_data(container: Container, ingest_rate: IngestRate) -> dict[str, A
 
 @router.get("/")
 async def dashboard(request: Request, container: ContainerDep, session: SessionDep) -> Response:
-    data = await run_in_threadpool(dashboard_data, container, request.app.state.console_rate)
+    data = await run_in_threadpool(dashboard_data, container, request.app.state.console)
     return render(request, "dashboard.html", session=session, page="dashboard", **data)
 
 
@@ -353,7 +390,7 @@ async def dashboard(request: Request, container: ContainerDep, session: SessionD
 async def dashboard_live(
     request: Request, container: ContainerDep, session: SessionDep
 ) -> Response:
-    data = await run_in_threadpool(dashboard_data, container, request.app.state.console_rate)
+    data = await run_in_threadpool(dashboard_data, container, request.app.state.console)
     return render(request, "_dashboard_live.html", session=session, **data)
 
 
@@ -789,6 +826,9 @@ def install_console(app: FastAPI) -> None:
     app.add_exception_handler(SignInRequired, sign_in_required)
     app.add_exception_handler(ConsoleProblem, console_problem)
     container: Container = app.state.container
-    app.state.console_rate = IngestRate(lambda: _accepted_total(container))
+    app.state.console = ConsoleState(
+        IngestRate(lambda: _accepted_total(container)),
+        Figures(container.settings.console_figures_seconds),
+    )
     app.include_router(router)
     app.mount(f"{PREFIX}/static", StaticFiles(directory=STATIC), name="console-static")

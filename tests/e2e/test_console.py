@@ -418,7 +418,9 @@ def test_dashboard_shows_todays_totals_outstanding_currency_and_lag_alerts(
 ) -> None:
     from loyalty.worker import build_projection
 
-    alerting = settings.model_copy(update={"console_alert_lag_seconds": 0.0})
+    alerting = settings.model_copy(
+        update={"console_alert_lag_seconds": 0.0, "console_figures_seconds": 0.0}
+    )
     with TestClient(create_app(alerting, db=db, clock=clock)) as client:
         csrf = sign_in(client, operator)
         act(
