@@ -48,6 +48,7 @@ from loyalty.api.problems import ApiProblem, to_problem
 from loyalty.api.routes.members import member_body
 from loyalty.api.routes.operations import pipeline_status
 from loyalty.application.delivery import EVENT_TYPES
+from loyalty.console.locate import line_of
 from loyalty.domain.errors import DomainError, InvalidRules
 from loyalty.domain.rules import rule_set_to_wire
 from loyalty.domain.user_ids import user_id_problem
@@ -563,15 +564,24 @@ async def rules_version(
     )
 
 
-def parse_rules_text(text: str) -> tuple[dict[str, Any] | None, list[dict[str, str]]]:
+def parse_rules_text(text: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """The editor's JSON as an object, or the errors that stop it (with line and column)."""
     try:
         wire = json.loads(text)
     except json.JSONDecodeError as exc:
-        return None, [{"loc": f"line {exc.lineno}, column {exc.colno}", "msg": exc.msg}]
+        where = f"line {exc.lineno}, column {exc.colno}"
+        return None, [{"loc": where, "msg": exc.msg, "line": exc.lineno}]
     if not isinstance(wire, dict):
-        return None, [{"loc": "(document)", "msg": "must be a JSON object"}]
+        return None, [{"loc": "(document)", "msg": "must be a JSON object", "line": 1}]
     return wire, []
+
+
+def located(text: str, exc: InvalidRules) -> list[dict[str, Any]]:
+    """The problems of a rules document, each with the line of the editor it is about."""
+    return [
+        {"loc": loc or "(document)", "msg": msg, "line": line_of(text, loc)}
+        for loc, msg in exc.problems
+    ]
 
 
 @router.post("/rules")
@@ -580,18 +590,14 @@ async def save_rules(
 ) -> Response:
     text = form.get("rules", "")
 
-    def work() -> tuple[int, list[dict[str, str]], int | None]:
+    def work() -> tuple[int, list[dict[str, Any]], int | None]:
         wire, errors = parse_rules_text(text)
         if wire is None:
             return 422, errors, None
         try:
             saved = container.rules.put(wire)
         except InvalidRules as exc:
-            return (
-                422,
-                [{"loc": loc or "(document)", "msg": msg} for loc, msg in exc.problems],
-                None,
-            )
+            return 422, located(text, exc), None
         return 200, [], saved.version
 
     status, errors, saved = await run_in_threadpool(work)

@@ -324,6 +324,8 @@ def test_rules_editor_shows_errors_at_the_field_then_saves_a_version(
     assert answer.status_code == 422
     assert "<code>ranks[0].name</code>: must be a non-empty string" in answer.text
     assert "<code>ranks[0].min_rank_points</code>: must be &gt;= 0" in answer.text
+    line = invalid.splitlines().index(next(x for x in invalid.splitlines() if '"ranks": [' in x))
+    assert f'data-line="{line + 1}" aria-controls="rules-text">line {line + 1}<' in answer.text
     saved = client.post("/console/rules", data={"csrf": csrf, "rules": current})
     assert saved.status_code == 200 and "Saved as version 2." in saved.text
     assert 'id="rules-version">2<' in saved.text and "version 1</a>" in saved.text

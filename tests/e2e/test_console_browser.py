@@ -269,6 +269,13 @@ def test_an_operator_runs_the_loyalty_programme_from_the_console(
     )
     assert page.get_attribute("#rules-text", "aria-invalid") == "true"
     assert page.get_attribute("#rules-text", "aria-describedby") == "rules-errors"
+    page.click("#rules-errors button[data-line]")  # to the error's line in the editor
+    selected = page.evaluate(
+        "() => { const t = document.getElementById('rules-text');"
+        " return t.value.slice(t.selectionStart, t.selectionEnd); }"
+    )
+    assert '"ranks": [' in selected
+    assert page.evaluate("() => document.activeElement.id") == "rules-text"
     visit.check("rules-error")
     page.fill("#rules-text", re.sub(r'"bronze"', '"copper"', original, count=1))
     page.click("#rules-form button[type=submit]")
