@@ -836,5 +836,10 @@ def install_console(app: FastAPI) -> None:
         IngestRate(lambda: _accepted_total(container)),
         Figures(container.settings.console_figures_seconds),
     )
+
+    async def console_root() -> Response:
+        return RedirectResponse(f"{PREFIX}/", status_code=308)
+
+    app.add_api_route(PREFIX, console_root, include_in_schema=False)
     app.include_router(router)
     app.mount(f"{PREFIX}/static", StaticFiles(directory=STATIC), name="console-static")

@@ -115,6 +115,8 @@ def test_every_page_loads_only_its_own_assets_under_a_strict_csp(
 def test_the_console_is_not_in_the_openapi_schema(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     assert not [p for p in paths if p.startswith("/console")]
+    bare = client.get("/console", follow_redirects=False)  # the address one types
+    assert bare.status_code == 308 and bare.headers["location"] == "/console/"
 
 
 # ------------------------------------------------------------------------- sign-in
