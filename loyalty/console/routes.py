@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 import secrets
 import threading
 import time
@@ -40,7 +41,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.staticfiles import StaticFiles
 
 from loyalty.adapters.console_sessions import ConsoleSession, ConsoleSessions
-from loyalty.adapters.keys import KEY_PATTERN, NAME_PATTERN, Role
+from loyalty.adapters.keys import NAME_PATTERN, Role
 from loyalty.adapters.storage import storage_report
 from loyalty.api.deps import Container, ContainerDep
 from loyalty.api.guards import BodyProblem, read_limited_body
@@ -60,6 +61,9 @@ COOKIE = "loyalty_console"
 PRE_COOKIE = "loyalty_console_signin"
 """The sign-in form's double-submit token (no session exists yet)."""
 CSRF_HEADER = "x-csrf-token"
+HEX32 = re.compile(r"^[0-9a-f]{32}$")
+"""A forget request's or a webhook subscription's id."""
+KEY_ID = re.compile(r"^[0-9a-f]{16}$")
 CSP = "; ".join(
     [
         "default-src 'none'",
@@ -646,13 +650,9 @@ async def forget_request(
 
 
 @router.get("/forget/lookup")
-async def forget_lookup(request_id: str = "") -> Response:
+async def forget_lookup(_session: SessionDep, request_id: str = "") -> Response:
     request_id = request_id.strip().lower()
-    if (
-        not request_id
-        or len(request_id) != 32
-        or any(c not in "0123456789abcdef" for c in request_id)
-    ):
+    if not HEX32.match(request_id):
         raise ConsoleProblem(404, "forget_request_not_found", "no such forget request")
     return RedirectResponse(f"{PREFIX}/forget/{request_id}", status_code=303)
 
@@ -662,7 +662,7 @@ async def forget_receipt(
     request_id: str, request: Request, container: ContainerDep, session: SessionDep
 ) -> Response:
     found = None
-    if len(request_id) == 32 and all(c in "0123456789abcdef" for c in request_id):
+    if HEX32.match(request_id):
         found = await run_in_threadpool(container.forget.status, request_id)
     if found is None:
         raise ConsoleProblem(404, "forget_request_not_found", "no such forget request")
@@ -712,7 +712,7 @@ async def create_key(
 async def revoke_key(
     key_id: str, request: Request, container: ContainerDep, session: SessionDep, _form: FormDep
 ) -> Response:
-    if not KEY_PATTERN.match(f"lk_{key_id}_{'A' * 43}"):
+    if not KEY_ID.match(key_id):
         raise ConsoleProblem(404, "not_found", "no such key")
     await run_in_threadpool(container.keys.revoke, key_id)
     return RedirectResponse(f"{PREFIX}/keys", status_code=303)
@@ -779,6 +779,8 @@ async def delete_webhook(
 ) -> Response:
     admin = container.webhooks
     assert admin is not None
+    if not HEX32.match(subscription_id):
+        raise ConsoleProblem(404, "webhook_not_found", "no such subscription")
     await run_in_threadpool(admin.delete, subscription_id)
     return RedirectResponse(f"{PREFIX}/webhooks", status_code=303)
 
