@@ -23,6 +23,8 @@ MODULES = [
     "benchmarks.member_load",
     "benchmarks.delivery",
     "benchmarks.durable_growth",
+    "benchmarks.reporting",
+    "benchmarks.dryrun",
     "benchmarks.console",
 ]
 

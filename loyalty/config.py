@@ -28,6 +28,13 @@ class Settings(BaseSettings):
     retention_interval_seconds: float = Field(
         3600.0, ge=0, description="how often the worker runs retention (0: never)"
     )
+    dry_run_duty: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="fraction of the time a rule dry run reads and weighs; it sleeps the "
+        "rest between chunks, so the live pipeline keeps its share of CPU (1: no pause)",
+    )
     max_batch_events: int = Field(10_000, ge=1, description="events per ingress batch")
     max_batch_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="bytes per batch body")
     max_attributes_bytes: int = Field(4096, ge=2, description="bytes of one event's attributes")
@@ -142,6 +149,12 @@ class Settings(BaseSettings):
     )
     log_format: Literal["text", "json"] = Field(
         "text", description="log lines on stderr (json: one object per line)"
+    )
+    export_pseudonym_key: SecretStr | None = Field(
+        None,
+        description="secret of `loyalty export`'s member pseudonyms (HMAC-SHA256 of the user "
+        "id), at least 32 characters; unset: account events are not exported",
+        min_length=32,
     )
 
     @field_validator("database_url")

@@ -13,10 +13,12 @@ import psycopg
 import sqlalchemy as sa
 from eventsourcing.persistence import PersistenceError
 
+from loyalty.adapters.compensation_store import CompensationStore
 from loyalty.adapters.db import Database, DatabaseUnavailable, fast_pool_reconnect
 from loyalty.adapters.delivery_store import RELAY_CHANNEL, SqlDeliveryStore
 from loyalty.adapters.erasure_store import SqlErasureStore
 from loyalty.adapters.event_store import event_store_env, stream_loader, worker_env
+from loyalty.adapters.explanation_store import ExplanationStore
 from loyalty.adapters.ingress_log import create_ingress_log, pending_stats
 from loyalty.adapters.pending_store import PendingTable
 from loyalty.adapters.pipeline_store import PipelineStore, ShardLeases
@@ -24,7 +26,8 @@ from loyalty.adapters.read_models import ReadModels
 from loyalty.adapters.retention_store import create_retention_store
 from loyalty.adapters.rules_store import RulesStore
 from loyalty.adapters.webhook_sender import HttpWebhookSender, check_url
-from loyalty.application.accounts import Accounts, Members
+from loyalty.application.accounts import Accounts, Members, Spending
+from loyalty.application.compensation import Compensation
 from loyalty.application.delivery import (
     CursorLoop,
     EventFeed,
@@ -32,6 +35,7 @@ from loyalty.application.delivery import (
     WebhookAdmin,
     WebhookDispatcher,
 )
+from loyalty.application.dryrun import DryRun
 from loyalty.application.erasure import ForgetService, MarkerCache
 from loyalty.application.pipeline import LagProbe, Pipeline, Worker
 from loyalty.application.projections import MemberProjection, ProjectionWorker
@@ -54,6 +58,40 @@ RETRY_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def build_dry_run(
+    db: Database,
+    settings: Settings,
+    rules: RulesStore | None = None,
+    clock: Callable[[], datetime] | None = None,
+) -> DryRun:
+    """The rule dry run over this database's retained ingress (read-only)."""
+    return DryRun(
+        create_ingress_log(db),
+        rules or RulesStore(db),
+        ReadModels(db).rank_points_of,
+        retention_days=settings.retention_days,
+        shard_count=settings.shard_count,
+        clock=clock or (lambda: datetime.now(UTC)),
+        duty=settings.dry_run_duty,
+    )
+
+
+def build_compensation(db: Database, members: Members | None = None) -> Compensation:
+    """``loyalty rules apply --compensate``: the accounts' adjustments, the dry run's
+    weighing, the runs' table and the explanations."""
+    members = members or Members(env=event_store_env(db.settings))
+    accounts = Accounts(members, markers=marker_cache(db), pending=PendingTable(db))
+    rules = RulesStore(db)
+    return Compensation(
+        rules,
+        CompensationStore(db),
+        build_dry_run(db, db.settings, rules),
+        Spending(accounts, ranks=lambda: rules.current().ranks),
+        ExplanationStore(db),
+        clock=lambda: datetime.now(UTC),
+    )
+
+
 def parse_shards(spec: str, shard_count: int) -> list[int]:
     """'0-7', '3', '0-3,8-11' or 'all' -> shard numbers (validated)."""
     if spec.strip() == "all":
@@ -71,7 +109,11 @@ def parse_shards(spec: str, shard_count: int) -> list[int]:
 
 
 def build_pipeline(
-    db: Database, members: Members | None = None, *, metrics: Metrics | None = None
+    db: Database,
+    members: Members | None = None,
+    *,
+    metrics: Metrics | None = None,
+    rollups: bool = True,
 ) -> Pipeline:
     settings = db.settings
     fast_pool_reconnect()
@@ -94,6 +136,7 @@ def build_pipeline(
         metrics=metrics,
         forgotten_at=markers.forgotten_at,
         forgotten_any=markers.any,
+        rollups=rollups,  # off only in the benchmark that measures their cost
     )
 
 

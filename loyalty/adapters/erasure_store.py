@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import secrets
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -19,9 +19,11 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from loyalty.adapters.db import Database
+from loyalty.adapters.rollup_store import RollupStore
 from loyalty.adapters.tables import metadata
 from loyalty.application.erasure import ERASING, STEPS, ForgetRequest, Marker
 from loyalty.application.projections import TOMBSTONE as TOMBSTONE_TOPIC
+from loyalty.application.reporting import forgotten_day
 from loyalty.domain.member import Member
 
 # location name -> tables it erases the member from
@@ -37,6 +39,8 @@ LOCATIONS: dict[str, tuple[str, ...]] = {
     # events out (issue 17): dead letters of the member are erased; forget-me itself
     # adds member.forgotten notices here, deleted once each way out delivered them
     "delivery": ("webhook_dead_letters", "delivery_notices"),
+    # award explanations (issue 20): written with the stream's events, erased after it
+    "award_explanations": ("award_explanations",),
 }
 EXEMPT: dict[str, str] = {
     "alembic_version": "schema revision",
@@ -44,11 +48,17 @@ EXEMPT: dict[str, str] = {
     "rule_versions": "weighting rules",
     "pipeline_checkpoints": "positions per shard",
     "projection_tracking": "positions per projection",
-    "loyalty_meta": "the subject-hash salt",
+    "loyalty_meta": "the subject-hash salt, the member-sketch key, counters",
     "forget_markers": "salted hash and stream id only; expires with the retention window",
     "forget_requests": "receipts: request id, times, counts; no user id",
     "webhook_subscriptions": "URLs, event types and signing secrets; no member data",
     "delivery_cursors": "positions per way out (webhook subscription, relay)",
+    # reporting (issue 18): kept forever, so they must not hold anything of a member
+    "rollup_activity": "counts, exact sums and a keyed member sketch per day, source, type",
+    "rollup_accounts": "account figures per day (forget-me adds its own change)",
+    "rollup_ranks": "members per rank, changes per day",
+    "rollup_origin": "positions per shard",
+    "rule_compensations": "rule versions, periods and totals of compensation runs; no user id",
     "console_sessions": "operator console sessions: hashed id, key id, CSRF token, times",
 }
 NIL_HEX = uuid.UUID(int=0).hex
@@ -379,17 +389,43 @@ class SqlErasureStore:
             ).rowcount
             # Invalidate every projection batch read before now (see the projection).
             conn.execute(sa.text("UPDATE projection_tracking SET epoch = epoch + 1"))
+            self._forget_in_rollups(conn, user_id)
             history = conn.execute(
                 sa.text("DELETE FROM member_history WHERE user_id = :u"), {"u": user_id}
             ).rowcount
             balances = conn.execute(
                 sa.text("DELETE FROM member_balances WHERE user_id = :u"), {"u": user_id}
             ).rowcount
+            # after the stream (step event_store): no insert can add one any more
+            explanations = conn.execute(
+                sa.text("DELETE FROM award_explanations WHERE user_id = :u"), {"u": user_id}
+            ).rowcount
         return {
+            "award_explanations": int(explanations),
             "member_history": int(history),
             "member_balances": int(balances),
             "projection_quarantine": int(quarantined),
         }
+
+    def _forget_in_rollups(self, conn: sa.Connection, user_id: str) -> None:
+        """Take the member's projected balance, account and rank out of today's account
+        figures (counts only: the rollups never hold a member), in the transaction that
+        deletes the rows they were counted from."""
+        balance = conn.execute(
+            sa.text("SELECT currency FROM member_balances WHERE user_id = :u"), {"u": user_id}
+        ).scalar()
+        if balance is None:
+            return
+        rank = conn.execute(
+            sa.text(
+                "SELECT ref FROM member_history WHERE user_id = :u AND kind = 'rank_changed' "
+                "ORDER BY position DESC LIMIT 1"
+            ),
+            {"u": user_id},
+        ).scalar()
+        RollupStore(self._db).add_days(
+            conn, {datetime.now(UTC).date(): forgotten_day(int(balance), rank)}
+        )
 
     # -- events out (issue 17) ---------------------------------------------------------
     def erase_delivery(
@@ -415,7 +451,8 @@ class SqlErasureStore:
                     + LOCATIONS["pipeline_caps"]
                     + LOCATIONS["pipeline_pending"]
                     + LOCATIONS["forget_subjects"]
-                    + LOCATIONS["delivery"],
+                    + LOCATIONS["delivery"]
+                    + LOCATIONS["award_explanations"],
                 )
                 conn.execute(sa.text("VACUUM " + ", ".join(f'"{t}"' for t in tables)))
             return

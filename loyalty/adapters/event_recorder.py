@@ -40,6 +40,7 @@ recorder test cases run against both classes (tests/integration/test_event_recor
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -62,7 +63,7 @@ from psycopg.rows import DictRow
 from psycopg.sql import SQL, Identifier
 
 from loyalty.application.accounts import FENCE, StreamErased
-from loyalty.application.pending import PENDING, PendingMoved
+from loyalty.application.pending import EXPLAINED, PENDING, PendingMoved
 
 TOPIC = f"{__name__}:JsonInsertApplicationRecorder"
 SQLITE_TOPIC = f"{__name__}:GuardedSQLiteApplicationRecorder"
@@ -96,6 +97,21 @@ def _consumed(kwargs: dict[str, Any]) -> list[tuple[str, int, int]]:
     order every writer locks them in)."""
     consumed = kwargs.get(PENDING) or {}
     return sorted((u, int(p[0]), int(p[1])) for u, p in consumed.items())
+
+
+_EXPLAIN_COLUMNS = (
+    "user_id, award_id, kind, rule_version, event_count, exact_currency, exact_rank_points, "
+    "currency, rank_points, fraction_currency, fraction_rank_points, shard, from_txid, "
+    "from_seq, upto_txid, upto_seq, summary, recorded_at"
+)
+NO_SUMMARY = '{"rule_versions":[],"types":{}}'
+"""The summary of a pending row from before explanations (its sums are then partial)."""
+
+
+def _explained(kwargs: dict[str, Any]) -> list[list[Any]]:
+    """(user_id, txid, seq, award_id, currency, rank_points, fraction_currency,
+    fraction_rank_points) of the awards that record the consumed rows (see EXPLAINED)."""
+    return [list(e) for e in kwargs.get(EXPLAINED) or ()]
 
 
 def _fence(kwargs: dict[str, Any]) -> int:
@@ -172,6 +188,21 @@ class JsonInsertApplicationRecorder(PostgresApplicationRecorder):
         ).decode()
         curs.execute(query=self.insert_events_statement, params=(rows,))
         consumed = _consumed(kwargs)
+        explained = _explained(kwargs)
+        if explained:
+            # each recorded row's explanation is kept with its award (same transaction)
+            with curs.connection.cursor() as copy:
+                copy.execute(
+                    f"INSERT INTO award_explanations ({_EXPLAIN_COLUMNS}) "
+                    "SELECT p.user_id, e->>3, 'award', p.rule_version, p.event_count, "
+                    "p.currency, p.rank_points, (e->>4)::bigint, (e->>5)::bigint, e->>6, "
+                    "e->>7, p.shard, p.from_txid, p.from_seq, p.upto_txid, p.upto_seq, "
+                    "COALESCE(p.explain, %s), now() FROM pipeline_pending p "
+                    "JOIN jsonb_array_elements(%s::text::jsonb) e ON p.user_id = e->>0 "
+                    "AND p.upto_txid = (e->>1)::bigint AND p.upto_seq = (e->>2)::bigint "
+                    "ON CONFLICT (user_id, award_id) DO NOTHING",
+                    (NO_SUMMARY, orjson.dumps(explained).decode()),
+                )
         if consumed:
             # The library commits its transaction even when this method raises (it only
             # re-raises afterwards): a mismatch must fail the transaction in the database
@@ -247,6 +278,29 @@ class GuardedSQLiteApplicationRecorder(SQLiteApplicationRecorder):
         error = refusal(rows)
         if error is not None:
             raise error
+        for user_id, txid, seq, award_id, currency, points, f_currency, f_points in _explained(
+            kwargs
+        ):
+            c.execute(
+                f"INSERT INTO award_explanations ({_EXPLAIN_COLUMNS}) "
+                "SELECT user_id, ?, 'award', rule_version, event_count, currency, rank_points, "
+                "?, ?, ?, ?, shard, from_txid, from_seq, upto_txid, upto_seq, "
+                "COALESCE(explain, ?), ? "
+                "FROM pipeline_pending WHERE user_id = ? AND upto_txid = ? AND upto_seq = ? "
+                "ON CONFLICT (user_id, award_id) DO NOTHING",
+                (
+                    award_id,
+                    currency,
+                    points,
+                    f_currency,
+                    f_points,
+                    NO_SUMMARY,
+                    datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S.%f"),
+                    user_id,
+                    txid,
+                    seq,
+                ),
+            )
         moved = []
         for user_id, txid, seq in _consumed(kwargs):
             c.execute(

@@ -259,6 +259,35 @@ class PostgresIngressLog:
                 )
                 return list(map(_stored_from_row, cur.fetchall()))
 
+    def read_day(
+        self,
+        day: date,
+        shard: int,
+        after: Position,
+        limit: int,
+        received_before: datetime | None = None,
+    ) -> list[StoredIngress]:
+        """Rows of ``shard`` that occurred on ``day`` past ``after``, in (txid, seq)
+        order (the rule dry run's read: one day partition, by the read index)."""
+        received = "AND received_at < %s " if received_before is not None else ""
+        params: list[Any] = [shard, day_start(day), day_start(day + timedelta(days=1))]
+        params += [after[0], after[1]]
+        if received_before is not None:
+            params.append(received_before)
+        params.append(limit)
+        with self._db.read() as conn:
+            raw = psycopg_connection(conn)
+            with raw.cursor() as cur:
+                set_json_loads(orjson.loads, cur)
+                cur.execute(
+                    "SELECT txid, seq, shard, source, event_id, user_id, type, occurred_at, "
+                    "attributes FROM ingress_events WHERE shard = %s AND occurred_at >= %s "
+                    "AND occurred_at < %s AND (txid, seq) > (%s, %s) "
+                    f"{received}ORDER BY txid, seq LIMIT %s",
+                    params,
+                )
+                return list(map(_stored_from_row, cur.fetchall()))
+
 
 def _pending_sql(positions: dict[int, Position], placeholder: str) -> tuple[str, list[Any]]:
     """count and oldest received_at of rows past each shard's checkpoint."""
@@ -313,6 +342,50 @@ class SqliteIngressLog:
                 "attributes FROM ingress_events WHERE shard = ? AND (txid, seq) > (?, ?) "
                 "AND (txid, seq) <= (?, ?) ORDER BY txid, seq LIMIT ?",
                 (shard, after[0], after[1], upto[0], upto[1], limit),
+            )
+            return [
+                StoredIngress(
+                    r[0],
+                    r[1],
+                    r[2],
+                    r[3],
+                    r[4],
+                    r[5],
+                    r[6],
+                    datetime.fromisoformat(r[7]),
+                    orjson.loads(r[8]),
+                )
+                for r in result
+            ]
+
+    def read_day(
+        self,
+        day: date,
+        shard: int,
+        after: Position,
+        limit: int,
+        received_before: datetime | None = None,
+    ) -> list[StoredIngress]:
+        """Rows of ``shard`` that occurred on ``day`` past ``after``, in (txid, seq)
+        order (the rule dry run's read)."""
+        received = "AND received_at < ? " if received_before is not None else ""
+        params: list[Any] = [
+            shard,
+            sqlite_timestamp(day_start(day)),
+            sqlite_timestamp(day_start(day + timedelta(days=1))),
+            after[0],
+            after[1],
+        ]
+        if received_before is not None:
+            params.append(sqlite_timestamp(received_before))
+        params.append(limit)
+        with self._db.read() as conn:
+            result = conn.exec_driver_sql(
+                "SELECT txid, seq, shard, source, event_id, user_id, type, occurred_at, "
+                "attributes FROM ingress_events WHERE shard = ? AND occurred_at >= ? "
+                "AND occurred_at < ? AND (txid, seq) > (?, ?) "
+                f"{received}ORDER BY txid, seq LIMIT ?",
+                tuple(params),
             )
             return [
                 StoredIngress(

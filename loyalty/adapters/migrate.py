@@ -53,6 +53,7 @@ def target_metadata() -> sa.MetaData:
     dropping)."""
     import loyalty.adapters.delivery_store  # noqa: F401  (events out)
     import loyalty.adapters.erasure_store  # noqa: F401  (forget-me tables)
+    import loyalty.adapters.rollup_store  # noqa: F401  (daily rollups)
     from loyalty.adapters.tables import metadata
 
     return metadata

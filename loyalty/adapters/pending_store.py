@@ -23,13 +23,14 @@ from loyalty.adapters.tables import pipeline_pending
 from loyalty.application.accounts import StreamErased
 from loyalty.application.erasure import ERASING
 from loyalty.application.pending import Contribution, PendingRow, Position
+from loyalty.domain import explain
 from loyalty.domain.member import Member
 from loyalty.domain.rules import exact_sum
 
 _IN_CHUNK = 500
 _COLUMNS = (
     "user_id, shard, currency, rank_points, event_count, rule_version, upto_txid, upto_seq, "
-    "since, rank_need"
+    "since, rank_need, explain, from_txid, from_seq"
 )
 NO_RANK_ABOVE = "Infinity"
 NO_FENCE = 2**62
@@ -70,6 +71,7 @@ def merge(
     contributions: Sequence[Contribution],
     now: datetime,
     fence: int | None = None,
+    start: Position | None = None,
 ) -> list[PendingRow]:
     """Add ``contributions`` to the pending rows inside ``conn``'s transaction (the
     checkpoint's). Returns the members to settle now: new rows (rank need unknown) and
@@ -84,11 +86,12 @@ def merge(
     ids = sorted({c.user_id for c in contributions})
     _guard(db, conn, ids, fence)
     existing: dict[str, tuple[Decimal, Decimal, int, Decimal | None, datetime]] = {}
+    explained: dict[str, str | None] = {}
     if db.backend == "postgresql":
         rows = (
             psycopg_connection(conn)
             .execute(
-                "SELECT user_id, currency, rank_points, event_count, rank_need, since "
+                "SELECT user_id, currency, rank_points, event_count, rank_need, since, explain "
                 "FROM pipeline_pending WHERE user_id IN "
                 "(SELECT jsonb_array_elements_text(%s::text::jsonb)) ORDER BY user_id FOR UPDATE",
                 (orjson.dumps(ids).decode(),),
@@ -101,10 +104,17 @@ def merge(
         for i in range(0, len(ids), _IN_CHUNK):
             rows += conn.execute(
                 sa.select(
-                    c.user_id, c.currency, c.rank_points, c.event_count, c.rank_need, c.since
+                    c.user_id,
+                    c.currency,
+                    c.rank_points,
+                    c.event_count,
+                    c.rank_need,
+                    c.since,
+                    c.explain,
                 ).where(c.user_id.in_(ids[i : i + _IN_CHUNK]))
             ).all()
-    for user_id, currency_text, points_text, count_value, need_text, since_value in rows:
+    for user_id, currency_text, points_text, count_value, need_text, since_value, text in rows:
+        explained[user_id] = text
         existing[user_id] = (
             Decimal(currency_text),
             Decimal(points_text),
@@ -114,11 +124,17 @@ def merge(
             if isinstance(since_value, datetime)
             else datetime.fromisoformat(since_value),
         )
-    out: list[tuple[str, str, str, int, int]] = []
+    out: list[tuple[str, str, str, int, int, str | None]] = []
     settle: list[PendingRow] = []
     for contribution in contributions:
         before = existing.get(contribution.user_id)
         need: Decimal | None = None
+        nothing = not (contribution.currency or contribution.rank_points)
+        if before is None and nothing:
+            continue  # only capped or unknown events: no row to explain them in
+        summary = contribution.summary
+        if summary is not None and contribution.user_id in explained:
+            summary = explain.merge(explain.loads(explained[contribution.user_id]), summary)
         if before is None:
             currency, points, count = contribution.currency, contribution.rank_points, 0
             since = now
@@ -147,18 +163,23 @@ def merge(
                 f"{points:f}",
                 count + contribution.event_count,
                 contribution.rule_version,
+                None if summary is None else explain.dumps(summary),
             )
         )
+    if not out:
+        return settle
+    first = start if start is not None else end
     if db.backend == "postgresql":
         psycopg_connection(conn).execute(
             f"INSERT INTO pipeline_pending ({_COLUMNS}) "
-            "SELECT e->>0, %s, e->>1, e->>2, (e->>3)::bigint, (e->>4)::int, %s, %s, %s, NULL "
+            "SELECT e->>0, %s, e->>1, e->>2, (e->>3)::bigint, (e->>4)::int, %s, %s, %s, NULL, "
+            "e->>5, %s, %s "
             "FROM jsonb_array_elements(%s::text::jsonb) AS e "
             "ON CONFLICT (user_id) DO UPDATE SET currency = excluded.currency, "
             "rank_points = excluded.rank_points, event_count = excluded.event_count, "
             "rule_version = excluded.rule_version, upto_txid = excluded.upto_txid, "
-            "upto_seq = excluded.upto_seq",
-            (shard, end[0], end[1], now, orjson.dumps(out).decode()),
+            "upto_seq = excluded.upto_seq, explain = excluded.explain",
+            (shard, end[0], end[1], now, first[0], first[1], orjson.dumps(out).decode()),
         )
     else:
         stmt = sqlite.insert(pipeline_pending)
@@ -173,6 +194,7 @@ def merge(
                     "rule_version",
                     "upto_txid",
                     "upto_seq",
+                    "explain",
                 )
             },
         )
@@ -190,8 +212,11 @@ def merge(
                     "upto_seq": end[1],
                     "since": now,
                     "rank_need": None,
+                    "explain": why,
+                    "from_txid": first[0],
+                    "from_seq": first[1],
                 }
-                for u, cur, pts, n, v in out
+                for u, cur, pts, n, v, why in out
             ],
         )
     return settle

@@ -15,9 +15,11 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from loyalty.adapters.db import Database, psycopg_connection
 from loyalty.adapters.pending_store import PendingTable, merge
+from loyalty.adapters.rollup_store import RollupStore
 from loyalty.adapters.tables import pipeline_caps, pipeline_checkpoints
 from loyalty.application.pending import Contribution, PendingRow
 from loyalty.application.pipeline import LeaseLost
+from loyalty.application.reporting import ActivityFacts
 
 Position = tuple[int, int]
 CapKey = tuple[str, str, date]
@@ -46,6 +48,7 @@ def _json_rows(rows: Iterable[tuple[Any, ...]]) -> str:
 class PipelineStore:
     def __init__(self, db: Database) -> None:
         self._db = db
+        self._rollups = RollupStore(db)
 
     def load(self, shard: int) -> Checkpoint:
         c = pipeline_checkpoints.c
@@ -96,15 +99,19 @@ class PipelineStore:
         awards: int,
         contributions: Sequence[Contribution] = (),
         fence: int | None = None,
+        facts: ActivityFacts | None = None,
     ) -> list[PendingRow]:
         """Advance the checkpoint from ``start`` to the noted ``end``, store the cap
-        counts and add the window's ``contributions`` to the pending rows, in one
-        transaction, only if the checkpoint still stands at ``start`` with ``end`` noted
+        counts, add the window's ``contributions`` to the pending rows and its activity
+        ``facts`` to the daily rollups, in one transaction, only if the checkpoint still
+        stands at ``start`` with ``end`` noted
         (a compare-and-set, written first: its row lock also orders two commits of one
         window). Raises :class:`LeaseLost` (nothing written) otherwise. Returns the
         members to settle (see ``pending_store.merge``)."""
         c = pipeline_checkpoints.c
         now = datetime.now(UTC)
+        if facts:
+            self._rollups.sketch_key()  # made (once) before the commit's transaction
         with self._db.write() as conn:
             moved = conn.execute(
                 pipeline_checkpoints.update()
@@ -150,7 +157,9 @@ class PipelineStore:
                         for (u, t, d), n in cap_changes.items()
                     ],
                 )
-            return merge(self._db, conn, shard, end, contributions, now, fence)
+            if facts:
+                self._rollups.add_window(conn, shard, facts)
+            return merge(self._db, conn, shard, end, contributions, now, fence, start)
 
     def pending_rows(self) -> PendingTable:
         return PendingTable(self._db)

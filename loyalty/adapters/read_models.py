@@ -9,7 +9,7 @@ and then finds the position moved). Every table is keyed by user_id.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from loyalty.adapters.db import Database
+from loyalty.adapters.rollup_store import RollupStore
 from loyalty.adapters.tables import (
     Timestamp,
     member_balances,
@@ -71,6 +72,20 @@ def _utc(value: datetime) -> datetime:
 class ReadModels:
     def __init__(self, db: Database) -> None:
         self._db = db
+        self._rollups = RollupStore(db)
+
+    def rank_points_of(self, user_ids: Sequence[str]) -> dict[str, int]:
+        """Recorded rank points of ``user_ids`` (members without a balance row: absent)."""
+        b = member_balances.c
+        found: dict[str, int] = {}
+        ids = list(user_ids)
+        with self._db.read() as conn:
+            for i in range(0, len(ids), 500):
+                for user_id, points in conn.execute(
+                    sa.select(b.user_id, b.rank_points).where(b.user_id.in_(ids[i : i + 500]))
+                ):
+                    found[user_id] = int(points)
+        return found
 
     # ------------------------------------------------------------ projection side
 
@@ -121,6 +136,8 @@ class ReadModels:
                 )
                 if moved.rowcount != 1:
                     raise _TrackingMoved()
+                # before the balance rows change: the rollup counts from them
+                self._rollups.apply_accounts(conn, batch.facts, batch.end)
                 if batch.quarantined:
                     now = datetime.now(UTC)
                     conn.execute(

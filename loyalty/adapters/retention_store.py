@@ -39,6 +39,7 @@ from loyalty.adapters.ingress_log import (
     sqlite_timestamp,
 )
 from loyalty.adapters.pipeline_store import SHARD_LEASE_NS, PipelineStore, ShardLeases
+from loyalty.adapters.rollup_store import RollupStore
 from loyalty.adapters.tables import INGRESS_PARTITION_PREFIX
 from loyalty.application.retention import DayOutcome
 
@@ -188,6 +189,25 @@ class PostgresRetentionStore:
             row = raw.execute(count).fetchone()
         return int(row[0]) if row else 0
 
+    def unrolled_rows(self, day: date) -> int:
+        origins = RollupStore(self._db).origins()
+        name = partition_name(day)
+        if not origins or self._states().get(day) is None:
+            return 0
+        values = sql.SQL(", ").join(
+            sql.SQL("({}, {}::bigint, {}::bigint)").format(
+                sql.Literal(shard), sql.Literal(txid), sql.Literal(seq)
+            )
+            for shard, (txid, seq) in sorted(origins.items())
+        )
+        count = sql.SQL(
+            "SELECT count(*) FROM (VALUES {values}) v(shard, txid, seq) "
+            "JOIN {table} p ON p.shard = v.shard AND (p.txid, p.seq) <= (v.txid, v.seq)"
+        ).format(values=values, table=sql.Identifier(name))
+        with self._db.read() as conn:
+            row = psycopg_connection(conn).execute(count).fetchone()
+        return int(row[0]) if row else 0
+
     def expire_day(self, day: date) -> DayOutcome:
         name = partition_name(day)
         ident = sql.Identifier(name)
@@ -299,6 +319,24 @@ class SqliteRetentionStore:
             clauses.append("(shard = ? AND (txid, seq) <= (?, ?))")
             params += [shard, txid, seq]
         return "(" + " OR ".join(clauses) + ")", params
+
+    def unrolled_rows(self, day: date) -> int:
+        origins = RollupStore(self._db).origins()
+        if not origins:
+            return 0
+        bounds = [sqlite_timestamp(day_start(day)), sqlite_timestamp(day_start(day + timedelta(1)))]
+        clauses, params = [], []
+        for shard, (txid, seq) in sorted(origins.items()):
+            clauses.append("(shard = ? AND (txid, seq) <= (?, ?))")
+            params += [shard, txid, seq]
+        with self._db.read() as conn:
+            return int(
+                conn.exec_driver_sql(
+                    "SELECT count(*) FROM ingress_events WHERE occurred_at >= ? "
+                    f"AND occurred_at < ? AND ({' OR '.join(clauses)})",
+                    (*bounds, *params),
+                ).scalar_one()
+            )
 
     def expire_day(self, day: date) -> DayOutcome:
         self.reclaim(vacuum=False)  # a WAL written by others is not this day's bytes

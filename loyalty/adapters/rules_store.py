@@ -58,6 +58,16 @@ class RulesStore:
             ).one()
         return parse_rule_set(orjson.loads(row[1]), row[0], require_rank=False)
 
+    def version(self, version: int) -> tuple[RuleSet, datetime] | None:
+        """A stored version and when it was stored."""
+        c = rule_versions.c
+        with self._db.read() as conn:
+            row = conn.execute(sa.select(c.body, c.created_at).where(c.version == version)).first()
+        if row is None:
+            return None
+        created = row[1] if row[1].tzinfo is not None else row[1].replace(tzinfo=UTC)
+        return parse_rule_set(orjson.loads(row[0]), version, require_rank=False), created
+
     def put(self, wire: dict[str, object]) -> RuleSet:
         """Validate and store a new version (raises InvalidRules)."""
         parse_rule_set(wire, 1)  # validate before touching the database
@@ -82,17 +92,6 @@ class RulesStore:
                 sa.select(r.version, r.created_at).order_by(r.version.desc()).limit(limit)
             ).all()
         return [(int(v), at if at.tzinfo else at.replace(tzinfo=UTC)) for v, at in rows]
-
-    def version(self, version: int) -> RuleSet | None:
-        """One stored version, or None."""
-        r = rule_versions.c
-        with self._db.read() as conn:
-            body = conn.execute(sa.select(r.body).where(r.version == version)).scalar()
-        return (
-            None
-            if body is None
-            else parse_rule_set(orjson.loads(body), version, require_rank=False)
-        )
 
 
 def _insert_ignore(db: Database, version: int, rule_set: RuleSet) -> sa.Insert:

@@ -107,9 +107,52 @@ pipeline_pending = sa.Table(
     sa.Column("upto_seq", sa.BigInteger, nullable=False),
     sa.Column("since", Timestamp, nullable=False),
     sa.Column("rank_need", sa.Text),
+    # issue 20: the accumulated explanation (JSON) and the start of the first window
+    sa.Column("explain", sa.Text),
+    sa.Column("from_txid", sa.BigInteger),
+    sa.Column("from_seq", sa.BigInteger),
     sa.Index("pipeline_pending_due_idx", "shard", "since"),
 )
 """What a member earned and the pipeline has not recorded yet (exact decimal text)."""
+
+award_explanations = sa.Table(
+    "award_explanations",
+    metadata,
+    sa.Column("user_id", sa.String(128), primary_key=True),
+    sa.Column("award_id", sa.String(200), primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("rule_version", sa.Integer, nullable=False),
+    sa.Column("event_count", sa.BigInteger, nullable=False),
+    sa.Column("exact_currency", sa.Text, nullable=False),
+    sa.Column("exact_rank_points", sa.Text, nullable=False),
+    sa.Column("currency", sa.BigInteger, nullable=False),
+    sa.Column("rank_points", sa.BigInteger, nullable=False),
+    sa.Column("fraction_currency", sa.Text, nullable=False),
+    sa.Column("fraction_rank_points", sa.Text, nullable=False),
+    sa.Column("shard", sa.Integer),
+    sa.Column("from_txid", sa.BigInteger),
+    sa.Column("from_seq", sa.BigInteger),
+    sa.Column("upto_txid", sa.BigInteger),
+    sa.Column("upto_seq", sa.BigInteger),
+    sa.Column("summary", sa.Text, nullable=False),
+    sa.Column("recorded_at", Timestamp, nullable=False),
+)
+"""Why each recorded award (and compensation) is what it is (``loyalty.domain.explain``):
+written in the event insert's transaction, kept with the account, erased by forget-me."""
+
+rule_compensations = sa.Table(
+    "rule_compensations",
+    metadata,
+    sa.Column("new_version", sa.Integer, primary_key=True),
+    sa.Column("old_version", sa.Integer, nullable=False),
+    sa.Column("since", Timestamp, nullable=False),
+    sa.Column("until", Timestamp, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("receipt", sa.Text),
+    sa.Column("started_at", Timestamp, nullable=False),
+    sa.Column("finished_at", Timestamp),
+)
+"""One row per ``loyalty rules apply --compensate`` run: its period and receipt."""
 
 # Read models (projections of the member event store). Every table is keyed by user_id,
 # so forget-me deletes a member's rows by user id.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from fastapi import FastAPI
@@ -13,27 +14,32 @@ from fastapi.openapi.utils import get_openapi
 from loyalty.adapters.console_sessions import ConsoleSessions
 from loyalty.adapters.db import Database
 from loyalty.adapters.event_store import event_store_env
+from loyalty.adapters.explanation_store import ExplanationStore
 from loyalty.adapters.ingress_log import create_ingress_log
 from loyalty.adapters.keys import KeyStore
 from loyalty.adapters.pending_store import PendingTable
 from loyalty.adapters.pipeline_store import PipelineStore
 from loyalty.adapters.read_models import ReadModels
+from loyalty.adapters.rollup_store import RollupStore
 from loyalty.adapters.rules_store import RulesStore
 from loyalty.api import problems
 from loyalty.api.deps import Container
 from loyalty.api.docs import install_docs
 from loyalty.api.guards import BodyGuardMiddleware, RateLimiter, SecurityHeadersMiddleware
+from loyalty.api.routes import explain as explain_routes
 from loyalty.api.routes import feed as feed_routes
 from loyalty.api.routes import forget as forget_routes
 from loyalty.api.routes import health, ingress, operations
 from loyalty.api.routes import members as member_routes
 from loyalty.api.routes import metrics as metrics_routes
+from loyalty.api.routes import reports as report_routes
 from loyalty.api.routes import storage as storage_routes
 from loyalty.api.routes import webhooks as webhook_routes
 from loyalty.api.routes.webhooks import WebhookCreate
 from loyalty.api.schemas import (
     AdjustmentRequest,
     Batch,
+    DryRunRequest,
     ForgetRequestBody,
     Problem,
     RefundRequest,
@@ -42,11 +48,13 @@ from loyalty.api.schemas import (
     SpendRequest,
 )
 from loyalty.application.accounts import Accounts, Members, Spending
+from loyalty.application.explain import Explanations
 from loyalty.application.ingress import IngestService
 from loyalty.config import Settings
 from loyalty.console.routes import install_console
 from loyalty.observability import Metrics, MetricsMiddleware, RequestIdMiddleware
 from loyalty.worker import (
+    build_dry_run,
     build_forget_service,
     build_webhook_admin,
     feed_factory,
@@ -123,9 +131,22 @@ def build_container(
         ),
         feed=feed,
         webhooks=build_webhook_admin(db, lambda: feed().head()),
+        rollups=RollupStore(db),
+        explanations=Explanations(ExplanationStore(db), carried_fraction(accounts)),
+        dry_run=build_dry_run(db, settings, rules, clock),
         webhook_sender=lambda: webhook_sender(settings),
         console_sessions=ConsoleSessions(db, timedelta(minutes=settings.console_session_minutes)),
     )
+
+
+def carried_fraction(accounts: Accounts) -> Callable[[str], tuple[Decimal, Decimal]]:
+    """The fraction a member's account carries (for a pending award's explanation)."""
+
+    def carried(user_id: str) -> tuple[Decimal, Decimal]:
+        member = accounts.get(user_id)
+        return member.fraction_currency, member.fraction_rank_points
+
+    return carried
 
 
 def create_app(
@@ -168,11 +189,13 @@ def create_app(
     app.include_router(health.router)
     app.include_router(ingress.router)
     app.include_router(member_routes.router)
+    app.include_router(explain_routes.router)
     app.include_router(operations.router)
     app.include_router(forget_routes.router)
     if settings.metrics_token is not None:  # else not on the API's listener at all
         app.include_router(metrics_routes.router)
     app.include_router(storage_routes.router)
+    app.include_router(report_routes.router)
     app.include_router(feed_routes.router)
     app.include_router(webhook_routes.router)
     # Request ids outermost, so that everything (metrics, handlers, errors) logs with one.
@@ -192,6 +215,7 @@ def create_app(
                 Problem,
                 RulesBody,
                 RulesRequest,
+                DryRunRequest,
                 SpendRequest,
                 RefundRequest,
                 AdjustmentRequest,

@@ -29,8 +29,11 @@ from loyalty.api.guards import (
 from loyalty.api.problems import ApiProblem, validation_errors
 from loyalty.application.accounts import Accounts, Spending
 from loyalty.application.delivery import EventFeed, WebhookAdmin
+from loyalty.application.dryrun import DryRun
 from loyalty.application.erasure import ForgetService
+from loyalty.application.explain import Explanations
 from loyalty.application.ingress import IngestService
+from loyalty.application.reporting import RollupReader
 from loyalty.config import Settings
 from loyalty.observability import Metrics
 
@@ -55,6 +58,12 @@ class Container:
     feed: Callable[[], EventFeed] | None = None
     """The account event feed (built on first use, like the event store application)."""
     webhooks: WebhookAdmin | None = None
+    rollups: RollupReader | None = None
+    """The daily rollups (``GET /v1/reports/daily``)."""
+    explanations: Explanations | None = None
+    """Award explanations (issue 20)."""
+    dry_run: DryRun | None = None
+    """Rule dry runs (issue 20)."""
     webhook_sender: Callable[[], HttpWebhookSender] | None = None
     """A sender for replaying dead letters (a new one per replay; closed after it)."""
     console_sessions: ConsoleSessions | None = None

@@ -27,6 +27,8 @@ DOMAIN_STATUS = {
     "order_not_found": 404,
     "invalid_amount": 422,
     "invalid_rules": 422,
+    "award_not_found": 404,
+    "period_not_retained": 422,
 }
 
 PROBLEM_JSON = "application/problem+json"

@@ -255,6 +255,7 @@ class HistoryEntryBody(BaseModel):
     rank_points: int = Field(description="signed change of the rank points")
     at: datetime = Field(description="RFC 3339, UTC")
     ref: str | None = Field(description="award id, order id, adjustment id or new rank")
+    explanation: str | None = Field(None, description="for an award: the path of its explanation")
 
 
 class HistoryBody(BaseModel):
@@ -363,7 +364,14 @@ OPENAPI_EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
     HistoryBody: {
         "entries": [
             {"kind": "spend", "currency": -5, "rank_points": 0, "at": _WHEN, "ref": "o-1"},
-            {"kind": "award", "currency": 11, "rank_points": 21, "at": _WHEN, "ref": "w3.0.2"},
+            {
+                "kind": "award",
+                "currency": 11,
+                "rank_points": 21,
+                "at": _WHEN,
+                "ref": "w3.0.2",
+                "explanation": "/v1/members/alice/awards/w3.0.2",
+            },
         ],
         "next": None,
     },
@@ -428,3 +436,162 @@ class StorageBody(BaseModel):
             ]
         }
     )
+
+
+# ---------------------------------------------------------------- explanations (#20)
+
+
+class AmountsBody(BaseModel):
+    """``carried_in + contributed == credited + carried_out``, exactly (decimal strings)."""
+
+    contributed: str = Field(description="exact sum of the events' weights, before rounding")
+    carried_in: str = Field(description="the account's fraction before the award")
+    credited: int = Field(description="whole units credited (or to be credited, if pending)")
+    carried_out: str = Field(description="the fraction carried to the next award")
+
+
+class ExplanationBody(BaseModel):
+    user_id: str
+    award_id: str
+    kind: str = Field(description="award (the pipeline) | compensation (rules apply)")
+    status: str = Field(description="recorded | pending (not yet on the account)")
+    recorded_at: str | None
+    rule_version: int = Field(description="the rule version of the newest window in it")
+    rule_versions: list[int] = Field(description="every rule version that weighed its events")
+    event_count: int
+    currency: AmountsBody
+    rank_points: AmountsBody
+    complete: bool = Field(
+        description="the per-type sums add up to the award (false only for earnings "
+        "counted before explanations were kept)"
+    )
+    by_event_type: list[dict[str, Any]] = Field(
+        description="per event type: events, capped [{daily_cap, events}], multipliers "
+        "[{when, factor, events}], exact currency and rank_points contributed"
+    )
+    compensation: dict[str, Any] | None = Field(
+        None, description="for a compensation: the rule versions, period and shortfall"
+    )
+    events: dict[str, Any] = Field(
+        description="contributing ingress events: status retained | partial | expired "
+        "(after retention) | none; items [{source, event_id, event_type, occurred_at}] "
+        "(at most 1000, truncated says so)"
+    )
+
+
+class DryRunRequest(BaseModel):
+    """A candidate rule set and a period of whole UTC days inside retention."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rules: dict[str, Any] = Field(description="a rules document, as for PUT /v1/rules")
+    from_: str | None = Field(None, alias="from", description="first day (YYYY-MM-DD)")
+    to: str | None = Field(None, description="day after the last (YYYY-MM-DD), exclusive")
+
+
+class DryRunBody(BaseModel):
+    period: dict[str, str] = Field(description="{from, to}: whole UTC days, to exclusive")
+    current_version: int
+    events: int = Field(description="retained ingress events weighed")
+    members: int
+    members_with_difference: int
+    members_with_different_rank: int
+    totals: dict[str, Any] = Field(
+        description="currency and rank_points: {current, candidate, difference} (exact)"
+    )
+    largest_differences: list[dict[str, Any]] = Field(
+        description="the 20 largest per-member differences: user_id, currency, "
+        "rank_points ({current, candidate, difference}), rank {current, candidate}"
+    )
+    by_event_type: list[dict[str, Any]] = Field(
+        description="per event type: events, capped {current, candidate}, currency, rank_points"
+    )
+    seconds: float
+
+
+_EXPLAIN_EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
+    ExplanationBody: {
+        "user_id": "alice",
+        "award_id": "w3.0.2",
+        "kind": "award",
+        "status": "recorded",
+        "recorded_at": _WHEN,
+        "rule_version": 4,
+        "rule_versions": [4],
+        "event_count": 53,
+        "currency": {
+            "contributed": "37.5",
+            "carried_in": "0.25",
+            "credited": 37,
+            "carried_out": "0.75",
+        },
+        "rank_points": {"contributed": "75", "carried_in": "0", "credited": 75, "carried_out": "0"},
+        "complete": True,
+        "by_event_type": [
+            {
+                "event_type": "played_game",
+                "known": True,
+                "events": 53,
+                "capped": [{"daily_cap": 50, "events": 3}],
+                "multipliers": [{"when": {"result": "win"}, "factor": "1.5", "events": 10}],
+                "currency": "37.5",
+                "rank_points": "75",
+            }
+        ],
+        "compensation": None,
+        "events": {
+            "status": "retained",
+            "retained": 53,
+            "truncated": False,
+            "items": [
+                {
+                    "source": "gamesite",
+                    "event_id": "e-1",
+                    "event_type": "played_game",
+                    "occurred_at": _WHEN,
+                }
+            ],
+        },
+    },
+    DryRunRequest: {
+        "rules": {
+            "rules": [{"event_type": "logged_on", "currency": 2, "rank_points": 1, "daily_cap": 1}],
+            "ranks": [{"name": "bronze", "min_rank_points": 0}],
+        },
+        "from": "2026-11-27",
+        "to": "2026-11-28",
+    },
+    DryRunBody: {
+        "period": {"from": "2026-11-27", "to": "2026-11-28"},
+        "current_version": 4,
+        "events": 1_000_000,
+        "members": 20_000,
+        "members_with_difference": 18_200,
+        "members_with_different_rank": 35,
+        "totals": {
+            "currency": {"current": 2_100_000, "candidate": "2150000.5", "difference": "50000.5"},
+            "rank_points": {"current": 900_000, "candidate": 900_000, "difference": 0},
+        },
+        "largest_differences": [
+            {
+                "user_id": "alice",
+                "currency": {"current": 120, "candidate": 180, "difference": 60},
+                "rank_points": {"current": 40, "candidate": 40, "difference": 0},
+                "rank": {"current": "bronze", "candidate": "bronze"},
+            }
+        ],
+        "by_event_type": [
+            {
+                "event_type": "logged_on",
+                "events": 30_000,
+                "capped": {"current": 9_000, "candidate": 9_000},
+                "currency": {"current": 21_000, "candidate": 42_000, "difference": 21_000},
+                "rank_points": {"current": 21_000, "candidate": 21_000, "difference": 0},
+            }
+        ],
+        "seconds": 7.9,
+    },
+}
+OPENAPI_EXAMPLES.update(_EXPLAIN_EXAMPLES)
+for _model, _example in _EXPLAIN_EXAMPLES.items():
+    _model.model_config["json_schema_extra"] = {"examples": [_example]}

@@ -22,7 +22,13 @@ from eventsourcing.application import (
 )
 from eventsourcing.persistence import IntegrityError, JSONTranscoder
 
-from loyalty.application.pending import PENDING, PendingRow, PendingStore, award_id_for
+from loyalty.application.pending import (
+    EXPLAINED,
+    PENDING,
+    PendingRow,
+    PendingStore,
+    award_id_for,
+)
 from loyalty.application.transcodings import register_member_transcodings
 from loyalty.domain.errors import DomainError, MemberBeingErased, MemberNotFound
 from loyalty.domain.member import Member, scoped_key
@@ -121,6 +127,34 @@ class Members(Application[UUID]):
             log.debug("snapshot already stored for %d members", len(snapshots))
 
 
+def _explained(
+    members: Sequence[Member], rows: Mapping[str, PendingRow]
+) -> list[tuple[str, int, int, str, int, int, str, str]]:
+    """For each pending row a save records: the ``Awarded`` that records it (what its
+    explanation is stored with, see ``EXPLAINED``)."""
+    out = []
+    for member in members:
+        row = rows.get(member.user_id)
+        if row is None:
+            continue
+        award_id = award_id_for(row.shard, row.upto)
+        for event in member.pending_events:
+            if isinstance(event, Member.Awarded) and event.award_id == award_id:
+                out.append(
+                    (
+                        member.user_id,
+                        row.upto[0],
+                        row.upto[1],
+                        award_id,
+                        event.currency,
+                        event.rank_points,
+                        event.fraction_currency,
+                        event.fraction_rank_points,
+                    )
+                )
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class AwardCommand:
     user_id: str
@@ -186,9 +220,13 @@ class Accounts:
     ) -> None:
         """Save, deleting the ``consumed`` pending rows in the same transaction (only if
         unchanged since read, else :class:`PendingMoved` and nothing is saved)."""
-        revisions = {row.user_id: row.upto for row in consumed}
+        rows = {row.user_id: row for row in consumed}
+        revisions = {user_id: row.upto for user_id, row in rows.items()}
         if revisions:
-            self.app.save(*members, **{FENCE: fence, PENDING: revisions})
+            self.app.save(
+                *members,
+                **{FENCE: fence, PENDING: revisions, EXPLAINED: _explained(members, rows)},
+            )
         else:
             self.app.save(*members, **{FENCE: fence})
 
@@ -651,6 +689,41 @@ class Spending:
 
         return self._observed(
             "refund", lambda: with_retry(self._locked(user_id, action), what="refund")
+        )
+
+    def compensate(
+        self,
+        user_id: str,
+        adjustment_id: str,
+        currency: int,
+        rank_points: int,
+        reason: str,
+        source: str | None = None,
+    ) -> tuple[int, int, bool]:
+        """An adjustment that never takes a balance below zero: a deduction larger than
+        the balance (after the member's pending earnings are recorded in the same save)
+        deducts what is there. Idempotent by ``source``'s ``adjustment_id``: a replay
+        changes nothing and answers what was applied the first time. Returns (currency,
+        rank points applied, replayed)."""
+
+        def action() -> tuple[tuple[int, int, bool], str, int]:
+            try:
+                member = self._accounts.get(user_id)
+            except MemberNotFound:
+                member = Member(user_id=user_id)
+            done = member.adjustments.get(member.adjustment_key(adjustment_id, source))
+            if done is not None:
+                return (done.currency, done.rank_points, True), REPLAYED, done.currency
+            ranks = self._ranks()
+            row = self._with_pending(member, ranks)
+            applied_currency = max(currency, -member.currency)
+            applied_points = max(rank_points, -member.rank_points)
+            member.adjust(adjustment_id, applied_currency, applied_points, reason, ranks, source)
+            self._save(member, row)
+            return (applied_currency, applied_points, False), APPLIED, applied_currency
+
+        return self._observed(
+            "adjustment", lambda: with_retry(self._locked(user_id, action), what="adjustment")
         )
 
     def adjust(

@@ -29,11 +29,18 @@ from typing import Protocol
 
 from eventsourcing.persistence import IntegrityError
 
+from loyalty.domain.explain import Summary
+
 Position = tuple[int, int]
 
 PENDING = "pending_consumed"
 """Keyword of ``Application.save``: ``{user_id: revision}`` of the pending rows the saved
 events record; the insert deletes them in its transaction, or fails."""
+
+EXPLAINED = "pending_explained"
+"""Keyword of ``Application.save``: ``[(user_id, txid, seq, award_id, currency,
+rank_points, fraction_currency, fraction_rank_points)]`` of the awards recording those rows;
+the insert copies each row's explanation into ``award_explanations`` before deleting it."""
 
 
 class PendingMoved(IntegrityError):
@@ -54,6 +61,9 @@ class Contribution:
     rank_points: Decimal
     event_count: int
     rule_version: int
+    summary: Summary | None = None
+    """Why (``loyalty.domain.explain``); a contribution of nothing (events capped or of
+    unknown types only) only adds its counts to a row that exists."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,9 @@ from loyalty.application.accounts import Accounts, StreamErased
 from loyalty.application.backoff import Backoff
 from loyalty.application.pending import Contribution, PendingRow, PendingStore
 from loyalty.application.read_ahead import ReadAhead
+from loyalty.application.reporting import ActivityFacts
 from loyalty.domain.errors import MemberBeingErased
+from loyalty.domain.explain import summarize
 from loyalty.domain.rules import (
     ActivityLike,
     CapCounter,
@@ -88,6 +90,7 @@ class PipelineState(Protocol):
         awards: int,
         contributions: Sequence[Contribution] = (),
         fence: int | None = None,
+        facts: ActivityFacts | None = None,
     ) -> Sequence[PendingRow]: ...
     def load_caps(self, keys: Iterable[CapKey]) -> dict[CapKey, int]: ...
     def pending_rows(self) -> PendingStore: ...
@@ -140,8 +143,10 @@ class Pipeline:
         forgotten_any: Callable[[], bool] | None = None,
         interval_seconds: float = 3600.0,
         record_group: int = 2000,
+        rollups: bool = True,
     ) -> None:
         self._reader = reader
+        self._rollups = rollups  # off only to measure what the rollups cost
         self.interval_seconds = interval_seconds
         self._record_group = record_group
         self._forgotten_any = forgotten_any
@@ -226,18 +231,23 @@ class Pipeline:
             (r.user_id, r.event_type, utc_date(r)) for r in rows if r.event_type in capped_types
         }
         caps = CapCounter(self._state.load_caps(capped_keys))
-        result = aggregate(
-            rows,
-            rule_set,
-            caps,
-        )
+        facts = ActivityFacts() if self._rollups else None  # the day x source x type rollup
+        result = aggregate(rows, rule_set, caps, facts, explain=True)
+        # members who earned nothing in the window (capped or unknown events only) add
+        # their counts to the explanation of a pending row that exists
         contributions = [
             Contribution(
-                d.user_id, d.exact_currency, d.exact_rank_points, d.event_count, rule_set.version
+                d.user_id,
+                d.exact_currency,
+                d.exact_rank_points,
+                d.event_count,
+                rule_set.version,
+                summarize(d, rule_set),
             )
             for d in result.drafts.values()
-            if d.exact_currency or d.exact_rank_points
+            if d.exact_currency or d.exact_rank_points or d.capped or d.ignored
         ]
+        earning = sum(1 for c in contributions if c.currency or c.rank_points)
         self._crash_hook("awarded")
         try:
             settle = self._state.commit(
@@ -246,9 +256,10 @@ class Pipeline:
                 end,
                 caps.changes(),
                 processed=window_size,
-                awards=len(contributions),
+                awards=earning,
                 contributions=contributions,
                 fence=fence,
+                facts=facts,
             )
         except StreamErased as exc:  # nothing written: the window is read again
             self._accounts.refused(exc)  # raises MemberBeingErased while erasing

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 from loyalty.application.accounts import Members
 from loyalty.application.backoff import Backoff
+from loyalty.application.reporting import AccountFact, account_facts
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,9 @@ class ProjectedBatch:
     """The tracking epoch when the batch was read (forget-me bumps it)."""
     quarantined: list[QuarantinedEvent] = field(default_factory=list)
     """Events passed over, recorded with the batch."""
+    facts: list[AccountFact] = field(default_factory=list)
+    """What the batch adds to the daily account rollups (counted once: see
+    ``loyalty.application.reporting``)."""
 
 
 class ProjectionMetrics(Protocol):
@@ -245,6 +249,8 @@ class MemberProjection:
                     )
                 )
         batch = project(start, pairs, self._store.user_ids)
+        passed_over = {q.position for q in batch.quarantined}
+        batch.facts = account_facts([p for p in pairs if p[0] not in passed_over])
         batch.quarantined[:0] = undecodable
         batch.end = notifications[-1].id
         batch.epoch = epoch

@@ -84,13 +84,12 @@ class RetentionReport:
     def summary(self) -> str:
         if self.skipped:
             return "retention skipped: another process holds the retention lease"
-        kept = ", ".join(f"{k.day} ({k.unprocessed_rows} unprocessed)" for k in self.kept)
+        kept = ", ".join(f"{k.day} ({k.unprocessed_rows} {k.reason})" for k in self.kept)
         return (
             f"retention as of {self.as_of.isoformat()} (keeping days from {self.cutoff}): "
             f"{len(self.dropped)} day(s) dropped, {self.rows_dropped} rows, "
             f"{self.bytes_reclaimed} bytes reclaimed; {self.cap_rows_deleted} cap rows and "
-            f"{self.markers_deleted} forget markers deleted"
-            + (f"; KEPT unprocessed: {kept}" if kept else "")
+            f"{self.markers_deleted} forget markers deleted" + (f"; KEPT: {kept}" if kept else "")
         )
 
     def to_wire(self) -> dict[str, object]:
@@ -136,6 +135,11 @@ class RetentionStore(Protocol):
 
     def expire_day(self, day: date) -> DayOutcome:
         """Remove the day's processed ingress; never an unprocessed row."""
+        ...
+
+    def unrolled_rows(self, day: date) -> int:
+        """Rows of the day processed before the daily rollups began (migration 0010):
+        their activity is in no rollup, so dropping them loses it from every report."""
         ...
 
     def delete_caps_before(self, day: date) -> int:
@@ -193,12 +197,20 @@ class Retention:
         self._metrics = metrics
 
     def run(
-        self, as_of: datetime, strict: bool = False, progress: Progress | None = None
+        self,
+        as_of: datetime,
+        strict: bool = False,
+        progress: Progress | None = None,
+        *,
+        drop_unrolled: bool = False,
     ) -> RetentionReport:
         """Expire everything older than the window as of ``as_of``.
 
         ``strict`` only changes the log level of a kept day (the caller decides the exit
-        status from ``report.ok``); nothing unprocessed is ever removed either way."""
+        status from ``report.ok``); nothing unprocessed is ever removed either way. A day
+        whose rollup is not complete (rows processed before the rollups began) is kept
+        and reported too, unless ``drop_unrolled`` (the operator accepts that those
+        days' activity is missing from the reports)."""
         started = time.monotonic()
         cutoff = cutoff_day(as_of, self._days)
         report = RetentionReport(as_of=as_of, cutoff=cutoff, backend=self._store.backend)
@@ -215,6 +227,17 @@ class Retention:
             removed_days = 0
             for i, day in enumerate(days):
                 note(f"expiring {day}", i, len(days))
+                unrolled = 0 if drop_unrolled else self._store.unrolled_rows(day)
+                if unrolled:
+                    report.kept.append(KeptDay(day, unrolled, reason="not rolled up"))
+                    log.log(
+                        logging.ERROR if strict else logging.WARNING,
+                        "retention kept expired day %s: %d events processed before the daily "
+                        "rollups began (`loyalty retention run --drop-unrolled` drops them)",
+                        day,
+                        unrolled,
+                    )
+                    continue
                 outcome = self._store.expire_day(day)
                 if outcome.removed_rows or outcome.removed:
                     report.dropped.append(DroppedDay(day, outcome.removed_rows, outcome.bytes))

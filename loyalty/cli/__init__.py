@@ -672,31 +672,6 @@ def simulate(
     )
 
 
-@app.command()
-def report(
-    days: Annotated[int, typer.Option(min=1, max=366, help="UTC days, ending today")] = 7,
-    out: Annotated[
-        Path | None, typer.Option(help="also write a PNG chart here (e.g. report.png)")
-    ] = None,
-) -> None:
-    """Daily ingress by type, awards, currency issued and spent, active members."""
-    from loyalty.report import collect, render_table, write_chart
-
-    db = open_database(load_settings())
-    try:
-        stats = collect(db, days)
-    finally:
-        db.dispose()
-    # Not a terminal (a pipe, a file): wide enough that no column is cut.
-    Console(width=None if sys.stdout.isatty() else 160).print(render_table(stats))
-    if out is not None:
-        try:
-            write_chart(stats, out)
-        except OSError as exc:
-            raise fail(f"{out}: {exc.strerror or exc}", 1) from None
-        typer.echo(f"chart written to {out}")
-
-
 retention_app = typer.Typer(
     help="Expire old ingress events and every row derived from them.", no_args_is_help=True
 )
@@ -720,7 +695,16 @@ def retention_run(
     ] = None,
     strict: Annotated[
         bool,
-        typer.Option(help="exit 1 when an expired day is kept because it is not processed yet"),
+        typer.Option(
+            help="exit 1 when an expired day is kept (not processed yet, or not rolled up)"
+        ),
+    ] = False,
+    drop_unrolled: Annotated[
+        bool,
+        typer.Option(
+            help="also drop days processed before the daily rollups began (their activity "
+            "is then missing from every report)"
+        ),
     ] = False,
     json_output: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ) -> None:
@@ -752,7 +736,9 @@ def retention_run(
             def advanced(description: str, done: int, total: int) -> None:
                 progress.update(task, description=description, completed=done, total=total)
 
-            result = retention.run(moment, strict=strict, progress=advanced)
+            result = retention.run(
+                moment, strict=strict, progress=advanced, drop_unrolled=drop_unrolled
+            )
     finally:
         db.dispose()
     if result.skipped:
@@ -774,12 +760,14 @@ def retention_run(
         else:
             out.print("nothing expired to drop")
         if result.kept:
-            kept = Table("kept day", "unprocessed events", "why", title="expired but KEPT")
+            kept = Table("kept day", "events", "why", title="expired but KEPT")
             for k in result.kept:
                 kept.add_row(
                     k.day.isoformat(),
                     f"{k.unprocessed_rows:,}",
-                    "the pipeline has not processed these events yet",
+                    "the pipeline has not processed these events yet"
+                    if k.reason == "unprocessed"
+                    else "processed before the daily rollups began (--drop-unrolled)",
                 )
             out.print(kept)
         out.print(
@@ -789,7 +777,10 @@ def retention_run(
             highlight=False,
         )
     if strict and result.kept:
-        raise fail(f"{len(result.kept)} expired day(s) kept: events not processed yet", 1)
+        raise fail(
+            f"{len(result.kept)} expired day(s) kept: events not processed yet or not rolled up",
+            1,
+        )
 
 
 @app.command("storage")
@@ -998,3 +989,4 @@ def main() -> None:
 
 # Command groups in modules of their own register on ``app`` (or a sub-app above) when
 # imported; each imports what it needs from this module, so they are imported last.
+from loyalty.cli import reporting, rules_tools  # noqa: E402,F401

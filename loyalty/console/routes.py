@@ -562,7 +562,7 @@ async def rules_version(
     found = await run_in_threadpool(container.rules.version, version)
     if found is None:
         raise ConsoleProblem(404, "not_found", "no such rules version")
-    text = json.dumps(rule_set_to_wire(found), indent=2)
+    text = json.dumps(rule_set_to_wire(found[0]), indent=2)
     return render(
         request, "rules_version.html", session=session, page="rules", version=version, text=text
     )

@@ -92,3 +92,19 @@ class MemberBeingErased(DomainError):
 
     code = "member_not_found"
     default_message = "member not found"
+
+
+class AwardNotFound(DomainError):
+    """No explanation for that award id (not an award of the member, or recorded before
+    explanations were kept)."""
+
+    code = "award_not_found"
+    default_message = "no such award of the member"
+
+
+class PeriodNotRetained(DomainError):
+    """A dry run or compensation asked for days the ingress log no longer holds (or not
+    yet: in the future)."""
+
+    code = "period_not_retained"
+    default_message = "the period is outside the retained ingress"

@@ -628,6 +628,8 @@ class AwardDraft:
     """The exact sum of the member's currency weights (``currency`` is its floor)."""
     exact_rank_points: Decimal = Decimal(0)
     """The exact sum of the member's rank-point weights (``rank_points`` is its floor)."""
+    by_type: Mapping[str, TypeTally] | None = None
+    """Per event type, what made the sums (``aggregate(..., explain=True)``; else None)."""
 
 
 @dataclass(frozen=True)
@@ -642,12 +644,30 @@ class AggregationResult:
 
 
 @dataclass
+class TypeTally:
+    """One member's events of one type in an aggregation: how many, how many a daily cap
+    stopped, how many earned with each multiplier (by its index in the rule), and the
+    exact sums they added. ``known``: the rule set has a rule for the type."""
+
+    known: bool
+    events: int = 0
+    capped: int = 0
+    currency: Decimal = _ZERO
+    rank_points: Decimal = _ZERO
+    matched: dict[int, int] = field(default_factory=dict)
+    earned: dict[int, int] = field(default_factory=dict)
+    """While aggregating: events per weighing outcome (an index into the rule's
+    ``_Weigher.entries``); the sums above are made of it once, at the end."""
+
+
+@dataclass
 class _Tally:
     currency: Decimal = _ZERO
     rank_points: Decimal = _ZERO
     events: int = 0
     ignored: int = 0
     capped: int = 0
+    types: dict[str, TypeTally] | None = None
 
 
 class ActivityLike(Protocol):
@@ -689,6 +709,31 @@ class _Weigher:
         self.keys = tuple(sorted({k for m in rule.multipliers for k in m.when}))
         self.constant = None if self.keys else weigh_parts(rule, {})
         self.memo: dict[tuple[Any, ...], tuple[Decimal, Decimal]] = {}
+        self.explained_memo: dict[tuple[Any, ...], int] = {}
+        self.entries: list[tuple[Decimal, Decimal, tuple[int, ...]]] = []
+        """Each distinct weighing outcome: weights and the matching multipliers."""
+
+    def explained(self, attributes: Mapping[str, Any]) -> int:
+        """The index in ``entries`` of the outcome for ``attributes`` (memoized)."""
+        signature = _signature(attributes, self.keys) if self.keys else ()
+        found = self.explained_memo.get(signature)
+        if found is None:
+            currency, points = weigh_parts(self.rule, attributes)
+            matched = tuple(i for i, m in enumerate(self.rule.multipliers) if m.matches(attributes))
+            found = self.explained_memo[signature] = len(self.entries)
+            self.entries.append((currency, points, matched))
+        return found
+
+    def settle(self, line: TypeTally) -> None:
+        """Turn ``line.earned`` into its exact sums and multiplier counts."""
+        for index, n in line.earned.items():
+            currency, points, matched = self.entries[index]
+            count = Decimal(n)
+            line.currency = _EXACT.add(line.currency, _EXACT.multiply(currency, count))
+            line.rank_points = _EXACT.add(line.rank_points, _EXACT.multiply(points, count))
+            for m in matched:
+                line.matched[m] = line.matched.get(m, 0) + n
+        line.earned.clear()
 
     def __call__(self, attributes: Mapping[str, Any]) -> tuple[Decimal, Decimal]:
         if self.constant is not None:
@@ -718,15 +763,30 @@ def utc_date(activity: ActivityLike) -> date:
     return occurred.astimezone(UTC).date()
 
 
+class WeighObserver(Protocol):
+    """Told of every activity :func:`aggregate` sees, with the exact weight it counted
+    (zero for an unknown type or an event beyond its daily cap): the daily rollups."""
+
+    def weighed(self, activity: ActivityLike, currency: Decimal, rank_points: Decimal) -> None: ...
+
+
 def aggregate(
-    activities: Iterable[ActivityLike], rule_set: RuleSet, caps: CapCounter
+    activities: Iterable[ActivityLike],
+    rule_set: RuleSet,
+    caps: CapCounter,
+    observer: WeighObserver | None = None,
+    *,
+    explain: bool = False,
 ) -> AggregationResult:
     """Weigh and sum ``activities`` per member, in input order, applying daily caps.
 
     ``caps`` is read and updated in place, so consecutive windows aggregated with
     one shared counter cap exactly like a single aggregation of all of them. Per
-    member, the exact decimal sum is rounded down once, at the end.
+    member, the exact decimal sum is rounded down once, at the end. ``observer`` (if
+    any) is told each activity's counted weight. ``explain``: also tally per event type
+    (``AwardDraft.by_type``), what award explanations are built of.
     """
+    seen = observer.weighed if observer is not None else None
     tallies: dict[str, _Tally] = {}
     weighers: dict[str, _Weigher | None] = {}
     add = _EXACT.add
@@ -734,24 +794,51 @@ def aggregate(
         user_id = activity.user_id
         tally = tallies.get(user_id)
         if tally is None:
-            tally = tallies[user_id] = _Tally()
+            tally = tallies[user_id] = _Tally(types={} if explain else None)
         tally.events += 1
         event_type = activity.event_type
         weigher = weighers.get(event_type, _MISSING)
         if weigher is _MISSING:
             rule = rule_set.rules.get(event_type)
             weigher = weighers[event_type] = None if rule is None else _Weigher(rule)
+        line: TypeTally | None = None
+        if tally.types is not None:
+            line = tally.types.get(event_type)
+            if line is None:
+                line = tally.types[event_type] = TypeTally(known=weigher is not None)
+            line.events += 1
         if weigher is None:
             tally.ignored += 1
+            if seen is not None:
+                seen(activity, _ZERO, _ZERO)
             continue
         assert isinstance(weigher, _Weigher)
         cap = weigher.rule.daily_cap
         if cap is not None and not caps.take((user_id, event_type, utc_date(activity)), cap):
             tally.capped += 1
+            if line is not None:
+                line.capped += 1
+            if seen is not None:
+                seen(activity, _ZERO, _ZERO)
             continue
-        currency, rank_points = weigher(activity.attributes)
+        if line is None:
+            currency, rank_points = weigher(activity.attributes)
+        else:
+            index = weigher.explained(activity.attributes)
+            earned = line.earned
+            earned[index] = earned.get(index, 0) + 1
+            currency, rank_points = weigher.entries[index][0], weigher.entries[index][1]
+        if seen is not None:
+            seen(activity, currency, rank_points)
         tally.currency = add(tally.currency, currency)
         tally.rank_points = add(tally.rank_points, rank_points)
+
+    if explain:
+        for t in tallies.values():
+            for event_type, line in (t.types or {}).items():
+                found = weighers.get(event_type)
+                if isinstance(found, _Weigher):
+                    found.settle(line)
 
     drafts = {
         user_id: AwardDraft(
@@ -763,6 +850,7 @@ def aggregate(
             capped=t.capped,
             exact_currency=t.currency,
             exact_rank_points=t.rank_points,
+            by_type=t.types,
         )
         for user_id, t in tallies.items()
     }
@@ -777,6 +865,10 @@ def aggregate(
 
 def _floor(value: Decimal) -> int:
     return int(_EXACT.to_integral_value(value))
+
+
+exact_add: Final = _EXACT.add
+"""``a + b`` exactly (one call, for hot loops)."""
 
 
 def exact_sum(*values: Decimal) -> Decimal:

@@ -182,17 +182,29 @@ def test_report_prints_a_table_and_writes_a_png(
     today = datetime.now(UTC).date().isoformat()
     row = next(line for line in result.stdout.splitlines() if line.lstrip("│ ").startswith(today))
     cells = [c.strip() for c in row.strip("│┃ ").split("│")]
-    # day, played_game, logged_on, made_purchase, events, active, awards, awarded,
-    # issued, spent, refunded
+    # day, played_game, logged_on, made_purchase, events, active, earning, awarded,
+    # credited, spent, refunded, outstanding, holders
     assert cells[1:5] == ["2", "1", "1", "4"]
-    assert cells[5] == "3" and cells[6] == "3" and cells[7] == "3"
-    assert int(cells[8].replace(",", "")) > 0 and cells[9] == "2"
+    assert cells[5:8] == ["3", "4", "21"]
+    assert cells[8:13] == ["21", "2", "0", "19", "3"]
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"chart written to {out}" in result.stdout
+
+    # --json is what GET /v1/reports/daily answers
+    as_json = run("report", "--from", today, "--to", today, "--json")
+    assert as_json.exit_code == 0, as_json.output
+    api = client.get(
+        "/v1/reports/daily", params={"from": today, "to": today}, headers=make_key("operator")
+    )
+    assert api.status_code == 200, api.text
+    assert json.loads(as_json.stdout) == api.json()
+    assert api.json()["days"][0]["outstanding_currency"] == 19
 
     empty = run("report", "--days", "1")
     assert empty.exit_code == 0
     assert run("report", "--days", "0").exit_code == 2
+    assert run("report", "--from", today, "--to", "2000-01-01").exit_code == 2
+    assert run("report", "--from", "yesterday").exit_code == 2
 
 
 def test_report_on_an_empty_database(run: Run) -> None:

@@ -40,6 +40,7 @@ class FakeStore:
         self.leased = leased
         self.ensured: set[date] = set()
         self.caps_before: date | None = None
+        self.unrolled: dict[date, int] = {}
 
     @contextmanager
     def _lease(self) -> Iterator[bool]:
@@ -56,6 +57,9 @@ class FakeStore:
 
     def expire_day(self, day: date) -> DayOutcome:
         return self.days[day]
+
+    def unrolled_rows(self, day: date) -> int:
+        return self.unrolled.get(day, 0)
 
     def delete_caps_before(self, day: date) -> int:
         self.caps_before = day
@@ -89,6 +93,23 @@ def test_report_lists_dropped_and_kept_days() -> None:
     assert store.caps_before == date(2030, 3, 4)
     assert store.ensured == {date(2030, 3, 11), date(2030, 3, 12)}
     assert "KEPT" in report.summary() and report.to_wire()["kept"]
+
+
+def test_a_day_processed_before_the_rollups_began_is_kept_unless_dropped_on_purpose() -> None:
+    store = FakeStore(
+        {
+            date(2030, 3, 1): DayOutcome(10, 1000, 0, True),
+            date(2030, 3, 2): DayOutcome(4, 9, 0, True),
+        }
+    )
+    store.unrolled = {date(2030, 3, 1): 6}
+    moment = datetime(2030, 3, 11, 6, tzinfo=UTC)
+    report = Retention(store, retention_days=7).run(moment, strict=True)
+    assert report.kept == [KeptDay(date(2030, 3, 1), 6, "not rolled up")]
+    assert report.dropped == [DroppedDay(date(2030, 3, 2), 4, 9)]
+    assert not report.ok and "not rolled up" in report.summary()
+    report = Retention(store, retention_days=7).run(moment, drop_unrolled=True)
+    assert report.kept == [] and len(report.dropped) == 2 and report.ok
 
 
 def test_nothing_happens_without_the_lease() -> None:

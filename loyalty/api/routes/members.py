@@ -6,6 +6,7 @@ import base64
 import binascii
 import re
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Path, Query
 from pydantic import AfterValidator
@@ -27,6 +28,7 @@ from loyalty.api.schemas import (
     RefundRequest,
     SpendRequest,
 )
+from loyalty.application.compensation import COMPENSATION_PREFIX
 from loyalty.domain.member import Member
 from loyalty.domain.user_ids import MAX_LENGTH, check_user_id
 
@@ -180,6 +182,13 @@ def decode_cursor(cursor: str) -> int:
     return int(found.group(1))
 
 
+def explanation_link(user_id: str, kind: str, ref: str | None) -> str | None:
+    """The explanation of an award (and of a rules compensation, an adjustment)."""
+    if ref is None or not (kind == "award" or ref.startswith(COMPENSATION_PREFIX)):
+        return None
+    return f"/v1/members/{quote(user_id, safe='')}/awards/{quote(ref, safe='')}"
+
+
 @router.get(
     "/v1/members/{user_id}/history",
     response_model=HistoryBody,
@@ -203,7 +212,12 @@ async def history(
         return HistoryBody(
             entries=[
                 HistoryEntryBody(
-                    kind=r.kind, currency=r.currency, rank_points=r.rank_points, at=r.at, ref=r.ref
+                    kind=r.kind,
+                    currency=r.currency,
+                    rank_points=r.rank_points,
+                    at=r.at,
+                    ref=r.ref,
+                    explanation=explanation_link(user_id, r.kind, r.ref),
                 )
                 for r in page
             ],

@@ -1,0 +1,106 @@
+"""``loyalty rules dry-run`` and ``loyalty rules apply`` (issue 20)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import typer
+
+from loyalty.cli import _rfc3339, fail, load_settings, open_database, rules_app
+
+
+def _read_rules(file: str) -> dict[str, Any]:
+    try:
+        raw = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+    except OSError as exc:
+        raise fail(f"{file}: {exc.strerror or exc}", 2) from None
+    try:
+        wire = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise fail(f"{file}: not valid JSON: {exc}", 2) from None
+    if not isinstance(wire, dict):
+        raise fail(f"{file}: must be a JSON object with 'rules' and 'ranks'", 2)
+    return wire
+
+
+@rules_app.command("dry-run")
+def rules_dry_run(
+    file: Annotated[str, typer.Argument(help="a candidate rules file; - reads stdin")],
+    from_: Annotated[
+        str | None,
+        typer.Option("--from", help="first UTC day, YYYY-MM-DD (default: yesterday)"),
+    ] = None,
+    to: Annotated[
+        str | None,
+        typer.Option("--to", help="the day after the last, YYYY-MM-DD (default: from + 1)"),
+    ] = None,
+) -> None:
+    """Weigh retained days with a candidate rule set and compare with the current rules
+    (read-only); prints the report as JSON (the shape of POST /v1/rules/dry-run)."""
+    from loyalty.domain.errors import InvalidRules, PeriodNotRetained
+    from loyalty.domain.rules import parse_rule_set
+    from loyalty.worker import build_dry_run
+
+    wire = _read_rules(file)
+    try:
+        candidate = parse_rule_set(wire, 0)
+    except InvalidRules as exc:
+        raise fail(f"{file}: {exc.message}", 2) from None
+    settings = load_settings()
+    db = open_database(settings)
+    try:
+        report = build_dry_run(db, settings).run(candidate, from_, to)
+    except PeriodNotRetained as exc:
+        raise fail(exc.message, 2) from None
+    finally:
+        db.dispose()
+    typer.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+
+
+@rules_app.command("apply")
+def rules_apply(
+    file: Annotated[str, typer.Argument(help="the new rules file; - reads stdin")],
+    since: Annotated[
+        str | None,
+        typer.Option(help="RFC 3339: compensate from the start of this UTC day"),
+    ] = None,
+    compensate: Annotated[
+        bool,
+        typer.Option(
+            "--compensate",
+            help="give each affected member one compensating adjustment for the period",
+        ),
+    ] = False,
+) -> None:
+    """Make a rules file current; with --compensate, also compensate every member for
+    what the new rules would have awarded since --since (idempotent: a re-run finishes
+    an interrupted run and then does nothing). Prints the receipt as JSON."""
+    from loyalty.adapters.rules_store import RulesStore
+    from loyalty.domain.errors import InvalidRules, PeriodNotRetained
+    from loyalty.domain.rules import parse_rule_set
+    from loyalty.worker import build_compensation
+
+    wire = _read_rules(file)
+    try:
+        candidate = parse_rule_set(wire, 0)
+    except InvalidRules as exc:
+        raise fail(f"{file}: {exc.message}", 2) from None
+    if compensate and since is None:
+        raise fail("--compensate needs --since", 2)
+    settings = load_settings()
+    db = open_database(settings)
+    try:
+        if not compensate:
+            rule_set = RulesStore(db).put(wire)
+            typer.echo(f"loaded rules version {rule_set.version} (no compensation)")
+            return
+        assert since is not None
+        receipt = build_compensation(db).apply(wire, _rfc3339(since, "--since"), candidate)
+    except PeriodNotRetained as exc:
+        raise fail(exc.message, 2) from None
+    finally:
+        db.dispose()
+    typer.echo(orjson.dumps(receipt, option=orjson.OPT_INDENT_2).decode())
