@@ -19,7 +19,9 @@ Nothing is logged with a user id or a key (the access log is off; errors are ren
 
 from __future__ import annotations
 
+import csv
 import hmac
+import io
 import json
 import re
 import secrets
@@ -29,12 +31,12 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode
 
-from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.concurrency import run_in_threadpool
@@ -49,6 +51,7 @@ from loyalty.api.problems import ApiProblem, to_problem
 from loyalty.api.routes.members import member_body
 from loyalty.api.routes.operations import pipeline_status
 from loyalty.application.delivery import EVENT_TYPES
+from loyalty.application.reporting import ReportRangeError, check_range, daily_report
 from loyalty.console.locate import line_of
 from loyalty.domain.errors import DomainError, InvalidRules
 from loyalty.domain.rules import rule_set_to_wire
@@ -104,6 +107,7 @@ NAV: list[tuple[str, str, str]] = [
     ("dashboard", "Dashboard", "/"),
     ("members", "Members", "/members"),
     ("rules", "Rules", "/rules"),
+    ("reports", "Reports", "/reports"),
     ("forget", "Forget-me", "/forget"),
     ("keys", "Keys", "/keys"),
     ("webhooks", "Webhooks", "/webhooks"),
@@ -810,6 +814,133 @@ async def replay_dead_letters(
         error=None,
         replayed=replayed,
         **context,
+    )
+
+
+# ------------------------------------------------------------------------------ reports
+
+REPORT_DAYS = 30
+"""The range the reports page opens with (the last 30 UTC days)."""
+CHART_WIDTH, CHART_HEIGHT = 720, 160
+CHARTS: list[tuple[str, str, str]] = [
+    ("events", "Events per day", "#0a4fa3"),
+    ("currency_credited", "Currency credited by awards", "#1d6b2f"),
+    ("currency_spent", "Currency spent", "#a1120d"),
+    ("outstanding_currency", "Outstanding currency (end of day)", "#13263f"),
+]
+EXPORT_COLUMNS = [
+    "day",
+    "events",
+    "earning_events",
+    "active_members",
+    "currency_awarded",
+    "rank_points_awarded",
+    "currency_credited",
+    "rank_points_credited",
+    "currency_spent",
+    "currency_refunded",
+    "currency_adjusted",
+    "rank_points_adjusted",
+    "currency_expired",
+    "currency_forgotten",
+    "new_members",
+    "members",
+    "members_with_balance",
+    "outstanding_currency",
+]
+
+
+def report_range(first: str, last: str, today: date) -> tuple[date, date]:
+    """The page's range: ``from``/``to`` as given (YYYY-MM-DD), else the last 30 days."""
+    try:
+        end = date.fromisoformat(last) if last else today
+        start = date.fromisoformat(first) if first else end - timedelta(days=REPORT_DAYS - 1)
+    except ValueError:
+        raise ConsoleProblem(422, "invalid_range", "dates are YYYY-MM-DD") from None
+    try:
+        check_range(start, end)
+    except ReportRangeError as exc:
+        raise ConsoleProblem(422, "invalid_range", str(exc)) from None
+    return start, end
+
+
+def bars(days: list[dict[str, Any]], field: str) -> list[dict[str, Any]]:
+    """One bar per day, scaled to the chart (SVG coordinates; server-drawn, no script)."""
+    values = [float(d[field]) for d in days]
+    top = max([*values, 1.0])
+    width = CHART_WIDTH / max(1, len(values))
+    return [
+        {
+            "x": round(i * width + width * 0.1, 2),
+            "width": round(width * 0.8, 2),
+            "height": round(CHART_HEIGHT * v / top, 2),
+            "y": round(CHART_HEIGHT - CHART_HEIGHT * v / top, 2),
+            "day": d["day"],
+            "value": d[field],
+        }
+        for i, (d, v) in enumerate(zip(days, values, strict=True))
+    ]
+
+
+def _report(container: Container, start: date, end: date) -> list[dict[str, Any]]:
+    assert container.rollups is not None
+    return [d.to_wire() for d in daily_report(container.rollups, start, end)]
+
+
+@router.get("/reports")
+async def reports_page(
+    request: Request,
+    container: ContainerDep,
+    session: SessionDep,
+    first: Annotated[str, Query(alias="from")] = "",
+    last: Annotated[str, Query(alias="to")] = "",
+) -> Response:
+    start, end = report_range(first, last, container.clock().date())
+    days = await run_in_threadpool(_report, container, start, end)
+    charts = [
+        {
+            "field": f,
+            "title": t,
+            "colour": c,
+            "bars": bars(days, f),
+            "top": max([0, *(d[f] for d in days)]),
+        }
+        for f, t, c in CHARTS
+    ]
+    return render(
+        request,
+        "reports.html",
+        session=session,
+        page="reports",
+        start=start,
+        end=end,
+        days=days,
+        charts=charts,
+        width=CHART_WIDTH,
+        height=CHART_HEIGHT,
+        export=f"{PREFIX}/reports/export.csv?" + urlencode({"from": start, "to": end}),
+    )
+
+
+@router.get("/reports/export.csv")
+async def reports_export(
+    container: ContainerDep,
+    _session: SessionDep,
+    first: Annotated[str, Query(alias="from")] = "",
+    last: Annotated[str, Query(alias="to")] = "",
+) -> Response:
+    start, end = report_range(first, last, container.clock().date())
+    days = await run_in_threadpool(_report, container, start, end)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(EXPORT_COLUMNS)
+    for d in days:
+        writer.writerow([d[c] for c in EXPORT_COLUMNS])
+    name = f"loyalty-daily-{start}-{end}.csv"
+    return Response(
+        out.getvalue(),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
     )
 
 

@@ -463,3 +463,70 @@ def test_member_page_handles_unknown_and_invalid_user_ids(console: tuple[TestCli
     assert unknown.status_code == 200 and 'id="member-missing"' in unknown.text
     invalid = client.get("/console/members", params={"user_id": "a/b"})
     assert 'role="alert">user id:' in invalid.text
+
+
+def test_reports_chart_the_rollups_for_a_date_range_and_export_it(
+    console: tuple[TestClient, str],
+    db: Database,
+    clock: Clock,
+    make_key: Callable[..., dict[str, str]],
+) -> None:
+    from loyalty.worker import build_projection
+    from tests.conftest import drain_pipeline
+
+    client, csrf = console
+    now = clock()
+    events = [
+        {"event_id": f"e{i}", "user_id": f"u{i % 3}", "type": "logged_on"}
+        | {"occurred_at": (now - timedelta(days=i % 2)).isoformat()}
+        for i in range(7)
+    ]
+    ingest = make_key("ingest", "gamesite")
+    answer = client.post("/v1/ingress/batches", json={"events": events}, headers=ingest)
+    assert answer.status_code == 202 and answer.json()["accepted"] == 7
+    act(
+        client,
+        csrf,
+        "adjust",
+        user_id="u0",
+        adjustment_id="r",
+        currency="40",
+        rank_points="0",
+        reason="goodwill",
+    )
+    act(client, csrf, "spend", user_id="u0", order_id="o", amount="15")
+    container = client.app.state.container  # type: ignore[attr-defined]
+    drain_pipeline(db, container.accounts.app)
+    build_projection(db, container.accounts.app).catch_up()
+    today, yesterday = now.date(), now.date() - timedelta(days=1)
+    first = today - timedelta(days=6)
+    page = client.get(
+        "/console/reports", params={"from": first.isoformat(), "to": today.isoformat()}
+    )
+    assert page.status_code == 200
+    # one bar per day in every chart; today's events and spend in their charts
+    events_chart = re.search(r'data-field="events">(.*?)</svg>', page.text, re.S)
+    assert events_chart and events_chart.group(1).count("<rect") == 7
+    assert f"<title>{today}: 4</title>" in events_chart.group(1)
+    assert f"<title>{yesterday}: 3</title>" in events_chart.group(1)
+    spent = re.search(r'data-field="currency_spent">(.*?)</svg>', page.text, re.S)
+    assert spent and f"<title>{today}: 15</title>" in spent.group(1)
+    # the export link gives the same range as CSV
+    link = re.search(r'href="(/console/reports/export\.csv\?[^"]+)" id="export"', page.text)
+    assert link
+    export = client.get(html_module.unescape(link.group(1)))
+    assert export.status_code == 200 and export.headers["content-type"].startswith("text/csv")
+    assert "attachment" in export.headers["content-disposition"]
+    rows = export.text.splitlines()
+    assert rows[0].startswith("day,events,") and len(rows) == 8
+    today_row = dict(zip(rows[0].split(","), rows[-1].split(","), strict=True))
+    assert today_row["day"] == today.isoformat() and today_row["events"] == "4"
+    assert today_row["currency_spent"] == "15" and today_row["currency_adjusted"] == "40"
+    # a range the rollups refuse, answered as a page
+    wrong = client.get(
+        "/console/reports", params={"from": today.isoformat(), "to": first.isoformat()}
+    )
+    assert wrong.status_code == 422 and "`to` is before `from`" in wrong.text
+    assert client.get("/console/reports/export.csv", follow_redirects=False).status_code == 200
+    client.cookies.clear()
+    assert client.get("/console/reports/export.csv", follow_redirects=False).status_code == 303

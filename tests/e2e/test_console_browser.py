@@ -19,7 +19,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -304,6 +304,25 @@ def test_an_operator_runs_the_loyalty_programme_from_the_console(
     visit.check("forget-receipt")
     page.goto(f"{base}/console/members?user_id={forgotten}")
     assert page.locator("#member-missing").is_visible()
+
+    # reports: the daily charts from the rollups over a chosen range, and its export
+    page.click("nav >> text=Reports")
+    today = datetime.now(UTC).date()
+    page.fill("#report-from", (today - timedelta(days=2)).isoformat())
+    page.fill("#report-to", today.isoformat())
+    page.click("main form.inline button[type=submit]")
+    assert page.locator("svg[data-field=events] rect").count() == 3  # one bar per day
+    deadline = time.monotonic() + 30  # the 50 events above, once the pipeline weighed them
+    while "50" not in page.locator("#report-days tbody tr").last.inner_text():
+        assert time.monotonic() < deadline, page.locator("#report-days").inner_text()
+        time.sleep(0.5)
+        page.reload()
+    visit.check("reports")
+    with page.expect_download() as download:
+        page.click("#export")
+    exported = Path(download.value.path()).read_text().splitlines()
+    assert exported[0].startswith("day,events,") and len(exported) == 4
+    assert exported[-1].startswith(f"{today.isoformat()},50,")
 
     # webhooks page, keys: a new key is shown once; revoking one's own key signs out
     page.click("nav >> text=Webhooks")
