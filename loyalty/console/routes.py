@@ -30,6 +30,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -50,11 +51,13 @@ from loyalty.api.guards import BodyProblem, read_limited_body
 from loyalty.api.problems import ApiProblem, to_problem
 from loyalty.api.routes.members import member_body
 from loyalty.api.routes.operations import pipeline_status
+from loyalty.application.compensation import COMPENSATION_PREFIX
 from loyalty.application.delivery import EVENT_TYPES
+from loyalty.application.explain import PENDING_ALIAS
 from loyalty.application.reporting import ReportRangeError, check_range, daily_report
 from loyalty.console.locate import line_of
 from loyalty.domain.errors import DomainError, InvalidRules
-from loyalty.domain.rules import rule_set_to_wire
+from loyalty.domain.rules import parse_rule_set, rule_set_to_wire
 from loyalty.domain.user_ids import user_id_problem
 
 HERE = Path(__file__).parent
@@ -113,7 +116,13 @@ NAV: list[tuple[str, str, str]] = [
     ("webhooks", "Webhooks", "/webhooks"),
 ]
 """The sections (a new page: a template, a route and a line here)."""
-_templates.globals.update(htmx_config=HTMX_CONFIG, prefix=PREFIX, event_types=EVENT_TYPES, nav=NAV)
+_templates.globals.update(
+    pending_alias=PENDING_ALIAS,
+    htmx_config=HTMX_CONFIG,
+    prefix=PREFIX,
+    event_types=EVENT_TYPES,
+    nav=NAV,
+)
 
 
 # ----------------------------------------------------------------------------- plumbing
@@ -456,6 +465,39 @@ async def members_page(
     )
 
 
+@router.get("/members/explain")
+async def explain_award(
+    request: Request,
+    container: ContainerDep,
+    session: SessionDep,
+    user_id: str = "",
+    award_id: str = "",
+) -> Response:
+    """Why an award (or the pending one, ``award_id=pending``) is what it is (#20)."""
+    explanations = container.explanations
+    assert explanations is not None
+    if user_id_problem(user_id) or not award_id or len(award_id) > 200:
+        raise ConsoleProblem(404, "award_not_found", "no such award")
+
+    def work() -> dict[str, Any]:
+        try:
+            return explanations.explain(user_id, award_id)
+        except DomainError as exc:
+            problem = _problem(exc)
+            raise ConsoleProblem(problem.status, problem.code, _message(problem)) from None
+
+    explanation = await run_in_threadpool(work)
+    return render(request, "_explanation.html", session=session, e=explanation)
+
+
+def explainable(kind: str, ref: str | None) -> bool:
+    """A history entry with an explanation: an award, or a rules compensation."""
+    return ref is not None and (kind == "award" or ref.startswith(COMPENSATION_PREFIX))
+
+
+_templates.globals["explainable"] = explainable
+
+
 def _int(form: Mapping[str, str], name: str, *, minimum: int | None = None) -> int:
     text = form.get(name, "").strip()
     try:
@@ -542,12 +584,21 @@ async def member_action(
 # -------------------------------------------------------------------------------- rules
 
 
+DRY_RUN_DAYS = 7
+"""The dry run's default period: the last 7 UTC days, today included (within retention)."""
+
+
 def _rules_context(container: Container, text: str | None = None) -> dict[str, Any]:
     current = container.rules.current()
+    today = container.clock().date()
+    days = min(DRY_RUN_DAYS, container.settings.retention_days)
     return {
         "current": current,
         "text": text if text is not None else json.dumps(rule_set_to_wire(current), indent=2),
         "versions": container.rules.versions(),
+        "dry_from": today - timedelta(days=days - 1),
+        "dry_through": today,
+        "dry_run": None,
     }
 
 
@@ -618,6 +669,57 @@ async def save_rules(
         page="rules",
         errors=errors,
         saved=saved,
+        **context,
+    )
+
+
+def dry_run_of(container: Container, form: Mapping[str, str]) -> tuple[int, dict[str, Any]]:
+    """The dry run (#20) of the editor's rules over ``from`` .. ``through`` (UTC days,
+    both included): (status, {result} or {errors}). Reads only; nothing is saved."""
+    runner = container.dry_run
+    assert runner is not None
+    text = form.get("rules", "")
+    wire, errors = parse_rules_text(text)
+    if wire is None:
+        return 422, {"errors": errors}
+    try:
+        through = date.fromisoformat(form.get("through", "").strip())
+        first = date.fromisoformat(form.get("from", "").strip())
+    except ValueError:
+        return 422, {"errors": [{"loc": "period", "msg": "dates are YYYY-MM-DD", "line": None}]}
+    try:
+        candidate = parse_rule_set(wire, 0)
+        result = runner.run(candidate, first, through + timedelta(days=1))
+    except InvalidRules as exc:
+        return 422, {"errors": located(text, exc)}
+    except DomainError as exc:  # the period: empty, outside retention, in the future
+        problem = _problem(exc)
+        return problem.status, {
+            "errors": [{"loc": "period", "msg": _message(problem), "line": None}]
+        }
+    return 200, {"result": result}
+
+
+@router.post("/rules/dry-run")
+async def rules_dry_run(
+    request: Request, container: ContainerDep, session: SessionDep, form: FormDep
+) -> Response:
+    status, dry_run = await run_in_threadpool(dry_run_of, container, form)
+    if _is_htmx(request):
+        return render(request, "_dry_run.html", status, session=session, dry_run=dry_run)
+    context = await run_in_threadpool(_rules_context, container, form.get("rules", ""))
+    context["dry_run"] = dry_run
+    with suppress(ValueError):
+        context["dry_from"] = date.fromisoformat(form.get("from", ""))
+        context["dry_through"] = date.fromisoformat(form.get("through", ""))
+    return render(
+        request,
+        "rules.html",
+        status,
+        session=session,
+        page="rules",
+        errors=[],
+        saved=None,
         **context,
     )
 

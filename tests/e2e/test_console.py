@@ -530,3 +530,94 @@ def test_reports_chart_the_rollups_for_a_date_range_and_export_it(
     assert client.get("/console/reports/export.csv", follow_redirects=False).status_code == 200
     client.cookies.clear()
     assert client.get("/console/reports/export.csv", follow_redirects=False).status_code == 303
+
+
+def test_rules_dry_run_shows_the_difference_before_anything_is_saved(
+    console: tuple[TestClient, str],
+    db: Database,
+    clock: Clock,
+    make_key: Callable[..., dict[str, str]],
+) -> None:
+    import json
+
+    from tests.conftest import drain_pipeline
+
+    client, csrf = console
+    now = clock()
+    events = [
+        {"event_id": f"g{i}", "user_id": f"p{i % 2}", "type": "played_game"}
+        | {"occurred_at": now.isoformat()}
+        for i in range(4)
+    ]
+    ingest = make_key("ingest", "gamesite")
+    assert (
+        client.post("/v1/ingress/batches", json={"events": events}, headers=ingest).status_code
+        == 202
+    )
+    drain_pipeline(db, client.app.state.container.accounts.app)  # type: ignore[attr-defined]
+    page = client.get("/console/rules").text
+    text = re.search(r'<textarea id="rules-text"[^>]*>([^<]*)</textarea>', page, re.S)
+    assert text
+    wire = json.loads(html_module.unescape(text.group(1)))
+    for rule in wire["rules"]:
+        if rule["event_type"] == "played_game":
+            rule["currency"] = 8  # 5 -> 8 per game
+    today = now.date().isoformat()
+    form = {"csrf": csrf, "rules": json.dumps(wire, indent=2), "from": today, "through": today}
+    answer = client.post("/console/rules/dry-run", data=form, headers={"HX-Request": "true"})
+    assert answer.status_code == 200, answer.text
+    assert "4 retained events of 2 members: 2 would be awarded differently" in answer.text
+    totals = re.search(r'<th scope="row">currency</th>(.*?)</tr>', answer.text, re.S)
+    assert totals and re.findall(r'class="num">([^<]+)<', totals.group(1)) == ["20", "32", "12"]
+    assert "played_game" in answer.text and "Nothing was saved." in answer.text
+    assert 'id="rules-version">1<' in client.get("/console/rules").text  # not saved
+    # without JavaScript: the whole page, the editor keeping the candidate
+    full = client.post("/console/rules/dry-run", data=form)
+    assert full.status_code == 200 and 'id="dry-run-summary"' in full.text
+    assert "&#34;currency&#34;: 8" in full.text or "&quot;currency&quot;: 8" in full.text
+    # errors: invalid rules at their line, a period outside retention
+    wire["ranks"][0]["name"] = ""
+    broken = {**form, "rules": json.dumps(wire, indent=2)}
+    refused = client.post("/console/rules/dry-run", data=broken, headers={"HX-Request": "true"})
+    assert refused.status_code == 422 and "<code>ranks[0].name</code>" in refused.text
+    assert 'data-line="' in refused.text
+    old = {**form, "from": "2000-01-01"}
+    refused = client.post("/console/rules/dry-run", data=old, headers={"HX-Request": "true"})
+    assert refused.status_code == 422 and "outside retention" in refused.text
+
+
+def test_history_awards_are_explained_in_place(
+    console: tuple[TestClient, str],
+    db: Database,
+    clock: Clock,
+    make_key: Callable[..., dict[str, str]],
+) -> None:
+    from loyalty.worker import build_projection
+    from tests.conftest import drain_pipeline
+
+    client, _csrf = console
+    events = [
+        {"event_id": f"w{i}", "user_id": "winner", "type": "played_game"}
+        | {"occurred_at": clock().isoformat(), "attributes": {"result": "win" if i else "loss"}}
+        for i in range(3)
+    ]
+    ingest = make_key("ingest", "gamesite")
+    assert (
+        client.post("/v1/ingress/batches", json={"events": events}, headers=ingest).status_code
+        == 202
+    )
+    container = client.app.state.container  # type: ignore[attr-defined]
+    drain_pipeline(db, container.accounts.app)
+    build_projection(db, container.accounts.app).catch_up()
+    page = client.get("/console/members", params={"user_id": "winner"}).text
+    link = re.search(r'hx-get="(/console/members/explain\?[^"]+)"', page)
+    assert link and "award_id=w" in link.group(1)
+    why = client.get(html_module.unescape(link.group(1)), headers={"HX-Request": "true"})
+    assert why.status_code == 200
+    assert "played_game" in why.text and "3</td>" in why.text  # 3 events of the type
+    assert "×2" in why.text  # the win multiplier, applied to 2 of them
+    assert re.search(r'<th scope="row">Currency</th>.*?class="num">25<', why.text, re.S)
+    missing = client.get(
+        "/console/members/explain", params={"user_id": "winner", "award_id": "nope"}
+    )
+    assert missing.status_code == 404 and "award" in missing.text
