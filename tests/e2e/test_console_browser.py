@@ -14,6 +14,7 @@ installs it).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -262,7 +263,7 @@ def test_an_operator_runs_the_loyalty_programme_from_the_console(
         "#rules-text",
         original.replace('"ranks": [', '"ranks": [{"name": "", "min_rank_points": -5},', 1),
     )
-    page.click("#rules-form button[type=submit]")
+    page.click("#save-button")
     errors = page.locator("#rules-errors")
     assert (
         "ranks[0].name" in errors.inner_text() and "ranks[0].min_rank_points" in errors.inner_text()
@@ -277,8 +278,23 @@ def test_an_operator_runs_the_loyalty_programme_from_the_console(
     assert '"ranks": [' in selected
     assert page.evaluate("() => document.activeElement.id") == "rules-text"
     visit.check("rules-error")
+    # a dry run of a candidate: the difference shown in place, nothing saved
+    candidate = json.loads(original)
+    for rule in candidate["rules"]:
+        if rule["event_type"] == "logged_on":
+            rule["currency"] = 3  # the player's one counted logon: 1 -> 3
+    page.fill("#rules-text", json.dumps(candidate, indent=2))
+    page.evaluate("window.stillTheSamePage = true")
+    page.click("#dry-run-button")
+    page.wait_for_selector("#dry-run-summary")
+    assert "Nothing was saved." in page.locator("#dry-run-summary").inner_text()
+    row = page.locator("#dry-run-totals tbody tr").first.inner_text().split()
+    assert row == ["currency", "1", "3", "2"], row
+    assert page.locator("#rules-version").inner_text() == "1"
+    assert page.evaluate("window.stillTheSamePage") is True
+    visit.check("rules-dry-run")
     page.fill("#rules-text", re.sub(r'"bronze"', '"copper"', original, count=1))
-    page.click("#rules-form button[type=submit]")
+    page.click("#save-button")
     assert page.locator("#rules-saved").inner_text() == "Saved as version 2."
     assert "copper" in page.locator("#rules-text").input_value()
     assert page.locator("#versions").inner_text().count("version ") == 2
@@ -323,6 +339,20 @@ def test_an_operator_runs_the_loyalty_programme_from_the_console(
     exported = Path(download.value.path()).read_text().splitlines()
     assert exported[0].startswith("day,events,") and len(exported) == 4
     assert exported[-1].startswith(f"{today.isoformat()},50,")
+
+    # the player's award (a new member's first award is recorded at once), explained
+    deadline = time.monotonic() + 30
+    while True:
+        page.goto(f"{base}/console/members?user_id={player}")
+        why_buttons = page.locator("#history button[aria-controls=explanation]")
+        if why_buttons.count() or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    why_buttons.first.click()
+    page.wait_for_selector("#explanation .explanation")
+    why = page.locator("#explanation").inner_text()
+    assert "recorded" in why and "logged_on" in why and "50 events" in why, why
+    visit.check("explanation")
 
     # webhooks page, keys: a new key is shown once; revoking one's own key signs out
     page.click("nav >> text=Webhooks")
