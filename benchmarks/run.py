@@ -25,6 +25,7 @@ MODULES = [
     "benchmarks.durable_growth",
     "benchmarks.reporting",
     "benchmarks.dryrun",
+    "benchmarks.currency_expiry",
     "benchmarks.console",
 ]
 

@@ -35,6 +35,12 @@ class Settings(BaseSettings):
         description="fraction of the time a rule dry run reads and weighs; it sleeps the "
         "rest between chunks, so the live pipeline keeps its share of CPU (1: no pause)",
     )
+    expiry_interval_seconds: float = Field(
+        3600.0,
+        ge=0,
+        description="how often the worker expires due currency lots (0: never; "
+        "only with currency_expiry in the rules)",
+    )
     max_batch_events: int = Field(10_000, ge=1, description="events per ingress batch")
     max_batch_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="bytes per batch body")
     max_attributes_bytes: int = Field(4096, ge=2, description="bytes of one event's attributes")

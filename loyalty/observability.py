@@ -161,6 +161,16 @@ class Metrics:
             "expired ingress partitions dropped",
             registry=r,
         )
+        self.currency_expired_lots = Counter(
+            "loyalty_currency_expired_lots",
+            "currency lots expired by the expiry job (CurrencyExpired events)",
+            registry=r,
+        )
+        self.currency_expired_amount = Counter(
+            "loyalty_currency_expired",
+            "currency expired by the expiry job",
+            registry=r,
+        )
         self.retention_kept_unprocessed = Gauge(
             "loyalty_retention_kept_unprocessed_partitions",
             "expired ingress partitions kept because they hold unprocessed events",
@@ -204,6 +214,11 @@ class Metrics:
     def pipeline_lag(self, *, pending: int, oldest_age_s: float | None) -> None:
         self.pipeline_pending.set(pending)
         self.pipeline_oldest_pending_age.set(oldest_age_s or 0.0)
+
+    # -- ExpiryMetrics (loyalty.application.expiry)
+    def currency_expired(self, lots: int, amount: int) -> None:
+        self.currency_expired_lots.inc(lots)
+        self.currency_expired_amount.inc(amount)
 
     # -- SpendingMetrics
     def account_command(self, command: str, outcome: str, amount: int) -> None:

@@ -18,6 +18,7 @@ from loyalty.adapters.db import Database, DatabaseUnavailable, fast_pool_reconne
 from loyalty.adapters.delivery_store import RELAY_CHANNEL, SqlDeliveryStore
 from loyalty.adapters.erasure_store import SqlErasureStore
 from loyalty.adapters.event_store import event_store_env, stream_loader, worker_env
+from loyalty.adapters.expiry_store import ExpiryLease, MemberLots
 from loyalty.adapters.explanation_store import ExplanationStore
 from loyalty.adapters.ingress_log import create_ingress_log, pending_stats
 from loyalty.adapters.pending_store import PendingTable
@@ -37,6 +38,7 @@ from loyalty.application.delivery import (
 )
 from loyalty.application.dryrun import DryRun
 from loyalty.application.erasure import ForgetService, MarkerCache
+from loyalty.application.expiry import Expiry, ExpiryJob
 from loyalty.application.pipeline import LagProbe, Pipeline, Worker
 from loyalty.application.projections import MemberProjection, ProjectionWorker
 from loyalty.application.retention import Retention, RetentionJob
@@ -341,6 +343,39 @@ def start_retention_thread(
     if job is None:
         return None
     thread = threading.Thread(target=job.run, name="retention", daemon=True)
+    thread.start()
+    return job, thread
+
+
+# -- currency expiry (periodic in the worker; `loyalty expiry run` on demand) -------------
+
+
+def build_expiry(
+    db: Database, members: Members | None = None, *, metrics: Metrics | None = None
+) -> Expiry:
+    """The expiry job over this database (one run at a time: its lease)."""
+    members = members or Members(env=worker_env(db.settings))
+    rules = RulesStore(db)
+    accounts = Accounts(
+        members,
+        lambda app: stream_loader(
+            app.recorder, app.snapshots.recorder if app.snapshots is not None else None
+        ),
+        markers=marker_cache(db),
+        pending=PendingTable(db),
+    )
+    return Expiry(accounts, MemberLots(db), rules.current, ExpiryLease(db), metrics=metrics)
+
+
+def start_expiry_thread(
+    db: Database, *, metrics: Metrics | None = None
+) -> tuple[ExpiryJob, threading.Thread] | None:
+    """Start the periodic expiry job in a daemon thread (None when turned off)."""
+    interval = db.settings.expiry_interval_seconds
+    if interval <= 0:
+        return None
+    job = ExpiryJob(build_expiry(db, metrics=metrics), interval_seconds=interval)
+    thread = threading.Thread(target=job.run, name="expiry", daemon=True)
     thread.start()
     return job, thread
 

@@ -33,7 +33,9 @@ LOCATIONS: dict[str, tuple[str, ...]] = {
     "pipeline_caps": ("pipeline_caps",),
     "pipeline_pending": ("pipeline_pending",),  # earnings not yet recorded on the account
     "event_store": ("members_events", "stored_events", "members_snapshots", "stored_snapshots"),
-    "read_models": ("member_balances", "member_history"),
+    # member_lots: the expiry index (issue 19), a read model of the account's lots
+    # and member_ranks: whom the job re-qualifies
+    "read_models": ("member_balances", "member_history", "member_lots", "member_ranks"),
     "projection_quarantine": ("projection_quarantine",),  # erased with the read models
     "forget_subjects": ("forget_subjects",),  # deleted when the request completes
     # events out (issue 17): dead letters of the member are erased; forget-me itself
@@ -393,6 +395,12 @@ class SqlErasureStore:
             history = conn.execute(
                 sa.text("DELETE FROM member_history WHERE user_id = :u"), {"u": user_id}
             ).rowcount
+            lots = conn.execute(
+                sa.text("DELETE FROM member_lots WHERE user_id = :u"), {"u": user_id}
+            ).rowcount
+            ranks = conn.execute(
+                sa.text("DELETE FROM member_ranks WHERE user_id = :u"), {"u": user_id}
+            ).rowcount
             balances = conn.execute(
                 sa.text("DELETE FROM member_balances WHERE user_id = :u"), {"u": user_id}
             ).rowcount
@@ -404,6 +412,8 @@ class SqlErasureStore:
             "award_explanations": int(explanations),
             "member_history": int(history),
             "member_balances": int(balances),
+            "member_lots": int(lots),
+            "member_ranks": int(ranks),
             "projection_quarantine": int(quarantined),
         }
 

@@ -10,7 +10,7 @@ finds the row changed (its insert fails and is retried)."""
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -24,13 +24,14 @@ from loyalty.application.accounts import StreamErased
 from loyalty.application.erasure import ERASING
 from loyalty.application.pending import Contribution, PendingRow, Position
 from loyalty.domain import explain
+from loyalty.domain.expiry import month_of
 from loyalty.domain.member import Member
 from loyalty.domain.rules import exact_sum
 
 _IN_CHUNK = 500
 _COLUMNS = (
     "user_id, shard, currency, rank_points, event_count, rule_version, upto_txid, upto_seq, "
-    "since, rank_need, explain, from_txid, from_seq"
+    "since, rank_need, currency_months, explain, from_txid, from_seq"
 )
 NO_RANK_ABOVE = "Infinity"
 NO_FENCE = 2**62
@@ -46,10 +47,45 @@ def _need(text: str | None) -> Decimal | None:
     return None if text is None else Decimal(text)
 
 
+def _months(text: str | None) -> dict[str, Decimal] | None:
+    """``currency_months`` (issue 19): exact pending currency per month earned."""
+    if text is None:
+        return None
+    return {month: Decimal(value) for month, value in orjson.loads(text).items()}
+
+
+def _months_text(months: dict[str, Decimal]) -> str:
+    return orjson.dumps({m: f"{v:f}" for m, v in sorted(months.items()) if v}).decode()
+
+
+def _merge_months(
+    before: dict[str, Decimal] | None,
+    before_currency: Decimal,
+    since: datetime,
+    added: Contribution,
+) -> dict[str, Decimal]:
+    """The row's months plus the contribution's (a row without months, stored before
+    they were kept, counts as earned in the month of its ``since``; so does a
+    contribution without them)."""
+    months = dict(before) if before is not None else {}
+    if before is None and before_currency:
+        months[month_of(since)] = before_currency
+    extra = added.months if added.months is not None else {month_of(since): added.currency}
+    for month, value in extra.items():
+        months[month] = exact_sum(months.get(month, Decimal(0)), value)
+    return months
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
 def _row(r: Sequence[Any]) -> PendingRow:
     since = r[8]
     if isinstance(since, str):  # SQLite through the DB-API cursor
         since = datetime.fromisoformat(since)
+    if since.tzinfo is None:  # SQLite keeps UTC without the offset
+        since = since.replace(tzinfo=UTC)
     return PendingRow(
         user_id=r[0],
         shard=int(r[1]),
@@ -60,6 +96,7 @@ def _row(r: Sequence[Any]) -> PendingRow:
         upto=(int(r[6]), int(r[7])),
         since=since,
         rank_need=_need(r[9]),
+        months=_months(r[10]),
     )
 
 
@@ -85,14 +122,16 @@ def merge(
         return []
     ids = sorted({c.user_id for c in contributions})
     _guard(db, conn, ids, fence)
-    existing: dict[str, tuple[Decimal, Decimal, int, Decimal | None, datetime]] = {}
+    existing: dict[
+        str, tuple[Decimal, Decimal, int, Decimal | None, datetime, dict[str, Decimal] | None]
+    ] = {}
     explained: dict[str, str | None] = {}
     if db.backend == "postgresql":
         rows = (
             psycopg_connection(conn)
             .execute(
-                "SELECT user_id, currency, rank_points, event_count, rank_need, since, explain "
-                "FROM pipeline_pending WHERE user_id IN "
+                "SELECT user_id, currency, rank_points, event_count, rank_need, since, "
+                "currency_months, explain FROM pipeline_pending WHERE user_id IN "
                 "(SELECT jsonb_array_elements_text(%s::text::jsonb)) ORDER BY user_id FOR UPDATE",
                 (orjson.dumps(ids).decode(),),
             )
@@ -110,21 +149,34 @@ def merge(
                     c.event_count,
                     c.rank_need,
                     c.since,
+                    c.currency_months,
                     c.explain,
                 ).where(c.user_id.in_(ids[i : i + _IN_CHUNK]))
             ).all()
-    for user_id, currency_text, points_text, count_value, need_text, since_value, text in rows:
+    for (
+        user_id,
+        currency_text,
+        points_text,
+        count_value,
+        need_text,
+        since_value,
+        months,
+        text,
+    ) in rows:
         explained[user_id] = text
         existing[user_id] = (
             Decimal(currency_text),
             Decimal(points_text),
             int(count_value),
             _need(need_text),
-            since_value
-            if isinstance(since_value, datetime)
-            else datetime.fromisoformat(since_value),
+            _aware(
+                since_value
+                if isinstance(since_value, datetime)
+                else datetime.fromisoformat(since_value)
+            ),
+            _months(months),
         )
-    out: list[tuple[str, str, str, int, int, str | None]] = []
+    out: list[tuple[str, str, str, int, int, str, str | None]] = []
     settle: list[PendingRow] = []
     for contribution in contributions:
         before = existing.get(contribution.user_id)
@@ -138,10 +190,12 @@ def merge(
         if before is None:
             currency, points, count = contribution.currency, contribution.rank_points, 0
             since = now
+            months = _merge_months({}, Decimal(0), now, contribution)
         else:
             currency = exact_sum(before[0], contribution.currency)
             points = exact_sum(before[1], contribution.rank_points)
             count, need, since = before[2], before[3], before[4]
+            months = _merge_months(before[5], before[0], since, contribution)
         if need is None or points >= need:
             settle.append(
                 PendingRow(
@@ -154,6 +208,7 @@ def merge(
                     end,
                     since,
                     need,
+                    months,
                 )
             )
         out.append(
@@ -163,6 +218,7 @@ def merge(
                 f"{points:f}",
                 count + contribution.event_count,
                 contribution.rule_version,
+                _months_text(months),
                 None if summary is None else explain.dumps(summary),
             )
         )
@@ -173,12 +229,13 @@ def merge(
         psycopg_connection(conn).execute(
             f"INSERT INTO pipeline_pending ({_COLUMNS}) "
             "SELECT e->>0, %s, e->>1, e->>2, (e->>3)::bigint, (e->>4)::int, %s, %s, %s, NULL, "
-            "e->>5, %s, %s "
+            "e->>5, e->>6, %s, %s "
             "FROM jsonb_array_elements(%s::text::jsonb) AS e "
             "ON CONFLICT (user_id) DO UPDATE SET currency = excluded.currency, "
             "rank_points = excluded.rank_points, event_count = excluded.event_count, "
             "rule_version = excluded.rule_version, upto_txid = excluded.upto_txid, "
-            "upto_seq = excluded.upto_seq, explain = excluded.explain",
+            "upto_seq = excluded.upto_seq, currency_months = excluded.currency_months, "
+            "explain = excluded.explain",
             (shard, end[0], end[1], now, first[0], first[1], orjson.dumps(out).decode()),
         )
     else:
@@ -194,6 +251,7 @@ def merge(
                     "rule_version",
                     "upto_txid",
                     "upto_seq",
+                    "currency_months",
                     "explain",
                 )
             },
@@ -212,11 +270,12 @@ def merge(
                     "upto_seq": end[1],
                     "since": now,
                     "rank_need": None,
+                    "currency_months": months_text,
                     "explain": why,
                     "from_txid": first[0],
                     "from_seq": first[1],
                 }
-                for u, cur, pts, n, v, why in out
+                for u, cur, pts, n, v, months_text, why in out
             ],
         )
     return settle

@@ -23,6 +23,8 @@ from loyalty.adapters.tables import (
     Timestamp,
     member_balances,
     member_history,
+    member_lots,
+    member_ranks,
     metadata,
     pipeline_pending,
     projection_tracking,
@@ -197,9 +199,44 @@ class ReadModels:
                             for h in batch.history
                         ],
                     )
+                self._apply_lots(conn, batch.lots)
+                self._apply_ranks(conn, batch.ranks)
         except _TrackingMoved:
             return False
         return True
+
+    def _apply_ranks(self, conn: sa.Connection, ranks: Mapping[str, str | None]) -> None:
+        """Ranked members and their rank (no rank: no row)."""
+        if not ranks:
+            return
+        c = member_ranks.c
+        conn.execute(
+            member_ranks.delete().where(c.user_id == sa.bindparam("u")),
+            [{"u": user} for user in ranks],
+        )
+        rows = [{"user_id": user, "rank": rank} for user, rank in ranks.items() if rank]
+        if rows:
+            conn.execute(member_ranks.insert(), rows)
+
+    def _apply_lots(self, conn: sa.Connection, lots: Mapping[tuple[str, str], bool]) -> None:
+        """The expiry index: lots credited in (idempotent), lots expired out."""
+        opened = [{"user_id": u, "lot": lot} for (u, lot), is_open in lots.items() if is_open]
+        closed = [{"u": u, "l": lot} for (u, lot), is_open in lots.items() if not is_open]
+        if opened:
+            insert = (
+                postgresql.insert(member_lots)
+                if self._db.backend == "postgresql"
+                else sqlite.insert(member_lots)
+            )
+            conn.execute(insert.on_conflict_do_nothing(), opened)
+        if closed:
+            c = member_lots.c
+            conn.execute(
+                member_lots.delete().where(
+                    c.user_id == sa.bindparam("u"), c.lot == sa.bindparam("l")
+                ),
+                closed,
+            )
 
     @staticmethod
     def _balance_row(change: Any) -> dict[str, Any]:
@@ -216,8 +253,12 @@ class ReadModels:
         """Empty the read models and set the tracking position to 0, atomically."""
         with self._db.write() as conn:
             if self._db.backend == "postgresql":
-                conn.execute(sa.text("TRUNCATE member_history, member_balances"))
+                conn.execute(
+                    sa.text("TRUNCATE member_history, member_balances, member_lots, member_ranks")
+                )
             else:
+                conn.execute(member_lots.delete())
+                conn.execute(member_ranks.delete())
                 conn.execute(member_history.delete())
                 conn.execute(member_balances.delete())
             conn.execute(projection_tracking.delete().where(projection_tracking.c.name == name))

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from loyalty.adapters.db import Database
 from loyalty.adapters.tables import rule_versions
+from loyalty.domain.expiry import month_of
 from loyalty.domain.rules import DEFAULT_RULES_WIRE, RuleSet, parse_rule_set, rule_set_to_wire
 
 
@@ -68,10 +69,26 @@ class RulesStore:
         created = row[1] if row[1].tzinfo is not None else row[1].replace(tzinfo=UTC)
         return parse_rule_set(orjson.loads(row[0]), version, require_rank=False), created
 
-    def put(self, wire: dict[str, object]) -> RuleSet:
-        """Validate and store a new version (raises InvalidRules)."""
-        parse_rule_set(wire, 1)  # validate before touching the database
-        self.current()  # make sure version 1 (the default) exists
+    def put(self, wire: dict[str, object], now: datetime | None = None) -> RuleSet:
+        """Validate and store a new version (raises InvalidRules).
+
+        Currency expiry without ``effective_from`` is stamped with the month expiry was
+        turned on: the previous version's, if it had expiry on, else the month of
+        ``now``; so turning expiry on never expires currency earned before unless the
+        operator says so (``retroactive``, or an explicit ``effective_from``)."""
+        parsed = parse_rule_set(wire, 1)  # validate before touching the database
+        previous = self.current()  # make sure version 1 (the default) exists
+        expiry = parsed.currency_expiry
+        if expiry is not None and expiry.effective_from is None:
+            before = previous.currency_expiry
+            stamp = (
+                before.effective_from
+                if before is not None and before.effective_from is not None
+                else month_of(now or datetime.now(UTC))
+            )
+            raw = wire["currency_expiry"]
+            assert isinstance(raw, dict)
+            wire = {**wire, "currency_expiry": {**raw, "effective_from": stamp}}
         for _ in range(20):
             with self._db.write() as conn:
                 latest = conn.execute(sa.select(sa.func.max(rule_versions.c.version))).scalar()

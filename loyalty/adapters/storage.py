@@ -18,7 +18,9 @@ from psycopg import sql
 from loyalty.adapters.db import Database, psycopg_connection
 from loyalty.adapters.tables import EVENT_STORE_TABLES
 
-READ_MODEL_TABLES = frozenset({"member_balances", "member_history", "projection_tracking"})
+READ_MODEL_TABLES = frozenset(
+    {"member_balances", "member_history", "member_lots", "member_ranks", "projection_tracking"}
+)
 KIND_ORDER = ("ingress", "event_store", "read_model", "pipeline", "forget", "other")
 
 

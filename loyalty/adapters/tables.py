@@ -111,6 +111,9 @@ pipeline_pending = sa.Table(
     sa.Column("explain", sa.Text),
     sa.Column("from_txid", sa.BigInteger),
     sa.Column("from_seq", sa.BigInteger),
+    # issue 19: exact pending currency per month earned, JSON {"YYYY-MM": "decimal"}
+    # (NULL: a row from before, credited to the month it is recorded in)
+    sa.Column("currency_months", sa.Text),
     sa.Index("pipeline_pending_due_idx", "shard", "since"),
 )
 """What a member earned and the pipeline has not recorded yet (exact decimal text)."""
@@ -176,6 +179,28 @@ member_balances = sa.Table(
     sa.Column("updated_at", Timestamp, nullable=False),
     sa.Index("member_balances_leaderboard_idx", sa.desc("rank_points"), "user_id"),
 )
+
+member_lots = sa.Table(
+    "member_lots",
+    metadata,
+    sa.Column("user_id", sa.String(128), primary_key=True),
+    sa.Column("lot", sa.String(7), primary_key=True),
+    sa.Index("member_lots_due_idx", "lot", "user_id"),
+)
+"""The expiry index: which members may hold currency of which month (lot), so the
+expiry job reads only members with lots due. Written by the projection (credited lots
+in, expired lots out) and by the job (lots it found empty); rebuilt with the read
+models."""
+
+member_ranks = sa.Table(
+    "member_ranks",
+    metadata,
+    sa.Column("user_id", sa.String(128), primary_key=True),
+    sa.Column("rank", sa.String(64), nullable=False),
+    sa.Index("member_ranks_rank_idx", "rank", "user_id"),
+)
+"""Each ranked member's recorded rank (the projection, from RankChanged): whom the
+scheduled job re-qualifies when ranks have a qualification period."""
 
 member_history = sa.Table(
     "member_history",

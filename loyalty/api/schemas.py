@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
-from typing import Annotated, Any
+from datetime import UTC, date, datetime
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -16,6 +16,8 @@ from pydantic import (
     StringConstraints,
 )
 
+from loyalty.domain.expiry import MAX_AFTER_MONTHS
+from loyalty.domain.qualification import MAX_GRACE_DAYS, MAX_ROLLING_DAYS
 from loyalty.domain.rules import MAX_DAILY_CAP, MAX_RANK_POINTS_THRESHOLD
 from loyalty.domain.user_ids import MAX_LENGTH, check_user_id
 
@@ -135,6 +137,28 @@ class MemberBody(BaseModel):
         "(recorded at the award interval, a rank change or the member's next command)",
     )
     pending_rank_points: int = Field(0, description="part of rank_points not yet recorded")
+    expiring: list[ExpiringBody] = Field(
+        [],
+        description="the next expiries under the rules' currency_expiry, soonest first: "
+        "each amount expires at the end of its day (UTC) unless spent first",
+    )
+    rank_points_this_period: int = Field(
+        0,
+        description="rank points of the current qualification period (lifetime rank "
+        "points when the rules have no rank_qualification)",
+    )
+    rank_valid_until: date | None = Field(
+        None, description="the last day the rank is held without more points (null: kept)"
+    )
+    rank_points_to_keep: int = Field(0, description="rank points still needed to keep the rank")
+    rank_points_to_next: int | None = Field(
+        None, description="rank points still needed for the next rank (null: none above)"
+    )
+
+
+class ExpiringBody(BaseModel):
+    amount: int
+    on: date = Field(description="expires at the end of this day (UTC)")
 
 
 # The rules are parsed by ``loyalty.domain.rules.parse_rule_set`` (one parser, with the
@@ -173,10 +197,43 @@ class RankBody(BaseModel):
     privileges: list[Annotated[str, StringConstraints(min_length=1)]] = []
 
 
+class CurrencyExpiryBody(BaseModel):
+    """Currency earned in a month expires at the end of the month ``after_months``
+    later; lots earned before ``effective_from`` (stamped with the current month when
+    left out) never expire unless ``retroactive``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    after_months: int = Field(ge=0, le=MAX_AFTER_MONTHS)
+    at: Literal["month_end"] = "month_end"
+    effective_from: (
+        Annotated[str, StringConstraints(pattern=r"^[0-9]{4}-(0[1-9]|1[0-2])$")] | None
+    ) = None
+    retroactive: bool = False
+
+
+class RollingPeriod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rolling_days: int = Field(ge=1, le=MAX_ROLLING_DAYS)
+
+
+class RankQualificationBody(BaseModel):
+    """A rank is held by rank points earned in the period (or kept through the grace
+    after it); upgrades at once, downgrades by the scheduled job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    period: Literal["calendar_year"] | RollingPeriod
+    grace_days: int | None = Field(0, ge=0, le=MAX_GRACE_DAYS)
+
+
 class RulesBody(BaseModel):
     version: int
     rules: list[RuleBody]
     ranks: list[RankBody]
+    currency_expiry: CurrencyExpiryBody | None = None
+    rank_qualification: RankQualificationBody | None = None
 
 
 class RulesRequest(BaseModel):
@@ -186,6 +243,12 @@ class RulesRequest(BaseModel):
 
     rules: list[RuleBody]
     ranks: list[RankBody] = Field(min_length=1, description="at least one rank")
+    currency_expiry: CurrencyExpiryBody | None = Field(
+        None, description="null: currency never expires"
+    )
+    rank_qualification: RankQualificationBody | None = Field(
+        None, description="null: ranks by lifetime rank points"
+    )
     version: int | None = Field(
         None, ge=0, description="ignored (the store numbers versions); rules show prints it"
     )

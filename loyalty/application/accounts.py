@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Protocol, TypeVar
 from uuid import UUID
@@ -31,6 +32,7 @@ from loyalty.application.pending import (
 )
 from loyalty.application.transcodings import register_member_transcodings
 from loyalty.domain.errors import DomainError, MemberBeingErased, MemberNotFound
+from loyalty.domain.expiry import CurrencyExpiry, month_of
 from loyalty.domain.member import Member, scoped_key
 from loyalty.domain.ranks import RankLadder
 
@@ -249,6 +251,9 @@ class Accounts:
             row.event_count,
             row.rule_version,
             ranks,
+            months=row.months,
+            month=month_of(row.since),
+            on=row.since.astimezone(UTC).date().isoformat(),
         )
 
     def record_pending(
@@ -552,10 +557,16 @@ class Spending:
         accounts: Accounts,
         metrics: SpendingMetrics | None = None,
         ranks: Callable[[], RankLadder] | None = None,
+        expiry: Callable[[], CurrencyExpiry | None] | None = None,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         self._accounts = accounts
         # the current rank ladder: a recording of pending earnings records rank changes
         self._ranks = ranks or (lambda: RankLadder())
+        # the current expiry rule (a refund into an expired lot expires at once) and the
+        # clock (the month an adjustment's currency is earned in; the refund's "now")
+        self._expiry = expiry or (lambda: None)
+        self._clock = clock or (lambda: datetime.now(UTC))
         self._metrics = metrics
         # Commands on one member from this process's threads queue on a striped lock
         # instead of racing to save the same version: without it a hot member under
@@ -683,7 +694,7 @@ class Spending:
             if key not in member.orders:
                 member.refund(order_id, source)  # raises OrderNotFound
             row = self._with_pending(member, None)
-            amount = member.refund(order_id, source)
+            amount = member.refund(order_id, source, self._expiry(), self._clock())
             self._save(member, row)
             return OrderResult(order_id, amount, member.currency), APPLIED, amount
 
@@ -748,7 +759,16 @@ class Spending:
             key = member.adjustment_key(adjustment_id, source)
             if key not in member.adjustments:
                 row = self._with_pending(member, ranks)
-                member.adjust(adjustment_id, currency, rank_points, reason, ranks, source)
+                member.adjust(
+                    adjustment_id,
+                    currency,
+                    rank_points,
+                    reason,
+                    ranks,
+                    source,
+                    month=month_of(now := self._clock()),
+                    on=now.astimezone(UTC).date().isoformat(),
+                )
                 self._save(member, row)
                 return member, APPLIED, currency
             member.adjust(adjustment_id, currency, rank_points, reason, ranks, source)

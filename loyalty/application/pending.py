@@ -64,6 +64,8 @@ class Contribution:
     summary: Summary | None = None
     """Why (``loyalty.domain.explain``); a contribution of nothing (events capped or of
     unknown types only) only adds its counts to a row that exists."""
+    months: Mapping[str, Decimal] | None = None
+    """``currency`` by the month (``"YYYY-MM"``) it was earned in (None: unknown)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +83,9 @@ class PendingRow:
     rank_need: Decimal | None
     """Rank points (exact) the member still needed for its next rank when the row was
     settled; None: not known yet (a new row). Infinite: no rank above."""
+    months: Mapping[str, Decimal] | None = None
+    """``currency`` by the month it was earned in (issue 19); None for a row stored
+    before months were kept: credited to the month of ``since``."""
 
     def lifts_rank(self) -> bool:
         return self.rank_need is not None and self.rank_points >= self.rank_need

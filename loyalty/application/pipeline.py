@@ -243,6 +243,7 @@ class Pipeline:
                 d.event_count,
                 rule_set.version,
                 summarize(d, rule_set),
+                d.exact_currency_months,
             )
             for d in result.drafts.values()
             if d.exact_currency or d.exact_rank_points or d.capped or d.ignored

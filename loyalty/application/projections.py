@@ -24,6 +24,7 @@ before reading, and positions advance only to ids actually read.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -41,7 +42,9 @@ TOMBSTONE = "loyalty.erasure:Tombstone"
 PROJECTION_NAME = "members"
 """The tracking name of the projection that owns member_balances and member_history."""
 
-HISTORY_KINDS = ("award", "spend", "refund", "adjustment", "rank_changed")
+HISTORY_KINDS = ("award", "spend", "refund", "adjustment", "rank_changed", "expiry")
+LEGACY_LOT = "0000-00"
+"""The lot of currency from before lots were tracked (``loyalty.domain.expiry.LEGACY``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +101,11 @@ class ProjectedBatch:
     facts: list[AccountFact] = field(default_factory=list)
     """What the batch adds to the daily account rollups (counted once: see
     ``loyalty.application.reporting``)."""
+    ranks: dict[str, str | None] = field(default_factory=dict)
+    """Per user id, the rank last recorded in the batch (``member_ranks``)."""
+    lots: dict[tuple[str, str], bool] = field(default_factory=dict)
+    """The expiry index (``member_lots``): per (user id, lot), True when currency was
+    credited to the lot in the batch, False when the lot expired (last change wins)."""
 
 
 class ProjectionMetrics(Protocol):
@@ -162,6 +170,10 @@ def project(
             change.lifetime_currency += event.currency
             change.rank_points += event.rank_points
             entry = ("award", event.currency, event.rank_points, event.award_id)
+            credited = json.loads(event.lots) if event.lots is not None else {LEGACY_LOT: 1}
+            for lot, amount in credited.items():
+                if amount and event.currency:
+                    batch.lots[(user_id, lot)] = True
         elif name == "Spent":
             change.currency -= event.amount
             entry = ("spend", -event.amount, 0, event.order_id)
@@ -173,8 +185,15 @@ def project(
             change.lifetime_currency += event.currency
             change.rank_points += event.rank_points
             entry = ("adjustment", event.currency, event.rank_points, event.adjustment_id)
+            if event.currency > 0:
+                batch.lots[(user_id, event.lot or LEGACY_LOT)] = True
+        elif name == "CurrencyExpired":
+            change.currency -= event.amount
+            entry = ("expiry", -event.amount, 0, event.lot)
+            batch.lots[(user_id, event.lot)] = False
         elif name == "RankChanged":
             entry = ("rank_changed", 0, 0, event.new)
+            batch.ranks[user_id] = event.new
         elif name != "Created":
             log.warning("projection ignores unknown event type %s", name)
         if entry is not None:

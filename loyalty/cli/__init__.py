@@ -259,7 +259,12 @@ def worker_cmd(
     from loyalty.worker import start_retention_thread
 
     retention_job = start_retention_thread(db, metrics=metrics)
+    from loyalty.worker import start_expiry_thread
+
+    expiry_job = start_expiry_thread(db, metrics=metrics)
     pipeline_worker.run()
+    if expiry_job is not None:
+        expiry_job[0].stop()
     if webhook_runner is not None:
         webhook_runner.stop()
     forget_runner.stop()
@@ -989,4 +994,4 @@ def main() -> None:
 
 # Command groups in modules of their own register on ``app`` (or a sub-app above) when
 # imported; each imports what it needs from this module, so they are imported last.
-from loyalty.cli import reporting, rules_tools  # noqa: E402,F401
+from loyalty.cli import expiry, reporting, rules_tools  # noqa: E402,F401

@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 from uuid import UUID, uuid5
@@ -52,6 +53,8 @@ from loyalty.domain.errors import (
     OrderConflict,
     OrderNotFound,
 )
+from loyalty.domain.expiry import LEGACY, CurrencyExpiry, credit, debit_fifo, is_month
+from loyalty.domain.qualification import prune
 from loyalty.domain.ranks import RankLadder, is_int
 from loyalty.domain.rules import exact_difference, exact_sum, split_whole
 
@@ -103,7 +106,7 @@ class Adjustment:
 class Member(Aggregate):
     """A member's account: spendable currency, lifetime rank points, rank."""
 
-    class_version = 3
+    class_version = 4
 
     @staticmethod
     def create_id(user_id: str) -> UUID:
@@ -132,6 +135,32 @@ class Member(Aggregate):
         """Exact currency earned but not credited (less than one unit)."""
         self.fraction_rank_points = Decimal(0)
         """Exact rank points earned but not credited (less than one point)."""
+        self.lots: dict[str, int] = {}
+        """Currency per month earned (``"YYYY-MM"``; :data:`LEGACY` for currency from
+        before lots were tracked); the sum is ``currency``."""
+        self.order_lots: dict[str, dict[str, int]] = {}
+        """Per order key, what its spend took from each lot (a refund puts it back)."""
+        self.rank_days: dict[str, int] = {}
+        """Rank points per UTC day earned (``"YYYY-MM-DD"``; recent days only, see
+        ``loyalty.domain.qualification``): what qualification periods count."""
+        self.expired_lots: dict[str, int] = {}
+        """Per lot, the currency expired from it (a lot here is closed: anything put back
+        into it later expires at once)."""
+
+    @staticmethod
+    def upcast_v3_v4(state: dict[str, Any]) -> None:
+        """A version-3 state: its whole balance is the legacy lot (no month known), and
+        so is every unrefunded order's amount (as a replay of its events gives)."""
+        currency = state.get("currency", 0)
+        state["lots"] = {LEGACY: currency} if currency else {}
+        refunded = state.get("refunded_orders", set())
+        state["rank_days"] = {}
+        state["order_lots"] = {
+            key: {LEGACY: amount}
+            for key, amount in state.get("orders", {}).items()
+            if key not in refunded and amount
+        }
+        state["expired_lots"] = {}
 
     @staticmethod
     def upcast_v2_v3(state: dict[str, Any]) -> None:
@@ -198,8 +227,13 @@ class Member(Aggregate):
         event_count: int,
         rule_version: int,
         ranks: RankLadder,
+        month: str | None = None,
+        on: str | None = None,
     ) -> bool:
-        """Credit an award once per ``award_id``; False (no event) on a replay.
+        """Credit an award once per ``award_id``; False (no event) on a replay. The
+        currency goes to the lot of ``month`` (None: the legacy lot, never expiring by
+        default), the rank points to the day ``on`` (``"YYYY-MM-DD"``; None: counted in
+        no qualification period).
 
         A pipeline award id at or below the member's high-water position of its shard is
         a replay (windows of a shard only move forward; a crash replays the same one)."""
@@ -209,6 +243,7 @@ class Member(Aggregate):
         _require_int(rank_points, minimum=0, what="rank_points")
         _require_int(event_count, minimum=0, what="event_count")
         _require_int(rule_version, minimum=0, what="rule_version")
+        lot = _lot(month)
         self._awarded(
             award_id=award_id,
             currency=currency,
@@ -217,8 +252,11 @@ class Member(Aggregate):
             rule_version=rule_version,
             fraction_currency=str(self.fraction_currency),
             fraction_rank_points=str(self.fraction_rank_points),
+            lots=_lots_text({lot: currency} if currency else {}),
+            on=_day(on),
         )
-        self._record_rank(ranks)
+        self._expire_closed()
+        self._record_rank(ranks, on)
         return True
 
     def record_pending(
@@ -229,10 +267,21 @@ class Member(Aggregate):
         event_count: int,
         rule_version: int,
         ranks: RankLadder,
+        months: Mapping[str, Decimal] | None = None,
+        month: str | None = None,
+        expiry: CurrencyExpiry | None = None,
+        as_of: datetime | None = None,
+        on: str | None = None,
     ) -> bool:
         """Record pending earnings (exact decimals) as one award: credit the whole units
         of the carried fraction plus ``currency``/``rank_points`` and carry the rest.
-        False (no event) when ``award_id`` is a replay (see :meth:`award`)."""
+        False (no event) when ``award_id`` is a replay (see :meth:`award`).
+
+        ``months``: the exact pending currency per month earned (summing to
+        ``currency``); the whole units go to those months' lots, the oldest months
+        first taking the carried fraction (:func:`allocate`). Without it, to ``month``
+        (None: the legacy lot). A part credited to a lot already expired (under
+        ``expiry`` at ``as_of``, or closed before) expires at once."""
         if self.has_award(award_id):
             return False
         if not (isinstance(currency, Decimal) and isinstance(rank_points, Decimal)):
@@ -243,6 +292,12 @@ class Member(Aggregate):
         _require_int(rule_version, minimum=0, what="rule_version")
         whole_currency, rest_currency = split_whole(exact_sum(self.fraction_currency, currency))
         whole_points, rest_points = split_whole(exact_sum(self.fraction_rank_points, rank_points))
+        if months:
+            lots = allocate(self.fraction_currency, months)
+            if sum(lots.values()) != whole_currency:
+                raise InvalidAmount("pending months must sum to the pending currency")
+        else:
+            lots = {_lot(month): whole_currency} if whole_currency else {}
         self._awarded(
             award_id=award_id,
             currency=whole_currency,
@@ -251,8 +306,11 @@ class Member(Aggregate):
             rule_version=rule_version,
             fraction_currency=str(rest_currency),
             fraction_rank_points=str(rest_points),
+            lots=_lots_text(lots),
+            on=_day(on),
         )
-        self._record_rank(ranks)
+        self._expire_closed(expiry, as_of)
+        self._record_rank(ranks, on)
         return True
 
     def with_pending(self, currency: Decimal, rank_points: Decimal) -> tuple[int, int]:
@@ -284,8 +342,17 @@ class Member(Aggregate):
         self._spent(order_id=order_id, amount=amount, source=source)
         return amount
 
-    def refund(self, order_id: str, source: str | None = None) -> int:
-        """Put ``source``'s spent order's amount back, once; returns the amount."""
+    def refund(
+        self,
+        order_id: str,
+        source: str | None = None,
+        expiry: CurrencyExpiry | None = None,
+        as_of: datetime | None = None,
+    ) -> int:
+        """Put ``source``'s spent order's amount back, once, into the lots it was taken
+        from; returns the amount. A part whose lot has expired meanwhile (closed by an
+        expiry, or due under ``expiry`` at ``as_of``) expires again at once, in the same
+        command: the balance is what it would be had the order never been placed."""
         key = self.order_key(order_id, source)
         amount = self.orders.get(key)
         if amount is None:
@@ -293,7 +360,23 @@ class Member(Aggregate):
         if key not in self.refunded_orders:
             legacy = key != scoped_key(source, order_id)
             self._refunded(order_id=order_id, amount=amount, source=None if legacy else source)
+            self._expire_closed(expiry, as_of)
         return amount
+
+    def expire(self, expiry: CurrencyExpiry | None, as_of: datetime) -> list[tuple[str, int]]:
+        """Expire every open lot due under ``expiry`` at ``as_of`` (one
+        ``CurrencyExpired`` per lot); returns ``[(lot, amount)]``. A lot is expired once:
+        a replay (or a second job) finds nothing left in it."""
+        expired: list[tuple[str, int]] = []
+        if expiry is None:
+            return expired
+        for lot in sorted(self.lots):
+            when = expiry.expires_at(lot)
+            amount = self.lots[lot]
+            if when is not None and when <= as_of and amount > 0:
+                self._currency_expired(amount=amount, lot=lot)
+                expired.append((lot, amount))
+        return expired
 
     def adjust(
         self,
@@ -303,9 +386,12 @@ class Member(Aggregate):
         reason: str,
         ranks: RankLadder,
         source: str | None = None,
+        month: str | None = None,
+        on: str | None = None,
     ) -> bool:
         """Operator correction (may be negative), idempotent by ``source``'s
-        ``adjustment_id``; False (no event) on a replay."""
+        ``adjustment_id``; False (no event) on a replay. Added currency goes to the lot
+        of ``month`` (None: legacy); taken currency comes from the oldest lots."""
         _require_int(currency, minimum=None, what="currency")
         _require_int(rank_points, minimum=None, what="rank_points")
         if not isinstance(reason, str):
@@ -325,8 +411,11 @@ class Member(Aggregate):
             rank_points=rank_points,
             reason=reason,
             source=source,
+            lot=_lot(month),
+            on=_day(on),
         )
-        self._record_rank(ranks)
+        self._expire_closed()
+        self._record_rank(ranks, on)
         return True
 
     # --------------------------------------------------------------------- reads
@@ -340,6 +429,28 @@ class Member(Aggregate):
         highest = self.award_positions.get(shard)
         return highest is not None and end <= highest
 
+    def qualified_rank(self, ranks: RankLadder, day: date) -> str | None:
+        """The rank on ``day`` by the ladder's qualification period (lifetime rank
+        points without one)."""
+        qualification = ranks.qualification
+        if qualification is None:
+            return self.current_rank(ranks)
+        rank = ranks.rank_for(qualification.qualifying_points(self.rank_days, day))
+        return rank.name if rank is not None else None
+
+    def requalify(self, ranks: RankLadder, as_of: datetime) -> bool:
+        """Re-evaluate the rank as of ``as_of`` under the ladder's qualification period
+        (the scheduled job): a lower rank is a ``RankChanged`` with reason
+        ``requalification``. False when nothing changes (or ranks are lifetime)."""
+        if ranks.qualification is None:
+            return False
+        new = self.qualified_rank(ranks, as_of.astimezone(UTC).date())
+        if new == self.rank:
+            return False
+        lower = ranks.order(new) < ranks.order(self.rank)
+        self._rank_changed(old=self.rank, new=new, reason=REQUALIFICATION if lower else THRESHOLD)
+        return True
+
     def current_rank(self, ranks: RankLadder) -> str | None:
         """The rank name for the lifetime rank points under ``ranks``."""
         rank = ranks.rank_for(self.rank_points)
@@ -352,16 +463,37 @@ class Member(Aggregate):
 
     # -------------------------------------------------------------------- events
 
-    def _record_rank(self, ranks: RankLadder) -> None:
-        new = self.current_rank(ranks)
+    def _record_rank(self, ranks: RankLadder, on: str | None = None) -> None:
+        if ranks.qualification is None:
+            new = self.current_rank(ranks)
+        else:
+            # with a qualification period a credit only lifts the rank (as of its day);
+            # the scheduled job lowers it (requalify)
+            if on is None:
+                return
+            new = self.qualified_rank(ranks, date.fromisoformat(on))
+            if ranks.order(new) <= ranks.order(self.rank):
+                return
         if new != self.rank:
-            self._rank_changed(old=self.rank, new=new)
+            self._rank_changed(old=self.rank, new=new, reason=THRESHOLD)
+
+    def _expire_closed(
+        self, expiry: CurrencyExpiry | None = None, as_of: datetime | None = None
+    ) -> None:
+        """Expire at once currency just put into a lot that has expired already."""
+        for lot in sorted(self.lots):
+            when = None if expiry is None or as_of is None else expiry.expires_at(lot)
+            due = lot in self.expired_lots or (
+                when is not None and as_of is not None and when <= as_of
+            )
+            if due and self.lots[lot] > 0:
+                self._currency_expired(amount=self.lots[lot], lot=lot)
 
     class Awarded(Aggregate.Event):
         """Version 2 records the fractions carried after the award (version 1: none), as
         exact decimal strings (event attributes stay plain JSON values)."""
 
-        class_version = 2
+        class_version = 3
         award_id: str
         currency: int
         rank_points: int
@@ -369,11 +501,21 @@ class Member(Aggregate):
         rule_version: int
         fraction_currency: str
         fraction_rank_points: str
+        lots: str | None
+        """Version 3: the currency credited per lot (month earned) as JSON object text
+        (event attributes stay plain values); None before: all to the legacy lot."""
+        on: str | None
+        """Version 3: the UTC day the rank points count on; None before."""
 
         @staticmethod
         def upcast_v1_v2(state: dict[str, Any]) -> None:
             state["fraction_currency"] = "0"
             state["fraction_rank_points"] = "0"
+
+        @staticmethod
+        def upcast_v2_v3(state: dict[str, Any]) -> None:
+            state["lots"] = None
+            state["on"] = None
 
     @event(Awarded)
     def _awarded(
@@ -385,6 +527,8 @@ class Member(Aggregate):
         rule_version: int,
         fraction_currency: str,
         fraction_rank_points: str,
+        lots: str | None,
+        on: str | None,
     ) -> None:
         position = award_position(award_id)
         if position is None:
@@ -397,6 +541,10 @@ class Member(Aggregate):
         self.currency += currency
         self.lifetime_currency += currency
         self.rank_points += rank_points
+        credited: dict[str, int] = json.loads(lots) if lots is not None else {LEGACY: currency}
+        for lot, amount in credited.items():
+            credit(self.lots, lot, amount)
+        self._count_day(on, rank_points)
         self.fraction_currency = Decimal(fraction_currency)
         self.fraction_rank_points = Decimal(fraction_rank_points)
 
@@ -421,19 +569,34 @@ class Member(Aggregate):
         amount: int
 
     class Adjusted(SourcedEvent):
+        """Version 3 records the lot added currency goes to (before: none, legacy)."""
+
+        class_version = 3
         adjustment_id: str
         currency: int
         rank_points: int
         reason: str
+        lot: str | None
+        on: str | None
+
+        @staticmethod
+        def upcast_v2_v3(state: dict[str, Any]) -> None:
+            state["lot"] = None
+            state["on"] = None
 
     @event(Spent)
     def _spent(self, order_id: str, amount: int, source: str | None) -> None:
-        self.orders[scoped_key(source, order_id)] = amount
+        key = scoped_key(source, order_id)
+        self.orders[key] = amount
+        self.order_lots[key] = debit_fifo(self.lots, amount)
         self.currency -= amount
 
     @event(Refunded)
     def _refunded(self, order_id: str, amount: int, source: str | None) -> None:
-        self.refunded_orders.add(scoped_key(source, order_id))
+        key = scoped_key(source, order_id)
+        self.refunded_orders.add(key)
+        for lot, part in self.order_lots.pop(key, {LEGACY: amount}).items():
+            credit(self.lots, lot, part)
         self.currency += amount
 
     @event(Adjusted)
@@ -444,17 +607,106 @@ class Member(Aggregate):
         rank_points: int,
         reason: str,
         source: str | None,
+        lot: str | None,
+        on: str | None,
     ) -> None:
         self.adjustments[scoped_key(source, adjustment_id)] = Adjustment(
             currency, rank_points, reason
         )
+        if currency >= 0:
+            credit(self.lots, lot or LEGACY, currency)
+        else:
+            debit_fifo(self.lots, -currency)
+        self._count_day(on, rank_points)
         self.currency += currency
         self.lifetime_currency += currency
         self.rank_points += rank_points
 
-    @event("RankChanged")
-    def _rank_changed(self, old: str | None, new: str | None) -> None:
+    class RankChanged(Aggregate.Event):
+        """Version 2 records why: ``threshold`` (points reached or lost a threshold),
+        ``requalification`` (a qualification period ended without the points to keep
+        the rank), ``rules`` (a new ladder); version 1 loads as ``threshold``."""
+
+        class_version = 2
+        old: str | None
+        new: str | None
+        reason: str
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["reason"] = THRESHOLD
+
+    @event(RankChanged)
+    def _rank_changed(self, old: str | None, new: str | None, reason: str) -> None:
         self.rank = new
+
+    class CurrencyExpired(Aggregate.Event):
+        """``amount`` of the lot ``lot`` (month earned, ``"YYYY-MM"``) expired."""
+
+        amount: int
+        lot: str
+
+    def _count_day(self, on: str | None, rank_points: int) -> None:
+        if on is None or not rank_points:
+            return
+        left = self.rank_days.get(on, 0) + rank_points
+        if left:
+            self.rank_days[on] = left
+        else:
+            self.rank_days.pop(on, None)
+        prune(self.rank_days, max(self.rank_days, default=on))
+
+    @event(CurrencyExpired)
+    def _currency_expired(self, amount: int, lot: str) -> None:
+        left = self.lots.get(lot, 0) - amount
+        if left:
+            self.lots[lot] = left
+        else:
+            self.lots.pop(lot, None)
+        self.expired_lots[lot] = self.expired_lots.get(lot, 0) + amount
+        self.currency -= amount
+
+
+THRESHOLD = "threshold"
+REQUALIFICATION = "requalification"
+
+
+def _day(on: str | None) -> str | None:
+    if on is None:
+        return None
+    try:
+        return date.fromisoformat(on).isoformat()
+    except (TypeError, ValueError):
+        raise InvalidAmount("on must be a day YYYY-MM-DD") from None
+
+
+def _lot(month: str | None) -> str:
+    if month is None:
+        return LEGACY
+    if not is_month(month):
+        raise InvalidAmount("month must be YYYY-MM")
+    return month
+
+
+def _lots_text(lots: Mapping[str, int]) -> str:
+    return json.dumps(dict(sorted(lots.items())), separators=(",", ":"))
+
+
+def allocate(carried: Decimal, months: Mapping[str, Decimal]) -> dict[str, int]:
+    """Whole units per month of exact per-month amounts, oldest month first, the
+    ``carried`` fraction in front: month i gets floor(carried + sum of months up to i)
+    minus the same up to i - 1, so the parts sum to floor(carried + total) and each
+    month gets what accumulated whole in it."""
+    out: dict[str, int] = {}
+    running = carried
+    before = 0
+    for month in sorted(months):
+        running = exact_sum(running, months[month])
+        whole = split_whole(running)[0]
+        if whole > before:
+            out[month] = whole - before
+        before = whole
+    return out
 
 
 def replay(events: Iterable[Any]) -> Member:

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from loyalty.domain.errors import InvalidRules, Problem
+from loyalty.domain.qualification import RankQualification
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,9 @@ class RankLadder:
     """Ranks in increasing order of ``min_rank_points`` (validated on creation)."""
 
     ranks: tuple[Rank, ...] = ()
+    qualification: RankQualification | None = None
+    """None: ranks by lifetime rank points (the default); else by a qualification
+    period (see ``loyalty.domain.qualification``)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ranks", tuple(self.ranks))
@@ -75,6 +79,17 @@ class RankLadder:
 
     def names(self) -> tuple[str, ...]:
         return tuple(rank.name for rank in self.ranks)
+
+    def order(self, name: str | None) -> int:
+        """Position of the rank ``name`` in the ladder (-1: none, or not in it)."""
+        for i, rank in enumerate(self.ranks):
+            if rank.name == name:
+                return i
+        return -1
+
+    def named(self, name: str | None) -> Rank | None:
+        found = self.order(name)
+        return self.ranks[found] if found >= 0 else None
 
 
 def is_int(value: object) -> bool:

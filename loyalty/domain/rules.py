@@ -23,6 +23,13 @@ from types import MappingProxyType
 from typing import Any, Final, Protocol
 
 from loyalty.domain.errors import InvalidRules, Problem
+from loyalty.domain.expiry import (
+    LEGACY,
+    MAX_AFTER_MONTHS,
+    CurrencyExpiry,
+    is_month,
+)
+from loyalty.domain.qualification import MAX_GRACE_DAYS, MAX_ROLLING_DAYS, RankQualification
 from loyalty.domain.ranks import Rank, RankLadder, is_int, ladder_order_problems
 
 AttrValue = str | int | float | bool | None
@@ -165,6 +172,8 @@ class RuleSet:
     version: int
     rules: Mapping[str, Rule]
     ranks: RankLadder
+    currency_expiry: CurrencyExpiry | None = None
+    """None: currency never expires (the default)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rules", MappingProxyType(dict(self.rules)))
@@ -185,7 +194,12 @@ class RuleSet:
 
 # --------------------------------------------------------------------------- wire
 
-_TOP_FIELDS: Final = frozenset({"rules", "ranks", "version"})
+_TOP_FIELDS: Final = frozenset(
+    {"rules", "ranks", "version", "currency_expiry", "rank_qualification"}
+)
+_QUALIFICATION_FIELDS: Final = frozenset({"period", "grace_days"})
+_EXPIRY_FIELDS: Final = frozenset({"after_months", "at", "effective_from", "retroactive"})
+
 _RULE_FIELDS: Final = frozenset(
     {"event_type", "currency", "rank_points", "multipliers", "daily_cap"}
 )
@@ -391,6 +405,58 @@ def _parse_ranks(raw_ranks: object, problems: list[Problem], require_rank: bool)
     return ranks
 
 
+def _parse_expiry(raw: object, problems: list[Problem]) -> CurrencyExpiry | None:
+    loc = "currency_expiry"
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        problems.append((loc, "must be an object or null"))
+        return None
+    before = len(problems)
+    _check_fields(raw, loc, _EXPIRY_FIELDS, ("after_months",), problems)
+    after = None
+    if "after_months" in raw:
+        after = _parse_int(raw["after_months"], f"{loc}.after_months", problems, MAX_AFTER_MONTHS)
+    if raw.get("at", "month_end") != "month_end":
+        problems.append((f"{loc}.at", "must be 'month_end'"))
+    start = raw.get("effective_from")
+    if start is not None and (not is_month(start) or start == LEGACY):
+        problems.append((f"{loc}.effective_from", "must be a month 'YYYY-MM' or null"))
+    retroactive = raw.get("retroactive", False)
+    if not isinstance(retroactive, bool):
+        problems.append((f"{loc}.retroactive", "must be a boolean"))
+    if len(problems) > before or after is None:
+        return None
+    return CurrencyExpiry(after_months=after, effective_from=start, retroactive=retroactive)
+
+
+def _parse_qualification(raw: object, problems: list[Problem]) -> RankQualification | None:
+    loc = "rank_qualification"
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        problems.append((loc, "must be an object or null"))
+        return None
+    before = len(problems)
+    _check_fields(raw, loc, _QUALIFICATION_FIELDS, ("period",), problems)
+    period = raw.get("period")
+    rolling: int | None = None
+    if isinstance(period, Mapping) and set(period) == {"rolling_days"}:
+        rolling = _parse_int(
+            period["rolling_days"], f"{loc}.period.rolling_days", problems, MAX_ROLLING_DAYS
+        )
+        if rolling is not None and rolling < 1:
+            problems.append((f"{loc}.period.rolling_days", "must be >= 1"))
+    elif "period" in raw and period != "calendar_year":
+        problems.append((f"{loc}.period", "must be 'calendar_year' or {'rolling_days': N}"))
+    grace = 0
+    if raw.get("grace_days") is not None:
+        grace = _parse_int(raw["grace_days"], f"{loc}.grace_days", problems, MAX_GRACE_DAYS) or 0
+    if len(problems) > before:
+        return None
+    return RankQualification(rolling_days=rolling, grace_days=grace)
+
+
 def parse_rule_set(data: Mapping[str, Any], version: int, *, require_rank: bool = True) -> RuleSet:
     """Build a :class:`RuleSet` from its wire shape, or raise :class:`InvalidRules`
     listing every problem with its location (``rules[2].currency``, ...).
@@ -433,11 +499,18 @@ def parse_rule_set(data: Mapping[str, Any], version: int, *, require_rank: bool 
             if rule is not None:
                 rules[rule.event_type] = rule
     ranks = _parse_ranks(data.get("ranks", []), problems, require_rank)
+    expiry = _parse_expiry(data.get("currency_expiry"), problems)
+    qualification = _parse_qualification(data.get("rank_qualification"), problems)
     if not is_int(version) or version < 0:
         problems.append(("version", "must be an integer >= 0"))
     if problems:
         raise InvalidRules(problems)
-    return RuleSet(version=version, rules=rules, ranks=RankLadder(tuple(ranks)))
+    return RuleSet(
+        version=version,
+        rules=rules,
+        ranks=RankLadder(tuple(ranks), qualification),
+        currency_expiry=expiry,
+    )
 
 
 def decimal_to_wire(value: Decimal) -> int | str:
@@ -449,8 +522,8 @@ def decimal_to_wire(value: Decimal) -> int | str:
 
 def rule_set_to_wire(rule_set: RuleSet) -> dict[str, Any]:
     """The JSON-ready wire shape; ``parse_rule_set(rule_set_to_wire(x), x.version)
-    == x``."""
-    return {
+    == x``. ``currency_expiry`` / ``rank_qualification`` appear only when set."""
+    wire = {
         "version": rule_set.version,
         "rules": [
             {
@@ -474,6 +547,23 @@ def rule_set_to_wire(rule_set: RuleSet) -> dict[str, Any]:
             for rank in rule_set.ranks.ranks
         ],
     }
+    expiry = rule_set.currency_expiry
+    if expiry is not None:
+        wire["currency_expiry"] = {
+            "after_months": expiry.after_months,
+            "at": expiry.at,
+            "effective_from": expiry.effective_from,
+            "retroactive": expiry.retroactive,
+        }
+    qualification = rule_set.ranks.qualification
+    if qualification is not None:
+        wire["rank_qualification"] = {
+            "period": "calendar_year"
+            if qualification.rolling_days is None
+            else {"rolling_days": qualification.rolling_days},
+            "grace_days": qualification.grace_days,
+        }
+    return wire
 
 
 DEFAULT_RULES_WIRE: Final[dict[str, Any]] = {
@@ -630,6 +720,9 @@ class AwardDraft:
     """The exact sum of the member's rank-point weights (``rank_points`` is its floor)."""
     by_type: Mapping[str, TypeTally] | None = None
     """Per event type, what made the sums (``aggregate(..., explain=True)``; else None)."""
+    exact_currency_months: Mapping[str, Decimal] = field(default_factory=dict)
+    """``exact_currency`` split by the UTC month (``"YYYY-MM"``) the events occurred in:
+    the lots the currency is credited to."""
 
 
 @dataclass(frozen=True)
@@ -668,6 +761,7 @@ class _Tally:
     ignored: int = 0
     capped: int = 0
     types: dict[str, TypeTally] | None = None
+    months: dict[tuple[int, int], Decimal] = field(default_factory=dict)
 
 
 class ActivityLike(Protocol):
@@ -830,6 +924,13 @@ def aggregate(
             currency, rank_points = weigher.entries[index][0], weigher.entries[index][1]
         if seen is not None:
             seen(activity, currency, rank_points)
+        if currency:
+            occurred = activity.occurred_at
+            if occurred.tzinfo is not UTC:
+                occurred = occurred.astimezone(UTC)
+            month = (occurred.year, occurred.month)
+            months = tally.months
+            months[month] = add(months.get(month, _ZERO), currency)
         tally.currency = add(tally.currency, currency)
         tally.rank_points = add(tally.rank_points, rank_points)
 
@@ -851,6 +952,7 @@ def aggregate(
             exact_currency=t.currency,
             exact_rank_points=t.rank_points,
             by_type=t.types,
+            exact_currency_months={f"{y:04d}-{m:02d}": v for (y, m), v in sorted(t.months.items())},
         )
         for user_id, t in tallies.items()
     }

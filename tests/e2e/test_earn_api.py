@@ -59,6 +59,12 @@ def test_member_balance_rank_and_privileges(client: TestClient, make_key, clock)
         "lifetime_currency": 110,
         "pending_currency": 0,
         "pending_rank_points": 0,
+        # issue 19: nothing expires and ranks count lifetime points by default
+        "expiring": [],
+        "rank_points_this_period": 270,
+        "rank_valid_until": None,
+        "rank_points_to_keep": 0,
+        "rank_points_to_next": 1000 - 270,
     }
     assert client.get("/v1/members/alice", headers=make_key("ingest")).status_code == 403
     assert client.get("/v1/members/alice").status_code == 401

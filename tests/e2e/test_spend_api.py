@@ -163,6 +163,12 @@ def test_adjustments_credit_debit_replay_conflict(
         "lifetime_currency",
         "pending_currency",
         "pending_rank_points",
+        # issue 19
+        "expiring",
+        "rank_points_this_period",
+        "rank_valid_until",
+        "rank_points_to_keep",
+        "rank_points_to_next",
     }
     assert client.get("/v1/members/fay", headers=shop).json() == body
     spend(client, shop, "fay", order_id="o", amount=10)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from datetime import UTC
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -18,6 +19,7 @@ from loyalty.api.problems import ApiProblem
 from loyalty.api.schemas import (
     USER_ID_PATTERN,
     AdjustmentRequest,
+    ExpiringBody,
     HistoryBody,
     HistoryEntryBody,
     LeaderboardBody,
@@ -29,6 +31,7 @@ from loyalty.api.schemas import (
     SpendRequest,
 )
 from loyalty.application.compensation import COMPENSATION_PREFIX
+from loyalty.domain.expiry import expiring
 from loyalty.domain.member import Member
 from loyalty.domain.user_ids import MAX_LENGTH, check_user_id
 
@@ -64,12 +67,27 @@ async def get_member(user_id: UserId, _key: ShopKey, container: ContainerDep) ->
 def member_body(container: Container, member: Member) -> MemberBody:
     """The account as recorded plus the member's pending earnings (whole units of the
     carried fraction plus pending: what the next recording will credit)."""
-    ranks = container.rules.current().ranks
+    rule_set = container.rules.current()
+    ranks = rule_set.ranks
     row = container.accounts.pending_of(member.user_id)
     currency, rank_points = (
         (0, 0) if row is None else member.with_pending(row.currency, row.rank_points)
     )
-    rank = ranks.rank_for(member.rank_points + rank_points)
+    qualification = ranks.qualification
+    if qualification is None:
+        rank = ranks.rank_for(member.rank_points + rank_points)
+        period_points = member.rank_points + rank_points
+        valid_until = None
+        to_keep = 0
+    else:  # the recorded rank; points of the period (pending counted as earned today)
+        today = container.clock().astimezone(UTC).date()
+        rank = ranks.named(member.rank)
+        period_points = qualification.period_points(member.rank_days, today) + rank_points
+        threshold = rank.min_rank_points if rank is not None else 0
+        valid_until = qualification.valid_until(member.rank_days, today, threshold)
+        to_keep = max(0, threshold - period_points) if threshold else 0
+    held = rank.min_rank_points if rank is not None else -1
+    above = [r.min_rank_points for r in ranks.ranks if r.min_rank_points > held]
     return MemberBody(
         user_id=member.user_id,
         currency=member.currency + currency,
@@ -79,6 +97,14 @@ def member_body(container: Container, member: Member) -> MemberBody:
         lifetime_currency=member.lifetime_currency + currency,
         pending_currency=currency,
         pending_rank_points=rank_points,
+        expiring=[
+            ExpiringBody(amount=e.amount, on=e.on)
+            for e in expiring(member.lots, rule_set.currency_expiry)
+        ],
+        rank_points_this_period=period_points,
+        rank_valid_until=valid_until,
+        rank_points_to_keep=to_keep,
+        rank_points_to_next=max(0, min(above) - period_points) if above else None,
     )
 
 

@@ -22,7 +22,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 RULES_MAX_BYTES = 1024 * 1024
 
 
-@router.get("/v1/rules", response_model=RulesBody, responses=_ERRORS)
+@router.get(
+    "/v1/rules", response_model=RulesBody, response_model_exclude_unset=True, responses=_ERRORS
+)
 async def get_rules(_key: OperatorKey, container: ContainerDep) -> Any:
     """The current weighting rules and rank ladder, with their version."""
     rule_set = await run_in_threadpool(container.rules.current)
@@ -32,6 +34,7 @@ async def get_rules(_key: OperatorKey, container: ContainerDep) -> Any:
 @router.put(
     "/v1/rules",
     response_model=RulesBody,
+    response_model_exclude_unset=True,
     responses={**_ERRORS, 422: {"model": Problem, "description": "invalid rules"}},
     openapi_extra={
         "requestBody": {
@@ -47,7 +50,7 @@ async def put_rules(request: Request, _key: OperatorKey, container: ContainerDep
     _body, wire = await read_json_body(request, RULES_MAX_BYTES)
     if not isinstance(wire, dict):
         raise ApiProblem(422, "invalid_rules", errors=[{"loc": "body", "msg": "must be an object"}])
-    rule_set = await run_in_threadpool(container.rules.put, wire)
+    rule_set = await run_in_threadpool(container.rules.put, wire, container.clock())
     return rule_set_to_wire(rule_set)
 
 

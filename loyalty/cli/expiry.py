@@ -1,0 +1,64 @@
+"""``loyalty expiry run``: expire due currency lots now, or as of a given time."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+import typer
+
+from loyalty.cli import _rfc3339, app, err, fail, load_settings, open_database
+
+expiry_app = typer.Typer(
+    help="Currency expiry (the rules' currency_expiry): run the job.", no_args_is_help=True
+)
+app.add_typer(expiry_app, name="expiry")
+
+
+@expiry_app.command("run")
+def expiry_run(
+    as_of: Annotated[
+        str | None,
+        typer.Option(
+            "--as-of",
+            help="evaluate as if at this RFC 3339 time (back-fill, time travel; default: now)",
+        ),
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """Expire every currency lot due at the time (one CurrencyExpired per lot, each lot
+    once); reads only members with lots due. Safe to repeat and to run beside workers."""
+    import orjson
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from loyalty.worker import build_expiry
+
+    moment = _rfc3339(as_of, "--as-of") if as_of else datetime.now(UTC)
+    settings = load_settings()
+    db = open_database(settings)
+    try:
+        expiry = build_expiry(db)
+        with Progress(
+            *Progress.get_default_columns()[:1],
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            transient=True,
+        ) as progress:
+            task = progress.add_task("expiring lots", total=None)
+
+            def advanced(done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total)
+
+            report = expiry.run(moment, progress=advanced)
+    finally:
+        db.dispose()
+    if report.skipped:
+        raise fail("another process is running expiry; try again later", 1)
+    if json_output:
+        typer.echo(orjson.dumps(report.to_wire(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        typer.echo(report.summary())
+    if report.interrupted:
+        raise fail("the expiry lease was lost; run again to finish", 1)

@@ -1,0 +1,103 @@
+"""The expiry job's lease and its periodic run in the worker, on both backends."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from datetime import UTC, datetime
+
+from loyalty.adapters.db import Database
+from loyalty.adapters.event_store import event_store_env
+from loyalty.adapters.expiry_store import ExpiryLease
+from loyalty.adapters.rules_store import RulesStore
+from loyalty.application.accounts import Members
+from loyalty.application.expiry import ExpiryJob
+from loyalty.config import Settings
+from loyalty.domain.member import Member
+from loyalty.domain.rules import DEFAULT_RULES_WIRE, parse_rule_set
+from loyalty.observability import Metrics
+from loyalty.worker import build_expiry, build_projection
+
+LADDER = parse_rule_set(copy.deepcopy(DEFAULT_RULES_WIRE), 1).ranks
+AS_OF = datetime(2025, 1, 1, tzinfo=UTC)
+
+
+def setup(settings: Settings, db: Database, members: int) -> None:
+    wire = copy.deepcopy(DEFAULT_RULES_WIRE)
+    wire["currency_expiry"] = {"after_months": 1, "effective_from": "2024-01"}
+    RulesStore(db).put(wire)
+    app = Members(env=event_store_env(settings))
+    try:
+        batch = []
+        for i in range(members):
+            member = Member(user_id=f"j{i}")
+            member.award("a", 5, 0, 1, 1, LADDER, month="2024-02")
+            batch.append(member)
+        app.save(*batch)
+        build_projection(db, app).catch_up()
+    finally:
+        app.close()
+
+
+def test_a_second_run_while_one_holds_the_lease_is_skipped(
+    settings: Settings, db: Database
+) -> None:
+    setup(settings, db, 3)
+    with ExpiryLease(db).hold() as held:
+        assert held is not None and held()
+        report = build_expiry(db).run(AS_OF)
+        assert report.skipped and report.lots == 0
+    report = build_expiry(db).run(AS_OF)  # released: the next run does the work
+    assert (report.skipped, report.lots, report.amount) == (False, 3, 15)
+
+
+def test_the_worker_runs_expiry_on_its_clock_and_counts_it(
+    settings: Settings, db: Database
+) -> None:
+    setup(settings, db, 4)
+    metrics = Metrics()
+    job = ExpiryJob(
+        build_expiry(db, metrics=metrics),
+        interval_seconds=0.2,
+        clock=lambda: AS_OF,
+        first_delay_seconds=0.0,
+    )
+    thread = threading.Thread(target=job.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while job.runs < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.stop()
+    thread.join(timeout=10)
+    assert job.runs >= 2 and job.failures == 0
+    assert metrics.currency_expired_lots._value.get() == 4  # once, however many runs
+    assert metrics.currency_expired_amount._value.get() == 20
+
+
+def test_the_job_decides_on_the_store_not_on_its_cached_copies(
+    settings: Settings, db: Database
+) -> None:
+    """A run caches an account whose due lot was spent; a refund elsewhere puts currency
+    back into a later lot; the next run (same process) must see it."""
+    wire = copy.deepcopy(DEFAULT_RULES_WIRE)
+    wire["currency_expiry"] = {"after_months": 1, "effective_from": "2024-01"}
+    RulesStore(db).put(wire)
+    app = Members(env=event_store_env(settings))
+    try:
+        member = Member(user_id="kit")
+        member.award("a1", 5, 0, 1, 1, LADDER, month="2024-01")
+        member.award("a2", 10, 0, 1, 1, LADDER, month="2024-02")
+        member.spend("o-1", 15)
+        app.save(member)
+        build_projection(db, app).catch_up()
+        expiry = build_expiry(db)
+        assert expiry.run(datetime(2024, 3, 15, tzinfo=UTC)).lots == 0  # January: spent
+        rule = RulesStore(db).current().currency_expiry
+        fresh = app.repository.get(member.id)
+        fresh.refund("o-1", expiry=rule, as_of=datetime(2024, 3, 20, tzinfo=UTC))
+        app.save(fresh)  # January's 5 expire at once, February's 10 are back
+        assert expiry.run(datetime(2024, 4, 1, tzinfo=UTC)).amount == 10
+        assert app.repository.get(member.id).currency == 0
+    finally:
+        app.close()
