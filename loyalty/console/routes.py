@@ -422,18 +422,20 @@ def member_view(container: Container, user_id: str) -> dict[str, Any]:
     except DomainError as exc:
         return {"missing": _message(_problem(exc))}
     body = member_body(container, member)
-    ranks = container.rules.current().ranks
-    following = [r for r in ranks.ranks if r.min_rank_points > body.rank_points]
+    ladder = container.rules.current().ranks.ranks
+    names = [r.name for r in ladder]
+    held = names.index(body.rank) if body.rank in names else -1
     progress = None
-    if following:
-        target = following[0]
-        floor = ranks.rank_for(body.rank_points)
-        start = floor.min_rank_points if floor is not None else 0
+    if body.rank_points_to_next is not None and held + 1 < len(ladder):
+        # as the API counts it (the qualification period's points under rank_qualification)
+        target = ladder[held + 1]
+        start = ladder[held].min_rank_points if held >= 0 else 0
+        have = target.min_rank_points - body.rank_points_to_next
         span = max(1, target.min_rank_points - start)
         progress = {
             "next": target.name,
-            "need": target.min_rank_points - body.rank_points,
-            "percent": min(100, max(0, round(100 * (body.rank_points - start) / span))),
+            "need": body.rank_points_to_next,
+            "percent": min(100, max(0, round(100 * (have - start) / span))),
         }
     history = container.read_models.history(user_id, 50)
     return {"member": body, "progress": progress, "history": history, "missing": None}
@@ -654,7 +656,7 @@ async def save_rules(
         if wire is None:
             return 422, errors, None
         try:
-            saved = container.rules.put(wire)
+            saved = container.rules.put(wire, container.clock())
         except InvalidRules as exc:
             return 422, located(text, exc), None
         return 200, [], saved.version

@@ -621,3 +621,35 @@ def test_history_awards_are_explained_in_place(
         "/console/members/explain", params={"user_id": "winner", "award_id": "nope"}
     )
     assert missing.status_code == 404 and "award" in missing.text
+
+
+def test_member_page_shows_expiring_currency_under_the_rules(
+    console: tuple[TestClient, str], clock: Clock
+) -> None:
+    import calendar
+    import json
+
+    client, csrf = console
+    page = client.get("/console/rules").text
+    text = re.search(r'<textarea id="rules-text"[^>]*>([^<]*)</textarea>', page, re.S)
+    assert text
+    wire = json.loads(html_module.unescape(text.group(1)))
+    wire["currency_expiry"] = {"after_months": 1}
+    saved = client.post("/console/rules", data={"csrf": csrf, "rules": json.dumps(wire)})
+    assert "Saved as version 2." in saved.text
+    status, html = act(
+        client,
+        csrf,
+        "adjust",
+        user_id="saver",
+        adjustment_id="x",
+        currency="70",
+        rank_points="0",
+        reason="welcome",
+    )
+    assert status == 200
+    now = clock()
+    month, year = (now.month % 12) + 1, now.year + (now.month == 12)
+    last = calendar.monthrange(year, month)[1]
+    expected = f"70 at the end of <time>{year:04d}-{month:02d}-{last:02d}</time>"
+    assert expected in html  # earned this month, expires at the end of next month
