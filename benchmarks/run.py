@@ -26,6 +26,7 @@ MODULES = [
     "benchmarks.reporting",
     "benchmarks.dryrun",
     "benchmarks.currency_expiry",
+    "benchmarks.console",
 ]
 
 

@@ -137,6 +137,22 @@ class Settings(BaseSettings):
     metrics_host: str = Field(
         "127.0.0.1", description="interface of metrics_port (0.0.0.0 in a container)"
     )
+    console_session_minutes: int = Field(
+        480, ge=1, le=7 * 24 * 60, description="how long an operator console session lasts"
+    )
+    console_alert_lag_seconds: float = Field(
+        300.0, ge=0, description="the console alerts when the pipeline lags more than this"
+    )
+    console_alert_dead_letters: int = Field(
+        1, ge=1, description="the console alerts at this many webhook dead letters"
+    )
+    console_figures_seconds: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description="the console dashboard recomputes today's totals, outstanding currency "
+        "and storage at most this often (they scan tables; the rest is live)",
+    )
     log_format: Literal["text", "json"] = Field(
         "text", description="log lines on stderr (json: one object per line)"
     )

@@ -61,6 +61,7 @@ EXEMPT: dict[str, str] = {
     "rollup_ranks": "members per rank, changes per day",
     "rollup_origin": "positions per shard",
     "rule_compensations": "rule versions, periods and totals of compensation runs; no user id",
+    "console_sessions": "operator console sessions: hashed id, key id, CSRF token, times",
 }
 NIL_HEX = uuid.UUID(int=0).hex
 SEQ_KEY = "erasure_seq"
@@ -242,6 +243,15 @@ class SqlErasureStore:
                 self._select()
                 .where(forget_requests.c.status != "completed")
                 .order_by(forget_requests.c.requested_at)
+            ).all()
+        return [self._request(r) for r in rows]
+
+    def recent_requests(self, limit: int) -> list[ForgetRequest]:
+        with self._db.read() as conn:
+            rows = conn.execute(
+                self._select()
+                .order_by(forget_requests.c.requested_at.desc(), forget_requests.c.request_id)
+                .limit(limit)
             ).all()
         return [self._request(r) for r in rows]
 

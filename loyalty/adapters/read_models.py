@@ -332,6 +332,26 @@ class ReadModels:
             for r in rows
         ]
 
+    def totals_since(self, since: datetime) -> dict[str, int]:
+        """Currency per history kind (award, spend, refund, adjustment) recorded at or
+        after ``since``: what the console's dashboard shows for today."""
+        h = member_history.c
+        query = (
+            sa.select(h.kind, sa.func.coalesce(sa.func.sum(h.currency), 0))
+            .where(h.at >= since)
+            .group_by(h.kind)
+        )
+        with self._db.read() as conn:
+            return {str(r[0]): int(r[1]) for r in conn.execute(query).all()}
+
+    def outstanding_currency(self) -> tuple[int, int]:
+        """(members, currency held by all of them) as projected."""
+        b = member_balances.c
+        query = sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(b.currency), 0))
+        with self._db.read() as conn:
+            row = conn.execute(query).one()
+        return int(row[0]), int(row[1])
+
     def leaderboard(self, limit: int) -> list[LeaderboardRow]:
         """Members by rank points including the whole points of their pending earnings
         (``pipeline_pending``; the carried fraction below one point, which only the

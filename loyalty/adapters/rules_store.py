@@ -100,6 +100,16 @@ class RulesStore:
                     return rule_set
         raise RuntimeError("could not store a new rules version after 20 attempts")
 
+    def versions(self, limit: int = 100) -> list[tuple[int, datetime]]:
+        """(version, stored at), newest first."""
+        self.current()  # make sure version 1 (the default) exists
+        r = rule_versions.c
+        with self._db.read() as conn:
+            rows = conn.execute(
+                sa.select(r.version, r.created_at).order_by(r.version.desc()).limit(limit)
+            ).all()
+        return [(int(v), at if at.tzinfo else at.replace(tzinfo=UTC)) for v, at in rows]
+
 
 def _insert_ignore(db: Database, version: int, rule_set: RuleSet) -> sa.Insert:
     body = orjson.dumps(rule_set_to_wire(rule_set)).decode()

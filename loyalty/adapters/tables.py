@@ -213,3 +213,17 @@ member_history = sa.Table(
     sa.Column("at", Timestamp, nullable=False),
     sa.Column("ref", sa.Text, nullable=True),
 )
+
+# The operator console's server-side sessions (migration 0013): the SHA-256 of the session
+# id (the cookie holds the id itself), the operator key it was opened with (its id, never
+# the key), the CSRF token of its forms, and when it expires. No member data.
+console_sessions = sa.Table(
+    "console_sessions",
+    metadata,
+    sa.Column("session_hash", sa.String(64), primary_key=True),
+    sa.Column("key_id", sa.String(32), nullable=False),
+    sa.Column("csrf_token", sa.String(64), nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("expires_at", Timestamp, nullable=False),
+    sa.Index("console_sessions_expires_idx", "expires_at"),
+)

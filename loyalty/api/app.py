@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from loyalty.adapters.console_sessions import ConsoleSessions
 from loyalty.adapters.db import Database
 from loyalty.adapters.event_store import event_store_env
 from loyalty.adapters.explanation_store import ExplanationStore
@@ -50,6 +51,7 @@ from loyalty.application.accounts import Accounts, Members, Spending
 from loyalty.application.explain import Explanations
 from loyalty.application.ingress import IngestService
 from loyalty.config import Settings
+from loyalty.console.routes import install_console
 from loyalty.observability import Metrics, MetricsMiddleware, RequestIdMiddleware
 from loyalty.worker import (
     build_dry_run,
@@ -57,6 +59,7 @@ from loyalty.worker import (
     build_webhook_admin,
     feed_factory,
     marker_cache,
+    webhook_sender,
 )
 
 BATCH_EXAMPLE: dict[str, Any] = {
@@ -137,6 +140,8 @@ def build_container(
         rollups=RollupStore(db),
         explanations=Explanations(ExplanationStore(db), carried_fraction(accounts)),
         dry_run=build_dry_run(db, settings, rules, clock),
+        webhook_sender=lambda: webhook_sender(settings),
+        console_sessions=ConsoleSessions(db, timedelta(minutes=settings.console_session_minutes)),
     )
 
 
@@ -186,6 +191,7 @@ def create_app(
     app.state.container = container
     problems.install(app)
     install_docs(app)
+    install_console(app)
     app.include_router(health.router)
     app.include_router(ingress.router)
     app.include_router(member_routes.router)

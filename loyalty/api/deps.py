@@ -12,11 +12,13 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
 
+from loyalty.adapters.console_sessions import ConsoleSessions
 from loyalty.adapters.db import Database
 from loyalty.adapters.keys import KeyStore, Principal, Role
 from loyalty.adapters.pipeline_store import PipelineStore
 from loyalty.adapters.read_models import ReadModels
 from loyalty.adapters.rules_store import RulesStore
+from loyalty.adapters.webhook_sender import HttpWebhookSender
 from loyalty.api.guards import (
     BodyProblem,
     RateLimiter,
@@ -62,6 +64,9 @@ class Container:
     """Award explanations (issue 20)."""
     dry_run: DryRun | None = None
     """Rule dry runs (issue 20)."""
+    webhook_sender: Callable[[], HttpWebhookSender] | None = None
+    """A sender for replaying dead letters (a new one per replay; closed after it)."""
+    console_sessions: ConsoleSessions | None = None
 
 
 def get_container(request: Request) -> Container:

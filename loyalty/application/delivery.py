@@ -597,6 +597,18 @@ class WebhookAdmin:
     def dead_letters(self, subscription_id: str | None = None) -> list[DeadLetter]:
         return self._store.dead_letters(subscription_id)
 
+    def dead_letter_count(self) -> int:
+        return self._store.dead_letter_count()
+
+    def backlog(self) -> dict[str, int]:
+        """Per subscription id: account events committed and not yet delivered (the
+        log's head minus the subscription's cursor)."""
+        head = self._head()
+        return {
+            s.subscription_id: max(0, head - self._store.cursor(s.channel))
+            for s in self._store.subscriptions()
+        }
+
     def replay(self, sender: WebhookSender, subscription_id: str | None = None) -> tuple[int, int]:
         """Send every dead letter (of one subscription) once more, oldest first; a
         delivered one is deleted. Returns (delivered, still failing)."""

@@ -168,3 +168,35 @@ def test_live_server_json_logs_hold_no_user_id_or_key(settings: Settings, tmp_pa
     assert marker not in text
     for secret in secrets_of(keys):
         assert secret not in text
+
+
+def test_console_requests_log_no_user_id_or_key(
+    client: TestClient, db: Database, captured: io.StringIO
+) -> None:
+    """The operator console (sign-in, member lookup, every member action, an error,
+    forget-me) at DEBUG in process: neither the member's id nor the key is logged."""
+    import re
+
+    from loyalty.adapters.keys import KeyStore, Role
+
+    marker = f"marker-{uuid.uuid4().hex}"
+    key = KeyStore(db).create(Role.OPERATOR, "ops")
+    form = client.get("/console/sign-in").text
+    token = re.search(r'name="csrf" value="([^"]+)"', form)
+    assert token is not None
+    client.post("/console/sign-in", data={"csrf": token.group(1), "key": key})
+    page = client.get("/console/members", params={"user_id": marker}).text
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert csrf is not None
+    member = {"csrf": csrf.group(1), "user_id": marker}
+    adjust = {"adjustment_id": "a", "currency": "10", "rank_points": "1", "reason": "r"}
+    assert client.post("/console/members/adjust", data={**member, **adjust}).status_code == 200
+    spend = {"order_id": "o", "amount": "1000"}
+    assert client.post("/console/members/spend", data={**member, **spend}).status_code == 409
+    assert client.post("/console/forget", data=member, follow_redirects=False).status_code == 303
+    client.app.state.container.forget.run_pending()  # type: ignore[attr-defined]
+    text = captured.getvalue()
+    assert "forget request" in text and "completed" in text  # the capture saw the work
+    assert marker not in text
+    for secret in secrets_of({"operator": key}):
+        assert secret not in text

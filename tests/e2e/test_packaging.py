@@ -104,6 +104,13 @@ def test_loyalty_migrate_from_the_wheel(tmp_path: Path) -> None:
         str(p.parent.relative_to(ROOT)) + "/__init__.py" for p in (ROOT / "loyalty").rglob("*.py")
     }
     assert packages <= names, f"a package is missing from pyproject.toml: {packages - names}"
+    console = {  # the console's templates and vendored assets (with their licence)
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "loyalty" / "console").rglob("*")
+        if p.is_file() and p.suffix not in (".py", ".pyc")
+    }
+    assert "loyalty/console/static/htmx/LICENSE" in console
+    assert console <= names, f"missing from package-data: {console - names}"
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)

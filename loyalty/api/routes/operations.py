@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from loyalty.adapters.ingress_log import pending_stats
-from loyalty.api.deps import ContainerDep, OperatorKey, read_json_body
+from loyalty.api.deps import Container, ContainerDep, OperatorKey, read_json_body
 from loyalty.api.problems import ApiProblem
 from loyalty.api.schemas import PipelineBody, Problem, RulesBody
 from loyalty.domain.rules import rule_set_to_wire
@@ -54,23 +54,24 @@ async def put_rules(request: Request, _key: OperatorKey, container: ContainerDep
     return rule_set_to_wire(rule_set)
 
 
+def pipeline_status(container: Container) -> PipelineBody:
+    """How far the pipeline has got (the API's ``GET /v1/pipeline`` and the console)."""
+    positions = container.pipeline_state.positions()
+    pending, oldest = pending_stats(container.db, positions, container.settings.shard_count)
+    processed, awards = container.pipeline_state.totals()
+    age = None
+    if oldest is not None:
+        age = max(0.0, round((container.clock() - oldest).total_seconds(), 3))
+    return PipelineBody(
+        pending=pending,
+        oldest_pending_age_s=age,
+        processed_total=processed,
+        awards_total=awards,
+        quarantined_events=container.read_models.quarantined_count(),
+    )
+
+
 @router.get("/v1/pipeline", response_model=PipelineBody, responses=_ERRORS)
 async def get_pipeline(_key: OperatorKey, container: ContainerDep) -> PipelineBody:
     """How far the weighting pipeline has got."""
-
-    def work() -> PipelineBody:
-        positions = container.pipeline_state.positions()
-        pending, oldest = pending_stats(container.db, positions, container.settings.shard_count)
-        processed, awards = container.pipeline_state.totals()
-        age = None
-        if oldest is not None:
-            age = max(0.0, round((container.clock() - oldest).total_seconds(), 3))
-        return PipelineBody(
-            pending=pending,
-            oldest_pending_age_s=age,
-            processed_total=processed,
-            awards_total=awards,
-            quarantined_events=container.read_models.quarantined_count(),
-        )
-
-    return await run_in_threadpool(work)
+    return await run_in_threadpool(pipeline_status, container)
