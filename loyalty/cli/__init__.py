@@ -538,8 +538,8 @@ def forget_cmd(
 
     import orjson
 
-    from loyalty.adapters.pipeline_store import ShardLeases
     from loyalty.adapters.lease_keys import FORGET_LEASE
+    from loyalty.adapters.pipeline_store import ShardLeases
 
     settings = load_settings()
     db = open_database(settings)
