@@ -9,7 +9,7 @@ Create Date: 2026-11-29
 from alembic import op
 
 revision = "0013"
-down_revision = "0012"  # briefed on "0009"; re-chained after merging main (0010-0012)
+down_revision = "0012"
 branch_labels = None
 depends_on = None
 
