@@ -222,3 +222,29 @@ def test_ranks_requalify_by_calendar_year_with_grace(
     feed = client.get("/v1/members/dee/history", headers=shop).json()
     entries = feed["entries"] if isinstance(feed, dict) else feed
     assert sorted(e["ref"] for e in entries if e["kind"] == "rank_changed") == ["bronze", "silver"]
+
+
+def test_expired_currency_in_the_daily_report(
+    client: TestClient,
+    clock: Clock,
+    make_key: Callable[..., Headers],
+    run: Callable[..., dict[str, Any]],
+) -> None:
+    """The rollups count the real ``CurrencyExpired`` events: the liability falls by
+    what expired, and the report says so (issue 18 reads issue 19's event)."""
+    op, shop = make_key("operator", "ops"), make_key("shop", "shop")
+    at(clock, "2024-01-15T12:00:00+00:00")
+    put_expiry(client, op, after_months=12)
+    adjust(client, op, "amy", "jan", 100)
+    adjust(client, op, "bob", "jan", 40)
+    at(clock, "2024-06-15T12:00:00+00:00")
+    adjust(client, op, "bob", "jun", 5)
+    project(client)  # the expiry index is the projection's
+    assert expired(run("2025-02-01T00:00:00Z")) == (2, 140)
+    project(client)
+    days = client.get(
+        "/v1/reports/daily", params={"from": "2024-01-01", "to": "2026-12-31"}, headers=op
+    ).json()["days"]
+    assert sum(d["currency_expired"] for d in days) == 140
+    assert sum(d["currency_credited"] + d["currency_adjusted"] for d in days) == 145
+    assert days[-1]["outstanding_currency"] == 5 == view(client, shop, "bob")["currency"]
