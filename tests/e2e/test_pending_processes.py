@@ -11,10 +11,12 @@ import time
 from datetime import timedelta
 
 import pytest
+import sqlalchemy as sa
 
 from loyalty.adapters.db import Database
 from loyalty.adapters.event_store import event_store_env
 from loyalty.adapters.pending_store import PendingTable
+from loyalty.adapters.tables import pipeline_checkpoints
 from loyalty.application.accounts import Accounts, Members, Spending
 from loyalty.application.ingress import IncomingEvent
 from loyalty.config import Settings
@@ -50,6 +52,17 @@ def purchases(n: int, users: int, seed: int, prefix: str = "p") -> list[Incoming
             )
         )
     return out
+
+
+def processed(db: Database) -> int:
+    """Events the pipeline has committed, over all shards."""
+    c = pipeline_checkpoints.c
+    with db.read() as conn:
+        return int(
+            conn.execute(
+                sa.select(sa.func.coalesce(sa.func.sum(c.processed_total), 0))
+            ).scalar_one()
+        )
 
 
 def recorded(settings: Settings, users: list[str]) -> dict[str, tuple[int, int]]:
@@ -101,13 +114,19 @@ def test_kill_9_while_batches_flow_and_pending_currency_is_spent(settings: Setti
         while kills < 20 or sent < len(events):
             # a short interval: recordings, pending growth and spends interleave
             with worker(settings, interval="0.3") as proc:
-                # long enough for a worker started on a loaded machine to process windows
-                deadline = time.monotonic() + rnd.uniform(0.8, 1.8)
+                # killed at a random moment after the worker has committed a window (a
+                # worker starting on a loaded machine can take seconds before its first)
+                before, progressed = processed(db), False
+                deadline = time.monotonic() + 30
                 while time.monotonic() < deadline:
                     if sent < len(events):
                         service.ingest("src", events[sent : sent + 300])
                         sent += 300
                     time.sleep(0.02)
+                    done = processed(db)
+                    if not progressed and (done > before or done >= len(events)):
+                        progressed = True
+                        deadline = time.monotonic() + rnd.uniform(0.0, 1.0)
                 assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
