@@ -70,11 +70,45 @@ def load_settings() -> Settings:
         raise fail(f"{name}: {first['msg']}", 2) from None
 
 
-def open_database(settings: Settings) -> Database:
-    """The database, with its schema brought up to date (safe when run concurrently)."""
+STARTUP_WAIT_SECONDS = 300.0
+"""How long ``serve`` and ``worker`` wait at start for a database out of reach."""
+
+
+def open_database(settings: Settings, wait_seconds: float = 0.0) -> Database:
+    """The database, with its schema brought up to date (safe when run concurrently).
+
+    ``wait_seconds``: how long a long-running process (serve, worker) waits for a
+    database that is out of reach or busy before giving up, instead of dying at once (a
+    worker started while the database restarts would otherwise exit and be restarted
+    from scratch by its supervisor, seconds later)."""
+    import eventsourcing.persistence as es
+    import psycopg
+    import sqlalchemy as sa
+
+    from loyalty.adapters.db import DatabaseUnavailable
+    from loyalty.api.problems import database_busy
+
     db = Database(settings)
-    migrate(db)
-    return db
+    deadline = time.monotonic() + wait_seconds
+    pause = 0.2
+    while True:
+        try:
+            migrate(db)
+            return db
+        except (
+            sa.exc.SQLAlchemyError,
+            psycopg.Error,
+            es.PersistenceError,
+            DatabaseUnavailable,
+        ) as exc:
+            if not database_busy(exc) or time.monotonic() + pause > deadline:
+                raise
+            logging.getLogger(__name__).warning(
+                "database unavailable (%s); retrying in %.1f s", type(exc).__name__, pause
+            )
+        db.engine.dispose()
+        time.sleep(pause)
+        pause = min(pause * 2, 2.0)
 
 
 @app.command("migrate")
@@ -131,7 +165,7 @@ def serve(
     _shards(shards, settings)  # refuse a bad spec before anything starts
     configure_logging(settings)
     ensure_descriptors(settings.http_max_connections)
-    db = open_database(settings)
+    db = open_database(settings, wait_seconds=STARTUP_WAIT_SECONDS)
     metrics = Metrics()
     children = []
     if worker:
@@ -218,7 +252,7 @@ def worker_cmd(
     settings = load_settings()
     wanted = _shards(shards, settings)
     configure_logging(settings)
-    db = open_database(settings)
+    db = open_database(settings, wait_seconds=STARTUP_WAIT_SECONDS)
     metrics = Metrics()
     if metrics_port is not None:
         from prometheus_client import start_http_server

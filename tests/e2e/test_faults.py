@@ -30,11 +30,13 @@ from fastapi.testclient import TestClient
 from loyalty.adapters.db import Database
 from loyalty.adapters.keys import KeyStore, Role
 from loyalty.api.app import create_app
+from loyalty.application.ingress import IncomingEvent
 from loyalty.config import Settings
 from loyalty.worker import build_forget_service, build_projection
 from tests.conftest import drain_pipeline
-from tests.e2e.live import LOYALTY, create_key, env_for, free_port, wait_healthy
+from tests.e2e.live import LOYALTY, cli, create_key, env_for, free_port, wait_healthy
 from tests.e2e.pgcluster import Cluster, postgres_bin
+from tests.e2e.test_worker_processes import NOW, ingester
 from tests.integration.test_forget import raw_bytes_contain, rows_containing
 
 pytestmark = pytest.mark.slow
@@ -571,3 +573,42 @@ def test_lease_sessions_terminated_while_two_workers_run_never_credit_twice(
     assert terminated >= 10
     want = expected(events)
     assert balances(settings, sorted(want)) == want
+
+
+def test_a_worker_started_while_the_database_is_down_waits_for_it(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """A worker (re)started during a database outage waits for the database instead of
+    exiting: its supervisor would restart it from scratch seconds later (a cold start
+    under load took the pipeline 6-9 s to commit again after the database was back)."""
+    url = cluster.create_database("loyalty")
+    cli(url, "migrate").check_returncode()
+    cluster.stop("fast")
+    log = tmp_path / "worker.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [*LOYALTY, "worker"],
+            env=env_for(url, LOYALTY_AWARD_INTERVAL_SECONDS="0"),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            time.sleep(3)
+            assert proc.poll() is None, log.read_text()[-3000:]  # waiting, not gone
+            assert "database unavailable" in log.read_text()
+            cluster.start()
+            back = time.monotonic()
+            events = [
+                IncomingEvent(f"e{i}", f"user-{i % 7}", "made_purchase", NOW, "{}")
+                for i in range(50)
+            ]
+            ingester(Settings(database_url=url)).ingest("src", events)
+            deadline = back + 30
+            while progress(cluster)[0] < len(events) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert progress(cluster)[0] == len(events), log.read_text()[-3000:]
+            assert proc.poll() is None
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
