@@ -28,7 +28,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from loyalty.application.reporting import AccountEventRow
+from loyalty.application.reporting import DAY_COLUMNS, AccountEventRow
 
 FILE = "part-0.parquet"
 SCALE = Decimal(1).scaleb(-12)
@@ -46,22 +46,8 @@ ACTIVITY = pa.schema(
         ("rank_points_awarded", DECIMAL),
     ]
 )
-_ACCOUNT_INTS = (
-    "events",
-    "earning_events",
-    "active_members",
-    "currency_credited",
-    "rank_points_credited",
-    "currency_spent",
-    "currency_refunded",
-    "currency_adjusted",
-    "rank_points_adjusted",
-    "currency_expired",
-    "currency_forgotten",
-    "new_members",
-    "members",
-    "members_with_balance",
-    "outstanding_currency",
+_ACCOUNT_INTS = tuple(
+    name for name in DAY_COLUMNS if name not in ("day", "currency_awarded", "rank_points_awarded")
 )
 ACCOUNTS = pa.schema(
     [

@@ -265,6 +265,30 @@ class ActivityRow:
         }
 
 
+DAY_COLUMNS: tuple[str, ...] = (
+    "day",
+    "events",
+    "earning_events",
+    "active_members",
+    "currency_awarded",
+    "rank_points_awarded",
+    "currency_credited",
+    "rank_points_credited",
+    "currency_spent",
+    "currency_refunded",
+    "currency_adjusted",
+    "rank_points_adjusted",
+    "currency_expired",
+    "currency_forgotten",
+    "new_members",
+    "members",
+    "members_with_balance",
+    "outstanding_currency",
+)
+"""The scalar figures of a day's report, in the order of its JSON (``DayReport.to_wire``
+adds ``members_per_rank`` and ``activity``): the export's and the console's columns."""
+
+
 @dataclass(frozen=True, slots=True)
 class DayReport:
     day: date

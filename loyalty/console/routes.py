@@ -54,7 +54,12 @@ from loyalty.api.routes.operations import pipeline_status
 from loyalty.application.compensation import COMPENSATION_PREFIX
 from loyalty.application.delivery import EVENT_TYPES
 from loyalty.application.explain import PENDING_ALIAS
-from loyalty.application.reporting import ReportRangeError, check_range, daily_report
+from loyalty.application.reporting import (
+    DAY_COLUMNS,
+    ReportRangeError,
+    check_range,
+    daily_report,
+)
 from loyalty.console.locate import line_of
 from loyalty.domain.errors import DomainError, InvalidRules
 from loyalty.domain.rules import parse_rule_set, rule_set_to_wire
@@ -932,26 +937,7 @@ CHARTS: list[tuple[str, str, str]] = [
     ("currency_spent", "Currency spent", "#a1120d"),
     ("outstanding_currency", "Outstanding currency (end of day)", "#13263f"),
 ]
-EXPORT_COLUMNS = [
-    "day",
-    "events",
-    "earning_events",
-    "active_members",
-    "currency_awarded",
-    "rank_points_awarded",
-    "currency_credited",
-    "rank_points_credited",
-    "currency_spent",
-    "currency_refunded",
-    "currency_adjusted",
-    "rank_points_adjusted",
-    "currency_expired",
-    "currency_forgotten",
-    "new_members",
-    "members",
-    "members_with_balance",
-    "outstanding_currency",
-]
+EXPORT_COLUMNS = list(DAY_COLUMNS)
 
 
 def report_range(first: str, last: str, today: date) -> tuple[date, date]:

@@ -10,8 +10,10 @@ from decimal import Decimal
 from typing import Any
 
 from loyalty.application.reporting import (
+    DAY_COLUMNS,
     AccountDay,
     AccountFact,
+    DayReport,
     StoredActivity,
     account_facts,
     daily_report,
@@ -110,3 +112,10 @@ def test_forget_me_takes_balance_account_and_rank_out() -> None:
     assert (d.outstanding_change, d.currency_forgotten, d.members_change) == (-7, 7, -1)
     assert d.holders_change == -1 and d.ranks == {"gold": -1}
     assert forgotten_day(0, None).holders_change == 0
+
+
+def test_the_export_and_console_columns_are_the_report_s_own() -> None:
+    """A figure added to the daily report reaches the CSV and Parquet exports too."""
+    day = DayReport(date(2026, 11, 1), [], 0, AccountDay(), 0, 0, 0, {})
+    wire = [k for k in day.to_wire() if k not in ("members_per_rank", "activity")]
+    assert tuple(wire) == DAY_COLUMNS
