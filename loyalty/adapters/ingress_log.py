@@ -157,6 +157,13 @@ def attach_partition_sql(day: date) -> sql.Composed:
     ).format(sql.Identifier(partition_name(day)), sql.Literal(lower), sql.Literal(upper))
 
 
+def _sqlite_row(r: Any) -> StoredIngress:
+    """An ``ingress_events`` row as SQLite returns it (text timestamp and attributes)."""
+    return StoredIngress(
+        r[0], r[1], r[2], r[3], r[4], r[5], r[6], datetime.fromisoformat(r[7]), orjson.loads(r[8])
+    )
+
+
 class PostgresIngressLog:
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -343,20 +350,7 @@ class SqliteIngressLog:
                 "AND (txid, seq) <= (?, ?) ORDER BY txid, seq LIMIT ?",
                 (shard, after[0], after[1], upto[0], upto[1], limit),
             )
-            return [
-                StoredIngress(
-                    r[0],
-                    r[1],
-                    r[2],
-                    r[3],
-                    r[4],
-                    r[5],
-                    r[6],
-                    datetime.fromisoformat(r[7]),
-                    orjson.loads(r[8]),
-                )
-                for r in result
-            ]
+            return [_sqlite_row(r) for r in result]
 
     def read_day(
         self,
@@ -387,20 +381,7 @@ class SqliteIngressLog:
                 f"{received}ORDER BY txid, seq LIMIT ?",
                 tuple(params),
             )
-            return [
-                StoredIngress(
-                    r[0],
-                    r[1],
-                    r[2],
-                    r[3],
-                    r[4],
-                    r[5],
-                    r[6],
-                    datetime.fromisoformat(r[7]),
-                    orjson.loads(r[8]),
-                )
-                for r in result
-            ]
+            return [_sqlite_row(r) for r in result]
 
 
 def pending_stats(

@@ -844,19 +844,34 @@ def _webhooks_context(container: Container) -> dict[str, Any]:
     }
 
 
-@router.get("/webhooks")
-async def webhooks_page(request: Request, container: ContainerDep, session: SessionDep) -> Response:
+async def _webhooks_page(
+    request: Request,
+    container: Container,
+    session: ConsoleSession,
+    status: int = 200,
+    *,
+    created: object = None,
+    error: str | None = None,
+    replayed: tuple[int, int] | None = None,
+) -> Response:
+    """The webhooks page, with the outcome of the action that led to it."""
     context = await run_in_threadpool(_webhooks_context, container)
     return render(
         request,
         "webhooks.html",
+        status,
         session=session,
         page="webhooks",
-        created=None,
-        error=None,
-        replayed=None,
+        created=created,
+        error=error,
+        replayed=replayed,
         **context,
     )
+
+
+@router.get("/webhooks")
+async def webhooks_page(request: Request, container: ContainerDep, session: SessionDep) -> Response:
+    return await _webhooks_page(request, container, session)
 
 
 @router.post("/webhooks")
@@ -872,18 +887,7 @@ async def create_webhook(
         created = await run_in_threadpool(admin.create, form.get("url", "").strip(), types)
     except ValueError as exc:
         error, status = str(exc), 422
-    context = await run_in_threadpool(_webhooks_context, container)
-    return render(
-        request,
-        "webhooks.html",
-        status,
-        session=session,
-        page="webhooks",
-        created=created,
-        error=error,
-        replayed=None,
-        **context,
-    )
+    return await _webhooks_page(request, container, session, status, created=created, error=error)
 
 
 @router.post("/webhooks/{subscription_id}/delete")
@@ -913,17 +917,7 @@ async def replay_dead_letters(
             sender.close()
 
     replayed = await run_in_threadpool(work)
-    context = await run_in_threadpool(_webhooks_context, container)
-    return render(
-        request,
-        "webhooks.html",
-        session=session,
-        page="webhooks",
-        created=None,
-        error=None,
-        replayed=replayed,
-        **context,
-    )
+    return await _webhooks_page(request, container, session, replayed=replayed)
 
 
 # ------------------------------------------------------------------------------ reports
