@@ -103,7 +103,14 @@ def test_kill_9_during_an_expiry_run_expires_each_lot_exactly_once(
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        time.sleep(rnd.uniform(1.2, 3.0))  # the interpreter and imports take about 1 s
+        # killed soon after the run's first expiry commits (start-up takes 1 s on a quiet
+        # machine, several on a loaded one; a fixed sleep missed the run on either)
+        before, deadline = head(settings), time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            if head(settings) > before:
+                time.sleep(rnd.uniform(0.0, 0.3))
+                break
+            time.sleep(0.02)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1

@@ -5,6 +5,7 @@ relay and a broker restart."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import threading
@@ -168,7 +169,13 @@ def test_relay_killed_ten_times_loses_nothing(
         writer.start()
         for _ in range(10):
             proc = subprocess.Popen(args, env=env, stdout=log, stderr=log)
-            time.sleep(1.6)  # start-up (~1 s) and some publishing
+            # killed once it has published (start-up takes ~1 s on a quiet machine,
+            # several on a loaded one), at a random moment after
+            before, deadline = len(consumer.messages), time.monotonic() + 15
+            while len(consumer.messages) == before and time.monotonic() < deadline:
+                time.sleep(0.1)
+                consumer.drain()
+            time.sleep(random.uniform(0.0, 0.5))
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
             kills += 1
