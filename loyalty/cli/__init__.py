@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -68,6 +68,23 @@ def load_settings() -> Settings:
         first = exc.errors()[0]
         name = "LOYALTY_" + str(first["loc"][0]).upper() if first["loc"] else "settings"
         raise fail(f"{name}: {first['msg']}", 2) from None
+
+
+def read_rules_file(file: str) -> dict[str, Any]:
+    """A rules file (``-``: stdin) as a JSON object, or a clear error (exit 2)."""
+    import orjson
+
+    try:
+        raw = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+    except OSError as exc:
+        raise fail(f"{file}: {exc.strerror or exc}", 2) from None
+    try:
+        wire = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise fail(f"{file}: not valid JSON: {exc}", 2) from None
+    if not isinstance(wire, dict):
+        raise fail(f"{file}: must be a JSON object with 'rules' and 'ranks'", 2)
+    return wire
 
 
 STARTUP_WAIT_SECONDS = 300.0
@@ -626,21 +643,10 @@ def rules_load(
     ],
 ) -> None:
     """Validate a rules file like PUT /v1/rules and store it as the next version."""
-    import orjson
-
     from loyalty.adapters.rules_store import RulesStore
     from loyalty.domain.errors import InvalidRules
 
-    try:
-        raw = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
-    except OSError as exc:
-        raise fail(f"{file}: {exc.strerror or exc}", 2) from None
-    try:
-        wire = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise fail(f"{file}: not valid JSON: {exc}", 2) from None
-    if not isinstance(wire, dict):
-        raise fail(f"{file}: must be a JSON object with 'rules' and 'ranks'", 2)
+    wire = read_rules_file(file)
     db = open_database(load_settings())
     try:
         rule_set = RulesStore(db).put(wire)

@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import orjson
 import typer
 
-from loyalty.cli import _rfc3339, fail, load_settings, open_database, rules_app
-
-
-def _read_rules(file: str) -> dict[str, Any]:
-    try:
-        raw = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
-    except OSError as exc:
-        raise fail(f"{file}: {exc.strerror or exc}", 2) from None
-    try:
-        wire = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise fail(f"{file}: not valid JSON: {exc}", 2) from None
-    if not isinstance(wire, dict):
-        raise fail(f"{file}: must be a JSON object with 'rules' and 'ranks'", 2)
-    return wire
+from loyalty.cli import _rfc3339, fail, load_settings, open_database, read_rules_file, rules_app
 
 
 @rules_app.command("dry-run")
@@ -44,7 +28,7 @@ def rules_dry_run(
     from loyalty.domain.rules import parse_rule_set
     from loyalty.worker import build_dry_run
 
-    wire = _read_rules(file)
+    wire = read_rules_file(file)
     try:
         candidate = parse_rule_set(wire, 0)
     except InvalidRules as exc:
@@ -83,7 +67,7 @@ def rules_apply(
     from loyalty.domain.rules import parse_rule_set
     from loyalty.worker import build_compensation
 
-    wire = _read_rules(file)
+    wire = read_rules_file(file)
     try:
         candidate = parse_rule_set(wire, 0)
     except InvalidRules as exc:
