@@ -452,7 +452,8 @@ KIND_EVENT = {
 
 
 def ranked_wire(name: str) -> dict[str, Any]:
-    """A rule set of the model: no caps (every event contributes), rolling 30 days."""
+    """A rule set of the model: no caps (every event contributes), rolling 30 days,
+    currency expiring at the end of the month earned."""
     prices, (silver, gold) = PRICES[name]
     buy, premium_price = prices["buy"], prices["premium"]
     factor = premium_price[0] / buy[0]
@@ -482,6 +483,8 @@ def ranked_wire(name: str) -> dict[str, Any]:
             {"name": "gold", "min_rank_points": gold, "privileges": []},
         ],
         "rank_qualification": {"period": {"rolling_days": 30}},
+        # the month of the events (NOW) expires at the start of the next one
+        "currency_expiry": {"after_months": 0, "effective_from": "2020-01"},
     }
 
 
@@ -510,10 +513,21 @@ class Held:
     row: bool | None = False
     """A pending row is left (not recorded at once); None: not known yet."""
     unprocessed: list[str] = field(default_factory=list)
+    indexed: bool = False
+    """Credited since the expiry job last read the member (the job reads it)."""
+    closed: bool = False
+    """The job expired currency of the month: all of it, and all earned in it later."""
 
     @property
     def spendable(self) -> int:
-        return int(self.currency // 1) - self.spent
+        return 0 if self.closed else int(self.currency // 1) - self.spent
+
+    def recorded(self, version: str) -> None:
+        """A recording of the pending row (if any): it lifts the rank, credits the
+        month."""
+        if self.row:
+            self.rank, self.row = higher(self.rank, model_rank(version, self.points)), False
+            self.indexed = True
 
 
 ranked_step = st.one_of(
@@ -550,6 +564,17 @@ ranked_step = st.one_of(
         ("requalify", 40),
         ("events", 0, "competition", 2),
         ("drain",),
+    ]
+)
+# issue 25 item 6: the month expired; late events of it are neither shown nor spent
+@example(
+    steps=[
+        ("events", 2, "buy", 1),
+        ("drain",),
+        ("requalify", 40),
+        ("events", 2, "premium", 2),
+        ("drain",),
+        ("spend", 2, 10),
     ]
 )
 # a need noted under ladder "a" (silver at 100), then ladder "b" (silver at 60)
@@ -629,7 +654,7 @@ def test_rules_changes_and_requalification_keep_every_member_as_the_model_says(
                         # reader's horizon (other sessions' transactions) may split the
                         # member's events over two windows, the second leaving a row:
                         # the rank is certain, the row is read
-                        h.account, h.rank, h.row = True, target, None
+                        h.account, h.rank, h.row, h.indexed = True, target, None, True
                     else:
                         h.row = True
                 split = PendingTable(db).load(held)
@@ -639,8 +664,7 @@ def test_rules_changes_and_requalification_keep_every_member_as_the_model_says(
             elif op[0] == "interval":
                 pipeline.record_all(range(db.settings.shard_count))
                 for h in held.values():
-                    if h.row:
-                        h.rank, h.row = higher(h.rank, model_rank(version, h.points)), False
+                    h.recorded(version)
             elif op[0] == "spend":
                 _, u, amount = op
                 h = held[users[u]]
@@ -654,20 +678,24 @@ def test_rules_changes_and_requalification_keep_every_member_as_the_model_says(
                 else:
                     assert amount <= h.spendable
                     h.spent += amount
-                    if h.row:
-                        h.rank, h.row = higher(h.rank, model_rank(version, h.points)), False
+                    h.recorded(version)
             elif op[0] == "rules":
                 version = op[1]
                 rules.put(ranked_wire(version))
             elif op[0] == "requalify":
-                build_projection(db, app).catch_up()  # member_ranks: whom the job reads
+                # member_lots, member_ranks: whom the job reads
+                build_projection(db, app).catch_up()
                 report = expiry.run(datetime.now(UTC) + timedelta(days=op[1]))
                 assert report.qualification and not report.interrupted
                 for h in held.values():
+                    if op[1] and h.indexed:  # the month is over: its currency expires
+                        h.recorded(version)  # pending recorded first
+                        h.closed = h.closed or h.spendable > 0
+                        h.indexed = False
+                for h in held.values():
                     if not h.account or h.rank == "bronze":  # the lowest rank is kept
                         continue
-                    if h.row:  # the job records the pending earnings first
-                        h.row = False
+                    h.recorded(version)
                     h.rank = model_rank(version, h.points if op[1] == 0 else Decimal(0))
             else:  # restart: new processes, nothing in memory survives
                 app.close()
@@ -705,7 +733,9 @@ def check_held(
         assert h.account, user
         assert (member.rank, user in rows) == (h.rank, h.row), (user, h)
         view = member_body(container, member)  # what GET /v1/members/{id} shows
-        assert (view.currency, view.currency + h.spent) == (h.spendable, int(h.currency // 1))
+        assert view.currency == h.spendable, (user, h)
+        if not h.closed:
+            assert view.currency + h.spent == int(h.currency // 1)
         assert view.rank == (higher(h.rank, model_rank(version, h.points)) if h.row else h.rank)
         with pytest.raises(InsufficientFunds):  # one more than shown is refused
             spending.spend(user, f"probe-{user}", h.spendable + 1)
