@@ -121,6 +121,7 @@ def merge(
     if not contributions:
         return []
     ids = sorted({c.user_id for c in contributions})
+    versions = {c.user_id: c.rule_version for c in contributions}
     _guard(db, conn, ids, fence)
     existing: dict[
         str, tuple[Decimal, Decimal, int, Decimal | None, datetime, dict[str, Decimal] | None]
@@ -131,7 +132,7 @@ def merge(
             psycopg_connection(conn)
             .execute(
                 "SELECT user_id, currency, rank_points, event_count, rank_need, since, "
-                "currency_months, explain FROM pipeline_pending WHERE user_id IN "
+                "currency_months, explain, rule_version FROM pipeline_pending WHERE user_id IN "
                 "(SELECT jsonb_array_elements_text(%s::text::jsonb)) ORDER BY user_id FOR UPDATE",
                 (orjson.dumps(ids).decode(),),
             )
@@ -151,6 +152,7 @@ def merge(
                     c.since,
                     c.currency_months,
                     c.explain,
+                    c.rule_version,
                 ).where(c.user_id.in_(ids[i : i + _IN_CHUNK]))
             ).all()
     for (
@@ -162,13 +164,15 @@ def merge(
         since_value,
         months,
         text,
+        version,
     ) in rows:
         explained[user_id] = text
         existing[user_id] = (
             Decimal(currency_text),
             Decimal(points_text),
             int(count_value),
-            _need(need_text),
+            # a need noted under another rules version (another ladder) is derived again
+            _need(need_text) if int(version) == versions[user_id] else None,
             _aware(
                 since_value
                 if isinstance(since_value, datetime)
@@ -235,7 +239,9 @@ def merge(
             "rank_points = excluded.rank_points, event_count = excluded.event_count, "
             "rule_version = excluded.rule_version, upto_txid = excluded.upto_txid, "
             "upto_seq = excluded.upto_seq, currency_months = excluded.currency_months, "
-            "explain = excluded.explain",
+            "explain = excluded.explain, rank_need = CASE WHEN "
+            "pipeline_pending.rule_version = excluded.rule_version "
+            "THEN pipeline_pending.rank_need END",
             (shard, end[0], end[1], now, first[0], first[1], orjson.dumps(out).decode()),
         )
     else:
@@ -253,6 +259,15 @@ def merge(
                     "upto_seq",
                     "currency_months",
                     "explain",
+                )
+            }
+            | {  # a need noted under another rules version is derived again
+                "rank_need": sa.case(
+                    (
+                        pipeline_pending.c.rule_version == stmt.excluded.rule_version,
+                        pipeline_pending.c.rank_need,
+                    ),
+                    else_=sa.null(),
                 )
             },
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import random
 import threading
@@ -256,6 +257,19 @@ class Accounts:
             on=row.since.astimezone(UTC).date().isoformat(),
         )
 
+    def with_pending(self, member: Member, ranks: RankLadder) -> Member:
+        """What ``member`` holds once its pending earnings are recorded: a copy with the
+        pending row folded in exactly as a spend, refund, adjustment or the expiry job
+        records it (:meth:`fold`). The member view reads its balance from this copy and a
+        spend decides on the same fold, so "spendable" is one computation: currency
+        earned in a month whose lot has expired expires at recording, so it is never
+        shown (see docs/architecture.md, "Currency expiry")."""
+        row = self.pending_of(member.user_id)
+        if row is None:
+            return member
+        folded = copy.deepcopy(member)
+        return folded if self.fold(folded, row, ranks) else member
+
     def record_pending(
         self,
         user_ids: Sequence[str],
@@ -306,7 +320,7 @@ class Accounts:
                 if member is None:
                     now.append(row.user_id)
                     continue
-                need = member.rank_need(ranks)
+                need = member.rank_need(ranks, row.since.astimezone(UTC).date())
                 if need is not None and row.rank_points >= need:
                     now.append(row.user_id)
                 else:

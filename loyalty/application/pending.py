@@ -15,8 +15,11 @@ recorded twice or lost, whatever crashes, and no idempotency set is needed.
 Recordings happen (a) when the row is older than the award interval (the worker, after
 each drain), (b) at once when pending would lift the member into a higher rank (the row
 holds the rank points still needed, ``rank_need``, set from the account when the row is
-new) or the member has no account yet, and (c) together with a spend, refund or
-adjustment of the member, in the command's own save.
+new, judged by ``Member.rank_need`` as the recording will judge it: under a qualification
+period, the points of the period ending on the row's day against the rank held; cleared
+by the merge when a contribution comes under another rules version) or the member has no
+account yet, and (c) together with a spend, refund or adjustment of the member, or the
+expiry job's read of it, in that save.
 """
 
 from __future__ import annotations
@@ -81,8 +84,10 @@ class PendingRow:
     since: datetime
     """When the oldest unrecorded contribution was committed."""
     rank_need: Decimal | None
-    """Rank points (exact) the member still needed for its next rank when the row was
-    settled; None: not known yet (a new row). Infinite: no rank above."""
+    """Rank points (exact) at which recording the row lifts the rank, noted when the row
+    was settled (``Member.rank_need`` as of the row's day, under the ladder of the row's
+    ``rule_version``); None: not known yet (a new row, or a new rules version).
+    Infinite: no rank above."""
     months: Mapping[str, Decimal] | None = None
     """``currency`` by the month it was earned in (issue 19); None for a row stored
     before months were kept: credited to the month of ``since``."""

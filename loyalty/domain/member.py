@@ -320,13 +320,33 @@ class Member(Aggregate):
             split_whole(exact_sum(self.fraction_rank_points, rank_points))[0],
         )
 
-    def rank_need(self, ranks: RankLadder) -> Decimal | None:
-        """Exact rank points still to earn (beyond the carried fraction) before the next
-        rank of ``ranks``; None when no rank is above the current points."""
-        above = [r.min_rank_points for r in ranks.ranks if r.min_rank_points > self.rank_points]
-        if not above:
+    def rank_need(self, ranks: RankLadder, day: date | None = None) -> Decimal | None:
+        """Exact rank points still to earn (beyond the carried fraction) before a
+        recording lifts the rank under ``ranks``; None when no rank is above. Zero or
+        less: any recording lifts it.
+
+        Lifetime ranks: the next threshold above the lifetime points. Under a
+        qualification period, the points that decide the rank: a recording whose rank
+        points count on ``day`` lifts the rank when the period ending on ``day`` reaches
+        the threshold of a rank above the *held* one (or when the period is already
+        qualifying, the grace included): so the need follows a rank lowered by
+        requalification and a period that rolled on (``day`` None: no day, no lift)."""
+        qualification = ranks.qualification
+        if qualification is None:
+            above = [r.min_rank_points for r in ranks.ranks if r.min_rank_points > self.rank_points]
+            if not above:
+                return None
+            points = Decimal(min(above) - self.rank_points)
+            return exact_difference(points, self.fraction_rank_points)
+        held = ranks.order(self.rank)
+        above = [r.min_rank_points for i, r in enumerate(ranks.ranks) if i > held]
+        if not above or day is None:
             return None
-        return exact_difference(Decimal(min(above) - self.rank_points), self.fraction_rank_points)
+        threshold = min(above)
+        if qualification.qualifying_points(self.rank_days, day) >= threshold:
+            return Decimal(0)  # qualified already (any credit on ``day`` lifts it)
+        period = qualification.period_points(self.rank_days, day)
+        return exact_difference(Decimal(threshold - period), self.fraction_rank_points)
 
     def spend(self, order_id: str, amount: int, source: str | None = None) -> int:
         """Debit ``amount`` for ``source``'s ``order_id``; a replay with the same

@@ -65,23 +65,24 @@ async def get_member(user_id: UserId, _key: ShopKey, container: ContainerDep) ->
 
 
 def member_body(container: Container, member: Member) -> MemberBody:
-    """The account as recorded plus the member's pending earnings (whole units of the
-    carried fraction plus pending: what the next recording will credit)."""
+    """The account as it stands once its pending earnings are recorded: the fold a
+    spend records them with (``Accounts.with_pending``), so what the view shows as
+    currency a spend accepts, always (pending currency of an expired lot expires at
+    recording and is not shown)."""
     rule_set = container.rules.current()
     ranks = rule_set.ranks
-    row = container.accounts.pending_of(member.user_id)
-    currency, rank_points = (
-        (0, 0) if row is None else member.with_pending(row.currency, row.rank_points)
-    )
+    after = container.accounts.with_pending(member, ranks)
+    currency = after.currency - member.currency  # the pending part of the balance
+    rank_points = after.rank_points - member.rank_points
     qualification = ranks.qualification
     if qualification is None:
-        rank = ranks.rank_for(member.rank_points + rank_points)
-        period_points = member.rank_points + rank_points
+        rank = ranks.rank_for(after.rank_points)
+        period_points = after.rank_points
         valid_until = None
         to_keep = 0
-    else:  # the recorded rank; points of the period (pending counted as earned today)
+    else:  # the rank once recorded; points of the period (pending counted as earned today)
         today = container.clock().astimezone(UTC).date()
-        rank = ranks.named(member.rank)
+        rank = ranks.named(after.rank)
         period_points = qualification.period_points(member.rank_days, today) + rank_points
         threshold = rank.min_rank_points if rank is not None else 0
         valid_until = qualification.valid_until(member.rank_days, today, threshold)
@@ -90,16 +91,16 @@ def member_body(container: Container, member: Member) -> MemberBody:
     above = [r.min_rank_points for r in ranks.ranks if r.min_rank_points > held]
     return MemberBody(
         user_id=member.user_id,
-        currency=member.currency + currency,
-        rank_points=member.rank_points + rank_points,
+        currency=after.currency,
+        rank_points=after.rank_points,
         rank=rank.name if rank is not None else None,
         privileges=list(rank.privileges) if rank is not None else [],
-        lifetime_currency=member.lifetime_currency + currency,
+        lifetime_currency=after.lifetime_currency,
         pending_currency=currency,
         pending_rank_points=rank_points,
         expiring=[
             ExpiringBody(amount=e.amount, on=e.on)
-            for e in expiring(member.lots, rule_set.currency_expiry)
+            for e in expiring(after.lots, rule_set.currency_expiry)
         ],
         rank_points_this_period=period_points,
         rank_valid_until=valid_until,
