@@ -71,20 +71,24 @@ def load_settings() -> Settings:
 
 
 def read_rules_file(file: str) -> dict[str, Any]:
-    """A rules file (``-``: stdin) as a JSON object, or a clear error (exit 2)."""
-    import orjson
+    """A rules file (``-``: stdin) as a JSON object, read as ``PUT /v1/rules`` reads its
+    body (:func:`loyalty.api.schemas.rules_document`: an object repeating a key is
+    refused), or a clear error (exit 2)."""
+    from loyalty.api.guards import BodyProblem
+    from loyalty.api.schemas import rules_document
 
     try:
         raw = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
     except OSError as exc:
         raise fail(f"{file}: {exc.strerror or exc}", 2) from None
     try:
-        wire = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise fail(f"{file}: not valid JSON: {exc}", 2) from None
-    if not isinstance(wire, dict):
-        raise fail(f"{file}: must be a JSON object with 'rules' and 'ranks'", 2)
-    return wire
+        return rules_document(raw)
+    except BodyProblem as exc:
+        cause = exc.__cause__
+        if exc.code == "invalid_rules":
+            raise fail(f"{file}: must be a JSON object with 'rules' and 'ranks'", 2) from None
+        detail = f"{exc.detail}: {cause}" if cause is not None else exc.detail
+        raise fail(f"{file}: {detail}", 2) from None
 
 
 STARTUP_WAIT_SECONDS = 300.0

@@ -34,12 +34,13 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from urllib.parse import parse_qs, urlencode
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.staticfiles import StaticFiles
 
@@ -48,9 +49,10 @@ from loyalty.adapters.keys import NAME_PATTERN, Role
 from loyalty.adapters.storage import storage_report
 from loyalty.api.deps import Container, ContainerDep
 from loyalty.api.guards import BodyProblem, read_limited_body
-from loyalty.api.problems import ApiProblem, to_problem
+from loyalty.api.problems import ApiProblem, to_problem, validation_errors
 from loyalty.api.routes.members import member_body
 from loyalty.api.routes.operations import pipeline_status
+from loyalty.api.schemas import AdjustmentRequest, RefundRequest, SpendRequest, rules_document
 from loyalty.application.compensation import COMPENSATION_PREFIX
 from loyalty.application.delivery import EVENT_TYPES
 from loyalty.application.explain import PENDING_ALIAS
@@ -505,30 +507,24 @@ def explainable(kind: str, ref: str | None) -> bool:
 _templates.globals["explainable"] = explainable
 
 
-def _int(form: Mapping[str, str], name: str, *, minimum: int | None = None) -> int:
-    text = form.get(name, "").strip()
+M = TypeVar("M", bound=BaseModel)
+
+
+def form_command(model: type[M], form: Mapping[str, str]) -> M:
+    """The form as the JSON API's command ``model`` (``loyalty.api.schemas``: the same
+    fields, bounds and patterns; a form's values are text, read as the model's types),
+    or a 422 naming each field it refuses. Surrounding blanks are trimmed."""
+    fields = {}
+    for name, info in model.model_fields.items():
+        key = info.alias or name
+        if key in form:
+            fields[key] = form[key].strip()
     try:
-        value = int(text)
-    except ValueError:
-        raise ConsoleProblem(
-            422, "validation_error", f"{name.replace('_', ' ')} must be a whole number"
-        ) from None
-    if minimum is not None and value < minimum:
-        raise ConsoleProblem(
-            422, "validation_error", f"{name.replace('_', ' ')} must be at least {minimum}"
-        )
-    return value
-
-
-def _text(form: Mapping[str, str], name: str, label: str, max_length: int = 128) -> str:
-    value = form.get(name, "").strip()
-    if not value:
-        raise ConsoleProblem(422, "validation_error", f"{label} is required")
-    if len(value) > max_length:
-        raise ConsoleProblem(
-            422, "validation_error", f"{label} has at most {max_length} characters"
-        )
-    return value
+        return model.model_validate_strings(fields)
+    except ValidationError as exc:
+        errors = validation_errors(exc.errors(include_input=False, include_url=False))
+        detail = "; ".join(f"{e['loc'].replace('_', ' ')}: {e['msg']}" for e in errors)
+        raise ConsoleProblem(422, "validation_error", detail, errors=errors) from None
 
 
 def _member_action(
@@ -542,20 +538,26 @@ def _member_action(
     source = session.principal.name
     spending = container.spending
     if action == "spend":
-        order_id = _text(form, "order_id", "order id")
-        result = spending.spend(user_id, order_id, _int(form, "amount", minimum=1), source)
+        spend = form_command(SpendRequest, form)
+        result = spending.spend(user_id, spend.order_id, spend.amount, source)
         return f"spent {result.amount} on order {result.order_id}", user_id
     if action == "refund":
-        order_id = _text(form, "order_id", "order id")
-        result = spending.refund(user_id, order_id, source)
+        refund = form_command(RefundRequest, form)
+        result = spending.refund(user_id, refund.order_id, source)
         return f"refunded {result.amount} of order {result.order_id}", user_id
-    reason = _text(form, "reason", "a reason", 256)
-    currency = _int(form, "currency")
-    rank_points = _int(form, "rank_points")
-    adjustment_id = _text(form, "adjustment_id", "adjustment id")
+    adjust = form_command(AdjustmentRequest, form)
     ranks = container.rules.current().ranks
-    spending.adjust(user_id, adjustment_id, currency, rank_points, reason, ranks, source)
-    return f"adjusted by {currency:+d} currency and {rank_points:+d} rank points", user_id
+    spending.adjust(
+        user_id,
+        adjust.adjustment_id,
+        adjust.currency,
+        adjust.rank_points,
+        adjust.reason,
+        ranks,
+        source,
+    )
+    currency, points = adjust.currency, adjust.rank_points
+    return f"adjusted by {currency:+d} currency and {points:+d} rank points", user_id
 
 
 @router.post("/members/{action}")
@@ -631,15 +633,18 @@ async def rules_version(
 
 
 def parse_rules_text(text: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    """The editor's JSON as an object, or the errors that stop it (with line and column)."""
+    """The editor's JSON as an object, read as ``PUT /v1/rules`` reads its body
+    (:func:`~loyalty.api.schemas.rules_document`), or the errors that stop it (a syntax
+    error with its line and column)."""
     try:
-        wire = json.loads(text)
-    except json.JSONDecodeError as exc:
-        where = f"line {exc.lineno}, column {exc.colno}"
-        return None, [{"loc": where, "msg": exc.msg, "line": exc.lineno}]
-    if not isinstance(wire, dict):
-        return None, [{"loc": "(document)", "msg": "must be a JSON object", "line": 1}]
-    return wire, []
+        return rules_document(text.encode("utf-8", "surrogatepass")), []
+    except BodyProblem as exc:
+        cause = exc.__cause__
+        if isinstance(cause, json.JSONDecodeError):
+            where = f"line {cause.lineno}, column {cause.colno}"
+            return None, [{"loc": where, "msg": cause.msg, "line": cause.lineno}]
+        line = 1 if exc.code == "invalid_rules" else None
+        return None, [{"loc": "(document)", "msg": exc.detail, "line": line}]
 
 
 def located(text: str, exc: InvalidRules) -> list[dict[str, Any]]:

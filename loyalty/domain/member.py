@@ -54,6 +54,13 @@ from loyalty.domain.errors import (
     OrderNotFound,
 )
 from loyalty.domain.expiry import LEGACY, CurrencyExpiry, credit, debit_fifo, is_month
+from loyalty.domain.limits import (
+    MAX_AMOUNT,
+    MAX_REASON_LENGTH,
+    check_amount,
+    check_balance,
+    check_text,
+)
 from loyalty.domain.qualification import prune
 from loyalty.domain.ranks import RankLadder, is_int
 from loyalty.domain.rules import exact_difference, exact_sum, split_whole
@@ -330,8 +337,9 @@ class Member(Aggregate):
 
     def spend(self, order_id: str, amount: int, source: str | None = None) -> int:
         """Debit ``amount`` for ``source``'s ``order_id``; a replay with the same
-        amount is a no-op returning the amount."""
-        _require_int(amount, minimum=1, what="amount")
+        amount is a no-op returning the amount. Bounds: ``loyalty.domain.limits``."""
+        check_text(order_id, "order_id")
+        check_amount(amount, "amount", minimum=1)
         spent = self.orders.get(self.order_key(order_id, source))
         if spent is not None:
             if spent != amount:
@@ -353,6 +361,7 @@ class Member(Aggregate):
         from; returns the amount. A part whose lot has expired meanwhile (closed by an
         expiry, or due under ``expiry`` at ``as_of``) expires again at once, in the same
         command: the balance is what it would be had the order never been placed."""
+        check_text(order_id, "order_id")
         key = self.order_key(order_id, source)
         amount = self.orders.get(key)
         if amount is None:
@@ -392,10 +401,10 @@ class Member(Aggregate):
         """Operator correction (may be negative), idempotent by ``source``'s
         ``adjustment_id``; False (no event) on a replay. Added currency goes to the lot
         of ``month`` (None: legacy); taken currency comes from the oldest lots."""
-        _require_int(currency, minimum=None, what="currency")
-        _require_int(rank_points, minimum=None, what="rank_points")
-        if not isinstance(reason, str):
-            raise TypeError("reason must be a string")
+        check_text(adjustment_id, "adjustment_id")
+        check_amount(currency, "currency", minimum=-MAX_AMOUNT)
+        check_amount(rank_points, "rank_points", minimum=-MAX_AMOUNT)
+        check_text(reason, "reason", MAX_REASON_LENGTH)
         previous = self.adjustments.get(self.adjustment_key(adjustment_id, source))
         if previous is not None:
             if previous != Adjustment(currency, rank_points, reason):
@@ -405,6 +414,8 @@ class Member(Aggregate):
             raise InsufficientFunds(available=self.currency, requested=-currency)
         if self.rank_points + rank_points < 0:
             raise InvalidAmount("rank_points would go below zero")
+        check_balance(self.currency + currency, "currency")
+        check_balance(self.rank_points + rank_points, "rank_points")
         self._adjusted(
             adjustment_id=adjustment_id,
             currency=currency,
