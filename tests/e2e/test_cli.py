@@ -140,6 +140,11 @@ def test_rules_load_stores_a_new_version(run: Run, tmp_path: Path) -> None:
             "rules[0].currency",
         ),  # fmt: skip
         ('{"rules": [], "ranks": [], "extra": 1}', "extra"),
+        # as PUT /v1/rules: an object repeating a key is refused, not last-wins (#27)
+        (
+            '{"rules": [], "ranks": [{"name": "b", "min_rank_points": 0}], "rules": []}',
+            "repeats a key",
+        ),
     ],
 )
 def test_rules_load_refuses_bad_files_in_one_line(
