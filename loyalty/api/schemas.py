@@ -14,6 +14,7 @@ from pydantic import (
     Field,
     Strict,
     StringConstraints,
+    TypeAdapter,
 )
 
 from loyalty.api.guards import BodyProblem, parse_json_document
@@ -47,6 +48,28 @@ Day = Annotated[date, Field(ge=MIN_DAY, le=MAX_DAY)]
 every date a route, page or command takes is one."""
 StoredInt = Annotated[int, Field(ge=0, le=MAX_STORED_INT)]
 """A non-negative integer a table can hold (a rule version, a position)."""
+DAY = TypeAdapter(Day)
+STORED_INT = TypeAdapter(StoredInt)
+
+
+class ReportRange(BaseModel):
+    """A range of UTC days, both included (the reports; blank: the page's default)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    from_: Day | None = Field(None, alias="from")
+    to: Day | None = None
+
+
+class DryRunPeriod(BaseModel):
+    """The console's dry-run period: UTC days ``from`` .. ``through``, both included."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    from_: Day = Field(alias="from")
+    through: Day
+
+
 EventType = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_.-]{1,64}$")]
 USER_ID_PATTERN = r"^[^\x00-\x1f\x7f/]+$"
 """The part of the user-id rule a regular expression can say (for the fast paths and
@@ -579,8 +602,8 @@ class DryRunRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rules: dict[str, Any] = Field(description="a rules document, as for PUT /v1/rules")
-    from_: str | None = Field(None, alias="from", description="first day (YYYY-MM-DD)")
-    to: str | None = Field(None, description="day after the last (YYYY-MM-DD), exclusive")
+    from_: Day | None = Field(None, alias="from", description="first day (YYYY-MM-DD)")
+    to: Day | None = Field(None, description="day after the last (YYYY-MM-DD), exclusive")
 
 
 class DryRunBody(BaseModel):

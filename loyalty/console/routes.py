@@ -38,6 +38,7 @@ from typing import Annotated, Any, TypeVar
 from urllib.parse import parse_qs, urlencode
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, RedirectResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import BaseModel, ValidationError
@@ -52,7 +53,15 @@ from loyalty.api.guards import BodyProblem, read_limited_body
 from loyalty.api.problems import ApiProblem, to_problem, validation_errors
 from loyalty.api.routes.members import member_body
 from loyalty.api.routes.operations import pipeline_status
-from loyalty.api.schemas import AdjustmentRequest, RefundRequest, SpendRequest, rules_document
+from loyalty.api.schemas import (
+    AdjustmentRequest,
+    DryRunPeriod,
+    RefundRequest,
+    ReportRange,
+    SpendRequest,
+    StoredInt,
+    rules_document,
+)
 from loyalty.application.compensation import COMPENSATION_PREFIX
 from loyalty.application.delivery import EVENT_TYPES
 from loyalty.application.explain import PENDING_ALIAS
@@ -517,7 +526,7 @@ def form_command(model: type[M], form: Mapping[str, str]) -> M:
     fields = {}
     for name, info in model.model_fields.items():
         key = info.alias or name
-        if key in form:
+        if form.get(key, "").strip():  # a blank field is a missing one
             fields[key] = form[key].strip()
     try:
         return model.model_validate_strings(fields)
@@ -621,7 +630,10 @@ async def rules_page(request: Request, container: ContainerDep, session: Session
 
 @router.get("/rules/versions/{version}")
 async def rules_version(
-    version: int, request: Request, container: ContainerDep, session: SessionDep
+    version: Annotated[StoredInt, PathParam()],
+    request: Request,
+    container: ContainerDep,
+    session: SessionDep,
 ) -> Response:
     found = await run_in_threadpool(container.rules.version, version)
     if found is None:
@@ -695,13 +707,13 @@ def dry_run_of(container: Container, form: Mapping[str, str]) -> tuple[int, dict
     if wire is None:
         return 422, {"errors": errors}
     try:
-        through = date.fromisoformat(form.get("through", "").strip())
-        first = date.fromisoformat(form.get("from", "").strip())
-    except ValueError:
-        return 422, {"errors": [{"loc": "period", "msg": "dates are YYYY-MM-DD", "line": None}]}
+        period = form_command(DryRunPeriod, form)
+    except ConsoleProblem as exc:
+        errors = [{**e, "line": None} for e in exc.errors or []]
+        return 422, {"errors": errors}
     try:
         candidate = parse_rule_set(wire, 0)
-        result = runner.run(candidate, first, through + timedelta(days=1))
+        result = runner.run(candidate, period.from_, period.through + timedelta(days=1))
     except InvalidRules as exc:
         return 422, {"errors": located(text, exc)}
     except DomainError as exc:  # the period: empty, outside retention, in the future
@@ -721,9 +733,9 @@ async def rules_dry_run(
         return render(request, "_dry_run.html", status, session=session, dry_run=dry_run)
     context = await run_in_threadpool(_rules_context, container, form.get("rules", ""))
     context["dry_run"] = dry_run
-    with suppress(ValueError):
-        context["dry_from"] = date.fromisoformat(form.get("from", ""))
-        context["dry_through"] = date.fromisoformat(form.get("through", ""))
+    with suppress(ConsoleProblem):
+        period = form_command(DryRunPeriod, form)
+        context["dry_from"], context["dry_through"] = period.from_, period.through
     return render(
         request,
         "rules.html",
@@ -940,12 +952,11 @@ EXPORT_COLUMNS = list(DAY_COLUMNS)
 
 
 def report_range(first: str, last: str, today: date) -> tuple[date, date]:
-    """The page's range: ``from``/``to`` as given (YYYY-MM-DD), else the last 30 days."""
-    try:
-        end = date.fromisoformat(last) if last else today
-        start = date.fromisoformat(first) if first else end - timedelta(days=REPORT_DAYS - 1)
-    except ValueError:
-        raise ConsoleProblem(422, "invalid_range", "dates are YYYY-MM-DD") from None
+    """The page's range: ``from``/``to`` as given (YYYY-MM-DD, bounded days: see
+    :class:`~loyalty.api.schemas.ReportRange`), else the last 30 days."""
+    given = form_command(ReportRange, {"from": first, "to": last})
+    end = given.to or today
+    start = given.from_ or end - timedelta(days=REPORT_DAYS - 1)
     try:
         check_range(start, end)
     except ReportRangeError as exc:

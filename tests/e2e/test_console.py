@@ -703,3 +703,41 @@ def test_the_rules_editor_refuses_duplicate_keys_like_put_rules(
     )
     assert dry.status_code == 422 and "repeats a key" in dry.text
     assert 'id="rules-version">1<' in client.get("/console/rules").text
+
+
+def test_dates_and_integers_out_of_range_are_a_4xx_naming_the_field(
+    console: tuple[TestClient, str],
+) -> None:
+    """#27: every date and integer of a page is bounded at the edge (a 422 naming the
+    field, never a 500 from date arithmetic or a 64-bit column)."""
+    client, csrf = console
+    for params, field in [
+        ({"from": "9999-12-31", "to": "9999-12-31"}, "from"),
+        ({"to": "0001-01-05"}, "to"),
+        ({"from": "0001-01-01"}, "from"),
+        ({"from": "2026-02-30"}, "from"),
+    ]:
+        for path in ("/console/reports", "/console/reports/export.csv"):
+            answer = client.get(path, params=params)
+            assert answer.status_code == 422, (path, params)
+            assert field in answer.text
+    rules = client.get("/console/rules").text
+    text = re.search(r'<textarea id="rules-text"[^>]*>([^<]*)</textarea>', rules, re.S)
+    assert text
+    current = html_module.unescape(text.group(1))
+    for period, field in [
+        ({"from": "2026-11-01", "through": "9999-12-31"}, "through"),
+        ({"from": "9999-12-31", "through": "9999-12-31"}, "from"),
+        ({"from": "0001-01-01", "through": "2026-11-01"}, "from"),
+        ({"from": "", "through": "2026-11-01"}, "from"),
+    ]:
+        answer = client.post(
+            "/console/rules/dry-run",
+            data={"csrf": csrf, "rules": current, **period},
+            headers={"HX-Request": "true"},
+        )
+        assert answer.status_code == 422, (period, answer.text)
+        assert field in answer.text
+    for version in ("99999999999999999999", "9223372036854775808", "-1"):
+        answer = client.get(f"/console/rules/versions/{version}")
+        assert answer.status_code == 422 and "version" in answer.text

@@ -118,6 +118,15 @@ def test_the_report_is_for_operators_and_checks_its_range(
     assert backwards.status_code == 422 and backwards.json()["code"] == "invalid_range"
     empty = client.get("/v1/reports/daily", params={"from": day, "to": day}, headers=operator)
     assert empty.json()["days"][0]["events"] == 0
+    # days at the edges of the calendar: a 422 naming the field, not a 500 (#27)
+    for first, last, field in [
+        ("9999-12-31", "9999-12-31", "from"),
+        (day, "9999-12-31", "to"),
+        ("0001-01-01", day, "from"),
+    ]:
+        edge = client.get("/v1/reports/daily", params={"from": first, "to": last}, headers=operator)
+        assert edge.status_code == 422, edge.text
+        assert field in {e["loc"].split(".")[-1] for e in edge.json()["errors"]}
 
 
 def test_a_day_processed_before_the_rollups_began_is_kept_and_reported(
