@@ -43,7 +43,8 @@ def run(settings: Settings) -> Run:
 
 
 def one_line_error(result: Any) -> str:
-    lines = result.stderr.strip().splitlines()
+    # the line saying which database the command uses is not an error (#27)
+    lines = [x for x in result.stderr.strip().splitlines() if not x.startswith("database: ")]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ") and "Traceback" not in result.output
     return str(lines[0])
@@ -242,3 +243,44 @@ def test_keys_created_by_the_cli_work(run: Run, db: Database) -> None:
     key = run("keys", "create", "--role", "ingest", "--name", "g").stdout.strip().splitlines()[-1]
     principal = KeyStore(db).verify(key)
     assert principal is not None and principal.name == "g"
+
+
+def test_a_one_shot_command_elsewhere_refuses_to_make_a_new_database(tmp_path: Path) -> None:
+    """#27: the default URL (sqlite:///./var/loyalty.db) is relative; run from another
+    directory, `keys list` / `keys create` used to create and use a new, empty database
+    there (a key made so got 401 from the server). Now they refuse, naming the file, and
+    every command says which database it uses (on stderr: stdout stays the output)."""
+    import os
+    import subprocess
+
+    from tests.e2e.live import LOYALTY
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOYALTY_")}
+    server_dir, elsewhere = tmp_path / "server", tmp_path / "elsewhere"
+    server_dir.mkdir()
+    elsewhere.mkdir()
+
+    def loyalty(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*LOYALTY, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+        )
+
+    made = loyalty(server_dir, "migrate")
+    assert made.returncode == 0, made.stderr
+    database = (server_dir / "var" / "loyalty.db").resolve()
+    assert f"database: sqlite {database}" in made.stderr
+    created = loyalty(server_dir, "keys", "create", "--role", "shop", "--name", "web")
+    assert created.returncode == 0 and created.stdout.splitlines()[-1].startswith("lk_")
+    assert f"database: sqlite {database}" in created.stderr
+    assert "database:" not in created.stdout  # `| tail -1` still gives the key
+    for args in (("keys", "list"), ("keys", "create", "--role", "shop", "--name", "x")):
+        refused = loyalty(elsewhere, *args)
+        assert refused.returncode == 2, refused
+        assert f"no database at {(elsewhere / 'var' / 'loyalty.db').resolve()}" in " ".join(
+            refused.stderr.split()
+        )
+    assert not (elsewhere / "var" / "loyalty.db").exists()
+    listed = loyalty(server_dir, "keys", "list")
+    assert listed.returncode == 0 and "web" in listed.stdout
+    forced = loyalty(elsewhere, "--create", "keys", "list")
+    assert forced.returncode == 0 and (elsewhere / "var" / "loyalty.db").exists()
