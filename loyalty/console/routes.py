@@ -73,7 +73,7 @@ from loyalty.application.reporting import (
 )
 from loyalty.console.locate import line_of
 from loyalty.domain.errors import DomainError, InvalidRules
-from loyalty.domain.rules import parse_rule_set, rule_set_to_wire
+from loyalty.domain.rules import RuleSet, parse_rule_set, rule_set_to_wire
 from loyalty.domain.user_ids import user_id_problem
 
 HERE = Path(__file__).parent
@@ -237,6 +237,36 @@ def _problem(exc: Exception) -> ApiProblem:
 
 def _message(problem: ApiProblem) -> str:
     return problem.detail or problem.code
+
+
+def confirmed(form: Mapping[str, str]) -> bool:
+    """Whether an irreversible action's form carries the confirmation step's answer."""
+    return form.get("confirm") == "yes"
+
+
+def confirmation(
+    request: Request,
+    session: ConsoleSession,
+    *,
+    page: str,
+    title: str,
+    effects: list[str],
+    action: str,
+    fields: Mapping[str, str],
+    button: str,
+    back: str,
+) -> HTMLResponse:
+    """The confirmation step of an irreversible action (erase, save rules, revoke): what
+    will happen, and the same form again with ``confirm=yes``. Nothing is done yet."""
+    confirm = {
+        "title": title,
+        "effects": effects,
+        "action": action,
+        "fields": dict(fields),
+        "button": button,
+        "back": back,
+    }
+    return render(request, "confirm.html", session=session, page=page, confirm=confirm)
 
 
 # ------------------------------------------------------------------------- sign in / out
@@ -672,18 +702,33 @@ async def save_rules(
     request: Request, container: ContainerDep, session: SessionDep, form: FormDep
 ) -> Response:
     text = form.get("rules", "")
+    sure = confirmed(form)
 
-    def work() -> tuple[int, list[dict[str, Any]], int | None]:
+    def work() -> tuple[int, list[dict[str, Any]], int | None, list[str]]:
         wire, errors = parse_rules_text(text)
         if wire is None:
-            return 422, errors, None
+            return 422, errors, None, []
         try:
+            if not sure:  # judged as the save would, then shown before anything is stored
+                return 200, [], None, rules_changes(container, parse_rule_set(wire, 0))
             saved = container.rules.put(wire, container.clock())
         except InvalidRules as exc:
-            return 422, located(text, exc), None
-        return 200, [], saved.version
+            return 422, located(text, exc), None, []
+        return 200, [], saved.version, []
 
-    status, errors, saved = await run_in_threadpool(work)
+    status, errors, saved, changes = await run_in_threadpool(work)
+    if changes:
+        return confirmation(
+            request,
+            session,
+            page="rules",
+            title="save the rules as a new version",
+            effects=changes,
+            action=f"{PREFIX}/rules",
+            fields={"rules": text},
+            button="Save the new version",
+            back=f"{PREFIX}/rules",
+        )
     context = await run_in_threadpool(_rules_context, container, None if saved else text)
     return render(
         request,
@@ -695,6 +740,39 @@ async def save_rules(
         saved=saved,
         **context,
     )
+
+
+def rules_changes(container: Container, candidate: RuleSet) -> list[str]:
+    """What saving ``candidate`` does, for the confirmation step: its version, and each
+    part that differs from the current rules (the dry run shows the effect on members)."""
+    current = container.rules.current()
+    now, new = rule_set_to_wire(current), rule_set_to_wire(candidate)
+    effects = [
+        f"the rules become version {current.version + 1} (now {current.version}); awards "
+        "from now on are weighed by them (past awards stay as they are)"
+    ]
+    old_rules = {r["event_type"]: r for r in now.get("rules", [])}
+    new_rules = {r["event_type"]: r for r in new.get("rules", [])}
+    for label, names in (
+        ("event types added", sorted(new_rules.keys() - old_rules.keys())),
+        ("event types removed (no longer earn)", sorted(old_rules.keys() - new_rules.keys())),
+        (
+            "event types reweighted",
+            sorted(t for t in new_rules.keys() & old_rules.keys() if new_rules[t] != old_rules[t]),
+        ),
+    ):
+        if names:
+            effects.append(f"{label}: {', '.join(names)}")
+    for part, label in (
+        ("ranks", "the rank ladder changes (members may move rank)"),
+        ("currency_expiry", "currency expiry changes"),
+        ("rank_qualification", "rank qualification changes"),
+    ):
+        if now.get(part) != new.get(part):
+            effects.append(f"{label}: {json.dumps(new.get(part))}")
+    if len(effects) == 1:
+        effects.append("nothing differs from the current rules but the version number")
+    return effects
 
 
 def dry_run_of(container: Container, form: Mapping[str, str]) -> tuple[int, dict[str, Any]]:
@@ -774,9 +852,40 @@ async def forget_request(
             error=f"user id: {problem}",
             recent=recent,
         )
+    if not confirmed(form):
+        effects = await run_in_threadpool(forget_effects, container, user_id)
+        return confirmation(
+            request,
+            session,
+            page="forget",
+            title=f"erase member {user_id}",
+            effects=effects,
+            action=f"{PREFIX}/forget",
+            fields={"user_id": user_id},
+            button="Erase this member",
+            back=f"{PREFIX}/forget",
+        )
     created = await run_in_threadpool(container.forget.request, user_id)
     container.metrics.forget_requests.labels(status="requested").inc()
     return RedirectResponse(f"{PREFIX}/forget/{created.request_id}", status_code=303)
+
+
+def forget_effects(container: Container, user_id: str) -> list[str]:
+    """What erasing ``user_id`` does, for the confirmation step."""
+    try:
+        member = container.accounts.get(user_id)
+        account = (
+            f"the account: {member.currency} currency, {member.rank_points} rank points and "
+            "its whole history, gone for good (the balance is not paid out)"
+        )
+    except DomainError:
+        account = "no account is recorded under this user id"
+    return [
+        account,
+        "every ingress event, pending earning, statement line, explanation and webhook "
+        "delivery of this user id is deleted",
+        "the receipt keeps counts and times, never the user id; the erasure cannot be reversed",
+    ]
 
 
 @router.get("/forget/lookup")
@@ -844,6 +953,30 @@ async def revoke_key(
 ) -> Response:
     if not KEY_ID.match(key_id):
         raise ConsoleProblem(404, "not_found", "no such key")
+    if not confirmed(_form):
+        keys = await run_in_threadpool(container.keys.list)
+        found = next((k for k in keys if k.key_id == key_id and not k.revoked_at), None)
+        if found is None:
+            raise ConsoleProblem(404, "not_found", "no such active key")
+        cache = container.settings.auth_cache_seconds
+        effects = [
+            f"key {key_id} ({found.name}, {found.role.value}) stops working within "
+            f"{cache:g} s: whoever holds it gets 401 from then on; a revoked key cannot "
+            "be restored (create a new one)"
+        ]
+        if key_id == session.principal.key_id:
+            effects.append("this is the key you signed in with: this console session ends with it")
+        return confirmation(
+            request,
+            session,
+            page="keys",
+            title=f"revoke key {key_id}",
+            effects=effects,
+            action=f"{PREFIX}/keys/{key_id}/revoke",
+            fields={},
+            button="Revoke this key",
+            back=f"{PREFIX}/keys",
+        )
     await run_in_threadpool(container.keys.revoke, key_id)
     return RedirectResponse(f"{PREFIX}/keys", status_code=303)
 

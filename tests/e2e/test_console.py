@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import html as html_module
+import json
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -232,7 +233,7 @@ def test_revoking_the_key_signs_the_console_out(
 ) -> None:
     client, csrf = console
     key_id = operator.split("_")[1]
-    answer = client.post(f"/console/keys/{key_id}/revoke", data={"csrf": csrf})
+    answer = client.post(f"/console/keys/{key_id}/revoke", data={"csrf": csrf, "confirm": "yes"})
     assert answer.url.path == "/console/sign-in"  # redirected to the keys page, then out
     again = client.get("/console/keys", follow_redirects=False)
     assert again.status_code == 303 and again.headers["location"] == "/console/sign-in"
@@ -328,7 +329,7 @@ def test_rules_editor_shows_errors_at_the_field_then_saves_a_version(
     assert "<code>ranks[0].min_rank_points</code>: must be &gt;= 0" in answer.text
     line = invalid.splitlines().index(next(x for x in invalid.splitlines() if '"ranks": [' in x))
     assert f'data-line="{line + 1}" aria-controls="rules-text">line {line + 1}<' in answer.text
-    saved = client.post("/console/rules", data={"csrf": csrf, "rules": current})
+    saved = client.post("/console/rules", data={"csrf": csrf, "rules": current, "confirm": "yes"})
     assert saved.status_code == 200 and "Saved as version 2." in saved.text
     assert 'id="rules-version">2<' in saved.text and "version 1</a>" in saved.text
     assert client.get("/console/rules/versions/1").status_code == 200
@@ -351,7 +352,9 @@ def test_forget_me_request_progress_and_receipt_without_the_user_id(
         reason="x",
     )
     answer = client.post(
-        "/console/forget", data={"csrf": csrf, "user_id": user}, follow_redirects=False
+        "/console/forget",
+        data={"csrf": csrf, "user_id": user, "confirm": "yes"},
+        follow_redirects=False,
     )
     assert answer.status_code == 303
     receipt_path = answer.headers["location"]
@@ -380,7 +383,7 @@ def test_keys_secret_shown_once_and_revoked_from_the_list(
     listing = client.get("/console/keys").text
     assert key.group(1) not in listing and key.group(1).split("_", 2)[2] not in listing
     key_id = key.group(1).split("_")[1]
-    client.post(f"/console/keys/{key_id}/revoke", data={"csrf": csrf})
+    client.post(f"/console/keys/{key_id}/revoke", data={"csrf": csrf, "confirm": "yes"})
     assert KeyStore(db).verify(key.group(1)) is None
     refused = client.post("/console/keys", data={"csrf": csrf, "role": "root", "name": "x"})
     assert refused.status_code == 422
@@ -635,7 +638,9 @@ def test_member_page_shows_expiring_currency_under_the_rules(
     assert text
     wire = json.loads(html_module.unescape(text.group(1)))
     wire["currency_expiry"] = {"after_months": 1}
-    saved = client.post("/console/rules", data={"csrf": csrf, "rules": json.dumps(wire)})
+    saved = client.post(
+        "/console/rules", data={"csrf": csrf, "rules": json.dumps(wire), "confirm": "yes"}
+    )
     assert "Saved as version 2." in saved.text
     status, html = act(
         client,
@@ -741,3 +746,51 @@ def test_dates_and_integers_out_of_range_are_a_4xx_naming_the_field(
     for version in ("99999999999999999999", "9223372036854775808", "-1"):
         answer = client.get(f"/console/rules/versions/{version}")
         assert answer.status_code == 422 and "version" in answer.text
+
+
+def test_irreversible_actions_show_what_will_happen_before_doing_it(
+    console: tuple[TestClient, str], operator: str, db: Database
+) -> None:
+    """#27: erase, save rules and revoke (your own key included) first answer a
+    confirmation page saying what will happen; only its confirmed form acts."""
+    client, csrf = console
+    adjust = {"adjustment_id": "c1", "currency": "12", "rank_points": "0", "reason": "r"}
+    assert act(client, csrf, "adjust", user_id="carl", **adjust)[0] == 200
+
+    def effects(html: str) -> str:
+        found = re.search(r'<ul id="confirm-effects">(.*?)</ul>', html, re.S)
+        assert found, html
+        return html_module.unescape(found.group(1))
+
+    # erase
+    asked = client.post("/console/forget", data={"csrf": csrf, "user_id": "carl"})
+    assert asked.status_code == 200 and "cannot be undone" in asked.text
+    assert "12 currency" in effects(asked.text)
+    assert 'name="confirm" value="yes"' in asked.text and 'value="carl"' in asked.text
+    assert client.get("/console/forget").text.count("<code>") == 0  # no request made
+    # save rules
+    page = client.get("/console/rules").text
+    text = re.search(r'<textarea id="rules-text"[^>]*>([^<]*)</textarea>', page, re.S)
+    assert text
+    wire = json.loads(html_module.unescape(text.group(1)))
+    wire["rules"] = [r for r in wire["rules"] if r["event_type"] != "logged_on"]
+    asked = client.post("/console/rules", data={"csrf": csrf, "rules": json.dumps(wire)})
+    assert asked.status_code == 200
+    assert "version 2" in effects(asked.text)
+    assert "removed (no longer earn): logged_on" in effects(asked.text)
+    assert 'id="rules-version">1<' in client.get("/console/rules").text  # not saved
+    done = client.post(
+        "/console/rules", data={"csrf": csrf, "rules": json.dumps(wire), "confirm": "yes"}
+    )
+    assert done.status_code == 200 and "Saved as version 2." in done.text
+    # revoke another key, then your own
+    other = KeyStore(db).create(Role.SHOP, "till")
+    other_id = other.split("_")[1]
+    asked = client.post(f"/console/keys/{other_id}/revoke", data={"csrf": csrf})
+    assert asked.status_code == 200 and "till, shop" in effects(asked.text)
+    assert "you signed in with" not in effects(asked.text)
+    assert KeyStore(db).verify(other) is not None  # still active
+    own_id = operator.split("_")[1]
+    asked = client.post(f"/console/keys/{own_id}/revoke", data={"csrf": csrf})
+    assert "the key you signed in with" in effects(asked.text)
+    assert client.get("/console/keys", follow_redirects=False).status_code == 200  # still in
