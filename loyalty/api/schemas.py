@@ -342,11 +342,17 @@ class SpendRequest(BaseModel):
 
 
 class RefundRequest(BaseModel):
-    """Refund a spent order, once."""
+    """Refund a spent order, once, in full."""
 
     model_config = ConfigDict(extra="forbid")
 
     order_id: Identifier
+    source: Identifier | None = Field(
+        None,
+        description="operator keys only: the name of the key that spent the order (a "
+        "shop's), to refund it on the shop's behalf; the operator is recorded on the "
+        "refund. Default: the caller's own order",
+    )
 
 
 class OrderBody(BaseModel):

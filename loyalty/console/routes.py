@@ -73,6 +73,7 @@ from loyalty.application.reporting import (
 )
 from loyalty.console.locate import line_of
 from loyalty.domain.errors import DomainError, InvalidRules
+from loyalty.domain.member import Member
 from loyalty.domain.rules import RuleSet, parse_rule_set, rule_set_to_wire
 from loyalty.domain.user_ids import user_id_problem
 
@@ -484,7 +485,13 @@ def member_view(container: Container, user_id: str) -> dict[str, Any]:
             "percent": min(100, max(0, round(100 * (have - start) / span))),
         }
     history = container.read_models.history(user_id, 50)
-    return {"member": body, "progress": progress, "history": history, "missing": None}
+    return {
+        "member": body,
+        "progress": progress,
+        "history": history,
+        "missing": None,
+        "refundable": refundable(member),
+    }
 
 
 def _member_context(container: Container, user_id: str) -> dict[str, Any]:
@@ -582,8 +589,11 @@ def _member_action(
         return f"spent {result.amount} on order {result.order_id}", user_id
     if action == "refund":
         refund = form_command(RefundRequest, form)
-        result = spending.refund(user_id, refund.order_id, source)
-        return f"refunded {result.amount} of order {result.order_id}", user_id
+        owner = refund.source or order_source(container, user_id, refund.order_id, source)
+        by = None if owner == source else source
+        result = spending.refund(user_id, refund.order_id, owner, by)
+        whose = "" if by is None else f" (placed by {owner}; refunded by {by})"
+        return f"refunded {result.amount} of order {result.order_id}{whose}", user_id
     adjust = form_command(AdjustmentRequest, form)
     ranks = container.rules.current().ranks
     spending.adjust(
@@ -597,6 +607,37 @@ def _member_action(
     )
     currency, points = adjust.currency, adjust.rank_points
     return f"adjusted by {currency:+d} currency and {points:+d} rank points", user_id
+
+
+def order_source(container: Container, user_id: str, order_id: str, own: str) -> str:
+    """Whose order ``order_id`` of the member an operator refunds when the form names no
+    source: the operator's own if it has one, else the one source that has it (an order
+    id two shops used must be named: a 409 listing them)."""
+    try:
+        sources = container.accounts.get(user_id).order_sources(order_id)
+    except DomainError:
+        return own  # the refund answers member_not_found
+    if own in sources or None in sources or not sources:
+        return own  # a legacy order answers every source; none: order_not_found
+    if len(sources) > 1:
+        listed = ", ".join(str(s) for s in sources)
+        raise ConsoleProblem(
+            409,
+            "ambiguous_order",
+            f"order {order_id} was placed by several sources ({listed}): choose one",
+        )
+    return str(sources[0])
+
+
+def refundable(member: Member) -> dict[str, list[str]]:
+    """Per order id, the sources of the member's unrefunded orders (the history's
+    Refund buttons)."""
+    found: dict[str, list[str]] = {}
+    for key in member.orders:
+        if key not in member.refunded_orders:
+            source, order_id = json.loads(key)
+            found.setdefault(order_id, []).append("" if source is None else source)
+    return found
 
 
 @router.post("/members/{action}")

@@ -216,6 +216,18 @@ class Member(Aggregate):
                 return legacy
         return own
 
+    def order_sources(self, order_id: str) -> list[str | None]:
+        """The sources with an unrefunded order ``order_id`` on this account (None: an
+        order from before sources were recorded): what an operator may refund."""
+        found = []
+        for key in self.orders:
+            if key in self.refunded_orders:
+                continue
+            source, id_ = json.loads(key)
+            if id_ == order_id:
+                found.append(source)
+        return sorted(found, key=lambda s: (s is not None, s or ""))
+
     def order_key(self, order_id: str, source: str | None) -> str:
         """The key under which ``source``'s ``order_id`` is (or would be) stored."""
         return self._scoped(self.orders, source, order_id)
@@ -356,19 +368,26 @@ class Member(Aggregate):
         source: str | None = None,
         expiry: CurrencyExpiry | None = None,
         as_of: datetime | None = None,
+        by: str | None = None,
     ) -> int:
         """Put ``source``'s spent order's amount back, once, into the lots it was taken
         from; returns the amount. A part whose lot has expired meanwhile (closed by an
         expiry, or due under ``expiry`` at ``as_of``) expires again at once, in the same
-        command: the balance is what it would be had the order never been placed."""
+        command: the balance is what it would be had the order never been placed.
+        ``by``: the operator refunding on ``source``'s behalf (recorded on the event).
+        Full refunds only."""
         check_text(order_id, "order_id")
+        if by is not None:
+            check_text(by, "by")
         key = self.order_key(order_id, source)
         amount = self.orders.get(key)
         if amount is None:
             raise OrderNotFound()
         if key not in self.refunded_orders:
             legacy = key != scoped_key(source, order_id)
-            self._refunded(order_id=order_id, amount=amount, source=None if legacy else source)
+            self._refunded(
+                order_id=order_id, amount=amount, source=None if legacy else source, by=by
+            )
             self._expire_closed(expiry, as_of)
         return amount
 
@@ -576,8 +595,17 @@ class Member(Aggregate):
         amount: int
 
     class Refunded(SourcedEvent):
+        """Version 3 records ``by``: the operator key that refunded the order on its
+        source's behalf (None: the source itself; version 2 and before: None)."""
+
+        class_version = 3
         order_id: str
         amount: int
+        by: str | None
+
+        @staticmethod
+        def upcast_v2_v3(state: dict[str, Any]) -> None:
+            state["by"] = None
 
     class Adjusted(SourcedEvent):
         """Version 3 records the lot added currency goes to (before: none, legacy)."""
@@ -603,7 +631,9 @@ class Member(Aggregate):
         self.currency -= amount
 
     @event(Refunded)
-    def _refunded(self, order_id: str, amount: int, source: str | None) -> None:
+    def _refunded(
+        self, order_id: str, amount: int, source: str | None, by: str | None = None
+    ) -> None:
         key = scoped_key(source, order_id)
         self.refunded_orders.add(key)
         for lot, part in self.order_lots.pop(key, {LEGACY: amount}).items():

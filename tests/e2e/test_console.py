@@ -794,3 +794,36 @@ def test_irreversible_actions_show_what_will_happen_before_doing_it(
     asked = client.post(f"/console/keys/{own_id}/revoke", data={"csrf": csrf})
     assert "the key you signed in with" in effects(asked.text)
     assert client.get("/console/keys", follow_redirects=False).status_code == 200  # still in
+
+
+def test_support_refunds_a_shops_order_picked_from_the_history(
+    console: tuple[TestClient, str], make_key: Callable[..., dict[str, str]]
+) -> None:
+    """#27: the console's Refund answered order_not_found for a shop's order shown in
+    the member's history. Now it refunds it (the one source with that order id, or the
+    one named), in full, recording the operator."""
+    client, csrf = console
+    adjust = {"adjustment_id": "d1", "currency": "50", "rank_points": "0", "reason": "r"}
+    assert act(client, csrf, "adjust", user_id="dora", **adjust)[0] == 200
+    for name, order in (("webshop", "o-1"), ("webshop", "o-2"), ("till", "o-2")):
+        spent = client.post(
+            "/v1/members/dora/spend",
+            json={"order_id": order, "amount": 10},
+            headers=make_key("shop", name),
+        )
+        assert spent.status_code == 200
+    container = client.app.state.container  # type: ignore[attr-defined]
+    from loyalty.worker import build_projection
+
+    build_projection(container.db, container.accounts.app).catch_up()
+    page = client.get("/console/members", params={"user_id": "dora"}).text
+    assert 'aria-label="Refund order o-1 of webshop in full"' in page  # from the history
+    assert 'aria-label="Refund order o-2 of till in full"' in page
+    status, html = act(client, csrf, "refund", user_id="dora", order_id="o-1")
+    assert status == 200, html
+    assert message(html) == "refunded 10 of order o-1 (placed by webshop; refunded by ops-alice)"
+    assert balance(html) == 30
+    status, html = act(client, csrf, "refund", user_id="dora", order_id="o-2")
+    assert status == 409 and "webshop" in message(html) and "till" in message(html)
+    status, html = act(client, csrf, "refund", user_id="dora", order_id="o-2", source="till")
+    assert status == 200 and balance(html) == 40
