@@ -64,3 +64,24 @@ def test_the_api_models_publish_the_same_bounds() -> None:
     assert schema["currency"]["minimum"] == -MAX_AMOUNT
     assert schema["adjustment_id"]["maxLength"] == MAX_ID_LENGTH
     assert SpendRequest.model_json_schema()["properties"]["amount"]["maximum"] == MAX_AMOUNT
+
+
+def test_a_version_2_refund_loads_with_no_operator() -> None:
+    """``Refunded`` version 3 records ``by`` (#27); a stored version 2 loads with None."""
+    from dataclasses import replace
+
+    from eventsourcing.application import Application
+
+    app: Application = Application()
+    member = funded()
+    member.spend("o", 5, "shop")
+    member.refund("o", "shop", by="ops")
+    app.save(member)
+    stored = [e for e in app.recorder.select_events(member.id) if e.topic.endswith("Refunded")]
+    decoded = app.mapper.transcoder.decode(stored[0].state)
+    assert decoded["by"] == "ops" and decoded["class_version"] == 3
+    del decoded["by"]
+    decoded["class_version"] = 2
+    old = replace(stored[0], state=app.mapper.transcoder.encode(decoded))
+    event = app.mapper.to_domain_event(old)
+    assert (event.source, event.by, event.amount) == ("shop", None, 5)  # type: ignore[attr-defined]
