@@ -284,3 +284,21 @@ def test_a_one_shot_command_elsewhere_refuses_to_make_a_new_database(tmp_path: P
     assert listed.returncode == 0 and "web" in listed.stdout
     forced = loyalty(elsewhere, "--create", "keys", "list")
     assert forced.returncode == 0 and (elsewhere / "var" / "loyalty.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (("--from", "9999-12-31", "--to", "9999-12-31"), "--to"),
+        (("--from", "9999-12-31"), "--from"),
+        (("--to", "0001-01-05"), "--to"),
+        (("--from", "2026-02-30"), "--from"),
+    ],
+)
+def test_report_days_out_of_range_are_one_line_errors(
+    run: Run, args: tuple[str, ...], option: str
+) -> None:
+    """#27: the CLI's report takes the API's bounded day (a traceback before)."""
+    result = run("report", *args)
+    assert result.exit_code == 2
+    assert one_line_error(result).startswith(f"error: {option} ")
