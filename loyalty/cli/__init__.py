@@ -646,7 +646,13 @@ def forget_cmd(
 
     from loyalty.adapters.lease_keys import FORGET_LEASE
     from loyalty.adapters.pipeline_store import ShardLeases
+    from loyalty.api.schemas import ForgetRequestBody
 
+    try:  # the API's command (POST /v1/forget-requests): the same user-id rule
+        user_id = ForgetRequestBody.model_validate({"user_id": user_id}).user_id
+    except ValidationError as exc:
+        reason = exc.errors(include_url=False, include_input=False)[0]["msg"]
+        raise fail(f"user id: {reason}", 2) from None
     settings = load_settings()
     db = open_database(settings)
     service = build_forget_service(db)

@@ -302,3 +302,11 @@ def test_report_days_out_of_range_are_one_line_errors(
     result = run("report", *args)
     assert result.exit_code == 2
     assert one_line_error(result).startswith(f"error: {option} ")
+
+
+def test_forget_takes_the_apis_user_id_rule(run: Run) -> None:
+    """#27: `loyalty forget` builds the API's ForgetRequestBody (it took any text)."""
+    for bad in ("a\x00b", "a/b", "..", "x" * 129):
+        result = run("forget", bad, "--wait", "1")
+        assert result.exit_code == 2, bad
+        assert one_line_error(result).startswith("error: user id: ")
