@@ -60,7 +60,14 @@ class Settings(BaseSettings):
     auth_cache_seconds: float = Field(
         5.0, ge=0, description="how long a verified key is trusted before it is re-read"
     )
-    db_pool_size: int = Field(10, ge=1, description="database connections per process")
+    db_pool_size: int = Field(
+        10,
+        ge=1,
+        description="size of EACH connection pool of a process (its SQLAlchemy engine and "
+        "each event-store application; each may double under load), not a total: measured "
+        "at 3, `serve` held 9 PostgreSQL connections, its pipeline child 18 and its "
+        "read-model child 7 (a real per-process budget is open work, issue 27 item 6)",
+    )
     shard_count: int = Field(16, ge=1, le=1024, description="pipeline shards (fixed per db)")
     award_window_seconds: float = Field(
         1.0, gt=0, le=3600, description="how long events accumulate before one award per member"

@@ -265,7 +265,7 @@ def build_projection(
 ) -> MemberProjection:
     fast_pool_reconnect()
     members = members or Members(env=event_store_env(db.settings))
-    return MemberProjection(members, ReadModels(db), metrics=metrics)
+    return MemberProjection(members, ReadModels(db), metrics=metrics, retry_errors=RETRY_ERRORS)
 
 
 class ProjectionLease:

@@ -228,8 +228,8 @@ def parse_json_document(body: bytes) -> Any:
         raise BodyProblem(422, "duplicate_key", "an object in the body repeats a key") from None
     except RecursionError:
         raise BodyProblem(400, "malformed_json", "the body nests too deeply") from None
-    except ValueError:  # JSONDecodeError, UnicodeDecodeError
-        raise BodyProblem(400, "malformed_json", "the body is not valid JSON") from None
+    except ValueError as exc:  # JSONDecodeError (its line and column: the cause)
+        raise BodyProblem(400, "malformed_json", "the body is not valid JSON") from exc
 
 
 # ------------------------------------------------------------------------ rate limit

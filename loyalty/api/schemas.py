@@ -14,9 +14,20 @@ from pydantic import (
     Field,
     Strict,
     StringConstraints,
+    TypeAdapter,
 )
 
+from loyalty.api.guards import BodyProblem, parse_json_document
 from loyalty.domain.expiry import MAX_AFTER_MONTHS
+from loyalty.domain.limits import (
+    MAX_AMOUNT,
+    MAX_DAY,
+    MAX_ID_LENGTH,
+    MAX_REASON_LENGTH,
+    MAX_STORED_INT,
+    MIN_DAY,
+    PRINTABLE_PATTERN,
+)
 from loyalty.domain.qualification import MAX_GRACE_DAYS, MAX_ROLLING_DAYS
 from loyalty.domain.rules import MAX_DAILY_CAP, MAX_RANK_POINTS_THRESHOLD
 from loyalty.domain.user_ids import MAX_LENGTH, check_user_id
@@ -25,8 +36,40 @@ RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|
 
 # Printable text: no control characters (they break logs, CSV exports and COPY).
 Identifier = Annotated[
-    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")
+    str,
+    StringConstraints(min_length=1, max_length=MAX_ID_LENGTH, pattern=PRINTABLE_PATTERN),
 ]
+Reason = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=MAX_REASON_LENGTH, pattern=PRINTABLE_PATTERN),
+]
+Day = Annotated[date, Field(ge=MIN_DAY, le=MAX_DAY)]
+"""A UTC day (YYYY-MM-DD) whose arithmetic cannot overflow (``loyalty.domain.limits``):
+every date a route, page or command takes is one."""
+StoredInt = Annotated[int, Field(ge=0, le=MAX_STORED_INT)]
+"""A non-negative integer a table can hold (a rule version, a position)."""
+DAY = TypeAdapter(Day)
+STORED_INT = TypeAdapter(StoredInt)
+
+
+class ReportRange(BaseModel):
+    """A range of UTC days, both included (the reports; blank: the page's default)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    from_: Day | None = Field(None, alias="from")
+    to: Day | None = None
+
+
+class DryRunPeriod(BaseModel):
+    """The console's dry-run period: UTC days ``from`` .. ``through``, both included."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    from_: Day = Field(alias="from")
+    through: Day
+
+
 EventType = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_.-]{1,64}$")]
 USER_ID_PATTERN = r"^[^\x00-\x1f\x7f/]+$"
 """The part of the user-id rule a regular expression can say (for the fast paths and
@@ -254,6 +297,18 @@ class RulesRequest(BaseModel):
     )
 
 
+def rules_document(body: bytes) -> dict[str, Any]:
+    """The one reading of a rules document, for every entrypoint (``PUT /v1/rules``, the
+    console's editor and dry run, ``loyalty rules load|dry-run|apply``): JSON as
+    :func:`~loyalty.api.guards.parse_json_document` reads it (an object repeating a key is
+    refused), and an object; ``loyalty.domain.rules.parse_rule_set`` judges the rest.
+    Raises :class:`~loyalty.api.guards.BodyProblem`."""
+    wire = parse_json_document(body)
+    if not isinstance(wire, dict):
+        raise BodyProblem(422, "invalid_rules", "must be a JSON object")
+    return wire
+
+
 class PipelineBody(BaseModel):
     pending: int = Field(description="ingress events not yet processed")
     oldest_pending_age_s: float | None = Field(description="age of the oldest pending event")
@@ -269,8 +324,9 @@ class PipelineBody(BaseModel):
 # ------------------------------------------------------------------------- spending
 
 # Strict: 1.5, "5", true and 5.0 are refused (422), never coerced.
-Amount = Annotated[int, Strict(), Field(gt=0, le=10**12)]
-SignedAmount = Annotated[int, Strict(), Field(ge=-(10**12), le=10**12)]
+# Bounds: ``loyalty.domain.limits`` (the domain refuses the same).
+Amount = Annotated[int, Strict(), Field(gt=0, le=MAX_AMOUNT)]
+SignedAmount = Annotated[int, Strict(), Field(ge=-MAX_AMOUNT, le=MAX_AMOUNT)]
 
 
 class SpendRequest(BaseModel):
@@ -286,11 +342,17 @@ class SpendRequest(BaseModel):
 
 
 class RefundRequest(BaseModel):
-    """Refund a spent order, once."""
+    """Refund a spent order, once, in full."""
 
     model_config = ConfigDict(extra="forbid")
 
     order_id: Identifier
+    source: Identifier | None = Field(
+        None,
+        description="operator keys only: the name of the key that spent the order (a "
+        "shop's), to refund it on the shop's behalf; the operator is recorded on the "
+        "refund. Default: the caller's own order",
+    )
 
 
 class OrderBody(BaseModel):
@@ -307,9 +369,7 @@ class AdjustmentRequest(BaseModel):
     adjustment_id: Identifier = Field(description="idempotency key of the adjustment")
     currency: SignedAmount
     rank_points: SignedAmount
-    reason: Annotated[
-        str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")
-    ] = Field(description="why (stored in the account's events: no personal data)")
+    reason: Reason = Field(description="why (stored in the account's events: no personal data)")
 
 
 class HistoryEntryBody(BaseModel):
@@ -548,8 +608,8 @@ class DryRunRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rules: dict[str, Any] = Field(description="a rules document, as for PUT /v1/rules")
-    from_: str | None = Field(None, alias="from", description="first day (YYYY-MM-DD)")
-    to: str | None = Field(None, description="day after the last (YYYY-MM-DD), exclusive")
+    from_: Day | None = Field(None, alias="from", description="first day (YYYY-MM-DD)")
+    to: Day | None = Field(None, description="day after the last (YYYY-MM-DD), exclusive")
 
 
 class DryRunBody(BaseModel):

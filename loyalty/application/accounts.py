@@ -691,8 +691,11 @@ class Spending:
             "spend", lambda: with_retry(self._locked(user_id, action), what="spend")
         )
 
-    def refund(self, user_id: str, order_id: str, source: str | None = None) -> OrderResult:
-        """Refund ``source``'s ``order_id`` (another source's order is not found)."""
+    def refund(
+        self, user_id: str, order_id: str, source: str | None = None, by: str | None = None
+    ) -> OrderResult:
+        """Refund ``source``'s ``order_id`` (another source's order is not found);
+        ``by``: the operator refunding on the source's behalf, recorded on the event."""
 
         def action() -> tuple[OrderResult, str, int]:
             member = self._accounts.get(user_id)
@@ -708,7 +711,7 @@ class Spending:
             if key not in member.orders:
                 member.refund(order_id, source)  # raises OrderNotFound
             row = self._with_pending(member, None)
-            amount = member.refund(order_id, source, self._expiry(), self._clock())
+            amount = member.refund(order_id, source, self._expiry(), self._clock(), by=by)
             self._save(member, row)
             return OrderResult(order_id, amount, member.currency), APPLIED, amount
 

@@ -164,6 +164,37 @@ class Expiry:
             self._metrics.currency_expired(report.lots, report.amount)
         return report
 
+    def preview(self, as_of: datetime) -> ExpiryReport:
+        """What :meth:`run` would expire as of ``as_of`` (``loyalty expiry run
+        --dry-run``): ``members`` with currency due, its ``lots`` and ``amount``, from the
+        recorded lots (pending earnings not yet recorded are not counted). Reads only:
+        no lease, no event, the index left as it is."""
+        rule_set = self._rules()
+        rule = rule_set.currency_expiry
+        report = ExpiryReport(as_of=as_of, rule=rule)
+        if rule is None:
+            return report
+        started = time.monotonic()
+        last_lot = rule.last_expired_lot(as_of)
+        after: DueRow | None = None
+        seen: set[str] = set()
+        while rows := self._index.due(last_lot, after, self._batch):
+            after = rows[-1]
+            for user_id in dict.fromkeys(u for lot, u in rows if _is_due(rule, lot, as_of)):
+                if user_id in seen:
+                    continue
+                seen.add(user_id)
+                try:
+                    lots = self._accounts.get(user_id).lots
+                except MemberNotFound:  # erased since the index row was written
+                    continue
+                due = [(lot, n) for lot, n in sorted(lots.items()) if n > 0]
+                due = [(lot, n) for lot, n in due if _is_due(rule, lot, as_of)]
+                if due:
+                    self._count(report, user_id, due)
+        report.seconds = time.monotonic() - started
+        return report
+
     def _expire(
         self,
         rule_set: RuleSet,

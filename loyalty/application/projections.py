@@ -127,6 +127,14 @@ def _utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+def _quarantined(
+    position: int, member_id: Any, version: Any, topic: str, exc: BaseException
+) -> QuarantinedEvent:
+    return QuarantinedEvent(
+        position, str(member_id), int(version), topic, f"{type(exc).__name__}: {exc}"
+    )
+
+
 def project(
     start: int,
     notifications: Sequence[tuple[int, Any]],
@@ -217,7 +225,11 @@ class MemberProjection:
         name: str = PROJECTION_NAME,
         batch_size: int = 500,
         metrics: ProjectionMetrics | None = None,
+        retry_errors: tuple[type[BaseException], ...] = (),
     ) -> None:
+        self._retry_errors = retry_errors
+        """Errors of the database being out of reach or busy: raised (the worker retries
+        the batch). Any other error applying a batch is the batch's: see :meth:`step`."""
         self._members = members
         self._store = store
         self.name = name
@@ -259,28 +271,105 @@ class MemberProjection:
                 pairs.append((n.id, mapper.to_domain_event(n)))
             except Exception as exc:  # recorded, counted and logged below: not hidden
                 undecodable.append(
-                    QuarantinedEvent(
-                        n.id,
-                        str(n.originator_id),
-                        int(n.originator_version),
-                        n.topic,
-                        f"{type(exc).__name__}: {exc}",
-                    )
+                    _quarantined(n.id, n.originator_id, n.originator_version, n.topic, exc)
                 )
-        batch = project(start, pairs, self._store.user_ids)
-        passed_over = {q.position for q in batch.quarantined}
-        batch.facts = account_facts([p for p in pairs if p[0] not in passed_over])
-        batch.quarantined[:0] = undecodable
-        batch.end = notifications[-1].id
-        batch.epoch = epoch
-        if not self._store.apply(self.name, batch):
-            log.warning("projection %s: tracking moved under us; re-reading", self.name)
-            self._position = None
-            return 0
+        end = notifications[-1].id
+        try:
+            batch = self._batch(start, end, epoch, pairs, undecodable)
+            applied = self._store.apply(self.name, batch)
+        except self._retry_errors:
+            raise
+        except Exception as exc:  # one event of the batch cannot be applied: find it
+            log.warning(
+                "projection %s: batch after %d failed (%s: %s); applying it event by event",
+                self.name,
+                start,
+                type(exc).__name__,
+                exc,
+            )
+            return self._step_singly(start, end, epoch, head, pairs, undecodable)
+        if not applied:
+            return self._moved()
         self._position = batch.end
         if batch.quarantined:
             self._quarantined(batch.quarantined)
         self._report(batch.end, head, len(pairs))
+        return len(pairs) + len(undecodable)
+
+    def _batch(
+        self,
+        start: int,
+        end: int,
+        epoch: int,
+        pairs: Sequence[tuple[int, Any]],
+        undecodable: Sequence[QuarantinedEvent],
+    ) -> ProjectedBatch:
+        batch = project(start, pairs, self._store.user_ids)
+        passed_over = {q.position for q in batch.quarantined}
+        batch.facts = account_facts([p for p in pairs if p[0] not in passed_over])
+        batch.quarantined[:0] = undecodable
+        batch.end = end
+        batch.epoch = epoch
+        return batch
+
+    def _moved(self) -> int:
+        log.warning("projection %s: tracking moved under us; re-reading", self.name)
+        self._position = None
+        return 0
+
+    def _step_singly(
+        self,
+        start: int,
+        end: int,
+        epoch: int,
+        head: int,
+        pairs: Sequence[tuple[int, Any]],
+        undecodable: Sequence[QuarantinedEvent],
+    ) -> int:
+        """Apply a failed batch one event at a time: an event whose mapping or rows fail
+        (whatever the error, but the database's being out of reach) is quarantined in
+        its own commit, with its error, and the projection goes on past it."""
+        position, left, quarantined = start, list(undecodable), []
+        for notification_id, event in pairs:
+            passed = [q for q in left if q.position < notification_id]
+            left = [q for q in left if q.position >= notification_id]
+            try:
+                batch = self._batch(
+                    position, notification_id, epoch, [(notification_id, event)], passed
+                )
+                applied = self._store.apply(self.name, batch)
+            except self._retry_errors:
+                raise
+            except Exception as exc:  # this event's: recorded, counted and logged below
+                batch = ProjectedBatch(
+                    start=position,
+                    end=notification_id,
+                    epoch=epoch,
+                    quarantined=[
+                        *passed,
+                        _quarantined(
+                            notification_id,
+                            event.originator_id,
+                            event.originator_version,
+                            type(event).__name__,
+                            exc,
+                        ),
+                    ],
+                )
+                applied = self._store.apply(self.name, batch)
+            if not applied:
+                return self._moved()
+            position = self._position = notification_id
+            quarantined.extend(batch.quarantined)
+        if position != end or left:
+            batch = ProjectedBatch(start=position, end=end, epoch=epoch, quarantined=left)
+            if not self._store.apply(self.name, batch):
+                return self._moved()
+            quarantined.extend(left)
+        self._position = end
+        if quarantined:
+            self._quarantined(quarantined)
+        self._report(end, head, len(pairs))
         return len(pairs) + len(undecodable)
 
     def _quarantined(self, events: Sequence[QuarantinedEvent]) -> None:

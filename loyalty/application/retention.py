@@ -196,6 +196,12 @@ class Retention:
         self._days = retention_days
         self._metrics = metrics
 
+    def due_days(self, as_of: datetime) -> tuple[date, list[date]]:
+        """(cutoff, the ingress days :meth:`run` would expire as of ``as_of``): what
+        ``loyalty retention run --dry-run`` shows. Reads only."""
+        cutoff = cutoff_day(as_of, self._days)
+        return cutoff, self._store.expired_days(cutoff)
+
     def run(
         self,
         as_of: datetime,

@@ -37,7 +37,6 @@ from loyalty.worker import (
 )
 
 app = typer.Typer(
-    help="loyalty: event-sourced loyalty service.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
@@ -71,28 +70,72 @@ def load_settings() -> Settings:
 
 
 def read_rules_file(file: str) -> dict[str, Any]:
-    """A rules file (``-``: stdin) as a JSON object, or a clear error (exit 2)."""
-    import orjson
+    """A rules file (``-``: stdin) as a JSON object, read as ``PUT /v1/rules`` reads its
+    body (:func:`loyalty.api.schemas.rules_document`: an object repeating a key is
+    refused), or a clear error (exit 2)."""
+    from loyalty.api.guards import BodyProblem
+    from loyalty.api.schemas import rules_document
 
     try:
         raw = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
     except OSError as exc:
         raise fail(f"{file}: {exc.strerror or exc}", 2) from None
     try:
-        wire = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise fail(f"{file}: not valid JSON: {exc}", 2) from None
-    if not isinstance(wire, dict):
-        raise fail(f"{file}: must be a JSON object with 'rules' and 'ranks'", 2)
-    return wire
+        return rules_document(raw)
+    except BodyProblem as exc:
+        cause = exc.__cause__
+        if exc.code == "invalid_rules":
+            raise fail(f"{file}: must be a JSON object with 'rules' and 'ranks'", 2) from None
+        detail = f"{exc.detail}: {cause}" if cause is not None else exc.detail
+        raise fail(f"{file}: {detail}", 2) from None
 
 
 STARTUP_WAIT_SECONDS = 300.0
 """How long ``serve`` and ``worker`` wait at start for a database out of reach."""
 
 
-def open_database(settings: Settings, wait_seconds: float = 0.0) -> Database:
-    """The database, with its schema brought up to date (safe when run concurrently).
+def database_label(settings: Settings) -> str:
+    """Which database ``settings`` name, as a command prints it: a SQLite file's absolute
+    path (a relative URL is relative to the working directory), a PostgreSQL URL without
+    its password."""
+    if settings.backend == "sqlite":
+        return f"sqlite {settings.sqlite_path.resolve()}"
+    from sqlalchemy.engine import make_url
+
+    return make_url(settings.sqlalchemy_url).set(drivername="postgresql").render_as_string()
+
+
+_create = {"allowed": False}
+"""Set by ``loyalty --create``: a one-shot command may create a new SQLite file."""
+
+
+@app.callback()
+def _options(
+    create: Annotated[
+        bool,
+        typer.Option(
+            "--create",
+            help="let a one-shot command create a new SQLite database (by default only "
+            "`migrate`, `serve`, `worker` and `relay` do: run elsewhere, a relative "
+            "LOYALTY_DATABASE_URL would name another file)",
+        ),
+    ] = False,
+) -> None:
+    """loyalty: event-sourced loyalty service. Every command that opens the database
+    prints which one on stderr."""
+    _create["allowed"] = create
+
+
+def open_database(
+    settings: Settings, wait_seconds: float = 0.0, *, create: bool = False
+) -> Database:
+    """The database, with its schema brought up to date (safe when run concurrently),
+    after printing which one it is on stderr (stdout stays the command's output).
+
+    ``create``: whether a missing SQLite file may be created (the long-running commands
+    and ``migrate``; any command under ``loyalty --create``). A one-shot command run from
+    another directory than the server's would otherwise make and use a new, empty
+    database (the default URL is relative): it refuses, naming the file it looked for.
 
     ``wait_seconds``: how long a long-running process (serve, worker) waits for a
     database that is out of reach or busy before giving up, instead of dying at once (a
@@ -105,6 +148,19 @@ def open_database(settings: Settings, wait_seconds: float = 0.0) -> Database:
     from loyalty.adapters.db import DatabaseUnavailable
     from loyalty.api.problems import database_busy
 
+    typer.echo(f"database: {database_label(settings)}", err=True)
+    if (
+        settings.backend == "sqlite"
+        and not (create or _create["allowed"])
+        and not settings.sqlite_path.exists()
+    ):
+        raise fail(
+            f"no database at {settings.sqlite_path.resolve()} (LOYALTY_DATABASE_URL="
+            f"{settings.database_url}, relative to the working directory): run the command "
+            "where the server runs, set LOYALTY_DATABASE_URL to an absolute path, or create "
+            "it with `loyalty migrate` (or `loyalty --create ...`)",
+            2,
+        )
     db = Database(settings)
     deadline = time.monotonic() + wait_seconds
     pause = 0.2
@@ -131,8 +187,7 @@ def open_database(settings: Settings, wait_seconds: float = 0.0) -> Database:
 @app.command("migrate")
 def migrate_cmd() -> None:
     """Bring the database schema up to date."""
-    settings = load_settings()
-    db = Database(settings)
+    db = open_database(load_settings(), create=True)
     revision = migrate(db)
     db.dispose()
     typer.echo(f"schema at revision {revision}")
@@ -182,7 +237,7 @@ def serve(
     _shards(shards, settings)  # refuse a bad spec before anything starts
     configure_logging(settings)
     ensure_descriptors(settings.http_max_connections)
-    db = open_database(settings, wait_seconds=STARTUP_WAIT_SECONDS)
+    db = open_database(settings, wait_seconds=STARTUP_WAIT_SECONDS, create=True)
     metrics = Metrics()
     children = []
     if worker:
@@ -269,7 +324,7 @@ def worker_cmd(
     settings = load_settings()
     wanted = _shards(shards, settings)
     configure_logging(settings)
-    db = open_database(settings, wait_seconds=STARTUP_WAIT_SECONDS)
+    db = open_database(settings, wait_seconds=STARTUP_WAIT_SECONDS, create=True)
     metrics = Metrics()
     if metrics_port is not None:
         from prometheus_client import start_http_server
@@ -591,7 +646,13 @@ def forget_cmd(
 
     from loyalty.adapters.lease_keys import FORGET_LEASE
     from loyalty.adapters.pipeline_store import ShardLeases
+    from loyalty.api.schemas import ForgetRequestBody
 
+    try:  # the API's command (POST /v1/forget-requests): the same user-id rule
+        user_id = ForgetRequestBody.model_validate({"user_id": user_id}).user_id
+    except ValidationError as exc:
+        reason = exc.errors(include_url=False, include_input=False)[0]["msg"]
+        raise fail(f"user id: {reason}", 2) from None
     settings = load_settings()
     db = open_database(settings)
     service = build_forget_service(db)
@@ -732,6 +793,20 @@ def _rfc3339(value: str, option: str) -> datetime:
         raise fail(f"{option} {value!r}: {exc}", 2) from None
 
 
+def confirm_time_travel(moment: datetime, *, yes: bool, dry_run: bool, what: str) -> None:
+    """Refuse a destructive run as of a future time unless ``--yes`` (``--dry-run``
+    shows what it would do): such a run does now, for real, what is due only then."""
+    from datetime import UTC
+
+    if dry_run or yes or moment <= datetime.now(UTC):
+        return
+    raise fail(
+        f"--as-of {moment.isoformat()} is in the future: this {what} for real, now, "
+        "everything due by then. See it first with --dry-run; pass --yes to do it.",
+        2,
+    )
+
+
 @retention_app.command("run")
 def retention_run(
     as_of: Annotated[
@@ -752,10 +827,16 @@ def retention_run(
         ),
     ] = False,
     json_output: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="only list the days that would be dropped")
+    ] = False,
+    yes: Annotated[
+        bool, typer.Option("--yes", help="confirm a run with a future --as-of (drops for real)")
+    ] = False,
 ) -> None:
     """Drop expired ingress days (PostgreSQL: whole partitions; SQLite: rows, then vacuum),
     expired cap counters and forget markers. Never an event the pipeline has not
-    processed: such a day is kept and listed."""
+    processed: such a day is kept and listed. A future --as-of needs --yes."""
     from datetime import UTC
 
     import orjson
@@ -764,8 +845,24 @@ def retention_run(
     from loyalty.worker import build_retention
 
     moment = _rfc3339(as_of, "--as-of") if as_of else datetime.now(UTC)
+    confirm_time_travel(moment, yes=yes, dry_run=dry_run, what="drops ingress days")
     settings = load_settings()
     db = open_database(settings)
+    if dry_run:
+        try:
+            cutoff, days = build_retention(db).due_days(moment)
+        finally:
+            db.dispose()
+        plan = {"as_of": moment.isoformat(), "cutoff": str(cutoff), "days": [str(d) for d in days]}
+        if json_output:
+            typer.echo(orjson.dumps(plan, option=orjson.OPT_INDENT_2).decode())
+        else:
+            listed = ", ".join(plan["days"]) if days else "none"
+            typer.echo(
+                f"dry run: retention as of {moment.isoformat()} would expire the days before "
+                f"{cutoff}: {len(days)} day(s) ({listed}); nothing was dropped"
+            )
+        return
     try:
         retention = build_retention(db)
         with Progress(
@@ -997,7 +1094,7 @@ def webhooks_run() -> None:
 
     settings = load_settings()
     configure_logging(settings)
-    db = open_database(settings)
+    db = open_database(settings, wait_seconds=STARTUP_WAIT_SECONDS, create=True)
     runner = WebhookRunner(db, build_webhook_dispatcher(db))
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda _s, _f: runner.stop())
@@ -1020,7 +1117,7 @@ def relay_cmd(
 
     settings = load_settings()
     configure_logging(settings)
-    db = open_database(settings)
+    db = open_database(settings, wait_seconds=STARTUP_WAIT_SECONDS, create=True)
     loop = build_relay(db, amqp_url, exchange=exchange, batch_size=batch)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda _s, _f: loop.stop())

@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from loyalty.cli import _rfc3339, app, err, fail, load_settings, open_database
+from loyalty.cli import (
+    _rfc3339,
+    app,
+    confirm_time_travel,
+    err,
+    fail,
+    load_settings,
+    open_database,
+)
 
 expiry_app = typer.Typer(
     help="Currency expiry (the rules' currency_expiry): run the job.", no_args_is_help=True
@@ -25,17 +33,45 @@ def expiry_run(
         ),
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="only count what would expire (members, total); no change"),
+    ] = False,
+    yes: Annotated[
+        bool,
+        typer.Option("--yes", help="confirm a run with a future --as-of (expires for real)"),
+    ] = False,
 ) -> None:
     """Expire every currency lot due at the time (one CurrencyExpired per lot, each lot
-    once); reads only members with lots due. Safe to repeat and to run beside workers."""
+    once); reads only members with lots due. Safe to repeat and to run beside workers.
+    A future --as-of expires, for real and at once, what is due by then: it needs --yes
+    (see it first with --dry-run)."""
     import orjson
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from loyalty.worker import build_expiry
 
     moment = _rfc3339(as_of, "--as-of") if as_of else datetime.now(UTC)
+    confirm_time_travel(moment, yes=yes, dry_run=dry_run, what="expires currency")
     settings = load_settings()
     db = open_database(settings)
+    if dry_run:
+        try:
+            preview = build_expiry(db).preview(moment)
+        finally:
+            db.dispose()
+        wire = {**preview.to_wire(), "dry_run": True}
+        if json_output:
+            typer.echo(orjson.dumps(wire, option=orjson.OPT_INDENT_2).decode())
+        elif preview.rule is None:
+            typer.echo("dry run: currency expiry is off; nothing would expire")
+        else:
+            typer.echo(
+                f"dry run: as of {moment.isoformat()}, {preview.amount:,} currency of "
+                f"{preview.members:,} members would expire ({preview.lots:,} lots); "
+                "nothing was changed"
+            )
+        return
     try:
         expiry = build_expiry(db)
         with Progress(

@@ -17,10 +17,15 @@ from loyalty.cli import app, fail, load_settings, open_database
 def _day(value: str | None, option: str) -> date | None:
     if value is None:
         return None
-    try:
-        return date.fromisoformat(value.strip())
-    except ValueError:
-        raise fail(f"{option} {value!r}: not a day (YYYY-MM-DD)", 2) from None
+    from pydantic import ValidationError
+
+    from loyalty.api.schemas import DAY
+
+    try:  # the API's bounded day (loyalty.domain.limits), as GET /v1/reports/daily
+        return DAY.validate_strings(value.strip())
+    except ValidationError as exc:
+        reason = exc.errors(include_url=False, include_input=False)[0]["msg"]
+        raise fail(f"{option} {value!r}: not a day (YYYY-MM-DD): {reason}", 2) from None
 
 
 def _range(first: str | None, last: str | None, days: int) -> tuple[date, date]:

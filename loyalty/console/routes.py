@@ -34,12 +34,14 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from urllib.parse import parse_qs, urlencode
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, RedirectResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.staticfiles import StaticFiles
 
@@ -48,9 +50,18 @@ from loyalty.adapters.keys import NAME_PATTERN, Role
 from loyalty.adapters.storage import storage_report
 from loyalty.api.deps import Container, ContainerDep
 from loyalty.api.guards import BodyProblem, read_limited_body
-from loyalty.api.problems import ApiProblem, to_problem
+from loyalty.api.problems import ApiProblem, to_problem, validation_errors
 from loyalty.api.routes.members import member_body
 from loyalty.api.routes.operations import pipeline_status
+from loyalty.api.schemas import (
+    AdjustmentRequest,
+    DryRunPeriod,
+    RefundRequest,
+    ReportRange,
+    SpendRequest,
+    StoredInt,
+    rules_document,
+)
 from loyalty.application.compensation import COMPENSATION_PREFIX
 from loyalty.application.delivery import EVENT_TYPES
 from loyalty.application.explain import PENDING_ALIAS
@@ -62,7 +73,8 @@ from loyalty.application.reporting import (
 )
 from loyalty.console.locate import line_of
 from loyalty.domain.errors import DomainError, InvalidRules
-from loyalty.domain.rules import parse_rule_set, rule_set_to_wire
+from loyalty.domain.member import Member
+from loyalty.domain.rules import RuleSet, parse_rule_set, rule_set_to_wire
 from loyalty.domain.user_ids import user_id_problem
 
 HERE = Path(__file__).parent
@@ -226,6 +238,36 @@ def _problem(exc: Exception) -> ApiProblem:
 
 def _message(problem: ApiProblem) -> str:
     return problem.detail or problem.code
+
+
+def confirmed(form: Mapping[str, str]) -> bool:
+    """Whether an irreversible action's form carries the confirmation step's answer."""
+    return form.get("confirm") == "yes"
+
+
+def confirmation(
+    request: Request,
+    session: ConsoleSession,
+    *,
+    page: str,
+    title: str,
+    effects: list[str],
+    action: str,
+    fields: Mapping[str, str],
+    button: str,
+    back: str,
+) -> HTMLResponse:
+    """The confirmation step of an irreversible action (erase, save rules, revoke): what
+    will happen, and the same form again with ``confirm=yes``. Nothing is done yet."""
+    confirm = {
+        "title": title,
+        "effects": effects,
+        "action": action,
+        "fields": dict(fields),
+        "button": button,
+        "back": back,
+    }
+    return render(request, "confirm.html", session=session, page=page, confirm=confirm)
 
 
 # ------------------------------------------------------------------------- sign in / out
@@ -443,7 +485,13 @@ def member_view(container: Container, user_id: str) -> dict[str, Any]:
             "percent": min(100, max(0, round(100 * (have - start) / span))),
         }
     history = container.read_models.history(user_id, 50)
-    return {"member": body, "progress": progress, "history": history, "missing": None}
+    return {
+        "member": body,
+        "progress": progress,
+        "history": history,
+        "missing": None,
+        "refundable": refundable(member),
+    }
 
 
 def _member_context(container: Container, user_id: str) -> dict[str, Any]:
@@ -505,30 +553,24 @@ def explainable(kind: str, ref: str | None) -> bool:
 _templates.globals["explainable"] = explainable
 
 
-def _int(form: Mapping[str, str], name: str, *, minimum: int | None = None) -> int:
-    text = form.get(name, "").strip()
+M = TypeVar("M", bound=BaseModel)
+
+
+def form_command(model: type[M], form: Mapping[str, str]) -> M:
+    """The form as the JSON API's command ``model`` (``loyalty.api.schemas``: the same
+    fields, bounds and patterns; a form's values are text, read as the model's types),
+    or a 422 naming each field it refuses. Surrounding blanks are trimmed."""
+    fields = {}
+    for name, info in model.model_fields.items():
+        key = info.alias or name
+        if form.get(key, "").strip():  # a blank field is a missing one
+            fields[key] = form[key].strip()
     try:
-        value = int(text)
-    except ValueError:
-        raise ConsoleProblem(
-            422, "validation_error", f"{name.replace('_', ' ')} must be a whole number"
-        ) from None
-    if minimum is not None and value < minimum:
-        raise ConsoleProblem(
-            422, "validation_error", f"{name.replace('_', ' ')} must be at least {minimum}"
-        )
-    return value
-
-
-def _text(form: Mapping[str, str], name: str, label: str, max_length: int = 128) -> str:
-    value = form.get(name, "").strip()
-    if not value:
-        raise ConsoleProblem(422, "validation_error", f"{label} is required")
-    if len(value) > max_length:
-        raise ConsoleProblem(
-            422, "validation_error", f"{label} has at most {max_length} characters"
-        )
-    return value
+        return model.model_validate_strings(fields)
+    except ValidationError as exc:
+        errors = validation_errors(exc.errors(include_input=False, include_url=False))
+        detail = "; ".join(f"{e['loc'].replace('_', ' ')}: {e['msg']}" for e in errors)
+        raise ConsoleProblem(422, "validation_error", detail, errors=errors) from None
 
 
 def _member_action(
@@ -542,20 +584,60 @@ def _member_action(
     source = session.principal.name
     spending = container.spending
     if action == "spend":
-        order_id = _text(form, "order_id", "order id")
-        result = spending.spend(user_id, order_id, _int(form, "amount", minimum=1), source)
+        spend = form_command(SpendRequest, form)
+        result = spending.spend(user_id, spend.order_id, spend.amount, source)
         return f"spent {result.amount} on order {result.order_id}", user_id
     if action == "refund":
-        order_id = _text(form, "order_id", "order id")
-        result = spending.refund(user_id, order_id, source)
-        return f"refunded {result.amount} of order {result.order_id}", user_id
-    reason = _text(form, "reason", "a reason", 256)
-    currency = _int(form, "currency")
-    rank_points = _int(form, "rank_points")
-    adjustment_id = _text(form, "adjustment_id", "adjustment id")
+        refund = form_command(RefundRequest, form)
+        owner = refund.source or order_source(container, user_id, refund.order_id, source)
+        by = None if owner == source else source
+        result = spending.refund(user_id, refund.order_id, owner, by)
+        whose = "" if by is None else f" (placed by {owner}; refunded by {by})"
+        return f"refunded {result.amount} of order {result.order_id}{whose}", user_id
+    adjust = form_command(AdjustmentRequest, form)
     ranks = container.rules.current().ranks
-    spending.adjust(user_id, adjustment_id, currency, rank_points, reason, ranks, source)
-    return f"adjusted by {currency:+d} currency and {rank_points:+d} rank points", user_id
+    spending.adjust(
+        user_id,
+        adjust.adjustment_id,
+        adjust.currency,
+        adjust.rank_points,
+        adjust.reason,
+        ranks,
+        source,
+    )
+    currency, points = adjust.currency, adjust.rank_points
+    return f"adjusted by {currency:+d} currency and {points:+d} rank points", user_id
+
+
+def order_source(container: Container, user_id: str, order_id: str, own: str) -> str:
+    """Whose order ``order_id`` of the member an operator refunds when the form names no
+    source: the operator's own if it has one, else the one source that has it (an order
+    id two shops used must be named: a 409 listing them)."""
+    try:
+        sources = container.accounts.get(user_id).order_sources(order_id)
+    except DomainError:
+        return own  # the refund answers member_not_found
+    if own in sources or None in sources or not sources:
+        return own  # a legacy order answers every source; none: order_not_found
+    if len(sources) > 1:
+        listed = ", ".join(str(s) for s in sources)
+        raise ConsoleProblem(
+            409,
+            "ambiguous_order",
+            f"order {order_id} was placed by several sources ({listed}): choose one",
+        )
+    return str(sources[0])
+
+
+def refundable(member: Member) -> dict[str, list[str]]:
+    """Per order id, the sources of the member's unrefunded orders (the history's
+    Refund buttons)."""
+    found: dict[str, list[str]] = {}
+    for key in member.orders:
+        if key not in member.refunded_orders:
+            source, order_id = json.loads(key)
+            found.setdefault(order_id, []).append("" if source is None else source)
+    return found
 
 
 @router.post("/members/{action}")
@@ -619,7 +701,10 @@ async def rules_page(request: Request, container: ContainerDep, session: Session
 
 @router.get("/rules/versions/{version}")
 async def rules_version(
-    version: int, request: Request, container: ContainerDep, session: SessionDep
+    version: Annotated[StoredInt, PathParam()],
+    request: Request,
+    container: ContainerDep,
+    session: SessionDep,
 ) -> Response:
     found = await run_in_threadpool(container.rules.version, version)
     if found is None:
@@ -631,15 +716,18 @@ async def rules_version(
 
 
 def parse_rules_text(text: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    """The editor's JSON as an object, or the errors that stop it (with line and column)."""
+    """The editor's JSON as an object, read as ``PUT /v1/rules`` reads its body
+    (:func:`~loyalty.api.schemas.rules_document`), or the errors that stop it (a syntax
+    error with its line and column)."""
     try:
-        wire = json.loads(text)
-    except json.JSONDecodeError as exc:
-        where = f"line {exc.lineno}, column {exc.colno}"
-        return None, [{"loc": where, "msg": exc.msg, "line": exc.lineno}]
-    if not isinstance(wire, dict):
-        return None, [{"loc": "(document)", "msg": "must be a JSON object", "line": 1}]
-    return wire, []
+        return rules_document(text.encode("utf-8", "surrogatepass")), []
+    except BodyProblem as exc:
+        cause = exc.__cause__
+        if isinstance(cause, json.JSONDecodeError):
+            where = f"line {cause.lineno}, column {cause.colno}"
+            return None, [{"loc": where, "msg": cause.msg, "line": cause.lineno}]
+        line = 1 if exc.code == "invalid_rules" else None
+        return None, [{"loc": "(document)", "msg": exc.detail, "line": line}]
 
 
 def located(text: str, exc: InvalidRules) -> list[dict[str, Any]]:
@@ -655,18 +743,33 @@ async def save_rules(
     request: Request, container: ContainerDep, session: SessionDep, form: FormDep
 ) -> Response:
     text = form.get("rules", "")
+    sure = confirmed(form)
 
-    def work() -> tuple[int, list[dict[str, Any]], int | None]:
+    def work() -> tuple[int, list[dict[str, Any]], int | None, list[str]]:
         wire, errors = parse_rules_text(text)
         if wire is None:
-            return 422, errors, None
+            return 422, errors, None, []
         try:
+            if not sure:  # judged as the save would, then shown before anything is stored
+                return 200, [], None, rules_changes(container, parse_rule_set(wire, 0))
             saved = container.rules.put(wire, container.clock())
         except InvalidRules as exc:
-            return 422, located(text, exc), None
-        return 200, [], saved.version
+            return 422, located(text, exc), None, []
+        return 200, [], saved.version, []
 
-    status, errors, saved = await run_in_threadpool(work)
+    status, errors, saved, changes = await run_in_threadpool(work)
+    if changes:
+        return confirmation(
+            request,
+            session,
+            page="rules",
+            title="save the rules as a new version",
+            effects=changes,
+            action=f"{PREFIX}/rules",
+            fields={"rules": text},
+            button="Save the new version",
+            back=f"{PREFIX}/rules",
+        )
     context = await run_in_threadpool(_rules_context, container, None if saved else text)
     return render(
         request,
@@ -680,6 +783,39 @@ async def save_rules(
     )
 
 
+def rules_changes(container: Container, candidate: RuleSet) -> list[str]:
+    """What saving ``candidate`` does, for the confirmation step: its version, and each
+    part that differs from the current rules (the dry run shows the effect on members)."""
+    current = container.rules.current()
+    now, new = rule_set_to_wire(current), rule_set_to_wire(candidate)
+    effects = [
+        f"the rules become version {current.version + 1} (now {current.version}); awards "
+        "from now on are weighed by them (past awards stay as they are)"
+    ]
+    old_rules = {r["event_type"]: r for r in now.get("rules", [])}
+    new_rules = {r["event_type"]: r for r in new.get("rules", [])}
+    for label, names in (
+        ("event types added", sorted(new_rules.keys() - old_rules.keys())),
+        ("event types removed (no longer earn)", sorted(old_rules.keys() - new_rules.keys())),
+        (
+            "event types reweighted",
+            sorted(t for t in new_rules.keys() & old_rules.keys() if new_rules[t] != old_rules[t]),
+        ),
+    ):
+        if names:
+            effects.append(f"{label}: {', '.join(names)}")
+    for part, label in (
+        ("ranks", "the rank ladder changes (members may move rank)"),
+        ("currency_expiry", "currency expiry changes"),
+        ("rank_qualification", "rank qualification changes"),
+    ):
+        if now.get(part) != new.get(part):
+            effects.append(f"{label}: {json.dumps(new.get(part))}")
+    if len(effects) == 1:
+        effects.append("nothing differs from the current rules but the version number")
+    return effects
+
+
 def dry_run_of(container: Container, form: Mapping[str, str]) -> tuple[int, dict[str, Any]]:
     """The dry run (#20) of the editor's rules over ``from`` .. ``through`` (UTC days,
     both included): (status, {result} or {errors}). Reads only; nothing is saved."""
@@ -690,13 +826,13 @@ def dry_run_of(container: Container, form: Mapping[str, str]) -> tuple[int, dict
     if wire is None:
         return 422, {"errors": errors}
     try:
-        through = date.fromisoformat(form.get("through", "").strip())
-        first = date.fromisoformat(form.get("from", "").strip())
-    except ValueError:
-        return 422, {"errors": [{"loc": "period", "msg": "dates are YYYY-MM-DD", "line": None}]}
+        period = form_command(DryRunPeriod, form)
+    except ConsoleProblem as exc:
+        errors = [{**e, "line": None} for e in exc.errors or []]
+        return 422, {"errors": errors}
     try:
         candidate = parse_rule_set(wire, 0)
-        result = runner.run(candidate, first, through + timedelta(days=1))
+        result = runner.run(candidate, period.from_, period.through + timedelta(days=1))
     except InvalidRules as exc:
         return 422, {"errors": located(text, exc)}
     except DomainError as exc:  # the period: empty, outside retention, in the future
@@ -716,9 +852,9 @@ async def rules_dry_run(
         return render(request, "_dry_run.html", status, session=session, dry_run=dry_run)
     context = await run_in_threadpool(_rules_context, container, form.get("rules", ""))
     context["dry_run"] = dry_run
-    with suppress(ValueError):
-        context["dry_from"] = date.fromisoformat(form.get("from", ""))
-        context["dry_through"] = date.fromisoformat(form.get("through", ""))
+    with suppress(ConsoleProblem):
+        period = form_command(DryRunPeriod, form)
+        context["dry_from"], context["dry_through"] = period.from_, period.through
     return render(
         request,
         "rules.html",
@@ -757,9 +893,40 @@ async def forget_request(
             error=f"user id: {problem}",
             recent=recent,
         )
+    if not confirmed(form):
+        effects = await run_in_threadpool(forget_effects, container, user_id)
+        return confirmation(
+            request,
+            session,
+            page="forget",
+            title=f"erase member {user_id}",
+            effects=effects,
+            action=f"{PREFIX}/forget",
+            fields={"user_id": user_id},
+            button="Erase this member",
+            back=f"{PREFIX}/forget",
+        )
     created = await run_in_threadpool(container.forget.request, user_id)
     container.metrics.forget_requests.labels(status="requested").inc()
     return RedirectResponse(f"{PREFIX}/forget/{created.request_id}", status_code=303)
+
+
+def forget_effects(container: Container, user_id: str) -> list[str]:
+    """What erasing ``user_id`` does, for the confirmation step."""
+    try:
+        member = container.accounts.get(user_id)
+        account = (
+            f"the account: {member.currency} currency, {member.rank_points} rank points and "
+            "its whole history, gone for good (the balance is not paid out)"
+        )
+    except DomainError:
+        account = "no account is recorded under this user id"
+    return [
+        account,
+        "every ingress event, pending earning, statement line, explanation and webhook "
+        "delivery of this user id is deleted",
+        "the receipt keeps counts and times, never the user id; the erasure cannot be reversed",
+    ]
 
 
 @router.get("/forget/lookup")
@@ -827,6 +994,30 @@ async def revoke_key(
 ) -> Response:
     if not KEY_ID.match(key_id):
         raise ConsoleProblem(404, "not_found", "no such key")
+    if not confirmed(_form):
+        keys = await run_in_threadpool(container.keys.list)
+        found = next((k for k in keys if k.key_id == key_id and not k.revoked_at), None)
+        if found is None:
+            raise ConsoleProblem(404, "not_found", "no such active key")
+        cache = container.settings.auth_cache_seconds
+        effects = [
+            f"key {key_id} ({found.name}, {found.role.value}) stops working within "
+            f"{cache:g} s: whoever holds it gets 401 from then on; a revoked key cannot "
+            "be restored (create a new one)"
+        ]
+        if key_id == session.principal.key_id:
+            effects.append("this is the key you signed in with: this console session ends with it")
+        return confirmation(
+            request,
+            session,
+            page="keys",
+            title=f"revoke key {key_id}",
+            effects=effects,
+            action=f"{PREFIX}/keys/{key_id}/revoke",
+            fields={},
+            button="Revoke this key",
+            back=f"{PREFIX}/keys",
+        )
     await run_in_threadpool(container.keys.revoke, key_id)
     return RedirectResponse(f"{PREFIX}/keys", status_code=303)
 
@@ -935,12 +1126,11 @@ EXPORT_COLUMNS = list(DAY_COLUMNS)
 
 
 def report_range(first: str, last: str, today: date) -> tuple[date, date]:
-    """The page's range: ``from``/``to`` as given (YYYY-MM-DD), else the last 30 days."""
-    try:
-        end = date.fromisoformat(last) if last else today
-        start = date.fromisoformat(first) if first else end - timedelta(days=REPORT_DAYS - 1)
-    except ValueError:
-        raise ConsoleProblem(422, "invalid_range", "dates are YYYY-MM-DD") from None
+    """The page's range: ``from``/``to`` as given (YYYY-MM-DD, bounded days: see
+    :class:`~loyalty.api.schemas.ReportRange`), else the last 30 days."""
+    given = form_command(ReportRange, {"from": first, "to": last})
+    end = given.to or today
+    start = given.from_ or end - timedelta(days=REPORT_DAYS - 1)
     try:
         check_range(start, end)
     except ReportRangeError as exc:

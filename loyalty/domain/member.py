@@ -54,6 +54,13 @@ from loyalty.domain.errors import (
     OrderNotFound,
 )
 from loyalty.domain.expiry import LEGACY, CurrencyExpiry, credit, debit_fifo, is_month
+from loyalty.domain.limits import (
+    MAX_AMOUNT,
+    MAX_REASON_LENGTH,
+    check_amount,
+    check_balance,
+    check_text,
+)
 from loyalty.domain.qualification import prune
 from loyalty.domain.ranks import RankLadder, is_int
 from loyalty.domain.rules import exact_difference, exact_sum, split_whole
@@ -209,6 +216,18 @@ class Member(Aggregate):
                 return legacy
         return own
 
+    def order_sources(self, order_id: str) -> list[str | None]:
+        """The sources with an unrefunded order ``order_id`` on this account (None: an
+        order from before sources were recorded): what an operator may refund."""
+        found = []
+        for key in self.orders:
+            if key in self.refunded_orders:
+                continue
+            source, id_ = json.loads(key)
+            if id_ == order_id:
+                found.append(source)
+        return sorted(found, key=lambda s: (s is not None, s or ""))
+
     def order_key(self, order_id: str, source: str | None) -> str:
         """The key under which ``source``'s ``order_id`` is (or would be) stored."""
         return self._scoped(self.orders, source, order_id)
@@ -350,8 +369,9 @@ class Member(Aggregate):
 
     def spend(self, order_id: str, amount: int, source: str | None = None) -> int:
         """Debit ``amount`` for ``source``'s ``order_id``; a replay with the same
-        amount is a no-op returning the amount."""
-        _require_int(amount, minimum=1, what="amount")
+        amount is a no-op returning the amount. Bounds: ``loyalty.domain.limits``."""
+        check_text(order_id, "order_id")
+        check_amount(amount, "amount", minimum=1)
         spent = self.orders.get(self.order_key(order_id, source))
         if spent is not None:
             if spent != amount:
@@ -368,18 +388,26 @@ class Member(Aggregate):
         source: str | None = None,
         expiry: CurrencyExpiry | None = None,
         as_of: datetime | None = None,
+        by: str | None = None,
     ) -> int:
         """Put ``source``'s spent order's amount back, once, into the lots it was taken
         from; returns the amount. A part whose lot has expired meanwhile (closed by an
         expiry, or due under ``expiry`` at ``as_of``) expires again at once, in the same
-        command: the balance is what it would be had the order never been placed."""
+        command: the balance is what it would be had the order never been placed.
+        ``by``: the operator refunding on ``source``'s behalf (recorded on the event).
+        Full refunds only."""
+        check_text(order_id, "order_id")
+        if by is not None:
+            check_text(by, "by")
         key = self.order_key(order_id, source)
         amount = self.orders.get(key)
         if amount is None:
             raise OrderNotFound()
         if key not in self.refunded_orders:
             legacy = key != scoped_key(source, order_id)
-            self._refunded(order_id=order_id, amount=amount, source=None if legacy else source)
+            self._refunded(
+                order_id=order_id, amount=amount, source=None if legacy else source, by=by
+            )
             self._expire_closed(expiry, as_of)
         return amount
 
@@ -412,10 +440,10 @@ class Member(Aggregate):
         """Operator correction (may be negative), idempotent by ``source``'s
         ``adjustment_id``; False (no event) on a replay. Added currency goes to the lot
         of ``month`` (None: legacy); taken currency comes from the oldest lots."""
-        _require_int(currency, minimum=None, what="currency")
-        _require_int(rank_points, minimum=None, what="rank_points")
-        if not isinstance(reason, str):
-            raise TypeError("reason must be a string")
+        check_text(adjustment_id, "adjustment_id")
+        check_amount(currency, "currency", minimum=-MAX_AMOUNT)
+        check_amount(rank_points, "rank_points", minimum=-MAX_AMOUNT)
+        check_text(reason, "reason", MAX_REASON_LENGTH)
         previous = self.adjustments.get(self.adjustment_key(adjustment_id, source))
         if previous is not None:
             if previous != Adjustment(currency, rank_points, reason):
@@ -425,6 +453,8 @@ class Member(Aggregate):
             raise InsufficientFunds(available=self.currency, requested=-currency)
         if self.rank_points + rank_points < 0:
             raise InvalidAmount("rank_points would go below zero")
+        check_balance(self.currency + currency, "currency")
+        check_balance(self.rank_points + rank_points, "rank_points")
         self._adjusted(
             adjustment_id=adjustment_id,
             currency=currency,
@@ -585,8 +615,17 @@ class Member(Aggregate):
         amount: int
 
     class Refunded(SourcedEvent):
+        """Version 3 records ``by``: the operator key that refunded the order on its
+        source's behalf (None: the source itself; version 2 and before: None)."""
+
+        class_version = 3
         order_id: str
         amount: int
+        by: str | None
+
+        @staticmethod
+        def upcast_v2_v3(state: dict[str, Any]) -> None:
+            state["by"] = None
 
     class Adjusted(SourcedEvent):
         """Version 3 records the lot added currency goes to (before: none, legacy)."""
@@ -612,7 +651,9 @@ class Member(Aggregate):
         self.currency -= amount
 
     @event(Refunded)
-    def _refunded(self, order_id: str, amount: int, source: str | None) -> None:
+    def _refunded(
+        self, order_id: str, amount: int, source: str | None, by: str | None = None
+    ) -> None:
         key = scoped_key(source, order_id)
         self.refunded_orders.add(key)
         for lot, part in self.order_lots.pop(key, {LEGACY: amount}).items():

@@ -43,7 +43,8 @@ def run(settings: Settings) -> Run:
 
 
 def one_line_error(result: Any) -> str:
-    lines = result.stderr.strip().splitlines()
+    # the line saying which database the command uses is not an error (#27)
+    lines = [x for x in result.stderr.strip().splitlines() if not x.startswith("database: ")]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ") and "Traceback" not in result.output
     return str(lines[0])
@@ -140,6 +141,11 @@ def test_rules_load_stores_a_new_version(run: Run, tmp_path: Path) -> None:
             "rules[0].currency",
         ),  # fmt: skip
         ('{"rules": [], "ranks": [], "extra": 1}', "extra"),
+        # as PUT /v1/rules: an object repeating a key is refused, not last-wins (#27)
+        (
+            '{"rules": [], "ranks": [{"name": "b", "min_rank_points": 0}], "rules": []}',
+            "repeats a key",
+        ),
     ],
 )
 def test_rules_load_refuses_bad_files_in_one_line(
@@ -237,3 +243,70 @@ def test_keys_created_by_the_cli_work(run: Run, db: Database) -> None:
     key = run("keys", "create", "--role", "ingest", "--name", "g").stdout.strip().splitlines()[-1]
     principal = KeyStore(db).verify(key)
     assert principal is not None and principal.name == "g"
+
+
+def test_a_one_shot_command_elsewhere_refuses_to_make_a_new_database(tmp_path: Path) -> None:
+    """#27: the default URL (sqlite:///./var/loyalty.db) is relative; run from another
+    directory, `keys list` / `keys create` used to create and use a new, empty database
+    there (a key made so got 401 from the server). Now they refuse, naming the file, and
+    every command says which database it uses (on stderr: stdout stays the output)."""
+    import os
+    import subprocess
+
+    from tests.e2e.live import LOYALTY
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOYALTY_")}
+    server_dir, elsewhere = tmp_path / "server", tmp_path / "elsewhere"
+    server_dir.mkdir()
+    elsewhere.mkdir()
+
+    def loyalty(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*LOYALTY, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+        )
+
+    made = loyalty(server_dir, "migrate")
+    assert made.returncode == 0, made.stderr
+    database = (server_dir / "var" / "loyalty.db").resolve()
+    assert f"database: sqlite {database}" in made.stderr
+    created = loyalty(server_dir, "keys", "create", "--role", "shop", "--name", "web")
+    assert created.returncode == 0 and created.stdout.splitlines()[-1].startswith("lk_")
+    assert f"database: sqlite {database}" in created.stderr
+    assert "database:" not in created.stdout  # `| tail -1` still gives the key
+    for args in (("keys", "list"), ("keys", "create", "--role", "shop", "--name", "x")):
+        refused = loyalty(elsewhere, *args)
+        assert refused.returncode == 2, refused
+        assert f"no database at {(elsewhere / 'var' / 'loyalty.db').resolve()}" in " ".join(
+            refused.stderr.split()
+        )
+    assert not (elsewhere / "var" / "loyalty.db").exists()
+    listed = loyalty(server_dir, "keys", "list")
+    assert listed.returncode == 0 and "web" in listed.stdout
+    forced = loyalty(elsewhere, "--create", "keys", "list")
+    assert forced.returncode == 0 and (elsewhere / "var" / "loyalty.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (("--from", "9999-12-31", "--to", "9999-12-31"), "--to"),
+        (("--from", "9999-12-31"), "--from"),
+        (("--to", "0001-01-05"), "--to"),
+        (("--from", "2026-02-30"), "--from"),
+    ],
+)
+def test_report_days_out_of_range_are_one_line_errors(
+    run: Run, args: tuple[str, ...], option: str
+) -> None:
+    """#27: the CLI's report takes the API's bounded day (a traceback before)."""
+    result = run("report", *args)
+    assert result.exit_code == 2
+    assert one_line_error(result).startswith(f"error: {option} ")
+
+
+def test_forget_takes_the_apis_user_id_rule(run: Run) -> None:
+    """#27: `loyalty forget` builds the API's ForgetRequestBody (it took any text)."""
+    for bad in ("a\x00b", "a/b", "..", "x" * 129):
+        result = run("forget", bad, "--wait", "1")
+        assert result.exit_code == 2, bad
+        assert one_line_error(result).startswith("error: user id: ")

@@ -295,6 +295,10 @@ def test_an_operator_runs_the_loyalty_programme_from_the_console(
     visit.check("rules-dry-run")
     page.fill("#rules-text", re.sub(r'"bronze"', '"copper"', original, count=1))
     page.click("#save-button")
+    # an irreversible action shows what it will do first (#27)
+    assert "the rank ladder changes" in page.locator("#confirm-effects").inner_text()
+    visit.check("rules-confirm")
+    page.click("#confirm-button")
     assert page.locator("#rules-saved").inner_text() == "Saved as version 2."
     assert "copper" in page.locator("#rules-text").input_value()
     assert page.locator("#versions").inner_text().count("version ") == 2
@@ -310,6 +314,9 @@ def test_an_operator_runs_the_loyalty_programme_from_the_console(
     visit.check("forget")
     page.fill("#forget-user", forgotten)
     page.click("main form button[type=submit]")
+    assert "5 currency" in page.locator("#confirm-effects").inner_text()
+    visit.check("forget-confirm")
+    page.click("#confirm-button")
     assert "/console/forget/" in page.url
     page.wait_for_function(
         "() => document.querySelector('#forget-status').textContent.startsWith('completed')",
@@ -366,6 +373,9 @@ def test_an_operator_runs_the_loyalty_programme_from_the_console(
     visit.check("keys")
     operator_id = keys["operator"].split("_")[1]
     page.click(f"button[aria-label^='Revoke key {operator_id}']")
+    assert "the key you signed in with" in page.locator("#confirm-effects").inner_text()
+    visit.check("revoke-confirm")
+    page.click("#confirm-button")
     assert page.url == base + "/console/sign-in"
     page.goto(base + "/console/keys")
     assert page.url == base + "/console/sign-in"

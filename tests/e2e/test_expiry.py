@@ -32,7 +32,7 @@ def run(settings: Settings) -> Callable[..., dict[str, Any]]:
     def invoke(as_of: str) -> dict[str, Any]:
         result = runner.invoke(
             app,
-            ["expiry", "run", "--as-of", as_of, "--json"],
+            ["expiry", "run", "--as-of", as_of, "--json", "--yes"],
             env={"LOYALTY_DATABASE_URL": settings.database_url},
             catch_exceptions=False,
         )
@@ -248,3 +248,39 @@ def test_expired_currency_in_the_daily_report(
     assert sum(d["currency_expired"] for d in days) == 140
     assert sum(d["currency_credited"] + d["currency_adjusted"] for d in days) == 145
     assert days[-1]["outstanding_currency"] == 5 == view(client, shop, "bob")["currency"]
+
+
+def test_a_future_as_of_needs_yes_and_a_dry_run_shows_what_would_expire(
+    client: TestClient,
+    clock: Clock,
+    make_key: Callable[..., Headers],
+    settings: Settings,
+) -> None:
+    """#27: `expiry run --as-of <future>` expired currency for real, at once. Now it is
+    refused without --yes; --dry-run counts members and total and changes nothing."""
+    op, shop = make_key("operator", "ops"), make_key("shop", "shop")
+    at(clock, "2026-01-10T00:00:00+00:00")
+    put_expiry(client, op, after_months=12)
+    adjust(client, op, "ann", "a", 70)
+    adjust(client, op, "ben", "b", 30)
+    project(client)
+    future = "2099-02-01T00:00:00Z"
+    env = {"LOYALTY_DATABASE_URL": settings.database_url}
+
+    def cli(*args: str) -> Any:
+        return CliRunner().invoke(app, ["expiry", "run", *args], env=env, catch_exceptions=False)
+
+    refused = cli("--as-of", future)
+    assert refused.exit_code == 2
+    assert "in the future" in refused.stderr and "--yes" in refused.stderr
+    dry = cli("--as-of", future, "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert "100 currency of 2 members would expire" in dry.stdout
+    wire = json.loads(cli("--as-of", future, "--dry-run", "--json").stdout)
+    assert (wire["dry_run"], wire["members"], wire["amount_expired"]) == (True, 2, 100)
+    assert view(client, shop, "ann")["currency"] == 70  # nothing changed
+    done = cli("--as-of", future, "--yes", "--json")
+    assert done.exit_code == 0 and json.loads(done.stdout)["amount_expired"] == 100
+    assert view(client, shop, "ann")["currency"] == 0
+    past = cli("--as-of", "2026-02-01T00:00:00Z", "--json")  # a back-fill needs no --yes
+    assert past.exit_code == 0, past.output

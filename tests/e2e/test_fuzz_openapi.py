@@ -37,6 +37,13 @@ from loyalty.api.app import create_app
 from loyalty.config import Settings
 
 EXAMPLES = int(os.environ.get("LOYALTY_FUZZ_EXAMPLES", "25"))
+EDGE_DAYS = ["9999-12-31", "0001-01-01", "9000-12-31", "1970-01-01"]
+"""Days at the edges of the calendar and of ``loyalty.domain.limits`` (#27: a report
+ending on 9999-12-31 was a 500): generated for every ``format: date`` half the time."""
+schemathesis.openapi.format(
+    "date",
+    st.one_of(st.sampled_from(EDGE_DAYS[:2]), st.sampled_from(EDGE_DAYS), st.dates().map(str)),
+)
 SECURITY_HEADERS = {
     "x-content-type-options": "nosniff",
     "x-frame-options": "DENY",

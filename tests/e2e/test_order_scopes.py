@@ -147,3 +147,40 @@ def test_streams_stored_before_sources_load_and_stay_idempotent(
         ("spend", "o-78"),
         ("refund", "o-77"),
     ]
+
+
+def refund_events(client: TestClient, user: str) -> list[object]:
+    c: object = container(client)
+    app = c.accounts.app  # type: ignore[attr-defined]
+    events = app.repository.event_store.get(Member.create_id(user))
+    return [e for e in events if type(e).__name__ == "Refunded"]
+
+
+def test_an_operator_refunds_a_shops_order_and_is_recorded_on_it(
+    client: TestClient, make_key: Callable[..., Headers]
+) -> None:
+    """#27: an operator key answered order_not_found for a shop's order (ids are scoped
+    by the key that spent them). Now it names the source; the refund records it."""
+    shop, other = make_key("shop", "webshop"), make_key("shop", "till")
+    ops = make_key("operator", "ops-ann")
+    award(client, "cid", 100)
+    assert post(client, "/v1/members/cid/spend", shop, order_id="o-9", amount=40)[0] == 200
+    refunds = "/v1/members/cid/refunds"
+    assert post(client, refunds, ops, order_id="o-9")[0] == 404  # its own: none
+    # a shop cannot refund another shop's order by naming it
+    status, body = post(client, refunds, other, order_id="o-9", source="webshop")
+    assert status == 403, body
+    assert post(client, refunds, ops, order_id="o-9", source="webshop") == (
+        200,
+        {"order_id": "o-9", "amount": 40, "currency": 100},
+    )
+    # once: the shop's own refund (or the operator's again) is a replay
+    assert post(client, refunds, shop, order_id="o-9")[1] == {
+        "order_id": "o-9",
+        "amount": 40,
+        "currency": 100,
+    }
+    assert post(client, refunds, ops, order_id="o-9", source="webshop")[0] == 200
+    assert balance(client, shop, "cid") == 100
+    [refunded] = refund_events(client, "cid")
+    assert (refunded.source, refunded.by) == ("webshop", "ops-ann")  # type: ignore[attr-defined]

@@ -345,3 +345,33 @@ def test_queue_consumers_scale_and_handle_each_message_once(
         loop.stop()
         relay.join(timeout=10)
         consumer.close()
+
+
+def test_relay_waits_for_the_database_at_start_like_serve_and_worker(tmp_path: Path) -> None:
+    """#27: with the database out of reach, `loyalty relay` exited at once with a
+    traceback; it now waits and retries (as serve and worker do) instead of dying."""
+    env = env_for("postgresql://postgres@127.0.0.1:1/loyalty")  # nothing listens there
+    log = tmp_path / "relay.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [*LOYALTY, "relay", "--amqp-url", "amqp://guest:guest@127.0.0.1:5672/"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while "retrying" not in log.read_text() and time.monotonic() < deadline:
+                assert proc.poll() is None, log.read_text()
+                time.sleep(0.2)
+            time.sleep(1.0)
+            assert proc.poll() is None, log.read_text()  # still waiting, not dead
+            assert "database unavailable" in log.read_text()
+            assert "Traceback" not in log.read_text()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -5,6 +5,7 @@ operator only, a range check, and a day processed before the rollups began is ke
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -61,7 +62,7 @@ def ingress_rows(db: Database) -> int:
 def retention_cli(settings: Settings, as_of: datetime, *more: str) -> Any:
     return CliRunner().invoke(
         app,
-        ["retention", "run", "--as-of", as_of.isoformat(), "--json", *more],
+        ["retention", "run", "--as-of", as_of.isoformat(), "--json", "--yes", *more],
         env={"LOYALTY_DATABASE_URL": settings.database_url, "LOYALTY_RETENTION_DAYS": "1"},
         catch_exceptions=False,
     )
@@ -118,6 +119,15 @@ def test_the_report_is_for_operators_and_checks_its_range(
     assert backwards.status_code == 422 and backwards.json()["code"] == "invalid_range"
     empty = client.get("/v1/reports/daily", params={"from": day, "to": day}, headers=operator)
     assert empty.json()["days"][0]["events"] == 0
+    # days at the edges of the calendar: a 422 naming the field, not a 500 (#27)
+    for first, last, field in [
+        ("9999-12-31", "9999-12-31", "from"),
+        (day, "9999-12-31", "to"),
+        ("0001-01-01", day, "from"),
+    ]:
+        edge = client.get("/v1/reports/daily", params={"from": first, "to": last}, headers=operator)
+        assert edge.status_code == 422, edge.text
+        assert field in {e["loc"].split(".")[-1] for e in edge.json()["errors"]}
 
 
 def test_a_day_processed_before_the_rollups_began_is_kept_and_reported(
@@ -143,3 +153,28 @@ def test_a_day_processed_before_the_rollups_began_is_kept_and_reported(
     dropped = retention_cli(settings, as_of, "--drop-unrolled")
     assert dropped.exit_code == 0, dropped.output
     assert ingress_rows(db) == 8  # yesterday and today: inside the window
+
+
+def test_retention_with_a_future_as_of_needs_yes_and_a_dry_run_drops_nothing(
+    db: Database, settings: Settings
+) -> None:
+    """#27: `retention run --as-of <future>` dropped for real, at once, every day due by
+    then. Now it is refused without --yes; --dry-run lists the days and drops nothing."""
+    history(db, days=3, per_day=4)
+    before = ingress_rows(db)
+    future = datetime(2099, 1, 1, tzinfo=UTC)
+    env = {"LOYALTY_DATABASE_URL": settings.database_url, "LOYALTY_RETENTION_DAYS": "1"}
+
+    def cli(*args: str) -> Any:
+        return CliRunner().invoke(
+            app, ["retention", "run", "--as-of", future.isoformat(), *args], env=env
+        )
+
+    refused = cli()
+    assert refused.exit_code == 2 and "--yes" in refused.stderr
+    dry = cli("--dry-run", "--json")
+    assert dry.exit_code == 0, dry.output
+    plan = json.loads(dry.stdout)
+    assert plan["cutoff"] == "2098-12-31"
+    assert {str(TODAY - timedelta(days=d)) for d in range(3)} <= set(plan["days"])
+    assert ingress_rows(db) == before  # nothing dropped

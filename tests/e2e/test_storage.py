@@ -132,13 +132,17 @@ def test_retention_and_storage_commands(
     monkeypatch.setenv("LOYALTY_DATABASE_URL", settings.database_url)
     runner = CliRunner()
 
-    strict = runner.invoke(cli, ["retention", "run", "--as-of", "2030-03-11T06:00:00Z", "--strict"])
+    strict = runner.invoke(
+        cli, ["retention", "run", "--as-of", "2030-03-11T06:00:00Z", "--strict", "--yes"]
+    )
     assert strict.exit_code == 1, strict.output
     assert "2030-03-01" in strict.output and "KEPT" in strict.output
     assert "2030-03-02" in strict.output and "not processed" in strict.output
     assert "bytes reclaimed" in strict.output
 
-    as_json = runner.invoke(cli, ["retention", "run", "--as-of", "2030-03-11T06:00:00Z", "--json"])
+    as_json = runner.invoke(
+        cli, ["retention", "run", "--as-of", "2030-03-11T06:00:00Z", "--json", "--yes"]
+    )
     assert as_json.exit_code == 0, as_json.output  # without --strict a kept day is not an error
     report = json.loads(as_json.stdout)
     assert report["kept"] == [{"day": "2030-03-02", "unprocessed_rows": 1, "reason": "unprocessed"}]

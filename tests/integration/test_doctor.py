@@ -54,7 +54,7 @@ def test_doctor_finds_and_repairs_what_the_race_left(
     projection.catch_up()
     healthy = cli(settings, "doctor", "--json")
     assert healthy.exit_code == 0, healthy.output
-    assert json.loads(healthy.output)["found"]["healthy"] is True
+    assert json.loads(healthy.stdout)["found"]["healthy"] is True
 
     left = plant_orphan(db, members, "ghost")
     events = "members_events" if db.backend == "postgresql" else "stored_events"
@@ -70,7 +70,7 @@ def test_doctor_finds_and_repairs_what_the_race_left(
 
     found = cli(settings, "doctor", "--json")
     assert found.exit_code == 1
-    report = json.loads(found.output)["found"]
+    report = json.loads(found.stdout)["found"]
     assert [o["member_id"] for o in report["orphan_streams"]] == [str(Member.create_id("ghost"))]
     assert report["orphan_streams"][0]["first_version"] == 2
     assert report["quarantined"] == left
@@ -78,12 +78,12 @@ def test_doctor_finds_and_repairs_what_the_race_left(
 
     status = cli(settings, "projections", "status", "--json")
     assert status.exit_code == 0
-    assert json.loads(status.output)["quarantined_events"] == left
+    assert json.loads(status.stdout)["quarantined_events"] == left
 
     repaired = cli(settings, "doctor", "--repair")
     assert repaired.exit_code == 0, repaired.output
     assert "healthy" in repaired.output
-    again = json.loads(cli(settings, "doctor", "--json").output)["found"]
+    again = json.loads(cli(settings, "doctor", "--json").stdout)["found"]
     assert again["healthy"] is True and again["quarantined"] == 0
     balances = {r[0]: r[2] for r in ReadModels(db).snapshot()["member_balances"]}
     assert balances == {"alice": 10, "bob": 17}

@@ -300,3 +300,51 @@ def assert_matches_aggregates_except(db: Database, members: Members, orphan: str
     assert orphan not in {r[0] for r in snapshot["member_balances"]}
     assert orphan not in {r[0] for r in snapshot["member_history"]}
     assert_matches_aggregates(db, members)
+
+
+def test_an_event_the_read_model_cannot_store_is_quarantined_and_later_ones_arrive(
+    db: Database, members: Members
+) -> None:
+    """An ``Adjusted`` saved straight into the event store (bypassing the domain's
+    bounds) with an amount beyond a 64-bit integer: SQLite raises OverflowError binding
+    it, PostgreSQL 'bigint out of range'. The projection (as the worker builds it)
+    quarantines that one event, says so (read models, metrics, doctor) and goes on: a
+    later adjustment of another member reaches the history."""
+    from loyalty.adapters.doctor import Doctor
+    from loyalty.observability import Metrics
+    from loyalty.worker import build_projection
+
+    spending = Spending(Accounts(members))
+    spending.adjust("before", "a0", 5, 0, "first", LADDER)
+    huge = Member(user_id="huge")
+    huge._adjusted(  # the private event method: what no entrypoint may do
+        adjustment_id="x",
+        currency=2**64,
+        rank_points=10**30,
+        reason="overflow",
+        source=None,
+        lot=None,
+        on=None,
+    )
+    members.save(huge)
+    spending.adjust("after", "a1", 7, 3, "later", LADDER)
+    metrics = Metrics(process=False)
+    projection = build_projection(db, members, metrics=metrics)
+    projection.catch_up()
+    assert projection.position() == projection.head()
+    history = ReadModels(db).history("after", 10)
+    assert ("adjustment", 7, "a1") in [(h.kind, h.currency, h.ref) for h in history]
+    held = ReadModels(db).quarantined()
+    assert [q.event.topic for q in held] == ["Adjusted"]
+    assert held[0].event.member_id == str(Member.create_id("huge"))
+    counted = metrics.registry.get_sample_value(
+        "loyalty_projection_events_quarantined_total", {"projection": PROJECTION_NAME}
+    )
+    assert counted == 1
+    report = Doctor(db).examine()
+    assert report.quarantined == 1 and report.quarantined_streams == [held[0].event.member_id]
+    # and it keeps going for everyone else afterwards
+    spending.adjust("after", "a2", 1, 0, "again", LADDER)
+    projection.catch_up()
+    later = ReadModels(db).history("after", 10)
+    assert [h.ref for h in later if h.kind == "adjustment"] == ["a2", "a1"]

@@ -152,8 +152,15 @@ async def refund(
     body: Annotated[RefundRequest, json_body(RefundRequest, Role.SHOP)],
     container: ContainerDep,
 ) -> OrderBody:
-    """Refund a spent order once; a repeated refund answers the same."""
-    result = await run_in_threadpool(container.spending.refund, user_id, body.order_id, key.name)
+    """Refund a spent order once, in full; a repeated refund answers the same. An
+    operator key may name the order's ``source`` (the shop's key name): the refund is
+    then recorded as made by the operator on the shop's behalf."""
+    source, by = key.name, None
+    if body.source is not None and body.source != key.name:
+        if key.role is not Role.OPERATOR:
+            raise ApiProblem(403, "forbidden", "only an operator key may name another source")
+        source, by = body.source, key.name
+    result = await run_in_threadpool(container.spending.refund, user_id, body.order_id, source, by)
     return OrderBody(order_id=result.order_id, amount=result.amount, currency=result.currency)
 
 

@@ -8,9 +8,10 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from loyalty.adapters.ingress_log import pending_stats
-from loyalty.api.deps import Container, ContainerDep, OperatorKey, read_json_body
+from loyalty.api.deps import Container, ContainerDep, OperatorKey, problem_of
+from loyalty.api.guards import BodyProblem, check_json_content_type, read_limited_body
 from loyalty.api.problems import ApiProblem
-from loyalty.api.schemas import PipelineBody, Problem, RulesBody
+from loyalty.api.schemas import PipelineBody, Problem, RulesBody, rules_document
 from loyalty.domain.rules import rule_set_to_wire
 
 router = APIRouter(tags=["operations"])
@@ -47,9 +48,17 @@ async def get_rules(_key: OperatorKey, container: ContainerDep) -> Any:
 )
 async def put_rules(request: Request, _key: OperatorKey, container: ContainerDep) -> Any:
     """Store a new version of the rules; later awards use it and record its version."""
-    _body, wire = await read_json_body(request, RULES_MAX_BYTES)
-    if not isinstance(wire, dict):
-        raise ApiProblem(422, "invalid_rules", errors=[{"loc": "body", "msg": "must be an object"}])
+    try:
+        check_json_content_type(request.headers)
+        body = await read_limited_body(
+            request.headers, request.stream(), RULES_MAX_BYTES, "body_too_large"
+        )
+        wire = rules_document(body)
+    except BodyProblem as exc:
+        if exc.code == "invalid_rules":
+            errors = [{"loc": "body", "msg": "must be an object"}]
+            raise ApiProblem(422, "invalid_rules", errors=errors) from None
+        raise problem_of(exc) from None
     rule_set = await run_in_threadpool(container.rules.put, wire, container.clock())
     return rule_set_to_wire(rule_set)
 

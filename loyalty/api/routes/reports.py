@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from loyalty.api.deps import ContainerDep, OperatorKey
 from loyalty.api.problems import ApiProblem
-from loyalty.api.schemas import Problem
+from loyalty.api.schemas import Day, Problem
 from loyalty.application.reporting import ReportRangeError, daily_report
 
 router = APIRouter(tags=["operations"])
@@ -119,8 +119,8 @@ class DailyReportBody(BaseModel):
 async def get_daily_report(
     _key: OperatorKey,
     container: ContainerDep,
-    first: Annotated[date, Query(alias="from", description="first UTC day (YYYY-MM-DD)")],
-    last: Annotated[date, Query(alias="to", description="last UTC day, inclusive")],
+    first: Annotated[Day, Query(alias="from", description="first UTC day (YYYY-MM-DD)")],
+    last: Annotated[Day, Query(alias="to", description="last UTC day, inclusive")],
 ) -> Any:
     """Per UTC day: activity by source and type, awards, spending, outstanding currency."""
     assert container.rollups is not None
