@@ -85,7 +85,7 @@ class PipelineStore:
             shard, (int(row[0]), int(row[1])), pending, int(row[4]), int(row[5]), version
         )
 
-    def set_pending(self, shard: int, start: Position, end: Position) -> int | None:
+    def set_pending(self, shard: int, start: Position, end: Position) -> int:
         """Record the window ``(start, end]`` about to be awarded, before any award of it
         is saved: only if the checkpoint still stands at ``start`` with no window noted
         (a compare-and-set). Raises :class:`LeaseLost` when it does not: another worker
@@ -95,8 +95,8 @@ class PipelineStore:
         it reads the newest rules version, notes it with the window (the window is weighed
         under it, also when it is re-read after a crash) and, if the shard has no start
         for that version yet, notes ``start`` as where the version took effect in the
-        shard (see :meth:`version_starts`). Returns the version (None: no version is
-        stored yet)."""
+        shard (see :meth:`version_starts`). Returns the version (1, the built-in default,
+        when none is stored yet)."""
         c = pipeline_checkpoints.c
         with self._db.write() as conn:
             noted = conn.execute(
@@ -114,9 +114,7 @@ class PipelineStore:
             # a statement of its own, after the row lock: a compensation that fixed this
             # shard's start of a version under the same lock committed that version first
             latest = conn.execute(sa.select(sa.func.max(rule_versions.c.version))).scalar()
-            if latest is None:
-                return None
-            version = int(latest)
+            version = 1 if latest is None else int(latest)  # 1: the default, stored on use
             conn.execute(
                 pipeline_checkpoints.update()
                 .where(c.shard == shard)

@@ -28,6 +28,8 @@ class RulesStore:
         """Stored version ``version`` (kept once read: a version never changes)."""
         found = self._versions.get(version)
         if found is None:
+            if version == 1:
+                self.current()  # make sure version 1 (the default) exists
             stored = self.version(version)
             if stored is None:
                 raise LookupError(f"rules version {version} is not stored")
@@ -67,7 +69,9 @@ class RulesStore:
                 sa.select(rule_versions.c.version, rule_versions.c.body)
                 .order_by(rule_versions.c.version.desc())
                 .limit(1)
-            ).one()
+            ).first()
+        if row is None:
+            return self._store_default()
         return parse_rule_set(orjson.loads(row[1]), row[0], require_rank=False)
 
     def version(self, version: int) -> tuple[RuleSet, datetime] | None:

@@ -80,9 +80,9 @@ class CheckpointLike(Protocol):
 
 class PipelineState(Protocol):
     def load(self, shard: int) -> CheckpointLike: ...
-    def set_pending(self, shard: int, start: Position, end: Position) -> int | None:
+    def set_pending(self, shard: int, start: Position, end: Position) -> int:
         """Note the window's end; returns the rules version it is weighed under (read
-        in the same transaction; None: no version stored yet)."""
+        in the same transaction)."""
         ...
 
     def commit(
@@ -214,7 +214,7 @@ class Pipeline:
         if checkpoint.pending is not None:  # a window was started and not finished
             self._ahead.discard()
             end = checkpoint.pending
-            version = checkpoint.pending_version
+            version: int | None = checkpoint.pending_version
             rows = self._reader.read_after(shard, checkpoint.position, 10**9, upto=end)
         else:
             found = self._ahead.take(shard, checkpoint.position)
