@@ -91,6 +91,7 @@ def test_a_window_noted_before_a_version_is_weighed_under_the_older_one_and_comp
     compensation; the window, re-read, is weighed under version 1 (noted with it) and the
     compensation counts it: 20 in all (today's code: re-read under version 2 and also
     compensated: 30)."""
+    RulesStore(db).current()  # version 1 stored
     ingest(db, [purchase("e1", "alice")])
 
     def crash(step: str) -> None:
