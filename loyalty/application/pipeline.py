@@ -2,8 +2,9 @@
 
 Per shard: read the rows past the checkpoint (at most ``chunk``), durably note the end
 of that window together with the rules version it is weighed under (the newest, read in
-the noting transaction: see ``PipelineStore.set_pending``), weigh and aggregate them, then advance the checkpoint together with the
-cap counters and each member's exact contribution to its pending earnings
+the noting transaction: see ``PipelineStore.set_pending``), weigh and aggregate them,
+then advance the checkpoint together with the cap counters and each member's exact
+contribution to its pending earnings
 (``loyalty.application.pending``) in one transaction. A crash anywhere re-reads exactly
 the same window; its contributions are added only by the commit that advances the
 checkpoint, so each event is counted exactly once.
