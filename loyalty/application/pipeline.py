@@ -4,10 +4,10 @@ Per shard: read the rows past the checkpoint (at most ``chunk``), durably note t
 of that window together with the rules version it is weighed under (the newest, read in
 the noting transaction: see ``PipelineStore.set_pending``), weigh and aggregate them,
 then advance the checkpoint together with the cap counters and each member's exact
-contribution to its pending earnings
-(``loyalty.application.pending``) in one transaction. A crash anywhere re-reads exactly
-the same window; its contributions are added only by the commit that advances the
-checkpoint, so each event is counted exactly once.
+contribution to its pending earnings (``loyalty.application.pending``) in one
+transaction. A crash anywhere re-reads exactly the same window (under the version noted
+with it); its contributions are added only by the commit that advances the checkpoint,
+so each event is counted exactly once.
 
 Pending earnings become account events (one ``Awarded`` per member) when the member's
 pending row is older than the award interval (:meth:`Pipeline.record_due`, after each
