@@ -86,7 +86,11 @@ def rules_apply(
         assert since is not None
         receipt = build_compensation(db).apply(wire, _rfc3339(since, "--since"), candidate)
     except PeriodNotRetained as exc:
-        raise fail(exc.message, 2) from None
+        raise fail(
+            f"{exc.message} (an unfinished run is finished first: see "
+            "`loyalty rules compensation list`, and abandon one that can no longer finish)",
+            2,
+        ) from None
     finally:
         db.dispose()
     typer.echo(orjson.dumps(receipt, option=orjson.OPT_INDENT_2).decode())
