@@ -19,7 +19,6 @@ from loyalty.adapters.delivery_store import RELAY_CHANNEL, SqlDeliveryStore
 from loyalty.adapters.erasure_store import SqlErasureStore
 from loyalty.adapters.event_store import event_store_env, stream_loader, worker_env
 from loyalty.adapters.expiry_store import ExpiryLease, MemberLots
-from loyalty.adapters.explanation_store import ExplanationStore
 from loyalty.adapters.ingress_log import create_ingress_log, pending_stats
 from loyalty.adapters.lease_keys import (
     FORGET_LEASE,
@@ -84,19 +83,28 @@ def build_dry_run(
     )
 
 
-def build_compensation(db: Database, members: Members | None = None) -> Compensation:
-    """``loyalty rules apply --compensate``: the accounts' adjustments, the dry run's
-    weighing, the runs' table and the explanations."""
+def build_compensation(
+    db: Database,
+    members: Members | None = None,
+    crash_hook: Callable[[str], None] | None = None,
+) -> Compensation:
+    """``loyalty rules apply --compensate``: the accounts' adjustments (behind the
+    erasure guard), the dry run's weighing, where each version took effect per shard,
+    the runs' table and their explanations."""
     members = members or Members(env=event_store_env(db.settings))
-    accounts = Accounts(members, markers=marker_cache(db), pending=PendingTable(db))
+    markers = marker_cache(db)
+    accounts = Accounts(members, markers=markers, pending=PendingTable(db))
     rules = RulesStore(db)
     return Compensation(
         rules,
         CompensationStore(db),
         build_dry_run(db, db.settings, rules),
         Spending(accounts, ranks=lambda: rules.current().ranks),
-        ExplanationStore(db),
+        PipelineStore(db),
+        markers,
+        shard_count=db.settings.shard_count,
         clock=lambda: datetime.now(UTC),
+        crash_hook=crash_hook,
     )
 
 

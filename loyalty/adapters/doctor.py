@@ -15,7 +15,11 @@ Found (each a scan or an anti-join, cheap enough for an operator command):
   ``loyalty projections rebuild``);
 - balance rows without a stream (``balances_without_stream``): a read model of an erased
   account. Repair: erase the member's read-model rows, unless a forget-me request is
-  still running (it erases them itself).
+  still running (it erases them itself);
+- unfinished compensation runs (``unfinished_compensations``: ``rules apply
+  --compensate`` runs still ``running``, e.g. killed): reported only; finish one with
+  ``loyalty rules compensation resume V`` (or the next ``rules apply --compensate``), or
+  end it with ``loyalty rules compensation abandon V``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from loyalty.adapters.compensation_store import CompensationStore
 from loyalty.adapters.db import Database
 from loyalty.adapters.erasure_store import SqlErasureStore
 from loyalty.adapters.read_models import ReadModels
@@ -51,6 +56,8 @@ class DoctorReport:
     balances_without_stream: list[str] = field(default_factory=list)
     """user ids"""
     unfinished_forget_requests: int = 0
+    unfinished_compensations: list[dict[str, Any]] = field(default_factory=list)
+    """compensation runs still running: versions and times (no user id)"""
 
     @property
     def healthy(self) -> bool:
@@ -59,6 +66,7 @@ class DoctorReport:
             or self.gapped_streams
             or self.quarantined
             or self.balances_without_stream
+            or self.unfinished_compensations
         )
 
     def to_wire(self) -> dict[str, Any]:
@@ -130,6 +138,7 @@ class Doctor:
                     sa.text("SELECT count(*) FROM forget_requests WHERE status <> 'completed'")
                 ).scalar_one()
             )
+        report.unfinished_compensations = CompensationStore(self._db).unfinished_summary()
         read_models = ReadModels(self._db)
         report.quarantined = read_models.quarantined_count()
         report.quarantined_streams = sorted(
@@ -166,6 +175,13 @@ class Doctor:
             done.quarantine_released += read_models.release_quarantined(released)
         for gapped in report.gapped_streams:
             done.skipped.append(f"stream {gapped.member_id} has a gap: not repaired")
+        for run in report.unfinished_compensations:
+            version = run["new_version"]
+            done.skipped.append(
+                f"compensation run of rules v{version} is unfinished: finish it with "
+                f"`loyalty rules compensation resume {version}` or end it with "
+                f"`loyalty rules compensation abandon {version}`"
+            )
         if report.balances_without_stream:
             if report.unfinished_forget_requests:
                 done.skipped.append(

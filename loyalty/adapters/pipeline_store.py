@@ -16,7 +16,12 @@ from sqlalchemy.dialects import postgresql, sqlite
 from loyalty.adapters.db import Database, psycopg_connection
 from loyalty.adapters.pending_store import PendingTable, merge
 from loyalty.adapters.rollup_store import RollupStore
-from loyalty.adapters.tables import pipeline_caps, pipeline_checkpoints
+from loyalty.adapters.tables import (
+    pipeline_caps,
+    pipeline_checkpoints,
+    rule_version_starts,
+    rule_versions,
+)
 from loyalty.application.pending import Contribution, PendingRow
 from loyalty.application.pipeline import LeaseLost
 from loyalty.application.reporting import ActivityFacts
@@ -34,6 +39,9 @@ class Checkpoint:
     pending: Position | None
     processed_total: int
     awards_total: int
+    pending_version: int | None = None
+    """The rules version the noted window is weighed under (None: noted before versions
+    were noted with windows, or no window noted)."""
 
 
 def _insert(db: Database, table: sa.Table) -> Any:
@@ -53,7 +61,13 @@ class PipelineStore:
     def load(self, shard: int) -> Checkpoint:
         c = pipeline_checkpoints.c
         query = sa.select(
-            c.txid, c.seq, c.pending_txid, c.pending_seq, c.processed_total, c.awards_total
+            c.txid,
+            c.seq,
+            c.pending_txid,
+            c.pending_seq,
+            c.processed_total,
+            c.awards_total,
+            c.pending_version,
         ).where(c.shard == shard)
         with self._db.read() as conn:
             row = conn.execute(query).first()
@@ -66,13 +80,23 @@ class PipelineStore:
                 )
             return Checkpoint(shard, (0, 0), None, 0, 0)
         pending = None if row[2] is None else (int(row[2]), int(row[3]))
-        return Checkpoint(shard, (int(row[0]), int(row[1])), pending, int(row[4]), int(row[5]))
+        version = None if pending is None or row[6] is None else int(row[6])
+        return Checkpoint(
+            shard, (int(row[0]), int(row[1])), pending, int(row[4]), int(row[5]), version
+        )
 
-    def set_pending(self, shard: int, start: Position, end: Position) -> None:
+    def set_pending(self, shard: int, start: Position, end: Position) -> int:
         """Record the window ``(start, end]`` about to be awarded, before any award of it
         is saved: only if the checkpoint still stands at ``start`` with no window noted
         (a compare-and-set). Raises :class:`LeaseLost` when it does not: another worker
-        has noted or committed a window of this shard since ``start`` was read."""
+        has noted or committed a window of this shard since ``start`` was read.
+
+        In the same transaction, after the compare-and-set took the checkpoint row's lock,
+        it reads the newest rules version, notes it with the window (the window is weighed
+        under it, also when it is re-read after a crash) and, if the shard has no start
+        for that version yet, notes ``start`` as where the version took effect in the
+        shard (see :meth:`version_starts`). Returns the version (1, the built-in default,
+        when none is stored yet)."""
         c = pipeline_checkpoints.c
         with self._db.write() as conn:
             noted = conn.execute(
@@ -87,6 +111,68 @@ class PipelineStore:
             ).rowcount
             if noted != 1:
                 raise LeaseLost(f"shard {shard}: checkpoint moved from {start}")
+            # a statement of its own, after the row lock: a compensation that fixed this
+            # shard's start of a version under the same lock committed that version first
+            latest = conn.execute(sa.select(sa.func.max(rule_versions.c.version))).scalar()
+            version = 1 if latest is None else int(latest)  # 1: the default, stored on use
+            conn.execute(
+                pipeline_checkpoints.update()
+                .where(c.shard == shard)
+                .values(pending_version=version)
+            )
+            conn.execute(
+                _insert(self._db, rule_version_starts)
+                .values(shard=shard, version=version, txid=start[0], seq=start[1])
+                .on_conflict_do_nothing()
+            )
+            return version
+
+    def version_starts(self, version: int, shards: Iterable[int]) -> dict[int, Position]:
+        """Per shard, where ``version`` took effect: the start of the first window noted
+        under ``version`` or a newer one. Rows at or before it were weighed under older
+        versions; rows after it under ``version`` or newer.
+
+        A shard that has noted no window under ``version`` (or newer) yet gets its start
+        fixed now, under the checkpoint row's lock (the lock the noting compare-and-set
+        takes): the end of the window noted under an older version if one is noted, else
+        the checkpoint's position. Every window noted afterwards reads ``version`` (it is
+        stored before this is called) and starts at or after that position."""
+        s, c = rule_version_starts.c, pipeline_checkpoints.c
+        found: dict[int, Position] = {}
+        for shard in shards:
+            with self._db.write() as conn:
+                conn.execute(
+                    _insert(self._db, pipeline_checkpoints)
+                    .values(shard=shard)
+                    .on_conflict_do_nothing()
+                )
+                lock = sa.select(c.txid, c.seq, c.pending_txid, c.pending_seq).where(
+                    c.shard == shard
+                )
+                if self._db.backend == "postgresql":
+                    lock = lock.with_for_update()
+                point = conn.execute(lock).one()
+                known = conn.execute(
+                    sa.select(s.txid, s.seq)
+                    .where(s.shard == shard, s.version >= version)
+                    .order_by(s.txid, s.seq)
+                    .limit(1)
+                ).first()
+                if known is None:
+                    at = (
+                        (int(point[0]), int(point[1]))
+                        if point[2] is None
+                        else (int(point[2]), int(point[3]))
+                    )
+                    conn.execute(
+                        _insert(self._db, rule_version_starts)
+                        .values(shard=shard, version=version, txid=at[0], seq=at[1])
+                        .on_conflict_do_nothing()
+                    )
+                    found[shard] = at
+                else:
+                    found[shard] = (int(known[0]), int(known[1]))
+        return found
 
     def commit(
         self,

@@ -11,7 +11,7 @@ import orjson
 import sqlalchemy as sa
 
 from loyalty.adapters.db import Database
-from loyalty.adapters.tables import rule_versions
+from loyalty.adapters.tables import rule_compensations, rule_versions
 from loyalty.domain.expiry import month_of
 from loyalty.domain.rules import DEFAULT_RULES_WIRE, RuleSet, parse_rule_set, rule_set_to_wire
 
@@ -22,6 +22,19 @@ class RulesStore:
         self._cache_seconds = cache_seconds
         self._cached: tuple[float, RuleSet] | None = None
         self._lock = threading.Lock()
+        self._versions: dict[int, RuleSet] = {}  # stored versions never change
+
+    def at(self, version: int) -> RuleSet:
+        """Stored version ``version`` (kept once read: a version never changes)."""
+        found = self._versions.get(version)
+        if found is None:
+            if version == 1:
+                self.current()  # make sure version 1 (the default) exists
+            stored = self.version(version)
+            if stored is None:
+                raise LookupError(f"rules version {version} is not stored")
+            found = self._versions[version] = stored[0]
+        return found
 
     def current(self) -> RuleSet:
         """The newest rule set (re-read at most every ``cache_seconds``)."""
@@ -56,7 +69,9 @@ class RulesStore:
                 sa.select(rule_versions.c.version, rule_versions.c.body)
                 .order_by(rule_versions.c.version.desc())
                 .limit(1)
-            ).one()
+            ).first()
+        if row is None:
+            return self._store_default()
         return parse_rule_set(orjson.loads(row[1]), row[0], require_rank=False)
 
     def version(self, version: int) -> tuple[RuleSet, datetime] | None:
@@ -69,8 +84,17 @@ class RulesStore:
         created = row[1] if row[1].tzinfo is not None else row[1].replace(tzinfo=UTC)
         return parse_rule_set(orjson.loads(row[0]), version, require_rank=False), created
 
-    def put(self, wire: dict[str, object], now: datetime | None = None) -> RuleSet:
-        """Validate and store a new version (raises InvalidRules).
+    def put(
+        self,
+        wire: dict[str, object],
+        now: datetime | None = None,
+        *,
+        compensate_since: datetime | None = None,
+    ) -> RuleSet:
+        """Validate and store a new version (raises InvalidRules). With
+        ``compensate_since``, the version's compensation run (``rule_compensations``,
+        state ``running``) is inserted in the same transaction: a run is never lost
+        between the two, whatever crashes or rules changes follow.
 
         Currency expiry without ``effective_from`` is stamped with the month expiry was
         turned on: the previous version's, if it had expiry on, else the month of
@@ -94,8 +118,20 @@ class RulesStore:
                 latest = conn.execute(sa.select(sa.func.max(rule_versions.c.version))).scalar()
                 version = int(latest or 0) + 1
                 rule_set = parse_rule_set(wire, version)
-                stmt = _insert_ignore(self._db, version, rule_set)
+                stored_at = datetime.now(UTC)
+                stmt = _insert_ignore(self._db, version, rule_set, stored_at)
                 if conn.execute(stmt.returning(rule_versions.c.version)).first() is not None:
+                    if compensate_since is not None:
+                        conn.execute(
+                            rule_compensations.insert().values(
+                                new_version=version,
+                                old_version=version - 1,
+                                since=compensate_since,
+                                until=stored_at,
+                                state="running",
+                                started_at=stored_at,
+                            )
+                        )
                     self._cached = None
                     return rule_set
         raise RuntimeError("could not store a new rules version after 20 attempts")
@@ -111,9 +147,11 @@ class RulesStore:
         return [(int(v), at if at.tzinfo else at.replace(tzinfo=UTC)) for v, at in rows]
 
 
-def _insert_ignore(db: Database, version: int, rule_set: RuleSet) -> sa.Insert:
+def _insert_ignore(
+    db: Database, version: int, rule_set: RuleSet, at: datetime | None = None
+) -> sa.Insert:
     body = orjson.dumps(rule_set_to_wire(rule_set)).decode()
-    values = {"version": version, "body": body, "created_at": datetime.now(UTC)}
+    values = {"version": version, "body": body, "created_at": at or datetime.now(UTC)}
     if db.backend == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as pg_insert
 

@@ -81,7 +81,20 @@ pipeline_checkpoints = sa.Table(
     sa.Column("processed_total", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("awards_total", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("updated_at", Timestamp),
+    # issue 25: the rules version the noted window (pending) is weighed under
+    sa.Column("pending_version", sa.Integer),
 )
+
+rule_version_starts = sa.Table(
+    "rule_version_starts",
+    metadata,
+    sa.Column("shard", sa.Integer, primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("txid", sa.BigInteger, nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+)
+"""Per shard, the checkpoint position where a rules version took effect: rows at or
+before it were weighed under older versions (issue 25)."""
 
 pipeline_caps = sa.Table(
     "pipeline_caps",

@@ -727,18 +727,28 @@ class Spending:
         rank_points: int,
         reason: str,
         source: str | None = None,
-    ) -> tuple[int, int, bool]:
+        fence: int | None = None,
+    ) -> tuple[int, int, bool] | None:
         """An adjustment that never takes a balance below zero: a deduction larger than
         the balance (after the member's pending earnings are recorded in the same save)
         deducts what is there. Idempotent by ``source``'s ``adjustment_id``: a replay
         changes nothing and answers what was applied the first time. Returns (currency,
-        rank points applied, replayed)."""
+        rank points applied, replayed).
 
-        def action() -> tuple[tuple[int, int, bool], str, int]:
+        ``fence``: the erasure generation the caller read before it weighed what it
+        compensates; the save passes it to the event insert, which refuses a member being
+        erased or erased since. Then nothing is saved (no account is created) and the
+        answer is None."""
+
+        def action() -> tuple[tuple[int, int, bool] | None, str, int]:
             try:
                 member = self._accounts.get(user_id)
             except MemberNotFound:
                 member = Member(user_id=user_id)
+            except MemberBeingErased:
+                if fence is None:
+                    raise
+                return None, "erased", 0
             done = member.adjustments.get(member.adjustment_key(adjustment_id, source))
             if done is not None:
                 return (done.currency, done.rank_points, True), REPLAYED, done.currency
@@ -747,7 +757,17 @@ class Spending:
             applied_currency = max(currency, -member.currency)
             applied_points = max(rank_points, -member.rank_points)
             member.adjust(adjustment_id, applied_currency, applied_points, reason, ranks, source)
-            self._save(member, row)
+            if fence is None:
+                self._save(member, row)
+            else:
+                try:
+                    self._accounts.save(member, fence=fence, consumed=() if row is None else (row,))
+                except StreamErased as exc:
+                    if exc.reason == "gone":  # a stale copy: read again
+                        raise
+                    with contextlib.suppress(MemberBeingErased):
+                        self._accounts.refused(exc)  # evicts; raises while erasing
+                    return None, "erased", 0
             return (applied_currency, applied_points, False), APPLIED, applied_currency
 
         return self._observed(

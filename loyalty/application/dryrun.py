@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -203,15 +203,19 @@ class DryRun:
         current: RuleSet | None = None,
         received_before: datetime | None = None,
         summaries: bool = False,
+        upto: Mapping[int, Position] | None = None,
+        skip: Callable[[IngressRow], bool] | None = None,
     ) -> Comparison:
         """Weigh the period under ``current`` (default: the current rules) and
         ``candidate``. ``summaries``: keep each member's per-type summaries (for the
-        explanation of a compensation)."""
+        explanation of a compensation). ``upto``: per shard, only rows at or before
+        this position (a compensation: what was weighed under older versions).
+        ``skip``: rows left out (a compensation: events of forgotten members)."""
         started = time.monotonic()
         baseline = current if current is not None else self._rules.current()
         result = Comparison(first, end, baseline, candidate)
         for rows_cur, rows_cand, count in self._chunks(
-            baseline, candidate, first, end, received_before, summaries
+            baseline, candidate, first, end, received_before, summaries, upto, skip
         ):
             result.events += count
             self._fold(result, rows_cur, rows_cand, summaries)
@@ -226,26 +230,34 @@ class DryRun:
         end: date,
         received_before: datetime | None,
         summaries: bool,
+        upto: Mapping[int, Position] | None = None,
+        skip: Callable[[IngressRow], bool] | None = None,
     ) -> Iterator[tuple[AggregationResult, AggregationResult, int]]:
         day = first
         while day < end:
             for shard in range(self._shards):
                 caps_current, caps_candidate = CapCounter(), CapCounter()
                 after = BEFORE_ALL
+                bound = None if upto is None else upto.get(shard, BEFORE_ALL)
                 while True:
                     started = time.monotonic()
-                    rows = self._reader.read_day(day, shard, after, self.chunk, received_before)
-                    if not rows:
+                    read = self._reader.read_day(day, shard, after, self.chunk, received_before)
+                    if not read:
                         break
-                    yield (
-                        aggregate(rows, current, caps_current, explain=True),
-                        aggregate(rows, candidate, caps_candidate, explain=True),
-                        len(rows),
-                    )
-                    after = rows[-1].position
+                    after = read[-1].position
+                    rows = read if bound is None else [r for r in read if r.position <= bound]
+                    more = len(rows) == len(read) >= self.chunk  # a full chunk, none past
+                    if skip is not None:
+                        rows = [r for r in rows if not skip(r)]
+                    if rows:
+                        yield (
+                            aggregate(rows, current, caps_current, explain=True),
+                            aggregate(rows, candidate, caps_candidate, explain=True),
+                            len(rows),
+                        )
                     if self.duty < 1:
                         time.sleep((time.monotonic() - started) * (1 / self.duty - 1))
-                    if len(rows) < self.chunk:
+                    if not more:
                         break
             day += timedelta(days=1)
 

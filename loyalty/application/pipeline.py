@@ -1,11 +1,13 @@
 """The weighting pipeline: ingress log -> rules -> pending earnings -> recorded awards.
 
 Per shard: read the rows past the checkpoint (at most ``chunk``), durably note the end
-of that window, weigh and aggregate them, then advance the checkpoint together with the
-cap counters and each member's exact contribution to its pending earnings
-(``loyalty.application.pending``) in one transaction. A crash anywhere re-reads exactly
-the same window; its contributions are added only by the commit that advances the
-checkpoint, so each event is counted exactly once.
+of that window together with the rules version it is weighed under (the newest, read in
+the noting transaction: see ``PipelineStore.set_pending``), weigh and aggregate them,
+then advance the checkpoint together with the cap counters and each member's exact
+contribution to its pending earnings (``loyalty.application.pending``) in one
+transaction. A crash anywhere re-reads exactly the same window (under the version noted
+with it); its contributions are added only by the commit that advances the checkpoint,
+so each event is counted exactly once.
 
 Pending earnings become account events (one ``Awarded`` per member) when the member's
 pending row is older than the award interval (:meth:`Pipeline.record_due`, after each
@@ -74,11 +76,17 @@ class CheckpointLike(Protocol):
     def position(self) -> Position: ...
     @property
     def pending(self) -> Position | None: ...
+    @property
+    def pending_version(self) -> int | None: ...
 
 
 class PipelineState(Protocol):
     def load(self, shard: int) -> CheckpointLike: ...
-    def set_pending(self, shard: int, start: Position, end: Position) -> None: ...
+    def set_pending(self, shard: int, start: Position, end: Position) -> int:
+        """Note the window's end; returns the rules version it is weighed under (read
+        in the same transaction)."""
+        ...
+
     def commit(
         self,
         shard: int,
@@ -98,6 +106,12 @@ class PipelineState(Protocol):
 
 class RulesSource(Protocol):
     def current(self) -> RuleSet: ...
+
+
+class VersionedRules(RulesSource, Protocol):
+    def at(self, version: int) -> RuleSet:
+        """A stored version (they never change)."""
+        ...
 
 
 class PipelineMetrics(Protocol):
@@ -133,7 +147,7 @@ class Pipeline:
         self,
         reader: IngressReader,
         state: PipelineState,
-        rules: RulesSource,
+        rules: VersionedRules,
         accounts: Accounts,
         *,
         chunk: int,
@@ -202,6 +216,7 @@ class Pipeline:
         if checkpoint.pending is not None:  # a window was started and not finished
             self._ahead.discard()
             end = checkpoint.pending
+            version: int | None = checkpoint.pending_version
             rows = self._reader.read_after(shard, checkpoint.position, 10**9, upto=end)
         else:
             found = self._ahead.take(shard, checkpoint.position)
@@ -215,10 +230,12 @@ class Pipeline:
                 return 0
             end = rows[-1].position
             self._crash_hook("window_read")
-            self._state.set_pending(shard, checkpoint.position, end)
+            version = self._state.set_pending(shard, checkpoint.position, end)
             self._read_next(shard, end, len(rows) >= self.chunk, then)
         self._crash_hook("window_noted")
-        rule_set = self._rules.current()
+        # the version noted with the window (never a cached "current": see set_pending);
+        # none only for a window noted before versions were noted with windows
+        rule_set = self._rules.current() if version is None else self._rules.at(version)
         window_size = len(rows)
         if self._any_forgotten():  # events of forgotten members that slipped in
             rows = [r for r in rows if not self._was_forgotten(r)]

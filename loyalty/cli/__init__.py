@@ -558,6 +558,10 @@ def doctor_cmd(
         table.add_row("quarantined events", str(found.quarantined))
         table.add_row("balance rows without a stream", str(len(found.balances_without_stream)))
         table.add_row("forget-me requests not completed", str(found.unfinished_forget_requests))
+        table.add_row(
+            "unfinished compensation runs (rules versions)",
+            ", ".join(str(r["new_version"]) for r in found.unfinished_compensations) or "0",
+        )
         out.print(table)
         for orphan in found.orphan_streams:
             out.print(

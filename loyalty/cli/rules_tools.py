@@ -60,8 +60,10 @@ def rules_apply(
     ] = False,
 ) -> None:
     """Make a rules file current; with --compensate, also compensate every member for
-    what the new rules would have awarded since --since (idempotent: a re-run finishes
-    an interrupted run and then does nothing). Prints the receipt as JSON."""
+    what the new rules would have awarded since --since for the events weighed under the
+    older rules (idempotent: a re-run finishes an interrupted run and then does nothing;
+    any unfinished run is finished first, whatever rules were stored since). Prints the
+    receipt as JSON."""
     from loyalty.adapters.rules_store import RulesStore
     from loyalty.domain.errors import InvalidRules, PeriodNotRetained
     from loyalty.domain.rules import parse_rule_set
@@ -84,7 +86,76 @@ def rules_apply(
         assert since is not None
         receipt = build_compensation(db).apply(wire, _rfc3339(since, "--since"), candidate)
     except PeriodNotRetained as exc:
-        raise fail(exc.message, 2) from None
+        raise fail(
+            f"{exc.message} (an unfinished run is finished first: see "
+            "`loyalty rules compensation list`, and abandon one that can no longer finish)",
+            2,
+        ) from None
     finally:
         db.dispose()
     typer.echo(orjson.dumps(receipt, option=orjson.OPT_INDENT_2).decode())
+
+
+compensation_app = typer.Typer(
+    help="Compensation runs of `rules apply --compensate`: list, resume, abandon.",
+    no_args_is_help=True,
+)
+rules_app.add_typer(compensation_app, name="compensation")
+
+
+def _echo(wire: object) -> None:
+    typer.echo(orjson.dumps(wire, option=orjson.OPT_INDENT_2).decode())
+
+
+@compensation_app.command("list")
+def compensation_list() -> None:
+    """The unfinished compensation runs (rules versions, periods, start times) as JSON."""
+    from loyalty.adapters.compensation_store import CompensationStore
+
+    db = open_database(load_settings())
+    try:
+        _echo(CompensationStore(db).unfinished_summary())
+    finally:
+        db.dispose()
+
+
+@compensation_app.command("resume")
+def compensation_resume(
+    version: Annotated[int, typer.Argument(help="the run's new rules version")],
+) -> None:
+    """Finish the unfinished compensation run of VERSION (whatever rules were stored
+    since); prints its receipt as JSON."""
+    from loyalty.application.compensation import RunNotFound
+    from loyalty.domain.errors import PeriodNotRetained
+    from loyalty.worker import build_compensation
+
+    db = open_database(load_settings())
+    try:
+        receipt = build_compensation(db).resume(version)
+    except RunNotFound as exc:
+        raise fail(str(exc), 2) from None
+    except PeriodNotRetained as exc:
+        raise fail(f"{exc.message} (abandon the run instead)", 2) from None
+    finally:
+        db.dispose()
+    _echo(receipt)
+
+
+@compensation_app.command("abandon")
+def compensation_abandon(
+    version: Annotated[int, typer.Argument(help="the run's new rules version")],
+) -> None:
+    """End the unfinished compensation run of VERSION without finishing it: members it
+    already compensated keep their adjustment, the others get none. Prints the receipt
+    (state abandoned, members compensated before) as JSON."""
+    from loyalty.application.compensation import RunNotFound
+    from loyalty.worker import build_compensation
+
+    db = open_database(load_settings())
+    try:
+        receipt = build_compensation(db).abandon(version)
+    except RunNotFound as exc:
+        raise fail(str(exc), 2) from None
+    finally:
+        db.dispose()
+    _echo(receipt)
