@@ -38,9 +38,10 @@ EDGE_NUMBERS += [str(2**63 - 1), str(2**63), str(-(2**63) - 1), str(10**30), "10
 EDGE_NUMBERS += ["99999999999999999999", " 5", "5 ", "+5", "0x10", "1_000", "٣", ""]
 EDGE_DAYS = ["9999-12-31", "0001-01-01", "0001-01-05", "1969-12-31", "9000-12-31"]
 EDGE_DAYS += ["9001-01-01", "2026-02-30", "2026-11-01", "20261101", "", "-2026-01-01"]
-NASTY = ["\x00", "\x1b", "\x7f", "\n", "\u202e", "\ufeff", "\U0001f600", "\ud800", "/"]
+# a browser cannot send a lone surrogate in a form (it sends U+FFFD): none here
+NASTY = ["\x00", "\x1b", "\x7f", "\n", "\u202e", "\ufeff", "\U0001f600", "/"]
 
-text = st.text(st.one_of(st.characters(), st.sampled_from(NASTY)), max_size=300)
+text = st.text(st.one_of(st.characters(codec="utf-8"), st.sampled_from(NASTY)), max_size=300)
 number = st.one_of(st.sampled_from(EDGE_NUMBERS), st.integers().map(str), text)
 day = st.one_of(st.sampled_from(EDGE_DAYS), st.dates().map(str), text)
 user_id = st.one_of(st.sampled_from(["alice", "bob"]), text)
