@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -168,14 +169,11 @@ def test_a_partition_is_created_for_a_new_day(settings, db: Database) -> None:  
     assert day.date() not in log.partitions()
     # Two processes' logs racing to create the same day both succeed.
     other = PostgresIngressLog(Database(settings))
-    threads = [
-        threading.Thread(target=lg.append, args=([rec(f"x{i}", at=day)],))
-        for i, lg in enumerate([log, other])
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(2) as pool:
+        appends = [
+            pool.submit(lg.append, [rec(f"x{i}", at=day)]) for i, lg in enumerate([log, other])
+        ]
+        assert [f.result() for f in appends] == [1, 1]  # both stored their row, neither raised
     assert day.date() in log.partitions()
     with db.read() as conn:
         bounds = conn.execute(
