@@ -28,6 +28,28 @@ PG_ADMIN_URL = os.environ.get("LOYALTY_TEST_PG", "postgresql://postgres@127.0.0.
 BACKENDS = ["sqlite", "postgresql"]
 
 
+def backends(*names: str) -> pytest.MarkDecorator:
+    """Runs a test on ``names`` only: its ``settings`` (and so ``db``) parametrized for
+    them, where a test for one backend used to skip on the other (the skip list, -ra,
+    then shows only real skips)."""
+    assert names and set(names) <= set(BACKENDS), names
+    return pytest.mark.parametrize("settings", names, indirect=True)
+
+
+def required_tool(name: str, *paths: str) -> str:
+    """The path of an external program a test needs (on PATH or at one of ``paths``):
+    the test skips where it is missing, and with CI set fails (.ci/run installs it),
+    like PostgreSQL, RabbitMQ and Chromium."""
+    found = shutil.which(name) or next(
+        (p for p in paths if Path(p).is_file() and os.access(p, os.X_OK)), None
+    )
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is required in CI and not installed (.ci/run installs it)")
+        pytest.skip(f"{name} is not installed")
+    return found
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         tier = Path(str(item.fspath)).parent.name

@@ -25,6 +25,7 @@ from fastapi.testclient import TestClient
 
 from loyalty.adapters.db import Database
 from loyalty.worker import build_relay, run_relay
+from tests.conftest import backends
 from tests.e2e.live import LOYALTY, env_for
 
 
@@ -137,6 +138,7 @@ def test_relay_publishes_every_event_persistent_in_commit_order(
         consumer.close()
 
 
+@backends("postgresql")
 @pytest.mark.slow
 def test_relay_killed_ten_times_loses_nothing(
     client: TestClient,
@@ -146,8 +148,6 @@ def test_relay_killed_ten_times_loses_nothing(
     exchange: str,
     tmp_path: Path,
 ) -> None:
-    if db.settings.backend != "postgresql":
-        pytest.skip("the delivering side is what this proves: once, on postgresql")
     ops, feed = make_key("operator", "ops"), make_key("feed", "f")
     consumer = Consumer(amqp_url, exchange)
     stop = threading.Event()
@@ -211,6 +211,7 @@ def rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
 
 
+@backends("sqlite")
 @pytest.mark.slow
 def test_broker_restart_mid_stream_loses_nothing(
     client: TestClient,
@@ -221,8 +222,6 @@ def test_broker_restart_mid_stream_loses_nothing(
 ) -> None:
     """The machine's shared broker is stopped and started (stop_app / start_app) while
     the relay publishes; it is always started again."""
-    if db.settings.backend != "sqlite":
-        pytest.skip("the delivering side is what this proves: once, on sqlite")
     ops, feed = make_key("operator", "ops"), make_key("feed", "f")
     consumer = Consumer(amqp_url, exchange)
     loop = build_relay(db, amqp_url, exchange=exchange, batch_size=20)
@@ -313,6 +312,7 @@ def consume_with(url: str, queue: str, consumers: int, total: int) -> tuple[int,
     return most[0], acked
 
 
+@backends("sqlite")
 @pytest.mark.slow
 def test_queue_consumers_scale_and_handle_each_message_once(
     client: TestClient,
@@ -324,8 +324,6 @@ def test_queue_consumers_scale_and_handle_each_message_once(
     """The seed's stress scenario on the relay's queue: handlers sleep 1 s; 8 consumers
     handle several messages at once (2 never more than 2: prefetch 1); every id is
     acknowledged once. (Counts, not wall-clock ratios: those fail on a busy machine.)"""
-    if db.settings.backend != "sqlite":
-        pytest.skip("the delivering side is what this proves: once, on sqlite")
     ops, feed = make_key("operator", "ops"), make_key("feed", "f")
     consumer = Consumer(amqp_url, exchange)  # declares the durable queue, bound '#'
     loop = build_relay(db, amqp_url, exchange=exchange, batch_size=50)

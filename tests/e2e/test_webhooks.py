@@ -29,7 +29,7 @@ from loyalty.application.delivery import RetryPolicy
 from loyalty.config import Settings
 from loyalty.observability import Metrics
 from loyalty.worker import build_forget_service, build_webhook_dispatcher
-from tests.conftest import Clock
+from tests.conftest import Clock, backends
 from tests.e2e.live import LOYALTY, env_for
 
 HOOKS = "/v1/webhooks"
@@ -366,6 +366,7 @@ def test_forgotten_member_notice_is_delivered_once_and_leaves_no_row(
         all_types.close()
 
 
+@backends("sqlite")
 @pytest.mark.slow
 def test_delivering_process_killed_ten_times_loses_nothing(
     api: TestClient,
@@ -376,8 +377,6 @@ def test_delivering_process_killed_ten_times_loses_nothing(
 ) -> None:
     """``loyalty webhooks run`` is killed with SIGKILL 10 times while events commit;
     every event id arrives, per member in commit order, duplicates only in flight."""
-    if db.settings.backend != "sqlite":
-        pytest.skip("the delivering side is what this proves: once, on sqlite")
     ops, feed = make_key("operator", "ops"), make_key("feed", "f")
     receiver = Receiver()
     subscribe(api, ops, receiver.url, ["member.adjusted"])
@@ -476,9 +475,8 @@ def test_an_undeliverable_forgotten_notice_is_given_up_not_kept(
         dead.close()
 
 
+@backends("sqlite")
 def test_cli_create_list_dead_letters_replay_delete(settings: Settings, db: Database) -> None:
-    if settings.backend != "sqlite":
-        pytest.skip("the command line is the same on both backends: once, on sqlite")
     from datetime import UTC, datetime
 
     from loyalty.adapters.delivery_store import SqlDeliveryStore
