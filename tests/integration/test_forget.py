@@ -197,6 +197,7 @@ def test_canary_leaves_no_trace(
     assert service.run_pending() == 0  # a repeated run is harmless
 
 
+@pytest.mark.slow  # in-process but long: left out of make test-fast
 @pytest.mark.parametrize(
     "crash_after",
     [
