@@ -70,7 +70,8 @@ def test_a_lease_asked_again_and_again_is_released_by_one_release(settings: Sett
         with psycopg.connect(settings.database_url) as conn:
             count = conn.execute(
                 "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s "
-                "AND objid = 7",
+                "AND objid = 7 AND database = (SELECT oid FROM pg_database "
+                "WHERE datname = current_database())",  # not other sessions' databases
                 (SHARD_LEASE_NS,),
             ).fetchone()
         assert count == (1,)
