@@ -26,6 +26,12 @@ serve: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# The quick loop (<= 3 min): every test but those marked slow, and tests/conftest.py marks
+# slow every test that starts another process (a live server, the CLI, a worker, a
+# PostgreSQL cluster, nginx, a browser). `make test` runs them all.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
 lint: install
 	$(BIN)/ruff check loyalty alembic tests benchmarks
 	$(BIN)/ruff format --check loyalty alembic tests benchmarks

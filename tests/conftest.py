@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -28,6 +29,28 @@ PG_ADMIN_URL = os.environ.get("LOYALTY_TEST_PG", "postgresql://postgres@127.0.0.
 BACKENDS = ["sqlite", "postgresql"]
 
 
+def backends(*names: str) -> pytest.MarkDecorator:
+    """Runs a test on ``names`` only: its ``settings`` (and so ``db``) parametrized for
+    them, where a test for one backend used to skip on the other (the skip list, -ra,
+    then shows only real skips)."""
+    assert names and set(names) <= set(BACKENDS), names
+    return pytest.mark.parametrize("settings", names, indirect=True)
+
+
+def required_tool(name: str, *paths: str) -> str:
+    """The path of an external program a test needs (on PATH or at one of ``paths``):
+    the test skips where it is missing, and with CI set fails (.ci/run installs it),
+    like PostgreSQL, RabbitMQ and Chromium."""
+    found = shutil.which(name) or next(
+        (p for p in paths if Path(p).is_file() and os.access(p, os.X_OK)), None
+    )
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is required in CI and not installed (.ci/run installs it)")
+        pytest.skip(f"{name} is not installed")
+    return found
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         tier = Path(str(item.fspath)).parent.name
@@ -35,6 +58,67 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.unit)
         elif tier in ("integration", "e2e"):
             item.add_marker(getattr(pytest.mark, tier))
+        if "slow" not in item.keywords and starts_processes(item):
+            item.add_marker(pytest.mark.slow)
+
+
+# What starts another process: the subprocess module (the CLI, `loyalty serve`, workers,
+# initdb, nginx, rabbitmqctl, ...) and Playwright (a browser).
+_PROCESS_STARTERS = {"subprocess", "playwright.sync_api"}
+
+
+def starts_processes(item: pytest.Item) -> bool:
+    """Whether a test starts other processes (a live server, the CLI, a worker, a
+    cluster, a browser): the code of the test, of its fixtures and of every function or
+    class of tests/ they use, followed name by name. Such tests are marked ``slow``, so
+    ``make test-fast`` (-m "not slow") leaves them out without anyone marking them."""
+    roots: list[object] = [getattr(item, "function", None)]
+    info = getattr(item, "_fixtureinfo", None)
+    if info is not None:
+        roots += [d.func for defs in info.name2fixturedefs.values() for d in defs]
+    seen: set[int] = set()
+    return any(_reaches_processes(root, seen) for root in roots)
+
+
+def _reaches_processes(obj: object, seen: set[int]) -> bool:
+    import inspect
+    import types
+
+    if id(obj) in seen:
+        return False
+    seen.add(id(obj))
+    if isinstance(obj, types.ModuleType):
+        return obj.__name__ in _PROCESS_STARTERS
+    if getattr(obj, "__module__", None) in _PROCESS_STARTERS:
+        return True  # e.g. subprocess.Popen, sync_playwright imported by name
+    obj = inspect.unwrap(obj) if callable(obj) else obj  # type: ignore[arg-type]
+    module = getattr(obj, "__module__", None) or ""
+    if not module.startswith("tests"):
+        return False  # the code under test and libraries: not followed
+    if isinstance(obj, type):
+        return any(_reaches_processes(v, seen) for v in vars(obj).values())
+    if isinstance(obj, (staticmethod, classmethod, property)):
+        return _reaches_processes(obj.__func__ if not isinstance(obj, property) else obj.fget, seen)
+    code = getattr(obj, "__code__", None)
+    if code is None:
+        return False
+    names: set[str] = set()
+    stack = [code]
+    while stack:
+        c = stack.pop()
+        names.update(c.co_names)
+        stack += [k for k in c.co_consts if isinstance(k, types.CodeType)]
+    if names & _PROCESS_STARTERS:
+        return True  # `import subprocess` inside the function
+    # names of the module's globals, and of tests modules imported inside the function
+    # (`from tests.e2e.live import cli`)
+    scopes = [getattr(obj, "__globals__", {})]
+    scopes += [vars(sys.modules[n]) for n in names if n.startswith("tests") and n in sys.modules]
+    return any(
+        name in scope and _reaches_processes(scope[name], seen)
+        for scope in scopes
+        for name in names
+    )
 
 
 class Clock:

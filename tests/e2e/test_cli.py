@@ -160,6 +160,7 @@ def test_rules_load_refuses_bad_files_in_one_line(
     assert json.loads(run("rules", "show").stdout)["version"] == 1  # nothing stored
 
 
+@pytest.mark.slow  # in-process but long: left out of make test-fast
 def test_report_prints_a_table_and_writes_a_png(
     run: Run,
     client: TestClient,

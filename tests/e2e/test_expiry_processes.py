@@ -161,7 +161,15 @@ def test_kill_9_of_the_worker_during_its_expiry_run(settings: Settings, db: Data
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        time.sleep(rnd.uniform(2.0, 3.5))
+        # killed soon after its run's first expiry commits (a fixed sleep missed the run
+        # on a fast or a loaded machine), as the expiry run above
+        before, deadline = head(settings), time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            if head(settings) > before:
+                time.sleep(rnd.uniform(0.0, 0.3))
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the worker exited"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         progress.append(head(settings) - start)

@@ -108,6 +108,7 @@ def test_openapi_declares_problem_json_on_every_route(fuzz_app: Any) -> None:
                 assert {"413", "415", "422"} <= responses.keys(), (method, path)
 
 
+@pytest.mark.slow  # in-process but long: left out of make test-fast
 def test_fuzz_every_operation_with_every_role(fuzz_app: Any) -> None:
     app, keys = fuzz_app
     schema = schemathesis.openapi.from_dict(app.openapi())

@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
 
@@ -83,14 +84,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def answer(sock: socket.socket, timeout: float = 10.0) -> bytes:
-    """Everything the server sends until it closes (or ``timeout``)."""
+    """Everything the server sends until it closes. A server that neither sends nor
+    closes for ``timeout`` seconds (a hung server) fails the test."""
     sock.settimeout(timeout)
     data = b""
     try:
         while chunk := sock.recv(65536):
             data += chunk
-    except (ConnectionResetError, TimeoutError):
+    except ConnectionResetError:
         pass
+    except TimeoutError:
+        raise AssertionError(f"no answer and no close within {timeout} s: {data[:200]!r}") from None
     return data
 
 
@@ -111,35 +115,52 @@ def flood(sock: socket.socket, chunks: Iterator[bytes], sent: list[int]) -> None
 
 class Latency:
     """Times /healthz on a fresh connection each time, in a thread, until stopped
-    (raw sockets: an HTTP client library's own set-up would dominate the figure)."""
+    (raw sockets: an HTTP client library's own set-up would dominate the figure).
 
-    def __init__(self, base: str) -> None:
+    A probe that gets no answer within ``timeout`` seconds, or not a 200, fails the test
+    (raised again in the test's thread on leaving the ``with`` block); the block lasts
+    until at least ``MIN_SAMPLES`` probes were answered, and p99 needs them."""
+
+    MIN_SAMPLES = 20
+
+    def __init__(self, base: str, timeout: float = 5.0) -> None:
         self.base = base
+        self.timeout = timeout
         self.samples: list[float] = []
+        self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         host, port = self.base.removeprefix("http://").split(":")
-        while not self._stop.is_set():
-            started = time.perf_counter()
-            with socket.create_connection((host, int(port)), timeout=10) as sock:
-                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                data = answer(sock)
-            self.samples.append(time.perf_counter() - started)
-            assert status(data) == 200
-            time.sleep(0.01)
+        try:
+            while not self._stop.is_set():
+                started = time.perf_counter()
+                with socket.create_connection((host, int(port)), timeout=self.timeout) as sock:
+                    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    data = answer(sock, timeout=self.timeout)
+                assert status(data) == 200, data[:200]
+                self.samples.append(time.perf_counter() - started)
+                time.sleep(0.01)
+        except BaseException as exc:  # handed to the test's thread by __exit__
+            self.error = exc
 
     def __enter__(self) -> Latency:
         self._thread.start()
         return self
 
     def __exit__(self, *_exc: object) -> None:
+        # every probe is bounded by the timeout: this ends, answered or failed
+        while len(self.samples) < self.MIN_SAMPLES and self._thread.is_alive():
+            time.sleep(0.01)
         self._stop.set()
         self._thread.join()
+        if self.error is not None:
+            raise AssertionError(f"latency probe failed: {self.error!r}") from self.error
 
     def p99(self) -> float:
-        return statistics.quantiles(self.samples, n=100)[98] if len(self.samples) > 2 else 0.0
+        assert len(self.samples) >= self.MIN_SAMPLES, f"too few probes answered: {self.samples}"
+        return statistics.quantiles(self.samples, n=100)[98]
 
 
 def test_a_120_mb_header_is_refused_unread(server: Server) -> None:
@@ -194,8 +215,8 @@ def test_millions_of_small_headers_are_refused_with_bounded_memory(server: Serve
     sock = server.connect()
     sock.sendall(b"GET /healthz HTTP/1.1\r\n" + b"a: b\r\n" * 101 + b"\r\n")
     assert status(answer(sock)) == 431
-    sock = server.connect()
-    sock.sendall(b"GET /healthz HTTP/1.1\r\n" + b"a: b\r\n" * 99 + b"\r\n")
+    sock = server.connect()  # 99 headers: answered (and closed, as asked)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\n" + b"a: b\r\n" * 98 + b"Connection: close\r\n\r\n")
     assert status(answer(sock, timeout=2)) == 200
 
 
@@ -257,9 +278,11 @@ def test_unauthenticated_bodies_are_answered_before_they_are_read(server: Server
         b"POST /v1/members/u/spend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
     ) + body
-    answered = [0]
 
-    def hammer() -> None:  # raw sockets: the sending costs this process no GIL time
+    def hammer() -> list[int]:  # raw sockets: the sending costs this process no GIL time
+        """The status of every answer (a reset, the server having closed on the unread
+        body, is no answer; a hang fails)."""
+        statuses = []
         while not stop.is_set():
             with server.connect() as sock:
                 try:
@@ -267,19 +290,18 @@ def test_unauthenticated_bodies_are_answered_before_they_are_read(server: Server
                 except OSError:
                     pass  # answered and closed before the body was all sent
                 data = answer(sock, timeout=5)
-                if data:  # (else: reset, the server having closed on the unread body)
-                    assert status(data) == 401, data[:200]
-                    answered[0] += 1
+                if data:
+                    statuses.append(status(data))
+        return statuses
 
-    hammers = [threading.Thread(target=hammer, daemon=True) for _ in range(4)]
-    with Latency(server.base) as latency:
-        for thread in hammers:
-            thread.start()
-        time.sleep(3)
-        stop.set()
-        for thread in hammers:
-            thread.join(timeout=10)
-    assert answered[0] > 20
+    with ThreadPoolExecutor(4) as pool, Latency(server.base) as latency:
+        hammers = [pool.submit(hammer) for _ in range(4)]
+        try:
+            time.sleep(3)
+        finally:
+            stop.set()
+        statuses = [s for h in hammers for s in h.result(timeout=30)]  # re-raises their errors
+    assert len(statuses) > 20 and set(statuses) == {401}, statuses
     assert statistics.median(latency.samples) < 0.05, latency.samples
     assert latency.p99() < 0.5, latency.samples
 

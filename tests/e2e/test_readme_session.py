@@ -5,14 +5,12 @@ docs never rot. The block sits between ``<!-- readme-session:start -->`` and
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from loyalty.config import Settings
+from tests.conftest import required_tool
 from tests.e2e.live import env_for, serve
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,8 +33,8 @@ def test_the_session_talks_to_the_documented_address() -> None:
     assert ".venv/bin/loyalty keys create" in script
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 def test_readme_curl_session_runs(settings: Settings, tmp_path: Path) -> None:
+    required_tool("curl")
     url = settings.database_url
     script = session_script().replace(".venv/bin/loyalty", f"{sys.executable} -m loyalty.cli")
     with serve(url) as base:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
@@ -68,6 +69,7 @@ def retention_cli(settings: Settings, as_of: datetime, *more: str) -> Any:
     )
 
 
+@pytest.mark.slow  # in-process but long: left out of make test-fast
 def test_a_30_day_report_is_unchanged_after_every_day_was_dropped(
     client: TestClient,
     make_key: Callable[..., dict[str, str]],

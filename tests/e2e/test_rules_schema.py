@@ -118,6 +118,7 @@ def test_a_version_stored_with_no_rank_reads_as_rank_null(
     assert (member.json()["rank"], member.json()["privileges"]) == (None, [])
 
 
+@pytest.mark.slow  # in-process but long: left out of make test-fast
 def test_every_schema_violating_body_is_refused(
     client: TestClient, make_key: Callable[..., dict[str, str]]
 ) -> None:

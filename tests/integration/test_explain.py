@@ -218,6 +218,7 @@ def check_explained(db: Database, members: Members, users: list[str]) -> dict[st
     return explained
 
 
+@pytest.mark.slow  # in-process but long: left out of make test-fast
 @pytest.mark.parametrize("seed", [3, 8])
 def test_explanations_sum_exactly_to_the_recorded_awards(
     db: Database, members: Members, seed: int

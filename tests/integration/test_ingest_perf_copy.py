@@ -13,6 +13,9 @@ from loyalty.adapters.db import Database
 from loyalty.adapters.ingress_log import PostgresIngressLog
 from loyalty.application.ingress import IngressRecord
 from loyalty.config import Settings
+from tests.conftest import backends
+
+pytestmark = backends("postgresql")
 
 NOW = datetime.now(UTC).replace(microsecond=123456)
 COLUMNS = "(shard, source, event_id, user_id, type, occurred_at, attributes)"
@@ -65,8 +68,6 @@ def text_copy(settings: Settings, records: list[IngressRecord]) -> None:
 
 @pytest.fixture
 def pg_db(settings: Settings, db: Database) -> Database:
-    if settings.backend != "postgresql":
-        pytest.skip("COPY is PostgreSQL's")
     return db
 
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import psycopg
-import pytest
 import sqlalchemy as sa
 
 from loyalty.adapters.db import Database
 from loyalty.adapters.ingress_log import START, PostgresIngressLog, create_ingress_log
 from loyalty.application.ingress import IngressRecord, shard_of
+from tests.conftest import backends
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 
@@ -132,10 +133,9 @@ def test_concurrent_writers_and_a_tailing_reader_see_every_row_once(db: Database
     assert len(set(seen)) == len(seen)
 
 
+@backends("postgresql")
 def test_reader_never_skips_a_row_that_commits_late(settings, db: Database) -> None:  # type: ignore[no-untyped-def]
     """An older transaction that commits after a newer one is still read, in order."""
-    if settings.backend != "postgresql":
-        pytest.skip("SQLite serializes writers: a later commit cannot hold an earlier seq")
     log = create_ingress_log(db)
     slow = psycopg.connect(settings.database_url)
     try:
@@ -160,22 +160,18 @@ def test_reader_never_skips_a_row_that_commits_late(settings, db: Database) -> N
     assert [r.event_id for r in read_settled(log, 0, START, 10, expect=2)] == ["slow", "fast"]
 
 
+@backends("postgresql")
 def test_a_partition_is_created_for_a_new_day(settings, db: Database) -> None:  # type: ignore[no-untyped-def]
-    if settings.backend != "postgresql":
-        pytest.skip("SQLite has one unpartitioned table")
     log = PostgresIngressLog(db)
     day = datetime(2031, 3, 4, 23, 59, 59, tzinfo=UTC)
     assert day.date() not in log.partitions()
     # Two processes' logs racing to create the same day both succeed.
     other = PostgresIngressLog(Database(settings))
-    threads = [
-        threading.Thread(target=lg.append, args=([rec(f"x{i}", at=day)],))
-        for i, lg in enumerate([log, other])
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(2) as pool:
+        appends = [
+            pool.submit(lg.append, [rec(f"x{i}", at=day)]) for i, lg in enumerate([log, other])
+        ]
+        assert [f.result() for f in appends] == [1, 1]  # both stored their row, neither raised
     assert day.date() in log.partitions()
     with db.read() as conn:
         bounds = conn.execute(

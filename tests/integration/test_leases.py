@@ -17,6 +17,7 @@ from loyalty.application.accounts import Accounts, AwardCommand, Members
 from loyalty.application.projections import PROJECTION_NAME, MemberProjection, ProjectedBatch
 from loyalty.config import Settings
 from loyalty.domain.ranks import Rank, RankLadder
+from tests.conftest import backends
 
 LADDER = RankLadder((Rank("bronze", 0), Rank("silver", 30)))
 
@@ -33,9 +34,8 @@ def terminate_lease_sessions(url: str) -> int:
     return len(rows)
 
 
+@backends("postgresql")
 def test_a_lease_is_not_held_from_memory_after_its_session_died(settings: Settings) -> None:
-    if settings.backend != "postgresql":
-        pytest.skip("a file lock cannot outlive its process")
     a_db, b_db = Database(settings), Database(settings)
     a, b = ShardLeases(a_db), ShardLeases(b_db)
     try:
@@ -58,11 +58,10 @@ def test_a_lease_is_not_held_from_memory_after_its_session_died(settings: Settin
         b_db.dispose()
 
 
+@backends("postgresql")
 def test_a_lease_asked_again_and_again_is_released_by_one_release(settings: Settings) -> None:
     """pg_try_advisory_lock is re-entrant: asking for a held lease must not stack locks
     that outlive release_all's unlock-by-closing."""
-    if settings.backend != "postgresql":
-        pytest.skip("PostgreSQL advisory locks")
     a_db, b_db = Database(settings), Database(settings)
     a, b = ShardLeases(a_db), ShardLeases(b_db)
     try:
@@ -71,7 +70,8 @@ def test_a_lease_asked_again_and_again_is_released_by_one_release(settings: Sett
         with psycopg.connect(settings.database_url) as conn:
             count = conn.execute(
                 "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s "
-                "AND objid = 7",
+                "AND objid = 7 AND database = (SELECT oid FROM pg_database "
+                "WHERE datname = current_database())",  # not other sessions' databases
                 (SHARD_LEASE_NS,),
             ).fetchone()
         assert count == (1,)

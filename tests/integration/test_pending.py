@@ -120,6 +120,7 @@ def mixed_events(n: int, users: int, seed: int) -> list[IncomingEvent]:
     return out
 
 
+@pytest.mark.slow  # in-process but long: left out of make test-fast
 def test_the_same_events_in_any_windows_give_the_floor_of_the_exact_total(
     db: Database, members: Members
 ) -> None:
@@ -301,6 +302,7 @@ step = st.one_of(
 )
 
 
+@pytest.mark.slow  # in-process but long: left out of make test-fast
 @settings(
     max_examples=15,
     deadline=None,

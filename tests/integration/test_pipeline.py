@@ -22,7 +22,7 @@ from loyalty.application.pipeline import Pipeline
 from loyalty.config import Settings
 from loyalty.domain.member import Member
 from loyalty.domain.rules import DEFAULT_RULES_WIRE, Activity, CapCounter, aggregate
-from tests.conftest import drain_with
+from tests.conftest import backends, drain_with
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 
@@ -183,11 +183,10 @@ def test_a_crash_at_any_step_neither_loses_nor_doubles(
     assert PipelineStore(db).totals()[0] == 300
 
 
+@backends("postgresql")
 def test_a_late_committing_ingest_is_still_awarded(
     settings: Settings, db: Database, members: Members
 ) -> None:
-    if settings.backend != "postgresql":
-        pytest.skip("SQLite serializes writers")
     from loyalty.application.ingress import shard_of
 
     shard = shard_of("late", 16)

@@ -129,6 +129,7 @@ def by_key(days: list[DayReport]) -> dict[tuple[date, str, str], tuple[object, .
     }
 
 
+@pytest.mark.slow  # in-process but long: left out of make test-fast
 @pytest.mark.parametrize("seed", [1, 2])
 def test_rollups_equal_the_sums_over_ingress_and_account_events(
     db: Database, members: Members, seed: int
