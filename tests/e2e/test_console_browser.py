@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.live import create_key, serve_logged
+from tests.e2e.live import cli, create_key, serve_logged
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = [
@@ -145,6 +145,7 @@ def sign_in_by_keyboard(page: Any, key: str) -> None:
 @pytest.fixture
 def live(tmp_path: Path) -> Iterator[tuple[str, dict[str, str], Any]]:
     url = f"sqlite:///{tmp_path / 'console.db'}"
+    cli(url, "migrate")  # a one-shot command does not create a database
     keys = {
         "operator": create_key(url, "operator", "ops-ann"),
         "shop": create_key(url, "shop", "till"),
