@@ -160,10 +160,10 @@ def run_one(
 def durable_growth(ctx: Context) -> dict[str, Any]:
     """Account events per ingress event under a steady live stream, short vs default
     award interval."""
-    rate = ctx.pick(quick=1_000.0, full=3_000.0)
-    seconds = ctx.pick(quick=40.0, full=120.0)
-    users = ctx.pick(quick=5_000, full=50_000)
-    short = ctx.pick(quick=10.0, full=30.0)
+    rate = ctx.pick(smoke=500.0, quick=1_000.0, full=3_000.0)
+    seconds = ctx.pick(smoke=2.0, quick=40.0, full=120.0)
+    users = ctx.pick(smoke=200, quick=5_000, full=50_000)
+    short = ctx.pick(smoke=1.0, quick=10.0, full=30.0)
     runs = [run_one(ctx, interval, rate, seconds, users) for interval in (short, 3600.0)]
     default = runs[1]
     return {
