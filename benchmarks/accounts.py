@@ -72,7 +72,7 @@ def reads(ctx: Context) -> dict[str, Any]:
         m = pipeline_run(ctx)
         url, users = m["url"], m["users"]
         ops = ctx.create_key(Role.OPERATOR, "bench-ops", database_url=url)
-        receipts = forget_receipts(url, BASELINE_ROWS)
+        receipts = forget_receipts(url, ctx.pick(smoke=4, quick=BASELINE_ROWS, full=BASELINE_ROWS))
         seconds = ctx.pick(smoke=0.5, quick=3.0, full=10.0)
         best: dict[str, dict[str, Any]] = {}
         with servers.serve(url, kind=SERVER, processes=2) as running:
@@ -108,7 +108,7 @@ def member_read(ctx: Context) -> Result:
         "baseline": "trivial_read",
         "baseline_value": trivial["rate"],
         "baseline_route": (
-            f"GET /v1/forget-requests/{{id}} of {BASELINE_ROWS} completed requests "
+            "GET /v1/forget-requests/{id} of completed requests "
             "(auth + 1 PK read, 200), the same operator key on both sides"
         ),
         "requests": member["requests"],
@@ -131,7 +131,7 @@ def spend(ctx: Context) -> Result:
     """POST /v1/members/{id}/spend across many funded members, vs member_read."""
     m = pipeline_run(ctx)
     url = m["url"]
-    funded = min(m["users"], ctx.pick(smoke=200, quick=1_000, full=5_000))
+    funded = min(m["users"], ctx.pick(smoke=50, quick=1_000, full=5_000))
     shop = ctx.create_key(Role.SHOP, "bench-spend", database_url=url)
     ops = ctx.create_key(Role.OPERATOR, "bench-fund", database_url=url)
     with servers.serve(url, kind=SERVER, processes=2) as running:

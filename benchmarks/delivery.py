@@ -242,10 +242,10 @@ def _fan_out(db: Database, members: Members, subscriptions: int, head: int) -> d
     }
 
 
-def _isolation(db: Database, members: Members, slow: bool, seconds: float) -> dict[str, Any]:
+def _isolation(db: Database, members: Members, slow: float, seconds: float) -> dict[str, Any]:
     """8 subscriptions while events commit at a steady rate; the first receiver answers
-    after 5 s when ``slow``. Returns the p99 delivery latency (arrival - commit) at the
-    other 7."""
+    after ``slow`` seconds (5 s; 0: at once). Returns the p99 delivery latency (arrival -
+    commit) at the other 7."""
     arrivals: list[float] = []
     lock = threading.Lock()
 
@@ -270,7 +270,7 @@ def _isolation(db: Database, members: Members, slow: bool, seconds: float) -> di
         return Handler
 
     servers = [
-        ThreadingHTTPServer(("127.0.0.1", 0), handler(5.0 if slow and i == 0 else 0.0, i != 0))
+        ThreadingHTTPServer(("127.0.0.1", 0), handler(slow if i == 0 else 0.0, i != 0))
         for i in range(8)
     ]
     store = SqlDeliveryStore(db)
@@ -332,8 +332,10 @@ def delivery(ctx: Context) -> dict[str, object]:
         result.update(_relay(db, members))
         result.update(_fan_out(db, members, 8, head))
         seconds = ctx.pick(smoke=0.5, quick=4.0, full=10.0)
-        result["isolation_all_healthy"] = _isolation(db, members, False, seconds)
-        result["isolation_one_slow_5s"] = _isolation(db, members, True, seconds)
+        slow = ctx.pick(smoke=0.5, quick=5.0, full=5.0)
+        result["isolation_all_healthy"] = _isolation(db, members, 0.0, seconds)
+        result["isolation_one_slow_5s"] = _isolation(db, members, slow, seconds)
+        result["isolation_slow_receiver_s"] = slow
         return result
     finally:
         db.dispose()
