@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -36,14 +37,19 @@ import psycopg
 
 from benchmarks import data, ingest_load, servers
 from benchmarks.cpu import CpuMeter
-from benchmarks.fill import dbname
+from benchmarks.fill import CHUNK, SHARDS, dbname
 from benchmarks.framework import Context, Result, benchmark
 from benchmarks.loadgen import ChildProcess, percentile
 from benchmarks.pipeline_runs import pipeline_run
 from loyalty.adapters.db import Database
-from loyalty.adapters.ingress_log import PostgresIngressLog
+from loyalty.adapters.ingress_log import PostgresIngressLog, sqlite_timestamp
 from loyalty.adapters.keys import Role
 from loyalty.config import Settings
+
+_SQLITE_READ = (  # SqliteIngressLog.read_after's query (no upper bound: all of it)
+    "SELECT txid, seq, shard, source, event_id, user_id, type, occurred_at, attributes "
+    "FROM ingress_events WHERE shard = ? AND (txid, seq) > (?, ?) ORDER BY txid, seq LIMIT ?"
+)
 
 
 def cpu_note(cpu: dict[str, float], elapsed: float, events: int) -> dict[str, Any]:
@@ -97,6 +103,114 @@ def pipeline(ctx: Context) -> Result:
     """The pipeline as users run it (weigh, record at the interval, new members) over 4k
     members vs a keyset read."""
     return _pipeline_result(ctx, "small")
+
+
+@benchmark("pipeline_sqlite", order=22)
+def pipeline_sqlite(ctx: Context) -> Result:
+    """The pipeline as users run it on the embedded SQLite default (weigh + record at the
+    interval) over 4k members vs a bare read of the same rows."""
+    from loyalty.worker import build_pipeline
+
+    n = ctx.pick(smoke=4_000, quick=100_000, full=300_000)
+    users = ctx.pick(smoke=400, quick=4_000, full=4_000)
+    url = ingest_load.sqlite_database(ctx, "pipeline.db")
+    conn = sqlite3.connect(url[len("sqlite:///") :], isolation_level=None)
+    db = Database(Settings(database_url=url))
+    stop = threading.Event()
+    timer = threading.Timer(300 + n / 200, stop.set)
+    timer.start()
+    try:
+        pipeline = build_pipeline(db)
+        later = datetime.now(UTC) + timedelta(seconds=pipeline.interval_seconds + 1)
+        # the member base: three events per member on average, weighed and recorded
+        _sqlite_fill(conn, users * 3, users, "psa")
+        pipeline.drain(range(SHARDS), stop)
+        pipeline.record_due(range(SHARDS), stop, now=later)
+        start = {
+            int(r[0]): (int(r[1]), int(r[2]))
+            for r in conn.execute("SELECT shard, txid, seq FROM pipeline_checkpoints")
+        }
+        base_events = _sqlite_count(conn, "stored_events")
+        # the stream
+        _sqlite_fill(conn, n, users, "ps")
+
+        def bare_read() -> int:  # the pipeline reader's query, chunk and order; raw sqlite3
+            read = 0
+            for shard in range(SHARDS):
+                after = start.get(shard, (0, 0))
+                while True:
+                    rows = conn.execute(_SQLITE_READ, (shard, *after, CHUNK)).fetchall()
+                    for row in rows:
+                        orjson.loads(row[8])
+                    read += len(rows)
+                    if len(rows) < CHUNK:
+                        break
+                    after = (rows[-1][0], rows[-1][1])
+            return read
+
+        bare_read()  # warm: both sides read from the page cache
+        t0 = time.perf_counter()
+        rows_read = bare_read()
+        base_s = time.perf_counter() - t0
+        if rows_read != n:
+            raise RuntimeError(f"baseline read {rows_read} rows of {n}")
+        t0 = time.perf_counter()
+        done = pipeline.drain(range(SHARDS), stop)
+        weigh_s = time.perf_counter() - t0
+        later = datetime.now(UTC) + timedelta(seconds=pipeline.interval_seconds + 1)
+        recorded = pipeline.record_due(range(SHARDS), stop, now=later)
+        record_s = time.perf_counter() - t0 - weigh_s
+        account_events = _sqlite_count(conn, "stored_events") - base_events
+        left = _sqlite_count(conn, "pipeline_pending")
+    finally:
+        timer.cancel()
+        db.dispose()
+        conn.close()
+    return {
+        "value": done / (weigh_s + record_s),
+        "unit": "events/s (weigh + record at the interval)",
+        "baseline": "sqlite_read",
+        "baseline_value": rows_read / base_s,
+        "weigh_rate": done / weigh_s,
+        "weigh_ratio": (done / weigh_s) / (rows_read / base_s),
+        "events": done,
+        "members": users,
+        "recorded": recorded,
+        "pending_left": left,
+        "account_events": account_events,
+        "weigh_s": weigh_s,
+        "record_s": record_s,
+        "timed_out": stop.is_set(),
+        "how": (
+            "in-process build_pipeline(db) on a SQLite file: a base of members (3 events "
+            "each on average, weighed and recorded first), then N events over them: "
+            "drain(range(16)) then record_due at the interval; baseline: the reader's "
+            "query per shard from the checkpoints, raw sqlite3 + orjson"
+        ),
+    }
+
+
+def _sqlite_fill(conn: sqlite3.Connection, n: int, users: int, prefix: str) -> None:
+    received = sqlite_timestamp(datetime.now(UTC))
+    events = data.make_events(
+        n, seed=ingest_load.SEED + len(prefix), now=datetime.now(UTC), prefix=prefix, users=users
+    )
+    for batch in data.batches(events, 10_000):
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(
+            "INSERT INTO ingress_events (shard, source, event_id, user_id, type, "
+            "occurred_at, received_at, attributes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (*r[:5], sqlite_timestamp(r[5]), received, r[6])
+                for r in data.rows_of(batch, "bench")
+            ],
+        )
+        conn.execute("COMMIT")
+
+
+def _sqlite_count(conn: sqlite3.Connection, table: str) -> int:
+    row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
+    return int(row[0]) if row else 0
 
 
 @benchmark("pipeline_many_members", order=21)

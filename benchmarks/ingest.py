@@ -20,7 +20,6 @@ same events (same seed): 1,000-event batches, ~10k users, occurred_at in the las
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
 import time
 from datetime import UTC, datetime
@@ -37,14 +36,12 @@ from benchmarks.ingest_load import (
     per_core_note,
     pg_phases,
     run_http,
+    sqlite_database,
     wl_time_limit,
     workload,
 )
-from loyalty.adapters.db import Database
 from loyalty.adapters.ingress_log import sqlite_timestamp
 from loyalty.adapters.keys import Role
-from loyalty.adapters.migrate import migrate
-from loyalty.config import Settings
 
 
 @benchmark("ingest_http", order=10)
@@ -99,19 +96,6 @@ def ingest_vs_event_store(ctx: Context) -> Result:
 
 
 # -- SQLite ----------------------------------------------------------------------------
-def sqlite_database(ctx: Context, name: str) -> str:
-    template = ctx.tmp_dir / "template.db"
-    if not template.exists():
-        db = Database(Settings(database_url=f"sqlite:///{template}"))
-        migrate(db)
-        with db.engine.connect() as conn:
-            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
-        db.dispose()
-    path = ctx.tmp_dir / name
-    shutil.copy(template, path)
-    return f"sqlite:///{path}"
-
-
 def sqlite_copy_baseline(path: Path, wl: Workload) -> dict[str, Any]:
     """Raw sqlite3 executemany of the same rows, 1,000 per transaction, no dedup."""
     received = sqlite_timestamp(datetime.now(UTC))

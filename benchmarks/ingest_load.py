@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +22,7 @@ from benchmarks.framework import Context
 from loyalty.adapters.db import Database
 from loyalty.adapters.ingress_log import PostgresIngressLog
 from loyalty.adapters.keys import Role
+from loyalty.adapters.migrate import migrate
 from loyalty.config import Settings
 
 SOURCE = "bench"
@@ -305,3 +307,16 @@ def event_store_phase(ctx: Context) -> dict[str, Any]:
         return got
 
     return ctx.memo("ingest.event_store", measure)
+
+
+def sqlite_database(ctx: Context, name: str) -> str:
+    template = ctx.tmp_dir / "template.db"
+    if not template.exists():
+        db = Database(Settings(database_url=f"sqlite:///{template}"))
+        migrate(db)
+        with db.engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        db.dispose()
+    path = ctx.tmp_dir / name
+    shutil.copy(template, path)
+    return f"sqlite:///{path}"
