@@ -2,7 +2,7 @@
 
 Prints one JSON line per benchmark; exits 1 when any benchmark raised. ``--smoke`` runs
 every benchmark at tiny sizes (about a minute; CI runs it) to show that each one runs.
-``--full`` also writes
+``--full`` without ``--only`` also writes
 ``benchmarks/results/latest.json`` and ``benchmarks/results/latest.png``. A new
 benchmark module is imported here (``MODULES``) so that its ``@benchmark`` functions
 register; see :mod:`benchmarks.framework` for how to write one.
@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ctx.close()
     results = [ctx.results[r.name] for r in ordered if r.name in ctx.results]
-    if args.full:
+    if args.full and wanted:
+        print("not writing results/: --only ran a subset", file=sys.stderr)
+    elif args.full:
         print(f"wrote {write_results(results, ctx.mode)}", file=sys.stderr)
         try:
             print(f"wrote {write_chart(results)}", file=sys.stderr)
