@@ -9,7 +9,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 export LOYALTY_DATABASE_URL ?= sqlite:///./var/loyalty.db
 
-.PHONY: install serve test test-fast lint format fuzz bench bench-quick soak clean
+.PHONY: install serve test test-fast lint format fuzz bench bench-quick bench-smoke soak clean
 
 install: $(STAMP)
 
@@ -64,6 +64,11 @@ bench: $(BENCH_STAMP)
 
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.run --quick
+
+# Every benchmark at tiny sizes (about a minute, no targets): shows that each one runs.
+# Needs only the `dev` extra; `make test` runs it too (tests/e2e/test_benchmarks_smoke.py).
+bench-smoke: install
+	$(BIN)/python -m benchmarks.run --smoke
 
 # 10 minutes of mixed traffic at 70% of measured capacity, a worker kill -9 halfway;
 # exact balances against the load generator's tally (benchmarks/results/soak.json).

@@ -55,9 +55,9 @@ def _times(client: TestClient, path: str, n: int, **kwargs: Any) -> list[float]:
 @benchmark("console_dashboard", order=95)
 def console_dashboard(ctx: Context) -> Result:
     """A console dashboard poll (figures cached) vs GET /v1/pipeline, PostgreSQL."""
-    members = ctx.pick(quick=50_000, full=500_000)
-    history = ctx.pick(quick=500_000, full=5_000_000)
-    polls = ctx.pick(quick=30, full=100)
+    members = ctx.pick(smoke=500, quick=50_000, full=500_000)
+    history = ctx.pick(smoke=5_000, quick=500_000, full=5_000_000)
+    polls = ctx.pick(smoke=3, quick=30, full=100)
     url = ctx.new_pg_database("console")
     _fill(url, members, history)
     measured: dict[str, list[float]] = {}

@@ -154,8 +154,8 @@ def _p(values: list[float], q: float) -> float:
 @benchmark("currency_expiry", order=95)
 def currency_expiry(ctx: Context) -> Result:
     """loyalty expiry run over N members with a lot due, vs a bare load of each; spend p99."""
-    n = ctx.pick(quick=20_000, full=100_000)
-    funded = 1_000
+    n = ctx.pick(smoke=200, quick=20_000, full=100_000)
+    funded = ctx.pick(smoke=50, quick=1_000, full=1_000)
     url = ctx.new_pg_database("currency_expiry")
     t0 = time.perf_counter()
     _setup(url, n, funded)
@@ -167,7 +167,7 @@ def currency_expiry(ctx: Context) -> Result:
     quiet: list[list[float]] = []
     runner = threading.Thread(target=lambda: quiet.append(_spends(url, funded, quiet_stop)))
     runner.start()
-    time.sleep(5.0)
+    time.sleep(ctx.pick(smoke=0.5, quick=5.0, full=5.0))
     quiet_stop.set()
     runner.join()
 

@@ -2,7 +2,7 @@
 pipeline's own throughput on the same events, and what a dry run running beside the
 pipeline costs the pipeline.
 
-A database of its own is filled with N ingress events over M members (``earn.fill_pending``:
+A database of its own is filled with N ingress events over M members (``fill.fill_pending``:
 the mix of data.py, occurred_at in the last 24 hours, so the period is "yesterday and
 today"). Baseline: the pipeline itself, ``build_pipeline(db).drain(range(16))``, in this
 process. Then the dry run of a candidate rule set (played_game wins x3 instead of x2,
@@ -27,7 +27,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from benchmarks.earn import SHARDS, fill_pending
+from benchmarks.fill import SHARDS, fill_pending
 from benchmarks.framework import Context, benchmark
 from loyalty.adapters.db import Database
 from loyalty.config import Settings
@@ -60,8 +60,8 @@ def _drain(db: Database) -> tuple[int, float]:
 def rule_dry_run(ctx: Context) -> dict[str, Any]:
     from loyalty.worker import build_dry_run
 
-    n = ctx.pick(quick=200_000, full=1_000_000)
-    users = ctx.pick(quick=2_000, full=10_000)
+    n = ctx.pick(smoke=4_000, quick=200_000, full=1_000_000)
+    users = ctx.pick(smoke=200, quick=2_000, full=10_000)
     url = ctx.new_pg_database("dryrun")
     fill_pending(url, n, users, prefix="dr")
     db = Database(Settings(database_url=url))
@@ -78,7 +78,8 @@ def rule_dry_run(ctx: Context) -> dict[str, Any]:
         report = dry.report(comparison)
         # interference: the pipeline alone and beside a dry run in another process,
         # in two interleaved rounds (the rates of single lots are noisy)
-        lot = max(n // 8, 50_000)
+        lot = max(n // 8, ctx.pick(smoke=500, quick=50_000, full=50_000))
+        lead = ctx.pick(smoke=0.5, quick=3.0, full=3.0)
         rules_file = ctx.tmp_dir / "candidate.json"
         rules_file.write_text(json.dumps(_candidate()))
         rates: dict[str, list[float]] = {"alone": [], "1.0": [], "0.5": []}
@@ -89,7 +90,7 @@ def rule_dry_run(ctx: Context) -> dict[str, Any]:
                     done_lot, lot_s = _drain(db)
                     rates[mode].append(done_lot / lot_s)
                 else:
-                    rates[mode].append(_beside(db, url, rules_file, first, end, mode))
+                    rates[mode].append(_beside(db, url, rules_file, first, end, mode, lead))
     finally:
         db.dispose()
     pipeline_rate = done / pipeline_s
@@ -117,9 +118,11 @@ def rule_dry_run(ctx: Context) -> dict[str, Any]:
     }
 
 
-def _beside(db: Database, url: str, rules_file: Any, first: Any, end: Any, duty: str) -> float:
+def _beside(
+    db: Database, url: str, rules_file: Any, first: Any, end: Any, duty: str, lead: float
+) -> float:
     """The pipeline's rate while ``loyalty rules dry-run`` loops in another process with
-    LOYALTY_DRY_RUN_DUTY=``duty``."""
+    LOYALTY_DRY_RUN_DUTY=``duty`` (started ``lead`` seconds before the pipeline)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOYALTY_")}
     env["LOYALTY_DATABASE_URL"] = url
     env["LOYALTY_DRY_RUN_DUTY"] = duty
@@ -141,7 +144,7 @@ def _beside(db: Database, url: str, rules_file: Any, first: Any, end: Any, duty:
         start_new_session=True,
     )
     try:
-        time.sleep(3.0)  # the dry run is reading before the pipeline starts
+        time.sleep(lead)  # the dry run is reading before the pipeline starts
         done, seconds = _drain(db)
     finally:
         os.killpg(background.pid, 15)

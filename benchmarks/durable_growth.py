@@ -50,7 +50,12 @@ def zipf_users(n_users: int, s: float, rnd: random.Random) -> list[int]:
     return table
 
 
-def _send(port: int, key: str, rate: float, seconds: float, users: int, seed: int) -> int:
+def _send(
+    port: int, key: str, rate: float, seconds: float, users: int, seed: int
+) -> tuple[int, dict[str, Any]]:
+    """Send the stream, paced; a 503 (the database busy: the API asks to retry after
+    ``Retry-After``) is retried as a client would, at most 10 times per batch, and
+    counted. Returns (events accepted, retry note)."""
     rnd = random.Random(seed)
     table = zipf_users(users, 1.1, rnd)
     now = datetime.now(UTC)
@@ -62,19 +67,27 @@ def _send(port: int, key: str, rate: float, seconds: float, users: int, seed: in
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     start = time.monotonic()
     sent = 0
+    retries: dict[str, Any] = {"busy_retries": 0, "first_busy": None}
     for i, batch in enumerate(data.batches(events, BATCH)):
         due = start + i * BATCH / rate
         delay = due - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-        conn.request("POST", "/v1/ingress/batches", orjson.dumps({"events": batch}), headers)
-        response = conn.getresponse()
-        response.read()
+        body = orjson.dumps({"events": batch})
+        for _attempt in range(11):
+            conn.request("POST", "/v1/ingress/batches", body, headers)
+            response = conn.getresponse()
+            payload = response.read()
+            if response.status != 503:
+                break
+            retries["busy_retries"] += 1
+            retries["first_busy"] = retries["first_busy"] or payload[:300].decode(errors="replace")
+            time.sleep(float(response.getheader("Retry-After") or 1))
         if response.status not in (200, 202):
-            raise RuntimeError(f"ingest answered {response.status}")
+            raise RuntimeError(f"ingest answered {response.status}: {payload[:300]!r}")
         sent += len(batch)
     conn.close()
-    return sent
+    return sent, retries
 
 
 def _drained(url: str, sent: int, timeout: float) -> None:
@@ -106,7 +119,7 @@ def run_one(
     try:
         with serve(url, processes=1, env={"LOYALTY_AWARD_INTERVAL_SECONDS": str(interval)}) as api:
             t0 = time.monotonic()
-            sent = _send(api.ports[0], key, rate, seconds, users, seed=int(interval))
+            sent, retries = _send(api.ports[0], key, rate, seconds, users, seed=int(interval))
             elapsed = time.monotonic() - t0
             _drained(url, sent, 120)
     finally:
@@ -153,6 +166,7 @@ def run_one(
         "projected_account_events_per_day": round(beyond_creation / elapsed * 86_400),
         "projected_interval_awards_per_day": round(interval_awards / elapsed * 86_400),
         "pending_rows_at_end": int(pending_rows[0]) if pending_rows else 0,
+        **retries,
     }
 
 
@@ -160,10 +174,10 @@ def run_one(
 def durable_growth(ctx: Context) -> dict[str, Any]:
     """Account events per ingress event under a steady live stream, short vs default
     award interval."""
-    rate = ctx.pick(quick=1_000.0, full=3_000.0)
-    seconds = ctx.pick(quick=40.0, full=120.0)
-    users = ctx.pick(quick=5_000, full=50_000)
-    short = ctx.pick(quick=10.0, full=30.0)
+    rate = ctx.pick(smoke=500.0, quick=1_000.0, full=3_000.0)
+    seconds = ctx.pick(smoke=2.0, quick=40.0, full=120.0)
+    users = ctx.pick(smoke=200, quick=5_000, full=50_000)
+    short = ctx.pick(smoke=1.0, quick=10.0, full=30.0)
     runs = [run_one(ctx, interval, rate, seconds, users) for interval in (short, 3600.0)]
     default = runs[1]
     return {

@@ -1,15 +1,11 @@
-"""Earning benchmarks: ``pipeline`` (one worker weighing and awarding a backlog) and
-``end_to_end_lag`` (commit-to-award time under steady ingest inside ``loyalty serve``).
+"""Earning benchmarks: ``pipeline`` and ``pipeline_many_members`` (the pipeline as users
+run it: weigh, record at the interval, new members) and ``end_to_end_lag``
+(commit-to-award time under steady ingest inside ``loyalty serve``).
 
-``pipeline`` runs on a database of its own: N pending ingress events over M members
-(``user-00000``...) are generated server-side (``INSERT ... SELECT generate_series``,
-50,000 rows per transaction; the mix of data.py: 40% logged_on, 45% played_game, 10%
-joined_competition, 5% an unknown type; occurred_at in the last day). Baseline: the same
-rows read back per shard with a bare keyset query (the pipeline's columns, order, chunk
-and gap-safe predicate; raw psycopg, orjson as the jsonb loader), in the same process.
-Then the worker itself: ``build_pipeline(db).drain(range(16))`` in this process. After
-it, the projection catches up and retention expires the (processed) ingress, so that
-what is left on disk per 1M ingress events can be measured (see ``storage``).
+``pipeline`` (4k members) and ``pipeline_many_members`` (400k members full, 40k quick):
+see :mod:`benchmarks.pipeline_runs` for how they are measured. ``value`` is the rate with
+recording, ``weigh_rate`` the weighing alone (``drain``), both against the same rows read
+with the pipeline's keyset query in the same run.
 
 ``end_to_end_lag``: a fresh database, ``loyalty serve`` (API + embedded worker, default
 settings) and a separate load process sending 1,000-event batches paced at half of
@@ -25,6 +21,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -37,254 +34,190 @@ from typing import Any
 
 import orjson
 import psycopg
-from psycopg.types.json import set_json_loads
 
 from benchmarks import data, ingest_load, servers
 from benchmarks.cpu import CpuMeter
+from benchmarks.fill import CHUNK, SHARDS, dbname
 from benchmarks.framework import Context, Result, benchmark
 from benchmarks.loadgen import ChildProcess, percentile
+from benchmarks.pipeline_runs import pipeline_run
 from loyalty.adapters.db import Database
-from loyalty.adapters.ingress_log import PostgresIngressLog
+from loyalty.adapters.ingress_log import PostgresIngressLog, sqlite_timestamp
 from loyalty.adapters.keys import Role
-from loyalty.adapters.storage import storage_report
-from loyalty.application.ingress import shard_of
-from loyalty.application.pipeline import cyclic_gc_paused
 from loyalty.config import Settings
 
-SHARDS = 16
-CHUNK = 50_000  # LOYALTY_PIPELINE_CHUNK's default: the baseline reads windows of the same size
-FILL_TX = 50_000
-
-_FILL_SQL = """
-INSERT INTO ingress_events (shard, source, event_id, user_id, type, occurred_at, attributes)
-SELECT (%(shards)s::int2[])[g.u + 1], 'bench', %(prefix)s || g.i,
-  'user-' || lpad(g.u::text, 5, '0'),
-  CASE WHEN g.r < 0.40 THEN 'logged_on' WHEN g.r < 0.85 THEN 'played_game'
-       WHEN g.r < 0.95 THEN 'joined_competition' ELSE 'made_deposit' END,
-  %(base)s - g.a * interval '1 millisecond',
-  CASE WHEN g.r < 0.40
-       THEN jsonb_build_object('device', (ARRAY['web','ios','android'])[1 + g.i %% 3])
-       WHEN g.r < 0.85 THEN jsonb_build_object('game', 'game-' || g.i %% 40,
-            'result', CASE WHEN g.r2 < 0.45 THEN 'win' ELSE 'loss' END,
-            'stake', (ARRAY[1,2,5,10,20])[1 + g.i %% 5])
-       WHEN g.r < 0.95 THEN jsonb_build_object('competition', 'cup-' || g.i %% 50)
-       ELSE jsonb_build_object('amount', (ARRAY[10,25,50,100])[1 + g.i %% 4]) END
-FROM (SELECT i, floor(random() * %(users)s)::int AS u, random() AS r, random() AS r2,
-             floor(random() * %(span)s)::bigint AS a
-      FROM generate_series(%(lo)s::bigint, %(hi)s::bigint) AS i) AS g
-"""
-
-_READ_SQL = (
+_SQLITE_READ = (  # SqliteIngressLog.read_after's query (no upper bound: all of it)
     "SELECT txid, seq, shard, source, event_id, user_id, type, occurred_at, attributes "
-    "FROM ingress_events WHERE shard = %s AND (txid, seq) > (%s, %s) "
-    "AND txid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint "
-    "ORDER BY txid, seq LIMIT %s"
+    "FROM ingress_events WHERE shard = ? AND (txid, seq) > (?, ?) ORDER BY txid, seq LIMIT ?"
 )
-
-
-def dbname(url: str) -> str:
-    return url.rsplit("/", 1)[1]
 
 
 def cpu_note(cpu: dict[str, float], elapsed: float, events: int) -> dict[str, Any]:
     return ingest_load.per_core_note(cpu, elapsed, max(events, 1))
 
 
-def fill_pending(url: str, n: int, users: int, *, prefix: str = "pe", seed: float = 0.42) -> None:
-    """``n`` ingress rows over ``users`` members, in transactions of FILL_TX rows."""
-    now = datetime.now(UTC)
-    db = Database(Settings(database_url=url, db_pool_size=1))
-    try:  # today's and yesterday's partitions exist before the clock starts
-        PostgresIngressLog(db).ensure_partitions({now.date(), (now - timedelta(days=1)).date()})
-    finally:
-        db.dispose()
-    shard_map = [shard_of(f"user-{u:05d}", SHARDS) for u in range(users)]
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("SELECT setseed(%s)", (seed,))
-        for lo in range(0, n, FILL_TX):
-            conn.execute(
-                _FILL_SQL,
-                {
-                    "shards": shard_map,
-                    "prefix": prefix + "-",
-                    "base": now - timedelta(seconds=30),
-                    "span": (23 * 3600 + 50 * 60) * 1000,
-                    "users": users,
-                    "lo": lo,
-                    "hi": min(n, lo + FILL_TX) - 1,
-                },
-            )
-        conn.execute("VACUUM ANALYZE ingress_events")
-        conn.execute("CHECKPOINT")
-
-
-def keyset_read(conn: psycopg.Connection[Any], limit_s: float) -> int:
-    """The baseline: every shard's rows in the pipeline's order and window size."""
-    rows_read = 0
-    started = time.perf_counter()
-    for shard in range(SHARDS):
-        after = (0, 0)
-        while time.perf_counter() - started < limit_s:
-            # the same collector pause as the worker's windows: a like-for-like read
-            with cyclic_gc_paused(), conn.cursor() as cur:
-                set_json_loads(orjson.loads, cur)
-                cur.execute(_READ_SQL, (shard, after[0], after[1], CHUNK))
-                rows = cur.fetchall()
-            rows_read += len(rows)
-            if len(rows) < CHUNK:
-                break
-            after = (rows[-1][0], rows[-1][1])
-    return rows_read
-
-
-def _timed(
-    fn: Any, admin_url: str, url: str
-) -> tuple[Any, float, dict[str, float], dict[str, float]]:
-    meter = CpuMeter({}, admin_url, dbname(url))
-    meter.start()
-    cpu0, t0 = time.process_time(), time.perf_counter()
-    out = fn()
-    elapsed = time.perf_counter() - t0
-    own = time.process_time() - cpu0
-    cpu = meter.stop(own)
-    return out, elapsed, {"worker": own, **cpu}, meter.pg_waits()
-
-
-def pipeline_db(ctx: Context) -> dict[str, Any]:
-    """The pipeline's database, filled, read by the baseline, drained by the worker."""
-
-    def measure() -> dict[str, Any]:
-        from loyalty.worker import build_pipeline
-
-        n = ctx.pick(quick=200_000, full=1_000_000)
-        users = ctx.pick(quick=2_000, full=10_000)
-        url = ctx.new_pg_database("pipeline")
-        t0 = time.perf_counter()
-        fill_pending(url, n, users)
-        fill_s = time.perf_counter() - t0
-        limit = 60.0 + n / 5_000  # every loop bounded in time too
-        with psycopg.connect(url, autocommit=True) as conn:
-            keyset_read(conn, limit)  # warm the caches: both sides then read from memory
-            rows, base_s, base_cpu, _ = _timed(lambda: keyset_read(conn, limit), ctx.admin_url, url)
-        if rows != n:
-            raise RuntimeError(f"baseline read {rows} rows of {n}")
-        db = Database(Settings(database_url=url))
-        stop = threading.Event()
-        timer = threading.Timer(limit, stop.set)
-        timer.start()
-        profile_to = os.environ.get("LOYALTY_BENCH_PROFILE_PIPELINE")
-        try:
-            pipeline = build_pipeline(db)
-            if profile_to:
-                from pyinstrument import Profiler
-
-                profiler = Profiler(interval=0.002)
-                profiler.start()
-            done, elapsed, cpu, waits = _timed(
-                lambda: pipeline.drain(range(SHARDS), stop), ctx.admin_url, url
-            )
-            if profile_to:
-                profiler.stop()
-                Path(profile_to).write_text(profiler.output_text(unicode=False, color=False))
-        finally:
-            timer.cancel()
-        with psycopg.connect(url, autocommit=True) as conn:
-            account_events = conn.execute("SELECT count(*) FROM members_events").fetchone()[0]  # type: ignore[index]
-            processed, awards = conn.execute(
-                "SELECT sum(processed_total), sum(awards_total) FROM pipeline_checkpoints"
-            ).fetchone()  # type: ignore[misc]
-        result = {
-            "url": url,
-            "db": db,
-            "events": n,
-            "users": users,
-            "fill_s": fill_s,
-            "baseline_rate": rows / base_s,
-            "baseline_cpu": base_cpu,
-            "baseline_s": base_s,
-            "done": done,
-            "elapsed_s": elapsed,
-            "rate": done / elapsed,
-            "cpu": cpu,
-            "pg_waits": waits,
-            "account_events": int(account_events),
-            "processed": int(processed or 0),
-            "awards": int(awards or 0),
-            "timed_out": stop.is_set(),
-        }
-        result["storage"] = processed_storage(ctx, db, n)
-        return result
-
-    return ctx.memo("earn.pipeline", measure)
-
-
-def processed_storage(ctx: Context, db: Database, n: int) -> dict[str, Any]:
-    """What is left on disk after processing (projection caught up) and retention (the
-    ingress days expired): bytes per kind of store."""
-    from loyalty.worker import build_projection, build_retention
-
-    projection = build_projection(db)
-    t0 = time.perf_counter()
-    stop = threading.Event()
-    timer = threading.Timer(300, stop.set)
-    timer.start()
-    try:
-        projected = projection.catch_up(stop)
-    finally:
-        timer.cancel()
-    projection_s = time.perf_counter() - t0
-    before = storage_report(db)
-    as_of = datetime.now(UTC) + timedelta(days=db.settings.retention_days + 2)
-    report = build_retention(db).run(as_of)
-    with psycopg.connect(db.settings.database_url, autocommit=True) as conn:
-        conn.execute("VACUUM ANALYZE")
-    after = storage_report(db)
-
-    def by_kind(rep: Any) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for loc in rep.locations:
-            out[loc.kind] = out.get(loc.kind, 0) + loc.bytes
-        return out
-
+def _pipeline_result(ctx: Context, base: str) -> Result:
+    m = pipeline_run(ctx, base)
     return {
-        "ingress_events": n,
-        "projected_events": projected,
-        "projection_rate": projected / projection_s if projection_s else None,
-        "retention_rows_dropped": report.rows_dropped,
-        "retention_kept": len(report.kept),
-        "before_retention": by_kind(before),
-        "after_retention": by_kind(after),
-        "after_bytes": after.total_bytes,
-        "after_database_bytes": after.database_bytes,
+        "value": m["rate"],
+        "unit": "events/s (weigh + record at the interval)",
+        "baseline": "keyset_read",
+        "baseline_value": m["baseline_rate"],
+        "weigh_rate": m["weigh_rate"],
+        "weigh_ratio": m["weigh_rate"] / m["baseline_rate"],
+        "events": m["done"],
+        "members": m["users"],
+        "new_members": m["new_members"],
+        "members_first_seen_in_stream": m["new_users"],
+        "recorded": m["recorded"],
+        "pending_left": m["pending_left"],
+        "weigh_s": m["weigh_s"],
+        "record_s": m["record_s"],
+        "baseline_s": m["baseline_s"],
+        "account_events": m["stream_account_events"],
+        "account_events_per_ingress": m["stream_account_events"] / max(m["done"], 1),
+        "account_events_while_weighing": m["weigh_account_events"],
+        "launch_new_members_per_s": m["launch_members"] / max(m["launch_s"], 1e-9),
+        "launch_account_events_per_member": m["launch_account_events"]
+        / max(m["launch_members"], 1),
+        "launch_s": m["launch_s"],
+        "processed": m["processed"],
+        "timed_out": m["timed_out"],
+        "how": (
+            "in-process build_pipeline(db): drain(range(16)) then record_due at the "
+            "interval, over a base of members with accounts plus 5% new members; "
+            "chunk 50000"
+        ),
+        **cpu_note(m["cpu"], m["weigh_s"] + m["record_s"], m["done"]),
+        "baseline_cpu_s_per_1M": {
+            k: round(v / m["events"] * 1e6, 1) for k, v in m["baseline_cpu"].items() if k != "other"
+        },
+        "pg_waits": m["pg_waits"],
+        "record_pg_waits": m["record_pg_waits"],
+        "target": "ratio >= 0.7 and value >= 100000 and processed == events and pending_left == 0",
     }
 
 
 @benchmark("pipeline", order=20)
 def pipeline(ctx: Context) -> Result:
-    """One worker weighing and awarding N pending events over M members vs a keyset read."""
-    m = pipeline_db(ctx)
+    """The pipeline as users run it (weigh, record at the interval, new members) over 4k
+    members vs a keyset read."""
+    return _pipeline_result(ctx, "small")
+
+
+@benchmark("pipeline_sqlite", order=22)
+def pipeline_sqlite(ctx: Context) -> Result:
+    """The pipeline as users run it on the embedded SQLite default (weigh + record at the
+    interval) over 4k members vs a bare read of the same rows."""
+    from loyalty.worker import build_pipeline
+
+    n = ctx.pick(smoke=4_000, quick=100_000, full=300_000)
+    users = ctx.pick(smoke=400, quick=4_000, full=4_000)
+    url = ingest_load.sqlite_database(ctx, "pipeline.db")
+    conn = sqlite3.connect(url[len("sqlite:///") :], isolation_level=None)
+    db = Database(Settings(database_url=url))
+    stop = threading.Event()
+    timer = threading.Timer(300 + n / 200, stop.set)
+    timer.start()
+    try:
+        pipeline = build_pipeline(db)
+        later = datetime.now(UTC) + timedelta(seconds=pipeline.interval_seconds + 1)
+        # the member base: three events per member on average, weighed and recorded
+        _sqlite_fill(conn, users * 3, users, "psa")
+        pipeline.drain(range(SHARDS), stop)
+        pipeline.record_due(range(SHARDS), stop, now=later)
+        start = {
+            int(r[0]): (int(r[1]), int(r[2]))
+            for r in conn.execute("SELECT shard, txid, seq FROM pipeline_checkpoints")
+        }
+        base_events = _sqlite_count(conn, "stored_events")
+        # the stream
+        _sqlite_fill(conn, n, users, "ps")
+
+        def bare_read() -> int:  # the pipeline reader's query, chunk and order; raw sqlite3
+            read = 0
+            for shard in range(SHARDS):
+                after = start.get(shard, (0, 0))
+                while True:
+                    rows = conn.execute(_SQLITE_READ, (shard, *after, CHUNK)).fetchall()
+                    for row in rows:
+                        orjson.loads(row[8])
+                    read += len(rows)
+                    if len(rows) < CHUNK:
+                        break
+                    after = (rows[-1][0], rows[-1][1])
+            return read
+
+        bare_read()  # warm: both sides read from the page cache
+        t0 = time.perf_counter()
+        rows_read = bare_read()
+        base_s = time.perf_counter() - t0
+        if rows_read != n:
+            raise RuntimeError(f"baseline read {rows_read} rows of {n}")
+        t0 = time.perf_counter()
+        done = pipeline.drain(range(SHARDS), stop)
+        weigh_s = time.perf_counter() - t0
+        later = datetime.now(UTC) + timedelta(seconds=pipeline.interval_seconds + 1)
+        recorded = pipeline.record_due(range(SHARDS), stop, now=later)
+        record_s = time.perf_counter() - t0 - weigh_s
+        account_events = _sqlite_count(conn, "stored_events") - base_events
+        left = _sqlite_count(conn, "pipeline_pending")
+    finally:
+        timer.cancel()
+        db.dispose()
+        conn.close()
     return {
-        "value": m["rate"],
-        "unit": "events/s",
-        "baseline": "keyset_read",
-        "baseline_value": m["baseline_rate"],
-        "events": m["done"],
-        "members": m["users"],
-        "account_events": m["account_events"],
-        "account_events_per_ingress": m["account_events"] / max(m["done"], 1),
-        "awards": m["awards"],
-        "processed": m["processed"],
-        "elapsed_s": m["elapsed_s"],
-        "baseline_s": m["baseline_s"],
-        "timed_out": m["timed_out"],
-        "how": "in-process build_pipeline(db).drain(range(16)), chunk 50000, fresh accounts",
-        **cpu_note(m["cpu"], m["elapsed_s"], m["done"]),
-        "baseline_cpu_s_per_1M": {
-            k: round(v / m["events"] * 1e6, 1) for k, v in m["baseline_cpu"].items() if k != "other"
-        },
-        "pg_waits": m["pg_waits"],
-        "target": "ratio >= 0.5 and value >= 100000 and processed == events",
+        "value": done / (weigh_s + record_s),
+        "unit": "events/s (weigh + record at the interval)",
+        "baseline": "sqlite_read",
+        "baseline_value": rows_read / base_s,
+        "weigh_rate": done / weigh_s,
+        "weigh_ratio": (done / weigh_s) / (rows_read / base_s),
+        "events": done,
+        "members": users,
+        "recorded": recorded,
+        "pending_left": left,
+        "account_events": account_events,
+        "weigh_s": weigh_s,
+        "record_s": record_s,
+        "timed_out": stop.is_set(),
+        "how": (
+            "in-process build_pipeline(db) on a SQLite file: a base of members (3 events "
+            "each on average, weighed and recorded first), then N events over them: "
+            "drain(range(16)) then record_due at the interval; baseline: the reader's "
+            "query per shard from the checkpoints, raw sqlite3 + orjson"
+        ),
     }
+
+
+def _sqlite_fill(conn: sqlite3.Connection, n: int, users: int, prefix: str) -> None:
+    received = sqlite_timestamp(datetime.now(UTC))
+    events = data.make_events(
+        n, seed=ingest_load.SEED + len(prefix), now=datetime.now(UTC), prefix=prefix, users=users
+    )
+    for batch in data.batches(events, 10_000):
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(
+            "INSERT INTO ingress_events (shard, source, event_id, user_id, type, "
+            "occurred_at, received_at, attributes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (*r[:5], sqlite_timestamp(r[5]), received, r[6])
+                for r in data.rows_of(batch, "bench")
+            ],
+        )
+        conn.execute("COMMIT")
+
+
+def _sqlite_count(conn: sqlite3.Connection, table: str) -> int:
+    row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
+    return int(row[0]) if row else 0
+
+
+@benchmark("pipeline_many_members", order=21)
+def pipeline_many_members(ctx: Context) -> Result:
+    """The pipeline as users run it over a large member base (400k full, 40k quick) vs a
+    keyset read."""
+    return _pipeline_result(ctx, "large")
 
 
 # -- end_to_end_lag ------------------------------------------------------------------------
@@ -540,7 +473,9 @@ def lag_rate(ctx: Context, url: str) -> tuple[float, str]:
     if done and isinstance(done.get("value"), int | float):
         return 0.5 * float(done["value"]), "0.5 x ingest_http of this run"
     wl = ingest_load.Workload(
-        n_events=ctx.pick(quick=40_000, full=100_000), now=datetime.now(UTC), prefix="rate"
+        n_events=ctx.pick(smoke=2_000, quick=40_000, full=100_000),
+        now=datetime.now(UTC),
+        prefix="rate",
     )
     key = ctx.create_key(Role.INGEST, "bench-rate", database_url=url)
     ingest_load.ensure_partitions(url, wl)
@@ -580,7 +515,7 @@ def end_to_end_lag(ctx: Context) -> Result:
                 seed=ingest_load.SEED + len(prefix),
                 now=datetime.now(UTC),
                 prefix=prefix,
-                drain_limit=ctx.pick(quick=30.0, full=60.0),
+                drain_limit=ctx.pick(smoke=20.0, quick=30.0, full=60.0),
                 serve_pid=proc.pid,
                 pg_admin_url=ctx.admin_url,
                 pg_dbname=dbname(url),
@@ -590,7 +525,7 @@ def end_to_end_lag(ctx: Context) -> Result:
     lower: dict[str, Any] | None = None
     try:
         wait_worker_up(port)
-        got = stage(rate, ctx.pick(quick=15.0, full=60.0), "lag")
+        got = stage(rate, ctx.pick(smoke=1.0, quick=15.0, full=60.0), "lag")
         if ctx.mode == "full":  # and at half that rate, once the backlog is gone
             wait_drained(url, limit_s=120.0)
             lower = stage(rate / 2, 30.0, "lagq")

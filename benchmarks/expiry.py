@@ -30,7 +30,7 @@ from typing import Any
 
 import psycopg
 
-from benchmarks.earn import _FILL_SQL, SHARDS
+from benchmarks.fill import FILL_SQL, SHARDS
 from benchmarks.framework import Context, Result, benchmark
 from loyalty.adapters.db import Database
 from loyalty.adapters.ingress_log import PostgresIngressLog, day_start, partition_name
@@ -49,7 +49,7 @@ def fill_day(conn: psycopg.Connection[Any], day: date, n: int, prefix: str) -> N
     shard_map = [shard_of(f"user-{u:05d}", SHARDS) for u in range(USERS)]
     for lo in range(0, n, FILL_TX):
         conn.execute(
-            _FILL_SQL,
+            FILL_SQL,
             {
                 "shards": shard_map,
                 "prefix": prefix + "-",
@@ -188,7 +188,7 @@ def measure(ctx: Context) -> dict[str, Any]:
     from loyalty.adapters.retention_store import create_retention_store
     from loyalty.application.retention import Retention
 
-    n = ctx.pick(quick=200_000, full=1_000_000)
+    n = ctx.pick(smoke=2_000, quick=200_000, full=1_000_000)
     url = ctx.new_pg_database("retention")
     db = Database(Settings(database_url=url))
     part_a, part_b = partition_name(DAY_A), partition_name(DAY_B)

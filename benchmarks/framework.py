@@ -12,7 +12,7 @@ Write a function that takes the :class:`Context` and returns one dict, register 
 
     @benchmark("member_read", order=40)
     def member_read(ctx: Context) -> dict[str, object]:
-        n = ctx.pick(quick=20_000, full=200_000)      # size by mode
+        n = ctx.pick(smoke=500, quick=20_000, full=200_000)  # size by mode
         url = ctx.pg_url                              # this run's fresh, migrated database
         key = ctx.create_key(Role.SHOP, "bench-shop") # a key (lk_...) for that database
         ...                                           # load from a separate process
@@ -26,7 +26,12 @@ Write a function that takes the :class:`Context` and returns one dict, register 
 ``ratio`` is filled in as ``value / baseline_value`` when absent. ``target`` is a Python
 expression over the result's keys; the framework adds ``"met": true|false``.
 
-Helpers on :class:`Context`: ``pick(quick=, full=)``, ``pg_url`` (one fresh PostgreSQL
+Three modes: ``smoke`` (tiny sizes, about a minute for every benchmark: CI runs it,
+``tests/e2e/test_benchmarks_smoke.py``, so that a benchmark cannot break unnoticed; its
+figures mean nothing and no target is judged), ``quick`` and ``full``. Every ``pick``
+names a smoke size: one without it fails the smoke run.
+
+Helpers on :class:`Context`: ``pick(smoke=, quick=, full=)``, ``pg_url`` (one fresh PostgreSQL
 database per run, migrated, dropped at the end), ``new_pg_database(label)`` (another
 such database, for a benchmark that needs data of its own), ``create_key``, ``memo(key, fn)`` to
 share an expensive measurement between benchmarks, ``result_of(name)`` to use another
@@ -61,7 +66,7 @@ from loyalty.adapters.keys import KeyStore, Role
 from loyalty.adapters.migrate import migrate
 from loyalty.config import Settings
 
-Mode = Literal["quick", "full"]
+Mode = Literal["smoke", "quick", "full"]
 Result = dict[str, Any]
 BenchFn = Callable[["Context"], Result]
 T = TypeVar("T")
@@ -117,39 +122,48 @@ class Context:
     _tmp: Path | None = None
     _db: Database | None = None
     _extra_dbs: list[str] = field(default_factory=list)
+    _template: str | None = None
 
     # -- sizing ----------------------------------------------------------------------
-    def pick(self, *, quick: T, full: T) -> T:
+    def pick(self, *, quick: T, full: T, smoke: T | None = None) -> T:
+        """The size for this run's mode; ``smoke`` is required in a smoke run."""
+        if self.mode == "smoke":
+            if smoke is None:
+                raise TypeError("this benchmark has no smoke size: pass pick(smoke=...)")
+            return smoke
         return quick if self.mode == "quick" else full
 
     # -- storage ---------------------------------------------------------------------
+    def _migrated_copy(self, name: str) -> str:
+        """``CREATE DATABASE name`` from this run's migrated template (migrated once, on
+        first use: a copy is a file copy, a migration runs every script)."""
+        if self._template is None:
+            template = f"loyalty_bench_{os.getpid()}_tmpl_{uuid.uuid4().hex[:6]}"
+            admin(f'CREATE DATABASE "{template}"', self.admin_url)
+            self._template = template
+            db = Database(Settings(database_url=pg_url_for(template, self.admin_url)))
+            try:
+                migrate(db)
+            finally:
+                db.dispose()
+        admin(f'CREATE DATABASE "{name}" TEMPLATE "{self._template}"', self.admin_url)
+        return pg_url_for(name, self.admin_url)
+
     @property
     def pg_url(self) -> str:
         """This run's PostgreSQL database: created and migrated on first use."""
         if self._pg_name is None:
             name = f"loyalty_bench_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-            admin(f'CREATE DATABASE "{name}"', self.admin_url)
+            self._migrated_copy(name)
             self._pg_name = name
-            db = Database(Settings(database_url=pg_url_for(name, self.admin_url)))
-            try:
-                migrate(db)
-            finally:
-                db.dispose()
         return pg_url_for(self._pg_name, self.admin_url)
 
     def new_pg_database(self, label: str) -> str:
         """Another fresh, migrated PostgreSQL database for this run (dropped at the end),
-        for a benchmark that needs its own data; returns its URL."""
+        for a benchmark that needs data of its own; returns its URL."""
         name = f"loyalty_bench_{os.getpid()}_{label}_{uuid.uuid4().hex[:6]}"
-        admin(f'CREATE DATABASE "{name}"', self.admin_url)
         self._extra_dbs.append(name)
-        url = pg_url_for(name, self.admin_url)
-        db = Database(Settings(database_url=url))
-        try:
-            migrate(db)
-        finally:
-            db.dispose()
-        return url
+        return self._migrated_copy(name)
 
     @property
     def db(self) -> Database:
@@ -181,6 +195,9 @@ class Context:
         while self._extra_dbs:
             name = self._extra_dbs.pop()
             admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', self.admin_url)
+        if self._template is not None:
+            admin(f'DROP DATABASE IF EXISTS "{self._template}" WITH (FORCE)', self.admin_url)
+            self._template = None
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
@@ -213,7 +230,7 @@ class Context:
         self._running.add(name)
         started = time.monotonic()
         try:
-            result = finish(REGISTRY[name].fn(self), name)
+            result = finish(REGISTRY[name].fn(self), name, self.mode)
         except Exception as exc:  # report and go on with the next benchmark
             traceback.print_exc(file=sys.stderr)
             result = {"name": name, "error": f"{type(exc).__name__}: {exc}"}
@@ -231,7 +248,7 @@ def _round(value: Any) -> Any:
     return value
 
 
-def finish(result: Result, name: str) -> Result:
+def finish(result: Result, name: str, mode: Mode = "quick") -> Result:
     """Fill in ratio and target check; keep the five contract keys first."""
     result = dict(result)
     result.setdefault("name", name)
@@ -239,7 +256,9 @@ def finish(result: Result, name: str) -> Result:
     if "ratio" not in result:
         result["ratio"] = value / base if value is not None and base else None
     target = result.get("target")
-    if target:
+    if mode == "smoke":  # tiny sizes: the figures mean nothing, no target is judged
+        result.pop("target", None)
+    elif target:
         try:
             result["met"] = bool(eval(target, {}, dict(result)))  # noqa: S307 - our own text
         except Exception as exc:

@@ -20,207 +20,28 @@ same events (same seed): 1,000-event batches, ~10k users, occurred_at in the las
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-import shutil
 import sqlite3
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import psycopg
-
-from benchmarks import data, naive_store
+from benchmarks import data
 from benchmarks.framework import Context, Result, benchmark
 from benchmarks.ingest_load import (
     BATCH,
-    COLUMNS,
-    COPY_TYPES,
     SOURCE,
     Workload,
-    ensure_partitions,
+    event_store_phase,
     per_core_note,
+    pg_phases,
     run_http,
+    sqlite_database,
     wl_time_limit,
+    workload,
 )
-from loyalty.adapters.db import Database
 from loyalty.adapters.ingress_log import sqlite_timestamp
 from loyalty.adapters.keys import Role
-from loyalty.adapters.migrate import migrate
-from loyalty.config import Settings
-
-
-def workload(ctx: Context) -> Workload:
-    """The run's events: sized by mode, generated identically by every process."""
-    return ctx.memo(
-        "ingest.workload",
-        lambda: Workload(
-            n_events=ctx.pick(quick=100_000, full=1_000_000),
-            now=datetime.now(UTC),
-            prefix="ev",
-        ),
-    )
-
-
-def reset_ingress(url: str) -> None:
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("TRUNCATE ingress_events")
-        if conn.execute("SELECT to_regclass('ingress_keys')").fetchone() != (None,):
-            conn.execute("TRUNCATE ingress_keys")  # the dedup keys (migration 0006)
-        conn.execute("CHECKPOINT")
-
-
-# -- worker processes (baselines and the event store) ----------------------------------
-def _worker(
-    kind: str, url: str, wl: Workload, index: int, workers: int, ready: Any, start: Any, out: Any
-) -> None:
-    try:
-        mine = data.batches(wl.events(), BATCH)[index::workers]
-        if kind == "event_store":
-            app = naive_store.open_app(url, create_table=False)
-            started = _wait(ready, start)
-            for batch in mine:
-                app.save(
-                    *[
-                        naive_store.Activity(
-                            source=SOURCE,
-                            event_id=e["event_id"],
-                            user_id=e["user_id"],
-                            type=e["type"],
-                            occurred_at=datetime.fromisoformat(e["occurred_at"]),
-                            attributes=e["attributes"],
-                        )
-                        for e in batch
-                    ]
-                )
-                if time.perf_counter() - started > wl_time_limit(wl):
-                    break
-            app.close()
-        else:
-            rows = [
-                [(*r[:6], b"\x01" + r[6].encode()) for r in data.rows_of(b, SOURCE)] for b in mine
-            ]
-            with psycopg.connect(url) as conn:
-                if kind == "naive_dedup":
-                    conn.execute(
-                        "CREATE TEMP TABLE ingress_staging "
-                        "(LIKE ingress_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-                    )
-                    conn.commit()
-                table = "ingress_staging" if kind == "naive_dedup" else "ingress_events"
-                started = _wait(ready, start)
-                for batch_rows in rows:
-                    with conn.cursor() as cur:
-                        with cur.copy(f"COPY {table} {COLUMNS} FROM STDIN (FORMAT BINARY)") as cp:
-                            cp.set_types(COPY_TYPES)
-                            for row in batch_rows:
-                                cp.write_row(row)
-                        if kind == "naive_dedup":
-                            cur.execute(
-                                f"INSERT INTO ingress_events {COLUMNS} SELECT {COLUMNS[1:-1]} "
-                                "FROM ingress_staging ORDER BY seq ON CONFLICT DO NOTHING"
-                            )
-                    conn.commit()
-                    if time.perf_counter() - started > wl_time_limit(wl):
-                        break
-        out.put(("ok", index, time.perf_counter(), sum(len(b) for b in mine)))
-    except BaseException as exc:
-        out.put(("error", index, 0.0, repr(exc)))
-        raise
-
-
-def _wait(ready: Any, start: Any) -> float:
-    ready.release()
-    if not start.wait(timeout=300):
-        raise TimeoutError("never started")
-    return time.perf_counter()
-
-
-def run_workers(kind: str, url: str, wl: Workload, workers: int) -> dict[str, Any]:
-    """Run ``workers`` processes over the workload; events/s from go to the last one done."""
-    mpx = mp.get_context("spawn")
-    ready, start, out = mpx.Semaphore(0), mpx.Event(), mpx.Queue()
-    procs = [
-        mpx.Process(target=_worker, args=(kind, url, wl, i, workers, ready, start, out))
-        for i in range(workers)
-    ]
-    for p in procs:
-        p.start()
-    try:
-        deadline, waiting = time.monotonic() + 300, len(procs)
-        while waiting:
-            if ready.acquire(timeout=0.5):
-                waiting -= 1
-                continue
-            if any(p.exitcode is not None for p in procs):
-                _, index, _, payload = out.get(timeout=5)
-                raise RuntimeError(f"{kind} worker {index} failed while preparing: {payload}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{kind} workers did not get ready")
-        t0 = time.perf_counter()
-        start.set()
-        ends, done = [], 0
-        for _ in procs:
-            status, index, end, payload = out.get(timeout=wl_time_limit(wl) + 120)
-            if status != "ok":
-                raise RuntimeError(f"{kind} worker {index} failed: {payload}")
-            ends.append(end)
-        # Each worker stops at its time limit, so count what is in the table.
-        with psycopg.connect(url) as conn:
-            table = naive_store.TABLE if kind == "event_store" else "ingress_events"
-            done = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # type: ignore[index]
-        elapsed = max(ends) - t0
-        return {"events": done, "elapsed_s": elapsed, "rate": done / elapsed}
-    except BaseException:
-        for p in procs:  # the others must not go on (or wait) on their own
-            p.terminate()
-        raise
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-
-
-def pg_phases(ctx: Context) -> dict[str, Any]:
-    """copy, naive_dedup and http on PostgreSQL (best of two), then storage."""
-
-    def measure() -> dict[str, Any]:
-        url, wl = ctx.pg_url, workload(ctx)
-        key = ctx.create_key(Role.INGEST, SOURCE)
-        workers = int(os.environ.get("LOYALTY_BENCH_COPY_WORKERS", "2"))
-        best: dict[str, dict[str, Any]] = {}
-        ensure_partitions(url, wl)
-        # Interleaved, best of two for the ratio's two sides: other work on the box
-        # comes and goes, and a burst of it should not decide the figure.
-        order = ctx.pick(
-            quick=("copy", "http", "naive_dedup", "copy", "http"),
-            full=("copy", "naive_dedup", "http") * 2,
-        )
-        for phase in order:
-            reset_ingress(url)
-            if phase == "http":
-                got = run_http(ctx, url, wl, key)
-            else:
-                got = run_workers(phase, url, wl, workers)
-            if phase not in best or got["rate"] > best[phase]["rate"]:
-                best[phase] = got
-        best["storage"] = ingress_storage(url)  # what the last http phase left
-        return best
-
-    return ctx.memo("ingest.pg", measure)
-
-
-def ingress_storage(url: str) -> dict[str, Any]:
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("VACUUM ANALYZE ingress_events")
-        size, rows = conn.execute(
-            "SELECT coalesce(sum(pg_total_relation_size(i.inhrelid)), 0), "
-            "(SELECT count(*) FROM ingress_events) FROM pg_inherits i "
-            "WHERE i.inhparent = 'ingress_events'::regclass"
-        ).fetchone()  # type: ignore[misc]
-    return {"bytes": int(size), "rows": int(rows)}
 
 
 @benchmark("ingest_http", order=10)
@@ -258,31 +79,6 @@ def ingest_naive_dedup(ctx: Context) -> Result:
     }
 
 
-def event_store_phase(ctx: Context) -> dict[str, Any]:
-    def measure() -> dict[str, Any]:
-        url = ctx.pg_url
-        base = workload(ctx)
-        wl = Workload(
-            n_events=ctx.pick(quick=20_000, full=150_000), now=base.now, prefix=base.prefix
-        )
-        naive_store.open_app(url).close()  # create its tables once, not racing
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(f"TRUNCATE {naive_store.TABLE}")
-            conn.execute("CHECKPOINT")
-        got = run_workers(
-            "event_store", url, wl, int(os.environ.get("LOYALTY_BENCH_ES_WORKERS", "4"))
-        )
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(f"VACUUM ANALYZE {naive_store.TABLE}")
-            size = conn.execute(
-                "SELECT pg_total_relation_size(%s::regclass)", (naive_store.TABLE,)
-            ).fetchone()[0]  # type: ignore[index]
-        got["storage"] = {"bytes": int(size), "rows": got["events"]}
-        return got
-
-    return ctx.memo("ingest.event_store", measure)
-
-
 @benchmark("ingest_vs_event_store", order=12)
 def ingest_vs_event_store(ctx: Context) -> Result:
     """The same events, one stream event each, through the eventsourcing library."""
@@ -300,19 +96,6 @@ def ingest_vs_event_store(ctx: Context) -> Result:
 
 
 # -- SQLite ----------------------------------------------------------------------------
-def sqlite_database(ctx: Context, name: str) -> str:
-    template = ctx.tmp_dir / "template.db"
-    if not template.exists():
-        db = Database(Settings(database_url=f"sqlite:///{template}"))
-        migrate(db)
-        with db.engine.connect() as conn:
-            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
-        db.dispose()
-    path = ctx.tmp_dir / name
-    shutil.copy(template, path)
-    return f"sqlite:///{path}"
-
-
 def sqlite_copy_baseline(path: Path, wl: Workload) -> dict[str, Any]:
     """Raw sqlite3 executemany of the same rows, 1,000 per transaction, no dedup."""
     received = sqlite_timestamp(datetime.now(UTC))
@@ -345,7 +128,9 @@ def sqlite_copy_baseline(path: Path, wl: Workload) -> dict[str, Any]:
 def ingest_http_sqlite(ctx: Context) -> Result:
     """ingest_http on the embedded SQLite default, vs raw executemany INSERT (no target)."""
     base = workload(ctx)
-    wl = Workload(n_events=ctx.pick(quick=50_000, full=300_000), now=base.now, prefix="sq")
+    wl = Workload(
+        n_events=ctx.pick(smoke=2_000, quick=50_000, full=300_000), now=base.now, prefix="sq"
+    )
     raw_url = sqlite_database(ctx, "raw.db")
     baseline = sqlite_copy_baseline(Path(raw_url[len("sqlite:///") :]), wl)
     url = sqlite_database(ctx, "http.db")

@@ -107,7 +107,7 @@ def _pct(samples: list[float], q: float) -> float:
 @benchmark("member_load", order=45)
 def member_load(ctx: Context) -> dict[str, object]:
     """Cold load of a member with 1M account events: snapshots vs. none (same run)."""
-    n = ctx.pick(quick=100_000, full=1_000_000)
+    n = ctx.pick(smoke=1_000, quick=100_000, full=1_000_000)
     url = ctx.new_pg_database("member_load")
     settings = Settings(database_url=url, snapshot_interval=INTERVAL, db_pool_size=2)
     cold_env = {**event_store_env(settings), "AGGREGATE_CACHE_MAXSIZE": ""}  # no cache
@@ -120,7 +120,9 @@ def member_load(ctx: Context) -> dict[str, object]:
 
         deadline = time.monotonic() + 120
         snap_ms, a = _load_ms(with_snapshots, member_id, 1000, deadline)
-        base_ms, b = _load_ms(without, member_id, ctx.pick(quick=5, full=3), deadline + 180)
+        base_ms, b = _load_ms(
+            without, member_id, ctx.pick(smoke=2, quick=5, full=3), deadline + 180
+        )
         assert a == b and a.version == n and a.currency == n - 2, "the two loads differ"
 
         first_ms = []

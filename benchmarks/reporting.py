@@ -3,7 +3,7 @@ export writes account events.
 
     .venv/bin/python -m benchmarks.run --only rollup_cost,export_rate [--full]
 
-``rollup_cost``: the same ingress rows (``earn.fill_pending``, same seed) in two fresh
+``rollup_cost``: the same ingress rows (``fill.fill_pending``, same seed) in two fresh
 PostgreSQL databases, drained in this process by ``build_pipeline(db)`` with the rollups
 and by ``build_pipeline(db, rollups=False)``, in the same run (order alternated per
 round); the value is the throughput ratio with / without. quick: 100,000 events over
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import statistics
 import time
-import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -29,13 +28,16 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.earn import SHARDS, fill_pending
+from benchmarks.fill import SHARDS, fill_pending
 from benchmarks.framework import Context, benchmark
 from loyalty.adapters.db import Database
 from loyalty.adapters.parquet_export import ACCOUNT_EVENTS, ParquetSink
 from loyalty.application.reporting import account_event_rows
 from loyalty.config import Settings
 from loyalty.domain.member import Member
+from loyalty.domain.ranks import Rank, RankLadder
+
+LADDER = RankLadder((Rank("base", 0, ()),))
 
 
 def _drain(url: str, rollups: bool) -> tuple[int, float]:
@@ -54,9 +56,9 @@ def _drain(url: str, rollups: bool) -> tuple[int, float]:
 @benchmark("rollup_cost", order=95)
 def rollup_cost(ctx: Context) -> dict[str, Any]:
     """Pipeline throughput with the daily rollups / without them, same rows, same run."""
-    n = ctx.pick(quick=100_000, full=400_000)
-    users = ctx.pick(quick=2_000, full=10_000)
-    rounds = ctx.pick(quick=3, full=3)
+    n = ctx.pick(smoke=4_000, quick=100_000, full=400_000)
+    users = ctx.pick(smoke=200, quick=2_000, full=10_000)
+    rounds = ctx.pick(smoke=1, quick=3, full=3)
     runs: list[dict[str, Any]] = []
     warm = ctx.new_pg_database("rollupwarm")  # imports, caches, the server's buffers
     fill_pending(warm, n // 4, users, seed=0.18)
@@ -84,52 +86,30 @@ def rollup_cost(ctx: Context) -> dict[str, Any]:
 
 
 def _events(n: int, members: int) -> list[tuple[int, Any]]:
-    """``n`` decoded account events: a Created per member, then awards and spends."""
+    """``n`` decoded account events made by the aggregate's own commands (so that they
+    follow the events' schema as it is): each member's creation, then awards and every
+    fourth a spend, spread over three days."""
     now = datetime.now(UTC).replace(hour=12)
-    ids = [uuid.uuid4() for _ in range(members)]
+    accounts = [Member(user_id=f"user-{i:07d}") for i in range(members)]
     out: list[tuple[int, Any]] = []
-    for i, member in enumerate(ids):
-        out.append(
-            (
-                len(out) + 1,
-                Member.Created(
-                    originator_id=member,
-                    originator_version=1,
-                    timestamp=now,
-                    originator_topic="loyalty.domain.member:Member",
-                    user_id=f"user-{i:07d}",
-                ),
-            )
-        )
-    version = dict.fromkeys(ids, 1)
+
+    def take(member: Member) -> None:
+        for event in member.collect_events():
+            at = now - timedelta(days=len(out) % 3, seconds=len(out) % 3600)
+            out.append((len(out) + 1, type(event)(**{**vars(event), "timestamp": at})))
+
+    for member in accounts:
+        take(member)
+    i = 0
     while len(out) < n:
-        member = ids[len(out) % members]
-        version[member] += 1
-        at = now - timedelta(days=len(out) % 3, seconds=len(out) % 3600)
-        if len(out) % 4:
-            event: Any = Member.Awarded(
-                originator_id=member,
-                originator_version=version[member],
-                timestamp=at,
-                award_id=f"w1.{len(out)}",
-                currency=5,
-                rank_points=3,
-                event_count=2,
-                rule_version=1,
-                fraction_currency="0.5",
-                fraction_rank_points="0",
-            )
+        member = accounts[i % members]
+        if i % 4 == 3 and member.currency >= 4:
+            member.spend(f"o{i}", 4, "shop")
         else:
-            event = Member.Spent(
-                originator_id=member,
-                originator_version=version[member],
-                timestamp=at,
-                order_id=f"o{len(out)}",
-                amount=4,
-                source="shop",
-            )
-        out.append((len(out) + 1, event))
-    return out
+            member.award(f"w1.{i}", 5, 3, 2, 1, LADDER, month=now.strftime("%Y-%m"))
+        take(member)
+        i += 1
+    return out[:n]
 
 
 class _Log:
@@ -144,7 +124,7 @@ class _Log:
 @benchmark("export_rate", order=96)
 def export_rate(ctx: Context) -> dict[str, Any]:
     """Account events exported per second vs a bare pyarrow write of the same rows."""
-    n = ctx.pick(quick=200_000, full=1_000_000)
+    n = ctx.pick(smoke=5_000, quick=200_000, full=1_000_000)
     events = _events(n, members=max(1, n // 20))
     days = {e.timestamp.date() for _, e in events}
     key = b"k" * 32

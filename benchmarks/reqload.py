@@ -4,8 +4,9 @@ N client threads on keep-alive ``http.client`` connections to 127.0.0.1 only.
 Kinds of request (each client builds its own from the index of the request):
 
 - ``member``: ``GET /v1/members/user-NNNNN`` of a random member;
-- ``forget404``: ``GET /v1/forget-requests/<random 32 hex>``: authentication plus one
-  primary-key read that finds nothing (404) — the cheapest authenticated read by key;
+- ``forget``: ``GET /v1/forget-requests/<id>`` of a random one of ``ids`` (completed
+  requests): authentication plus one primary-key read that answers 200 — the cheapest
+  authenticated read of a row by key;
 - ``spend``: ``POST /v1/members/user-NNNNN/spend`` of 1, a new order id each time;
 - ``fund``: ``POST /v1/members/user-NNNNN/adjustments``, each member once (setup).
 
@@ -30,7 +31,7 @@ from benchmarks.cpu import CpuMeter
 from benchmarks.loadgen import ChildProcess, percentile
 
 Request = tuple[str, str, bytes | None]
-KINDS = ("member", "forget404", "spend", "fund")
+KINDS = ("member", "forget", "spend", "fund")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class ReqSpec:
     tag: str = "r"
     fund_amount: int = 1_000_000
     user_offset: int = 0
+    ids: tuple[str, ...] = ()
     watch: dict[str, list[int]] | None = None
     pg_admin_url: str | None = None
     pg_dbname: str | None = None
@@ -61,8 +63,11 @@ def request_maker(spec: ReqSpec, client: int, tag: str) -> Callable[[int], Reque
     users = spec.users
     if spec.kind == "member":
         return lambda _i: ("GET", f"/v1/members/{user_name(rnd.randrange(users))}", None)
-    if spec.kind == "forget404":
-        return lambda _i: ("GET", f"/v1/forget-requests/{rnd.getrandbits(128):032x}", None)
+    if spec.kind == "forget":
+        ids = spec.ids
+        if not ids:
+            raise ValueError("kind 'forget' needs ids")
+        return lambda _i: ("GET", f"/v1/forget-requests/{ids[rnd.randrange(len(ids))]}", None)
     if spec.kind == "spend":
 
         def spend(i: int) -> Request:
@@ -90,7 +95,7 @@ def request_maker(spec: ReqSpec, client: int, tag: str) -> Callable[[int], Reque
 
 def _load(spec: ReqSpec) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {spec.key}", "Content-Type": "application/json"}
-    ok_status = 404 if spec.kind == "forget404" else 200
+    ok_status = 200
     limit = spec.users if spec.kind == "fund" else spec.max_requests
     counter = itertools.count()
     warm_counter = itertools.count()

@@ -1,6 +1,8 @@
-"""Run the benchmarks: ``python -m benchmarks.run --quick|--full [--only NAME,...]``.
+"""Run the benchmarks: ``python -m benchmarks.run --smoke|--quick|--full [--only NAME,...]``.
 
-Prints one JSON line per benchmark. ``--full`` also writes
+Prints one JSON line per benchmark; exits 1 when any benchmark raised. ``--smoke`` runs
+every benchmark at tiny sizes (about a minute; CI runs it) to show that each one runs.
+``--full`` without ``--only`` also writes
 ``benchmarks/results/latest.json`` and ``benchmarks/results/latest.png``. A new
 benchmark module is imported here (``MODULES``) so that its ``@benchmark`` functions
 register; see :mod:`benchmarks.framework` for how to write one.
@@ -33,6 +35,11 @@ MODULES = [
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
     size = parser.add_mutually_exclusive_group()
+    size.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes, every benchmark in about a minute: checks they run (CI), no targets",
+    )
     size.add_argument("--quick", action="store_true", help="small sizes (default)")
     size.add_argument("--full", action="store_true", help="full sizes, write results/")
     parser.add_argument("--only", default="", help="comma-separated benchmark names")
@@ -49,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in wanted if n not in REGISTRY]
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(unknown)}; see --list")
-    ctx = Context(mode="full" if args.full else "quick")
+    ctx = Context(mode="full" if args.full else "smoke" if args.smoke else "quick")
     try:
         for reg in ordered:
             if not wanted or reg.name in wanted:
@@ -57,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ctx.close()
     results = [ctx.results[r.name] for r in ordered if r.name in ctx.results]
-    if args.full:
+    if args.full and wanted:
+        print("not writing results/: --only ran a subset", file=sys.stderr)
+    elif args.full:
         print(f"wrote {write_results(results, ctx.mode)}", file=sys.stderr)
         try:
             print(f"wrote {write_chart(results)}", file=sys.stderr)

@@ -3,9 +3,9 @@ the ingest benchmarks' phases and the pipeline's database (both memoized per run
 
 from __future__ import annotations
 
-from benchmarks.earn import pipeline_db
 from benchmarks.framework import Context, Result, benchmark
-from benchmarks.ingest import event_store_phase, pg_phases
+from benchmarks.ingest_load import event_store_phase, pg_phases
+from benchmarks.pipeline_runs import pipeline_run
 
 
 @benchmark("storage", order=90)
@@ -14,7 +14,7 @@ def storage(ctx: Context) -> Result:
     design (every event a stream event in the event store, kept)."""
     ours = pg_phases(ctx)["storage"]
     es = event_store_phase(ctx)["storage"]
-    kept = pipeline_db(ctx)["storage"]
+    kept = pipeline_run(ctx)["storage"]
     ingested_per_m = ours["bytes"] / max(ours["rows"], 1) * 1e6
     es_per_m = es["bytes"] / max(es["rows"], 1) * 1e6
     per_m = kept["after_bytes"] / max(kept["ingress_events"], 1) * 1e6
