@@ -15,6 +15,7 @@ import hmac
 import ipaddress
 import re
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -290,6 +291,7 @@ class HttpWebhookSender:
         allow_private: bool = False,
         resolver: Resolver = system_resolver,
         permitted: Callable[[Address], bool] = is_public,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._timeout = timeout
         self._allow_private = allow_private
@@ -300,7 +302,7 @@ class HttpWebhookSender:
         # The same pool httpx builds, with a network backend that connects to the
         # checked address (httpx has no public parameter for it).
         transport._pool = httpcore.ConnectionPool(
-            ssl_context=httpx.create_ssl_context(trust_env=False),
+            ssl_context=ssl_context or httpx.create_ssl_context(trust_env=False),
             max_connections=100,
             max_keepalive_connections=20,
             keepalive_expiry=5.0,

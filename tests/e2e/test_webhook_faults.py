@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -342,3 +346,117 @@ def test_a_url_the_client_refuses_keeps_its_loop_and_drops_its_forgotten_notice(
         assert listed[0]["status"] == "failing"
         assert "\x00" not in listed[0]["last_error"]
     assert sample(metrics, "loyalty_deliveries_total", outcome="forgotten_dropped") == 1
+
+
+# -- TLS through the pinned address --------------------------------------------------------
+
+
+def make_certificates(tmp: Path) -> dict[str, Path]:
+    """A test CA and two server certificates it signed (openssl): one for the webhook's
+    host name, one for another name."""
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tmp)
+
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=loyalty test CA",
+    )
+    for name in ("hooks.rebind.test", "other.test"):
+        (tmp / f"{name}.ext").write_text(f"subjectAltName=DNS:{name}\n")
+        run(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+        )
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "2",
+            "-extfile",
+            f"{name}.ext",
+        )
+    return {"ca": tmp / "ca.pem", **{n: tmp / n for n in ("hooks.rebind.test", "other.test")}}
+
+
+def test_https_to_the_pinned_address_keeps_the_host_for_sni_and_the_certificate(
+    tmp_path: Path,
+) -> None:
+    """The POST goes to the checked address (127.0.0.2, declared public for this test)
+    while TLS names the URL's host: the receiver sees that SNI, the certificate is
+    verified for that host (a certificate for another name fails), and the Host header is
+    the URL's."""
+    if not bound("127.0.0.2") or shutil.which("openssl") is None:
+        pytest.skip("needs 127.0.0.2 and openssl")
+    from http.server import ThreadingHTTPServer
+
+    certs = make_certificates(tmp_path)
+    seen_sni: list[str | None] = []
+    results = {}
+    for cert_name in ("hooks.rebind.test", "other.test"):
+        receiver = Receiver()
+        receiver.server.shutdown()
+        receiver.server.server_close()
+        server = ThreadingHTTPServer(("127.0.0.2", 0), receiver.server.RequestHandlerClass)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(f"{certs[cert_name]}.pem", f"{certs[cert_name]}.key")
+        context.sni_callback = lambda _sock, name, _ctx: seen_sni.append(name)  # type: ignore[assignment,misc,return-value]
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        receiver.server = server
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        port = server.server_address[1]
+        client_context = ssl.create_default_context(cafile=str(certs["ca"]))
+        sender = HttpWebhookSender(
+            timeout=3.0,
+            resolver=lambda _h, _p: ["127.0.0.2"],
+            permitted=lambda a: str(a) == "127.0.0.2",
+            ssl_context=client_context,
+        )
+        subscription = Subscription(
+            "b" * 32,
+            f"https://hooks.rebind.test:{port}/hook",
+            (),
+            "whsec_" + "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE=",
+            datetime.now(UTC),
+        )
+        try:
+            event = FeedEvent("t1", 1, "member.adjusted", "u", datetime.now(UTC), {})
+            results[cert_name] = (sender.deliver(subscription, event), receiver.received[:])
+        finally:
+            sender.close()
+            receiver.close()
+    ok, received = results["hooks.rebind.test"]
+    assert ok == Attempt(True, "HTTP 204"), ok
+    assert received[0]["headers"]["host"].startswith("hooks.rebind.test:")
+    wrong, nothing = results["other.test"]
+    assert not wrong.ok and "CERTIFICATE_VERIFY_FAILED" in wrong.detail, wrong
+    assert nothing == []
+    assert seen_sni == ["hooks.rebind.test", "hooks.rebind.test"]
