@@ -187,7 +187,12 @@ def parse_url(url: str) -> Target:
         client_host = httpx.URL(url).raw_host.decode("ascii").lower().rstrip(".")
     except (httpx.InvalidURL, UnicodeError):
         raise UrlRefused("the URL does not parse") from None
-    if client_host != (str(literal) if literal is not None else host):
+    if literal is not None:
+        # the host as the client writes it (the pinning backend is asked for that one)
+        if _ip_literal(client_host) != literal:
+            raise UrlRefused("the URL's host is ambiguous")
+        host = client_host
+    elif client_host != host:
         raise UrlRefused("the URL's host is ambiguous")
     default = 443 if parts.scheme == "https" else 80
     return Target(url, parts.scheme, host, port or default, literal)
