@@ -242,8 +242,8 @@ class Metrics:
     def delivery_error(self, channel: str, kind: str) -> None:
         self.delivery_errors.labels(channel, kind).inc()
 
-    def webhook_attempt(self, outcome: str) -> None:
-        self.deliveries.labels(outcome).inc()
+    def webhook_attempt(self, outcome: str, n: int = 1) -> None:
+        self.deliveries.labels(outcome).inc(n)
 
     def webhook_dead_letters(self, count: int) -> None:
         self.dead_letters.set(count)

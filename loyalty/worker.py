@@ -440,7 +440,8 @@ def build_webhook_dispatcher(
     def feed() -> EventFeed:
         if not apps:
             apps.append(Members(env=event_store_env(settings)))
-        return EventFeed(apps[0].recorder, apps[0].mapper, apps[0], SqlDeliveryStore(db))
+        # no erasure check here: each sink asks for its batch right before sending
+        return EventFeed(apps[0].recorder, apps[0].mapper, apps[0])
 
     return WebhookDispatcher(
         feed,
@@ -454,6 +455,8 @@ def build_webhook_dispatcher(
         poll_seconds=poll_seconds,
         erasure=SqlDeliveryStore(db),
         max_pause=max_pause,
+        # an erasure completes no sooner than the settle time after its marker is set
+        recheck_after=min(0.25, settings.forget_settle_seconds / 4),
     )
 
 

@@ -484,7 +484,7 @@ class WebhookSender(Protocol):
 
 
 class WebhookMetrics(DeliveryMetrics, Protocol):
-    def webhook_attempt(self, outcome: str) -> None: ...
+    def webhook_attempt(self, outcome: str, n: int = 1) -> None: ...
     def webhook_dead_letters(self, count: int) -> None: ...
 
 
@@ -513,17 +513,34 @@ class WebhookSink:
     metrics: WebhookMetrics | None = None
     sleep: Callable[[float], Any] | None = None
     erasure: ErasureCheck | None = None
+    recheck_after: float = 0.0
+    """A first attempt within this many seconds of the last erasure check goes without
+    asking again (0: every attempt asks). Safe below forget-me's settle time: an erasure
+    whose marker the last check did not see completes no sooner than that after it."""
     failing: bool = False
     """Whether the last attempt failed (the subscription is shown as failing)."""
+    _checked: float = 0.0
 
     def send(self, events: Sequence[FeedEvent]) -> None:
+        if self.erasure is not None:
+            kept = drop_erased(self.erasure, events)
+            self._checked = time.monotonic()
+            self._count("erased_dropped", len(events) - len(kept))
+            events = kept
         for event in events:
             self._send_one(event)
 
-    def _erased(self, event: FeedEvent) -> bool:
-        """Re-checked before every attempt and before parking: the event may have been
-        read before its member's erasure (then it is dropped, counted)."""
-        if self.erasure is None or event.type == FORGOTTEN or not self.erasure.erased([event]):
+    def _erased(self, event: FeedEvent, *, first: bool = False) -> bool:
+        """Asked before every attempt (a first one may rely on a check of the last
+        ``recheck_after`` seconds) and before parking: the event may have been read
+        before its member's erasure (then it is dropped, counted)."""
+        if self.erasure is None or event.type == FORGOTTEN:
+            return False
+        now = time.monotonic()
+        if first and now - self._checked < self.recheck_after:
+            return False
+        self._checked = now
+        if not self.erasure.erased([event]):
             return False
         self._count("erased_dropped")
         return True
@@ -537,7 +554,7 @@ class WebhookSink:
         started = time.monotonic()
         attempts = 0
         while True:
-            if self._erased(event):
+            if self._erased(event, first=attempts == 0):
                 return
             attempts += 1
             result = self.sender.deliver(self.subscription, event)
@@ -578,9 +595,9 @@ class WebhookSink:
             if self.stop_event.wait(delay):
                 raise InterruptedError("delivery stopped")  # the batch is sent again later
 
-    def _count(self, outcome: str) -> None:
-        if self.metrics is not None:
-            self.metrics.webhook_attempt(outcome)
+    def _count(self, outcome: str, n: int = 1) -> None:
+        if self.metrics is not None and n:
+            self.metrics.webhook_attempt(outcome, n)
 
 
 class SubscriptionSource(Protocol):
@@ -606,8 +623,10 @@ class WebhookDispatcher:
         batch_size: int = 20,
         erasure: ErasureCheck | None = None,
         max_pause: float = 30.0,
+        recheck_after: float = 0.0,
     ) -> None:
         self._erasure = erasure
+        self._recheck_after = recheck_after
         self._max_pause = max_pause
         self._feed_factory = feed_factory
         self._store = store
@@ -652,6 +671,7 @@ class WebhookDispatcher:
                     threading.Event(),
                     self._metrics,
                     erasure=self._erasure,
+                    recheck_after=self._recheck_after,
                 ),
                 types=frozenset(subscription.event_types) or None,
                 batch_size=self._batch,
