@@ -192,6 +192,12 @@ class Metrics:
             ["channel"],
             registry=r,
         )
+        self.delivery_errors = Counter(
+            "loyalty_delivery_errors",
+            "exceptions a delivery loop caught (it backed off and carried on), by kind",
+            ["channel", "kind"],
+            registry=r,
+        )
         self.dead_letters = Gauge(
             "loyalty_webhook_dead_letters", "webhook deliveries parked as dead letters", registry=r
         )
@@ -233,8 +239,11 @@ class Metrics:
     def delivery_progress(self, channel: str, *, position: int, head: int) -> None:
         self.delivery_lag.labels(channel).set(max(0, head - position))
 
-    def webhook_attempt(self, outcome: str) -> None:
-        self.deliveries.labels(outcome).inc()
+    def delivery_error(self, channel: str, kind: str) -> None:
+        self.delivery_errors.labels(channel, kind).inc()
+
+    def webhook_attempt(self, outcome: str, n: int = 1) -> None:
+        self.deliveries.labels(outcome).inc(n)
 
     def webhook_dead_letters(self, count: int) -> None:
         self.dead_letters.set(count)
@@ -381,6 +390,8 @@ class TextFormatter(logging.Formatter):
 
 
 _HANDLER_MARK = "_loyalty_handler"
+QUIET_LOGGERS = ("httpx", "httpcore")
+"""Loggers kept at WARNING: they write URLs (webhook URLs) at INFO and DEBUG."""
 
 
 def configure_logging(log_format: str, level: int = logging.INFO) -> logging.Handler:
@@ -396,6 +407,10 @@ def configure_logging(log_format: str, level: int = logging.INFO) -> logging.Han
     setattr(handler, _HANDLER_MARK, True)
     root.addHandler(handler)
     root.setLevel(level)
+    # The HTTP client logs every request's URL at INFO ("HTTP Request: POST <url>"):
+    # webhook URLs hold tokens. Our own lines name the subscription id instead.
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     # uvicorn's loggers propagate to the root (uvicorn.run(log_config=None)).
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logger = logging.getLogger(name)

@@ -40,6 +40,7 @@ from loyalty.application.delivery import (
     RetryPolicy,
     WebhookAdmin,
     WebhookDispatcher,
+    WebhookSender,
 )
 from loyalty.application.dryrun import DryRun
 from loyalty.application.erasure import ForgetService, MarkerCache
@@ -393,17 +394,19 @@ def start_expiry_thread(
 # -- events out (feed, webhooks; the relay is `loyalty relay`) -----------------------------
 
 
-def feed_factory(accounts: Accounts) -> Callable[[], EventFeed]:
-    """The feed over ``accounts``' event store application, built on first use."""
+def feed_factory(accounts: Accounts, db: Database | None = None) -> Callable[[], EventFeed]:
+    """The feed over ``accounts``' event store application, built on first use (with
+    ``db``: dropping events of members erased while a page was read)."""
     built: list[EventFeed] = []
     lock = threading.Lock()
+    erasure = SqlDeliveryStore(db) if db is not None else None
 
     def get() -> EventFeed:
         if not built:
             with lock:
                 if not built:
                     app = accounts.app
-                    built.append(EventFeed(app.recorder, app.mapper, app))
+                    built.append(EventFeed(app.recorder, app.mapper, app, erasure))
         return built[0]
 
     return get
@@ -415,6 +418,7 @@ def build_webhook_admin(db: Database, head: Callable[[], int]) -> WebhookAdmin:
         SqlDeliveryStore(db),
         head,
         lambda url: check_url(url, allow_private=settings.webhook_allow_private_urls),
+        erasure=SqlDeliveryStore(db),
     )
 
 
@@ -433,6 +437,8 @@ def build_webhook_dispatcher(
     refresh: float = 2.0,
     poll_seconds: float = 0.2,
     policy: RetryPolicy | None = None,
+    max_pause: float = 30.0,
+    sender: WebhookSender | None = None,
 ) -> WebhookDispatcher:
     """One delivery loop per subscription, each with its own feed reader. The event store
     application is built on first use (a worker starts while the database is down)."""
@@ -442,18 +448,23 @@ def build_webhook_dispatcher(
     def feed() -> EventFeed:
         if not apps:
             apps.append(Members(env=event_store_env(settings)))
+        # no erasure check here: each sink asks for its batch right before sending
         return EventFeed(apps[0].recorder, apps[0].mapper, apps[0])
 
     return WebhookDispatcher(
         feed,
         SqlDeliveryStore(db),
         SqlDeliveryStore(db),
-        webhook_sender(settings),
+        sender or webhook_sender(settings),
         policy=policy or RetryPolicy(give_up_after=settings.webhook_retry_seconds),
         retry_errors=RETRY_ERRORS,
         metrics=metrics,
         refresh=refresh,
         poll_seconds=poll_seconds,
+        erasure=SqlDeliveryStore(db),
+        max_pause=max_pause,
+        # an erasure completes no sooner than the settle time after its marker is set
+        recheck_after=min(0.25, settings.forget_settle_seconds / 4),
     )
 
 
@@ -510,9 +521,9 @@ def build_relay(
     members = members or Members(env=event_store_env(db.settings))
     return CursorLoop(
         RELAY_CHANNEL,
-        EventFeed(members.recorder, members.mapper, members),
+        EventFeed(members.recorder, members.mapper, members, SqlDeliveryStore(db)),
         SqlDeliveryStore(db),
-        AmqpSink(amqp_url, exchange),
+        AmqpSink(amqp_url, exchange, erasure=SqlDeliveryStore(db)),
         batch_size=batch_size,
         metrics=metrics,
     )

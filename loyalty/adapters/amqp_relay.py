@@ -1,5 +1,7 @@
 """The RabbitMQ relay's sink (pika): a durable topic exchange, routing key = event type,
-persistent messages, ``message_id`` = event id, publisher confirms.
+persistent messages, ``message_id`` = event id, publisher confirms. Right before a batch
+is published, the erasure markers are asked again and the events of erased members are
+left out (the batch may have been read before a forget-me, and sent again after it).
 
 ``send`` returns only after the broker confirmed every message of the batch (a blocking
 channel in confirm mode waits for each publish's ack; a nack or a lost connection
@@ -17,7 +19,7 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
-from loyalty.application.delivery import FeedEvent
+from loyalty.application.delivery import ErasureCheck, FeedEvent, drop_erased
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +28,15 @@ RETRY_ERRORS: tuple[type[BaseException], ...] = (pika.exceptions.AMQPError, OSEr
 
 
 class AmqpSink:
-    def __init__(self, url: str, exchange: str = EXCHANGE, *, confirms: bool = True) -> None:
+    def __init__(
+        self,
+        url: str,
+        exchange: str = EXCHANGE,
+        *,
+        confirms: bool = True,
+        erasure: ErasureCheck | None = None,
+    ) -> None:
+        self._erasure = erasure
         self._params = pika.URLParameters(url)
         self._params.heartbeat = 30
         self._params.blocked_connection_timeout = 30
@@ -50,6 +60,8 @@ class AmqpSink:
 
     def send(self, events: Sequence[FeedEvent]) -> None:
         channel = self._open()
+        if self._erasure is not None:  # asked again right before publishing
+            events = drop_erased(self._erasure, events)
         try:
             for event in events:
                 channel.basic_publish(

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import secrets
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,6 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from loyalty.adapters.db import Database
+from loyalty.adapters.erasure_store import forget_markers
 from loyalty.adapters.tables import metadata
 from loyalty.application.delivery import (
     FORGOTTEN,
@@ -24,6 +26,7 @@ from loyalty.application.delivery import (
     Subscription,
     forgotten_event_id,
 )
+from loyalty.domain.member import Member
 
 Timestamp = sa.DateTime(timezone=True)
 
@@ -42,6 +45,8 @@ delivery_cursors = sa.Table(
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("position", sa.BigInteger, nullable=False),
     sa.Column("updated_at", Timestamp, nullable=False),
+    sa.Column("failing_since", Timestamp),
+    sa.Column("last_error", sa.Text),
 )
 webhook_dead_letters = sa.Table(
     "webhook_dead_letters",
@@ -123,6 +128,41 @@ class SqlDeliveryStore:
         with self._db.write() as conn:
             conn.execute(stmt)
 
+    def set_failing(self, name: str, error: str | None) -> None:
+        """Mark the way out failing (keeping the first ``failing_since`` of a run of
+        failures) or, with None, delivering again."""
+        t = delivery_cursors.c
+        values: dict[str, Any] = (
+            {"failing_since": None, "last_error": None}
+            if error is None
+            else {
+                "failing_since": sa.func.coalesce(t.failing_since, datetime.now(UTC)),
+                "last_error": error[:500],
+            }
+        )
+        with self._db.write() as conn:
+            conn.execute(delivery_cursors.update().where(t.name == name).values(**values))
+
+    def erased(self, events: Sequence[FeedEvent]) -> set[str]:
+        """The ids of ``events`` recorded no later than a forget-me of their member was
+        requested (its marker: erasing or done); read now, not from a cache. An event
+        recorded after the request belongs to the fresh account of a returning member."""
+        if not events:
+            return set()
+        by_member: dict[str, list[FeedEvent]] = {}
+        for event in events:
+            by_member.setdefault(str(Member.create_id(event.user_id)), []).append(event)
+        m = forget_markers.c
+        with self._db.read() as conn:
+            rows = conn.execute(
+                sa.select(m.member_id, m.requested_at).where(m.member_id.in_(list(by_member)))
+            ).all()
+        erased: set[str] = set()
+        for member_id, requested_at in rows:
+            cut = _aware(requested_at)
+            erased.update(e.id for e in by_member[member_id] if e.occurred_at <= cut)
+        return erased
+
     def cursors(self) -> dict[str, int]:
         with self._db.read() as conn:
             rows = conn.execute(sa.select(delivery_cursors.c.name, delivery_cursors.c.position))
@@ -154,9 +194,15 @@ class SqlDeliveryStore:
         return subscription
 
     def subscriptions(self) -> list[Subscription]:
-        t = webhook_subscriptions.c
+        t, c = webhook_subscriptions.c, delivery_cursors.c
+        channel = sa.literal("webhook:") + t.subscription_id
+        query = (
+            sa.select(webhook_subscriptions, c.failing_since, c.last_error)
+            .select_from(webhook_subscriptions.outerjoin(delivery_cursors, c.name == channel))
+            .order_by(t.created_at)
+        )
         with self._db.read() as conn:
-            rows = conn.execute(sa.select(webhook_subscriptions).order_by(t.created_at)).all()
+            rows = conn.execute(query).all()
         return [
             Subscription(
                 r.subscription_id,
@@ -164,6 +210,8 @@ class SqlDeliveryStore:
                 tuple(orjson.loads(r.event_types)),
                 r.secret,
                 _aware(r.created_at),
+                _aware(r.failing_since) if r.failing_since is not None else None,
+                r.last_error,
             )
             for r in rows
         ]

@@ -103,7 +103,7 @@ def build_container(
     )
     rules = RulesStore(db)
     metrics = metrics if metrics is not None else Metrics()
-    feed = feed_factory(accounts)
+    feed = feed_factory(accounts, db)
     return Container(
         settings=settings,
         db=db,

@@ -16,8 +16,12 @@ confirms), then moves the cursor to the batch's end: at least once, in commit or
 in order per member), duplicates only for the batch in flight when the process died.
 
 A forgotten member's events are deleted from the log by forget-me, so the feed stops
-returning them. Forget-me leaves one ``member.forgotten`` notice (the user id only) per
-durable way out; a loop delivers its notices after each batch and deletes them.
+returning them. Events read before the deletion may still be held in memory (a batch a
+webhook retries for hours) or parked (a dead letter): every way out asks the erasure
+markers again at the moment it sends, parks or replays (:class:`ErasureCheck`) and drops
+the events of an erased stream. Forget-me leaves one ``member.forgotten`` notice (the user
+id only) per durable way out; a loop delivers its notices after each batch and deletes
+them.
 """
 
 from __future__ import annotations
@@ -33,8 +37,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from typing import Any, Protocol
 from uuid import NAMESPACE_URL, UUID, uuid5
+
+from eventsourcing.domain import Aggregate
+
+from loyalty.domain.member import Member
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +51,6 @@ TOMBSTONE = "loyalty.erasure:Tombstone"
 EVENT_NAMESPACE = uuid5(NAMESPACE_URL, "urn:loyalty:feed-event")
 BOOKKEEPING = frozenset({"originator_id", "originator_version", "timestamp", "originator_topic"})
 FORGOTTEN = "member.forgotten"
-EVENT_TYPES = (
-    "member.created",
-    "member.awarded",
-    "member.rank_changed",
-    "member.spent",
-    "member.refunded",
-    "member.adjusted",
-    FORGOTTEN,
-)
 MAX_LIMIT = 1000
 MAX_WAIT_SECONDS = 30.0
 
@@ -59,6 +59,24 @@ def feed_type(class_name: str) -> str:
     """``RankChanged`` -> ``member.rank_changed`` (events are mapped by class name, so
     a new field on an event never breaks the feed)."""
     return "member." + re.sub(r"(?<!^)(?=[A-Z])", "_", class_name).lower()
+
+
+def member_event_types() -> tuple[str, ...]:
+    """The feed types of the Member aggregate's events (``member.created`` first, then
+    in the order the classes are defined): every event class nested in ``Member`` that
+    no other one extends (``SourcedEvent`` is a base, not an event)."""
+    classes = [
+        v for v in vars(Member).values() if isinstance(v, type) and issubclass(v, Aggregate.Event)
+    ]
+    leaves = [c for c in classes if not any(o is not c and issubclass(o, c) for o in classes)]
+    names = [c.__name__ for c in leaves]
+    names.sort(key=lambda n: n != "Created")
+    return tuple(feed_type(n) for n in names)
+
+
+EVENT_TYPES: tuple[str, ...] = (*member_event_types(), FORGOTTEN)
+"""Every type a way out carries: one list for the API schema, the console, the feed and
+the docs (tests/e2e/test_event_types.py ties them)."""
 
 
 def event_id(position: int, member_id: str, version: int) -> str:
@@ -80,11 +98,27 @@ def _jsonable(value: Any) -> Any:
         return value.isoformat()
     if isinstance(value, UUID):
         return str(value)
+    if isinstance(value, Decimal):
+        return _plain_decimal(str(value))
     if value is None or isinstance(value, str | int | float | bool):
         return value
     if hasattr(value, "__dict__"):
         return _jsonable(vars(value))
     return str(value)
+
+
+def _plain_decimal(text: str) -> str:
+    """``"-0"``/``"-0.00"`` (a negative zero stored by older awards) -> ``"0"``/``"0.00"``."""
+    if text.startswith("-"):
+        try:
+            if Decimal(text).is_zero():
+                return text[1:]
+        except InvalidOperation:
+            pass
+    return text
+
+
+DECIMAL_FIELDS = frozenset({"fraction_currency", "fraction_rank_points"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,10 +199,17 @@ class EventFeed:
 
     USER_CACHE = 100_000
 
-    def __init__(self, recorder: NotificationLog, mapper: Any, owner: Any = None) -> None:
+    def __init__(
+        self,
+        recorder: NotificationLog,
+        mapper: Any,
+        owner: Any = None,
+        erasure: ErasureCheck | None = None,
+    ) -> None:
         # ``owner``: the library application the recorder belongs to, kept alive here
         # (an application that is garbage-collected closes its connection pool).
         self._owner = owner
+        self._erasure = erasure
         self._recorder = recorder
         self._mapper = mapper
         self._users: OrderedDict[str, str] = OrderedDict()
@@ -207,12 +248,17 @@ class EventFeed:
                 continue
             data = {k: _jsonable(v) for k, v in vars(domain_event).items() if k not in BOOKKEEPING}
             data.pop("user_id", None)
+            for key in DECIMAL_FIELDS & data.keys():
+                if isinstance(data[key], str):
+                    data[key] = _plain_decimal(data[key])
             at = domain_event.timestamp
             at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
             version = int(domain_event.originator_version)
             events.append(
                 FeedEvent(event_id(position, member_id, version), position, kind, user_id, at, data)
             )
+        if events and self._erasure is not None:  # erased while we read: not delivered
+            events = drop_erased(self._erasure, events)
         return FeedPage(events, int(notifications[-1].id), head)
 
     def _user_id(self, member_id: str) -> str | None:
@@ -259,6 +305,18 @@ class EventFeed:
 # -- the durable ways out -------------------------------------------------------------
 
 
+class ErasureCheck(Protocol):
+    def erased(self, events: Sequence[FeedEvent]) -> set[str]:
+        """The ids of ``events`` whose stream a forget-me has erased or is erasing (read
+        from the database now, not from a cache): a way out must not carry them."""
+
+
+def drop_erased(check: ErasureCheck, events: Sequence[FeedEvent]) -> list[FeedEvent]:
+    """``events`` without those of erased streams (member.forgotten notices stay)."""
+    erased = check.erased([e for e in events if e.type != FORGOTTEN])
+    return [e for e in events if e.id not in erased]
+
+
 @dataclass(frozen=True, slots=True)
 class Notice:
     """A member.forgotten notice owed to one way out."""
@@ -270,6 +328,10 @@ class Notice:
 class CursorStore(Protocol):
     def cursor(self, name: str) -> int: ...
     def save_cursor(self, name: str, position: int) -> None: ...
+    def set_failing(self, name: str, error: str | None) -> None:
+        """Record that the way out ``name`` is failing (``error``: what, no URL) or, with
+        None, that it delivers again (shown by GET /v1/webhooks and the console)."""
+
     def notices(self, channel: str, limit: int) -> list[Notice]: ...
     def delete_notice(self, notice_id: str) -> None: ...
 
@@ -282,6 +344,7 @@ class Sink(Protocol):
 
 class DeliveryMetrics(Protocol):
     def delivery_progress(self, channel: str, *, position: int, head: int) -> None: ...
+    def delivery_error(self, channel: str, kind: str) -> None: ...
 
 
 @dataclass
@@ -319,20 +382,54 @@ class CursorLoop:
         self,
         retry_errors: tuple[type[BaseException], ...] = (),
         poll_seconds: float = 0.2,
+        max_pause: float = 30.0,
     ) -> None:
-        """Deliver until stopped; pause and carry on after a retryable error."""
+        """Deliver until stopped. Any exception (a broken connection, a database error, a
+        bug) pauses the loop, doubling up to ``max_pause``, and the batch is read and
+        sent again: the loop never dies. Each one is counted; the first of a kind in a
+        row is logged (with its traceback unless it is one of ``retry_errors``), and the
+        way out is marked failing until a step succeeds."""
         pause = 0.5
+        logged: set[str] = set()
+        failing = False
         while not self.stop_event.is_set():
             try:
                 moved = self.step()
-                pause = 0.5
-            except retry_errors as exc:
-                log.warning("delivery %s paused %.1fs (%s)", self.name, pause, exc)
+            except InterruptedError:
+                continue  # stopped while waiting to retry: the loop condition ends it
+            except Exception as exc:  # noqa: BLE001  (logged, counted, backed off: see above)
+                kind = type(exc).__name__
+                if self.metrics is not None:
+                    self.metrics.delivery_error(self.name, kind)
+                if kind not in logged:
+                    logged.add(kind)
+                    log.warning(
+                        "delivery %s failing (%s); retrying with backoff",
+                        self.name,
+                        kind,
+                        exc_info=not isinstance(exc, retry_errors),
+                    )
+                failing = self._mark(f"{kind} (delivery loop)") or failing
                 self.stop_event.wait(pause)
-                pause = min(pause * 2, 30.0)
+                pause = min(pause * 2, max_pause)
                 continue
+            pause = 0.5
+            if failing and not self._sink_failing():
+                failing = not self._mark(None)
+                logged.clear()
             if moved == 0:
                 self.stop_event.wait(poll_seconds)
+
+    def _sink_failing(self) -> bool:
+        return bool(getattr(self.sink, "failing", False))
+
+    def _mark(self, error: str | None) -> bool:
+        """Record the failing state; True when it was recorded."""
+        try:
+            self.store.set_failing(self.name, error)
+        except Exception:  # noqa: BLE001  (the database is down too: the next step retries)
+            return False
+        return True
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -348,6 +445,10 @@ class Subscription:
     event_types: tuple[str, ...]
     secret: str
     created_at: datetime
+    failing_since: datetime | None = None
+    """Since when its deliveries fail (None: delivering)."""
+    last_error: str | None = None
+    """What failed last (a status, an error kind; never the URL)."""
 
     @property
     def channel(self) -> str:
@@ -383,7 +484,7 @@ class WebhookSender(Protocol):
 
 
 class WebhookMetrics(DeliveryMetrics, Protocol):
-    def webhook_attempt(self, outcome: str) -> None: ...
+    def webhook_attempt(self, outcome: str, n: int = 1) -> None: ...
     def webhook_dead_letters(self, count: int) -> None: ...
 
 
@@ -411,21 +512,58 @@ class WebhookSink:
     stop_event: threading.Event
     metrics: WebhookMetrics | None = None
     sleep: Callable[[float], Any] | None = None
+    erasure: ErasureCheck | None = None
+    recheck_after: float = 0.0
+    """A first attempt within this many seconds of the last erasure check goes without
+    asking again (0: every attempt asks). Safe below forget-me's settle time: an erasure
+    whose marker the last check did not see completes no sooner than that after it."""
+    failing: bool = False
+    """Whether the last attempt failed (the subscription is shown as failing)."""
+    _checked: float = 0.0
 
     def send(self, events: Sequence[FeedEvent]) -> None:
+        if self.erasure is not None:
+            kept = drop_erased(self.erasure, events)
+            self._checked = time.monotonic()
+            self._count("erased_dropped", len(events) - len(kept))
+            events = kept
         for event in events:
             self._send_one(event)
+
+    def _erased(self, event: FeedEvent, *, first: bool = False) -> bool:
+        """Asked before every attempt (a first one may rely on a check of the last
+        ``recheck_after`` seconds) and before parking: the event may have been read
+        before its member's erasure (then it is dropped, counted)."""
+        if self.erasure is None or event.type == FORGOTTEN:
+            return False
+        now = time.monotonic()
+        if first and now - self._checked < self.recheck_after:
+            return False
+        self._checked = now
+        if not self.erasure.erased([event]):
+            return False
+        self._count("erased_dropped")
+        return True
+
+    def _set_failing(self, error: str | None) -> None:
+        if self.failing != (error is not None):
+            self.store.set_failing(self.subscription.channel, error)
+            self.failing = error is not None
 
     def _send_one(self, event: FeedEvent) -> None:
         started = time.monotonic()
         attempts = 0
         while True:
+            if self._erased(event, first=attempts == 0):
+                return
             attempts += 1
             result = self.sender.deliver(self.subscription, event)
             if result.ok:
                 self._count("delivered")
+                self._set_failing(None)
                 return
             self._count("failed")
+            self._set_failing(result.detail[:200])
             delay = self.policy.delay(attempts)
             if time.monotonic() - started + delay > self.policy.give_up_after:
                 if event.type == FORGOTTEN:
@@ -439,6 +577,8 @@ class WebhookSink:
                         attempts,
                         result.detail,
                     )
+                    return
+                if self._erased(event):
                     return
                 self.store.add_dead_letter(
                     self.subscription.subscription_id, event, attempts, result.detail
@@ -455,9 +595,9 @@ class WebhookSink:
             if self.stop_event.wait(delay):
                 raise InterruptedError("delivery stopped")  # the batch is sent again later
 
-    def _count(self, outcome: str) -> None:
-        if self.metrics is not None:
-            self.metrics.webhook_attempt(outcome)
+    def _count(self, outcome: str, n: int = 1) -> None:
+        if self.metrics is not None and n:
+            self.metrics.webhook_attempt(outcome, n)
 
 
 class SubscriptionSource(Protocol):
@@ -481,7 +621,13 @@ class WebhookDispatcher:
         refresh: float = 2.0,
         poll_seconds: float = 0.2,
         batch_size: int = 20,
+        erasure: ErasureCheck | None = None,
+        max_pause: float = 30.0,
+        recheck_after: float = 0.0,
     ) -> None:
+        self._erasure = erasure
+        self._recheck_after = recheck_after
+        self._max_pause = max_pause
         self._feed_factory = feed_factory
         self._store = store
         self._subscriptions = subscriptions
@@ -508,7 +654,11 @@ class WebhookDispatcher:
                 loop.stop()
         for sid, subscription in current.items():
             if sid in self._loops:
-                continue
+                if self._loops[sid][1].is_alive():
+                    continue
+                log.error("webhook %s: delivery thread ended; restarting it", sid)
+                if self._metrics is not None:
+                    self._metrics.delivery_error(subscription.channel, "ThreadEnded")
             loop = CursorLoop(
                 subscription.channel,
                 self._feed_factory(),
@@ -520,6 +670,8 @@ class WebhookDispatcher:
                     self._policy,
                     threading.Event(),
                     self._metrics,
+                    erasure=self._erasure,
+                    recheck_after=self._recheck_after,
                 ),
                 types=frozenset(subscription.event_types) or None,
                 batch_size=self._batch,
@@ -529,7 +681,7 @@ class WebhookDispatcher:
             loop.sink.stop_event = loop.stop_event
             thread = threading.Thread(
                 target=loop.run,
-                args=((*self._retry_errors, InterruptedError), self._poll),
+                args=(self._retry_errors, self._poll, self._max_pause),
                 name=f"webhook-{sid}",
                 daemon=True,
             )
@@ -574,7 +726,9 @@ class WebhookAdmin:
         store: SubscriptionStore,
         head: Callable[[], int],
         check_url: Callable[[str], str],
+        erasure: ErasureCheck | None = None,
     ) -> None:
+        self._erasure = erasure
         self._store = store
         self._head = head
         self._check_url = check_url
@@ -611,12 +765,16 @@ class WebhookAdmin:
 
     def replay(self, sender: WebhookSender, subscription_id: str | None = None) -> tuple[int, int]:
         """Send every dead letter (of one subscription) once more, oldest first; a
-        delivered one is deleted. Returns (delivered, still failing)."""
+        delivered one is deleted, and so is one whose member has been erased since (its
+        erasure is checked right before each send). Returns (delivered, still failing)."""
         subscriptions = {s.subscription_id: s for s in self._store.subscriptions()}
         delivered = failed = 0
         for letter in self._store.dead_letters(subscription_id):
             subscription = subscriptions.get(letter.subscription_id)
             if subscription is None:
+                continue
+            if self._erasure is not None and drop_erased(self._erasure, [letter.event]) == []:
+                self._store.delete_dead_letter(letter.letter_id)
                 continue
             if sender.deliver(subscription, letter.event).ok:
                 self._store.delete_dead_letter(letter.letter_id)

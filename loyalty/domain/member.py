@@ -269,8 +269,8 @@ class Member(Aggregate):
             rank_points=rank_points,
             event_count=event_count,
             rule_version=rule_version,
-            fraction_currency=str(self.fraction_currency),
-            fraction_rank_points=str(self.fraction_rank_points),
+            fraction_currency=_decimal_text(self.fraction_currency),
+            fraction_rank_points=_decimal_text(self.fraction_rank_points),
             lots=_lots_text({lot: currency} if currency else {}),
             on=_day(on),
         )
@@ -323,8 +323,8 @@ class Member(Aggregate):
             rank_points=whole_points,
             event_count=event_count,
             rule_version=rule_version,
-            fraction_currency=str(rest_currency),
-            fraction_rank_points=str(rest_points),
+            fraction_currency=_decimal_text(rest_currency),
+            fraction_rank_points=_decimal_text(rest_points),
             lots=_lots_text(lots),
             on=_day(on),
         )
@@ -747,6 +747,12 @@ def _lot(month: str | None) -> str:
     if not is_month(month):
         raise InvalidAmount("month must be YYYY-MM")
     return month
+
+
+def _decimal_text(value: Decimal) -> str:
+    """The exact text of ``value``, a zero never signed (exact arithmetic that rounds
+    toward floor makes ``x - x`` a ``Decimal('-0')``)."""
+    return str(abs(value) if value.is_zero() else value)
 
 
 def _lots_text(lots: Mapping[str, int]) -> str:

@@ -200,3 +200,39 @@ def test_console_requests_log_no_user_id_or_key(
     assert marker not in text
     for secret in secrets_of({"operator": key}):
         assert secret not in text
+
+
+def test_live_webhook_deliveries_log_no_url(settings: Settings) -> None:
+    """A live server delivers to a receiver whose URL holds a token (path and query), the
+    first attempts failing: its log (INFO, text) names no part of the URL."""
+    from tests.e2e.live import serve_logged
+    from tests.e2e.test_webhooks import Receiver
+
+    token = f"tok{uuid.uuid4().hex}"
+    receiver = Receiver(lambda _b, _h, attempt: 500 if attempt <= 2 else 200)
+    url = receiver.url.replace("/hook", f"/hooks/{token}-path?secret={token}-query")
+    operator = create_key(settings.database_url, "operator", "ops")
+    headers = {"Authorization": f"Bearer {operator}"}
+    try:
+        with serve_logged(
+            settings.database_url,
+            LOYALTY_WEBHOOK_ALLOW_PRIVATE_URLS="true",
+            LOYALTY_WEBHOOK_RETRY_SECONDS="60",
+        ) as (base, output):
+            with httpx.Client(base_url=base, timeout=30) as http:
+                created = http.post("/v1/webhooks", json={"url": url}, headers=headers)
+                assert created.status_code == 201, created.text
+                adjust = {"adjustment_id": "a1", "currency": 5, "rank_points": 0, "reason": "r"}
+                done = http.post("/v1/members/hooked/adjustments", json=adjust, headers=headers)
+                assert done.status_code == 200, done.text
+                deadline = time.monotonic() + 60
+                while len(receiver.bodies()) < 2:  # member.created, member.adjusted
+                    assert time.monotonic() < deadline, output()
+                    time.sleep(0.2)
+            text = output()
+    finally:
+        receiver.close()
+    assert receiver.attempts and max(receiver.attempts.values()) >= 3
+    assert text.strip(), "the server logged nothing"
+    assert token not in text
+    assert receiver.url.rsplit("/", 1)[0] not in text  # not even scheme://host:port

@@ -14,6 +14,8 @@ from loyalty.api.deps import ContainerDep, FeedKey
 from loyalty.api.problems import ApiProblem
 from loyalty.api.schemas import Problem
 from loyalty.application.delivery import (
+    EVENT_TYPES,
+    FORGOTTEN,
     MAX_LIMIT,
     MAX_WAIT_SECONDS,
     decode_cursor,
@@ -44,8 +46,9 @@ class FeedItem(BaseModel):
 
     id: str = Field(description="stable event id: the same on every read (deduplicate by it)")
     type: str = Field(
-        description="member.created, member.awarded, member.rank_changed, member.spent, "
-        "member.refunded or member.adjusted (more may come: ignore unknown types)"
+        description=", ".join(t for t in EVENT_TYPES if t != FORGOTTEN)
+        + " (more may come: ignore unknown types)",
+        json_schema_extra={"examples": [t for t in EVENT_TYPES if t != FORGOTTEN]},
     )
     user_id: str
     occurred_at: datetime = Field(description="when the event was recorded (UTC)")

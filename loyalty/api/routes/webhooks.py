@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path
 from pydantic import BaseModel, ConfigDict, Field
@@ -41,6 +41,7 @@ class WebhookCreate(BaseModel):
         default_factory=list,
         max_length=len(EVENT_TYPES),
         description="the event types to deliver (empty: all): " + ", ".join(EVENT_TYPES),
+        json_schema_extra={"items": {"type": "string", "enum": list(EVENT_TYPES)}},
     )
 
 
@@ -49,6 +50,9 @@ SUBSCRIPTION_EXAMPLE: dict[str, Any] = {
     "url": "https://crm.example.com/hooks/loyalty",
     "event_types": ["member.rank_changed", "member.forgotten"],
     "created_at": "2026-11-29T10:00:00Z",
+    "status": "failing",
+    "failing_since": "2026-11-29T10:05:00Z",
+    "last_error": "HTTP 503",
 }
 
 
@@ -59,6 +63,11 @@ class WebhookOut(BaseModel):
     url: str
     event_types: list[str]
     created_at: datetime
+    status: Literal["delivering", "failing"] = Field(
+        description="failing: its last delivery attempt (or its delivery loop) failed"
+    )
+    failing_since: datetime | None = Field(description="since when it fails (null: it does not)")
+    last_error: str | None = Field(description="what failed last: a status or an error kind")
 
 
 class WebhookCreated(WebhookOut):
@@ -100,6 +109,9 @@ def _out(s: Subscription) -> WebhookOut:
         url=s.url,
         event_types=list(s.event_types),
         created_at=s.created_at,
+        status="failing" if s.failing_since is not None else "delivering",
+        failing_since=s.failing_since,
+        last_error=s.last_error,
     )
 
 
