@@ -229,3 +229,75 @@ def test_each_process_stays_within_its_connection_budget_under_load(
     # every connection says whose it is
     assert set(names_seen) <= {"loyalty", "loyalty-pipeline", "loyalty-read-model"}, names_seen
     assert not failures, failures[:5]
+
+
+def test_every_event_store_application_of_a_process_shares_one_bounded_pool(
+    pg_url: str,
+) -> None:
+    """Three applications (the pipeline's, the expiry's, the feed's in a worker) open no
+    more than the event store's share of the budget, together, and wait for a free
+    connection rather than open another."""
+    from loyalty.adapters.event_store import event_store_env, worker_env
+    from loyalty.application.accounts import Members
+    from loyalty.config import Settings
+
+    settings = Settings(database_url=pg_url, db_pool_size=5, db_application_name="budget-t")
+    store = 2  # the event store's share: 2/5 of 5
+    apps = [
+        Members(env=worker_env(settings)),
+        Members(env=worker_env(settings)),
+        Members(env=event_store_env(settings)),
+    ]
+    try:
+        pools = {id(app.recorder.datastore.pool) for app in apps}  # type: ignore[attr-defined]
+        assert len(pools) == 1
+        held = []
+        for app in apps:
+            for _ in range(store):
+                if len(held) == store:
+                    break
+                cm = app.recorder.datastore.get_connection()  # type: ignore[attr-defined]
+                held.append((cm, cm.__enter__()))
+        with psycopg.connect(pg_url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as conn:
+            count = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'budget-t'"
+            ).fetchone()
+        assert count is not None and count[0] == store
+        for cm, _conn in held:
+            cm.__exit__(None, None, None)
+    finally:
+        for app in apps:
+            app.close()
+
+
+def test_the_event_store_waits_for_a_database_that_comes_late(pg_admin_url: str) -> None:
+    """At start the event store's pool waits for the database like ``serve`` and
+    ``worker`` do (it gave up after 5 s: "couldn't get a connection after 5.00 sec")."""
+    from loyalty.adapters.event_store import event_store_env
+    from loyalty.application.accounts import Members
+    from loyalty.config import Settings
+
+    name = f"loyalty_late_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    url = pg_admin_url.rsplit("/", 1)[0] + "/" + name
+
+    def create_later() -> None:
+        time.sleep(7)
+        with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
+
+    creator = threading.Thread(target=create_later)
+    creator.start()
+    started = time.monotonic()
+    try:
+        app = Members(env=event_store_env(Settings(database_url=url)))
+        try:
+            with app.recorder.datastore.transaction() as curs:  # type: ignore[attr-defined]
+                curs.execute("SELECT 1 AS one")
+                assert curs.fetchone() == {"one": 1}
+        finally:
+            app.close()
+    finally:
+        creator.join()
+        with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
+    assert time.monotonic() - started >= 7
