@@ -29,7 +29,8 @@ from loyalty.adapters.db import Database
 
 class LeaseSession:
     def __init__(self, db: Database) -> None:
-        self._db = db
+        # the engine, not the Database: the value must not keep its weak key alive
+        self._engine = db.engine
         self.lock = threading.RLock()
         self.conn: sa.Connection | None = None
         self.generation = 0
@@ -38,7 +39,7 @@ class LeaseSession:
     def connection(self) -> sa.Connection:
         """The session's connection (opened on first use); call under :attr:`lock`."""
         if self.conn is None:
-            self.conn = self._db.engine.connect()
+            self.conn = self._engine.connect()
         return self.conn
 
     def discard(self) -> None:
