@@ -301,3 +301,43 @@ def test_the_event_store_waits_for_a_database_that_comes_late(pg_admin_url: str)
         with psycopg.connect(pg_admin_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
     assert time.monotonic() - started >= 7
+
+
+def test_the_lease_objects_of_a_process_share_one_session_and_exclude_each_other(
+    pg_url: str,
+) -> None:
+    """Every lease of a process rides one connection (it held one per lease object: four
+    or five idle connections of a worker's budget), and two lease objects of one process
+    still exclude each other although advisory locks are re-entrant within a session."""
+    from loyalty.adapters.db import Database
+    from loyalty.adapters.pipeline_store import ShardLeases
+    from loyalty.config import Settings
+
+    db = Database(Settings(database_url=pg_url, db_application_name="budget-leases"))
+    first, second, third = ShardLeases(db), ShardLeases(db), ShardLeases(db)
+    try:
+        assert first.try_acquire(900_001)
+        assert second.try_acquire(900_002)
+        assert third.try_acquire(900_003)
+        assert not second.try_acquire(900_001)  # first holds it, in the same session
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(DISTINCT pid) FROM pg_locks WHERE locktype = 'advisory' "
+                "AND objid IN (900001, 900002, 900003)"
+            ).fetchone()
+        assert row is not None and row[0] == 1
+        first.release_all()  # unlocks its key only: the others keep theirs
+        assert second.held() == {900_002} and third.held() == {900_003}
+        assert second.try_acquire(900_001)
+        assert second.held() == {900_001, 900_002}
+        with psycopg.connect(pg_url, autocommit=True) as conn:  # the session ends
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'budget-leases'"
+            )
+        assert second.held() == set() and third.held() == set()
+        assert third.try_acquire(900_001)  # taken anew on a new session
+    finally:
+        for leases in (first, second, third):
+            leases.release_all()
+        db.dispose()
