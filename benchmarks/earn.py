@@ -93,7 +93,7 @@ def cpu_note(cpu: dict[str, float], elapsed: float, events: int) -> dict[str, An
 def fill_pending(url: str, n: int, users: int, *, prefix: str = "pe", seed: float = 0.42) -> None:
     """``n`` ingress rows over ``users`` members, in transactions of FILL_TX rows."""
     now = datetime.now(UTC)
-    db = Database(Settings(database_url=url, db_pool_size=2))
+    db = Database(Settings(database_url=url, db_pool_size=1))
     try:  # today's and yesterday's partitions exist before the clock starts
         PostgresIngressLog(db).ensure_partitions({now.date(), (now - timedelta(days=1)).date()})
     finally:
@@ -523,7 +523,7 @@ def wait_drained(url: str, limit_s: float) -> float:
     """Wait (bounded) until the pipeline has nothing pending; returns seconds waited."""
     from loyalty.worker import lag_probe
 
-    db = Database(Settings(database_url=url, db_pool_size=2))
+    db = Database(Settings(database_url=url, db_pool_size=1))
     t0 = time.monotonic()
     try:
         probe = lag_probe(db)
@@ -558,7 +558,7 @@ def end_to_end_lag(ctx: Context) -> Result:
     ingest_key = ctx.create_key(Role.INGEST, "bench-lag", database_url=url)
     shop_key = ctx.create_key(Role.SHOP, "bench-lag-shop", database_url=url)
     now = datetime.now(UTC)
-    db = Database(Settings(database_url=url, db_pool_size=2))
+    db = Database(Settings(database_url=url, db_pool_size=1))
     try:  # today's and yesterday's partitions exist before the clock starts
         PostgresIngressLog(db).ensure_partitions({now.date(), (now - timedelta(days=1)).date()})
     finally:

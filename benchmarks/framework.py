@@ -166,7 +166,7 @@ class Context:
     def create_key(self, role: Role, name: str, database_url: str | None = None) -> str:
         if database_url is None:
             return KeyStore(self.db).create(role, name)
-        db = Database(Settings(database_url=database_url, db_pool_size=2))
+        db = Database(Settings(database_url=database_url, db_pool_size=1))
         try:
             return KeyStore(db).create(role, name)
         finally:

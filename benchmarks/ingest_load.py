@@ -39,7 +39,7 @@ class Workload:
 
 def ensure_partitions(url: str, wl: Workload) -> None:
     """The day partitions the workload needs (the service creates them on first use)."""
-    db = Database(Settings(database_url=url, db_pool_size=2))
+    db = Database(Settings(database_url=url, db_pool_size=1))
     try:
         days = {datetime.fromisoformat(e["occurred_at"]).date() for e in wl.events()}
         PostgresIngressLog(db).ensure_partitions(days)

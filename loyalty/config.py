@@ -62,13 +62,14 @@ class Settings(BaseSettings):
     )
     db_pool_size: int = Field(
         10,
-        ge=2,
+        ge=1,
         le=1000,
         description="PostgreSQL connections per process, in all (before issue 27 it "
         "sized each pool, and a process could hold 5x it): 3/5 for its SQLAlchemy pool "
         "and its one lease session, 2/5 for its one event-store pool, no overflow; a "
         "checkout waits up to 30 s for a free connection. `serve` is 3 processes (3x "
-        "this), `serve --no-worker` and `loyalty worker` 1x each (docs/deployment.md)",
+        "this), `serve --no-worker` and `loyalty worker` 1x each (docs/deployment.md); "
+        "below 2 counts as 2 (one per pool)",
     )
     db_application_name: str = Field(
         "loyalty",

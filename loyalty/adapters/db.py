@@ -29,8 +29,9 @@ fails (the worker loops retry; the API answers 503): the budget is never exceede
 def connection_budget(settings: Settings) -> tuple[int, int]:
     """``LOYALTY_DB_POOL_SIZE`` (the process's total of PostgreSQL connections) split
     into (the SQLAlchemy engine's pool, the event store's one shared pool), neither with
-    overflow: the engine's share also carries the process's lease session."""
-    total = settings.db_pool_size
+    overflow: the engine's share also carries the process's lease session. Each pool
+    needs one connection at least: a budget below 2 counts as 2."""
+    total = max(2, settings.db_pool_size)
     store = max(1, total * 2 // 5)
     return max(1, total - store), store
 
