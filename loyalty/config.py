@@ -63,10 +63,21 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(
         10,
         ge=1,
-        description="size of EACH connection pool of a process (its SQLAlchemy engine and "
-        "each event-store application; each may double under load), not a total: measured "
-        "at 3, `serve` held 9 PostgreSQL connections, its pipeline child 18 and its "
-        "read-model child 7 (a real per-process budget is open work, issue 27 item 6)",
+        le=1000,
+        description="PostgreSQL connections per process, in all (before issue 27 it "
+        "sized each pool, and a process could hold 5x it): 3/5 for its SQLAlchemy pool "
+        "and its one lease session, 2/5 for its one event-store pool, no overflow; a "
+        "checkout waits up to 30 s for a free connection. `serve` is 3 processes (3x "
+        "this), `serve --no-worker` and `loyalty worker` 1x each (docs/deployment.md); "
+        "below 2 counts as 2 (one per pool)",
+    )
+    db_application_name: str = Field(
+        "loyalty",
+        min_length=1,
+        max_length=60,
+        pattern=r"^[ -~]+$",
+        description="application_name of the process's connections (pg_stat_activity); "
+        "serve's worker children add -pipeline and -read-model",
     )
     shard_count: int = Field(16, ge=1, le=1024, description="pipeline shards (fixed per db)")
     award_window_seconds: float = Field(

@@ -49,6 +49,9 @@ class WorkerProcess:
 
     def __init__(self, name: str, args: list[str], owns: tuple[str, ...]) -> None:
         self.name = name
+        # its connections say which child they belong to in pg_stat_activity
+        parent = os.environ.get("LOYALTY_DB_APPLICATION_NAME", "loyalty")
+        self.env = {**os.environ, "LOYALTY_DB_APPLICATION_NAME": f"{parent}-{name}"[:60]}
         self.owns = owns
         self._args = args
         self._lock = threading.Lock()
@@ -73,7 +76,7 @@ class WorkerProcess:
         ]
         with self._lock:
             self.metrics_port = port
-            self._proc = subprocess.Popen(command, start_new_session=True)
+            self._proc = subprocess.Popen(command, start_new_session=True, env=self.env)
         log.info("%s worker process %d started", self.name, self._proc.pid)
 
     @property

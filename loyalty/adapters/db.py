@@ -21,6 +21,27 @@ from loyalty.config import Settings
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
+POOL_WAIT_SECONDS = 30
+"""How long a checkout waits for a free connection of a full pool (either pool) before it
+fails (the worker loops retry; the API answers 503): the budget is never exceeded."""
+
+
+def connection_budget(settings: Settings) -> tuple[int, int]:
+    """``LOYALTY_DB_POOL_SIZE`` (the process's total of PostgreSQL connections) split
+    into (the SQLAlchemy engine's pool, the event store's one shared pool), neither with
+    overflow: the engine's share also carries the process's lease session. Each pool
+    needs one connection at least: a budget below 2 counts as 2."""
+    total = max(2, settings.db_pool_size)
+    store = max(1, total * 2 // 5)
+    return max(1, total - store), store
+
+
+def application_name(settings: Settings) -> str:
+    """The ``application_name`` of every connection of this process (``pg_stat_activity``
+    tells the processes and roles apart): ``LOYALTY_DB_APPLICATION_NAME``, which ``serve``
+    sets for its worker children."""
+    return settings.db_application_name
+
 
 class DatabaseUnavailable(Exception):
     """The database cannot be reached or refuses work (maps to HTTP 503)."""
@@ -58,15 +79,16 @@ def create_engine(settings: Settings) -> Engine:
         )
         _configure_sqlite(engine)
         return engine
+    engine_share, _store_share = connection_budget(settings)
     return sa.create_engine(
         settings.sqlalchemy_url,
-        pool_size=settings.db_pool_size,
-        max_overflow=settings.db_pool_size,
+        pool_size=engine_share,
+        max_overflow=0,  # the budget: wait for a connection rather than open another
         pool_pre_ping=True,
-        pool_timeout=10,
+        pool_timeout=POOL_WAIT_SECONDS,
         connect_args={
             "connect_timeout": 5,
-            "application_name": "loyalty",
+            "application_name": application_name(settings),
             "options": "-c timezone=UTC",
         },
     )

@@ -39,6 +39,7 @@ recorder test cases run against both classes (tests/integration/test_event_recor
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -50,6 +51,7 @@ from eventsourcing.persistence import StoredEvent
 from eventsourcing.postgres import (
     PostgresAggregateRecorder,
     PostgresApplicationRecorder,
+    PostgresDatastore,
     PostgresFactory,
 )
 from eventsourcing.sqlite import (
@@ -386,11 +388,72 @@ class GuardedSQLiteSnapshotRecorder(SQLiteAggregateRecorder):
         return returning
 
 
+APPLICATION_NAME = "LOYALTY_APPLICATION_NAME"
+"""Environment key of the application_name given to the event store's connections."""
+
+_SHARED: dict[tuple[Any, ...], list[Any]] = {}  # key -> [datastore, users]
+_SHARED_LOCK = threading.Lock()
+
+
 class GuardedPostgresFactory(PostgresFactory):
     """The library's PostgreSQL persistence with guarded snapshots (the application
-    recorder is chosen by ``APPLICATION_RECORDER_TOPIC``)."""
+    recorder is chosen by ``APPLICATION_RECORDER_TOPIC``).
+
+    **One pool per process.** The library builds a connection pool per application (per
+    ``Members``, and a process builds several: the pipeline's, the expiry's, the feed's):
+    each would open up to its own size. Every factory of the same database, user, schema
+    and pool settings in a process shares the first one's datastore (its pool), so the
+    event store's share of ``LOYALTY_DB_POOL_SIZE`` bounds them all; the pool closes when
+    the last application using it closes."""
 
     aggregate_recorder_class = GuardedPostgresSnapshotRecorder
+
+    def __init__(self, env: Any) -> None:
+        super().__init__(env)  # builds a datastore whose pool is not open: no connection
+        own = self.datastore
+        kwargs = own.pool.kwargs
+        assert isinstance(kwargs, dict)  # the library passes a dict
+        name = self.env.get(APPLICATION_NAME)
+        if name:
+            kwargs["application_name"] = name
+        self._shared_key: tuple[Any, ...] | None = (
+            tuple(sorted((k, str(v)) for k, v in kwargs.items() if k != "row_factory")),
+            own.schema,
+            own.pool.min_size,
+            own.pool.max_size,
+            own.pool.timeout,
+            own.lock_timeout,
+            own.pre_ping,
+        )
+        with _SHARED_LOCK:
+            entry = _SHARED.get(self._shared_key)
+            if entry is None or entry[0].pool.closed and entry[0].pool._opened:  # noqa: SLF001
+                entry = _SHARED[self._shared_key] = [own, 0]
+            entry[1] += 1
+            self.datastore = entry[0]
+        if self.datastore is not own:
+            own.close()  # never opened
+
+    def close(self) -> None:
+        key = getattr(self, "_shared_key", None)
+        self._shared_key = None  # once: Application.close and a later close
+        if key is None:
+            return
+        with _SHARED_LOCK:
+            entry = _SHARED.get(key)
+            if entry is None or entry[0] is not self.datastore:
+                return
+            entry[1] -= 1
+            if entry[1] > 0:
+                return
+            del _SHARED[key]
+        self.datastore.close()
+
+
+def shared_datastores() -> list[PostgresDatastore]:
+    """The event store datastores (pools) this process shares (for tests and doctor)."""
+    with _SHARED_LOCK:
+        return [entry[0] for entry in _SHARED.values()]
 
 
 class GuardedSQLiteFactory(SQLiteFactory):

@@ -18,7 +18,12 @@ from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.sqlite import SQLiteApplicationRecorder
 from psycopg import sql
 
-from loyalty.adapters.event_recorder import POSTGRES_FACTORY_TOPIC, SQLITE_FACTORY_TOPIC
+from loyalty.adapters.db import POOL_WAIT_SECONDS, application_name, connection_budget
+from loyalty.adapters.event_recorder import (
+    APPLICATION_NAME,
+    POSTGRES_FACTORY_TOPIC,
+    SQLITE_FACTORY_TOPIC,
+)
 from loyalty.adapters.event_recorder import SQLITE_TOPIC as SQLITE_RECORDER_TOPIC
 from loyalty.adapters.event_recorder import TOPIC as RECORDER_TOPIC
 from loyalty.config import Settings
@@ -39,6 +44,7 @@ def event_store_env(settings: Settings, *, create_table: bool = False) -> dict[s
             "APPLICATION_RECORDER_TOPIC": SQLITE_RECORDER_TOPIC,
         }
     url = urlsplit(settings.database_url)
+    _engine_share, store_share = connection_budget(settings)
     return {
         **common,
         "PERSISTENCE_MODULE": POSTGRES_FACTORY_TOPIC,
@@ -47,9 +53,14 @@ def event_store_env(settings: Settings, *, create_table: bool = False) -> dict[s
         "POSTGRES_PORT": str(url.port or 5432),
         "POSTGRES_USER": unquote(url.username or "postgres"),
         "POSTGRES_PASSWORD": unquote(url.password or ""),
-        "POSTGRES_POOL_SIZE": str(settings.db_pool_size),
-        "POSTGRES_MAX_OVERFLOW": str(settings.db_pool_size),
-        "POSTGRES_CONNECT_TIMEOUT": "5",
+        # The event store's share of the process's budget, in ONE pool per process that
+        # every application built with these settings shares (GuardedPostgresFactory):
+        # no overflow, and a checkout waits for a free connection (psycopg_pool's
+        # "timeout", which the library names CONNECT_TIMEOUT) as long as the engine's.
+        "POSTGRES_POOL_SIZE": str(store_share),
+        "POSTGRES_MAX_OVERFLOW": "0",
+        "POSTGRES_CONNECT_TIMEOUT": str(POOL_WAIT_SECONDS),
+        APPLICATION_NAME: application_name(settings),
         "POSTGRES_LOCK_TIMEOUT": "10",
         # No ping per checkout: with it, psycopg_pool backs off between the dead
         # connections it finds after a restart (measured slower). A statement on a dead

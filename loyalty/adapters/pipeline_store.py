@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from loyalty.adapters.db import Database, psycopg_connection
+from loyalty.adapters.lease_session import lease_session
 from loyalty.adapters.pending_store import PendingTable, merge
 from loyalty.adapters.rollup_store import RollupStore
 from loyalty.adapters.tables import (
@@ -310,8 +310,10 @@ class PipelineStore:
 
 class ShardLeases:
     """Exclusive ownership of shards across processes: a session advisory lock per shard
-    on PostgreSQL (held on one dedicated connection), a file lock per shard on SQLite.
-    Released when the process exits, however it exits.
+    on PostgreSQL (held on the process's one lease session,
+    :mod:`loyalty.adapters.lease_session`, shared by every lease object of the process
+    and exclusive between them), a file lock per shard on SQLite. Released when the
+    process exits, however it exits.
 
     A PostgreSQL lease lives exactly as long as its session, which the server can end at
     any moment (a restart, a failover, ``pg_terminate_backend``): a lease is never
@@ -323,58 +325,80 @@ class ShardLeases:
 
     def __init__(self, db: Database) -> None:
         self._db = db
-        self._conn: sa.Connection | None = None
+        self._session = lease_session(db) if db.backend == "postgresql" else None
+        self._generation = -1
         self._held: set[int] = set()
         self._files: dict[int, IO[bytes]] = {}
+
+    def _mine(self) -> set[int]:
+        """The keys this object holds in the current session (call under its lock)."""
+        session = self._session
+        assert session is not None
+        if self._generation != session.generation:
+            self._held.clear()  # they died with an earlier session
+            self._generation = session.generation
+        return self._held
 
     def held(self) -> set[int]:
         """The leases this object holds, as the database sees them now (one query on
         PostgreSQL). A lease connection that fails is discarded: every lease is gone."""
-        if self._db.backend != "postgresql":
+        session = self._session
+        if session is None:
             return set(self._files)  # flock on an open descriptor: held until closed
-        if self._conn is None or not self._held:
-            self._held.clear()
-            return set()
-        try:
-            rows = self._conn.execute(
-                sa.text(
-                    "SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND granted "
-                    "AND pid = pg_backend_pid() AND classid = :ns AND objsubid = 2"
-                ),
-                {"ns": SHARD_LEASE_NS},
-            ).scalars()
-            found = {int(r) for r in rows}
-            self._conn.commit()
-        except sa.exc.DBAPIError:
-            self._discard_connection()
-            return set()
-        self._held &= found
-        return set(self._held)
+        with session.lock:
+            mine = self._mine()
+            if session.conn is None or not mine:
+                mine.clear()
+                return set()
+            try:
+                rows = session.conn.execute(
+                    sa.text(
+                        "SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                        "AND pid = pg_backend_pid() AND classid = :ns AND objsubid = 2"
+                    ),
+                    {"ns": SHARD_LEASE_NS},
+                ).scalars()
+                found = {int(r) for r in rows}
+                session.conn.commit()
+            except sa.exc.DBAPIError:
+                session.discard()
+                self._held.clear()
+                return set()
+            mine &= found
+            for key in [k for k, owner in session.owners.items() if owner is self]:
+                if key not in mine:
+                    del session.owners[key]
+            return set(mine)
 
     def try_acquire(self, shard: int) -> bool:
         """Take the shard's lease (True also when this object still holds it, which is
-        asked of the database). If the lease connection is lost (the database restarted),
-        every lease it held is gone: the error is raised and the next calls take the
-        leases anew."""
-        if self._db.backend == "postgresql":
-            if shard in self._held and shard in self.held():
-                return True
-            try:
-                if self._conn is None:
-                    self._conn = self._db.engine.connect()
-                # Advisory locks are re-entrant (each lock needs its own unlock): only
-                # ever asked for a key this session does not hold, so each is held once.
-                got = self._conn.execute(
-                    sa.text("SELECT pg_try_advisory_lock(:ns, :shard)"),
-                    {"ns": SHARD_LEASE_NS, "shard": shard},
-                ).scalar()
-                self._conn.commit()
-            except Exception:
-                self._discard_connection()
-                raise
-            if got:
-                self._held.add(shard)
-            return bool(got)
+        asked of the database; False while another lease object of this process holds
+        it). If the lease connection is lost (the database restarted), every lease it
+        held is gone: the error is raised and the next calls take the leases anew."""
+        session = self._session
+        if session is not None:
+            with session.lock:
+                if shard in self._mine() and shard in self.held():
+                    return True
+                if session.owners.get(shard, self) is not self:
+                    return False  # another lease object of this process holds it
+                try:
+                    conn = session.connection()
+                    # Advisory locks are re-entrant (each lock needs its own unlock): only
+                    # ever asked for a key this session does not hold, so each is held once.
+                    got = conn.execute(
+                        sa.text("SELECT pg_try_advisory_lock(:ns, :shard)"),
+                        {"ns": SHARD_LEASE_NS, "shard": shard},
+                    ).scalar()
+                    conn.commit()
+                except Exception:
+                    session.discard()
+                    self._held.clear()
+                    raise
+                if got:
+                    self._mine().add(shard)
+                    session.owners[shard] = self
+                return bool(got)
         if shard in self._files:
             return True
         path = self._db.settings.sqlite_path
@@ -387,18 +411,35 @@ class ShardLeases:
         self._files[shard] = handle
         return True
 
-    def _discard_connection(self) -> None:
-        # Session advisory locks end with the session: discard the connection rather
-        # than return it to the pool, where the session (and its locks) would live on.
-        self._held.clear()
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            with contextlib.suppress(Exception):
-                conn.invalidate()
-                conn.close()
+    def _release_leases(self) -> None:
+        """Unlock this object's keys; the session ends when no object holds any more
+        (closing a pooled connection would keep its session, and locks, alive)."""
+        session = self._session
+        if session is None:
+            return
+        with session.lock:
+            mine = self._mine()
+            for key in [k for k, owner in session.owners.items() if owner is self]:
+                del session.owners[key]
+            if session.conn is None:
+                mine.clear()
+                return
+            if not session.owners:
+                session.discard()
+            elif mine:
+                try:
+                    for key in sorted(mine):
+                        session.conn.execute(
+                            sa.text("SELECT pg_advisory_unlock(:ns, :key)"),
+                            {"ns": SHARD_LEASE_NS, "key": key},
+                        )
+                    session.conn.commit()
+                except sa.exc.DBAPIError:
+                    session.discard()
+            mine.clear()
 
     def release_all(self) -> None:
-        self._discard_connection()
+        self._release_leases()
         for handle in self._files.values():
             fcntl.flock(handle, fcntl.LOCK_UN)
             handle.close()
