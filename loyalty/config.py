@@ -160,6 +160,9 @@ class Settings(BaseSettings):
         description="the console dashboard recomputes its storage report at most this often "
         "(it counts every table; the rest, today's report included, is live)",
     )
+    access_log: bool = Field(
+        False, description="log one line per HTTP request (method, path, status) on stderr"
+    )
     log_format: Literal["text", "json"] = Field(
         "text", description="log lines on stderr (json: one object per line)"
     )

@@ -257,6 +257,9 @@ def serve(
             raise fail(f"cannot serve metrics on {where}: {exc}", 1) from None
     for child in children:
         child.start()
+    logging.getLogger("loyalty").info(
+        "%s", "\n  ".join(startup_summary(settings, host, port, worker, shards))
+    )
     # uvicorn shuts down on SIGTERM/SIGINT, then raises the signal again with the
     # handlers it found: make those end this process through the finally block below
     # (the worker stopped after its window), not by the default action.
@@ -268,7 +271,7 @@ def serve(
             host=host,
             port=port,
             log_level="info",
-            access_log=False,
+            access_log=settings.access_log,
             log_config=None,
             http=limited_protocol(http_limits(settings)),
             timeout_keep_alive=max(1, round(settings.http_keep_alive_seconds)),
@@ -277,6 +280,25 @@ def serve(
         for child in children:
             child.stop()
         db.dispose()
+
+
+def startup_summary(
+    settings: Settings, host: str, port: int, worker: bool, shards: str
+) -> list[str]:
+    """What ``serve`` tells an operator at start: where things are and how to sign in."""
+    shown = "[::1]" if host == "::1" else ("127.0.0.1" if host in ("0.0.0.0", "::") else host)
+    base = f"http://{shown}:{port}"
+    return [
+        f"loyalty is starting on {base} (bound to {host}:{port})",
+        f"API and its docs: {base}/docs",
+        f"console:          {base}/console/ (sign in with an operator key)",
+        "an operator key:  loyalty keys create --role operator --name <who>",
+        f"database:         {database_label(settings)}",
+        "worker:           "
+        + (f"pipeline and read models, shards {shards}" if worker else "off (--no-worker)"),
+        "access log:       "
+        + ("on" if settings.access_log else "off (LOYALTY_ACCESS_LOG=true turns it on)"),
+    ]
 
 
 @app.command("worker")
