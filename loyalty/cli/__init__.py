@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -44,7 +46,11 @@ keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help
 app.add_typer(keys_app, name="keys")
 projections_app = typer.Typer(help="Maintain the read models.", no_args_is_help=True)
 app.add_typer(projections_app, name="projections")
-rules_app = typer.Typer(help="Show and load the weighting rules.", no_args_is_help=True)
+rules_app = typer.Typer(
+    help="The weighting rules: show, load, try a change on past events (dry-run), apply a "
+    "change to past awards, and its compensation runs.",
+    no_args_is_help=True,
+)
 app.add_typer(rules_app, name="rules")
 
 err = Console(stderr=True)
@@ -225,8 +231,8 @@ def serve(
     die, stopped with serve, and their metrics merged into serve's (exposed on
     ``LOYALTY_METRICS_PORT``, or as ``GET /metrics`` with ``LOYALTY_METRICS_TOKEN``).
 
-    The HTTP server enforces the edge limits itself (``loyalty.api.http_server``):
-    header size and count, header- and body-read timeouts, a connection cap."""
+    The HTTP server enforces the edge limits itself: header size and count, header- and
+    body-read timeouts, a connection cap (the LOYALTY_HTTP_* settings)."""
     import uvicorn
 
     from loyalty.api.app import create_app
@@ -1158,3 +1164,49 @@ def main() -> None:
 # Command groups in modules of their own register on ``app`` (or a sub-app above) when
 # imported; each imports what it needs from this module, so they are imported last.
 from loyalty.cli import expiry, reporting, rules_tools  # noqa: E402,F401
+
+_LIST_ITEM = re.compile(r"^(?:[-*•] |\d+[.)] )")
+_LITERAL = re.compile(r"``([^`]+)``")
+_ROLE = re.compile(r":(?:func|class|mod|meth|attr):`~?([^`]+)`")
+
+
+def tidy_help(text: str | None) -> str | None:
+    """A docstring as help for a terminal: its paragraphs joined into lines the terminal
+    wraps (the source's line breaks are not the reader's), list items kept one per line,
+    reStructuredText literals (````x````) as 'x'. A paragraph starting with ``\b`` keeps
+    its lines (click's convention)."""
+    if text is None:
+        return None
+    paragraphs = []
+    for paragraph in inspect.cleandoc(text).split("\n\n"):
+        if paragraph.startswith("\b"):
+            paragraphs.append(paragraph)
+            continue
+        lines: list[str] = []
+        for line in paragraph.splitlines():
+            line = line.strip()
+            if lines and not _LIST_ITEM.match(line):
+                lines[-1] += " " + line
+            else:
+                lines.append(line)
+        paragraphs.append("\n".join(lines))
+    joined = "\n\n".join(paragraphs)
+    return _LITERAL.sub(r"'\1'", _ROLE.sub(r"'\1'", joined))
+
+
+def _tidy(typer_app: typer.Typer) -> None:
+    """Every command's and group's help (options' are one line each): see tidy_help."""
+    info = typer_app.info
+    if isinstance(info.help, str):
+        info.help = tidy_help(info.help)
+    for command in typer_app.registered_commands:
+        doc = command.callback.__doc__ if command.callback is not None else None
+        command.help = tidy_help(command.help if isinstance(command.help, str) else doc)
+    for group in typer_app.registered_groups:
+        if isinstance(group.help, str):
+            group.help = tidy_help(group.help)
+        if group.typer_instance is not None:
+            _tidy(group.typer_instance)
+
+
+_tidy(app)
