@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -98,6 +98,12 @@ def read_rules_file(file: str) -> dict[str, Any]:
 
 STARTUP_WAIT_SECONDS = 300.0
 """How long ``serve`` and ``worker`` wait at start for a database out of reach."""
+
+
+def utc_text(moment: datetime) -> str:
+    """A moment as the API writes it: UTC, RFC 3339 with ``Z``, whole seconds when it has
+    no fraction (``2026-12-04T09:20:03Z``)."""
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def database_label(settings: Settings) -> str:
@@ -518,7 +524,7 @@ def projections_status(
                     "version": q.event.originator_version,
                     "topic": q.event.topic,
                     "error": q.event.error,
-                    "quarantined_at": q.quarantined_at.isoformat(),
+                    "quarantined_at": utc_text(q.quarantined_at),
                 }
                 for q in held
             ],
@@ -647,8 +653,8 @@ def keys_list() -> None:
             k.key_id,
             k.name,
             k.role.value,
-            k.created_at.isoformat(),
-            k.revoked_at.isoformat() if k.revoked_at else "",
+            utc_text(k.created_at),
+            utc_text(k.revoked_at) if k.revoked_at else "",
         )
     Console().print(table)
 
@@ -706,8 +712,8 @@ def forget_cmd(
     receipt = {
         "request_id": found.request_id,
         "status": found.status,
-        "requested_at": found.requested_at.isoformat(),
-        "completed_at": found.completed_at.isoformat() if found.completed_at else None,
+        "requested_at": utc_text(found.requested_at),
+        "completed_at": utc_text(found.completed_at) if found.completed_at else None,
         "erased": found.erased,
     }
     typer.echo(orjson.dumps(receipt, option=orjson.OPT_INDENT_2).decode())
@@ -833,7 +839,7 @@ def confirm_time_travel(moment: datetime, *, yes: bool, dry_run: bool, what: str
     if dry_run or yes or moment <= datetime.now(UTC):
         return
     raise fail(
-        f"--as-of {moment.isoformat()} is in the future: this {what} for real, now, "
+        f"--as-of {utc_text(moment)} is in the future: this {what} for real, now, "
         "everything due by then. See it first with --dry-run; pass --yes to do it.",
         2,
     )
@@ -885,13 +891,13 @@ def retention_run(
             cutoff, days = build_retention(db).due_days(moment)
         finally:
             db.dispose()
-        plan = {"as_of": moment.isoformat(), "cutoff": str(cutoff), "days": [str(d) for d in days]}
+        plan = {"as_of": utc_text(moment), "cutoff": str(cutoff), "days": [str(d) for d in days]}
         if json_output:
             typer.echo(orjson.dumps(plan, option=orjson.OPT_INDENT_2).decode())
         else:
             listed = ", ".join(plan["days"]) if days else "none"
             typer.echo(
-                f"dry run: retention as of {moment.isoformat()} would expire the days before "
+                f"dry run: retention as of {utc_text(moment)} would expire the days before "
                 f"{cutoff}: {len(days)} day(s) ({listed}); nothing was dropped"
             )
         return
@@ -922,7 +928,7 @@ def retention_run(
     else:
         out = Console(width=None if sys.stdout.isatty() else 120)
         out.print(
-            f"retention as of {result.as_of.isoformat()}: keeping days from {result.cutoff} "
+            f"retention as of {utc_text(result.as_of)}: keeping days from {result.cutoff} "
             f"({settings.retention_days} days), {settings.backend}",
             highlight=False,
         )
@@ -976,12 +982,14 @@ def storage_cmd(
         typer.echo(orjson.dumps(result.to_wire(), option=orjson.OPT_INDENT_2).decode())
         return
     note = " (estimated: no dbstat)" if result.estimated else ""
-    table = Table("location", "kind", "rows", "bytes", title=f"storage, {result.backend}{note}")
+    table = Table("location", "kind", "table", title=f"storage, {result.backend}{note}")
+    table.add_column("rows", justify="right")
+    table.add_column("bytes", justify="right")
     for loc in result.locations:
-        table.add_row(loc.name, loc.kind, f"{loc.rows:,}", f"{loc.bytes:,}")
+        table.add_row(loc.label, loc.kind_label, loc.name, f"{loc.rows:,}", f"{loc.bytes:,}")
     table.add_section()
-    table.add_row("total", "", f"{result.total_rows:,}", f"{result.total_bytes:,}")
-    table.add_row("database", "", "", f"{result.database_bytes:,}")
+    table.add_row("total", "", "", f"{result.total_rows:,}", f"{result.total_bytes:,}")
+    table.add_row("database", "", "", "", f"{result.database_bytes:,}")
     Console(width=None if sys.stdout.isatty() else 120).print(table)
 
 
@@ -1090,7 +1098,7 @@ def webhooks_dead_letters(
             d.event.id,
             d.event.type,
             str(d.attempts),
-            d.failed_at.isoformat(),
+            utc_text(d.failed_at),
             d.last_error,
         )
     Console().print(table)

@@ -47,6 +47,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.staticfiles import StaticFiles
 
 from loyalty.adapters.console_sessions import ConsoleSession, ConsoleSessions
+from loyalty.adapters.erasure_store import LOCATION_NAMES
 from loyalty.adapters.keys import NAME_PATTERN, Role
 from loyalty.adapters.storage import storage_report
 from loyalty.api.deps import Container, ContainerDep
@@ -149,6 +150,7 @@ def figure(value: object) -> str:
 
 
 _templates.filters["figure"] = figure
+_templates.globals["location_names"] = LOCATION_NAMES
 NAV: list[tuple[str, str, str]] = [
     ("dashboard", "Dashboard", "/"),
     ("members", "Members", "/members"),

@@ -892,3 +892,51 @@ def test_the_apis_report_titles_each_figure_with_the_consoles_label(client: Test
     titles = {k: v.get("title") for k, v in schema["properties"].items() if k in FIGURE_LABELS}
     assert titles == {k: v for k, v in FIGURE_LABELS.items() if k in titles}
     assert titles["currency_credited"] == "Currency credited (whole units)"
+
+
+def test_storage_and_receipts_name_locations_for_an_operator(
+    console: tuple[TestClient, str], db: Database
+) -> None:
+    """#33 item 9: member data is not 'other'; each location has a name an operator
+    understands with its table as the detail; bytes with thousands separators."""
+    from loyalty.adapters.erasure_store import LOCATIONS
+    from loyalty.adapters.storage import TABLE_NAMES, storage_report
+
+    client, csrf = console
+    report = storage_report(db)
+    kinds = {loc.name: loc.kind for loc in report.locations}
+    assert kinds["award_explanations"] == "read_model"
+    assert kinds["projection_quarantine"] == "read_model"
+    unnamed = [loc.name for loc in report.locations if loc.name not in TABLE_NAMES]
+    assert not [n for n in unnamed if not n.startswith("ingress_events_")], unnamed
+    assert [loc.name for loc in report.locations if loc.kind == "other"] == []
+    live = client.get("/console/dashboard/live").text
+    row = re.search(
+        r"<tr><td>Award explanations</td><td>([^<]*)</td><td><code>award_explanations</code>", live
+    )
+    assert row and row.group(1) == "member data (read models)"
+    big = max(report.locations, key=lambda loc: loc.bytes)
+    assert big.bytes >= 1000 and f">{big.bytes:,}</td>" in live
+
+    user = "forget-names-1"
+    act(
+        client,
+        csrf,
+        "adjust",
+        user_id=user,
+        adjustment_id="a",
+        currency="5",
+        rank_points="0",
+        reason="x",
+    )
+    answer = client.post(
+        "/console/forget",
+        data={"csrf": csrf, "user_id": user, "confirm": "yes"},
+        follow_redirects=False,
+    )
+    client.app.state.container.forget.run_pending()  # type: ignore[attr-defined]
+    done = client.get(answer.headers["location"]).text
+    erased = done.split('id="erased"')[1].split("</table>")[0]
+    for location in ("pipeline_caps", "projection_quarantine"):
+        assert location in LOCATIONS
+        assert re.search(rf"<td>[A-Z][a-z][^<_]*</td><td><code>{location}</code></td>", erased)
