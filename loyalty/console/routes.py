@@ -857,7 +857,7 @@ def dry_run_of(container: Container, form: Mapping[str, str]) -> tuple[int, dict
         return 422, {"errors": errors}
     try:
         candidate = parse_rule_set(wire, 0)
-        result = runner.run(candidate, period.from_, period.through + timedelta(days=1))
+        result = runner.run(candidate, period.from_, period.through)
     except InvalidRules as exc:
         return 422, {"errors": located(text, exc)}
     except DomainError as exc:  # the period: empty, outside retention, in the future
