@@ -8,6 +8,7 @@ source that de-duplication is scoped to).
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import hmac
 import re
@@ -95,6 +96,11 @@ class KeyStore:
                 ).order_by(api_keys.c.created_at, api_keys.c.key_id)
             ).all()
         return [KeyInfo(r[0], r[1], Role(r[2]), r[3], r[4]) for r in rows]
+
+    def namesakes(self, name: str) -> builtins.list[KeyInfo]:
+        """The active keys named ``name`` (a second key of the same name is allowed, for a
+        rotation, but worth a warning: it is easily a mistake)."""
+        return [k for k in self.list() if k.name == name and k.revoked_at is None]
 
     def revoke(self, key_id: str) -> bool:
         """Revoke a key by id (or by the full key); False if no such active key."""

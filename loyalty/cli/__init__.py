@@ -632,11 +632,21 @@ def keys_create(
     """Create a key; it is printed once, as the last line, and stored only as a hash."""
     db = open_database(load_settings())
     try:
-        key = KeyStore(db).create(role, name)
+        store = KeyStore(db)
+        namesakes = store.namesakes(name)
+        key = store.create(role, name)
     except ValueError as exc:
         raise fail(str(exc), 2) from None
     finally:
         db.dispose()
+    if namesakes:
+        ids = ", ".join(f"{k.key_id} ({k.role.value})" for k in namesakes)
+        err.print(
+            f"warning: another active key is named {name}: {ids}; if this one replaces it, "
+            "revoke the old one (loyalty keys revoke KEY_ID) once the new one is in use",
+            soft_wrap=True,
+            highlight=False,
+        )
     typer.echo(f"created {role.value} key for {name}; keep it secret, it is not shown again:")
     typer.echo(key)
 
@@ -647,14 +657,19 @@ def keys_list() -> None:
     db = open_database(load_settings())
     rows = KeyStore(db).list()
     db.dispose()
-    table = Table("key_id", "name", "role", "created_at", "revoked_at")
+    table = Table(box=None, pad_edge=False)
+    table.add_column("key_id", no_wrap=True)
+    table.add_column("name", overflow="fold")
+    table.add_column("role", no_wrap=True)
+    table.add_column("created_at", no_wrap=True)  # whole, whatever the width
+    table.add_column("revoked_at", no_wrap=True)
     for k in rows:
         table.add_row(
             k.key_id,
             k.name,
             k.role.value,
-            utc_text(k.created_at),
-            utc_text(k.revoked_at) if k.revoked_at else "",
+            utc_text(k.created_at.replace(microsecond=0)),
+            utc_text(k.revoked_at.replace(microsecond=0)) if k.revoked_at else "",
         )
     Console().print(table)
 

@@ -982,7 +982,14 @@ async def forget_receipt(
 async def keys_page(request: Request, container: ContainerDep, session: SessionDep) -> Response:
     keys = await run_in_threadpool(container.keys.list)
     return render(
-        request, "keys.html", session=session, page="keys", keys=keys, created=None, error=None
+        request,
+        "keys.html",
+        session=session,
+        page="keys",
+        keys=keys,
+        created=None,
+        error=None,
+        warning=None,
     )
 
 
@@ -991,15 +998,23 @@ async def create_key(
     request: Request, container: ContainerDep, session: SessionDep, form: FormDep
 ) -> Response:
     name = form.get("name", "").strip()
-    created = error = None
+    created = error = warning = None
     status = 200
     try:
         role = Role(form.get("role", ""))
         if not NAME_PATTERN.match(name):
             raise ValueError("name: 1-128 characters of A-Z a-z 0-9 _ . -")
+        namesakes = await run_in_threadpool(container.keys.namesakes, name)
         created = await run_in_threadpool(container.keys.create, role, name)
     except ValueError as exc:
         error, status = str(exc), 422
+    else:
+        if namesakes:
+            ids = ", ".join(f"{k.key_id} ({k.role.value})" for k in namesakes)
+            warning = (
+                f"another active key is named {name}: {ids}. If this one replaces it, "
+                "revoke the old one once the new one is in use."
+            )
     keys = await run_in_threadpool(container.keys.list)
     return render(
         request,
@@ -1010,6 +1025,7 @@ async def create_key(
         keys=keys,
         created=created,
         error=error,
+        warning=warning,
     )
 
 

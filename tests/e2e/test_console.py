@@ -940,3 +940,21 @@ def test_storage_and_receipts_name_locations_for_an_operator(
     for location in ("pipeline_caps", "projection_quarantine"):
         assert location in LOCATIONS
         assert re.search(rf"<td>[A-Z][a-z][^<_]*</td><td><code>{location}</code></td>", erased)
+
+
+def test_the_keys_page_marks_your_own_key_and_warns_of_a_second_name(
+    console: tuple[TestClient, str], operator: str
+) -> None:
+    """#33 item 6: the session's own key is marked; a second active key of a name is
+    created with a warning naming the first."""
+    client, csrf = console
+    page = client.get("/console/keys").text
+    own = re.search(r"<code>([0-9a-f]{16})</code> <strong[^>]*id=\"own-key\"", page)
+    assert own and own.group(1) == operator.split("_")[1]
+    assert page.count('id="own-key"') == 1
+    first = client.post("/console/keys", data={"csrf": csrf, "role": "shop", "name": "till-9"})
+    assert first.status_code == 200 and 'id="key-warning"' not in first.text
+    second = client.post("/console/keys", data={"csrf": csrf, "role": "shop", "name": "till-9"})
+    assert second.status_code == 200 and 'id="new-key"' in second.text
+    warning = re.search(r'id="key-warning">([^<]*)<', second.text)
+    assert warning and "another active key is named till-9" in warning.group(1)
