@@ -103,7 +103,8 @@ STARTUP_WAIT_SECONDS = 300.0
 def utc_text(moment: datetime) -> str:
     """A moment as the API writes it: UTC, RFC 3339 with ``Z``, whole seconds when it has
     no fraction (``2026-12-04T09:20:03Z``)."""
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    aware = moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)  # SQLite: naive UTC
+    return aware.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def database_label(settings: Settings) -> str:

@@ -958,3 +958,23 @@ def test_the_keys_page_marks_your_own_key_and_warns_of_a_second_name(
     assert second.status_code == 200 and 'id="new-key"' in second.text
     warning = re.search(r'id="key-warning">([^<]*)<', second.text)
     assert warning and "another active key is named till-9" in warning.group(1)
+
+
+def test_the_keys_page_shows_when_each_key_was_last_used(
+    console: tuple[TestClient, str], db: Database, make_key: Callable[..., dict[str, str]]
+) -> None:
+    """#33 item 6: last-used time per key (to the minute), 'never' before any use."""
+    client, _csrf = console
+    used = make_key("shop", "till-used")
+    KeyStore(db).create(Role.SHOP, "till-unused")
+    assert client.get("/v1/members/nobody", headers=used).status_code == 404
+    page = client.get("/console/keys").text
+
+    def row_of(name: str) -> str:
+        found = re.search(rf"<td>{name}</td>.*?</tr>", page, re.S)
+        assert found, name
+        return found.group(0)
+
+    today = datetime.now(UTC).strftime("%Y-%m-%d")
+    assert re.search(rf'class="last-used">{today} \d\d:\d\d<', row_of("till-used"))
+    assert 'class="last-used">never<' in row_of("till-unused")
