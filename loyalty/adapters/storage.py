@@ -31,6 +31,7 @@ READ_MODEL_TABLES = frozenset(
 )
 KIND_ORDER = (
     "ingress",
+    "ingress_keys",
     "event_store",
     "read_model",
     "pipeline",
@@ -44,6 +45,7 @@ KIND_ORDER = (
 )
 KIND_NAMES: dict[str, str] = {
     "ingress": "ingested events",
+    "ingress_keys": "ingest duplicate check",
     "event_store": "member accounts",
     "read_model": "member data (read models)",
     "pipeline": "pipeline",
@@ -169,6 +171,8 @@ class StorageReport:
 def kind_of(table: str) -> str:
     if table.startswith("ingress_events"):
         return "ingress"
+    if table == "ingress_keys":  # PostgreSQL: the dedup keys (SQLite: in the partition)
+        return "ingress_keys"
     if table in EVENT_STORE_TABLES or table.endswith(("_events", "_snapshots")):
         return "event_store"
     if table in READ_MODEL_TABLES:
