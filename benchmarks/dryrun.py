@@ -136,7 +136,7 @@ def _beside(
         "--from",
         first.isoformat(),
         "--to",
-        end.isoformat(),
+        (end - timedelta(days=1)).isoformat(),  # the CLI's last day is included
     ]
     background = subprocess.Popen(
         ["/bin/sh", "-c", 'while :; do "$@" >/dev/null || exit 1; done', "sh", *args],

@@ -168,8 +168,11 @@ class Settings(BaseSettings):
         30.0,
         ge=0,
         le=3600,
-        description="the console dashboard recomputes today's totals, outstanding currency "
-        "and storage at most this often (they scan tables; the rest is live)",
+        description="the console dashboard recomputes its storage report at most this often "
+        "(it counts every table; the rest, today's report included, is live)",
+    )
+    access_log: bool = Field(
+        False, description="log one line per HTTP request (method, path, status) on stderr"
     )
     log_format: Literal["text", "json"] = Field(
         "text", description="log lines on stderr (json: one object per line)"

@@ -44,6 +44,19 @@ LOCATIONS: dict[str, tuple[str, ...]] = {
     # award explanations (issue 20): written with the stream's events, erased after it
     "award_explanations": ("award_explanations",),
 }
+LOCATION_NAMES: dict[str, str] = {
+    "ingress_events": "Ingested events",
+    "pipeline_caps": "Daily cap counters",
+    "pipeline_pending": "Earnings not yet credited",
+    "event_store": "Account events",
+    "read_models": "Member views (balance, history, lots, rank)",
+    "projection_quarantine": "Quarantined account events",
+    "forget_subjects": "Forget-me subjects",
+    "delivery": "Webhook dead letters and notices",
+    "award_explanations": "Award explanations",
+}
+"""A name an operator understands for each location of a receipt (the receipt keeps the
+location's key, shown beside it as the detail)."""
 EXEMPT: dict[str, str] = {
     "alembic_version": "schema revision",
     "api_keys": "keys of services and operators, not members",

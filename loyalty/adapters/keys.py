@@ -8,6 +8,7 @@ source that de-duplication is scoped to).
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import hmac
 import re
@@ -51,6 +52,7 @@ class KeyInfo:
     role: Role
     created_at: datetime
     revoked_at: datetime | None
+    last_used_at: datetime | None = None
 
 
 def _hash(secret: str) -> str:
@@ -64,6 +66,7 @@ class KeyStore:
         self._db = db
         self._cache_seconds = cache_seconds
         self._cache: dict[str, tuple[float, str, Principal | None]] = {}
+        self._noted: dict[str, float] = {}  # key id -> when this process last stored a use
         self._lock = threading.Lock()
 
     def create(self, role: Role, name: str) -> str:
@@ -92,9 +95,15 @@ class KeyStore:
                     api_keys.c.role,
                     api_keys.c.created_at,
                     api_keys.c.revoked_at,
+                    api_keys.c.last_used_at,
                 ).order_by(api_keys.c.created_at, api_keys.c.key_id)
             ).all()
-        return [KeyInfo(r[0], r[1], Role(r[2]), r[3], r[4]) for r in rows]
+        return [KeyInfo(r[0], r[1], Role(r[2]), r[3], r[4], r[5]) for r in rows]
+
+    def namesakes(self, name: str) -> builtins.list[KeyInfo]:
+        """The active keys named ``name`` (a second key of the same name is allowed, for a
+        rotation, but worth a warning: it is easily a mistake)."""
+        return [k for k in self.list() if k.name == name and k.revoked_at is None]
 
     def revoke(self, key_id: str) -> bool:
         """Revoke a key by id (or by the full key); False if no such active key."""
@@ -132,8 +141,29 @@ class KeyStore:
         _, stored_hash, principal = cached
         # Compare even when the key is unknown, so timing does not tell the two apart.
         if hmac.compare_digest(_hash(secret), stored_hash) and principal is not None:
+            self._note_use(key_id)
             return principal
         return None
+
+    USE_GRANULARITY = 60.0
+    """Seconds between two writes of a key's last-used time by one process."""
+
+    def _note_use(self, key_id: str) -> None:
+        """Store when the key was used, at most once a minute per key and process (one
+        small UPDATE; the request waits for it only then)."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._noted.get(key_id, -self.USE_GRANULARITY) < self.USE_GRANULARITY:
+                return
+            if len(self._noted) >= self.MAX_CACHED:
+                self._noted.clear()
+            self._noted[key_id] = now
+        with self._db.write() as conn:
+            conn.execute(
+                api_keys.update()
+                .where(api_keys.c.key_id == key_id)
+                .values(last_used_at=datetime.now(UTC).replace(second=0, microsecond=0))
+            )
 
     def _load(self, key_id: str) -> tuple[str, Principal | None]:
         with self._db.read() as conn:

@@ -19,17 +19,117 @@ from loyalty.adapters.db import Database, psycopg_connection
 from loyalty.adapters.tables import EVENT_STORE_TABLES
 
 READ_MODEL_TABLES = frozenset(
-    {"member_balances", "member_history", "member_lots", "member_ranks", "projection_tracking"}
+    {
+        "member_balances",
+        "member_history",
+        "member_lots",
+        "member_ranks",
+        "projection_tracking",
+        "projection_quarantine",
+        "award_explanations",
+    }
 )
-KIND_ORDER = ("ingress", "event_store", "read_model", "pipeline", "forget", "other")
+KIND_ORDER = (
+    "ingress",
+    "ingress_keys",
+    "event_store",
+    "read_model",
+    "pipeline",
+    "forget",
+    "reporting",
+    "rules",
+    "webhooks",
+    "access",
+    "schema",
+    "other",
+)
+KIND_NAMES: dict[str, str] = {
+    "ingress": "ingested events",
+    "ingress_keys": "ingest duplicate check",
+    "event_store": "member accounts",
+    "read_model": "member data (read models)",
+    "pipeline": "pipeline",
+    "forget": "forget-me",
+    "reporting": "daily report",
+    "rules": "rules",
+    "webhooks": "webhooks",
+    "access": "keys and sessions",
+    "schema": "schema",
+    "other": "other",
+}
+"""What each kind of location holds, as an operator reads it."""
+TABLE_NAMES: dict[str, str] = {
+    "ingress_events": "Ingested events",
+    "ingress_keys": "Ingest duplicate check",
+    "stored_events": "Account events",
+    "stored_snapshots": "Account snapshots",
+    "members_events": "Account events",
+    "members_snapshots": "Account snapshots",
+    "member_balances": "Member balances",
+    "member_history": "Member history",
+    "member_lots": "Currency lots (expiry)",
+    "member_ranks": "Member ranks",
+    "projection_tracking": "Read-model positions",
+    "projection_quarantine": "Quarantined account events",
+    "award_explanations": "Award explanations",
+    "pipeline_caps": "Daily cap counters",
+    "pipeline_checkpoints": "Pipeline positions",
+    "pipeline_pending": "Earnings not yet credited",
+    "forget_markers": "Forget-me markers",
+    "forget_requests": "Forget-me requests",
+    "forget_subjects": "Forget-me subjects",
+    "rollup_accounts": "Daily report: accounts",
+    "rollup_activity": "Daily report: activity",
+    "rollup_origin": "Daily report: starting points",
+    "rollup_ranks": "Daily report: ranks",
+    "rule_versions": "Rule versions",
+    "rule_version_starts": "Rule version starts",
+    "rule_compensations": "Compensation runs",
+    "webhook_subscriptions": "Webhook subscriptions",
+    "webhook_dead_letters": "Webhook dead letters",
+    "delivery_cursors": "Delivery positions",
+    "delivery_notices": "Notices owed to webhooks",
+    "api_keys": "API keys",
+    "console_sessions": "Console sessions",
+    "alembic_version": "Schema version",
+    "loyalty_meta": "Service metadata",
+}
+"""A name an operator understands for each table (the table stays the detail)."""
+_KIND_BY_TABLE: dict[str, str] = {
+    **dict.fromkeys(("rollup_accounts", "rollup_activity", "rollup_origin"), "reporting"),
+    "rollup_ranks": "reporting",
+    **dict.fromkeys(("rule_versions", "rule_version_starts", "rule_compensations"), "rules"),
+    **dict.fromkeys(("webhook_subscriptions", "webhook_dead_letters"), "webhooks"),
+    **dict.fromkeys(("delivery_cursors", "delivery_notices"), "webhooks"),
+    **dict.fromkeys(("api_keys", "console_sessions"), "access"),
+    **dict.fromkeys(("alembic_version", "loyalty_meta"), "schema"),
+}
+
+
+def table_name(table: str) -> str:
+    """The operator's name of ``table`` (a PostgreSQL day partition names its day)."""
+    if table.startswith("ingress_events_") and table[15:].isdigit():
+        day = table[15:]
+        return f"Ingested events, {day[:4]}-{day[4:6]}-{day[6:8]}"
+    return TABLE_NAMES.get(table, table)
 
 
 @dataclass(frozen=True, slots=True)
 class StorageLocation:
     name: str
+    """The table (or partition): the detail."""
     kind: str
     rows: int
     bytes: int
+
+    @property
+    def label(self) -> str:
+        """What it holds, as an operator reads it."""
+        return table_name(self.name)
+
+    @property
+    def kind_label(self) -> str:
+        return KIND_NAMES[self.kind]
 
 
 @dataclass(slots=True)
@@ -53,7 +153,13 @@ class StorageReport:
         return {
             "backend": self.backend,
             "locations": [
-                {"name": loc.name, "kind": loc.kind, "rows": loc.rows, "bytes": loc.bytes}
+                {
+                    "name": loc.name,
+                    "label": loc.label,
+                    "kind": loc.kind,
+                    "rows": loc.rows,
+                    "bytes": loc.bytes,
+                }
                 for loc in self.locations
             ],
             "total": {"rows": self.total_rows, "bytes": self.total_bytes},
@@ -65,6 +171,8 @@ class StorageReport:
 def kind_of(table: str) -> str:
     if table.startswith("ingress_events"):
         return "ingress"
+    if table == "ingress_keys":  # PostgreSQL: the dedup keys (SQLite: in the partition)
+        return "ingress_keys"
     if table in EVENT_STORE_TABLES or table.endswith(("_events", "_snapshots")):
         return "event_store"
     if table in READ_MODEL_TABLES:
@@ -73,7 +181,7 @@ def kind_of(table: str) -> str:
         return "pipeline"
     if table.startswith("forget_"):
         return "forget"
-    return "other"
+    return _KIND_BY_TABLE.get(table, "other")
 
 
 def _ordered(locations: list[StorageLocation]) -> list[StorageLocation]:

@@ -27,6 +27,7 @@ api_keys = sa.Table(
     sa.Column("secret_hash", sa.String(64), nullable=False),
     sa.Column("created_at", Timestamp, nullable=False),
     sa.Column("revoked_at", Timestamp, nullable=True),
+    sa.Column("last_used_at", Timestamp, nullable=True),  # to the minute (0017_operator)
 )
 
 # On PostgreSQL this table is partitioned by RANGE (occurred_at), one partition per UTC

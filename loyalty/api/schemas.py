@@ -609,11 +609,16 @@ class DryRunRequest(BaseModel):
 
     rules: dict[str, Any] = Field(description="a rules document, as for PUT /v1/rules")
     from_: Day | None = Field(None, alias="from", description="first day (YYYY-MM-DD)")
-    to: Day | None = Field(None, description="day after the last (YYYY-MM-DD), exclusive")
+    to: Day | None = Field(
+        None, description="last day (YYYY-MM-DD), included; default today (from: the day before)"
+    )
 
 
 class DryRunBody(BaseModel):
-    period: dict[str, str] = Field(description="{from, to}: whole UTC days, to exclusive")
+    period: dict[str, str] = Field(description="{from, to}: whole UTC days, both included")
+    warnings: list[str] = Field(
+        default_factory=list, description="e.g. the period holds no retained events"
+    )
     current_version: int
     events: int = Field(description="retained ingress events weighed")
     members: int

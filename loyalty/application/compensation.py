@@ -206,7 +206,7 @@ class Compensation:
                     Run(current.version, current.version - 1, since, found[1], RUNNING, None)
                 )
         if run is None:
-            self._dry.period(first, self._clock().astimezone(UTC).date() + timedelta(days=1))
+            self._dry.period(first, self._clock().astimezone(UTC).date())  # through today
             new = self._rules.put(wire, compensate_since=since)
             self._crash_hook("stored")
             run = self._runs.get(new.version)
@@ -279,7 +279,7 @@ class Compensation:
         upto = self._starts.version_starts(run.new_version, self._shards)
         self._crash_hook("bounded")
         end = self._clock().astimezone(UTC).date() + timedelta(days=1)
-        self._dry.period(first, end)  # raises PeriodNotRetained
+        self._dry.period(first, end - timedelta(days=1))  # raises PeriodNotRetained
         skip = None if self._markers is None or not self._markers.any() else self._forgotten
         comparison = self._dry.compare(
             new[0], first, end, current=old[0], summaries=True, upto=upto, skip=skip

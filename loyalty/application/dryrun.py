@@ -162,37 +162,36 @@ class DryRun:
         """Fraction of the time spent working: after each chunk it sleeps the chunk's
         time x (1/duty - 1), leaving the pipeline its share of CPU (1: never sleeps)."""
 
-    def period(self, first: str | date | None, end: str | date | None) -> tuple[date, date]:
-        """``[first, end)`` as dates, checked against retention: by default the last
-        whole retained day before today... today (``[yesterday, today)``)."""
+    def period(self, first: str | date | None, last: str | date | None) -> tuple[date, date]:
+        """``first`` .. ``last``, both included (the convention of the daily report and the
+        console), checked against retention; as ``[start, end)`` dates. By default the
+        period ends today (so today's events count) and starts the day before; ``from``
+        alone runs through today."""
         today = self._clock().astimezone(UTC).date()
+        through = (
+            _day_of(last, "to") if isinstance(last, str) else last if last is not None else today
+        )
         start = (
             _day_of(first, "from")
             if isinstance(first, str)
             else first
             if first is not None
-            else today - timedelta(days=1)
-        )
-        stop = (
-            _day_of(end, "to")
-            if isinstance(end, str)
-            else end
-            if end is not None
-            else start + timedelta(days=1)
+            else min(through, today) - timedelta(days=1)
         )
         oldest = (self._clock() - timedelta(days=self._retention_days)).astimezone(UTC).date()
-        if stop <= start:
-            raise PeriodNotRetained(f"the period [{start}, {stop}) is empty: 'to' must be after")
+        if through < start:
+            raise PeriodNotRetained(
+                f"the period {start} to {through} is empty: 'to' (the last day, included) "
+                f"must be on or after 'from'"
+            )
         if start < oldest:
             raise PeriodNotRetained(
                 f"{start} is outside retention: the oldest retained day is {oldest} "
                 f"(LOYALTY_RETENTION_DAYS={self._retention_days})"
             )
-        if stop > today + timedelta(days=1):
-            raise PeriodNotRetained(
-                f"{stop} is in the future: the period ends by {today + timedelta(days=1)}"
-            )
-        return start, stop
+        if through > today:
+            raise PeriodNotRetained(f"{through} is in the future: the period ends by {today}")
+        return start, through + timedelta(days=1)
 
     def compare(
         self,
@@ -332,8 +331,18 @@ class DryRun:
         largest = heapq.nlargest(
             TOP, changed, key=lambda m: (abs(m.currency), abs(m.rank_points), m.user_id)
         )
+        through = result.end - timedelta(days=1)
+        warnings = (
+            [
+                f"no retained events from {result.first} to {through} (both included): "
+                "nothing was weighed; choose days with events (--from/--to)"
+            ]
+            if result.events == 0
+            else []
+        )
         return {
-            "period": {"from": result.first.isoformat(), "to": result.end.isoformat()},
+            "period": {"from": result.first.isoformat(), "to": through.isoformat()},
+            "warnings": warnings,
             "current_version": result.current.version,
             "events": result.events,
             "members": len(result.members),

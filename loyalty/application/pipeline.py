@@ -53,6 +53,17 @@ log = logging.getLogger(__name__)
 Position = tuple[int, int]
 
 
+def shard_ranges(shards: list[int]) -> str:
+    """``0-3, 7, 9-10`` for [0, 1, 2, 3, 7, 9, 10] (in any order)."""
+    runs: list[list[int]] = []
+    for shard in sorted(shards):
+        if runs and runs[-1][1] == shard - 1:
+            runs[-1][1] = shard
+        else:
+            runs.append([shard, shard])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
 class LeaseLost(Exception):
     """A checkpoint write found the shard's checkpoint moved: another worker has taken
     the shard over. Nothing was written; drop the window and re-take the leases."""
@@ -372,10 +383,13 @@ class Worker:
             if lost:
                 log.warning("worker lost the lease of shards %s", lost)
                 self._owned = [s for s in self._owned if s in held]
+        gained = []
         for shard in self._wanted:
             if shard not in self._owned and self._try_lease(shard):
                 self._owned.append(shard)
-                log.info("worker owns shard %d", shard)
+                gained.append(shard)
+        if gained:  # one line however many (at start: every shard of the spec)
+            log.info("worker owns shards %s", shard_ranges(gained))
 
     def run(self) -> None:
         backoff = Backoff(self.stop_event, log, "pipeline")

@@ -288,6 +288,49 @@ DAY_COLUMNS: tuple[str, ...] = (
 """The scalar figures of a day's report, in the order of its JSON (``DayReport.to_wire``
 adds ``members_per_rank`` and ``activity``): the export's and the console's columns."""
 
+FIGURE_LABELS: dict[str, str] = {
+    "day": "Day (UTC)",
+    "events": "Events",
+    "earning_events": "Events that earned",
+    "active_members": "Active members",
+    "currency_awarded": "Currency awarded (exact weights)",
+    "rank_points_awarded": "Rank points awarded (exact weights)",
+    "currency_credited": "Currency credited (whole units)",
+    "rank_points_credited": "Rank points credited (whole units)",
+    "currency_spent": "Currency spent",
+    "currency_refunded": "Currency refunded",
+    "currency_adjusted": "Currency adjusted",
+    "rank_points_adjusted": "Rank points adjusted",
+    "currency_expired": "Currency expired",
+    "currency_forgotten": "Currency forgotten (forget-me)",
+    "new_members": "New members",
+    "members": "Members",
+    "members_with_balance": "Members with a balance",
+    "outstanding_currency": "Outstanding currency (end of day)",
+}
+"""One label per figure of the report, the same wherever it is shown: the console's
+dashboard and reports page, ``loyalty report`` and the API's schema. *Awarded* is the
+exact sum of the events' weights (the pipeline's view); *credited* is what reached
+members' balances in whole units (it trails *awarded* by the fractions still carried and
+the earnings still pending)."""
+
+TODAY_FIGURES: tuple[str, ...] = (
+    "events",
+    "currency_awarded",
+    "currency_credited",
+    "currency_spent",
+    "currency_refunded",
+    "currency_adjusted",
+    "outstanding_currency",
+)
+"""The figures of today the console's dashboard shows (from :func:`daily_report`, the
+report's own source: the dashboard and ``GET /v1/reports/daily`` cannot disagree)."""
+
+
+def today_report(reader: RollupReader, today: date) -> dict[str, Any]:
+    """Today's report as the API answers it (``GET /v1/reports/daily?from=today&to=today``)."""
+    return daily_report(reader, today, today)[0].to_wire()
+
 
 @dataclass(frozen=True, slots=True)
 class DayReport:

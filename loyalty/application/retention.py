@@ -85,11 +85,18 @@ class RetentionReport:
         if self.skipped:
             return "retention skipped: another process holds the retention lease"
         kept = ", ".join(f"{k.day} ({k.unprocessed_rows} {k.reason})" for k in self.kept)
+        if not (self.dropped or self.kept or self.cap_rows_deleted or self.markers_deleted):
+            # nothing expired: the space the store's compaction found (e.g. an empty
+            # database's free pages after its migrations) is not retention's to report
+            return (
+                f"retention as of {self.as_of.isoformat()} (keeping days from "
+                f"{self.cutoff}): nothing has expired"
+            )
         return (
             f"retention as of {self.as_of.isoformat()} (keeping days from {self.cutoff}): "
-            f"{len(self.dropped)} day(s) dropped, {self.rows_dropped} rows, "
-            f"{self.bytes_reclaimed} bytes reclaimed; {self.cap_rows_deleted} cap rows and "
-            f"{self.markers_deleted} forget markers deleted" + (f"; KEPT: {kept}" if kept else "")
+            f"{len(self.dropped)} day(s) dropped, {self.rows_dropped:,} rows, "
+            f"{self.bytes_reclaimed:,} bytes reclaimed; {self.cap_rows_deleted:,} cap rows and "
+            f"{self.markers_deleted:,} forget markers deleted" + (f"; KEPT: {kept}" if kept else "")
         )
 
     def to_wire(self) -> dict[str, object]:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+import re
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -44,7 +46,11 @@ keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help
 app.add_typer(keys_app, name="keys")
 projections_app = typer.Typer(help="Maintain the read models.", no_args_is_help=True)
 app.add_typer(projections_app, name="projections")
-rules_app = typer.Typer(help="Show and load the weighting rules.", no_args_is_help=True)
+rules_app = typer.Typer(
+    help="The weighting rules: show, load, try a change on past events (dry-run), apply a "
+    "change to past awards, and its compensation runs.",
+    no_args_is_help=True,
+)
 app.add_typer(rules_app, name="rules")
 
 err = Console(stderr=True)
@@ -92,6 +98,13 @@ def read_rules_file(file: str) -> dict[str, Any]:
 
 STARTUP_WAIT_SECONDS = 300.0
 """How long ``serve`` and ``worker`` wait at start for a database out of reach."""
+
+
+def utc_text(moment: datetime) -> str:
+    """A moment as the API writes it: UTC, RFC 3339 with ``Z``, whole seconds when it has
+    no fraction (``2026-12-04T09:20:03Z``)."""
+    aware = moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)  # SQLite: naive UTC
+    return aware.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def database_label(settings: Settings) -> str:
@@ -225,8 +238,8 @@ def serve(
     die, stopped with serve, and their metrics merged into serve's (exposed on
     ``LOYALTY_METRICS_PORT``, or as ``GET /metrics`` with ``LOYALTY_METRICS_TOKEN``).
 
-    The HTTP server enforces the edge limits itself (``loyalty.api.http_server``):
-    header size and count, header- and body-read timeouts, a connection cap."""
+    The HTTP server enforces the edge limits itself: header size and count, header- and
+    body-read timeouts, a connection cap (the LOYALTY_HTTP_* settings)."""
     import uvicorn
 
     from loyalty.api.app import create_app
@@ -257,6 +270,9 @@ def serve(
             raise fail(f"cannot serve metrics on {where}: {exc}", 1) from None
     for child in children:
         child.start()
+    logging.getLogger("loyalty").info(
+        "%s", "\n  ".join(startup_summary(settings, host, port, worker, shards))
+    )
     # uvicorn shuts down on SIGTERM/SIGINT, then raises the signal again with the
     # handlers it found: make those end this process through the finally block below
     # (the worker stopped after its window), not by the default action.
@@ -268,7 +284,7 @@ def serve(
             host=host,
             port=port,
             log_level="info",
-            access_log=False,
+            access_log=settings.access_log,
             log_config=None,
             http=limited_protocol(http_limits(settings)),
             timeout_keep_alive=max(1, round(settings.http_keep_alive_seconds)),
@@ -277,6 +293,25 @@ def serve(
         for child in children:
             child.stop()
         db.dispose()
+
+
+def startup_summary(
+    settings: Settings, host: str, port: int, worker: bool, shards: str
+) -> list[str]:
+    """What ``serve`` tells an operator at start: where things are and how to sign in."""
+    shown = "[::1]" if host == "::1" else ("127.0.0.1" if host in ("0.0.0.0", "::") else host)
+    base = f"http://{shown}:{port}"
+    return [
+        f"loyalty is starting on {base} (bound to {host}:{port})",
+        f"API and its docs: {base}/docs",
+        f"console:          {base}/console/ (sign in with an operator key)",
+        "an operator key:  loyalty keys create --role operator --name <who>",
+        f"database:         {database_label(settings)}",
+        "worker:           "
+        + (f"pipeline and read models, shards {shards}" if worker else "off (--no-worker)"),
+        "access log:       "
+        + ("on" if settings.access_log else "off (LOYALTY_ACCESS_LOG=true turns it on)"),
+    ]
 
 
 @app.command("worker")
@@ -490,7 +525,7 @@ def projections_status(
                     "version": q.event.originator_version,
                     "topic": q.event.topic,
                     "error": q.event.error,
-                    "quarantined_at": q.quarantined_at.isoformat(),
+                    "quarantined_at": utc_text(q.quarantined_at),
                 }
                 for q in held
             ],
@@ -598,11 +633,21 @@ def keys_create(
     """Create a key; it is printed once, as the last line, and stored only as a hash."""
     db = open_database(load_settings())
     try:
-        key = KeyStore(db).create(role, name)
+        store = KeyStore(db)
+        namesakes = store.namesakes(name)
+        key = store.create(role, name)
     except ValueError as exc:
         raise fail(str(exc), 2) from None
     finally:
         db.dispose()
+    if namesakes:
+        ids = ", ".join(f"{k.key_id} ({k.role.value})" for k in namesakes)
+        err.print(
+            f"warning: another active key is named {name}: {ids}; if this one replaces it, "
+            "revoke the old one (loyalty keys revoke KEY_ID) once the new one is in use",
+            soft_wrap=True,
+            highlight=False,
+        )
     typer.echo(f"created {role.value} key for {name}; keep it secret, it is not shown again:")
     typer.echo(key)
 
@@ -613,14 +658,19 @@ def keys_list() -> None:
     db = open_database(load_settings())
     rows = KeyStore(db).list()
     db.dispose()
-    table = Table("key_id", "name", "role", "created_at", "revoked_at")
+    table = Table(box=None, pad_edge=False)
+    table.add_column("key_id", no_wrap=True)
+    table.add_column("name", overflow="fold")
+    table.add_column("role", no_wrap=True)
+    table.add_column("created_at", no_wrap=True)  # whole, whatever the width
+    table.add_column("revoked_at", no_wrap=True)
     for k in rows:
         table.add_row(
             k.key_id,
             k.name,
             k.role.value,
-            k.created_at.isoformat(),
-            k.revoked_at.isoformat() if k.revoked_at else "",
+            utc_text(k.created_at.replace(microsecond=0)),
+            utc_text(k.revoked_at.replace(microsecond=0)) if k.revoked_at else "",
         )
     Console().print(table)
 
@@ -678,8 +728,8 @@ def forget_cmd(
     receipt = {
         "request_id": found.request_id,
         "status": found.status,
-        "requested_at": found.requested_at.isoformat(),
-        "completed_at": found.completed_at.isoformat() if found.completed_at else None,
+        "requested_at": utc_text(found.requested_at),
+        "completed_at": utc_text(found.completed_at) if found.completed_at else None,
         "erased": found.erased,
     }
     typer.echo(orjson.dumps(receipt, option=orjson.OPT_INDENT_2).decode())
@@ -805,7 +855,7 @@ def confirm_time_travel(moment: datetime, *, yes: bool, dry_run: bool, what: str
     if dry_run or yes or moment <= datetime.now(UTC):
         return
     raise fail(
-        f"--as-of {moment.isoformat()} is in the future: this {what} for real, now, "
+        f"--as-of {utc_text(moment)} is in the future: this {what} for real, now, "
         "everything due by then. See it first with --dry-run; pass --yes to do it.",
         2,
     )
@@ -857,13 +907,13 @@ def retention_run(
             cutoff, days = build_retention(db).due_days(moment)
         finally:
             db.dispose()
-        plan = {"as_of": moment.isoformat(), "cutoff": str(cutoff), "days": [str(d) for d in days]}
+        plan = {"as_of": utc_text(moment), "cutoff": str(cutoff), "days": [str(d) for d in days]}
         if json_output:
             typer.echo(orjson.dumps(plan, option=orjson.OPT_INDENT_2).decode())
         else:
             listed = ", ".join(plan["days"]) if days else "none"
             typer.echo(
-                f"dry run: retention as of {moment.isoformat()} would expire the days before "
+                f"dry run: retention as of {utc_text(moment)} would expire the days before "
                 f"{cutoff}: {len(days)} day(s) ({listed}); nothing was dropped"
             )
         return
@@ -894,7 +944,7 @@ def retention_run(
     else:
         out = Console(width=None if sys.stdout.isatty() else 120)
         out.print(
-            f"retention as of {result.as_of.isoformat()}: keeping days from {result.cutoff} "
+            f"retention as of {utc_text(result.as_of)}: keeping days from {result.cutoff} "
             f"({settings.retention_days} days), {settings.backend}",
             highlight=False,
         )
@@ -948,12 +998,14 @@ def storage_cmd(
         typer.echo(orjson.dumps(result.to_wire(), option=orjson.OPT_INDENT_2).decode())
         return
     note = " (estimated: no dbstat)" if result.estimated else ""
-    table = Table("location", "kind", "rows", "bytes", title=f"storage, {result.backend}{note}")
+    table = Table("location", "kind", "table", title=f"storage, {result.backend}{note}")
+    table.add_column("rows", justify="right")
+    table.add_column("bytes", justify="right")
     for loc in result.locations:
-        table.add_row(loc.name, loc.kind, f"{loc.rows:,}", f"{loc.bytes:,}")
+        table.add_row(loc.label, loc.kind_label, loc.name, f"{loc.rows:,}", f"{loc.bytes:,}")
     table.add_section()
-    table.add_row("total", "", f"{result.total_rows:,}", f"{result.total_bytes:,}")
-    table.add_row("database", "", "", f"{result.database_bytes:,}")
+    table.add_row("total", "", "", f"{result.total_rows:,}", f"{result.total_bytes:,}")
+    table.add_row("database", "", "", "", f"{result.database_bytes:,}")
     Console(width=None if sys.stdout.isatty() else 120).print(table)
 
 
@@ -1062,7 +1114,7 @@ def webhooks_dead_letters(
             d.event.id,
             d.event.type,
             str(d.attempts),
-            d.failed_at.isoformat(),
+            utc_text(d.failed_at),
             d.last_error,
         )
     Console().print(table)
@@ -1136,3 +1188,49 @@ def main() -> None:
 # Command groups in modules of their own register on ``app`` (or a sub-app above) when
 # imported; each imports what it needs from this module, so they are imported last.
 from loyalty.cli import expiry, reporting, rules_tools  # noqa: E402,F401
+
+_LIST_ITEM = re.compile(r"^(?:[-*•] |\d+[.)] )")
+_LITERAL = re.compile(r"``([^`]+)``")
+_ROLE = re.compile(r":(?:func|class|mod|meth|attr):`~?([^`]+)`")
+
+
+def tidy_help(text: str | None) -> str | None:
+    """A docstring as help for a terminal: its paragraphs joined into lines the terminal
+    wraps (the source's line breaks are not the reader's), list items kept one per line,
+    reStructuredText literals (````x````) as 'x'. A paragraph starting with ``\b`` keeps
+    its lines (click's convention)."""
+    if text is None:
+        return None
+    paragraphs = []
+    for paragraph in inspect.cleandoc(text).split("\n\n"):
+        if paragraph.startswith("\b"):
+            paragraphs.append(paragraph)
+            continue
+        lines: list[str] = []
+        for line in paragraph.splitlines():
+            line = line.strip()
+            if lines and not _LIST_ITEM.match(line):
+                lines[-1] += " " + line
+            else:
+                lines.append(line)
+        paragraphs.append("\n".join(lines))
+    joined = "\n\n".join(paragraphs)
+    return _LITERAL.sub(r"'\1'", _ROLE.sub(r"'\1'", joined))
+
+
+def _tidy(typer_app: typer.Typer) -> None:
+    """Every command's and group's help (options' are one line each): see tidy_help."""
+    info = typer_app.info
+    if isinstance(info.help, str):
+        info.help = tidy_help(info.help)
+    for command in typer_app.registered_commands:
+        doc = command.callback.__doc__ if command.callback is not None else None
+        command.help = tidy_help(command.help if isinstance(command.help, str) else doc)
+    for group in typer_app.registered_groups:
+        if isinstance(group.help, str):
+            group.help = tidy_help(group.help)
+        if group.typer_instance is not None:
+            _tidy(group.typer_instance)
+
+
+_tidy(app)

@@ -15,6 +15,7 @@ from loyalty.cli import (
     fail,
     load_settings,
     open_database,
+    utc_text,
 )
 
 expiry_app = typer.Typer(
@@ -67,7 +68,7 @@ def expiry_run(
             typer.echo("dry run: currency expiry is off; nothing would expire")
         else:
             typer.echo(
-                f"dry run: as of {moment.isoformat()}, {preview.amount:,} currency of "
+                f"dry run: as of {utc_text(moment)}, {preview.amount:,} currency of "
                 f"{preview.members:,} members would expire ({preview.lots:,} lots); "
                 "nothing was changed"
             )

@@ -7,7 +7,15 @@ from typing import Annotated
 import orjson
 import typer
 
-from loyalty.cli import _rfc3339, fail, load_settings, open_database, read_rules_file, rules_app
+from loyalty.cli import (
+    _rfc3339,
+    err,
+    fail,
+    load_settings,
+    open_database,
+    read_rules_file,
+    rules_app,
+)
 
 
 @rules_app.command("dry-run")
@@ -15,11 +23,11 @@ def rules_dry_run(
     file: Annotated[str, typer.Argument(help="a candidate rules file; - reads stdin")],
     from_: Annotated[
         str | None,
-        typer.Option("--from", help="first UTC day, YYYY-MM-DD (default: yesterday)"),
+        typer.Option("--from", help="first UTC day, YYYY-MM-DD (default: the day before --to)"),
     ] = None,
     to: Annotated[
         str | None,
-        typer.Option("--to", help="the day after the last, YYYY-MM-DD (default: from + 1)"),
+        typer.Option("--to", help="last UTC day, included, YYYY-MM-DD (default: today)"),
     ] = None,
 ) -> None:
     """Weigh retained days with a candidate rule set and compare with the current rules
@@ -41,6 +49,8 @@ def rules_dry_run(
         raise fail(exc.message, 2) from None
     finally:
         db.dispose()
+    for warning in report["warnings"]:
+        err.print(f"warning: {warning}", soft_wrap=True, highlight=False)
     typer.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
 
 

@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import date, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 from urllib.parse import parse_qs, urlencode
@@ -46,6 +47,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.staticfiles import StaticFiles
 
 from loyalty.adapters.console_sessions import ConsoleSession, ConsoleSessions
+from loyalty.adapters.erasure_store import LOCATION_NAMES
 from loyalty.adapters.keys import NAME_PATTERN, Role
 from loyalty.adapters.storage import storage_report
 from loyalty.api.deps import Container, ContainerDep
@@ -67,9 +69,12 @@ from loyalty.application.delivery import EVENT_TYPES
 from loyalty.application.explain import PENDING_ALIAS
 from loyalty.application.reporting import (
     DAY_COLUMNS,
+    FIGURE_LABELS,
+    TODAY_FIGURES,
     ReportRangeError,
     check_range,
     daily_report,
+    today_report,
 )
 from loyalty.console.locate import line_of
 from loyalty.domain.errors import DomainError, InvalidRules
@@ -123,6 +128,29 @@ _templates = Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
+
+
+def figure(value: object) -> str:
+    """A count or amount with thousands separators (``12,273``; ``12,273.5`` for an exact
+    decimal given as its wire string); anything else as it is."""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, str | Decimal):
+        try:
+            number = Decimal(value)
+        except ArithmeticError:
+            return str(value)
+        whole, _, fraction = str(value).partition(".")
+        if not number.is_finite() or not whole.lstrip("-").isdigit():
+            return str(value)
+        return f"{int(whole):,}" + (f".{fraction}" if fraction else "")
+    return str(value)
+
+
+_templates.filters["figure"] = figure
+_templates.globals["location_names"] = LOCATION_NAMES
 NAV: list[tuple[str, str, str]] = [
     ("dashboard", "Dashboard", "/"),
     ("members", "Members", "/members"),
@@ -368,9 +396,9 @@ def _accepted_total(container: Container) -> float:
 
 
 class Figures:
-    """The dashboard's costly figures (today's totals and outstanding currency scan the
-    read models, the storage report counts every table), computed at most once per
-    ``ttl`` seconds per process however many dashboards poll; the rest is live."""
+    """The dashboard's costly figures (the storage report counts every table), computed
+    at most once per ``ttl`` seconds per process however many dashboards poll; the rest
+    is live."""
 
     def __init__(self, ttl: float = 30.0) -> None:
         self.ttl = ttl
@@ -395,17 +423,8 @@ class ConsoleState:
 
 
 def slow_figures(container: Container) -> dict[str, Any]:
-    now = container.clock()
-    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    totals = container.read_models.totals_since(today)
-    members, outstanding = container.read_models.outstanding_currency()
     return {
-        "figures_at": now,
-        "awarded_today": totals.get("award", 0),
-        "spent_today": -totals.get("spend", 0),
-        "refunded_today": totals.get("refund", 0),
-        "members": members,
-        "outstanding": outstanding,
+        "figures_at": container.clock(),
         "storage": storage_report(container.db),
     }
 
@@ -420,6 +439,10 @@ def dashboard_data(container: Container, state: ConsoleState) -> dict[str, Any]:
     backlog = admin.backlog() if admin else {}
     dead_letters = admin.dead_letter_count() if admin else 0
     lag = pipeline.oldest_pending_age_s or 0.0
+    assert container.rollups is not None
+    # today's figures are the report's (one definition, one source, not cached: a few
+    # rollup rows): the dashboard shows what GET /v1/reports/daily answers for today
+    report = today_report(container.rollups, today.date())
     alerts = []
     if lag > settings.console_alert_lag_seconds:
         alerts.append(
@@ -434,6 +457,8 @@ def dashboard_data(container: Container, state: ConsoleState) -> dict[str, Any]:
         "ingest_rate": state.rate.rate(),
         "pipeline": pipeline,
         "lag": lag,
+        "today": [(f, FIGURE_LABELS[f], report[f]) for f in TODAY_FIGURES],
+        "members": report["members_with_balance"],
         **state.figures.get(lambda: slow_figures(container)),
         "horizon": (today - timedelta(days=settings.retention_days)).date(),
         "retention_days": settings.retention_days,
@@ -832,7 +857,7 @@ def dry_run_of(container: Container, form: Mapping[str, str]) -> tuple[int, dict
         return 422, {"errors": errors}
     try:
         candidate = parse_rule_set(wire, 0)
-        result = runner.run(candidate, period.from_, period.through + timedelta(days=1))
+        result = runner.run(candidate, period.from_, period.through)
     except InvalidRules as exc:
         return 422, {"errors": located(text, exc)}
     except DomainError as exc:  # the period: empty, outside retention, in the future
@@ -957,7 +982,14 @@ async def forget_receipt(
 async def keys_page(request: Request, container: ContainerDep, session: SessionDep) -> Response:
     keys = await run_in_threadpool(container.keys.list)
     return render(
-        request, "keys.html", session=session, page="keys", keys=keys, created=None, error=None
+        request,
+        "keys.html",
+        session=session,
+        page="keys",
+        keys=keys,
+        created=None,
+        error=None,
+        warning=None,
     )
 
 
@@ -966,15 +998,23 @@ async def create_key(
     request: Request, container: ContainerDep, session: SessionDep, form: FormDep
 ) -> Response:
     name = form.get("name", "").strip()
-    created = error = None
+    created = error = warning = None
     status = 200
     try:
         role = Role(form.get("role", ""))
         if not NAME_PATTERN.match(name):
             raise ValueError("name: 1-128 characters of A-Z a-z 0-9 _ . -")
+        namesakes = await run_in_threadpool(container.keys.namesakes, name)
         created = await run_in_threadpool(container.keys.create, role, name)
     except ValueError as exc:
         error, status = str(exc), 422
+    else:
+        if namesakes:
+            ids = ", ".join(f"{k.key_id} ({k.role.value})" for k in namesakes)
+            warning = (
+                f"another active key is named {name}: {ids}. If this one replaces it, "
+                "revoke the old one once the new one is in use."
+            )
     keys = await run_in_threadpool(container.keys.list)
     return render(
         request,
@@ -985,6 +1025,7 @@ async def create_key(
         keys=keys,
         created=created,
         error=error,
+        warning=warning,
     )
 
 
@@ -1117,11 +1158,19 @@ REPORT_DAYS = 30
 """The range the reports page opens with (the last 30 UTC days)."""
 CHART_WIDTH, CHART_HEIGHT = 720, 160
 CHARTS: list[tuple[str, str, str]] = [
-    ("events", "Events per day", "#0a4fa3"),
-    ("currency_credited", "Currency credited by awards", "#1d6b2f"),
-    ("currency_spent", "Currency spent", "#a1120d"),
-    ("outstanding_currency", "Outstanding currency (end of day)", "#13263f"),
+    ("events", FIGURE_LABELS["events"], "#0a4fa3"),
+    ("currency_credited", FIGURE_LABELS["currency_credited"], "#1d6b2f"),
+    ("currency_spent", FIGURE_LABELS["currency_spent"], "#a1120d"),
+    ("outstanding_currency", FIGURE_LABELS["outstanding_currency"], "#13263f"),
 ]
+REPORT_COLUMNS: tuple[str, ...] = (
+    "day",
+    *TODAY_FIGURES[:-1],
+    "active_members",
+    "new_members",
+    "outstanding_currency",
+)
+"""The reports page's table: the dashboard's figures of today, for each day, and more."""
 EXPORT_COLUMNS = list(DAY_COLUMNS)
 
 
@@ -1190,6 +1239,8 @@ async def reports_page(
         end=end,
         days=days,
         charts=charts,
+        columns=REPORT_COLUMNS,
+        labels=FIGURE_LABELS,
         width=CHART_WIDTH,
         height=CHART_HEIGHT,
         export=f"{PREFIX}/reports/export.csv?" + urlencode({"from": start, "to": end}),

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -311,3 +312,22 @@ def test_forget_takes_the_apis_user_id_rule(run: Run) -> None:
         result = run("forget", bad, "--wait", "1")
         assert result.exit_code == 2, bad
         assert one_line_error(result).startswith("error: user id: ")
+
+
+def test_keys_list_fits_80_columns_with_whole_utc_times_and_warns_on_a_second_name(
+    run: Run,
+) -> None:
+    """#33 items 6 and 7: created_at is never cut at 80 columns and is written as the API
+    writes times (Z); a second active key of a name is made, with a warning."""
+    first = run("keys", "create", "--role", "ingest", "--name", "gamesite-eu-west")
+    assert first.exit_code == 0 and "warning" not in first.stderr
+    again = run("keys", "create", "--role", "ingest", "--name", "gamesite-eu-west")
+    assert again.exit_code == 0
+    first_id = first.stdout.strip().splitlines()[-1].split("_")[1]
+    assert "warning: another active key is named gamesite-eu-west" in again.stderr
+    assert first_id in again.stderr
+    listed = run("keys", "list", env={"COLUMNS": "80"})
+    assert listed.exit_code == 0
+    rows = [line for line in listed.stdout.splitlines() if first_id in line]
+    assert len(rows) == 1 and max(len(line) for line in listed.stdout.splitlines()) <= 80
+    assert re.search(r"\b\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\b", rows[0]), rows[0]

@@ -452,8 +452,8 @@ def test_dashboard_shows_todays_totals_outstanding_currency_and_lag_alerts(
         )
         clock.now += timedelta(seconds=30)
         live = client.get("/console/dashboard/live").text
-        assert 'id="spent-today">20<' in live
-        assert re.search(r'id="outstanding">30 ', live)
+        assert 'id="today-currency_spent" data-field="currency_spent">20<' in live
+        assert re.search(r'id="today-outstanding_currency" data-field="[a-z_]+">30 ', live)
         assert 'id="pipeline-pending">1<' in live
         assert "pipeline lag" in live and 'class="alert"' in live
         assert "ingress_events" in live or "stored_events" in live  # storage by location
@@ -827,3 +827,154 @@ def test_support_refunds_a_shops_order_picked_from_the_history(
     assert status == 409 and "webshop" in message(html) and "till" in message(html)
     status, html = act(client, csrf, "refund", user_id="dora", order_id="o-2", source="till")
     assert status == 200 and balance(html) == 40
+
+
+def test_the_dashboards_today_is_the_daily_reports_today_with_the_same_labels(
+    console: tuple[TestClient, str],
+    db: Database,
+    clock: Clock,
+    make_key: Callable[..., dict[str, str]],
+) -> None:
+    """#33 item 1: one definition and one source of today's figures: after the same
+    traffic the dashboard shows what GET /v1/reports/daily answers for today, under the
+    labels the reports page uses."""
+    from loyalty.application.reporting import FIGURE_LABELS, TODAY_FIGURES
+    from loyalty.console.routes import figure
+    from loyalty.worker import build_projection
+    from tests.conftest import drain_pipeline
+
+    client, csrf = console
+    now = clock()
+    kinds = ["logged_on", "played_game", "made_purchase"]
+    events = [
+        {"event_id": f"d{i}", "user_id": f"u{i % 4}", "type": kinds[i % 3]}
+        | {"occurred_at": (now - timedelta(minutes=i)).isoformat()}
+        for i in range(30)
+    ]
+    ingest = make_key("ingest", "gamesite")
+    answer = client.post("/v1/ingress/batches", json={"events": events}, headers=ingest)
+    assert answer.status_code == 202
+    container = client.app.state.container  # type: ignore[attr-defined]
+    drain_pipeline(db, container.accounts.app)
+    build_projection(db, container.accounts.app).catch_up()
+    act(client, csrf, "spend", user_id="u0", order_id="o", amount="1")
+    build_projection(db, container.accounts.app).catch_up()
+    today = now.date().isoformat()
+    api = client.get(
+        "/v1/reports/daily", params={"from": today, "to": today}, headers=make_key("operator")
+    )
+    assert api.status_code == 200, api.text
+    day = api.json()["days"][0]
+    assert day["currency_spent"] == 1 and day["events"] == 30, (answer.json(), day)
+    live = client.get("/console/dashboard/live").text
+    shown = {
+        m.group(1): (html_module.unescape(m.group(2)), m.group(3).strip())
+        for m in re.finditer(
+            r"<dt>([^<]*)</dt><dd id=\"today-([a-z_]+)\" data-field=\"[a-z_]+\">([^<]*)", live
+        )
+    }
+    assert [v[0] for v in shown.values()] == list(TODAY_FIGURES)
+    for label, (field, value) in shown.items():
+        assert label == FIGURE_LABELS[field]
+        assert value == figure(day[field]), field
+    page = client.get("/console/reports", params={"from": today, "to": today}).text
+    for field in TODAY_FIGURES:
+        header = f'<th scope="col" data-field="{field}" class="num">{FIGURE_LABELS[field]}</th>'
+        assert header in page, field
+        assert f'<td class="num" data-field="{field}">{figure(day[field])}</td>' in page
+
+
+def test_the_apis_report_titles_each_figure_with_the_consoles_label(client: TestClient) -> None:
+    """#33 item 1: the API's report names its figures as the console does."""
+    from loyalty.application.reporting import FIGURE_LABELS
+
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["DayBody"]
+    titles = {k: v.get("title") for k, v in schema["properties"].items() if k in FIGURE_LABELS}
+    assert titles == {k: v for k, v in FIGURE_LABELS.items() if k in titles}
+    assert titles["currency_credited"] == "Currency credited (whole units)"
+
+
+def test_storage_and_receipts_name_locations_for_an_operator(
+    console: tuple[TestClient, str], db: Database
+) -> None:
+    """#33 item 9: member data is not 'other'; each location has a name an operator
+    understands with its table as the detail; bytes with thousands separators."""
+    from loyalty.adapters.erasure_store import LOCATIONS
+    from loyalty.adapters.storage import TABLE_NAMES, storage_report
+
+    client, csrf = console
+    report = storage_report(db)
+    kinds = {loc.name: loc.kind for loc in report.locations}
+    assert kinds["award_explanations"] == "read_model"
+    assert kinds["projection_quarantine"] == "read_model"
+    unnamed = [loc.name for loc in report.locations if loc.name not in TABLE_NAMES]
+    assert not [n for n in unnamed if not n.startswith("ingress_events_")], unnamed
+    assert [loc.name for loc in report.locations if loc.kind == "other"] == []
+    live = client.get("/console/dashboard/live").text
+    row = re.search(
+        r"<tr><td>Award explanations</td><td>([^<]*)</td><td><code>award_explanations</code>", live
+    )
+    assert row and row.group(1) == "member data (read models)"
+    big = max(report.locations, key=lambda loc: loc.bytes)
+    assert big.bytes >= 1000 and f">{big.bytes:,}</td>" in live
+
+    user = "forget-names-1"
+    act(
+        client,
+        csrf,
+        "adjust",
+        user_id=user,
+        adjustment_id="a",
+        currency="5",
+        rank_points="0",
+        reason="x",
+    )
+    answer = client.post(
+        "/console/forget",
+        data={"csrf": csrf, "user_id": user, "confirm": "yes"},
+        follow_redirects=False,
+    )
+    client.app.state.container.forget.run_pending()  # type: ignore[attr-defined]
+    done = client.get(answer.headers["location"]).text
+    erased = done.split('id="erased"')[1].split("</table>")[0]
+    for location in ("pipeline_caps", "projection_quarantine"):
+        assert location in LOCATIONS
+        assert re.search(rf"<td>[A-Z][a-z][^<_]*</td><td><code>{location}</code></td>", erased)
+
+
+def test_the_keys_page_marks_your_own_key_and_warns_of_a_second_name(
+    console: tuple[TestClient, str], operator: str
+) -> None:
+    """#33 item 6: the session's own key is marked; a second active key of a name is
+    created with a warning naming the first."""
+    client, csrf = console
+    page = client.get("/console/keys").text
+    own = re.search(r"<code>([0-9a-f]{16})</code> <strong[^>]*id=\"own-key\"", page)
+    assert own and own.group(1) == operator.split("_")[1]
+    assert page.count('id="own-key"') == 1
+    first = client.post("/console/keys", data={"csrf": csrf, "role": "shop", "name": "till-9"})
+    assert first.status_code == 200 and 'id="key-warning"' not in first.text
+    second = client.post("/console/keys", data={"csrf": csrf, "role": "shop", "name": "till-9"})
+    assert second.status_code == 200 and 'id="new-key"' in second.text
+    warning = re.search(r'id="key-warning">([^<]*)<', second.text)
+    assert warning and "another active key is named till-9" in warning.group(1)
+
+
+def test_the_keys_page_shows_when_each_key_was_last_used(
+    console: tuple[TestClient, str], db: Database, make_key: Callable[..., dict[str, str]]
+) -> None:
+    """#33 item 6: last-used time per key (to the minute), 'never' before any use."""
+    client, _csrf = console
+    used = make_key("shop", "till-used")
+    KeyStore(db).create(Role.SHOP, "till-unused")
+    assert client.get("/v1/members/nobody", headers=used).status_code == 404
+    page = client.get("/console/keys").text
+
+    def row_of(name: str) -> str:
+        found = re.search(rf"<td>{name}</td>.*?</tr>", page, re.S)
+        assert found, name
+        return found.group(0)
+
+    today = datetime.now(UTC).strftime("%Y-%m-%d")
+    assert re.search(rf'class="last-used">{today} \d\d:\d\d<', row_of("till-used"))
+    assert 'class="last-used">never<' in row_of("till-unused")

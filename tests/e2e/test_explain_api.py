@@ -148,3 +148,55 @@ def test_dry_run_command(client: TestClient, make_key: Any, clock: Any, tmp_path
     old = (day - timedelta(days=30)).isoformat()
     refused = cli(url, "rules", "dry-run", str(rules), "--from", old)
     assert refused.returncode == 2 and "outside retention" in refused.stderr
+
+
+def test_dry_run_periods_are_inclusive_default_to_today_and_warn_when_empty(
+    client: TestClient, make_key: Any, clock: Any, tmp_path: Any
+) -> None:
+    """#33 item 5: one convention (both days included) in the CLI, the API and the
+    console; the default includes today; an empty period says so."""
+    import json
+
+    from tests.e2e.live import cli
+
+    operator = make_key("operator")
+    url = client.app.state.container.settings.database_url  # type: ignore[attr-defined]
+    today = clock.now.date()
+    events = [
+        {"event_id": f"t{i}", "user_id": f"t{i}", "type": "made_purchase"}
+        | {"occurred_at": clock.now.isoformat()}
+        for i in range(4)
+    ]
+    client.post("/v1/ingress/batches", json={"events": events}, headers=make_key("ingest"))
+    candidate = copy.deepcopy(DEFAULT_RULES_WIRE)
+    candidate["rules"][3]["currency"] = 12
+    rules = tmp_path / "candidate.json"
+    rules.write_text(json.dumps(candidate))
+
+    by_default = cli(url, "rules", "dry-run", str(rules))  # today's data: counted
+    assert by_default.returncode == 0, by_default.stderr
+    report = json.loads(by_default.stdout)
+    assert report["events"] == 4 and report["period"]["to"] == today.isoformat()
+    assert report["warnings"] == [] and "warning" not in by_default.stderr
+
+    one_day = cli(url, "rules", "dry-run", str(rules), "--from", str(today), "--to", str(today))
+    assert one_day.returncode == 0, one_day.stderr
+    assert json.loads(one_day.stdout)["period"] == {"from": str(today), "to": str(today)}
+    assert json.loads(one_day.stdout)["events"] == 4
+
+    yesterday = str(today - timedelta(days=1))
+    empty = cli(url, "rules", "dry-run", str(rules), "--from", yesterday, "--to", yesterday)
+    assert empty.returncode == 0, empty.stderr
+    assert "warning: no retained events from" in empty.stderr
+    assert json.loads(empty.stdout)["events"] == 0
+
+    body = {"rules": candidate, "from": str(today), "to": str(today)}  # the API: the same
+    api = client.post("/v1/rules/dry-run", json=body, headers=operator).json()
+    assert api["events"] == 4 and api["warnings"] == []
+    api_empty = client.post(
+        "/v1/rules/dry-run", json={**body, "from": yesterday, "to": yesterday}, headers=operator
+    ).json()
+    assert api_empty["events"] == 0 and api_empty["warnings"][0].startswith("no retained events")
+    backwards = cli(url, "rules", "dry-run", str(rules), "--from", str(today), "--to", yesterday)
+    assert backwards.returncode == 2
+    assert "must be on or after 'from'" in backwards.stderr.replace("\n", " ")

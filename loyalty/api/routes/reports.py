@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from loyalty.api.deps import ContainerDep, OperatorKey
 from loyalty.api.problems import ApiProblem
 from loyalty.api.schemas import Day, Problem
-from loyalty.application.reporting import ReportRangeError, daily_report
+from loyalty.application.reporting import FIGURE_LABELS, ReportRangeError, daily_report
 
 router = APIRouter(tags=["operations"])
 
@@ -31,7 +31,16 @@ class ActivityBody(BaseModel):
     rank_points_awarded: Amount
 
 
+def _figure_titles(schema: dict[str, Any]) -> None:
+    """Each figure titled with its label, the same as the console's and the CLI's."""
+    for name, prop in schema.get("properties", {}).items():
+        if name in FIGURE_LABELS:
+            prop["title"] = FIGURE_LABELS[name]
+
+
 class DayBody(BaseModel):
+    model_config = ConfigDict(json_schema_extra=_figure_titles)
+
     day: date
     events: int
     earning_events: int
