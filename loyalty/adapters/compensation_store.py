@@ -12,6 +12,7 @@ import orjson
 import sqlalchemy as sa
 
 from loyalty.adapters.db import Database
+from loyalty.adapters.explanation_store import stored_values
 from loyalty.adapters.tables import award_explanations, rule_compensations
 from loyalty.application.compensation import (
     ABANDONED,
@@ -21,7 +22,6 @@ from loyalty.application.compensation import (
     Run,
 )
 from loyalty.application.explain import StoredExplanation
-from loyalty.domain import explain
 from loyalty.domain.member import Member
 
 
@@ -143,21 +143,7 @@ class CompensationStore:
         write lock). Forget-me deletes explanations after the stream, so either the
         insert sees the stream gone, or the erasure deletes the row after it."""
         member_id = Member.create_id(row.user_id)
-        values = {
-            "user_id": row.user_id,
-            "award_id": row.award_id,
-            "kind": row.kind,
-            "rule_version": row.rule_version,
-            "event_count": row.event_count,
-            "exact_currency": f"{row.exact_currency:f}",
-            "exact_rank_points": f"{row.exact_rank_points:f}",
-            "currency": row.currency,
-            "rank_points": row.rank_points,
-            "fraction_currency": f"{row.fraction_currency:f}",
-            "fraction_rank_points": f"{row.fraction_rank_points:f}",
-            "summary": explain.dumps(row.summary),
-            "recorded_at": row.recorded_at or datetime.now(UTC),
-        }
+        values = stored_values(row)
         with self._db.write() as conn:
             if self._pg:
                 from sqlalchemy.dialects.postgresql import insert as pg_insert

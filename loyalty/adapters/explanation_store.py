@@ -112,31 +112,21 @@ class ExplanationStore:
             ).all()
         return held, [ContributingEvent(r[0], r[1], r[2], _when(r[3])) for r in rows]
 
-    def put(self, row: StoredExplanation) -> None:
-        """Store (or leave as is: the same id always holds the same explanation) a
-        compensation's explanation."""
-        values = {
-            "user_id": row.user_id,
-            "award_id": row.award_id,
-            "kind": row.kind,
-            "rule_version": row.rule_version,
-            "event_count": row.event_count,
-            "exact_currency": f"{row.exact_currency:f}",
-            "exact_rank_points": f"{row.exact_rank_points:f}",
-            "currency": row.currency,
-            "rank_points": row.rank_points,
-            "fraction_currency": f"{row.fraction_currency:f}",
-            "fraction_rank_points": f"{row.fraction_rank_points:f}",
-            "summary": explain.dumps(row.summary),
-            "recorded_at": row.recorded_at or datetime.now(UTC),
-        }
-        if self._db.backend == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-            stmt: Any = pg_insert(award_explanations).values(**values)
-        else:
-            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-            stmt = sqlite_insert(award_explanations).values(**values)
-        with self._db.write() as conn:
-            conn.execute(stmt.on_conflict_do_nothing())
+def stored_values(row: StoredExplanation) -> dict[str, Any]:
+    """The ``award_explanations`` row of an explanation (exact decimals as text)."""
+    return {
+        "user_id": row.user_id,
+        "award_id": row.award_id,
+        "kind": row.kind,
+        "rule_version": row.rule_version,
+        "event_count": row.event_count,
+        "exact_currency": f"{row.exact_currency:f}",
+        "exact_rank_points": f"{row.exact_rank_points:f}",
+        "currency": row.currency,
+        "rank_points": row.rank_points,
+        "fraction_currency": f"{row.fraction_currency:f}",
+        "fraction_rank_points": f"{row.fraction_rank_points:f}",
+        "summary": explain.dumps(row.summary),
+        "recorded_at": row.recorded_at or datetime.now(UTC),
+    }
