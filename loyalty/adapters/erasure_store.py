@@ -74,6 +74,7 @@ EXEMPT: dict[str, str] = {
     "rollup_ranks": "members per rank, changes per day",
     "rollup_origin": "positions per shard",
     "rule_compensations": "rule versions, periods and totals of compensation runs; no user id",
+    "rule_version_starts": "positions per shard where each rules version took effect",
     "console_sessions": "operator console sessions: hashed id, key id, CSRF token, times",
 }
 NIL_HEX = uuid.UUID(int=0).hex
