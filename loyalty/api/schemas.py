@@ -128,21 +128,50 @@ class Batch(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    batch_id: Identifier | None = None
+    batch_id: Identifier | None = Field(
+        default=None,
+        description=(
+            "the client's label of this request, echoed in the response (a random one "
+            "when omitted) so that a client can match responses and logs to requests. "
+            "It is not stored and not a key of idempotency: a batch is idempotent per "
+            "event (a resent event_id is a duplicate), so resending a batch, under the "
+            "same batch_id or another, stores only the events not stored before"
+        ),
+    )
     events: list[IngressEvent]
 
 
 class RejectedEvent(BaseModel):
     index: int
     event_id: str
-    reason: str = Field(description="too_old | in_future")
+    reason: str = Field(description="too_old | in_future | forgotten")
+
+
+class DuplicateEvent(BaseModel):
+    index: int = Field(description="position of the event in the batch")
+    event_id: str
+    kind: Literal["repeat", "conflict"] = Field(
+        description=(
+            "repeat: the same event (user_id, type, occurred_at, attributes) was sent "
+            "before (in this batch or stored earlier); conflict: this event_id was used "
+            "before for other content -- this event was not stored"
+        )
+    )
 
 
 class BatchAccepted(BaseModel):
-    batch_id: str
-    accepted: int
-    duplicates: int
+    batch_id: str = Field(description="the request's batch_id, or a generated one")
+    accepted: int = Field(description="events stored")
+    duplicates: int = Field(description="events not stored: their event_id was seen before")
     rejected: list[RejectedEvent]
+    conflicts: int = Field(description="how many of the duplicates are conflicts")
+    duplicate_events: list[DuplicateEvent] = Field(description="each duplicate, in batch order")
+    unweighed_types: dict[str, int] = Field(
+        description=(
+            "accepted events by type, for the types no rule of the current rule set "
+            "weighs (they earn nothing now; a later rule set may weigh them)"
+        )
+    )
 
 
 class FieldError(BaseModel):

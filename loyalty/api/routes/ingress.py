@@ -260,7 +260,12 @@ def _rate_limited(wait: float) -> ApiProblem:
     },
 )
 async def post_batch(request: Request, principal: IngestKey, container: ContainerDep) -> Any:
-    """Accept a batch of activity events; resent events count as duplicates."""
+    """Accept a batch of activity events. An event whose `event_id` this source sent
+    before (in the batch or within the retention window) is not stored: it is listed in
+    `duplicate_events`, as a `repeat` (same content) or a `conflict` (other content: most
+    likely an id generation bug; resend it under a new id). Events of a type no current
+    rule weighs are stored (a later rule set or a dry run may weigh them) and counted in
+    `unweighed_types`."""
     wait = container.ingest_limiter.wait(principal.key_id)
     if wait:  # refused before reading and parsing the body
         raise _rate_limited(wait)
@@ -283,6 +288,16 @@ async def post_batch(request: Request, principal: IngestKey, container: Containe
                     {"index": r.index, "event_id": r.event_id, "reason": r.reason}
                     for r in result.rejected
                 ],
+                "conflicts": result.conflicts,
+                "duplicate_events": [
+                    {
+                        "index": d.index,
+                        "event_id": d.event_id,
+                        "kind": "conflict" if d.conflict else "repeat",
+                    }
+                    for d in result.duplicate_events
+                ],
+                "unweighed_types": result.unweighed,
             }
         )
 
