@@ -385,9 +385,23 @@ class RefundRequest(BaseModel):
 
 
 class OrderBody(BaseModel):
+    """The result of a spend or refund. A repeated request (same order id) is not done
+    again: it answers with the original result, marked ``replayed: true`` and the
+    ``Idempotent-Replayed: true`` header. ``amount`` and ``currency`` are then historical
+    (as right after the original request); read ``GET /v1/members/{user_id}`` for the
+    balance now."""
+
     order_id: str
-    amount: int
-    currency: int = Field(description="the member's balance right after this order/refund")
+    amount: int = Field(description="the amount spent or refunded by the original request")
+    currency: int = Field(
+        description="the member's balance right after the original request (historical on "
+        "a replay: later awards, spends and refunds are not in it)"
+    )
+    replayed: bool = Field(
+        False,
+        description="true: this request repeats an earlier one, which did the work; this is "
+        "that request's result (the response also carries `Idempotent-Replayed: true`)",
+    )
 
 
 class AdjustmentRequest(BaseModel):
@@ -457,7 +471,10 @@ OPENAPI_EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
         "batch_id": "b-1",
         "accepted": 2,
         "duplicates": 1,
-        "rejected": [{"index": 2, "event_id": "e-3", "reason": "too_old"}],
+        "rejected": [{"index": 3, "event_id": "e-4", "reason": "too_old"}],
+        "conflicts": 1,
+        "duplicate_events": [{"index": 2, "event_id": "e-1", "kind": "conflict"}],
+        "unweighed_types": {"levelled_up": 1},
     },
     Problem: {
         "type": "about:blank",
@@ -506,7 +523,7 @@ OPENAPI_EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
     },
     SpendRequest: {"order_id": "o-1", "amount": 5, "description": "coffee mug"},
     RefundRequest: {"order_id": "o-1"},
-    OrderBody: {"order_id": "o-1", "amount": 5, "currency": 6},
+    OrderBody: {"order_id": "o-1", "amount": 5, "currency": 6, "replayed": False},
     AdjustmentRequest: {
         "adjustment_id": "adj-7",
         "currency": 50,
