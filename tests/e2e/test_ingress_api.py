@@ -289,3 +289,44 @@ def test_unweighed_types_are_accepted_and_said(client: TestClient, make_key, clo
         if s.name.endswith("_total")
     }
     assert samples == {"levelled_up": 2.0, "zz_unknown": 1.0}
+
+
+def test_messages_say_in_words_what_is_wrong_and_where(client: TestClient, make_key, clock) -> None:  # type: ignore[no-untyped-def]
+    """Issue 32 item 3: no raw regular expression in a message; malformed JSON names the
+    line and column; duplicate_key names the repeated key; "an ingest key"."""
+    key = make_key("ingest")
+    json_key = {**key, "Content-Type": "application/json"}
+    events = [event(clock, 0, user_id="a/b"), event(clock, 1, type="Played Game")]
+    body = client.post(URL, json={"events": events}, headers=key).json()
+    msgs = {e["loc"]: e["msg"] for e in body["errors"]}
+    assert msgs["events[0].user_id"] == "must not contain control characters or '/'"
+    assert msgs["events[1].type"].startswith("must be 1 to 64 characters")
+    assert not any("pattern" in m or "^" in m for m in msgs.values())
+    bad = client.post(URL, content=b'{"events": [\n  {"event_id": }]}', headers=json_key)
+    assert bad.status_code == 400
+    assert "line 2 column" in bad.json()["detail"], bad.json()
+    dup = (
+        b'{"events": [{"event_id": "e1", "user_id": "u", "type": "t", "occurred_at": "%s", '
+        b'"attributes": {"lvl": 1, "lvl": 2}}]}'
+    )
+    resp = client.post(URL, content=dup % clock.now.isoformat().encode(), headers=json_key)
+    assert resp.status_code == 422 and resp.json()["code"] == "duplicate_key"
+    assert resp.json()["errors"][0]["loc"] == "events[0].attributes.lvl"
+    shop = make_key("shop", "webshop")
+    refused = client.post(URL, json={"events": []}, headers=shop)
+    assert refused.status_code == 403
+    assert refused.json()["detail"] == "this endpoint needs an ingest key"
+
+
+def test_batch_id_is_defined_as_a_label_not_an_idempotency_key(  # type: ignore[no-untyped-def]
+    client: TestClient, make_key, clock
+) -> None:
+    """Issue 32 item 4: the schema says what batch_id is for; reusing one stores new
+    events (idempotency is per event)."""
+    spec = client.get("/openapi.json").json()
+    description = spec["components"]["schemas"]["Batch"]["properties"]["batch_id"]["description"]
+    assert "not a key of idempotency" in description
+    key = make_key("ingest")
+    client.post(URL, json={"batch_id": "b", "events": [event(clock, 1)]}, headers=key)
+    again = client.post(URL, json={"batch_id": "b", "events": [event(clock, 2)]}, headers=key)
+    assert again.json()["accepted"] == 1
