@@ -250,3 +250,16 @@ def test_store_tells_a_conflicting_resend_from_a_repeat(db: Database) -> None:
     stored = log.store([rec("e1"), rec("e3"), rec("e2", user="u2"), moved])
     assert stored.inserted == 1
     assert stored.not_stored == {0: False, 2: True, 3: True}
+
+
+@backends("postgresql")
+def test_a_key_stored_before_fingerprints_is_not_called_a_conflict(db: Database) -> None:
+    """Keys recorded before migration 0016 have no fingerprint: a resend of one counts
+    as a repeat (its content is not known), and it is still not stored twice."""
+    log = create_ingress_log(db)
+    assert log.store([rec("old")]).inserted == 1
+    with db.write() as conn:
+        conn.execute(sa.text("UPDATE ingress_keys SET fingerprint = NULL"))
+    stored = log.store([rec("old", user="u9"), rec("new")])
+    assert (stored.inserted, stored.not_stored) == (1, {0: False})
+    assert count_rows(db) == 2
