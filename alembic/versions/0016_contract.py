@@ -1,8 +1,10 @@
 """Conflicting duplicates: a content fingerprint kept with each de-duplication key.
 
-PostgreSQL: ``ingress_keys.fingerprint`` (16 hex digits of the MD5 of user_id, type,
-occurred_at as epoch seconds and the attributes' canonical jsonb text), written by the
-key trigger and by the ingest fallback, so that a resend of a stored event id with other
+PostgreSQL: ``ingress_keys.fingerprint`` (a 64-bit hash of user_id, type, occurred_at
+and the attributes, chained through PostgreSQL's extended hash functions, the ones hash
+partitioning relies on, so stable across versions; ``jsonb_hash_extended`` hashes the
+jsonb value, so key order and spacing do not matter), written by the key trigger and by
+the ingest fallback, so that a resend of a stored event id with other
 content is told from a repeat (the fallback compares fingerprints; the partition of the
 stored row need not be scanned). Keys stored before this migration have none (NULL: not
 known to conflict). SQLite: the stored row is in the same table as its key (UNIQUE
@@ -20,13 +22,13 @@ branch_labels = None
 depends_on = None
 
 UPGRADE = [
-    "ALTER TABLE ingress_keys ADD COLUMN fingerprint TEXT",
+    "ALTER TABLE ingress_keys ADD COLUMN fingerprint BIGINT",
     """
     CREATE FUNCTION ingress_fingerprint(
         user_id TEXT, type TEXT, occurred_at TIMESTAMPTZ, attributes JSONB
-    ) RETURNS TEXT LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-        SELECT left(md5(user_id || chr(31) || type || chr(31)
-            || extract(epoch FROM occurred_at)::text || chr(31) || attributes::text), 16)
+    ) RETURNS BIGINT LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+        SELECT hashtextextended(user_id || chr(31) || type, jsonb_hash_extended(
+            attributes, timestamp_hash_extended(occurred_at AT TIME ZONE 'UTC', 0)))
     $$
     """,
     """

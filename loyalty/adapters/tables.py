@@ -61,7 +61,7 @@ ingress_keys = sa.Table(
     sa.Column("event_id", sa.String(128), primary_key=True),
     sa.Column("day", sa.Date, nullable=False),
     # the stored event's content fingerprint (migration 0016; NULL for older keys)
-    sa.Column("fingerprint", sa.Text, nullable=True),
+    sa.Column("fingerprint", sa.BigInteger, nullable=True),
 )
 
 rule_versions = sa.Table(
