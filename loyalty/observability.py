@@ -89,6 +89,19 @@ class Metrics:
         self.ingest_batches = Counter(
             "loyalty_ingest_batches", "ingress batches stored, by source", ["source"], registry=r
         )
+        self.ingest_conflicts = Counter(
+            "loyalty_ingest_conflicts",
+            "duplicates (counted in loyalty_ingest_events too) whose event id was seen with "
+            "other content: the event was not stored",
+            ["source"],
+            registry=r,
+        )
+        self.ingest_unweighed = Counter(
+            "loyalty_ingest_unweighed_events",
+            "accepted events whose type no rule of the current rule set weighs",
+            ["source", "type"],
+            registry=r,
+        )
         # pipeline
         self.pipeline_events = Counter(
             "loyalty_pipeline_events_processed",
@@ -203,12 +216,26 @@ class Metrics:
         )
 
     # -- IngestMetrics
-    def ingested(self, source: str, *, accepted: int, duplicates: int, rejected: int) -> None:
+    def ingested(
+        self,
+        source: str,
+        *,
+        accepted: int,
+        duplicates: int,
+        rejected: int,
+        conflicts: int = 0,
+        unweighed: dict[str, int] | None = None,
+    ) -> None:
         events = self.ingest_events
         events.labels(source, "accepted").inc(accepted)
         events.labels(source, "duplicate").inc(duplicates)
         events.labels(source, "rejected").inc(rejected)
         self.ingest_batches.labels(source).inc()
+        if conflicts:
+            self.ingest_conflicts.labels(source).inc(conflicts)
+        if unweighed:
+            for event_type, count in unweighed.items():
+                self.ingest_unweighed.labels(source, event_type).inc(count)
 
     # -- PipelineMetrics
     def window_processed(self, *, events: int, awards: int, seconds: float) -> None:

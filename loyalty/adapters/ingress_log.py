@@ -36,7 +36,7 @@ from psycopg.types.json import set_json_loads
 
 from loyalty.adapters.db import Database, psycopg_connection
 from loyalty.adapters.tables import INGRESS_PARTITION_PREFIX
-from loyalty.application.ingress import IngressRecord
+from loyalty.application.ingress import IngressRecord, Stored, same_content
 
 Position = tuple[int, int]
 START: Position = (0, 0)
@@ -199,6 +199,9 @@ class PostgresIngressLog:
 
     # -- append ----------------------------------------------------------------------
     def append(self, records: Sequence[IngressRecord]) -> int:
+        return self.store(records).inserted
+
+    def store(self, records: Sequence[IngressRecord]) -> Stored:
         self.ensure_partitions({r.occurred_at.date() for r in records})
         try:
             return self._append(records)
@@ -209,14 +212,14 @@ class PostgresIngressLog:
             self.ensure_partitions({r.occurred_at.date() for r in records})
             return self._append(records)
 
-    def _append(self, records: Sequence[IngressRecord]) -> int:
+    def _append(self, records: Sequence[IngressRecord]) -> Stored:
         with self._db.engine.connect() as conn:
             # One statement is one transaction: all rows or (on a duplicate) none.
             conn.execution_options(isolation_level="AUTOCOMMIT")
             raw = psycopg_connection(conn)
             try:
                 _copy(raw, "ingress_events", records)
-                return len(records)
+                return Stored(len(records))
             except (psycopg.errors.UniqueViolation, psycopg.errors.DeadlockDetected):
                 # a key stored before (or by a batch committing meanwhile, whose keys
                 # this one waited for in another order): nothing of this batch is stored
@@ -233,16 +236,32 @@ class PostgresIngressLog:
             raw.execute("SET LOCAL loyalty.keys_recorded = 'on'")
             cur = raw.execute(
                 "WITH new_keys AS ("
-                "INSERT INTO ingress_keys (source, event_id, day) "
-                "SELECT source, event_id, (occurred_at AT TIME ZONE 'UTC')::date "
+                "INSERT INTO ingress_keys (source, event_id, day, fingerprint) "
+                "SELECT source, event_id, (occurred_at AT TIME ZONE 'UTC')::date, "
+                "ingress_fingerprint(user_id, type, occurred_at, attributes) "
                 "FROM ingress_staging ORDER BY source, event_id "
                 "ON CONFLICT DO NOTHING RETURNING source, event_id) "
                 f"INSERT INTO ingress_events {_COPY_COLUMNS} "
                 f"SELECT {_STAGED} FROM ingress_staging s "
                 "JOIN new_keys k ON k.source = s.source AND k.event_id = s.event_id "
-                "ORDER BY s.seq"
+                "ORDER BY s.seq RETURNING source, event_id"
             )
-            return cur.rowcount
+            new = set(cur.fetchall())
+            old = [i for i, r in enumerate(records) if (r.source, r.event_id) not in new]
+            # A new statement (a new snapshot): it sees keys of batches committed while
+            # this one waited. A key without a fingerprint (stored before migration
+            # 0018) is not known to conflict.
+            cur = raw.execute(
+                "SELECT s.source, s.event_id FROM ingress_staging s JOIN ingress_keys k "
+                "ON k.source = s.source AND k.event_id = s.event_id "
+                "WHERE k.fingerprint <> "
+                "ingress_fingerprint(s.user_id, s.type, s.occurred_at, s.attributes)"
+            )
+            conflicting = set(cur.fetchall())
+            return Stored(
+                len(new),
+                {i: (records[i].source, records[i].event_id) in conflicting for i in old},
+            )
 
     # -- read ------------------------------------------------------------------------
     def read_after(
@@ -307,11 +326,26 @@ def _pending_sql(positions: dict[int, Position], placeholder: str) -> tuple[str,
     return f"SELECT count(*), min(received_at) FROM ingress_events WHERE {where}", params
 
 
+def _as_record(row: StoredIngress) -> IngressRecord:
+    return IngressRecord(
+        row.shard,
+        row.source,
+        row.event_id,
+        row.user_id,
+        row.event_type,
+        row.occurred_at,
+        orjson.dumps(row.attributes).decode(),
+    )
+
+
 class SqliteIngressLog:
     def __init__(self, db: Database) -> None:
         self._db = db
 
     def append(self, records: Sequence[IngressRecord]) -> int:
+        return self.store(records).inserted
+
+    def store(self, records: Sequence[IngressRecord]) -> Stored:
         received = sqlite_timestamp(datetime.now(UTC))
         rows = [
             (
@@ -337,7 +371,31 @@ class SqliteIngressLog:
                 rows,
             )
             inserted: int = raw.total_changes - before
-            return inserted
+            if inserted == len(rows):
+                return Stored(inserted)
+            # Some keys were stored before: the stored row (kept as long as its key) is
+            # the content to compare with. One writer at a time and AUTOINCREMENT: this
+            # statement's rows are the last ``inserted`` sequence numbers.
+            (last,) = raw.execute("SELECT last_insert_rowid()").fetchone()
+            first_new = last - inserted + 1 if inserted else 2**62
+            stored: dict[tuple[str, str], StoredIngress] = {}
+            keys = [(r.source, r.event_id) for r in records]
+            for start in range(0, len(keys), 400):
+                chunk = keys[start : start + 400]
+                where = " OR ".join(["(source = ? AND event_id = ?)"] * len(chunk))
+                for row in raw.execute(
+                    "SELECT txid, seq, shard, source, event_id, user_id, type, occurred_at, "
+                    f"attributes FROM ingress_events WHERE {where}",
+                    [v for key in chunk for v in key],
+                ):
+                    if row[1] < first_new:
+                        stored[(row[3], row[4])] = _sqlite_row(row)
+            not_stored = {}
+            for i, (key, r) in enumerate(zip(keys, records, strict=True)):
+                earlier = stored.get(key)
+                if earlier is not None:
+                    not_stored[i] = not same_content(r, _as_record(earlier))
+            return Stored(inserted, not_stored)
 
     def read_after(
         self, shard: int, after: Position, limit: int, upto: Position | None = None

@@ -61,6 +61,8 @@ ingress_keys = sa.Table(
     sa.Column("source", sa.String(128), primary_key=True),
     sa.Column("event_id", sa.String(128), primary_key=True),
     sa.Column("day", sa.Date, nullable=False),
+    # the stored event's content fingerprint (migration 0018; NULL for older keys)
+    sa.Column("fingerprint", sa.BigInteger, nullable=True),
 )
 
 rule_versions = sa.Table(

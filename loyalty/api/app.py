@@ -116,6 +116,7 @@ def build_container(
             shard_count=settings.shard_count,
             metrics=metrics,
             forgotten_at=markers.forgotten_at,
+            weighed_types=lambda: rules.current().rules.keys(),
         ),
         accounts=accounts,
         rules=rules,

@@ -26,7 +26,7 @@ from loyalty.api.guards import (
     parse_json_document,
     read_limited_body,
 )
-from loyalty.api.problems import ApiProblem, validation_errors
+from loyalty.api.problems import ApiProblem, malformed_json, validation_errors
 from loyalty.application.accounts import Accounts, Spending
 from loyalty.application.delivery import EventFeed, WebhookAdmin
 from loyalty.application.dryrun import DryRun
@@ -109,14 +109,15 @@ def require(role: Role) -> Callable[[Principal], Principal]:
 
     def check(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
         if not principal.may(role):
-            raise ApiProblem(403, "forbidden", f"this endpoint needs a {role.value} key")
+            article = "an" if role.value[0] in "aeiou" else "a"
+            raise ApiProblem(403, "forbidden", f"this endpoint needs {article} {role.value} key")
         return principal
 
     return check
 
 
 def problem_of(exc: BodyProblem) -> ApiProblem:
-    errors = [{"loc": "body", "msg": "an object repeats a key"}]
+    errors = [{"loc": exc.loc, "msg": "this key appears twice in its object"}]
     return ApiProblem(
         exc.status, exc.code, exc.detail, errors=errors if exc.code == "duplicate_key" else None
     )
@@ -158,7 +159,7 @@ def json_body(model: type[M], role: Role) -> Any:
         except ValidationError as exc:
             errors = exc.errors(include_input=False, include_url=False)
             if any(e["type"] == "json_invalid" for e in errors):
-                raise ApiProblem(400, "malformed_json", "the body is not valid JSON") from None
+                raise malformed_json(errors) from None
             raise ApiProblem(422, "validation_error", errors=validation_errors(errors)) from None
 
     parse.__name__ = f"{model.__name__}_body"

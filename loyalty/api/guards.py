@@ -74,6 +74,56 @@ def _pairs_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return found
 
 
+class _Object(dict[str, Any]):
+    """A parsed object that remembers the first key it repeats (if any)."""
+
+    repeated: str | None = None
+
+
+def _pairs_noting_repeats(pairs: list[tuple[str, Any]]) -> _Object:
+    found = _Object(pairs)
+    if len(found) != len(pairs):
+        seen: set[str] = set()
+        for key, _value in pairs:
+            if key in seen:
+                found.repeated = key
+                break
+            seen.add(key)
+    return found
+
+
+def _repeat_in(value: Any, path: str) -> str | None:
+    if isinstance(value, _Object):
+        if value.repeated is not None:
+            return f"{path}.{value.repeated}" if path else value.repeated
+        for key, item in value.items():
+            found = _repeat_in(item, f"{path}.{key}" if path else key)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _repeat_in(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
+
+
+def repeated_key_location(body: bytes) -> str:
+    """Where the first repeated key of a JSON ``body`` is, as a field location
+    (``events[2].attributes.level``: the object's path, then the key), or ``body``
+    when it cannot be told (not JSON, nesting too deep)."""
+    try:
+        document = json.loads(body, object_pairs_hook=_pairs_noting_repeats)
+    except (ValueError, RecursionError):
+        return "body"
+    return _repeat_in(document, "") or "body"
+
+
+def json_error_detail(message: str) -> str:
+    """The 400 ``malformed_json`` detail: what the parser found, and where."""
+    return f"the body is not valid JSON: {message}"
+
+
 def has_duplicate_keys(body: bytes) -> bool:
     """True if some object of the JSON ``body`` repeats a key (RFC 8259 leaves such a
     document's meaning to each parser; we refuse it). False for anything that is not
@@ -179,11 +229,12 @@ class BodyProblem(ValueError):
     """A request body refused before validation: ``status`` 400, 413 or 415 (or 422
     ``duplicate_key``), with a stable ``code``."""
 
-    def __init__(self, status: int, code: str, detail: str) -> None:
+    def __init__(self, status: int, code: str, detail: str, loc: str = "body") -> None:
         super().__init__(detail)
         self.status = status
         self.code = code
         self.detail = detail
+        self.loc = loc  # where (a duplicate_key's repeated key)
 
 
 def check_json_content_type(headers: Mapping[str, str]) -> None:
@@ -225,11 +276,16 @@ def parse_json_document(body: bytes) -> Any:
     try:
         return json.loads(body, object_pairs_hook=_pairs_without_duplicates)
     except DuplicateKey:
-        raise BodyProblem(422, "duplicate_key", "an object in the body repeats a key") from None
+        loc = repeated_key_location(body)
+        detail = f"an object in the body repeats a key: {loc}"
+        raise BodyProblem(422, "duplicate_key", detail, loc) from None
     except RecursionError:
         raise BodyProblem(400, "malformed_json", "the body nests too deeply") from None
-    except ValueError as exc:  # JSONDecodeError (its line and column: the cause)
-        raise BodyProblem(400, "malformed_json", "the body is not valid JSON") from exc
+    except json.JSONDecodeError as exc:
+        where = f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+        raise BodyProblem(400, "malformed_json", json_error_detail(where)) from exc
+    except ValueError as exc:  # e.g. not UTF-8
+        raise BodyProblem(400, "malformed_json", json_error_detail(str(exc))) from exc
 
 
 # ------------------------------------------------------------------------ rate limit

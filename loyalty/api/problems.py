@@ -108,12 +108,42 @@ def format_loc(loc: Iterable[int | str]) -> str:
     return text
 
 
+# What each pattern of the API's schemas asks for, in words (a message never shows the
+# regular expression itself).
+PATTERN_WORDS: dict[str, str] = {
+    r"^[^\x00-\x1f\x7f/]+$": "must not contain control characters or '/'",
+    r"^[^\x00-\x1f\x7f]+$": "must not contain control characters",
+    r"^[a-z0-9_.-]{1,64}$": (
+        "must be 1 to 64 characters, each a lower-case letter a-z, a digit, '_', '.' or '-'"
+    ),
+    r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$": (
+        "must be an RFC 3339 timestamp with an offset, e.g. 2026-11-26T10:00:00Z"
+    ),
+    r"^[0-9]{4}-(0[1-9]|1[0-2])$": "must be a month, YYYY-MM (e.g. 2026-11)",
+}
+
+
+def malformed_json(errors: Iterable[Any]) -> ApiProblem:
+    """400 ``malformed_json`` from pydantic's ``json_invalid`` error, saying what the
+    parser met and at which line and column."""
+    where = next(
+        (str(e.get("ctx", {}).get("error", "")) for e in errors if e["type"] == "json_invalid"),
+        "",
+    )
+    detail = f"the body is not valid JSON: {where}" if where else "the body is not valid JSON"
+    return ApiProblem(400, "malformed_json", detail)
+
+
 def validation_errors(errors: Iterable[Any]) -> list[dict[str, str]]:
-    """Pydantic errors as {loc, msg}; the offending input is never echoed back."""
+    """Pydantic errors as {loc, msg}; the offending input is never echoed back, and a
+    pattern is said in words."""
     out = []
     for err in errors:
         loc = [p for p in err.get("loc", ()) if p != "body"]
         msg = str(err.get("msg", "invalid"))
+        if err.get("type") == "string_pattern_mismatch":
+            pattern = str(err.get("ctx", {}).get("pattern", ""))
+            msg = PATTERN_WORDS.get(pattern, "is not in the form this field takes")
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         out.append({"loc": format_loc(loc) or "body", "msg": msg})

@@ -128,21 +128,50 @@ class Batch(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    batch_id: Identifier | None = None
+    batch_id: Identifier | None = Field(
+        default=None,
+        description=(
+            "the client's label of this request, echoed in the response (a random one "
+            "when omitted) so that a client can match responses and logs to requests. "
+            "It is not stored and not a key of idempotency: a batch is idempotent per "
+            "event (a resent event_id is a duplicate), so resending a batch, under the "
+            "same batch_id or another, stores only the events not stored before"
+        ),
+    )
     events: list[IngressEvent]
 
 
 class RejectedEvent(BaseModel):
     index: int
     event_id: str
-    reason: str = Field(description="too_old | in_future")
+    reason: str = Field(description="too_old | in_future | forgotten")
+
+
+class DuplicateEvent(BaseModel):
+    index: int = Field(description="position of the event in the batch")
+    event_id: str
+    kind: Literal["repeat", "conflict"] = Field(
+        description=(
+            "repeat: the same event (user_id, type, occurred_at, attributes) was sent "
+            "before (in this batch or stored earlier); conflict: this event_id was used "
+            "before for other content -- this event was not stored"
+        )
+    )
 
 
 class BatchAccepted(BaseModel):
-    batch_id: str
-    accepted: int
-    duplicates: int
+    batch_id: str = Field(description="the request's batch_id, or a generated one")
+    accepted: int = Field(description="events stored")
+    duplicates: int = Field(description="events not stored: their event_id was seen before")
     rejected: list[RejectedEvent]
+    conflicts: int = Field(description="how many of the duplicates are conflicts")
+    duplicate_events: list[DuplicateEvent] = Field(description="each duplicate, in batch order")
+    unweighed_types: dict[str, int] = Field(
+        description=(
+            "accepted events by type, for the types no rule of the current rule set "
+            "weighs (they earn nothing now; a later rule set may weigh them)"
+        )
+    )
 
 
 class FieldError(BaseModel):
@@ -356,9 +385,23 @@ class RefundRequest(BaseModel):
 
 
 class OrderBody(BaseModel):
+    """The result of a spend or refund. A repeated request (same order id) is not done
+    again: it answers with the original result, marked ``replayed: true`` and the
+    ``Idempotent-Replayed: true`` header. ``amount`` and ``currency`` are then historical
+    (as right after the original request); read ``GET /v1/members/{user_id}`` for the
+    balance now."""
+
     order_id: str
-    amount: int
-    currency: int = Field(description="the member's balance right after this order/refund")
+    amount: int = Field(description="the amount spent or refunded by the original request")
+    currency: int = Field(
+        description="the member's balance right after the original request (historical on "
+        "a replay: later awards, spends and refunds are not in it)"
+    )
+    replayed: bool = Field(
+        False,
+        description="true: this request repeats an earlier one, which did the work; this is "
+        "that request's result (the response also carries `Idempotent-Replayed: true`)",
+    )
 
 
 class AdjustmentRequest(BaseModel):
@@ -428,7 +471,10 @@ OPENAPI_EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
         "batch_id": "b-1",
         "accepted": 2,
         "duplicates": 1,
-        "rejected": [{"index": 2, "event_id": "e-3", "reason": "too_old"}],
+        "rejected": [{"index": 3, "event_id": "e-4", "reason": "too_old"}],
+        "conflicts": 1,
+        "duplicate_events": [{"index": 2, "event_id": "e-1", "kind": "conflict"}],
+        "unweighed_types": {"levelled_up": 1},
     },
     Problem: {
         "type": "about:blank",
@@ -477,7 +523,7 @@ OPENAPI_EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
     },
     SpendRequest: {"order_id": "o-1", "amount": 5, "description": "coffee mug"},
     RefundRequest: {"order_id": "o-1"},
-    OrderBody: {"order_id": "o-1", "amount": 5, "currency": 6},
+    OrderBody: {"order_id": "o-1", "amount": 5, "currency": 6, "replayed": False},
     AdjustmentRequest: {
         "adjustment_id": "adj-7",
         "currency": 50,

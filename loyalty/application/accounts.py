@@ -540,6 +540,9 @@ class OrderResult:
     order_id: str
     amount: int
     currency: int
+    # True: the command was done by an earlier request; this is that request's answer
+    # (``currency`` is the balance right after it, not now)
+    replayed: bool = False
 
 
 class SpendingMetrics(Protocol):
@@ -681,7 +684,7 @@ class Spending:
                     user_id,
                     lambda e: _is(e, "Spent") and scoped_key(e.source, e.order_id) == key,
                 )
-                return OrderResult(order_id, amount, after.currency), REPLAYED, amount
+                return OrderResult(order_id, amount, after.currency, True), REPLAYED, amount
             row = self._with_pending(member, None)  # pending currency is spendable
             member.spend(order_id, amount, source)  # raises InsufficientFunds
             self._save(member, row)
@@ -707,7 +710,7 @@ class Spending:
                     user_id,
                     lambda e: _is(e, "Refunded") and scoped_key(e.source, e.order_id) == key,
                 )
-                return OrderResult(order_id, amount, after.currency), REPLAYED, amount
+                return OrderResult(order_id, amount, after.currency, True), REPLAYED, amount
             if key not in member.orders:
                 member.refund(order_id, source)  # raises OrderNotFound
             row = self._with_pending(member, None)

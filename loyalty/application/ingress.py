@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Protocol
+
+import orjson
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,23 +44,72 @@ class Rejection:
 
 
 @dataclass(frozen=True, slots=True)
+class Duplicate:
+    """An event not stored because its (source, event_id) was seen before: in this batch
+    (an earlier index) or stored earlier within the retention window. ``conflict``: the
+    earlier event has other content (user_id, type, occurred_at or attributes) -- most
+    likely a bug in the client's id generation, and this event is lost unless resent
+    under a new id."""
+
+    index: int
+    event_id: str
+    conflict: bool
+
+
+@dataclass(frozen=True, slots=True)
 class IngestResult:
     accepted: int
     duplicates: int
     rejected: list[Rejection]
+    duplicate_events: list[Duplicate] = field(default_factory=list)
+    # accepted events whose type no rule of the current rule set weighs: type -> count
+    unweighed: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def conflicts(self) -> int:
+        return sum(1 for d in self.duplicate_events if d.conflict)
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """What an append stored: how many records were new, and for each record that was
+    not (by its position in the appended sequence) whether its content differs from the
+    stored event of the same key (False when the stored content is not known)."""
+
+    inserted: int
+    not_stored: dict[int, bool] = field(default_factory=dict)
 
 
 class IngressLog(Protocol):
-    def append(self, records: Sequence[IngressRecord]) -> int:
+    def store(self, records: Sequence[IngressRecord]) -> Stored:
         """Store the records not seen before (per source and event id) in one
-        transaction; return how many were new."""
+        transaction; say which were not stored and which of those conflict."""
         ...
 
 
 class IngestMetrics(Protocol):
     """Where ingest outcomes are counted (implemented by ``loyalty.observability``)."""
 
-    def ingested(self, source: str, *, accepted: int, duplicates: int, rejected: int) -> None: ...
+    def ingested(
+        self,
+        source: str,
+        *,
+        accepted: int,
+        duplicates: int,
+        rejected: int,
+        conflicts: int = 0,
+        unweighed: dict[str, int] | None = None,
+    ) -> None: ...
+
+
+def same_content(a: IngressRecord | IncomingEvent, b: IngressRecord | IncomingEvent) -> bool:
+    """Whether two events of one key say the same thing (attributes compared as JSON
+    values, so key order and spacing do not matter)."""
+    if a.user_id != b.user_id or a.type != b.type or a.occurred_at != b.occurred_at:
+        return False
+    return a.attributes_json == b.attributes_json or orjson.loads(
+        a.attributes_json
+    ) == orjson.loads(b.attributes_json)
 
 
 def shard_of(user_id: str, shard_count: int) -> int:
@@ -88,8 +140,11 @@ class IngestService:
         shard_count: int,
         metrics: IngestMetrics | None = None,
         forgotten_at: Callable[[str], datetime | None] | None = None,
+        weighed_types: Callable[[], Collection[str]] | None = None,
     ) -> None:
         self._log = log
+        # The event types the current rules weigh (None: not reported).
+        self._weighed_types = weighed_types
         # When a forget-me of a user was requested (markers expire with retention).
         self._forgotten_at = forgotten_at
         self._metrics = metrics
@@ -103,8 +158,9 @@ class IngestService:
         oldest, newest = now - self._retention, now + self._future_skew
         rejected: list[Rejection] = []
         records: list[IngressRecord] = []
-        seen: set[str] = set()
-        repeats = 0
+        seen: dict[str, int] = {}  # event id -> its index in records
+        duplicates: list[Duplicate] = []
+        indexes: list[int] = []  # batch index of each record
         for index, ev in enumerate(events):
             if ev.occurred_at < oldest:
                 rejected.append(Rejection(index, ev.event_id, REASON_TOO_OLD))
@@ -112,15 +168,18 @@ class IngestService:
             if ev.occurred_at > newest:
                 rejected.append(Rejection(index, ev.event_id, REASON_IN_FUTURE))
                 continue
-            if ev.event_id in seen:
-                repeats += 1
+            first = seen.get(ev.event_id)
+            if first is not None:
+                conflict = not same_content(records[first], ev)
+                duplicates.append(Duplicate(index, ev.event_id, conflict))
                 continue
             if self._forgotten_at is not None:
                 forgotten = self._forgotten_at(ev.user_id)
                 if forgotten is not None and ev.occurred_at <= forgotten:
                     rejected.append(Rejection(index, ev.event_id, REASON_FORGOTTEN))
                     continue
-            seen.add(ev.event_id)
+            seen[ev.event_id] = len(records)
+            indexes.append(index)
             records.append(
                 IngressRecord(
                     shard=shard_of(ev.user_id, self._shard_count),
@@ -132,10 +191,32 @@ class IngestService:
                     attributes_json=ev.attributes_json,
                 )
             )
-        inserted = self._log.append(records) if records else 0
-        duplicates = repeats + len(records) - inserted
+        stored = self._log.store(records) if records else Stored(0)
+        types = Counter(r.type for r in records)
+        if stored.not_stored:
+            for position, conflict in stored.not_stored.items():
+                record = records[position]
+                duplicates.append(Duplicate(indexes[position], record.event_id, conflict))
+                types[record.type] -= 1
+            duplicates.sort(key=lambda d: d.index)
+        unweighed: dict[str, int] = {}
+        if self._weighed_types is not None:
+            weighed = self._weighed_types()
+            unweighed = {t: n for t, n in sorted(types.items()) if n > 0 and t not in weighed}
+        result = IngestResult(
+            accepted=stored.inserted,
+            duplicates=len(duplicates),
+            rejected=rejected,
+            duplicate_events=duplicates,
+            unweighed=unweighed,
+        )
         if self._metrics is not None:
             self._metrics.ingested(
-                source, accepted=inserted, duplicates=duplicates, rejected=len(rejected)
+                source,
+                accepted=result.accepted,
+                duplicates=result.duplicates,
+                rejected=len(rejected),
+                conflicts=result.conflicts,
+                unweighed=unweighed,
             )
-        return IngestResult(accepted=inserted, duplicates=duplicates, rejected=rejected)
+        return result

@@ -37,9 +37,27 @@ def test_same_batch_twice_is_all_duplicates(client: TestClient, make_key, clock,
     batch = {"batch_id": "b-1", "events": [event(clock, i) for i in range(50)]}
     first = client.post(URL, json=batch, headers=key)
     assert first.status_code == 202
-    assert first.json() == {"batch_id": "b-1", "accepted": 50, "duplicates": 0, "rejected": []}
+    assert first.json() == {
+        "batch_id": "b-1",
+        "accepted": 50,
+        "duplicates": 0,
+        "rejected": [],
+        "conflicts": 0,
+        "duplicate_events": [],
+        "unweighed_types": {},
+    }
     second = client.post(URL, json=batch, headers=key)
-    assert second.json() == {"batch_id": "b-1", "accepted": 0, "duplicates": 50, "rejected": []}
+    assert second.json() == {
+        "batch_id": "b-1",
+        "accepted": 0,
+        "duplicates": 50,
+        "rejected": [],
+        "conflicts": 0,
+        "duplicate_events": [
+            {"index": i, "event_id": f"e{i}", "kind": "repeat"} for i in range(50)
+        ],
+        "unweighed_types": {},
+    }
     assert rows(db) == 50
 
 
@@ -213,3 +231,102 @@ def test_readyz_is_503_when_the_database_is_down() -> None:
         resp = down.get("/readyz")
         assert resp.status_code == 503
         assert resp.json()["code"] == "database_unavailable"
+
+
+def test_duplicates_are_listed_and_conflicts_told_from_repeats(  # type: ignore[no-untyped-def]
+    client: TestClient, make_key, clock, db
+) -> None:
+    """Issue 32 item 1: a reused event_id with other content is a conflict, in one batch
+    and against a stored event (on both backends), and is counted in the metrics."""
+    key = make_key("ingest")
+    e1 = event(clock, 1)
+    same_reordered = {**e1, "attributes": dict(reversed(list(e1["attributes"].items())))}  # type: ignore[attr-defined]
+    other = event(clock, 1, user_id="someone-else", type="made_purchase")
+    first = client.post(URL, json={"events": [e1, event(clock, 2), other]}, headers=key).json()
+    assert first["accepted"] == 2 and first["duplicates"] == 1 and first["conflicts"] == 1
+    assert first["duplicate_events"] == [{"index": 2, "event_id": "e1", "kind": "conflict"}]
+    resend = [event(clock, 3), same_reordered, other, event(clock, 2, attributes={"x": 1})]
+    second = client.post(URL, json={"events": resend}, headers=key).json()
+    assert second["accepted"] == 1 and second["duplicates"] == 3 and second["conflicts"] == 2
+    assert second["duplicate_events"] == [
+        {"index": 1, "event_id": "e1", "kind": "repeat"},
+        {"index": 2, "event_id": "e1", "kind": "conflict"},
+        {"index": 3, "event_id": "e2", "kind": "conflict"},
+    ]
+    assert rows(db) == 3
+    registry = client.app.state.container.metrics.registry  # type: ignore[attr-defined]
+    samples = {
+        s.labels.get("source"): s.value
+        for m in registry.collect()
+        if m.name == "loyalty_ingest_conflicts"
+        for s in m.samples
+        if s.name.endswith("_total")
+    }
+    assert list(samples.values()) == [3.0]
+
+
+def test_unweighed_types_are_accepted_and_said(client: TestClient, make_key, clock, db) -> None:  # type: ignore[no-untyped-def]
+    """Issue 32 item 2: events of a type no current rule weighs are stored and reported
+    per batch (type and count) and in a metric per source and type."""
+    key = make_key("ingest")
+    events = [
+        event(clock, 1),
+        event(clock, 2, type="levelled_up"),
+        event(clock, 3, type="levelled_up"),
+        event(clock, 4, type="zz_unknown"),
+    ]
+    body = client.post(URL, json={"events": events}, headers=key).json()
+    assert body["accepted"] == 4
+    assert body["unweighed_types"] == {"levelled_up": 2, "zz_unknown": 1}
+    again = client.post(URL, json={"events": events}, headers=key).json()
+    assert again["unweighed_types"] == {}  # duplicates are not counted again
+    registry = client.app.state.container.metrics.registry  # type: ignore[attr-defined]
+    samples = {
+        s.labels["type"]: s.value
+        for m in registry.collect()
+        if m.name == "loyalty_ingest_unweighed_events"
+        for s in m.samples
+        if s.name.endswith("_total")
+    }
+    assert samples == {"levelled_up": 2.0, "zz_unknown": 1.0}
+
+
+def test_messages_say_in_words_what_is_wrong_and_where(client: TestClient, make_key, clock) -> None:  # type: ignore[no-untyped-def]
+    """Issue 32 item 3: no raw regular expression in a message; malformed JSON names the
+    line and column; duplicate_key names the repeated key; "an ingest key"."""
+    key = make_key("ingest")
+    json_key = {**key, "Content-Type": "application/json"}
+    events = [event(clock, 0, user_id="a/b"), event(clock, 1, type="Played Game")]
+    body = client.post(URL, json={"events": events}, headers=key).json()
+    msgs = {e["loc"]: e["msg"] for e in body["errors"]}
+    assert msgs["events[0].user_id"] == "must not contain control characters or '/'"
+    assert msgs["events[1].type"].startswith("must be 1 to 64 characters")
+    assert not any("pattern" in m or "^" in m for m in msgs.values())
+    bad = client.post(URL, content=b'{"events": [\n  {"event_id": }]}', headers=json_key)
+    assert bad.status_code == 400
+    assert "line 2 column" in bad.json()["detail"], bad.json()
+    dup = (
+        b'{"events": [{"event_id": "e1", "user_id": "u", "type": "t", "occurred_at": "%s", '
+        b'"attributes": {"lvl": 1, "lvl": 2}}]}'
+    )
+    resp = client.post(URL, content=dup % clock.now.isoformat().encode(), headers=json_key)
+    assert resp.status_code == 422 and resp.json()["code"] == "duplicate_key"
+    assert resp.json()["errors"][0]["loc"] == "events[0].attributes.lvl"
+    shop = make_key("shop", "webshop")
+    refused = client.post(URL, json={"events": []}, headers=shop)
+    assert refused.status_code == 403
+    assert refused.json()["detail"] == "this endpoint needs an ingest key"
+
+
+def test_batch_id_is_defined_as_a_label_not_an_idempotency_key(  # type: ignore[no-untyped-def]
+    client: TestClient, make_key, clock
+) -> None:
+    """Issue 32 item 4: the schema says what batch_id is for; reusing one stores new
+    events (idempotency is per event)."""
+    spec = client.get("/openapi.json").json()
+    description = spec["components"]["schemas"]["Batch"]["properties"]["batch_id"]["description"]
+    assert "not a key of idempotency" in description
+    key = make_key("ingest")
+    client.post(URL, json={"batch_id": "b", "events": [event(clock, 1)]}, headers=key)
+    again = client.post(URL, json={"batch_id": "b", "events": [event(clock, 2)]}, headers=key)
+    assert again.json()["accepted"] == 1

@@ -55,12 +55,12 @@ def test_order_ids_are_scoped_by_source(
     # B's o-77 is B's own order: charged, not answered as A's replay
     assert post(client, spend, shop_b, order_id="o-77", amount=5) == (
         200,
-        {"order_id": "o-77", "amount": 5, "currency": 895},
+        {"order_id": "o-77", "amount": 5, "currency": 895, "replayed": False},
     )
     # A's replay is still a replay (same answer, nothing charged)
     assert post(client, spend, shop_a, order_id="o-77", amount=100) == (
         200,
-        {"order_id": "o-77", "amount": 100, "currency": 900},
+        {"order_id": "o-77", "amount": 100, "currency": 900, "replayed": True},
     )
     assert balance(client, shop_a, "bea") == 895
     # B cannot refund A's order; A's and B's refunds each put back their own amount
@@ -72,6 +72,7 @@ def test_order_ids_are_scoped_by_source(
         "order_id": "o-77",
         "amount": 5,
         "currency": 890,
+        "replayed": False,
     }
     assert post(client, refunds, shop_a, order_id="o-77")[1]["currency"] == 990  # type: ignore[index]
     # a key with the same name (a rotated key) is the same source
@@ -123,6 +124,7 @@ def test_streams_stored_before_sources_load_and_stay_idempotent(
         "order_id": "o-78",
         "amount": 20,
         "currency": 80,
+        "replayed": True,
     }
     assert post(client, spend, shop, order_id="o-78", amount=21)[0] == 409
     refunds = "/v1/members/legacy-amy/refunds"
@@ -172,13 +174,14 @@ def test_an_operator_refunds_a_shops_order_and_is_recorded_on_it(
     assert status == 403, body
     assert post(client, refunds, ops, order_id="o-9", source="webshop") == (
         200,
-        {"order_id": "o-9", "amount": 40, "currency": 100},
+        {"order_id": "o-9", "amount": 40, "currency": 100, "replayed": False},
     )
     # once: the shop's own refund (or the operator's again) is a replay
     assert post(client, refunds, shop, order_id="o-9")[1] == {
         "order_id": "o-9",
         "amount": 40,
         "currency": 100,
+        "replayed": True,
     }
     assert post(client, refunds, ops, order_id="o-9", source="webshop")[0] == 200
     assert balance(client, shop, "cid") == 100

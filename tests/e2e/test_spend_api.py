@@ -51,10 +51,12 @@ def test_spend_debits_and_replay_returns_the_same_body(client: TestClient, shop:
     award(client, "alice", "a1", 100)
     first = spend(client, shop, "alice", order_id="o-1", amount=30, description="a mug")
     assert first.status_code == 200
-    assert first.json() == {"order_id": "o-1", "amount": 30, "currency": 70}
+    assert first.json() == {"order_id": "o-1", "amount": 30, "currency": 70, "replayed": False}
+    assert first.headers["Idempotent-Replayed"] == "false"
     award(client, "alice", "a2", 5)  # the balance moves on; a replay still answers the same
     again = spend(client, shop, "alice", order_id="o-1", amount=30, description="other text")
-    assert again.status_code == 200 and again.json() == first.json()
+    assert again.status_code == 200 and again.json() == {**first.json(), "replayed": True}
+    assert again.headers["Idempotent-Replayed"] == "true"  # issue 32 item 5
     member = client.get("/v1/members/alice", headers=shop).json()
     assert member["currency"] == 75  # debited once
 
@@ -116,10 +118,11 @@ def test_refund_once_and_replay(client: TestClient, shop: Headers) -> None:
     spend(client, shop, "erin", order_id="o-10", amount=10)
     first = client.post("/v1/members/erin/refunds", json={"order_id": "o-9"}, headers=shop)
     assert first.status_code == 200
-    assert first.json() == {"order_id": "o-9", "amount": 20, "currency": 40}
+    assert first.json() == {"order_id": "o-9", "amount": 20, "currency": 40, "replayed": False}
     spend(client, shop, "erin", order_id="o-11", amount=1)
     again = client.post("/v1/members/erin/refunds", json={"order_id": "o-9"}, headers=shop)
-    assert again.status_code == 200 and again.json() == first.json()
+    assert again.status_code == 200 and again.json() == {**first.json(), "replayed": True}
+    assert again.headers["Idempotent-Replayed"] == "true"
     assert client.get("/v1/members/erin", headers=shop).json()["currency"] == 39
     unknown = client.post("/v1/members/erin/refunds", json={"order_id": "nope"}, headers=shop)
     assert unknown.status_code == 404 and unknown.json()["code"] == "order_not_found"
@@ -127,7 +130,8 @@ def test_refund_once_and_replay(client: TestClient, shop: Headers) -> None:
     assert nobody.status_code == 404 and nobody.json()["code"] == "member_not_found"
     # a refunded order id is still spent: reusing it is a replay of the spend, not a new one
     replay = spend(client, shop, "erin", order_id="o-9", amount=20)
-    assert replay.json() == {"order_id": "o-9", "amount": 20, "currency": 30}
+    assert replay.json() == {"order_id": "o-9", "amount": 20, "currency": 30, "replayed": True}
+    assert replay.headers["Idempotent-Replayed"] == "true"
 
 
 # ----------------------------------------------------------------------- adjustments

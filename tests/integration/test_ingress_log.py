@@ -239,3 +239,27 @@ def test_a_resend_after_midnight_is_stored_once_and_awarded_once(db: Database) -
         assert (member.currency, member.rank_points) == (41, 101)
     finally:
         members.close()
+
+
+def test_store_tells_a_conflicting_resend_from_a_repeat(db: Database) -> None:
+    """Issue 32 item 1: the content stored with the key (the row on SQLite, the key's
+    fingerprint on PostgreSQL) tells a repeat from a conflict, across days too."""
+    log = create_ingress_log(db)
+    assert log.store([rec("e1"), rec("e2")]).inserted == 2
+    moved = rec("e2", at=NOW - timedelta(days=1))  # a resend stamped on another day
+    stored = log.store([rec("e1"), rec("e3"), rec("e2", user="u2"), moved])
+    assert stored.inserted == 1
+    assert stored.not_stored == {0: False, 2: True, 3: True}
+
+
+@backends("postgresql")
+def test_a_key_stored_before_fingerprints_is_not_called_a_conflict(db: Database) -> None:
+    """Keys recorded before migration 0018 have no fingerprint: a resend of one counts
+    as a repeat (its content is not known), and it is still not stored twice."""
+    log = create_ingress_log(db)
+    assert log.store([rec("old")]).inserted == 1
+    with db.write() as conn:
+        conn.execute(sa.text("UPDATE ingress_keys SET fingerprint = NULL"))
+    stored = log.store([rec("old", user="u9"), rec("new")])
+    assert (stored.inserted, stored.not_stored) == (1, {0: False})
+    assert count_rows(db) == 2

@@ -12,7 +12,14 @@ import pytest
 
 from loyalty.api.problems import format_loc
 from loyalty.api.schemas import parse_rfc3339
-from loyalty.application.ingress import IncomingEvent, IngestService, IngressRecord, shard_of
+from loyalty.application.ingress import (
+    IncomingEvent,
+    IngestService,
+    IngressRecord,
+    Stored,
+    same_content,
+    shard_of,
+)
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
@@ -23,13 +30,16 @@ class FakeLog:
     def __init__(self) -> None:
         self.rows: dict[tuple[str, str], IngressRecord] = {}
 
-    def append(self, records: Sequence[IngressRecord]) -> int:
-        new = 0
-        for r in records:
-            if (r.source, r.event_id) not in self.rows:
+    def store(self, records: Sequence[IngressRecord]) -> Stored:
+        new, not_stored = 0, {}
+        for i, r in enumerate(records):
+            earlier = self.rows.get((r.source, r.event_id))
+            if earlier is None:
                 self.rows[(r.source, r.event_id)] = r
                 new += 1
-        return new
+            else:
+                not_stored[i] = not same_content(r, earlier)
+        return Stored(new, not_stored)
 
 
 def service(log: FakeLog) -> IngestService:

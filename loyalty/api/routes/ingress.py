@@ -21,8 +21,9 @@ from loyalty.api.guards import (
     has_duplicate_keys,
     keys_counted,
     read_limited_body,
+    repeated_key_location,
 )
-from loyalty.api.problems import ApiProblem, validation_errors
+from loyalty.api.problems import ApiProblem, malformed_json, validation_errors
 from loyalty.api.schemas import (
     RFC3339,
     USER_ID_PATTERN,
@@ -156,22 +157,23 @@ def _validate_counted(body: bytes) -> tuple[str | None, _Parsed, int | None]:
     except ValidationError as exc:
         errors = exc.errors(include_input=False, include_url=False)
         if any(e["type"] == "json_invalid" for e in errors):
-            raise ApiProblem(400, "malformed_json", "the body is not valid JSON") from None
+            raise malformed_json(errors) from None
         raise ApiProblem(422, "validation_error", errors=validation_errors(errors)) from None
     if has_duplicate_keys(body):
-        raise _duplicate_key()
+        raise _duplicate_key(body)
     events = [
         (ev.event_id, ev.user_id, ev.type, ev.occurred_at, ev.attributes) for ev in slow.events
     ]
     return slow.batch_id, events, None
 
 
-def _duplicate_key() -> ApiProblem:
+def _duplicate_key(body: bytes) -> ApiProblem:
+    loc = repeated_key_location(body)
     return ApiProblem(
         422,
         "duplicate_key",
-        "an object in the body repeats a key",
-        errors=[{"loc": "body", "msg": "an object repeats a key"}],
+        f"an object in the body repeats a key: {loc}",
+        errors=[{"loc": loc, "msg": "this key appears twice in its object"}],
     )
 
 
@@ -234,7 +236,7 @@ def parse_batch(body: bytes, container: Container) -> tuple[str, list[IncomingEv
         and not keys_counted(body, envelope_keys + attribute_keys)
         and has_duplicate_keys(body)
     ):
-        raise _duplicate_key()
+        raise _duplicate_key(body)
     return batch_id or uuid.uuid4().hex, events
 
 
@@ -260,7 +262,12 @@ def _rate_limited(wait: float) -> ApiProblem:
     },
 )
 async def post_batch(request: Request, principal: IngestKey, container: ContainerDep) -> Any:
-    """Accept a batch of activity events; resent events count as duplicates."""
+    """Accept a batch of activity events. An event whose `event_id` this source sent
+    before (in the batch or within the retention window) is not stored: it is listed in
+    `duplicate_events`, as a `repeat` (same content) or a `conflict` (other content: most
+    likely an id generation bug; resend it under a new id). Events of a type no current
+    rule weighs are stored (a later rule set or a dry run may weigh them) and counted in
+    `unweighed_types`."""
     wait = container.ingest_limiter.wait(principal.key_id)
     if wait:  # refused before reading and parsing the body
         raise _rate_limited(wait)
@@ -283,6 +290,16 @@ async def post_batch(request: Request, principal: IngestKey, container: Containe
                     {"index": r.index, "event_id": r.event_id, "reason": r.reason}
                     for r in result.rejected
                 ],
+                "conflicts": result.conflicts,
+                "duplicate_events": [
+                    {
+                        "index": d.index,
+                        "event_id": d.event_id,
+                        "kind": "conflict" if d.conflict else "repeat",
+                    }
+                    for d in result.duplicate_events
+                ],
+                "unweighed_types": result.unweighed,
             }
         )
 

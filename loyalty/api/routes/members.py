@@ -9,7 +9,7 @@ from datetime import UTC
 from typing import Annotated, Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Response
 from pydantic import AfterValidator
 from starlette.concurrency import run_in_threadpool
 
@@ -30,6 +30,7 @@ from loyalty.api.schemas import (
     RefundRequest,
     SpendRequest,
 )
+from loyalty.application.accounts import OrderResult
 from loyalty.application.compensation import COMPENSATION_PREFIX
 from loyalty.domain.expiry import expiring
 from loyalty.domain.member import Member
@@ -121,10 +122,35 @@ _INVALID: dict[int | str, dict[str, Any]] = {
 }
 
 
+# The header payment APIs send with an idempotent replay (Stripe's name).
+REPLAYED_HEADER = "Idempotent-Replayed"
+_REPLAY_HEADERS = {
+    REPLAYED_HEADER: {
+        "description": "`true` when this answer replays an earlier request's result",
+        "schema": {"type": "string", "enum": ["true", "false"]},
+    }
+}
+
+
+def order_body(result: OrderResult, response: Response) -> OrderBody:
+    response.headers[REPLAYED_HEADER] = "true" if result.replayed else "false"
+    return OrderBody(
+        order_id=result.order_id,
+        amount=result.amount,
+        currency=result.currency,
+        replayed=result.replayed,
+    )
+
+
 @router.post(
     "/v1/members/{user_id}/spend",
     response_model=OrderBody,
-    responses={**_ERRORS, **_INVALID, **_conflicts("insufficient_funds", "order_conflict")},
+    responses={
+        200: {"headers": _REPLAY_HEADERS},
+        **_ERRORS,
+        **_INVALID,
+        **_conflicts("insufficient_funds", "order_conflict"),
+    },
     openapi_extra=request_body(SpendRequest),
 )
 async def spend(
@@ -132,18 +158,21 @@ async def spend(
     key: ShopKey,
     body: Annotated[SpendRequest, json_body(SpendRequest, Role.SHOP)],
     container: ContainerDep,
+    response: Response,
 ) -> OrderBody:
     """Spend currency on an order (idempotent by the key's source and order id; the
-    description is not stored)."""
+    description is not stored). A repeated request answers with the original result,
+    marked `replayed: true` and `Idempotent-Replayed: true`: its `currency` is the balance
+    right after the original spend, not now."""
     spending = container.spending
     result = await run_in_threadpool(spending.spend, user_id, body.order_id, body.amount, key.name)
-    return OrderBody(order_id=result.order_id, amount=result.amount, currency=result.currency)
+    return order_body(result, response)
 
 
 @router.post(
     "/v1/members/{user_id}/refunds",
     response_model=OrderBody,
-    responses={**_ERRORS, **_INVALID},
+    responses={200: {"headers": _REPLAY_HEADERS}, **_ERRORS, **_INVALID},
     openapi_extra=request_body(RefundRequest),
 )
 async def refund(
@@ -151,8 +180,10 @@ async def refund(
     key: ShopKey,
     body: Annotated[RefundRequest, json_body(RefundRequest, Role.SHOP)],
     container: ContainerDep,
+    response: Response,
 ) -> OrderBody:
-    """Refund a spent order once, in full; a repeated refund answers the same. An
+    """Refund a spent order once, in full; a repeated refund answers the same (marked
+    `replayed: true` and `Idempotent-Replayed: true`; `currency` is historical). An
     operator key may name the order's ``source`` (the shop's key name): the refund is
     then recorded as made by the operator on the shop's behalf."""
     source, by = key.name, None
@@ -161,7 +192,7 @@ async def refund(
             raise ApiProblem(403, "forbidden", "only an operator key may name another source")
         source, by = body.source, key.name
     result = await run_in_threadpool(container.spending.refund, user_id, body.order_id, source, by)
-    return OrderBody(order_id=result.order_id, amount=result.amount, currency=result.currency)
+    return order_body(result, response)
 
 
 @router.post(
