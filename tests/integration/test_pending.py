@@ -646,19 +646,20 @@ ranked_step = st.one_of(
     ]
 )
 # a compensation's rank points count in no qualification period (``Member.adjust``
-# without a day): 45 period points under "a", +15 by the compensation to "b" (60 under
-# "b", silver's threshold) leave the member bronze, today and after a requalification
-# as of today; its credit (legacy lot) outlives the month's expiry, a deduction (back
-# to "a") takes the legacy lot first and stops at zero
+# without a day): 2 purchases and 4 games give 40 currency and 50 period points under
+# "a"; the compensation to "b" adds 10 and 20 (70 lifetime points, silver's threshold
+# under "b" is 60) and leaves the member bronze, today and after a requalification as
+# of today. Its credit goes to the legacy lot: a spend takes it first, what is left of
+# it outlives the month's expiry, and the deduction back to "a" (-10) stops at it (5)
 @example(
     steps=[
-        ("events", 0, "buy", 1),
+        ("events", 0, "buy", 2),
         ("drain",),
         ("events", 0, "game", 4),
         ("drain",),
         ("compensate", "b"),
         ("requalify", 0),
-        ("spend", 0, 40),
+        ("spend", 0, 5),
         ("requalify", 40),
         ("compensate", "a"),
     ]
