@@ -511,18 +511,39 @@ class Held:
     points: Decimal = Decimal(0)
     """Exact rank points of every processed event (all earned today: one period)."""
     currency: Decimal = Decimal(0)
+    """Exact currency of every processed event: the month's lot gets its whole units."""
     spent: int = 0
     row: bool | None = False
     """A pending row is left (not recorded at once); None: not known yet."""
     unprocessed: list[str] = field(default_factory=list)
+    processed: list[str] = field(default_factory=list)
+    """The kinds of the processed events (a compensation weighs them again)."""
     indexed: bool = False
     """Credited since the expiry job last read the member (the job reads it)."""
     closed: bool = False
     """The job expired currency of the month: all of it, and all earned in it later."""
+    month_taken: int = 0
+    """Whole currency taken from the month's lot (spends, compensation deductions)."""
+    legacy: int = 0
+    """The legacy lot: a compensation's credit goes there (``Member.adjust`` without a
+    month), it never expires (no ``retroactive`` expiry) and, sorting before every
+    month, is taken first by a spend or a deduction."""
+    adjusted: tuple[int, int] = (0, 0)
+    """Net (currency, rank points) the compensations applied (after the clamp)."""
+
+    @property
+    def month_left(self) -> int:
+        return 0 if self.closed else int(self.currency // 1) - self.month_taken
 
     @property
     def spendable(self) -> int:
-        return 0 if self.closed else int(self.currency // 1) - self.spent
+        return self.legacy + self.month_left
+
+    def take(self, amount: int) -> None:
+        """A debit (spend or deduction) of ``amount`` <= spendable: oldest lot first."""
+        from_legacy = min(self.legacy, amount)
+        self.legacy -= from_legacy
+        self.month_taken += amount - from_legacy
 
     def recorded(self, version: str) -> None:
         """A recording of the pending row (if any): it lifts the rank, credits the
@@ -530,6 +551,22 @@ class Held:
         if self.row:
             self.rank, self.row = higher(self.rank, model_rank(version, self.points)), False
             self.indexed = True
+
+
+def model_compensation(old: str | None, new: str, kinds: list[str]) -> tuple[int, int]:
+    """What a compensation from ``old`` to ``new`` asks for a member whose events of the
+    period weighed under ``old`` are ``kinds``: floor(new exact sum) - floor(old exact
+    sum), currency and rank points apart (independent of ``DryRun``)."""
+    if old is None or not kinds:
+        return 0, 0
+    sums = [
+        [sum((PRICES[name][0][k][i] for k in kinds), Decimal(0)) for i in (0, 1)]
+        for name in (old, new)
+    ]
+    return (
+        int(sums[1][0] // 1) - int(sums[0][0] // 1),
+        int(sums[1][1] // 1) - int(sums[0][1] // 1),
+    )
 
 
 ranked_step = st.one_of(
@@ -545,10 +582,9 @@ ranked_step = st.one_of(
     st.tuples(st.just("rules"), st.sampled_from(["a", "b"])),
     st.tuples(st.just("requalify"), st.sampled_from([0, 40])),
     st.tuples(st.just("restart")),
-    # TODO(issue 25, comp): a ("compensate", ...) step once `rules apply --compensate`
-    # keys compensation to the version each award used: the model then credits each
-    # member the difference between the versions over the events weighed under the old
-    # one (Held.currency / Held.points), and the checks below apply unchanged.
+    # `rules apply --compensate` to version "a" or "b" (the same as the current one: the
+    # compensation of a version stored by a plain `rules` step, or a re-run)
+    st.tuples(st.just("compensate"), st.sampled_from(["a", "b"])),
 )
 
 
@@ -591,6 +627,57 @@ ranked_step = st.one_of(
         ("drain",),
     ]
 )
+# issue 25 item 1, the stalled worker: 3 purchases weighed under "a" (10 each), 3 more
+# received but not processed when "b" (purchases doubled) is applied with compensation:
+# +30 for the 3 weighed under "a", and the 3 others are weighed under "b" by the
+# pipeline (60) and not compensated again: 120 each, what 6 purchases give under "b"
+@example(
+    steps=[
+        ("events", 0, "buy", 3),
+        ("events", 1, "buy", 3),
+        ("events", 2, "buy", 3),
+        ("drain",),
+        ("events", 0, "buy", 3),
+        ("events", 1, "buy", 3),
+        ("events", 2, "buy", 3),
+        ("compensate", "b"),
+        ("drain",),
+        ("interval",),
+    ]
+)
+# a compensation's rank points count in no qualification period (``Member.adjust``
+# without a day): 2 purchases and 4 games give 40 currency and 50 period points under
+# "a"; the compensation to "b" adds 10 and 20 (70 lifetime points, silver's threshold
+# under "b" is 60) and leaves the member bronze, today and after a requalification as
+# of today. Its credit goes to the legacy lot: a spend takes it first, what is left of
+# it outlives the month's expiry, and the deduction back to "a" (-10) stops at it (5)
+@example(
+    steps=[
+        ("events", 0, "buy", 2),
+        ("drain",),
+        ("events", 0, "game", 4),
+        ("drain",),
+        ("compensate", "b"),
+        ("requalify", 0),
+        ("spend", 0, 5),
+        ("requalify", 40),
+        ("compensate", "a"),
+    ]
+)
+# a plain rules change, events weighed under it, then its compensation: only the
+# events processed before it was stored are compensated (the later ones were weighed
+# under it already); a second compensation to the same version is a no-op
+@example(
+    steps=[
+        ("events", 1, "premium", 2),
+        ("drain",),
+        ("rules", "b"),
+        ("events", 1, "premium", 2),
+        ("drain",),
+        ("compensate", "b"),
+        ("compensate", "b"),
+    ]
+)
 def test_rules_changes_and_requalification_keep_every_member_as_the_model_says(
     db: Database, settings: Settings, steps: list[tuple[Any, ...]]
 ) -> None:
@@ -600,10 +687,21 @@ def test_rules_changes_and_requalification_keep_every_member_as_the_model_says(
     independent model says: the recorded rank (lifted at once when the pending points
     of the period reach a rank above the held one under the current ladder), whether a
     pending row is left, the balance, and a spendable amount the member view shows and a
-    spend accepts (one more is refused)."""
+    spend accepts (one more is refused).
+
+    Compensation (``rules apply --compensate``, ``Compensation.apply``) as a step: the
+    model re-weighs every event processed before the new version was stored (in the
+    period: today) under the previous stored version and the new one and adjusts each
+    member by floor(new sum) - floor(old sum), currency and rank points apart; a
+    deduction is clamped to what the member holds once its pending row is recorded;
+    events unprocessed at apply time are weighed under the new version by the pipeline
+    and not compensated. As documented (``loyalty.application.compensation``), a
+    compensation for V corrects from V-1 to V only: events weighed under an older
+    version (a plain ``rules`` step between two compensations) keep that difference,
+    and so does the model. A second apply of the same rules is a no-op."""
     from loyalty.adapters.expiry_store import ExpiryLease, MemberLots
     from loyalty.application.expiry import Expiry
-    from loyalty.worker import build_projection
+    from loyalty.worker import build_compensation, build_projection
 
     _example[0] += 1
     prefix = f"r{_example[0]}-"
@@ -612,6 +710,12 @@ def test_rules_changes_and_requalification_keep_every_member_as_the_model_says(
     version = "a"
     rules.put(ranked_wire(version))
     held = {u: Held() for u in users}
+    # the current version: the one before it (None: stored before this example, no
+    # event of it is weighed), each member's events processed before it was stored, and
+    # whether its compensation ran
+    previous: str | None = None
+    before: dict[str, list[str]] = {u: [] for u in users}
+    compensated = False
     apps: list[Members] = []
 
     def build() -> tuple[Members, Pipeline, Accounts, Spending, Expiry]:
@@ -649,6 +753,7 @@ def test_rules_changes_and_requalification_keep_every_member_as_the_model_says(
                     prices = PRICES[version][0]
                     h.currency += sum(prices[k][0] for k in h.unprocessed)
                     h.points += sum(prices[k][1] for k in h.unprocessed)
+                    h.processed += h.unprocessed
                     h.unprocessed = []
                     target = model_rank(version, h.points)
                     if not h.account or higher(h.rank, target) != h.rank:
@@ -678,12 +783,46 @@ def test_rules_changes_and_requalification_keep_every_member_as_the_model_says(
                 except InsufficientFunds:
                     assert h.account and amount > h.spendable
                 else:
+                    h.recorded(version)
                     assert amount <= h.spendable
                     h.spent += amount
-                    h.recorded(version)
+                    h.take(amount)
             elif op[0] == "rules":
+                previous, before, compensated = version, snapshot(held), False
                 version = op[1]
                 rules.put(ranked_wire(version))
+            elif op[0] == "compensate":
+                target = op[1]
+                if target != version:  # a new version and its run
+                    previous, before, compensated = version, snapshot(held), False
+                    version = target
+                asked = {
+                    u: (0, 0) if compensated else model_compensation(previous, version, before[u])
+                    for u in users
+                }
+                wire = ranked_wire(target)
+                since = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+                compensation = build_compensation(db, app)
+                receipt = compensation.apply(wire, since=since, candidate=parse_rule_set(wire, 0))
+                assert receipt["already_done"] == compensated, receipt
+                compensated = True
+                for user, (currency, points) in asked.items():
+                    if not (currency or points):
+                        continue  # no adjustment, the pending row is left
+                    h = held[user]
+                    h.recorded(version)  # the adjustment's save records the row first
+                    currency = max(currency, -h.spendable)
+                    points = max(points, -(int(h.points // 1) + h.adjusted[1]))
+                    if currency >= 0:
+                        h.legacy += currency
+                    else:
+                        h.take(-currency)
+                    h.adjusted = (h.adjusted[0] + currency, h.adjusted[1] + points)
+                # a second apply of the same rules: done already, nothing saved
+                streams = {u: stream(app, u) if held[u].account else [] for u in users}
+                again = compensation.apply(wire, since=since, candidate=parse_rule_set(wire, 0))
+                assert again["already_done"] and again["new_version"] == receipt["new_version"]
+                assert {u: stream(app, u) if held[u].account else [] for u in users} == streams
             elif op[0] == "requalify":
                 # member_lots, member_ranks: whom the job reads
                 build_projection(db, app).catch_up()
@@ -692,7 +831,7 @@ def test_rules_changes_and_requalification_keep_every_member_as_the_model_says(
                 for h in held.values():
                     if op[1] and h.indexed:  # the month is over: its currency expires
                         h.recorded(version)  # pending recorded first
-                        h.closed = h.closed or h.spendable > 0
+                        h.closed = h.closed or h.month_left > 0  # the legacy lot stays
                         h.indexed = False
                 for h in held.values():
                     if not h.account or h.rank == "bronze":  # the lowest rank is kept
@@ -706,6 +845,11 @@ def test_rules_changes_and_requalification_keep_every_member_as_the_model_says(
     finally:
         for a in apps:
             a.close()
+
+
+def snapshot(held: dict[str, Held]) -> dict[str, list[str]]:
+    """Each member's events processed so far (before a version is stored)."""
+    return {u: list(h.processed) for u, h in held.items()}
 
 
 def check_held(
@@ -736,8 +880,11 @@ def check_held(
         assert (member.rank, user in rows) == (h.rank, h.row), (user, h)
         view = member_body(container, member)  # what GET /v1/members/{id} shows
         assert view.currency == h.spendable, (user, h)
-        if not h.closed:
-            assert view.currency + h.spent == int(h.currency // 1)
+        if not h.closed:  # nothing expired: every unit earned or compensated is held or spent
+            assert view.currency + h.spent == int(h.currency // 1) + h.adjusted[0]
+        # compensated rank points count in the lifetime points, not in the period's
+        assert view.rank_points == int(h.points // 1) + h.adjusted[1], (user, h)
+        assert view.rank_points_this_period == int(h.points // 1), (user, h)
         assert view.rank == (higher(h.rank, model_rank(version, h.points)) if h.row else h.rank)
         with pytest.raises(InsufficientFunds):  # one more than shown is refused
             spending.spend(user, f"probe-{user}", h.spendable + 1)
