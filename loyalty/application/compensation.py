@@ -244,7 +244,10 @@ class Compensation:
                 "from": run.since.astimezone(UTC).date().isoformat(),
                 "until": run.until.isoformat(),
             },
+            # members whose explanation was written; a run killed between a member's
+            # adjustment and its explanation leaves at most one more member adjusted
             "members_compensated_before_abandoned": self._runs.compensated(new_version),
+            "members_maybe_adjusted_without_explanation": 1,
             "abandoned_at": at.isoformat(),
         }
         if not self._runs.abandon(new_version, receipt, at):
