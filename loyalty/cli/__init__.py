@@ -161,7 +161,16 @@ def open_database(
     from loyalty.adapters.db import DatabaseUnavailable
     from loyalty.api.problems import database_busy
 
-    typer.echo(f"database: {database_label(settings)}", err=True)
+    said = f"database: {database_label(settings)}"
+    if settings.log_format == "json":  # stderr is one JSON object per line
+        from loyalty.observability import JsonFormatter
+
+        said = JsonFormatter().format(
+            logging.makeLogRecord(
+                {"name": "loyalty.cli", "levelname": "INFO", "levelno": logging.INFO, "msg": said}
+            )
+        )
+    typer.echo(said, err=True)
     if (
         settings.backend == "sqlite"
         and not (create or _create["allowed"])

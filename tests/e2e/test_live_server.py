@@ -34,9 +34,11 @@ def fresh_url(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[n
 
 
 def test_two_processes_migrating_a_fresh_database_at_once(fresh_url: str) -> None:
+    """Three one-shot commands allowed to create the database (--create) race to make
+    and migrate it: all succeed, each with its own key."""
     procs = [
         subprocess.Popen(
-            [*LOYALTY, "keys", "create", "--role", "ingest", "--name", f"s{i}"],
+            [*LOYALTY, "--create", "keys", "create", "--role", "ingest", "--name", f"s{i}"],
             env=env_for(fresh_url),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
