@@ -36,8 +36,12 @@ def amounts(i: int) -> dict[str, int]:
     return {"2024-01": 10 + i % 7, "2024-03": 3 + i % 5, "2025-05": 1}
 
 
-def head(settings: Settings) -> int:
-    """The newest notification id: how many account events are stored."""
+def head(settings: Settings, app: Members | None = None) -> int:
+    """The newest notification id: how many account events are stored (through ``app``
+    when given: polling with one open store reads within milliseconds, where opening one
+    per poll took long enough on a loaded machine for a short run to end unseen)."""
+    if app is not None:
+        return int(app.recorder.max_notification_id() or 0)
     app = Members(env=event_store_env(settings))
     try:
         return int(app.recorder.max_notification_id() or 0)
@@ -96,6 +100,7 @@ def test_kill_9_during_an_expiry_run_expires_each_lot_exactly_once(
     rnd = random.Random(19)
     kills = 0
     left: list[int] = []
+    watch = Members(env=event_store_env(settings))
     for _ in range(8):
         proc = subprocess.Popen(
             [*LOYALTY, "expiry", "run", "--as-of", AS_OF, "--json"],
@@ -105,17 +110,18 @@ def test_kill_9_during_an_expiry_run_expires_each_lot_exactly_once(
         )
         # killed soon after the run's first expiry commits (start-up takes 1 s on a quiet
         # machine, several on a loaded one; a fixed sleep missed the run on either)
-        before, deadline = head(settings), time.monotonic() + 30
+        before, deadline = head(settings, watch), time.monotonic() + 30
         while proc.poll() is None and time.monotonic() < deadline:
-            if head(settings) > before:
-                time.sleep(rnd.uniform(0.0, 0.3))
+            if head(settings, watch) > before:
+                time.sleep(rnd.uniform(0.0, 0.1))
                 break
-            time.sleep(0.02)
+            time.sleep(0.005)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait(timeout=30)
-        left.append(head(settings) - start)
+        left.append(head(settings, watch) - start)
+    watch.close()
     final = subprocess.run(
         [*LOYALTY, "expiry", "run", "--as-of", AS_OF, "--json"],
         env=env_for(settings.database_url),
