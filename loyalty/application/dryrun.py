@@ -297,7 +297,7 @@ class DryRun:
     def run(
         self, candidate: RuleSet, first: str | date | None, end: str | date | None
     ) -> dict[str, Any]:
-        """The dry run's report (JSON-ready; the shape is documented in the README)."""
+        """The dry run's report (JSON-ready; the shape is documented in docs/api.md)."""
         start, stop = self.period(first, end)
         return self.report(self.compare(candidate, start, stop))
 

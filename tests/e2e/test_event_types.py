@@ -101,8 +101,8 @@ def test_one_list_of_event_types_from_the_domain_everywhere(
     page = api.get("/console/webhooks").text
     boxes = re.findall(r'name="event_type" value="([^"]+)"', page)
     assert boxes == list(EVENT_TYPES)
-    # the docs: README's and the architecture's "Events out" name every type
-    for doc in ("README.md", "docs/architecture.md"):
+    # the docs: the API guide's and the architecture's "Events out" name every type
+    for doc in ("docs/api.md", "docs/architecture.md"):
         text = (ROOT / doc).read_text()
         section = text[text.index("## Events out") :]
         missing = [t for t in EVENT_TYPES if f"`{t}`" not in section]

@@ -1,4 +1,4 @@
-"""The README's configuration table is generated from ``Settings``: this test fails when
+"""The configuration table of docs/configuration.md (linked from the README) is generated from ``Settings``: this test fails when
 they disagree. Regenerate it with::
 
     .venv/bin/python -m tests.unit.test_readme_config --write
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from loyalty.config import Settings
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 START = "<!-- settings-table:start -->"
 END = "<!-- settings-table:end -->"
 
@@ -34,14 +34,14 @@ def settings_table() -> str:
 
 
 def readme_table(text: str) -> str:
-    assert START in text and END in text, f"README.md lost its markers {START!r} ... {END!r}"
+    assert START in text and END in text, f"docs/configuration.md lost its markers {START!r} ... {END!r}"
     return text.split(START, 1)[1].split(END, 1)[0].strip()
 
 
 def test_readme_configuration_table_matches_settings() -> None:
     expected = settings_table()
     assert readme_table(README.read_text()) == expected, (
-        "README.md's configuration table differs from loyalty.config.Settings; run "
+        "docs/configuration.md's table differs from loyalty.config.Settings; run "
         "`.venv/bin/python -m tests.unit.test_readme_config --write`. Expected:\n" + expected
     )
 
