@@ -43,11 +43,10 @@ from loyalty.api.schemas import (
     ForgetRequestBody,
     Problem,
     RefundRequest,
-    RulesBody,
-    RulesRequest,
     SpendRequest,
 )
 from loyalty.application.accounts import Accounts, Members, Spending
+from loyalty.application.commands.rules import RulesBody, RulesRequest
 from loyalty.application.explain import Explanations
 from loyalty.application.ingress import IngestService
 from loyalty.config import Settings

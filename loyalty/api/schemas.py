@@ -18,7 +18,10 @@ from pydantic import (
 )
 
 from loyalty.api.guards import BodyProblem, parse_json_document
-from loyalty.domain.expiry import MAX_AFTER_MONTHS
+from loyalty.application.commands.rules import (
+    RulesBody,
+    RulesRequest,
+)
 from loyalty.domain.limits import (
     MAX_AMOUNT,
     MAX_DAY,
@@ -28,8 +31,6 @@ from loyalty.domain.limits import (
     MIN_DAY,
     PRINTABLE_PATTERN,
 )
-from loyalty.domain.qualification import MAX_GRACE_DAYS, MAX_ROLLING_DAYS
-from loyalty.domain.rules import MAX_DAILY_CAP, MAX_RANK_POINTS_THRESHOLD
 from loyalty.domain.user_ids import MAX_LENGTH, check_user_id
 
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
@@ -233,104 +234,12 @@ class ExpiringBody(BaseModel):
     on: date = Field(description="expires at the end of this day (UTC)")
 
 
-# The rules are parsed by ``loyalty.domain.rules.parse_rule_set`` (one parser, with the
-# locations and exact decimals it needs); these models publish exactly what it accepts,
-# so a body the schema refuses is refused by the parser (tests/e2e/test_rules_schema.py).
-Weight = Annotated[
-    int | float | str,
-    Field(description='non-negative decimal: a number or a decimal string ("2.5")'),
-]
-
-
-class MultiplierBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    when: dict[str, str | int | float | bool | None] = Field(
-        min_length=1, description="attribute values that must all be equal (type-aware)"
-    )
-    factor: Weight
-
-
-class RuleBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    event_type: EventType
-    currency: Weight
-    rank_points: Weight
-    multipliers: list[MultiplierBody] = []
-    daily_cap: int | None = Field(None, ge=0, le=MAX_DAILY_CAP)
-
-
-class RankBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: Annotated[str, StringConstraints(min_length=1, max_length=64)]
-    min_rank_points: int = Field(ge=0, le=MAX_RANK_POINTS_THRESHOLD)
-    privileges: list[Annotated[str, StringConstraints(min_length=1)]] = []
-
-
-class CurrencyExpiryBody(BaseModel):
-    """Currency earned in a month expires at the end of the month ``after_months``
-    later; lots earned before ``effective_from`` (stamped with the current month when
-    left out) never expire unless ``retroactive``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    after_months: int = Field(ge=0, le=MAX_AFTER_MONTHS)
-    at: Literal["month_end"] = "month_end"
-    effective_from: (
-        Annotated[str, StringConstraints(pattern=r"^[0-9]{4}-(0[1-9]|1[0-2])$")] | None
-    ) = None
-    retroactive: bool = False
-
-
-class RollingPeriod(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    rolling_days: int = Field(ge=1, le=MAX_ROLLING_DAYS)
-
-
-class RankQualificationBody(BaseModel):
-    """A rank is held by rank points earned in the period (or kept through the grace
-    after it); upgrades at once, downgrades by the scheduled job."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    period: Literal["calendar_year"] | RollingPeriod
-    grace_days: int | None = Field(0, ge=0, le=MAX_GRACE_DAYS)
-
-
-class RulesBody(BaseModel):
-    version: int
-    rules: list[RuleBody]
-    ranks: list[RankBody]
-    currency_expiry: CurrencyExpiryBody | None = None
-    rank_qualification: RankQualificationBody | None = None
-
-
-class RulesRequest(BaseModel):
-    """The body of PUT /v1/rules: a new version of the rules and rank ladder."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    rules: list[RuleBody]
-    ranks: list[RankBody] = Field(min_length=1, description="at least one rank")
-    currency_expiry: CurrencyExpiryBody | None = Field(
-        None, description="null: currency never expires"
-    )
-    rank_qualification: RankQualificationBody | None = Field(
-        None, description="null: ranks by lifetime rank points"
-    )
-    version: int | None = Field(
-        None, ge=0, description="ignored (the store numbers versions); rules show prints it"
-    )
-
-
 def rules_document(body: bytes) -> dict[str, Any]:
     """The one reading of a rules document, for every entrypoint (``PUT /v1/rules``, the
     console's editor and dry run, ``loyalty rules load|dry-run|apply``): JSON as
     :func:`~loyalty.api.guards.parse_json_document` reads it (an object repeating a key is
-    refused), and an object; ``loyalty.domain.rules.parse_rule_set`` judges the rest.
+    refused), and an object; the command model
+    (:class:`loyalty.application.commands.rules.RulesRequest`) judges the rest.
     Raises :class:`~loyalty.api.guards.BodyProblem`."""
     wire = parse_json_document(body)
     if not isinstance(wire, dict):

@@ -12,7 +12,7 @@ from loyalty.api.problems import ApiProblem, validation_errors
 from loyalty.api.routes.members import UserId
 from loyalty.api.routes.operations import RULES_MAX_BYTES
 from loyalty.api.schemas import DryRunBody, DryRunRequest, ExplanationBody, Problem
-from loyalty.domain.rules import parse_rule_set
+from loyalty.application.commands.rules import parse_rule_set
 
 router = APIRouter(tags=["explanations"])
 

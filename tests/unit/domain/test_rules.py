@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from loyalty.application.commands.rules import parse_rule_set, rule_set_to_wire
 from loyalty.domain.errors import InvalidRules
 from loyalty.domain.ranks import RankLadder
 from loyalty.domain.rules import (
@@ -16,8 +17,6 @@ from loyalty.domain.rules import (
     Rule,
     RuleSet,
     aggregate,
-    parse_rule_set,
-    rule_set_to_wire,
     weigh,
 )
 
