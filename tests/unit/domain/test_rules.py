@@ -443,3 +443,24 @@ def test_default_rules_parse_and_weigh_as_documented() -> None:
     gold = rs.ranks.rank_for(5000)
     assert gold is not None and gold.name == "gold"
     assert "priority_support" in gold.privileges
+
+
+@pytest.mark.parametrize(
+    ("build", "location"),
+    [
+        (lambda: rule(1_000_001), "currency"),
+        (lambda: rule("0.0000000001"), "currency"),
+        (lambda: rule(5, 10, ({"a": 1}, 1001)), "factor"),
+        (lambda: rule(5, 10, cap=1_000_001), "daily_cap"),
+        (lambda: rule(1001, 10, ({"a": 1}, 1000), ({"b": 1}, 1000)), "multipliers"),
+        (lambda: rule(5, 10, *[({"a": 1}, 1)] * 33), "multipliers"),
+    ],
+)
+def test_the_domain_refuses_rules_nobody_may_store(
+    build: Callable[[], object], location: str
+) -> None:
+    """Whoever builds a rule (not only the rules document's model), a weight, factor or
+    cap beyond the bounds that keep totals exact and inside a 64-bit column is refused."""
+    with pytest.raises(InvalidRules) as info:
+        build()
+    assert location in [loc for loc, _ in info.value.problems], info.value.problems
