@@ -12,17 +12,15 @@ stays type-aware (``True`` never equals ``1``: ``loyalty.domain.rules.values_equ
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from decimal import Decimal, InvalidOperation
-from typing import Annotated, Any, ClassVar, Literal, TypeGuard
+from collections.abc import Callable, Iterable, Mapping
+from decimal import Decimal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
-    PlainSerializer,
     PlainValidator,
     ValidationError,
     ValidationInfo,
@@ -33,247 +31,44 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from loyalty.application.commands.rules_fields import (
+    AfterMonths,
+    AttributeValue,
+    DailyCap,
+    EventTypeField,
+    Factor,
+    GraceDays,
+    RollingDays,
+    RuleWeight,
+    Threshold,
+    at_most_multipliers,
+    boolean,
+    claimed_version,
+    conditions,
+    integer_parser,
+    is_list,
+    list_of_strings,
+    month_end,
+    object_or_null,
+    or_null,
+    privilege,
+    rank_name,
+    refuse,
+    start_month,
+)
 from loyalty.domain.errors import InvalidRules, Problem
-from loyalty.domain.expiry import LEGACY, MAX_AFTER_MONTHS, CurrencyExpiry, is_month
-from loyalty.domain.qualification import MAX_GRACE_DAYS, MAX_ROLLING_DAYS, RankQualification
+from loyalty.domain.expiry import CurrencyExpiry
+from loyalty.domain.qualification import RankQualification
 from loyalty.domain.ranks import Rank, RankLadder, is_int, ladder_order_problems
 from loyalty.domain.rules import (
-    EVENT_TYPE_PATTERN,
-    MAX_DAILY_CAP,
-    MAX_FACTOR,
     MAX_MULTIPLIERS,
     MAX_RANK_POINTS_THRESHOLD,
-    MAX_WEIGHT,
     Multiplier,
     Rule,
     RuleSet,
-    decimal_problem,
     decimal_to_wire,
     event_weight_problem,
 )
-
-_ERROR = "invalid_rules"
-
-
-def _refuse(message: str) -> PydanticCustomError:
-    return PydanticCustomError(_ERROR, message)
-
-
-def _is_list(value: object) -> TypeGuard[Sequence[Any]]:
-    return isinstance(value, Sequence) and not isinstance(value, str | bytes)
-
-
-# ------------------------------------------------------------------------ numbers
-
-
-def _to_decimal(value: object) -> Decimal | None:
-    """A finite decimal from an int, a float (via its repr), a decimal string (at most
-    64 characters) or a Decimal; None for anything else."""
-    number: Decimal | None = None
-    if is_int(value):
-        assert isinstance(value, int)
-        number = Decimal(value)
-    elif isinstance(value, float):
-        # via str, so 0.1 means Decimal("0.1"), not the binary approximation
-        number = Decimal(str(value)) if math.isfinite(value) else None
-    elif isinstance(value, str) and len(value) <= 64:
-        try:
-            number = Decimal(value)
-        except InvalidOperation:
-            number = None
-    elif isinstance(value, Decimal):
-        number = value
-    return number if number is not None and number.is_finite() else None
-
-
-def _decimal(maximum: Decimal) -> Callable[[object], Decimal]:
-    def parse(value: object) -> Decimal:
-        number = _to_decimal(value)
-        if number is None:
-            raise _refuse("must be a number (integer, decimal string or float)")
-        problem = decimal_problem(number, maximum)
-        if problem is not None:
-            raise _refuse(problem)
-        return number
-
-    return parse
-
-
-def _integer(maximum: int, minimum: int = 0) -> Callable[[object], int]:
-    """A bounded JSON integer: an int, or a float/Decimal with no fraction (``5.0``);
-    never a string or a bool."""
-
-    def parse(value: object) -> int:
-        if not (is_int(value) or isinstance(value, float | Decimal)):
-            raise _refuse("must be an integer")
-        number = _decimal(Decimal(maximum))(value)
-        if number != number.to_integral_value():
-            raise _refuse("must be an integer")
-        if number < minimum:
-            raise _refuse(f"must be >= {minimum}")
-        return int(number)
-
-    return parse
-
-
-def _optional(parse: Callable[[object], Any]) -> Callable[[object], Any]:
-    return lambda value: None if value is None else parse(value)
-
-
-def _integer_schema(minimum: int, maximum: int) -> dict[str, Any]:
-    return {"type": "integer", "minimum": minimum, "maximum": maximum}
-
-
-def _or_null(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"anyOf": [schema, {"type": "null"}]}
-
-
-_NUMBER_SCHEMA = WithJsonSchema(
-    {"anyOf": [{"type": "integer"}, {"type": "number"}, {"type": "string"}]}
-)
-_WEIGHT_TEXT = 'non-negative decimal: a number or a decimal string ("2.5")'
-
-RuleWeight = Annotated[
-    Decimal,
-    PlainValidator(_decimal(MAX_WEIGHT)),
-    PlainSerializer(decimal_to_wire),
-    _NUMBER_SCHEMA,
-    Field(description=_WEIGHT_TEXT),
-]
-"""A rule's currency or rank points: a non-negative decimal of at most 9 places."""
-Factor = Annotated[
-    Decimal,
-    PlainValidator(_decimal(MAX_FACTOR)),
-    PlainSerializer(decimal_to_wire),
-    _NUMBER_SCHEMA,
-    Field(description=_WEIGHT_TEXT),
-]
-"""A multiplier's factor: a non-negative decimal of at most 9 places."""
-Threshold = Annotated[
-    int,
-    PlainValidator(_integer(MAX_RANK_POINTS_THRESHOLD)),
-    WithJsonSchema(_integer_schema(0, MAX_RANK_POINTS_THRESHOLD)),
-]
-AfterMonths = Annotated[
-    int,
-    PlainValidator(_integer(MAX_AFTER_MONTHS)),
-    WithJsonSchema(_integer_schema(0, MAX_AFTER_MONTHS)),
-]
-RollingDays = Annotated[
-    int,
-    PlainValidator(_integer(MAX_ROLLING_DAYS, minimum=1)),
-    WithJsonSchema(_integer_schema(1, MAX_ROLLING_DAYS)),
-]
-DailyCap = Annotated[
-    int | None,
-    PlainValidator(_optional(_integer(MAX_DAILY_CAP))),
-    WithJsonSchema(_or_null(_integer_schema(0, MAX_DAILY_CAP))),
-]
-GraceDays = Annotated[
-    int | None,
-    PlainValidator(_optional(_integer(MAX_GRACE_DAYS))),
-    WithJsonSchema(_or_null(_integer_schema(0, MAX_GRACE_DAYS))),
-]
-
-
-# ------------------------------------------------------------------------- fields
-
-
-def _event_type(value: object) -> str:
-    if not isinstance(value, str) or not EVENT_TYPE_PATTERN.fullmatch(value):
-        raise _refuse("must match [a-z0-9_.-]{1,64}")
-    return value
-
-
-EventTypeField = Annotated[
-    str,
-    PlainValidator(_event_type),
-    WithJsonSchema({"type": "string", "pattern": r"^[a-z0-9_.-]{1,64}$"}),
-]
-
-
-def _attribute(value: object) -> str | int | float | bool | None:
-    if isinstance(value, float) and not math.isfinite(value):
-        raise _refuse("must be a string, number, bool or null")
-    if value is None or isinstance(value, str | int | float | bool):
-        return value  # its JSON type kept: matching is type-aware
-    raise _refuse("must be a string, number, bool or null")
-
-
-AttributeValue = Annotated[
-    str | int | float | bool | None,
-    PlainValidator(_attribute),
-    WithJsonSchema(
-        {"anyOf": [{"type": t} for t in ("string", "integer", "number", "boolean", "null")]}
-    ),
-]
-
-
-def _conditions(value: object) -> object:
-    if not isinstance(value, Mapping):
-        raise _refuse("must be an object")
-    if not value:
-        raise _refuse("must have at least one condition")
-    if not all(isinstance(key, str) and key for key in value):
-        raise _refuse("keys must be non-empty strings")
-    return dict(value)
-
-
-def _list_of_strings(value: object) -> object:
-    if not _is_list(value):
-        raise _refuse("must be a list of strings")
-    return value
-
-
-def _at_most_multipliers(value: object) -> object:
-    if _is_list(value) and len(value) > MAX_MULTIPLIERS:
-        raise _refuse(f"at most {MAX_MULTIPLIERS} allowed")
-    return value
-
-
-def _object_or_null(value: object) -> object:
-    if value is not None and not isinstance(value, Mapping | BaseModel):
-        raise _refuse("must be an object or null")
-    return value
-
-
-def _rank_name(value: object) -> str:
-    if not isinstance(value, str) or not value.strip() or len(value) > 64:
-        raise _refuse("must be a non-empty string (<= 64)")
-    return value
-
-
-def _privilege(value: object) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise _refuse("must be a non-empty string")
-    return value
-
-
-def _month_end(value: object) -> Literal["month_end"]:
-    if value != "month_end":
-        raise _refuse("must be 'month_end'")
-    return "month_end"
-
-
-def _start_month(value: object) -> str | None:
-    if value is not None and (not is_month(value) or value == LEGACY):
-        raise _refuse("must be a month 'YYYY-MM' or null")
-    assert value is None or isinstance(value, str)
-    return value
-
-
-def _boolean(value: object) -> bool:
-    if not isinstance(value, bool):
-        raise _refuse("must be a boolean")
-    return value
-
-
-def _claimed_version(value: object) -> int | None:
-    if value is not None and (not is_int(value) or value < 0):  # type: ignore[operator]
-        raise _refuse("must be null or an integer >= 0 (the store numbers versions)")
-    assert value is None or isinstance(value, int)
-    return value
-
 
 # ------------------------------------------------------------------------- models
 
@@ -285,7 +80,7 @@ class _Strict(BaseModel):
 class MultiplierBody(_Strict):
     when: Annotated[
         dict[str, AttributeValue],
-        BeforeValidator(_conditions),
+        BeforeValidator(conditions),
         Field(
             description="attribute values that must all be equal (type-aware)",
             json_schema_extra={"minProperties": 1},
@@ -303,7 +98,7 @@ class RuleBody(_Strict):
     rank_points: RuleWeight
     multipliers: Annotated[
         list[MultiplierBody],
-        BeforeValidator(_at_most_multipliers),
+        BeforeValidator(at_most_multipliers),
         Field(max_length=MAX_MULTIPLIERS),
     ] = []
     daily_cap: DailyCap = None
@@ -317,7 +112,7 @@ class RuleBody(_Strict):
         if isinstance(currency, Decimal) and isinstance(points, Decimal):
             problem = event_weight_problem(currency, points, (m.factor for m in multipliers))
             if problem is not None:
-                raise _refuse(problem)
+                raise refuse(problem)
         return multipliers
 
     def to_domain(self) -> Rule:
@@ -333,7 +128,7 @@ class RuleBody(_Strict):
 class RankBody(_Strict):
     name: Annotated[
         str,
-        PlainValidator(_rank_name),
+        PlainValidator(rank_name),
         WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 64}),
     ]
     min_rank_points: Threshold
@@ -341,11 +136,11 @@ class RankBody(_Strict):
         list[
             Annotated[
                 str,
-                PlainValidator(_privilege),
+                PlainValidator(privilege),
                 WithJsonSchema({"type": "string", "minLength": 1}),
             ]
         ],
-        BeforeValidator(_list_of_strings),
+        BeforeValidator(list_of_strings),
     ] = []
 
     def to_domain(self) -> Rank:
@@ -360,15 +155,15 @@ class CurrencyExpiryBody(_Strict):
     after_months: AfterMonths
     at: Annotated[
         Literal["month_end"],
-        PlainValidator(_month_end),
+        PlainValidator(month_end),
         WithJsonSchema({"const": "month_end", "type": "string"}),
     ] = "month_end"
     effective_from: Annotated[
         str | None,
-        PlainValidator(_start_month),
-        WithJsonSchema(_or_null({"type": "string", "pattern": r"^[0-9]{4}-(0[1-9]|1[0-2])$"})),
+        PlainValidator(start_month),
+        WithJsonSchema(or_null({"type": "string", "pattern": r"^[0-9]{4}-(0[1-9]|1[0-2])$"})),
     ] = None
-    retroactive: Annotated[bool, PlainValidator(_boolean), WithJsonSchema({"type": "boolean"})] = (
+    retroactive: Annotated[bool, PlainValidator(boolean), WithJsonSchema({"type": "boolean"})] = (
         False
     )
 
@@ -392,7 +187,7 @@ def _period(value: object, handler: Callable[[object], Any]) -> Any:
         return RollingPeriod.model_validate(value)
     if isinstance(value, RollingPeriod):
         return value
-    raise _refuse("must be 'calendar_year' or {'rolling_days': N}")
+    raise refuse("must be 'calendar_year' or {'rolling_days': N}")
 
 
 class RankQualificationBody(_Strict):
@@ -416,16 +211,16 @@ class RulesRequest(_Strict):
     ranks: list[RankBody] = Field(
         description="at least one rank", json_schema_extra={"minItems": 1}
     )
-    currency_expiry: Annotated[CurrencyExpiryBody | None, BeforeValidator(_object_or_null)] = Field(
+    currency_expiry: Annotated[CurrencyExpiryBody | None, BeforeValidator(object_or_null)] = Field(
         None, description="null: currency never expires"
     )
-    rank_qualification: Annotated[
-        RankQualificationBody | None, BeforeValidator(_object_or_null)
-    ] = Field(None, description="null: ranks by lifetime rank points")
+    rank_qualification: Annotated[RankQualificationBody | None, BeforeValidator(object_or_null)] = (
+        Field(None, description="null: ranks by lifetime rank points")
+    )
     version: Annotated[
         int | None,
-        PlainValidator(_claimed_version),
-        WithJsonSchema(_or_null({"type": "integer", "minimum": 0})),
+        PlainValidator(claimed_version),
+        WithJsonSchema(or_null({"type": "integer", "minimum": 0})),
     ] = Field(None, description="ignored (the store numbers versions); rules show prints it")
 
     @model_validator(mode="wrap")
@@ -437,7 +232,7 @@ class RulesRequest(_Strict):
         if isinstance(data, BaseModel):
             return handler(data)
         if not isinstance(data, Mapping):
-            raise _refuse("must be an object with 'rules' and 'ranks'")
+            raise refuse("must be an object with 'rules' and 'ranks'")
         require_rank = (info.context or {}).get("require_rank", cls._require_rank)
         across = _problems_across(data, require_rank=require_rank)
         try:
@@ -476,7 +271,7 @@ class RulesBody(RulesRequest):
 def _problems_across(data: Mapping[str, Any], *, require_rank: bool) -> list[Problem]:
     problems: list[Problem] = []
     raw_rules = data.get("rules")
-    if _is_list(raw_rules):
+    if is_list(raw_rules):
         first: dict[str, int] = {}
         for i, entry in enumerate(raw_rules):
             event_type = entry.get("event_type") if isinstance(entry, Mapping) else None
@@ -492,7 +287,7 @@ def _problems_across(data: Mapping[str, Any], *, require_rank: bool) -> list[Pro
             else:
                 first[event_type] = i
     raw_ranks = data.get("ranks")
-    if _is_list(raw_ranks):
+    if is_list(raw_ranks):
         if require_rank and not raw_ranks:
             problems.append(("ranks", "must list at least one rank"))
         names: list[tuple[int, str | None]] = []
@@ -501,9 +296,9 @@ def _problems_across(data: Mapping[str, Any], *, require_rank: bool) -> list[Pro
             if not isinstance(entry, Mapping):
                 continue
             if "name" in entry:
-                names.append((i, _or_none(_rank_name, entry["name"])))
+                names.append((i, _or_none(rank_name, entry["name"])))
             if "min_rank_points" in entry:
-                parse = _integer(MAX_RANK_POINTS_THRESHOLD)
+                parse = integer_parser(MAX_RANK_POINTS_THRESHOLD)
                 thresholds.append((i, _or_none(parse, entry["min_rank_points"])))
         problems.extend(ladder_order_problems(names, thresholds))
     return problems
@@ -521,7 +316,7 @@ def _joined(title: str, errors: Iterable[Any], problems: list[Problem]) -> Valid
         {"type": PydanticCustomError(e["type"], e["msg"]), "loc": e["loc"], "input": e["input"]}
         for e in errors
     ]
-    details.extend({"type": _refuse(msg), "loc": (loc,), "input": None} for loc, msg in problems)
+    details.extend({"type": refuse(msg), "loc": (loc,), "input": None} for loc, msg in problems)
     return ValidationError.from_exception_data(title, details)
 
 
