@@ -40,9 +40,10 @@ from loyalty.adapters.event_store import event_store_env, stream_loader, worker_
 from loyalty.adapters.pending_store import PendingTable
 from loyalty.adapters.rules_store import RulesStore
 from loyalty.application.accounts import Accounts, Members, Spending
+from loyalty.application.commands.rules import parse_rule_set
 from loyalty.config import Settings
 from loyalty.domain.member import Member
-from loyalty.domain.rules import DEFAULT_RULES_WIRE, parse_rule_set
+from loyalty.domain.rules import DEFAULT_RULES_WIRE
 
 AS_OF = "2025-01-01T00:00:00Z"
 LADDER = parse_rule_set(copy.deepcopy(DEFAULT_RULES_WIRE), 1).ranks

@@ -30,8 +30,9 @@ from typing import Any
 from benchmarks.fill import SHARDS, fill_pending
 from benchmarks.framework import Context, benchmark
 from loyalty.adapters.db import Database
+from loyalty.application.commands.rules import parse_rule_set
 from loyalty.config import Settings
-from loyalty.domain.rules import DEFAULT_RULES_WIRE, parse_rule_set
+from loyalty.domain.rules import DEFAULT_RULES_WIRE
 
 
 def _candidate() -> dict[str, Any]:

@@ -12,8 +12,9 @@ import sqlalchemy as sa
 
 from loyalty.adapters.db import Database
 from loyalty.adapters.tables import rule_compensations, rule_versions
+from loyalty.application.commands.rules import parse_rule_set, rule_set_to_wire
 from loyalty.domain.expiry import month_of
-from loyalty.domain.rules import DEFAULT_RULES_WIRE, RuleSet, parse_rule_set, rule_set_to_wire
+from loyalty.domain.rules import DEFAULT_RULES_WIRE, RuleSet
 
 
 class RulesStore:

@@ -36,18 +36,13 @@ from loyalty.api.routes import reports as report_routes
 from loyalty.api.routes import storage as storage_routes
 from loyalty.api.routes import webhooks as webhook_routes
 from loyalty.api.routes.webhooks import WebhookCreate
-from loyalty.api.schemas import (
-    AdjustmentRequest,
-    Batch,
-    DryRunRequest,
-    ForgetRequestBody,
-    Problem,
-    RefundRequest,
-    RulesBody,
-    RulesRequest,
-    SpendRequest,
-)
+from loyalty.api.schemas import Problem
 from loyalty.application.accounts import Accounts, Members, Spending
+from loyalty.application.commands.accounts import AdjustmentRequest, RefundRequest, SpendRequest
+from loyalty.application.commands.forget import ForgetRequestBody
+from loyalty.application.commands.ingress import Batch
+from loyalty.application.commands.periods import DryRunRequest
+from loyalty.application.commands.rules import RulesBody, RulesRequest
 from loyalty.application.explain import Explanations
 from loyalty.application.ingress import IngestService
 from loyalty.config import Settings

@@ -50,11 +50,12 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Protocol
 
+from loyalty.application.commands.rules import rule_set_to_wire
 from loyalty.application.dryrun import DryRun, MemberDifference
 from loyalty.application.explain import StoredExplanation
 from loyalty.application.pipeline import IngressRow
 from loyalty.domain import explain
-from loyalty.domain.rules import RuleSet, rule_set_to_wire, split_whole
+from loyalty.domain.rules import RuleSet, split_whole
 
 log = logging.getLogger(__name__)
 

@@ -750,7 +750,7 @@ def rules_show() -> None:
     import orjson
 
     from loyalty.adapters.rules_store import RulesStore
-    from loyalty.domain.rules import rule_set_to_wire
+    from loyalty.application.commands.rules import rule_set_to_wire
 
     db = open_database(load_settings())
     try:

@@ -32,8 +32,8 @@ def rules_dry_run(
 ) -> None:
     """Weigh retained days with a candidate rule set and compare with the current rules
     (read-only); prints the report as JSON (the shape of POST /v1/rules/dry-run)."""
+    from loyalty.application.commands.rules import parse_rule_set
     from loyalty.domain.errors import InvalidRules, PeriodNotRetained
-    from loyalty.domain.rules import parse_rule_set
     from loyalty.worker import build_dry_run
 
     wire = read_rules_file(file)
@@ -75,8 +75,8 @@ def rules_apply(
     any unfinished run is finished first, whatever rules were stored since). Prints the
     receipt as JSON."""
     from loyalty.adapters.rules_store import RulesStore
+    from loyalty.application.commands.rules import parse_rule_set
     from loyalty.domain.errors import InvalidRules, PeriodNotRetained
-    from loyalty.domain.rules import parse_rule_set
     from loyalty.worker import build_compensation
 
     wire = read_rules_file(file)

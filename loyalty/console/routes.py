@@ -64,6 +64,7 @@ from loyalty.api.schemas import (
     StoredInt,
     rules_document,
 )
+from loyalty.application.commands.rules import parse_rule_set, rule_set_to_wire
 from loyalty.application.compensation import COMPENSATION_PREFIX
 from loyalty.application.delivery import EVENT_TYPES
 from loyalty.application.explain import PENDING_ALIAS
@@ -79,7 +80,7 @@ from loyalty.application.reporting import (
 from loyalty.console.locate import line_of
 from loyalty.domain.errors import DomainError, InvalidRules
 from loyalty.domain.member import Member
-from loyalty.domain.rules import RuleSet, parse_rule_set, rule_set_to_wire
+from loyalty.domain.rules import RuleSet
 from loyalty.domain.user_ids import user_id_problem
 
 HERE = Path(__file__).parent

@@ -1,8 +1,8 @@
 """The limits of what any entrypoint may store, defined once.
 
 The domain's command methods (``loyalty.domain.member``) refuse a value outside them
-with :class:`~loyalty.domain.errors.InvalidAmount`, whoever calls them; the API's
-pydantic models (``loyalty.api.schemas``), which the console and the CLI use too, publish
+with :class:`~loyalty.domain.errors.InvalidAmount`, whoever calls them; the
+command models (``loyalty.application.commands``), which every entrypoint uses, publish
 the same limits (422 naming the field) so a request is refused before it reaches the
 domain. A new entrypoint cannot store more than these, even if it parses its own way.
 

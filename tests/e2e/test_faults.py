@@ -461,8 +461,9 @@ def test_a_failed_award_save_leaves_no_stale_cache(settings: Settings) -> None:
 
     from loyalty.adapters.event_store import event_store_env, stream_loader, worker_env
     from loyalty.application.accounts import Accounts, AwardCommand, Members
+    from loyalty.application.commands.rules import parse_rule_set
     from loyalty.domain.member import Member
-    from loyalty.domain.rules import DEFAULT_RULES_WIRE, parse_rule_set
+    from loyalty.domain.rules import DEFAULT_RULES_WIRE
 
     ranks = parse_rule_set(DEFAULT_RULES_WIRE, 1).ranks
     members = Members(env=worker_env(settings))

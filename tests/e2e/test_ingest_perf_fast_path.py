@@ -11,7 +11,7 @@ import pytest
 
 from loyalty.api.problems import ApiProblem, validation_errors
 from loyalty.api.routes.ingress import _validate
-from loyalty.api.schemas import Batch
+from loyalty.application.commands.ingress import Batch
 
 
 def reference(body: bytes) -> Any:

@@ -18,11 +18,12 @@ from loyalty.adapters.event_store import event_store_env
 from loyalty.adapters.pending_store import PendingTable
 from loyalty.adapters.tables import pipeline_checkpoints
 from loyalty.application.accounts import Accounts, Members, Spending
+from loyalty.application.commands.rules import parse_rule_set
 from loyalty.application.ingress import IncomingEvent
 from loyalty.config import Settings
 from loyalty.domain.errors import InsufficientFunds, MemberNotFound
 from loyalty.domain.member import Member
-from loyalty.domain.rules import DEFAULT_RULES_WIRE, parse_rule_set
+from loyalty.domain.rules import DEFAULT_RULES_WIRE
 from tests.e2e.test_worker_processes import (
     NOW,
     expected,

@@ -19,10 +19,11 @@ from loyalty.adapters.event_store import event_store_env
 from loyalty.adapters.ingress_log import create_ingress_log, pending_stats
 from loyalty.adapters.pipeline_store import PipelineStore
 from loyalty.application.accounts import Members
+from loyalty.application.commands.rules import parse_rule_set
 from loyalty.application.ingress import IncomingEvent, IngestService
 from loyalty.config import Settings
 from loyalty.domain.member import Member
-from loyalty.domain.rules import DEFAULT_RULES_WIRE, Activity, CapCounter, aggregate, parse_rule_set
+from loyalty.domain.rules import DEFAULT_RULES_WIRE, Activity, CapCounter, aggregate
 from tests.e2e.live import LOYALTY, env_for
 
 pytestmark = pytest.mark.slow

@@ -12,10 +12,11 @@ from loyalty.adapters.event_store import event_store_env
 from loyalty.adapters.expiry_store import ExpiryLease
 from loyalty.adapters.rules_store import RulesStore
 from loyalty.application.accounts import Members
+from loyalty.application.commands.rules import parse_rule_set
 from loyalty.application.expiry import ExpiryJob
 from loyalty.config import Settings
 from loyalty.domain.member import Member
-from loyalty.domain.rules import DEFAULT_RULES_WIRE, parse_rule_set
+from loyalty.domain.rules import DEFAULT_RULES_WIRE
 from loyalty.observability import Metrics
 from loyalty.worker import build_expiry, build_projection
 

@@ -23,6 +23,7 @@ from loyalty.adapters.pending_store import PendingTable
 from loyalty.adapters.pipeline_store import PipelineStore
 from loyalty.adapters.rules_store import RulesStore
 from loyalty.application.accounts import Accounts, Members, Spending
+from loyalty.application.commands.rules import parse_rule_set
 from loyalty.application.explain import Explanations
 from loyalty.application.ingress import IncomingEvent, IngestService
 from loyalty.application.pipeline import Pipeline
@@ -34,7 +35,6 @@ from loyalty.domain.errors import (
     PeriodNotRetained,
 )
 from loyalty.domain.member import Member
-from loyalty.domain.rules import parse_rule_set
 from loyalty.worker import build_compensation, build_dry_run
 from tests.conftest import drain_with
 

@@ -26,19 +26,14 @@ from loyalty.adapters.pending_store import PendingTable
 from loyalty.adapters.pipeline_store import PipelineStore
 from loyalty.adapters.rules_store import RulesStore
 from loyalty.application.accounts import Accounts, Members, Spending
+from loyalty.application.commands.rules import parse_rule_set
 from loyalty.application.ingress import IncomingEvent, IngestService, shard_of
 from loyalty.application.pending import PendingMoved
 from loyalty.application.pipeline import Pipeline
 from loyalty.config import Settings
 from loyalty.domain.errors import InsufficientFunds, MemberNotFound
 from loyalty.domain.member import Member
-from loyalty.domain.rules import (
-    DEFAULT_RULES_WIRE,
-    Activity,
-    CapCounter,
-    aggregate,
-    parse_rule_set,
-)
+from loyalty.domain.rules import DEFAULT_RULES_WIRE, Activity, CapCounter, aggregate
 from tests.conftest import drain_with
 
 NOW = datetime.now(UTC).replace(microsecond=0)

@@ -81,7 +81,7 @@ def balances(members: Members, users: list[str]) -> dict[str, tuple[int, int]]:
 
 def expected(events: list[IncomingEvent]) -> dict[str, tuple[int, int]]:
     """What the default rules give for all events weighed at once, in ingest order."""
-    from loyalty.domain.rules import parse_rule_set
+    from loyalty.application.commands.rules import parse_rule_set
 
     rules = parse_rule_set(copy.deepcopy(DEFAULT_RULES_WIRE), 1)
     import orjson

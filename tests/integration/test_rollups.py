@@ -23,6 +23,7 @@ from loyalty.adapters.read_models import ReadModels
 from loyalty.adapters.rollup_store import RollupStore
 from loyalty.adapters.rules_store import RulesStore
 from loyalty.application.accounts import Accounts, Members, Spending
+from loyalty.application.commands.rules import parse_rule_set
 from loyalty.application.ingress import IncomingEvent, IngestService
 from loyalty.application.pipeline import Pipeline
 from loyalty.application.projections import MemberProjection
@@ -30,7 +31,7 @@ from loyalty.application.reporting import DayReport, daily_report
 from loyalty.config import Settings
 from loyalty.domain.errors import InsufficientFunds
 from loyalty.domain.member import Member
-from loyalty.domain.rules import DEFAULT_RULES_WIRE, parse_rule_set, weigh_parts
+from loyalty.domain.rules import DEFAULT_RULES_WIRE, weigh_parts
 from tests.conftest import drain_with
 
 NOW = datetime.now(UTC).replace(microsecond=0)

@@ -21,11 +21,12 @@ from loyalty.adapters.pending_store import PendingTable
 from loyalty.adapters.pipeline_store import PipelineStore
 from loyalty.adapters.rules_store import RulesStore
 from loyalty.application.accounts import Accounts, Members
+from loyalty.application.commands.rules import parse_rule_set
 from loyalty.application.ingress import IncomingEvent, IngestService
 from loyalty.application.pipeline import Pipeline
 from loyalty.config import Settings
 from loyalty.domain.member import Member
-from loyalty.domain.rules import DEFAULT_RULES_WIRE, parse_rule_set
+from loyalty.domain.rules import DEFAULT_RULES_WIRE
 from loyalty.worker import build_compensation, build_pipeline
 from tests.conftest import drain_with
 

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from loyalty.api.problems import format_loc
-from loyalty.api.schemas import parse_rfc3339
+from loyalty.application.commands.fields import parse_rfc3339
 from loyalty.application.ingress import (
     IncomingEvent,
     IngestService,

@@ -12,16 +12,10 @@ from decimal import Decimal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from loyalty.application.commands.rules import parse_rule_set
 from loyalty.application.reporting import ActivityFacts
 from loyalty.domain import sketch
-from loyalty.domain.rules import (
-    DEFAULT_RULES_WIRE,
-    Activity,
-    CapCounter,
-    aggregate,
-    exact_sum,
-    parse_rule_set,
-)
+from loyalty.domain.rules import DEFAULT_RULES_WIRE, Activity, CapCounter, aggregate, exact_sum
 
 RULES = parse_rule_set(copy.deepcopy(DEFAULT_RULES_WIRE), 1)
 T0 = datetime(2026, 11, 20, tzinfo=UTC)

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from loyalty.api.schemas import Batch
+from loyalty.application.commands.ingress import Batch
 from loyalty.simulate import (
     EVENT_MIX,
     BadSimulationConfig,

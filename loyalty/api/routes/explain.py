@@ -11,8 +11,9 @@ from loyalty.api.deps import ContainerDep, OperatorKey, ShopKey, read_json_body
 from loyalty.api.problems import ApiProblem, validation_errors
 from loyalty.api.routes.members import UserId
 from loyalty.api.routes.operations import RULES_MAX_BYTES
-from loyalty.api.schemas import DryRunBody, DryRunRequest, ExplanationBody, Problem
-from loyalty.domain.rules import parse_rule_set
+from loyalty.api.schemas import DryRunBody, ExplanationBody, Problem
+from loyalty.application.commands.periods import DryRunRequest
+from loyalty.application.commands.rules import parse_rule_set
 
 router = APIRouter(tags=["explanations"])
 

@@ -24,16 +24,15 @@ from loyalty.api.guards import (
     repeated_key_location,
 )
 from loyalty.api.problems import ApiProblem, malformed_json, validation_errors
-from loyalty.api.schemas import (
+from loyalty.api.schemas import BatchAccepted, Problem
+from loyalty.application.commands.fields import (
     RFC3339,
     USER_ID_PATTERN,
-    Batch,
-    BatchAccepted,
     EventType,
     Identifier,
-    Problem,
     parse_rfc3339,
 )
+from loyalty.application.commands.ingress import Batch
 from loyalty.application.ingress import IncomingEvent
 from loyalty.domain.user_ids import MAX_LENGTH, user_id_problem
 

@@ -17,8 +17,6 @@ from loyalty.adapters.keys import Role
 from loyalty.api.deps import Container, ContainerDep, OperatorKey, ShopKey, json_body, request_body
 from loyalty.api.problems import ApiProblem
 from loyalty.api.schemas import (
-    USER_ID_PATTERN,
-    AdjustmentRequest,
     ExpiringBody,
     HistoryBody,
     HistoryEntryBody,
@@ -27,10 +25,10 @@ from loyalty.api.schemas import (
     MemberBody,
     OrderBody,
     Problem,
-    RefundRequest,
-    SpendRequest,
 )
 from loyalty.application.accounts import OrderResult
+from loyalty.application.commands.accounts import AdjustmentRequest, RefundRequest, SpendRequest
+from loyalty.application.commands.fields import USER_ID_PATTERN
 from loyalty.application.compensation import COMPENSATION_PREFIX
 from loyalty.domain.expiry import expiring
 from loyalty.domain.member import Member

@@ -11,8 +11,8 @@ from loyalty.adapters.ingress_log import pending_stats
 from loyalty.api.deps import Container, ContainerDep, OperatorKey, problem_of
 from loyalty.api.guards import BodyProblem, check_json_content_type, read_limited_body
 from loyalty.api.problems import ApiProblem
-from loyalty.api.schemas import PipelineBody, Problem, RulesBody, rules_document
-from loyalty.domain.rules import rule_set_to_wire
+from loyalty.api.schemas import PipelineBody, Problem, rules_document
+from loyalty.application.commands.rules import RulesBody, rule_set_to_wire
 
 router = APIRouter(tags=["operations"])
 

@@ -12,7 +12,8 @@ from starlette.concurrency import run_in_threadpool
 
 from loyalty.api.deps import ContainerDep, OperatorKey
 from loyalty.api.problems import ApiProblem
-from loyalty.api.schemas import Day, Problem
+from loyalty.api.schemas import Problem
+from loyalty.application.commands.fields import Day
 from loyalty.application.reporting import FIGURE_LABELS, ReportRangeError, daily_report
 
 router = APIRouter(tags=["operations"])

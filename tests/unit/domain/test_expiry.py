@@ -17,10 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loyalty.application.accounts import Members
+from loyalty.application.commands.rules import parse_rule_set, rule_set_to_wire
 from loyalty.domain.errors import InvalidRules
 from loyalty.domain.expiry import LEGACY, CurrencyExpiry, add_months, expiring, month_of
 from loyalty.domain.member import Member, allocate, replay
-from loyalty.domain.rules import DEFAULT_RULES_WIRE, parse_rule_set, rule_set_to_wire
+from loyalty.domain.rules import DEFAULT_RULES_WIRE
 
 LADDER = parse_rule_set(copy.deepcopy(DEFAULT_RULES_WIRE), 1).ranks
 TWELVE = CurrencyExpiry(after_months=12, effective_from="2000-01")

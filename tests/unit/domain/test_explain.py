@@ -10,8 +10,9 @@ from decimal import Decimal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from loyalty.application.commands.rules import parse_rule_set
 from loyalty.domain import explain
-from loyalty.domain.rules import Activity, CapCounter, aggregate, parse_rule_set
+from loyalty.domain.rules import Activity, CapCounter, aggregate
 
 RULES = parse_rule_set(
     {

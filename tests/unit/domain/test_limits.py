@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from loyalty.api.schemas import AdjustmentRequest, SpendRequest
+from loyalty.application.commands.accounts import AdjustmentRequest, SpendRequest
 from loyalty.domain.errors import InvalidAmount
 from loyalty.domain.limits import MAX_AMOUNT, MAX_BALANCE, MAX_ID_LENGTH
 from loyalty.domain.member import Member

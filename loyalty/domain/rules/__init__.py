@@ -1,0 +1,80 @@
+"""Weighting rules: the value objects (``model``), the weighing of activity events
+(``weighing``), exact decimal arithmetic (``exact``) and the default rule set
+(``defaults``). Pure: no I/O, no clock reads, no wire parsing (a rules document is read
+at the edge, by ``loyalty.application.commands.rules``)."""
+
+from loyalty.domain.rules.defaults import DEFAULT_RULES_WIRE
+from loyalty.domain.rules.exact import (
+    decimal_to_wire,
+    exact_add,
+    exact_difference,
+    exact_sum,
+    split_whole,
+)
+from loyalty.domain.rules.model import (
+    EVENT_TYPE_PATTERN,
+    MAX_DAILY_CAP,
+    MAX_DECIMAL_PLACES,
+    MAX_EVENT_WEIGHT,
+    MAX_FACTOR,
+    MAX_MULTIPLIERS,
+    MAX_RANK_POINTS_THRESHOLD,
+    MAX_WEIGHT,
+    AttrValue,
+    CapKey,
+    Multiplier,
+    Rule,
+    RuleSet,
+    decimal_problem,
+    event_weight_problem,
+    values_equal,
+)
+from loyalty.domain.rules.weighing import (
+    Activity,
+    ActivityLike,
+    AggregationResult,
+    AwardDraft,
+    CapCounter,
+    TypeTally,
+    WeighObserver,
+    aggregate,
+    utc_date,
+    weigh,
+    weigh_parts,
+)
+
+__all__ = [
+    "DEFAULT_RULES_WIRE",
+    "EVENT_TYPE_PATTERN",
+    "MAX_DAILY_CAP",
+    "MAX_DECIMAL_PLACES",
+    "MAX_EVENT_WEIGHT",
+    "MAX_FACTOR",
+    "MAX_MULTIPLIERS",
+    "MAX_RANK_POINTS_THRESHOLD",
+    "MAX_WEIGHT",
+    "Activity",
+    "ActivityLike",
+    "AggregationResult",
+    "AttrValue",
+    "AwardDraft",
+    "CapCounter",
+    "CapKey",
+    "Multiplier",
+    "Rule",
+    "RuleSet",
+    "TypeTally",
+    "WeighObserver",
+    "aggregate",
+    "decimal_problem",
+    "decimal_to_wire",
+    "event_weight_problem",
+    "exact_add",
+    "exact_difference",
+    "exact_sum",
+    "split_whole",
+    "utc_date",
+    "values_equal",
+    "weigh",
+    "weigh_parts",
+]
