@@ -34,7 +34,7 @@ BASELINE_ROWS = 64
 
 def forget_receipts(url: str, n: int) -> list[str]:
     """``n`` completed forget requests (of members that never existed): their ids."""
-    from loyalty.worker import build_forget_service
+    from loyalty.bootstrap import build_forget_service
 
     db = Database(Settings(database_url=url, db_pool_size=1))
     try:

@@ -233,7 +233,7 @@ def drain_pipeline(db: Database, members: object | None = None, timeout: float =
     of another session (any database on the server) briefly hides newer rows from the
     gap-safe reader, so one pass may not see everything: keep going until none is left."""
 
-    from loyalty.worker import build_pipeline
+    from loyalty.bootstrap import build_pipeline
 
     return drain_with(build_pipeline(db, members), db, timeout)  # type: ignore[arg-type]
 

@@ -50,10 +50,7 @@ from loyalty.api.schemas import (
 from loyalty.application.accounts import Accounts, Members, Spending
 from loyalty.application.explain import Explanations
 from loyalty.application.ingress import IngestService
-from loyalty.config import Settings
-from loyalty.console.routes import install_console
-from loyalty.observability import Metrics, MetricsMiddleware, RequestIdMiddleware
-from loyalty.worker import (
+from loyalty.bootstrap import (
     build_dry_run,
     build_forget_service,
     build_webhook_admin,
@@ -61,6 +58,9 @@ from loyalty.worker import (
     marker_cache,
     webhook_sender,
 )
+from loyalty.config import Settings
+from loyalty.console.routes import install_console
+from loyalty.observability import Metrics, MetricsMiddleware, RequestIdMiddleware
 
 BATCH_EXAMPLE: dict[str, Any] = {
     "batch_id": "b-1",

@@ -33,9 +33,9 @@ from loyalty.application.delivery import (
     Subscription,
     WebhookDispatcher,
 )
+from loyalty.bootstrap import build_forget_service, build_webhook_dispatcher
 from loyalty.config import Settings
 from loyalty.observability import Metrics
-from loyalty.worker import build_forget_service, build_webhook_dispatcher
 from tests.conftest import Clock
 from tests.e2e.live import free_port
 from tests.e2e.test_webhooks import (

@@ -25,11 +25,11 @@ from loyalty.adapters.keys import KeyStore, Role
 from loyalty.api.app import create_app
 from loyalty.application.accounts import Accounts, Members, StreamErased
 from loyalty.application.erasure import ERASING, Marker
+from loyalty.bootstrap import build_forget_service, build_pipeline, build_projection
 from loyalty.config import Settings
 from loyalty.domain.errors import MemberBeingErased
 from loyalty.domain.member import Member
 from loyalty.domain.ranks import RankLadder
-from loyalty.worker import build_forget_service, build_pipeline, build_projection
 from tests.conftest import drain_with
 
 BATCHES = "/v1/ingress/batches"

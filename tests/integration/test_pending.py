@@ -232,7 +232,7 @@ def test_get_member_and_leaderboard_include_pending(
 
     from loyalty.adapters.keys import KeyStore, Role
     from loyalty.api.app import create_app
-    from loyalty.worker import build_projection
+    from loyalty.bootstrap import build_projection
 
     ingest(db, [ev(0, "ed", "logged_on")])
     pipeline = make_pipeline(db, members)
@@ -252,7 +252,7 @@ def test_get_member_and_leaderboard_include_pending(
 def test_forget_erases_the_pending_row(settings: Settings, members: Members) -> None:
     """A member forgotten while earnings are pending: the row goes with the rest (and
     nothing of the member is left in the pending table)."""
-    from loyalty.worker import build_forget_service
+    from loyalty.bootstrap import build_forget_service
 
     fast = settings.model_copy(
         update={"forget_settle_seconds": 0.0, "marker_refresh_seconds": 0.01}
@@ -701,7 +701,7 @@ def test_rules_changes_and_requalification_keep_every_member_as_the_model_says(
     and so does the model. A second apply of the same rules is a no-op."""
     from loyalty.adapters.expiry_store import ExpiryLease, MemberLots
     from loyalty.application.expiry import Expiry
-    from loyalty.worker import build_compensation, build_projection
+    from loyalty.bootstrap import build_compensation, build_projection
 
     _example[0] += 1
     prefix = f"r{_example[0]}-"
