@@ -25,7 +25,7 @@ from benchmarks.framework import Context, Result, benchmark
 from benchmarks.ingest_load import SERVER, per_core_note
 from benchmarks.pipeline_runs import pipeline_run
 from loyalty.adapters.db import Database
-from loyalty.adapters.keys import Role
+from loyalty.application.access import Role
 from loyalty.config import Settings
 
 CLIENTS = 8

@@ -43,7 +43,7 @@ from benchmarks.loadgen import ChildProcess, percentile
 from benchmarks.pipeline_runs import pipeline_run
 from loyalty.adapters.db import Database
 from loyalty.adapters.ingress_log import PostgresIngressLog, sqlite_timestamp
-from loyalty.adapters.keys import Role
+from loyalty.application.access import Role
 from loyalty.config import Settings
 
 _SQLITE_READ = (  # SqliteIngressLog.read_after's query (no upper bound: all of it)

@@ -20,9 +20,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from loyalty.adapters.db import Database
-from loyalty.adapters.keys import KeyStore, Role
+from loyalty.adapters.keys import KeyStore
 from loyalty.adapters.migrate import migrate
 from loyalty.api.app import create_app
+from loyalty.application.access import Role
 from loyalty.config import Settings
 
 PG_ADMIN_URL = os.environ.get("LOYALTY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")

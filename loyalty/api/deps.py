@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from loyalty.adapters.console_sessions import ConsoleSessions
 from loyalty.adapters.db import Database
-from loyalty.adapters.keys import KeyStore, Principal, Role
+from loyalty.adapters.keys import KeyStore
 from loyalty.adapters.pipeline_store import PipelineStore
 from loyalty.adapters.read_models import ReadModels
 from loyalty.adapters.rules_store import RulesStore
@@ -27,6 +27,7 @@ from loyalty.api.guards import (
     read_limited_body,
 )
 from loyalty.api.problems import ApiProblem, malformed_json, validation_errors
+from loyalty.application.access import Principal, Role
 from loyalty.application.accounts import Accounts, Spending
 from loyalty.application.delivery import EventFeed, WebhookAdmin
 from loyalty.application.dryrun import DryRun

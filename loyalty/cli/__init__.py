@@ -21,8 +21,9 @@ from rich.console import Console
 from rich.table import Table
 
 from loyalty.adapters.db import Database
-from loyalty.adapters.keys import KeyStore, Role
+from loyalty.adapters.keys import KeyStore
 from loyalty.adapters.migrate import migrate
+from loyalty.application.access import Role
 from loyalty.application.delivery import WebhookAdmin
 from loyalty.bootstrap import build_forget_service, build_projection, build_worker, parse_shards
 from loyalty.config import Settings

@@ -17,9 +17,10 @@ from fastapi.testclient import TestClient
 
 from loyalty.adapters.db import Database
 from loyalty.adapters.delivery_store import SqlDeliveryStore
-from loyalty.adapters.keys import KeyStore, Role
+from loyalty.adapters.keys import KeyStore
 from loyalty.adapters.tables import console_sessions
 from loyalty.api.app import create_app
+from loyalty.application.access import Role
 from loyalty.application.delivery import FeedEvent
 from loyalty.config import Settings
 from loyalty.console.routes import CSP, STATIC

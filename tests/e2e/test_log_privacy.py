@@ -177,7 +177,8 @@ def test_console_requests_log_no_user_id_or_key(
     forget-me) at DEBUG in process: neither the member's id nor the key is logged."""
     import re
 
-    from loyalty.adapters.keys import KeyStore, Role
+    from loyalty.adapters.keys import KeyStore
+    from loyalty.application.access import Role
 
     marker = f"marker-{uuid.uuid4().hex}"
     key = KeyStore(db).create(Role.OPERATOR, "ops")

@@ -302,7 +302,8 @@ class FaultyReceiver:
 def console_page(api: TestClient, db: Database) -> str:
     import re
 
-    from loyalty.adapters.keys import KeyStore, Role
+    from loyalty.adapters.keys import KeyStore
+    from loyalty.application.access import Role
 
     key = KeyStore(db).create(Role.OPERATOR, "console")
     form = api.get("/console/sign-in").text

@@ -230,8 +230,9 @@ def test_get_member_and_leaderboard_include_pending(
 ) -> None:
     from fastapi.testclient import TestClient
 
-    from loyalty.adapters.keys import KeyStore, Role
+    from loyalty.adapters.keys import KeyStore
     from loyalty.api.app import create_app
+    from loyalty.application.access import Role
     from loyalty.bootstrap import build_projection
 
     ingest(db, [ev(0, "ed", "logged_on")])

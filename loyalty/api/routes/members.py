@@ -13,7 +13,6 @@ from fastapi import APIRouter, Path, Query, Response
 from pydantic import AfterValidator
 from starlette.concurrency import run_in_threadpool
 
-from loyalty.adapters.keys import Role
 from loyalty.api.deps import Container, ContainerDep, OperatorKey, ShopKey, json_body, request_body
 from loyalty.api.problems import ApiProblem
 from loyalty.api.schemas import (
@@ -30,6 +29,7 @@ from loyalty.api.schemas import (
     RefundRequest,
     SpendRequest,
 )
+from loyalty.application.access import Role
 from loyalty.application.accounts import OrderResult
 from loyalty.application.compensation import COMPENSATION_PREFIX
 from loyalty.domain.expiry import expiring
