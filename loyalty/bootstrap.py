@@ -7,26 +7,35 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 
 import psycopg
 import sqlalchemy as sa
 from eventsourcing.persistence import PersistenceError
 
 from loyalty.adapters.compensation_store import CompensationStore
+from loyalty.adapters.console_sessions import ConsoleSessions
 from loyalty.adapters.db import Database, DatabaseUnavailable, fast_pool_reconnect
 from loyalty.adapters.delivery_store import RELAY_CHANNEL, SqlDeliveryStore
 from loyalty.adapters.erasure_store import SqlErasureStore
 from loyalty.adapters.event_store import event_store_env, stream_loader, worker_env
 from loyalty.adapters.expiry_store import ExpiryLease, MemberLots
+from loyalty.adapters.explanation_store import ExplanationStore
 from loyalty.adapters.ingress_log import create_ingress_log, pending_stats
+from loyalty.adapters.keys import KeyStore
 from loyalty.adapters.pending_store import PendingTable
 from loyalty.adapters.pipeline_store import PipelineStore, ShardLeases
 from loyalty.adapters.read_models import ReadModels
 from loyalty.adapters.retention_store import create_retention_store
+from loyalty.adapters.rollup_store import RollupStore
 from loyalty.adapters.rules_store import RulesStore
+from loyalty.adapters.storage import StorageReport, storage_report
 from loyalty.adapters.webhook_sender import HttpWebhookSender, check_url
+from loyalty.application.access import Principal
 from loyalty.application.accounts import Accounts, Members, Spending
+from loyalty.application.accounts.views import MemberViews
 from loyalty.application.compensation import Compensation
 from loyalty.application.delivery import (
     CursorLoop,
@@ -39,9 +48,14 @@ from loyalty.application.delivery import (
 from loyalty.application.dryrun import DryRun
 from loyalty.application.erasure import ForgetService, MarkerCache
 from loyalty.application.expiry import Expiry
+from loyalty.application.explain import Explanations
+from loyalty.application.ingress import IngestService
 from loyalty.application.pipeline import LagProbe, Pipeline, Worker
+from loyalty.application.pipeline_status import PipelineStatus
 from loyalty.application.projections import MemberProjection
+from loyalty.application.reporting import DayReport, RollupReader, daily_report
 from loyalty.application.retention import Retention
+from loyalty.application.rule_book import RuleBook
 from loyalty.config import Settings
 from loyalty.domain.errors import MemberBeingErased
 from loyalty.observability import Metrics
@@ -195,19 +209,22 @@ def build_forget_service(
     )
 
 
+def build_pipeline_status(
+    db: Database, clock: Callable[[], datetime] | None = None
+) -> PipelineStatus:
+    """How far the pipeline has got: its backlog (the lag gauge) and its totals."""
+    state = PipelineStore(db)
+    return PipelineStatus(
+        state,
+        lambda positions: pending_stats(db, dict(positions), db.settings.shard_count),
+        ReadModels(db).quarantined_count,
+        clock or (lambda: datetime.now(UTC)),
+    )
+
+
 def lag_probe(db: Database) -> LagProbe:
     """Pending ingress events (all shards) and the age of the oldest, in seconds."""
-    state = PipelineStore(db)
-
-    def probe() -> tuple[int, float | None]:
-        pending, oldest = pending_stats(db, state.positions(), db.settings.shard_count)
-        if oldest is None:
-            return pending, None
-        if oldest.tzinfo is None:  # SQLite gives naive UTC times back
-            oldest = oldest.replace(tzinfo=UTC)
-        return pending, max(0.0, (datetime.now(UTC) - oldest).total_seconds())
-
-    return probe
+    return build_pipeline_status(db).backlog
 
 
 def build_worker(
@@ -357,3 +374,129 @@ def build_relay(
         batch_size=batch_size,
         metrics=metrics,
     )
+
+
+# -- the API (and the console it serves) ---------------------------------------------------
+
+
+@dataclass
+class ApiServices:
+    """What the API's routes and the console's pages are given: use cases, and (for the
+    console until it moves onto use cases) the adapters it still reaches."""
+
+    settings: Settings
+    clock: Callable[[], datetime]
+    metrics: Metrics
+    # use cases
+    ingest: IngestService
+    accounts: Accounts
+    spending: Spending
+    members: MemberViews
+    rule_book: RuleBook
+    pipeline: PipelineStatus
+    forget: ForgetService
+    feed: Callable[[], EventFeed]
+    """The account event feed (built on first use, like the event store application)."""
+    webhooks: WebhookAdmin
+    explanations: Explanations
+    """Award explanations (issue 20)."""
+    dry_run: DryRun
+    """Rule dry runs (issue 20)."""
+    daily_report: Callable[[date, date], list[DayReport]]
+    """``GET /v1/reports/daily``: the report from the rollups."""
+    storage: Callable[[], StorageReport]
+    """Rows and bytes per storage location."""
+    ready: Callable[[], None]
+    """Raises unless the database answers (``/readyz``)."""
+    verify_key: Callable[[str], Principal | None]
+    """The principal of a presented API key (None: unknown or revoked)."""
+    webhook_sender: Callable[[], HttpWebhookSender]
+    """A sender for replaying dead letters (a new one per replay; closed after it)."""
+    # adapters the console still reaches directly (the API's routes do not)
+    db: Database
+    keys: KeyStore
+    rules: RulesStore
+    pipeline_state: PipelineStore
+    read_models: ReadModels
+    rollups: RollupReader
+    """The daily rollups."""
+    console_sessions: ConsoleSessions
+
+
+def build_api_services(
+    settings: Settings,
+    *,
+    db: Database | None = None,
+    clock: Callable[[], datetime] | None = None,
+    members: Members | None = None,
+    metrics: Metrics | None = None,
+) -> ApiServices:
+    """The use cases of one API process (``members``: a shared event store application;
+    else one is built on first use, so the API starts while its database is down)."""
+    db = db or Database(settings)
+    now = clock or (lambda: datetime.now(UTC))
+    env = event_store_env(settings)
+    markers = marker_cache(db)
+    accounts = Accounts(
+        members or (lambda: Members(env=env)), markers=markers, pending=PendingTable(db)
+    )
+    rules = RulesStore(db)
+    metrics = metrics if metrics is not None else Metrics()
+    feed = feed_factory(accounts, db)
+    spending = Spending(
+        accounts,
+        metrics,
+        ranks=lambda: rules.current().ranks,
+        expiry=lambda: rules.current().currency_expiry,
+        clock=now,
+    )
+    read_models = ReadModels(db)
+    rollups = RollupStore(db)
+    keys = KeyStore(db, settings.auth_cache_seconds)
+    return ApiServices(
+        settings=settings,
+        clock=now,
+        metrics=metrics,
+        ingest=IngestService(
+            create_ingress_log(db),
+            clock=now,
+            retention=timedelta(days=settings.retention_days),
+            future_skew=timedelta(seconds=settings.future_skew_seconds),
+            shard_count=settings.shard_count,
+            metrics=metrics,
+            forgotten_at=markers.forgotten_at,
+            weighed_types=lambda: rules.current().rules.keys(),
+        ),
+        accounts=accounts,
+        spending=spending,
+        members=MemberViews(accounts, spending, rules, read_models, now),
+        rule_book=RuleBook(rules, now),
+        pipeline=build_pipeline_status(db, now),
+        forget=build_forget_service(db, accounts, clock=now),
+        feed=feed,
+        webhooks=build_webhook_admin(db, lambda: feed().head()),
+        explanations=Explanations(ExplanationStore(db), carried_fraction(accounts)),
+        dry_run=build_dry_run(db, settings, rules, now),
+        daily_report=lambda first, last: daily_report(rollups, first, last),
+        storage=lambda: storage_report(db),
+        ready=db.ping,
+        verify_key=keys.verify,
+        webhook_sender=lambda: webhook_sender(settings),
+        db=db,
+        keys=keys,
+        rules=rules,
+        pipeline_state=PipelineStore(db),
+        read_models=read_models,
+        rollups=rollups,
+        console_sessions=ConsoleSessions(db, timedelta(minutes=settings.console_session_minutes)),
+    )
+
+
+def carried_fraction(accounts: Accounts) -> Callable[[str], tuple[Decimal, Decimal]]:
+    """The fraction a member's account carries (for a pending award's explanation)."""
+
+    def carried(user_id: str) -> tuple[Decimal, Decimal]:
+        member = accounts.get(user_id)
+        return member.fraction_currency, member.fraction_rank_points
+
+    return carried

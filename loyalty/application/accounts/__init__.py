@@ -2,7 +2,8 @@
 
 ``members`` (the event store application, the erasure port, the retry), ``store`` (the
 accounts: load, save, fold pending earnings, award), ``spending`` (spend, refund,
-compensate, adjust), ``views`` (what the API shows of a member)."""
+compensate, adjust); ``views`` (what the API shows of a member: import it from
+there, it is not re-exported here, being above the pipeline's ports)."""
 
 from loyalty.application.accounts.members import (
     FENCE,
