@@ -865,12 +865,14 @@ def check_held(
     from types import SimpleNamespace
 
     from loyalty.api.routes.members import member_body
+    from loyalty.application.accounts.views import MemberViews
 
     rows = PendingTable(db).load(held)
-    # the parts of the API's container the member view reads
-    container: Any = SimpleNamespace(
-        rules=rules, accounts=accounts, clock=lambda: datetime.now(UTC)
-    )
+    # the part of the API's container the member view reads (the account view needs
+    # neither the spending use case nor the statements)
+    unused: Any = None
+    views = MemberViews(accounts, unused, rules, unused, lambda: datetime.now(UTC))
+    container: Any = SimpleNamespace(members=views)
     for user, h in held.items():
         try:
             member = account(app, user)
