@@ -25,7 +25,7 @@ from benchmarks.framework import Context, Result, benchmark
 from benchmarks.ingest_load import SERVER, per_core_note
 from benchmarks.pipeline_runs import pipeline_run
 from loyalty.adapters.db import Database
-from loyalty.adapters.keys import Role
+from loyalty.application.access import Role
 from loyalty.config import Settings
 
 CLIENTS = 8
@@ -34,7 +34,7 @@ BASELINE_ROWS = 64
 
 def forget_receipts(url: str, n: int) -> list[str]:
     """``n`` completed forget requests (of members that never existed): their ids."""
-    from loyalty.worker import build_forget_service
+    from loyalty.bootstrap import build_forget_service
 
     db = Database(Settings(database_url=url, db_pool_size=1))
     try:

@@ -18,8 +18,9 @@ from fastapi.testclient import TestClient
 
 from benchmarks.framework import Context, Result, benchmark
 from loyalty.adapters.db import Database
-from loyalty.adapters.keys import KeyStore, Role
+from loyalty.adapters.keys import KeyStore
 from loyalty.api.app import create_app
+from loyalty.application.access import Role
 from loyalty.config import Settings
 
 

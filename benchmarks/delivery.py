@@ -23,9 +23,9 @@ from loyalty.adapters.delivery_store import SqlDeliveryStore
 from loyalty.adapters.event_store import event_store_env
 from loyalty.application.accounts import Accounts, AwardCommand, Members
 from loyalty.application.delivery import EventFeed, RetryPolicy
+from loyalty.bootstrap import build_webhook_dispatcher
 from loyalty.config import Settings
 from loyalty.domain.ranks import Rank, RankLadder
-from loyalty.worker import build_webhook_dispatcher
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 PAGE = 1000

@@ -43,7 +43,7 @@ def _candidate() -> dict[str, Any]:
 
 
 def _drain(db: Database) -> tuple[int, float]:
-    from loyalty.worker import build_pipeline
+    from loyalty.bootstrap import build_pipeline
 
     pipeline = build_pipeline(db)
     stop = threading.Event()
@@ -59,7 +59,7 @@ def _drain(db: Database) -> tuple[int, float]:
 
 @benchmark("rule_dry_run", order=45)
 def rule_dry_run(ctx: Context) -> dict[str, Any]:
-    from loyalty.worker import build_dry_run
+    from loyalty.bootstrap import build_dry_run
 
     n = ctx.pick(smoke=4_000, quick=200_000, full=1_000_000)
     users = ctx.pick(smoke=200, quick=2_000, full=10_000)

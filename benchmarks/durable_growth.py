@@ -34,7 +34,8 @@ from benchmarks import data
 from benchmarks.framework import Context, benchmark
 from benchmarks.servers import serve
 from loyalty.adapters.db import Database
-from loyalty.adapters.keys import KeyStore, Role
+from loyalty.adapters.keys import KeyStore
+from loyalty.application.access import Role
 from loyalty.config import Settings
 
 BATCH = 500

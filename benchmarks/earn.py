@@ -43,7 +43,7 @@ from benchmarks.loadgen import ChildProcess, percentile
 from benchmarks.pipeline_runs import pipeline_run
 from loyalty.adapters.db import Database
 from loyalty.adapters.ingress_log import PostgresIngressLog, sqlite_timestamp
-from loyalty.adapters.keys import Role
+from loyalty.application.access import Role
 from loyalty.config import Settings
 
 _SQLITE_READ = (  # SqliteIngressLog.read_after's query (no upper bound: all of it)
@@ -109,7 +109,7 @@ def pipeline(ctx: Context) -> Result:
 def pipeline_sqlite(ctx: Context) -> Result:
     """The pipeline as users run it on the embedded SQLite default (weigh + record at the
     interval) over 4k members vs a bare read of the same rows."""
-    from loyalty.worker import build_pipeline
+    from loyalty.bootstrap import build_pipeline
 
     n = ctx.pick(smoke=4_000, quick=100_000, full=300_000)
     users = ctx.pick(smoke=400, quick=4_000, full=4_000)
@@ -454,7 +454,7 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 
 def wait_drained(url: str, limit_s: float) -> float:
     """Wait (bounded) until the pipeline has nothing pending; returns seconds waited."""
-    from loyalty.worker import lag_probe
+    from loyalty.bootstrap import lag_probe
 
     db = Database(Settings(database_url=url, db_pool_size=1))
     t0 = time.monotonic()

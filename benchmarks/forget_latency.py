@@ -24,9 +24,9 @@ from loyalty.adapters.migrate import migrate
 from loyalty.api.app import build_container
 from loyalty.application.accounts import AwardCommand
 from loyalty.application.ingress import IncomingEvent
+from loyalty.bootstrap import build_forget_service
 from loyalty.config import Settings
 from loyalty.domain.ranks import Rank, RankLadder
-from loyalty.worker import build_forget_service
 
 
 def main() -> None:

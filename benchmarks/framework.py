@@ -62,8 +62,9 @@ from typing import Any, Literal, TypeVar
 import psycopg
 
 from loyalty.adapters.db import Database
-from loyalty.adapters.keys import KeyStore, Role
+from loyalty.adapters.keys import KeyStore
 from loyalty.adapters.migrate import migrate
+from loyalty.application.access import Role
 from loyalty.config import Settings
 
 Mode = Literal["smoke", "quick", "full"]

@@ -41,7 +41,7 @@ from benchmarks.ingest_load import (
     workload,
 )
 from loyalty.adapters.ingress_log import sqlite_timestamp
-from loyalty.adapters.keys import Role
+from loyalty.application.access import Role
 
 
 @benchmark("ingest_http", order=10)

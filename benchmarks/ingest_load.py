@@ -21,8 +21,8 @@ from benchmarks import data, loadgen, naive_store, servers
 from benchmarks.framework import Context
 from loyalty.adapters.db import Database
 from loyalty.adapters.ingress_log import PostgresIngressLog
-from loyalty.adapters.keys import Role
 from loyalty.adapters.migrate import migrate
+from loyalty.application.access import Role
 from loyalty.config import Settings
 
 SOURCE = "bench"

@@ -90,7 +90,7 @@ def pipeline_run(ctx: Context, base: str = "small") -> dict[str, Any]:
 
 
 def _measure(ctx: Context, base: str) -> dict[str, Any]:
-    from loyalty.worker import build_pipeline
+    from loyalty.bootstrap import build_pipeline
 
     users, n = sizes(ctx, base)
     new = max(1, int(users * NEW_SHARE))
@@ -200,7 +200,7 @@ def _measure(ctx: Context, base: str) -> dict[str, Any]:
 def processed_storage(db: Database, n: int) -> dict[str, Any]:
     """What is left on disk after processing (projection caught up) and retention (the
     ingress days expired): bytes per kind of store."""
-    from loyalty.worker import build_projection, build_retention
+    from loyalty.bootstrap import build_projection, build_retention
 
     projection = build_projection(db)
     t0 = time.perf_counter()

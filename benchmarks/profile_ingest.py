@@ -21,7 +21,7 @@ from pathlib import Path
 from benchmarks import cpu, loadgen, servers
 from benchmarks.framework import Context
 from benchmarks.ingest_load import BATCH, CLIENTS, SOURCE, Workload, ensure_partitions
-from loyalty.adapters.keys import Role
+from loyalty.application.access import Role
 
 
 def summarize(stacks: list[Path], top: int) -> None:

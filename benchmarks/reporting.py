@@ -41,7 +41,7 @@ LADDER = RankLadder((Rank("base", 0, ()),))
 
 
 def _drain(url: str, rollups: bool) -> tuple[int, float]:
-    from loyalty.worker import build_pipeline
+    from loyalty.bootstrap import build_pipeline
 
     db = Database(Settings(database_url=url))
     try:

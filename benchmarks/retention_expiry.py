@@ -24,8 +24,8 @@ import psycopg
 from loyalty.adapters.db import Database
 from loyalty.adapters.ingress_log import PostgresIngressLog, partition_name
 from loyalty.adapters.migrate import migrate
+from loyalty.bootstrap import build_retention
 from loyalty.config import Settings
-from loyalty.worker import build_retention
 
 DAY_A, DAY_B = date(2030, 3, 1), date(2030, 3, 2)
 # as of this time, DAY_A lies wholly outside a 7-day window and DAY_B does not

@@ -20,9 +20,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from loyalty.adapters.db import Database
-from loyalty.adapters.keys import KeyStore, Role
+from loyalty.adapters.keys import KeyStore
 from loyalty.adapters.migrate import migrate
 from loyalty.api.app import create_app
+from loyalty.application.access import Role
 from loyalty.config import Settings
 
 PG_ADMIN_URL = os.environ.get("LOYALTY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -233,7 +234,7 @@ def drain_pipeline(db: Database, members: object | None = None, timeout: float =
     of another session (any database on the server) briefly hides newer rows from the
     gap-safe reader, so one pass may not see everything: keep going until none is left."""
 
-    from loyalty.worker import build_pipeline
+    from loyalty.bootstrap import build_pipeline
 
     return drain_with(build_pipeline(db, members), db, timeout)  # type: ignore[arg-type]
 

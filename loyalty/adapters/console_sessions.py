@@ -17,8 +17,8 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 
 from loyalty.adapters.db import Database
-from loyalty.adapters.keys import Principal, Role
 from loyalty.adapters.tables import api_keys, console_sessions
+from loyalty.application.access import Principal, Role
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,7 +65,7 @@ def event_store_env(settings: Settings, *, create_table: bool = False) -> dict[s
         # No ping per checkout: with it, psycopg_pool backs off between the dead
         # connections it finds after a restart (measured slower). A statement on a dead
         # connection is retried by the library, and the worker loops replace every dead
-        # connection of the pool at their first error (loyalty.worker.drop_dead_connections).
+        # connection of the pool at their first error (loyalty.bootstrap.drop_dead_connections).
         "POSTGRES_PRE_PING": "n",
         "APPLICATION_RECORDER_TOPIC": RECORDER_TOPIC,
     }

@@ -17,32 +17,15 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
 
 import sqlalchemy as sa
 
 from loyalty.adapters.db import Database
 from loyalty.adapters.tables import api_keys
+from loyalty.application.access import Principal, Role
 
 KEY_PATTERN = re.compile(r"^lk_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
-
-
-class Role(StrEnum):
-    INGEST = "ingest"
-    SHOP = "shop"
-    OPERATOR = "operator"
-    FEED = "feed"
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    key_id: str
-    name: str
-    role: Role
-
-    def may(self, role: Role) -> bool:
-        return self.role is Role.OPERATOR or self.role is role
 
 
 @dataclass(frozen=True, slots=True)

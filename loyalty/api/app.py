@@ -4,24 +4,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from loyalty.adapters.console_sessions import ConsoleSessions
 from loyalty.adapters.db import Database
-from loyalty.adapters.event_store import event_store_env
-from loyalty.adapters.explanation_store import ExplanationStore
-from loyalty.adapters.ingress_log import create_ingress_log
-from loyalty.adapters.keys import KeyStore
-from loyalty.adapters.pending_store import PendingTable
-from loyalty.adapters.pipeline_store import PipelineStore
-from loyalty.adapters.read_models import ReadModels
-from loyalty.adapters.rollup_store import RollupStore
-from loyalty.adapters.rules_store import RulesStore
 from loyalty.api import problems
 from loyalty.api.deps import Container
 from loyalty.api.docs import install_docs
@@ -37,25 +26,16 @@ from loyalty.api.routes import storage as storage_routes
 from loyalty.api.routes import webhooks as webhook_routes
 from loyalty.api.routes.webhooks import WebhookCreate
 from loyalty.api.schemas import Problem
-from loyalty.application.accounts import Accounts, Members, Spending
+from loyalty.application.accounts import Members
 from loyalty.application.commands.accounts import AdjustmentRequest, RefundRequest, SpendRequest
 from loyalty.application.commands.forget import ForgetRequestBody
 from loyalty.application.commands.ingress import Batch
 from loyalty.application.commands.periods import DryRunRequest
 from loyalty.application.commands.rules import RulesBody, RulesRequest
-from loyalty.application.explain import Explanations
-from loyalty.application.ingress import IngestService
+from loyalty.bootstrap import build_api_services
 from loyalty.config import Settings
 from loyalty.console.routes import install_console
 from loyalty.observability import Metrics, MetricsMiddleware, RequestIdMiddleware
-from loyalty.worker import (
-    build_dry_run,
-    build_forget_service,
-    build_webhook_admin,
-    feed_factory,
-    marker_cache,
-    webhook_sender,
-)
 
 BATCH_EXAMPLE: dict[str, Any] = {
     "batch_id": "b-1",
@@ -90,65 +70,12 @@ def build_container(
     members: Members | None = None,
     metrics: Metrics | None = None,
 ) -> Container:
-    db = db or Database(settings)
-    env = event_store_env(settings)
-    markers = marker_cache(db)
-    accounts = Accounts(
-        members or (lambda: Members(env=env)), markers=markers, pending=PendingTable(db)
+    services = build_api_services(settings, db=db, clock=clock, members=members, metrics=metrics)
+    limiter = RateLimiter(
+        settings.ingest_rate_limit_events_per_s,
+        max(settings.ingest_rate_limit_burst, settings.max_batch_events),
     )
-    rules = RulesStore(db)
-    metrics = metrics if metrics is not None else Metrics()
-    feed = feed_factory(accounts, db)
-    return Container(
-        settings=settings,
-        db=db,
-        keys=KeyStore(db, settings.auth_cache_seconds),
-        ingest=IngestService(
-            create_ingress_log(db),
-            clock=clock,
-            retention=timedelta(days=settings.retention_days),
-            future_skew=timedelta(seconds=settings.future_skew_seconds),
-            shard_count=settings.shard_count,
-            metrics=metrics,
-            forgotten_at=markers.forgotten_at,
-            weighed_types=lambda: rules.current().rules.keys(),
-        ),
-        accounts=accounts,
-        rules=rules,
-        pipeline_state=PipelineStore(db),
-        clock=clock,
-        spending=Spending(
-            accounts,
-            metrics,
-            ranks=lambda: rules.current().ranks,
-            expiry=lambda: rules.current().currency_expiry,
-            clock=clock,
-        ),
-        read_models=ReadModels(db),
-        metrics=metrics,
-        forget=build_forget_service(db, accounts, clock=clock),
-        ingest_limiter=RateLimiter(
-            settings.ingest_rate_limit_events_per_s,
-            max(settings.ingest_rate_limit_burst, settings.max_batch_events),
-        ),
-        feed=feed,
-        webhooks=build_webhook_admin(db, lambda: feed().head()),
-        rollups=RollupStore(db),
-        explanations=Explanations(ExplanationStore(db), carried_fraction(accounts)),
-        dry_run=build_dry_run(db, settings, rules, clock),
-        webhook_sender=lambda: webhook_sender(settings),
-        console_sessions=ConsoleSessions(db, timedelta(minutes=settings.console_session_minutes)),
-    )
-
-
-def carried_fraction(accounts: Accounts) -> Callable[[str], tuple[Decimal, Decimal]]:
-    """The fraction a member's account carries (for a pending award's explanation)."""
-
-    def carried(user_id: str) -> tuple[Decimal, Decimal]:
-        member = accounts.get(user_id)
-        return member.fraction_currency, member.fraction_rank_points
-
-    return carried
+    return Container.of(services, limiter)
 
 
 def create_app(

@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, field, fields
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
 
-from loyalty.adapters.console_sessions import ConsoleSessions
-from loyalty.adapters.db import Database
-from loyalty.adapters.keys import KeyStore, Principal, Role
-from loyalty.adapters.pipeline_store import PipelineStore
-from loyalty.adapters.read_models import ReadModels
-from loyalty.adapters.rules_store import RulesStore
-from loyalty.adapters.webhook_sender import HttpWebhookSender
 from loyalty.api.guards import (
     BodyProblem,
     RateLimiter,
@@ -27,46 +19,21 @@ from loyalty.api.guards import (
     read_limited_body,
 )
 from loyalty.api.problems import ApiProblem, malformed_json, validation_errors
-from loyalty.application.accounts import Accounts, Spending
-from loyalty.application.delivery import EventFeed, WebhookAdmin
-from loyalty.application.dryrun import DryRun
-from loyalty.application.erasure import ForgetService
-from loyalty.application.explain import Explanations
-from loyalty.application.ingress import IngestService
-from loyalty.application.reporting import RollupReader
-from loyalty.config import Settings
-from loyalty.observability import Metrics
+from loyalty.application.access import Principal, Role
+from loyalty.bootstrap import ApiServices
 
 
 @dataclass
-class Container:
-    """Everything a request handler may need, built once in ``create_app``."""
+class Container(ApiServices):
+    """Everything a request handler may need, built once in ``create_app``: the use cases
+    of :func:`loyalty.bootstrap.build_api_services` and the API's own rate limiter."""
 
-    settings: Settings
-    db: Database
-    keys: KeyStore
-    ingest: IngestService
-    accounts: Accounts
-    rules: RulesStore
-    pipeline_state: PipelineStore
-    clock: Callable[[], datetime]
-    spending: Spending
-    read_models: ReadModels
-    metrics: Metrics
-    forget: ForgetService
     ingest_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0.0, 0.0))
-    feed: Callable[[], EventFeed] | None = None
-    """The account event feed (built on first use, like the event store application)."""
-    webhooks: WebhookAdmin | None = None
-    rollups: RollupReader | None = None
-    """The daily rollups (``GET /v1/reports/daily``)."""
-    explanations: Explanations | None = None
-    """Award explanations (issue 20)."""
-    dry_run: DryRun | None = None
-    """Rule dry runs (issue 20)."""
-    webhook_sender: Callable[[], HttpWebhookSender] | None = None
-    """A sender for replaying dead letters (a new one per replay; closed after it)."""
-    console_sessions: ConsoleSessions | None = None
+
+    @classmethod
+    def of(cls, services: ApiServices, ingest_limiter: RateLimiter) -> Container:
+        parts = {f.name: getattr(services, f.name) for f in fields(ApiServices)}
+        return cls(**parts, ingest_limiter=ingest_limiter)
 
 
 def get_container(request: Request) -> Container:
@@ -91,7 +58,7 @@ def authenticate(
             "send Authorization: Bearer <key>",
             headers=_UNAUTHORIZED_HEADERS,
         )
-    principal = container.keys.verify(credentials.credentials)
+    principal = container.verify_key(credentials.credentials)
     if principal is None:
         raise ApiProblem(
             401,

@@ -21,18 +21,16 @@ from rich.console import Console
 from rich.table import Table
 
 from loyalty.adapters.db import Database
-from loyalty.adapters.keys import KeyStore, Role
+from loyalty.adapters.keys import KeyStore
 from loyalty.adapters.migrate import migrate
+from loyalty.application.access import Role
 from loyalty.application.delivery import WebhookAdmin
+from loyalty.bootstrap import build_forget_service, build_projection, build_worker, parse_shards
 from loyalty.config import Settings
 from loyalty.observability import Metrics
 from loyalty.observability import configure_logging as setup_logging
 from loyalty.worker import (
-    build_forget_service,
-    build_projection,
     build_projection_worker,
-    build_worker,
-    parse_shards,
     projection_lease,
     start_forget_runner,
     start_webhook_runner,
@@ -905,7 +903,7 @@ def retention_run(
     import orjson
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
-    from loyalty.worker import build_retention
+    from loyalty.bootstrap import build_retention
 
     moment = _rfc3339(as_of, "--as-of") if as_of else datetime.now(UTC)
     confirm_time_travel(moment, yes=yes, dry_run=dry_run, what="drops ingress days")
@@ -1029,7 +1027,7 @@ app.add_typer(webhooks_app, name="webhooks")
 
 def _webhook_admin(db: Database) -> WebhookAdmin:
     from loyalty.application.accounts import Members
-    from loyalty.worker import build_webhook_admin
+    from loyalty.bootstrap import build_webhook_admin
 
     def head() -> int:
         from loyalty.adapters.event_store import event_store_env
@@ -1137,7 +1135,7 @@ def webhooks_replay(
     ] = None,
 ) -> None:
     """Send every dead letter once more; delivered ones are deleted (exit 1 if any fail)."""
-    from loyalty.worker import webhook_sender
+    from loyalty.bootstrap import webhook_sender
 
     settings = load_settings()
     db = open_database(settings)
@@ -1155,7 +1153,8 @@ def webhooks_replay(
 @webhooks_app.command("run")
 def webhooks_run() -> None:
     """Deliver webhooks in this process (while it holds the webhooks lease)."""
-    from loyalty.worker import WebhookRunner, build_webhook_dispatcher
+    from loyalty.bootstrap import build_webhook_dispatcher
+    from loyalty.worker import WebhookRunner
 
     settings = load_settings()
     configure_logging(settings)
@@ -1178,7 +1177,8 @@ def relay_cmd(
 ) -> None:
     """Relay account events to RabbitMQ (routing key = event type, persistent, publisher
     confirms; the cursor moves only after the broker confirmed)."""
-    from loyalty.worker import build_relay, run_relay
+    from loyalty.bootstrap import build_relay
+    from loyalty.worker import run_relay
 
     settings = load_settings()
     configure_logging(settings)

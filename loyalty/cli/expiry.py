@@ -50,7 +50,7 @@ def expiry_run(
     import orjson
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from loyalty.worker import build_expiry
+    from loyalty.bootstrap import build_expiry
 
     moment = _rfc3339(as_of, "--as-of") if as_of else datetime.now(UTC)
     confirm_time_travel(moment, yes=yes, dry_run=dry_run, what="expires currency")

@@ -33,8 +33,8 @@ def rules_dry_run(
     """Weigh retained days with a candidate rule set and compare with the current rules
     (read-only); prints the report as JSON (the shape of POST /v1/rules/dry-run)."""
     from loyalty.application.commands.rules import parse_rule_set
+    from loyalty.bootstrap import build_dry_run
     from loyalty.domain.errors import InvalidRules, PeriodNotRetained
-    from loyalty.worker import build_dry_run
 
     wire = read_rules_file(file)
     try:
@@ -76,8 +76,8 @@ def rules_apply(
     receipt as JSON."""
     from loyalty.adapters.rules_store import RulesStore
     from loyalty.application.commands.rules import parse_rule_set
+    from loyalty.bootstrap import build_compensation
     from loyalty.domain.errors import InvalidRules, PeriodNotRetained
-    from loyalty.worker import build_compensation
 
     wire = read_rules_file(file)
     try:
@@ -136,8 +136,8 @@ def compensation_resume(
     """Finish the unfinished compensation run of VERSION (whatever rules were stored
     since); prints its receipt as JSON."""
     from loyalty.application.compensation import RunNotFound
+    from loyalty.bootstrap import build_compensation
     from loyalty.domain.errors import PeriodNotRetained
-    from loyalty.worker import build_compensation
 
     db = open_database(load_settings())
     try:
@@ -159,7 +159,7 @@ def compensation_abandon(
     already compensated keep their adjustment, the others get none. Prints the receipt
     (state abandoned, members compensated before) as JSON."""
     from loyalty.application.compensation import RunNotFound
-    from loyalty.worker import build_compensation
+    from loyalty.bootstrap import build_compensation
 
     db = open_database(load_settings())
     try:

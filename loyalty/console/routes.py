@@ -48,7 +48,7 @@ from starlette.staticfiles import StaticFiles
 
 from loyalty.adapters.console_sessions import ConsoleSession, ConsoleSessions
 from loyalty.adapters.erasure_store import LOCATION_NAMES
-from loyalty.adapters.keys import NAME_PATTERN, Role
+from loyalty.adapters.keys import NAME_PATTERN
 from loyalty.adapters.storage import storage_report
 from loyalty.api.deps import Container, ContainerDep
 from loyalty.api.guards import BodyProblem, read_limited_body
@@ -64,6 +64,7 @@ from loyalty.api.schemas import (
     StoredInt,
     rules_document,
 )
+from loyalty.application.access import Role
 from loyalty.application.commands.rules import parse_rule_set, rule_set_to_wire
 from loyalty.application.compensation import COMPENSATION_PREFIX
 from loyalty.application.delivery import EVENT_TYPES

@@ -17,10 +17,10 @@ from typer.testing import CliRunner
 
 from loyalty.adapters.db import Database
 from loyalty.adapters.keys import KeyStore
+from loyalty.bootstrap import build_pipeline, build_projection
 from loyalty.cli import app
 from loyalty.config import Settings
 from loyalty.domain.rules import DEFAULT_RULES_WIRE
-from loyalty.worker import build_pipeline, build_projection
 from tests.e2e.live import free_port
 
 Run = Callable[..., Any]

@@ -35,10 +35,10 @@ from loyalty.adapters.pending_store import PendingTable
 from loyalty.adapters.rules_store import RulesStore
 from loyalty.application.accounts import Members
 from loyalty.application.ingress import IncomingEvent, IngestService
+from loyalty.bootstrap import build_forget_service
 from loyalty.config import Settings
 from loyalty.domain.member import Member
 from loyalty.domain.rules import DEFAULT_RULES_WIRE
-from loyalty.worker import build_forget_service
 from tests.conftest import drain_pipeline
 from tests.e2e.live import LOYALTY, cli, env_for
 from tests.e2e.test_worker_processes import wait_until_drained, worker

@@ -17,9 +17,10 @@ from fastapi.testclient import TestClient
 
 from loyalty.adapters.db import Database
 from loyalty.adapters.delivery_store import SqlDeliveryStore
-from loyalty.adapters.keys import KeyStore, Role
+from loyalty.adapters.keys import KeyStore
 from loyalty.adapters.tables import console_sessions
 from loyalty.api.app import create_app
+from loyalty.application.access import Role
 from loyalty.application.delivery import FeedEvent
 from loyalty.config import Settings
 from loyalty.console.routes import CSP, STATIC
@@ -423,7 +424,7 @@ def test_dashboard_shows_todays_totals_outstanding_currency_and_lag_alerts(
     clock: Clock,
     make_key: Callable[..., dict[str, str]],
 ) -> None:
-    from loyalty.worker import build_projection
+    from loyalty.bootstrap import build_projection
 
     alerting = settings.model_copy(
         update={"console_alert_lag_seconds": 0.0, "console_figures_seconds": 0.0}
@@ -474,7 +475,7 @@ def test_reports_chart_the_rollups_for_a_date_range_and_export_it(
     clock: Clock,
     make_key: Callable[..., dict[str, str]],
 ) -> None:
-    from loyalty.worker import build_projection
+    from loyalty.bootstrap import build_projection
     from tests.conftest import drain_pipeline
 
     client, csrf = console
@@ -595,7 +596,7 @@ def test_history_awards_are_explained_in_place(
     clock: Clock,
     make_key: Callable[..., dict[str, str]],
 ) -> None:
-    from loyalty.worker import build_projection
+    from loyalty.bootstrap import build_projection
     from tests.conftest import drain_pipeline
 
     client, _csrf = console
@@ -813,7 +814,7 @@ def test_support_refunds_a_shops_order_picked_from_the_history(
         )
         assert spent.status_code == 200
     container = client.app.state.container  # type: ignore[attr-defined]
-    from loyalty.worker import build_projection
+    from loyalty.bootstrap import build_projection
 
     build_projection(container.db, container.accounts.app).catch_up()
     page = client.get("/console/members", params={"user_id": "dora"}).text
@@ -839,8 +840,8 @@ def test_the_dashboards_today_is_the_daily_reports_today_with_the_same_labels(
     traffic the dashboard shows what GET /v1/reports/daily answers for today, under the
     labels the reports page uses."""
     from loyalty.application.reporting import FIGURE_LABELS, TODAY_FIGURES
+    from loyalty.bootstrap import build_projection
     from loyalty.console.routes import figure
-    from loyalty.worker import build_projection
     from tests.conftest import drain_pipeline
 
     client, csrf = console

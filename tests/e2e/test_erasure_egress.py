@@ -21,9 +21,9 @@ from loyalty.adapters.db import Database
 from loyalty.adapters.delivery_store import SqlDeliveryStore
 from loyalty.api.app import create_app
 from loyalty.application.delivery import RetryPolicy
+from loyalty.bootstrap import build_forget_service, build_relay, build_webhook_dispatcher
 from loyalty.config import Settings
 from loyalty.observability import Metrics
-from loyalty.worker import build_forget_service, build_relay, build_webhook_dispatcher
 from tests.conftest import Clock
 from tests.e2e.test_webhooks import Receiver, adjust, sample, subscribe, wait_for
 
@@ -150,7 +150,7 @@ def test_a_replay_never_sends_a_dead_letter_of_an_erased_member(
             at = datetime.fromisoformat(e["occurred_at"].replace("Z", "+00:00"))
             event = FeedEvent(e["id"], 1, e["type"], e["user_id"], at, e["data"])
             store.add_dead_letter(sid, event, 5, "HTTP 503")
-        from loyalty.worker import webhook_sender
+        from loyalty.bootstrap import webhook_sender
 
         admin = api.app.state.container.webhooks  # type: ignore[attr-defined]
         sender = webhook_sender(db.settings)

@@ -16,8 +16,9 @@ from eventsourcing.domain import Aggregate
 from fastapi.testclient import TestClient
 
 from loyalty.adapters.db import Database
-from loyalty.adapters.keys import KeyStore, Role
+from loyalty.adapters.keys import KeyStore
 from loyalty.api.app import create_app
+from loyalty.application.access import Role
 from loyalty.application.delivery import EVENT_TYPES, FORGOTTEN
 from loyalty.config import Settings
 from loyalty.domain.expiry import CurrencyExpiry

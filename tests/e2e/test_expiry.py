@@ -15,10 +15,10 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
+from loyalty.bootstrap import build_projection
 from loyalty.cli import app
 from loyalty.config import Settings
 from loyalty.domain.rules import DEFAULT_RULES_WIRE
-from loyalty.worker import build_projection
 from tests.conftest import Clock, drain_pipeline
 
 Headers = dict[str, str]

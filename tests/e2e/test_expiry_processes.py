@@ -20,10 +20,10 @@ from loyalty.adapters.event_store import event_store_env
 from loyalty.adapters.rules_store import RulesStore
 from loyalty.application.accounts import Members
 from loyalty.application.commands.rules import parse_rule_set
+from loyalty.bootstrap import build_projection
 from loyalty.config import Settings
 from loyalty.domain.member import Member
 from loyalty.domain.rules import DEFAULT_RULES_WIRE
-from loyalty.worker import build_projection
 from tests.e2e.live import LOYALTY, env_for
 
 pytestmark = pytest.mark.slow

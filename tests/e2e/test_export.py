@@ -21,9 +21,9 @@ from typer.testing import CliRunner
 from loyalty.adapters.db import Database
 from loyalty.adapters.parquet_export import ParquetSink
 from loyalty.application.reporting import AccountEventRow
+from loyalty.bootstrap import build_projection
 from loyalty.cli import app
 from loyalty.config import Settings
-from loyalty.worker import build_projection
 from tests.conftest import drain_pipeline
 
 KEY = "k" * 40

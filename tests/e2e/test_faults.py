@@ -28,11 +28,12 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from loyalty.adapters.db import Database
-from loyalty.adapters.keys import KeyStore, Role
+from loyalty.adapters.keys import KeyStore
 from loyalty.api.app import create_app
+from loyalty.application.access import Role
 from loyalty.application.ingress import IncomingEvent
+from loyalty.bootstrap import build_forget_service, build_projection
 from loyalty.config import Settings
-from loyalty.worker import build_forget_service, build_projection
 from tests.conftest import drain_pipeline
 from tests.e2e.live import LOYALTY, cli, create_key, env_for, free_port, wait_healthy
 from tests.e2e.pgcluster import Cluster, postgres_bin

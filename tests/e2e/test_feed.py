@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from loyalty.adapters.db import Database
 from loyalty.application.delivery import decode_cursor, encode_cursor
-from loyalty.worker import build_forget_service
+from loyalty.bootstrap import build_forget_service
 
 FEED = "/v1/feed"
 

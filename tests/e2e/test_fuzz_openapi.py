@@ -32,8 +32,9 @@ from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from loyalty.adapters.db import Database
-from loyalty.adapters.keys import KeyStore, Role
+from loyalty.adapters.keys import KeyStore
 from loyalty.api.app import create_app
+from loyalty.application.access import Role
 from loyalty.config import Settings
 
 EXAMPLES = int(os.environ.get("LOYALTY_FUZZ_EXAMPLES", "25"))

@@ -199,7 +199,8 @@ def test_auth_and_roles(client: TestClient, make_key, clock, db) -> None:  # typ
 
 
 def test_revoked_key_is_refused(client: TestClient, db, clock) -> None:  # type: ignore[no-untyped-def]
-    from loyalty.adapters.keys import KeyStore, Role
+    from loyalty.adapters.keys import KeyStore
+    from loyalty.application.access import Role
 
     store = client.app.state.container.keys  # type: ignore[attr-defined]
     key = KeyStore(db).create(Role.INGEST, "src")

@@ -106,7 +106,7 @@ def test_in_process_logs_hold_no_user_id_or_key(
     db: Database,
     captured: io.StringIO,
 ) -> None:
-    from loyalty.worker import build_pipeline, build_projection
+    from loyalty.bootstrap import build_pipeline, build_projection
 
     marker = f"marker-{uuid.uuid4().hex}"
     headers = {role: make_key(role, f"{role}-src") for role in ("ingest", "shop", "operator")}
@@ -177,7 +177,8 @@ def test_console_requests_log_no_user_id_or_key(
     forget-me) at DEBUG in process: neither the member's id nor the key is logged."""
     import re
 
-    from loyalty.adapters.keys import KeyStore, Role
+    from loyalty.adapters.keys import KeyStore
+    from loyalty.application.access import Role
 
     marker = f"marker-{uuid.uuid4().hex}"
     key = KeyStore(db).create(Role.OPERATOR, "ops")

@@ -18,8 +18,8 @@ from pydantic import SecretStr
 from loyalty.adapters.db import Database
 from loyalty.api.app import create_app
 from loyalty.api.deps import Container
+from loyalty.bootstrap import build_pipeline, build_projection, build_worker
 from loyalty.config import Settings
-from loyalty.worker import build_pipeline, build_projection, build_worker
 from tests.conftest import Clock, drain_with
 from tests.e2e.live import LOYALTY, env_for, free_port
 

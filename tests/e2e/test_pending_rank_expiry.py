@@ -19,9 +19,9 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 from loyalty.adapters.pending_store import PendingTable
+from loyalty.bootstrap import build_pipeline
 from loyalty.domain.member import Member
 from loyalty.domain.rules import DEFAULT_RULES_WIRE
-from loyalty.worker import build_pipeline
 from tests.conftest import Clock, drain_with
 from tests.e2e.test_expiry import at, container, expired, project, put_expiry, run, view
 

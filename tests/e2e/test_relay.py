@@ -24,7 +24,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from loyalty.adapters.db import Database
-from loyalty.worker import build_relay, run_relay
+from loyalty.bootstrap import build_relay
+from loyalty.worker import run_relay
 from tests.conftest import backends
 from tests.e2e.live import LOYALTY, env_for
 

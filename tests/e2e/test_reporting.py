@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 from loyalty.adapters.db import Database
 from loyalty.adapters.ingress_log import create_ingress_log
 from loyalty.application.ingress import IncomingEvent, IngestService
+from loyalty.bootstrap import build_projection
 from loyalty.cli import app
 from loyalty.config import Settings
-from loyalty.worker import build_projection
 from tests.conftest import drain_pipeline
 
 NOW = datetime.now(UTC).replace(microsecond=0)

@@ -20,9 +20,10 @@ from fastapi.testclient import TestClient
 
 from loyalty.adapters import keys as keys_module
 from loyalty.adapters.db import Database
-from loyalty.adapters.keys import KeyStore, Role
+from loyalty.adapters.keys import KeyStore
 from loyalty.api.app import create_app
 from loyalty.api.guards import RateLimiter
+from loyalty.application.access import Role
 from loyalty.config import Settings
 
 BATCHES = "/v1/ingress/batches"

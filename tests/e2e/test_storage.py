@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 from loyalty.adapters.db import Database
 from loyalty.adapters.ingress_log import partition_name
 from loyalty.api.app import create_app
+from loyalty.bootstrap import build_pipeline, build_projection
 from loyalty.cli import app as cli
 from loyalty.config import Settings
-from loyalty.worker import build_pipeline, build_projection
 
 BATCHES = "/v1/ingress/batches"
 NOW = datetime(2030, 3, 4, 12, tzinfo=UTC)

@@ -33,9 +33,9 @@ from loyalty.application.delivery import (
     Subscription,
     WebhookDispatcher,
 )
+from loyalty.bootstrap import build_forget_service, build_webhook_dispatcher
 from loyalty.config import Settings
 from loyalty.observability import Metrics
-from loyalty.worker import build_forget_service, build_webhook_dispatcher
 from tests.conftest import Clock
 from tests.e2e.live import free_port
 from tests.e2e.test_webhooks import (
@@ -302,7 +302,8 @@ class FaultyReceiver:
 def console_page(api: TestClient, db: Database) -> str:
     import re
 
-    from loyalty.adapters.keys import KeyStore, Role
+    from loyalty.adapters.keys import KeyStore
+    from loyalty.application.access import Role
 
     key = KeyStore(db).create(Role.OPERATOR, "console")
     form = api.get("/console/sign-in").text

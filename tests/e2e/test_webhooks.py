@@ -26,9 +26,9 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from loyalty.adapters.db import Database
 from loyalty.api.app import create_app
 from loyalty.application.delivery import RetryPolicy
+from loyalty.bootstrap import build_forget_service, build_webhook_dispatcher
 from loyalty.config import Settings
 from loyalty.observability import Metrics
-from loyalty.worker import build_forget_service, build_webhook_dispatcher
 from tests.conftest import Clock, backends
 from tests.e2e.live import LOYALTY, env_for
 
@@ -247,7 +247,7 @@ def test_retries_then_dead_letter_then_replay(
         assert all(d.attempts >= 2 and d.last_error == "HTTP 503" for d in letters)
         # the endpoint is back: replay delivers and empties the dead-letter list
         down["on"] = False
-        from loyalty.worker import webhook_sender
+        from loyalty.bootstrap import webhook_sender
 
         admin = api.app.state.container.webhooks  # type: ignore[attr-defined]
         sender = webhook_sender(db.settings)

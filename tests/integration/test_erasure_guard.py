@@ -21,15 +21,16 @@ from fastapi.testclient import TestClient
 from loyalty.adapters.db import Database
 from loyalty.adapters.erasure_store import SqlErasureStore
 from loyalty.adapters.event_store import event_store_env, worker_env
-from loyalty.adapters.keys import KeyStore, Role
+from loyalty.adapters.keys import KeyStore
 from loyalty.api.app import create_app
+from loyalty.application.access import Role
 from loyalty.application.accounts import Accounts, Members, StreamErased
 from loyalty.application.erasure import ERASING, Marker
+from loyalty.bootstrap import build_forget_service, build_pipeline, build_projection
 from loyalty.config import Settings
 from loyalty.domain.errors import MemberBeingErased
 from loyalty.domain.member import Member
 from loyalty.domain.ranks import RankLadder
-from loyalty.worker import build_forget_service, build_pipeline, build_projection
 from tests.conftest import drain_with
 
 BATCHES = "/v1/ingress/batches"

@@ -14,11 +14,11 @@ from loyalty.adapters.rules_store import RulesStore
 from loyalty.application.accounts import Members
 from loyalty.application.commands.rules import parse_rule_set
 from loyalty.application.expiry import ExpiryJob
+from loyalty.bootstrap import build_expiry, build_projection
 from loyalty.config import Settings
 from loyalty.domain.member import Member
 from loyalty.domain.rules import DEFAULT_RULES_WIRE
 from loyalty.observability import Metrics
-from loyalty.worker import build_expiry, build_projection
 
 LADDER = parse_rule_set(copy.deepcopy(DEFAULT_RULES_WIRE), 1).ranks
 AS_OF = datetime(2025, 1, 1, tzinfo=UTC)

@@ -27,6 +27,7 @@ from loyalty.application.commands.rules import parse_rule_set
 from loyalty.application.explain import Explanations
 from loyalty.application.ingress import IncomingEvent, IngestService
 from loyalty.application.pipeline import Pipeline
+from loyalty.bootstrap import build_compensation, build_dry_run
 from loyalty.config import Settings
 from loyalty.domain.errors import (
     AwardNotFound,
@@ -35,7 +36,6 @@ from loyalty.domain.errors import (
     PeriodNotRetained,
 )
 from loyalty.domain.member import Member
-from loyalty.worker import build_compensation, build_dry_run
 from tests.conftest import drain_with
 
 NOW = datetime.now(UTC).replace(microsecond=0)

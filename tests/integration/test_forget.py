@@ -15,11 +15,12 @@ from fastapi.testclient import TestClient
 
 from loyalty.adapters.db import Database
 from loyalty.adapters.erasure_store import EXEMPT, LOCATIONS
-from loyalty.adapters.keys import KeyStore, Role
+from loyalty.adapters.keys import KeyStore
 from loyalty.api.app import create_app
+from loyalty.application.access import Role
+from loyalty.bootstrap import build_forget_service, build_pipeline, build_projection
 from loyalty.config import Settings
 from loyalty.domain.errors import MemberBeingErased
-from loyalty.worker import build_forget_service, build_pipeline, build_projection
 from tests.conftest import drain_pipeline
 
 BATCHES = "/v1/ingress/batches"

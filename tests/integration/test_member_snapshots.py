@@ -23,11 +23,11 @@ from loyalty.adapters.db import Database
 from loyalty.adapters.event_store import event_store_env, stream_loader
 from loyalty.application.accounts import Accounts, AwardCommand, Members, Spending
 from loyalty.application.commands.rules import parse_rule_set
+from loyalty.bootstrap import build_forget_service
 from loyalty.config import Settings
 from loyalty.domain.errors import AdjustmentConflict, DomainError, OrderConflict
 from loyalty.domain.member import Member, replay, scoped_key
 from loyalty.domain.rules import DEFAULT_RULES_WIRE
-from loyalty.worker import build_forget_service
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "member_stream_v1.json"
 RANKS = parse_rule_set(DEFAULT_RULES_WIRE, 1).ranks

@@ -225,9 +225,10 @@ def test_get_member_and_leaderboard_include_pending(
 ) -> None:
     from fastapi.testclient import TestClient
 
-    from loyalty.adapters.keys import KeyStore, Role
+    from loyalty.adapters.keys import KeyStore
     from loyalty.api.app import create_app
-    from loyalty.worker import build_projection
+    from loyalty.application.access import Role
+    from loyalty.bootstrap import build_projection
 
     ingest(db, [ev(0, "ed", "logged_on")])
     pipeline = make_pipeline(db, members)
@@ -247,7 +248,7 @@ def test_get_member_and_leaderboard_include_pending(
 def test_forget_erases_the_pending_row(settings: Settings, members: Members) -> None:
     """A member forgotten while earnings are pending: the row goes with the rest (and
     nothing of the member is left in the pending table)."""
-    from loyalty.worker import build_forget_service
+    from loyalty.bootstrap import build_forget_service
 
     fast = settings.model_copy(
         update={"forget_settle_seconds": 0.0, "marker_refresh_seconds": 0.01}
@@ -696,7 +697,7 @@ def test_rules_changes_and_requalification_keep_every_member_as_the_model_says(
     and so does the model. A second apply of the same rules is a no-op."""
     from loyalty.adapters.expiry_store import ExpiryLease, MemberLots
     from loyalty.application.expiry import Expiry
-    from loyalty.worker import build_compensation, build_projection
+    from loyalty.bootstrap import build_compensation, build_projection
 
     _example[0] += 1
     prefix = f"r{_example[0]}-"
@@ -859,12 +860,14 @@ def check_held(
     from types import SimpleNamespace
 
     from loyalty.api.routes.members import member_body
+    from loyalty.application.accounts.views import MemberViews
 
     rows = PendingTable(db).load(held)
-    # the parts of the API's container the member view reads
-    container: Any = SimpleNamespace(
-        rules=rules, accounts=accounts, clock=lambda: datetime.now(UTC)
-    )
+    # the part of the API's container the member view reads (the account view needs
+    # neither the spending use case nor the statements)
+    unused: Any = None
+    views = MemberViews(accounts, unused, rules, unused, lambda: datetime.now(UTC))
+    container: Any = SimpleNamespace(members=views)
     for user, h in held.items():
         try:
             member = account(app, user)

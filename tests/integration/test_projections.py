@@ -314,8 +314,8 @@ def test_an_event_the_read_model_cannot_store_is_quarantined_and_later_ones_arri
     quarantines that one event, says so (read models, metrics, doctor) and goes on: a
     later adjustment of another member reaches the history."""
     from loyalty.adapters.doctor import Doctor
+    from loyalty.bootstrap import build_projection
     from loyalty.observability import Metrics
-    from loyalty.worker import build_projection
 
     spending = Spending(Accounts(members))
     spending.adjust("before", "a0", 5, 0, "first", LADDER)

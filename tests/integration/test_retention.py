@@ -29,9 +29,10 @@ from loyalty.adapters.retention_store import (
 from loyalty.application.accounts import Accounts, Members
 from loyalty.application.ingress import IncomingEvent, IngestService, shard_of
 from loyalty.application.retention import KeptDay, Retention, RetentionReport
+from loyalty.bootstrap import build_pipeline, build_projection, build_retention
 from loyalty.config import Settings
 from loyalty.observability import Metrics
-from loyalty.worker import build_pipeline, build_projection, build_retention, build_retention_job
+from loyalty.worker import build_retention_job
 from tests.conftest import backends
 
 # The ingest clock: events of D1..D4 are inside its 7-day window, so they are accepted.

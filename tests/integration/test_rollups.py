@@ -208,7 +208,7 @@ def test_a_rebuild_of_the_read_models_counts_nothing_twice(db: Database, members
 def test_forget_me_takes_the_member_out_of_the_figures_not_out_of_the_past(
     db: Database, members: Members
 ) -> None:
-    from loyalty.worker import build_forget_service
+    from loyalty.bootstrap import build_forget_service
 
     ingest(
         db,

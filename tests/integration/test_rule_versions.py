@@ -24,10 +24,10 @@ from loyalty.application.accounts import Accounts, Members
 from loyalty.application.commands.rules import parse_rule_set
 from loyalty.application.ingress import IncomingEvent, IngestService
 from loyalty.application.pipeline import Pipeline
+from loyalty.bootstrap import build_compensation, build_pipeline
 from loyalty.config import Settings
 from loyalty.domain.member import Member
 from loyalty.domain.rules import DEFAULT_RULES_WIRE
-from loyalty.worker import build_compensation, build_pipeline
 from tests.conftest import drain_with
 
 NOW = datetime.now(UTC).replace(microsecond=0)

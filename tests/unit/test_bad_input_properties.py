@@ -30,8 +30,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from loyalty.adapters.db import Database
-from loyalty.adapters.keys import KeyStore, Role
+from loyalty.adapters.keys import KeyStore
 from loyalty.api.app import create_app
+from loyalty.application.access import Role
 from loyalty.config import Settings
 from loyalty.domain.user_ids import user_id_problem
 

@@ -22,12 +22,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loyalty.adapters.db import Database
-from loyalty.adapters.keys import KeyStore, Role
+from loyalty.adapters.keys import KeyStore
 from loyalty.adapters.read_models import ReadModels
 from loyalty.api.app import create_app
+from loyalty.application.access import Role
+from loyalty.bootstrap import build_projection
 from loyalty.config import Settings
 from loyalty.domain.limits import MAX_AMOUNT
-from loyalty.worker import build_projection
 
 SETTINGS = settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

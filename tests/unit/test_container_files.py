@@ -10,9 +10,9 @@ import pytest
 import typer
 import yaml
 
+from loyalty.bootstrap import parse_shards
 from loyalty.cli import app
 from loyalty.config import Settings
-from loyalty.worker import parse_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 

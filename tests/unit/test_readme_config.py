@@ -1,5 +1,5 @@
-"""The configuration table of docs/configuration.md (linked from the README) is generated from ``Settings``: this test fails when
-they disagree. Regenerate it with::
+"""The configuration table of docs/configuration.md (linked from the README) is generated
+from ``Settings``: this test fails when they disagree. Regenerate it with::
 
     .venv/bin/python -m tests.unit.test_readme_config --write
 """
@@ -34,7 +34,7 @@ def settings_table() -> str:
 
 
 def readme_table(text: str) -> str:
-    assert START in text and END in text, f"docs/configuration.md lost its markers {START!r} ... {END!r}"
+    assert START in text and END in text, f"docs/configuration.md lost {START!r} ... {END!r}"
     return text.split(START, 1)[1].split(END, 1)[0].strip()
 
 

@@ -7,10 +7,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path
 from starlette.concurrency import run_in_threadpool
 
-from loyalty.adapters.keys import Role
 from loyalty.api.deps import ContainerDep, OperatorKey, json_body, request_body
 from loyalty.api.problems import ApiProblem
 from loyalty.api.schemas import ForgetAccepted, ForgetReceipt, Problem
+from loyalty.application.access import Role
 from loyalty.application.commands.forget import ForgetRequestBody
 from loyalty.application.erasure import ForgetRequest
 

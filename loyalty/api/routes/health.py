@@ -24,5 +24,5 @@ def healthz() -> Health:
 )
 async def readyz(container: ContainerDep) -> Health:
     """The process can reach its database."""
-    await run_in_threadpool(container.db.ping)
+    await run_in_threadpool(container.ready)
     return Health(status="ready")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from datetime import UTC
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -13,7 +12,6 @@ from fastapi import APIRouter, Path, Query, Response
 from pydantic import AfterValidator
 from starlette.concurrency import run_in_threadpool
 
-from loyalty.adapters.keys import Role
 from loyalty.api.deps import Container, ContainerDep, OperatorKey, ShopKey, json_body, request_body
 from loyalty.api.problems import ApiProblem
 from loyalty.api.schemas import (
@@ -26,11 +24,12 @@ from loyalty.api.schemas import (
     OrderBody,
     Problem,
 )
+from loyalty.application.access import Role
 from loyalty.application.accounts import OrderResult
+from loyalty.application.accounts.views import AccountView
 from loyalty.application.commands.accounts import AdjustmentRequest, RefundRequest, SpendRequest
 from loyalty.application.commands.fields import USER_ID_PATTERN
 from loyalty.application.compensation import COMPENSATION_PREFIX
-from loyalty.domain.expiry import expiring
 from loyalty.domain.member import Member
 from loyalty.domain.user_ids import MAX_LENGTH, check_user_id
 
@@ -57,54 +56,30 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 async def get_member(user_id: UserId, _key: ShopKey, container: ContainerDep) -> MemberBody:
     """A member's balances, rank and privileges."""
 
-    def work() -> MemberBody:
-        return member_body(container, container.accounts.get(user_id))
-
-    return await run_in_threadpool(work)
+    view = await run_in_threadpool(container.members.view, user_id)
+    return account_body(view)
 
 
 def member_body(container: Container, member: Member) -> MemberBody:
-    """The account as it stands once its pending earnings are recorded: the fold a
-    spend records them with (``Accounts.with_pending``), so what the view shows as
-    currency a spend accepts, always (pending currency of an expired lot expires at
-    recording and is not shown)."""
-    rule_set = container.rules.current()
-    ranks = rule_set.ranks
-    after = container.accounts.with_pending(member, ranks)
-    currency = after.currency - member.currency  # the pending part of the balance
-    rank_points = after.rank_points - member.rank_points
-    qualification = ranks.qualification
-    if qualification is None:
-        rank = ranks.rank_for(after.rank_points)
-        period_points = after.rank_points
-        valid_until = None
-        to_keep = 0
-    else:  # the rank once recorded; points of the period (pending counted as earned today)
-        today = container.clock().astimezone(UTC).date()
-        rank = ranks.named(after.rank)
-        period_points = qualification.period_points(member.rank_days, today) + rank_points
-        threshold = rank.min_rank_points if rank is not None else 0
-        valid_until = qualification.valid_until(member.rank_days, today, threshold)
-        to_keep = max(0, threshold - period_points) if threshold else 0
-    held = rank.min_rank_points if rank is not None else -1
-    above = [r.min_rank_points for r in ranks.ranks if r.min_rank_points > held]
+    """The body of ``member``'s account (see ``MemberViews.account``)."""
+    return account_body(container.members.account(member))
+
+
+def account_body(view: AccountView) -> MemberBody:
     return MemberBody(
-        user_id=member.user_id,
-        currency=after.currency,
-        rank_points=after.rank_points,
-        rank=rank.name if rank is not None else None,
-        privileges=list(rank.privileges) if rank is not None else [],
-        lifetime_currency=after.lifetime_currency,
-        pending_currency=currency,
-        pending_rank_points=rank_points,
-        expiring=[
-            ExpiringBody(amount=e.amount, on=e.on)
-            for e in expiring(after.lots, rule_set.currency_expiry)
-        ],
-        rank_points_this_period=period_points,
-        rank_valid_until=valid_until,
-        rank_points_to_keep=to_keep,
-        rank_points_to_next=max(0, min(above) - period_points) if above else None,
+        user_id=view.user_id,
+        currency=view.currency,
+        rank_points=view.rank_points,
+        rank=view.rank,
+        privileges=view.privileges,
+        lifetime_currency=view.lifetime_currency,
+        pending_currency=view.pending_currency,
+        pending_rank_points=view.pending_rank_points,
+        expiring=[ExpiringBody(amount=e.amount, on=e.on) for e in view.expiring],
+        rank_points_this_period=view.rank_points_this_period,
+        rank_valid_until=view.rank_valid_until,
+        rank_points_to_keep=view.rank_points_to_keep,
+        rank_points_to_next=view.rank_points_to_next,
     )
 
 
@@ -207,19 +182,16 @@ async def adjust(
 ) -> MemberBody:
     """Correct a member's account (creates the account of an unknown member)."""
 
-    def work() -> MemberBody:
-        member = container.spending.adjust(
-            user_id,
-            body.adjustment_id,
-            body.currency,
-            body.rank_points,
-            body.reason,
-            container.rules.current().ranks,
-            key.name,
-        )
-        return member_body(container, member)
-
-    return await run_in_threadpool(work)
+    view = await run_in_threadpool(
+        container.members.adjust,
+        user_id,
+        body.adjustment_id,
+        body.currency,
+        body.rank_points,
+        body.reason,
+        key.name,
+    )
+    return account_body(view)
 
 
 _CURSOR = re.compile(r"^h([1-9][0-9]{0,17})$")
@@ -267,27 +239,21 @@ async def history(
     """A member's statement, newest first (catches up with spending within a second)."""
     before = decode_cursor(cursor) if cursor is not None else None
 
-    def work() -> HistoryBody:
-        rows = container.read_models.history(user_id, limit + 1, before)
-        if not rows and not container.read_models.has_member(user_id):
-            container.accounts.get(user_id)  # 404 unless the account exists (not projected yet)
-        page = rows[:limit]
-        return HistoryBody(
-            entries=[
-                HistoryEntryBody(
-                    kind=r.kind,
-                    currency=r.currency,
-                    rank_points=r.rank_points,
-                    at=r.at,
-                    ref=r.ref,
-                    explanation=explanation_link(user_id, r.kind, r.ref),
-                )
-                for r in page
-            ],
-            next=encode_cursor(page[-1].position) if len(rows) > limit else None,
-        )
-
-    return await run_in_threadpool(work)
+    page = await run_in_threadpool(container.members.history, user_id, limit, before)
+    return HistoryBody(
+        entries=[
+            HistoryEntryBody(
+                kind=r.kind,
+                currency=r.currency,
+                rank_points=r.rank_points,
+                at=r.at,
+                ref=r.ref,
+                explanation=explanation_link(user_id, r.kind, r.ref),
+            )
+            for r in page.entries
+        ],
+        next=encode_cursor(page.entries[-1].position) if page.more else None,
+    )
 
 
 @router.get(
@@ -306,19 +272,10 @@ async def leaderboard(
 ) -> LeaderboardBody:
     """Members by lifetime rank points, highest first; ties by user id."""
 
-    def work() -> LeaderboardBody:
-        rows = container.read_models.leaderboard(limit)
-        ranks = container.rules.current().ranks
-        entries = []
-        for row in rows:
-            rank = ranks.rank_for(row.rank_points)
-            entries.append(
-                LeaderboardEntry(
-                    user_id=row.user_id,
-                    rank_points=row.rank_points,
-                    rank=rank.name if rank is not None else None,
-                )
-            )
-        return LeaderboardBody(entries=entries)
-
-    return await run_in_threadpool(work)
+    places = await run_in_threadpool(container.members.leaderboard, limit)
+    return LeaderboardBody(
+        entries=[
+            LeaderboardEntry(user_id=p.user_id, rank_points=p.rank_points, rank=p.rank)
+            for p in places
+        ]
+    )

@@ -7,7 +7,6 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from loyalty.adapters.ingress_log import pending_stats
 from loyalty.api.deps import Container, ContainerDep, OperatorKey, problem_of
 from loyalty.api.guards import BodyProblem, check_json_content_type, read_limited_body
 from loyalty.api.problems import ApiProblem
@@ -28,7 +27,7 @@ RULES_MAX_BYTES = 1024 * 1024
 )
 async def get_rules(_key: OperatorKey, container: ContainerDep) -> Any:
     """The current weighting rules and rank ladder, with their version."""
-    rule_set = await run_in_threadpool(container.rules.current)
+    rule_set = await run_in_threadpool(container.rule_book.current)
     return rule_set_to_wire(rule_set)
 
 
@@ -59,24 +58,19 @@ async def put_rules(request: Request, _key: OperatorKey, container: ContainerDep
             errors = [{"loc": "body", "msg": "must be an object"}]
             raise ApiProblem(422, "invalid_rules", errors=errors) from None
         raise problem_of(exc) from None
-    rule_set = await run_in_threadpool(container.rules.put, wire, container.clock())
+    rule_set = await run_in_threadpool(container.rule_book.replace, wire)
     return rule_set_to_wire(rule_set)
 
 
 def pipeline_status(container: Container) -> PipelineBody:
     """How far the pipeline has got (the API's ``GET /v1/pipeline`` and the console)."""
-    positions = container.pipeline_state.positions()
-    pending, oldest = pending_stats(container.db, positions, container.settings.shard_count)
-    processed, awards = container.pipeline_state.totals()
-    age = None
-    if oldest is not None:
-        age = max(0.0, round((container.clock() - oldest).total_seconds(), 3))
+    report = container.pipeline.report()
     return PipelineBody(
-        pending=pending,
-        oldest_pending_age_s=age,
-        processed_total=processed,
-        awards_total=awards,
-        quarantined_events=container.read_models.quarantined_count(),
+        pending=report.pending,
+        oldest_pending_age_s=report.oldest_pending_age_s,
+        processed_total=report.processed_total,
+        awards_total=report.awards_total,
+        quarantined_events=report.quarantined_events,
     )
 
 

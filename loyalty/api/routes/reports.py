@@ -14,7 +14,7 @@ from loyalty.api.deps import ContainerDep, OperatorKey
 from loyalty.api.problems import ApiProblem
 from loyalty.api.schemas import Problem
 from loyalty.application.commands.fields import Day
-from loyalty.application.reporting import FIGURE_LABELS, ReportRangeError, daily_report
+from loyalty.application.reporting import FIGURE_LABELS, ReportRangeError
 
 router = APIRouter(tags=["operations"])
 
@@ -133,9 +133,8 @@ async def get_daily_report(
     last: Annotated[Day, Query(alias="to", description="last UTC day, inclusive")],
 ) -> Any:
     """Per UTC day: activity by source and type, awards, spending, outstanding currency."""
-    assert container.rollups is not None
     try:
-        days = await run_in_threadpool(daily_report, container.rollups, first, last)
+        days = await run_in_threadpool(container.daily_report, first, last)
     except ReportRangeError as exc:
         raise ApiProblem(422, "invalid_range", str(exc)) from None
     return {"days": [d.to_wire() for d in days]}

@@ -7,7 +7,6 @@ from typing import Any
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
-from loyalty.adapters.storage import storage_report
 from loyalty.api.deps import ContainerDep, OperatorKey
 from loyalty.api.schemas import Problem, StorageBody
 
@@ -24,5 +23,5 @@ async def get_storage(_key: OperatorKey, container: ContainerDep) -> Any:
     """Rows and bytes per location: each ingress partition (PostgreSQL) or the ingress
     table (SQLite), the event store, read models, pipeline and forget-me tables, a total.
     Every table is listed, so one that grows without an owner shows up."""
-    report = await run_in_threadpool(storage_report, container.db)
+    report = await run_in_threadpool(container.storage)
     return report.to_wire()

@@ -9,10 +9,10 @@ from fastapi import APIRouter, Path
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from loyalty.adapters.keys import Role
 from loyalty.api.deps import ContainerDep, OperatorKey, json_body, request_body
 from loyalty.api.problems import ApiProblem
 from loyalty.api.schemas import Problem
+from loyalty.application.access import Role
 from loyalty.application.delivery import EVENT_TYPES, Subscription, WebhookAdmin
 
 router = APIRouter(tags=["events out"])

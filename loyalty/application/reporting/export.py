@@ -1,0 +1,232 @@
+"""The export: the rollups and the account events handed to a sink (Parquet files),
+each member as an HMAC-SHA256 pseudonym under the deployment's export key."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, NamedTuple, Protocol
+
+from loyalty.application.reporting.report import RollupReader, check_range, daily_report
+from loyalty.application.reporting.rollups import EXPIRED_EVENT
+
+
+def pseudonym(key: bytes, user_id: str) -> str:
+    """The keyed pseudonym of a member in exports: HMAC-SHA256 with the deployment's
+    export key (hex). Stable across exports (joins work), not reversible without it."""
+    return hmac.new(key, user_id.encode(), hashlib.sha256).hexdigest()
+
+
+DATASETS = ("activity", "accounts", "account_events")
+
+
+class ExportRefused(Exception):
+    """Account events are not exported without the deployment's pseudonym key."""
+
+
+class AccountEventRow(NamedTuple):
+    """One exported account event: the member only as a keyed pseudonym (a tuple: a
+    million of them are made per export)."""
+
+    position: int
+    day: date
+    member: str
+    version: int
+    type: str
+    at: datetime
+    currency: int
+    """The signed change of spendable currency."""
+    rank_points: int
+    ref: str | None
+    source: str | None
+
+
+class NotificationLog(Protocol):
+    """The event store's notification log, decoded (``Members``' recorder and mapper)."""
+
+    def read(self, after: int, limit: int) -> tuple[Sequence[tuple[int, Any]], int]:
+        """Up to ``limit`` (notification id, domain event) pairs after ``after``, and the
+        last notification id read (``after`` when there is none)."""
+        ...
+
+
+class ExportSink(Protocol):
+    def complete(self, dataset: str, day: date) -> bool:
+        """Whether the day's file of ``dataset`` exists (it appears whole, or not at all)."""
+        ...
+
+    def write_rows(self, dataset: str, day: date, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Write the day's file of ``dataset`` atomically; returns its bytes."""
+        ...
+
+    def write_events(self, days: set[date], rows: Iterable[AccountEventRow]) -> dict[date, int]:
+        """Write one account-event file per day of ``days`` atomically, streaming ``rows``
+        (of those days, in any day order) into them; returns the rows per day."""
+        ...
+
+
+_Change = tuple[int, int, str | None]
+"""(signed currency change, rank points, reference) of one account event"""
+
+_CHANGES: dict[str, Callable[[Any], _Change]] = {
+    "Created": lambda e: (0, 0, None),
+    "Awarded": lambda e: (e.currency, e.rank_points, e.award_id),
+    "Spent": lambda e: (-e.amount, 0, e.order_id),
+    "Refunded": lambda e: (e.amount, 0, e.order_id),
+    "Adjusted": lambda e: (e.currency, e.rank_points, e.adjustment_id),
+    "RankChanged": lambda e: (0, 0, e.new),
+    EXPIRED_EVENT: lambda e: (-int(e.amount), 0, getattr(e, "lot", None)),
+}
+
+
+def _unknown(_event: Any) -> _Change:
+    return (0, 0, None)
+
+
+def account_event_rows(
+    log: NotificationLog, key: bytes, wanted: set[date], batch: int = 5000
+) -> Iterator[AccountEventRow]:
+    """The account events of the ``wanted`` days, in log order, each member as
+    :func:`pseudonym`. The whole log is read (a member's ``Created`` names its user id);
+    a forgotten member's stream is gone from the log, so none of its events is exported."""
+    users: dict[Any, str] = {}  # stream id -> pseudonym
+    after = 0
+    while True:
+        page, last = log.read(after, batch)
+        if last <= after:
+            return
+        after = last
+        for position, event in page:
+            member = event.originator_id
+            cls = type(event)
+            name = cls.__name__
+            if name == "Created":
+                users[member] = pseudonym(key, event.user_id)
+            at: datetime = event.timestamp
+            if at.tzinfo is not UTC:
+                at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+            day = at.date()
+            if day not in wanted:
+                continue
+            who = users.get(member)
+            if who is None:  # a stream without its Created (an orphan): no one to name
+                continue
+            currency, points, ref = _CHANGES.get(name, _unknown)(event)
+            yield AccountEventRow(
+                position,
+                day,
+                who,
+                event.originator_version,
+                name,
+                at,
+                currency,
+                points,
+                ref,
+                getattr(event, "source", None),
+            )
+
+
+@dataclass(slots=True)
+class ExportResult:
+    written: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DATASETS, 0))
+    """Files written per dataset."""
+    skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DATASETS, 0))
+    """Days left alone per dataset: final, and already exported."""
+    events: int = 0
+    bytes: int = 0
+
+
+def export(
+    reader: RollupReader,
+    log: NotificationLog,
+    sink: ExportSink,
+    first: date,
+    last: date,
+    *,
+    key: bytes | None,
+    final_before: date,
+    events: bool = True,
+) -> ExportResult:
+    """Export the rollups (and, with ``events``, the account events) of ``first`` ..
+    ``last`` as one file per dataset and day. A day before ``final_before`` can no longer
+    change (no ingress is accepted for it, no account event is stamped with it): once its
+    file exists it is skipped, so an interrupted export resumes where it stopped. Later
+    days are written again each time."""
+    check_range(first, last)
+    if events and key is None:
+        raise ExportRefused(
+            "account events are exported only with a pseudonym key "
+            "(LOYALTY_EXPORT_PSEUDONYM_KEY); export the rollups alone with --rollups-only"
+        )
+    result = ExportResult()
+
+    def todo(dataset: str, day: date) -> bool:
+        if day < final_before and sink.complete(dataset, day):
+            result.skipped[dataset] += 1
+            return False
+        return True
+
+    for day_report in daily_report(reader, first, last):
+        day = day_report.day
+        if todo("activity", day):
+            rows = [
+                r.to_wire()
+                | {
+                    "currency_awarded": r.currency_awarded,
+                    "rank_points_awarded": r.rank_points_awarded,
+                }
+                for r in day_report.activity
+            ]
+            result.bytes += sink.write_rows("activity", day, rows)
+            result.written["activity"] += 1
+        if todo("accounts", day):
+            wire = day_report.to_wire()
+            del wire["activity"], wire["day"]
+            wire["currency_awarded"] = day_report.currency_awarded
+            wire["rank_points_awarded"] = day_report.rank_points_awarded
+            result.bytes += sink.write_rows("accounts", day, [wire])
+            result.written["accounts"] += 1
+    if not events:
+        return result
+    assert key is not None
+    wanted = set()
+    day = first
+    while day <= last:
+        if todo("account_events", day):
+            wanted.add(day)
+        day += timedelta(days=1)
+    if not wanted:
+        return result
+    counts = sink.write_events(wanted, account_event_rows(log, key, wanted))
+    result.written["account_events"] += len(counts)
+    result.events = sum(counts.values())
+    return result
+
+
+class MembersLog:
+    """:class:`NotificationLog` over the Members application (its recorder and mapper),
+    passing over SQLite's forget-me tombstone rows."""
+
+    TOMBSTONE = "loyalty.erasure:Tombstone"
+
+    def __init__(self, members: Any) -> None:
+        self._members = members
+
+    def read(self, after: int, limit: int) -> tuple[Sequence[tuple[int, Any]], int]:
+        recorder = self._members.recorder
+        head = int(recorder.max_notification_id() or 0)
+        if head <= after:
+            return [], after
+        notifications = recorder.select_notifications(
+            after, limit, stop=head, inclusive_of_start=False
+        )
+        if not notifications:
+            return [], after
+        mapper = self._members.mapper
+        pairs = [
+            (n.id, mapper.to_domain_event(n)) for n in notifications if n.topic != self.TOMBSTONE
+        ]
+        return pairs, int(notifications[-1].id)
