@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from loyalty.adapters.console_sessions import ConsoleSessions
 from loyalty.adapters.db import Database
+from loyalty.adapters.ingress_log import pending_stats
 from loyalty.adapters.keys import KeyStore, Principal, Role
 from loyalty.adapters.pipeline_store import PipelineStore
 from loyalty.adapters.read_models import ReadModels
@@ -33,6 +34,8 @@ from loyalty.application.dryrun import DryRun
 from loyalty.application.erasure import ForgetService
 from loyalty.application.explain import Explanations
 from loyalty.application.ingress import IngestService
+from loyalty.application.member_view import MemberViews
+from loyalty.application.operations import PipelineMonitor
 from loyalty.application.reporting import RollupReader
 from loyalty.config import Settings
 from loyalty.observability import Metrics
@@ -185,3 +188,25 @@ def request_body(model: type[BaseModel]) -> dict[str, Any]:
     added to the document's components by ``create_app``)."""
     ref = {"$ref": f"#/components/schemas/{model.__name__}"}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+# Use cases the API and the console share, built from the container's parts on each
+# request (cheap: no I/O) until the container holds them.
+
+
+def member_views(container: ContainerDep) -> MemberViews:
+    return MemberViews(container.accounts, container.rules, container.clock)
+
+
+def pipeline_monitor(container: ContainerDep) -> PipelineMonitor:
+    db, shards = container.db, container.settings.shard_count
+    return PipelineMonitor(
+        container.pipeline_state,
+        lambda positions: pending_stats(db, positions, shards),
+        container.read_models,
+        container.clock,
+    )
+
+
+MemberViewsDep = Annotated[MemberViews, Depends(member_views)]
+PipelineMonitorDep = Annotated[PipelineMonitor, Depends(pipeline_monitor)]

@@ -22,7 +22,7 @@ from loyalty.adapters.tables import console_sessions
 from loyalty.api.app import create_app
 from loyalty.application.delivery import FeedEvent
 from loyalty.config import Settings
-from loyalty.console.routes import CSP, STATIC
+from loyalty.console.rendering import CSP, STATIC
 from tests.conftest import Clock
 
 HTMX = STATIC / "htmx"
@@ -839,7 +839,7 @@ def test_the_dashboards_today_is_the_daily_reports_today_with_the_same_labels(
     traffic the dashboard shows what GET /v1/reports/daily answers for today, under the
     labels the reports page uses."""
     from loyalty.application.reporting import FIGURE_LABELS, TODAY_FIGURES
-    from loyalty.console.routes import figure
+    from loyalty.console.rendering import figure
     from loyalty.worker import build_projection
     from tests.conftest import drain_pipeline
 

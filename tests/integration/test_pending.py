@@ -861,15 +861,10 @@ def check_held(
     held: dict[str, Held],
     version: str,
 ) -> None:
-    from types import SimpleNamespace
-
-    from loyalty.api.routes.members import member_body
+    from loyalty.application.member_view import MemberViews
 
     rows = PendingTable(db).load(held)
-    # the parts of the API's container the member view reads
-    container: Any = SimpleNamespace(
-        rules=rules, accounts=accounts, clock=lambda: datetime.now(UTC)
-    )
+    views = MemberViews(accounts, rules, lambda: datetime.now(UTC))  # GET /v1/members/{id}'s
     for user, h in held.items():
         try:
             member = account(app, user)
@@ -878,7 +873,7 @@ def check_held(
             continue
         assert h.account, user
         assert (member.rank, user in rows) == (h.rank, h.row), (user, h)
-        view = member_body(container, member)  # what GET /v1/members/{id} shows
+        view = views.of(member)  # what GET /v1/members/{id} shows
         assert view.currency == h.spendable, (user, h)
         if not h.closed:  # nothing expired: every unit earned or compensated is held or spent
             assert view.currency + h.spent == int(h.currency // 1) + h.adjusted[0]

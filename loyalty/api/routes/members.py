@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from datetime import UTC
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -14,12 +13,18 @@ from pydantic import AfterValidator
 from starlette.concurrency import run_in_threadpool
 
 from loyalty.adapters.keys import Role
-from loyalty.api.deps import Container, ContainerDep, OperatorKey, ShopKey, json_body, request_body
+from loyalty.api.deps import (
+    ContainerDep,
+    MemberViewsDep,
+    OperatorKey,
+    ShopKey,
+    json_body,
+    request_body,
+)
 from loyalty.api.problems import ApiProblem
 from loyalty.api.schemas import (
     USER_ID_PATTERN,
     AdjustmentRequest,
-    ExpiringBody,
     HistoryBody,
     HistoryEntryBody,
     LeaderboardBody,
@@ -32,8 +37,7 @@ from loyalty.api.schemas import (
 )
 from loyalty.application.accounts import OrderResult
 from loyalty.application.compensation import COMPENSATION_PREFIX
-from loyalty.domain.expiry import expiring
-from loyalty.domain.member import Member
+from loyalty.application.member_view import MemberView
 from loyalty.domain.user_ids import MAX_LENGTH, check_user_id
 
 router = APIRouter(tags=["members"])
@@ -56,58 +60,14 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 @router.get("/v1/members/{user_id}", response_model=MemberBody, responses=_ERRORS)
-async def get_member(user_id: UserId, _key: ShopKey, container: ContainerDep) -> MemberBody:
+async def get_member(user_id: UserId, _key: ShopKey, views: MemberViewsDep) -> MemberBody:
     """A member's balances, rank and privileges."""
-
-    def work() -> MemberBody:
-        return member_body(container, container.accounts.get(user_id))
-
-    return await run_in_threadpool(work)
+    return member_body(await run_in_threadpool(views.get, user_id))
 
 
-def member_body(container: Container, member: Member) -> MemberBody:
-    """The account as it stands once its pending earnings are recorded: the fold a
-    spend records them with (``Accounts.with_pending``), so what the view shows as
-    currency a spend accepts, always (pending currency of an expired lot expires at
-    recording and is not shown)."""
-    rule_set = container.rules.current()
-    ranks = rule_set.ranks
-    after = container.accounts.with_pending(member, ranks)
-    currency = after.currency - member.currency  # the pending part of the balance
-    rank_points = after.rank_points - member.rank_points
-    qualification = ranks.qualification
-    if qualification is None:
-        rank = ranks.rank_for(after.rank_points)
-        period_points = after.rank_points
-        valid_until = None
-        to_keep = 0
-    else:  # the rank once recorded; points of the period (pending counted as earned today)
-        today = container.clock().astimezone(UTC).date()
-        rank = ranks.named(after.rank)
-        period_points = qualification.period_points(member.rank_days, today) + rank_points
-        threshold = rank.min_rank_points if rank is not None else 0
-        valid_until = qualification.valid_until(member.rank_days, today, threshold)
-        to_keep = max(0, threshold - period_points) if threshold else 0
-    held = rank.min_rank_points if rank is not None else -1
-    above = [r.min_rank_points for r in ranks.ranks if r.min_rank_points > held]
-    return MemberBody(
-        user_id=member.user_id,
-        currency=after.currency,
-        rank_points=after.rank_points,
-        rank=rank.name if rank is not None else None,
-        privileges=list(rank.privileges) if rank is not None else [],
-        lifetime_currency=after.lifetime_currency,
-        pending_currency=currency,
-        pending_rank_points=rank_points,
-        expiring=[
-            ExpiringBody(amount=e.amount, on=e.on)
-            for e in expiring(after.lots, rule_set.currency_expiry)
-        ],
-        rank_points_this_period=period_points,
-        rank_valid_until=valid_until,
-        rank_points_to_keep=to_keep,
-        rank_points_to_next=max(0, min(above) - period_points) if above else None,
-    )
+def member_body(view: MemberView) -> MemberBody:
+    """The view (:class:`~loyalty.application.member_view.MemberViews`) on the wire."""
+    return MemberBody.model_validate(view, from_attributes=True)
 
 
 def _conflicts(*codes: str) -> dict[int | str, dict[str, Any]]:
@@ -206,6 +166,7 @@ async def adjust(
     key: OperatorKey,
     body: Annotated[AdjustmentRequest, json_body(AdjustmentRequest, Role.OPERATOR)],
     container: ContainerDep,
+    views: MemberViewsDep,
 ) -> MemberBody:
     """Correct a member's account (creates the account of an unknown member)."""
 
@@ -219,7 +180,7 @@ async def adjust(
             container.rules.current().ranks,
             key.name,
         )
-        return member_body(container, member)
+        return member_body(views.of(member))
 
     return await run_in_threadpool(work)
 

@@ -7,8 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from loyalty.adapters.ingress_log import pending_stats
-from loyalty.api.deps import Container, ContainerDep, OperatorKey, problem_of
+from loyalty.api.deps import ContainerDep, OperatorKey, PipelineMonitorDep, problem_of
 from loyalty.api.guards import BodyProblem, check_json_content_type, read_limited_body
 from loyalty.api.problems import ApiProblem
 from loyalty.api.schemas import PipelineBody, Problem, RulesBody, rules_document
@@ -63,24 +62,8 @@ async def put_rules(request: Request, _key: OperatorKey, container: ContainerDep
     return rule_set_to_wire(rule_set)
 
 
-def pipeline_status(container: Container) -> PipelineBody:
-    """How far the pipeline has got (the API's ``GET /v1/pipeline`` and the console)."""
-    positions = container.pipeline_state.positions()
-    pending, oldest = pending_stats(container.db, positions, container.settings.shard_count)
-    processed, awards = container.pipeline_state.totals()
-    age = None
-    if oldest is not None:
-        age = max(0.0, round((container.clock() - oldest).total_seconds(), 3))
-    return PipelineBody(
-        pending=pending,
-        oldest_pending_age_s=age,
-        processed_total=processed,
-        awards_total=awards,
-        quarantined_events=container.read_models.quarantined_count(),
-    )
-
-
 @router.get("/v1/pipeline", response_model=PipelineBody, responses=_ERRORS)
-async def get_pipeline(_key: OperatorKey, container: ContainerDep) -> PipelineBody:
+async def get_pipeline(_key: OperatorKey, monitor: PipelineMonitorDep) -> PipelineBody:
     """How far the weighting pipeline has got."""
-    return await run_in_threadpool(pipeline_status, container)
+    status = await run_in_threadpool(monitor.status)
+    return PipelineBody.model_validate(status, from_attributes=True)
