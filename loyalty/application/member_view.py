@@ -5,7 +5,7 @@ console's member page read this one computation)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
 from loyalty.application.accounts import Accounts
@@ -26,11 +26,12 @@ class MemberView:
     lifetime_currency: int
     pending_currency: int
     pending_rank_points: int
-    expiring: list[Expiring] = field(default_factory=list)
-    rank_points_this_period: int = 0
-    rank_valid_until: date | None = None
-    rank_points_to_keep: int = 0
-    rank_points_to_next: int | None = None
+    expiring: list[Expiring]
+    """The next expiries under the rules' currency_expiry, soonest first."""
+    rank_points_this_period: int
+    rank_valid_until: date | None
+    rank_points_to_keep: int
+    rank_points_to_next: int | None
 
 
 class MemberViews:
