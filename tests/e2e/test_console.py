@@ -23,7 +23,7 @@ from loyalty.api.app import create_app
 from loyalty.application.access import Role
 from loyalty.application.delivery import FeedEvent
 from loyalty.config import Settings
-from loyalty.console.routes import CSP, STATIC
+from loyalty.console.rendering import CSP, STATIC
 from tests.conftest import Clock
 
 HTMX = STATIC / "htmx"
@@ -841,7 +841,7 @@ def test_the_dashboards_today_is_the_daily_reports_today_with_the_same_labels(
     labels the reports page uses."""
     from loyalty.application.reporting import FIGURE_LABELS, TODAY_FIGURES
     from loyalty.bootstrap import build_projection
-    from loyalty.console.routes import figure
+    from loyalty.console.rendering import figure
     from tests.conftest import drain_pipeline
 
     client, csrf = console

@@ -1,0 +1,1 @@
+"""The console's pages: one module (and one ``router``) per page or page group."""
