@@ -32,10 +32,15 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# lint-imports: the import contracts in pyproject.toml ([tool.importlinter]: the layers
+# domain < application < adapters < wiring < entrypoints); tests/unit/test_import_cycles.py:
+# no import cycle inside loyalty, even between the modules of one package.
 lint: install
 	$(BIN)/ruff check loyalty alembic tests benchmarks
 	$(BIN)/ruff format --check loyalty alembic tests benchmarks
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit/test_import_cycles.py
 
 format: install
 	$(BIN)/ruff format loyalty alembic tests benchmarks

@@ -7,21 +7,20 @@ from typing import Annotated
 
 import typer
 
-from loyalty.cli import (
-    _rfc3339,
-    app,
+from loyalty.cli.common import (
     confirm_time_travel,
+    echo_json,
     err,
     fail,
     load_settings,
     open_database,
+    rfc3339_option,
     utc_text,
 )
 
 expiry_app = typer.Typer(
     help="Currency expiry (the rules' currency_expiry): run the job.", no_args_is_help=True
 )
-app.add_typer(expiry_app, name="expiry")
 
 
 @expiry_app.command("run")
@@ -47,12 +46,11 @@ def expiry_run(
     once); reads only members with lots due. Safe to repeat and to run beside workers.
     A future --as-of expires, for real and at once, what is due by then: it needs --yes
     (see it first with --dry-run)."""
-    import orjson
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from loyalty.bootstrap import build_expiry
 
-    moment = _rfc3339(as_of, "--as-of") if as_of else datetime.now(UTC)
+    moment = rfc3339_option(as_of, "--as-of") if as_of else datetime.now(UTC)
     confirm_time_travel(moment, yes=yes, dry_run=dry_run, what="expires currency")
     settings = load_settings()
     db = open_database(settings)
@@ -63,7 +61,7 @@ def expiry_run(
             db.dispose()
         wire = {**preview.to_wire(), "dry_run": True}
         if json_output:
-            typer.echo(orjson.dumps(wire, option=orjson.OPT_INDENT_2).decode())
+            echo_json(wire)
         elif preview.rule is None:
             typer.echo("dry run: currency expiry is off; nothing would expire")
         else:
@@ -94,7 +92,7 @@ def expiry_run(
     if report.skipped:
         raise fail("another process is running expiry; try again later", 1)
     if json_output:
-        typer.echo(orjson.dumps(report.to_wire(), option=orjson.OPT_INDENT_2).decode())
+        echo_json(report.to_wire())
     else:
         typer.echo(report.summary())
     if report.interrupted:

@@ -3,15 +3,13 @@ and as Parquet files for a warehouse."""
 
 from __future__ import annotations
 
-import sys
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from loyalty.cli import app, fail, load_settings, open_database
+from loyalty.cli.common import echo_json, fail, load_settings, open_database, stdout_console
 
 
 def _day(value: str | None, option: str) -> date | None:
@@ -19,7 +17,7 @@ def _day(value: str | None, option: str) -> date | None:
         return None
     from pydantic import ValidationError
 
-    from loyalty.api.schemas import DAY
+    from loyalty.application.commands.fields import DAY
 
     try:  # the API's bounded day (loyalty.domain.limits), as GET /v1/reports/daily
         return DAY.validate_strings(value.strip())
@@ -36,7 +34,6 @@ def _range(first: str | None, last: str | None, days: int) -> tuple[date, date]:
     return start, to
 
 
-@app.command()
 def report(
     first: Annotated[
         str | None, typer.Option("--from", help="first UTC day (default: --days before --to)")
@@ -52,8 +49,6 @@ def report(
 ) -> None:
     """Per UTC day: events by type, awards, spending, outstanding currency, members
     (from the daily rollups: past days read the same after retention)."""
-    import orjson
-
     from loyalty.adapters.rollup_store import RollupStore
     from loyalty.application.reporting import ReportRangeError, daily_report
     from loyalty.report import render_table, write_chart
@@ -68,10 +63,10 @@ def report(
         db.dispose()
     if json_output:
         body = {"days": [d.to_wire() for d in result]}
-        typer.echo(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
+        echo_json(body)
     else:
         # Not a terminal (a pipe, a file): wide enough that no column is cut.
-        Console(width=None if sys.stdout.isatty() else 200).print(render_table(result))
+        stdout_console(200).print(render_table(result))
     if out is not None:
         try:
             write_chart(result, out)
@@ -80,7 +75,6 @@ def report(
         typer.echo(f"chart written to {out}", err=json_output)
 
 
-@app.command("export")
 def export_cmd(
     first: Annotated[str, typer.Option("--from", help="first UTC day (YYYY-MM-DD)")],
     last: Annotated[str, typer.Option("--to", help="last UTC day, inclusive")],

@@ -10,7 +10,8 @@ import pytest
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from loyalty.cli import app, tidy_help
+from loyalty.cli import app
+from loyalty.cli.help_text import tidy_help
 
 
 def command_paths() -> list[list[str]]:

@@ -1,21 +1,84 @@
-"""``loyalty rules dry-run`` and ``loyalty rules apply`` (issue 20)."""
+"""``loyalty rules``: show and load the weighting rules, try a change on past events
+(dry-run), apply one to past awards, and its compensation runs (issue 20)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+import sys
+from pathlib import Path
+from typing import Annotated, Any
 
-import orjson
 import typer
 
-from loyalty.cli import (
-    _rfc3339,
+from loyalty.cli.common import (
+    echo_json,
     err,
     fail,
     load_settings,
     open_database,
-    read_rules_file,
-    rules_app,
+    rfc3339_option,
 )
+
+rules_app = typer.Typer(
+    help="The weighting rules: show, load, try a change on past events (dry-run), apply a "
+    "change to past awards, and its compensation runs.",
+    no_args_is_help=True,
+)
+
+
+def read_rules_file(file: str) -> dict[str, Any]:
+    """A rules file (``-``: stdin) as a JSON object, read as ``PUT /v1/rules`` reads its
+    body (:func:`loyalty.api.schemas.rules_document`: an object repeating a key is
+    refused), or a clear error (exit 2)."""
+    from loyalty.api.guards import BodyProblem
+    from loyalty.api.schemas import rules_document
+
+    try:
+        raw = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+    except OSError as exc:
+        raise fail(f"{file}: {exc.strerror or exc}", 2) from None
+    try:
+        return rules_document(raw)
+    except BodyProblem as exc:
+        cause = exc.__cause__
+        if exc.code == "invalid_rules":
+            raise fail(f"{file}: must be a JSON object with 'rules' and 'ranks'", 2) from None
+        detail = f"{exc.detail}: {cause}" if cause is not None else exc.detail
+        raise fail(f"{file}: {detail}", 2) from None
+
+
+@rules_app.command("show")
+def rules_show() -> None:
+    """Print the current rules (JSON, with their version)."""
+    from loyalty.adapters.rules_store import RulesStore
+    from loyalty.application.commands.rules import rule_set_to_wire
+
+    db = open_database(load_settings())
+    try:
+        rule_set = RulesStore(db).current()
+    finally:
+        db.dispose()
+    echo_json(rule_set_to_wire(rule_set))
+
+
+@rules_app.command("load")
+def rules_load(
+    file: Annotated[
+        str, typer.Argument(help="a JSON file {rules:[...], ranks:[...]}; - reads stdin")
+    ],
+) -> None:
+    """Validate a rules file like PUT /v1/rules and store it as the next version."""
+    from loyalty.adapters.rules_store import RulesStore
+    from loyalty.domain.errors import InvalidRules
+
+    wire = read_rules_file(file)
+    db = open_database(load_settings())
+    try:
+        rule_set = RulesStore(db).put(wire)
+    except InvalidRules as exc:
+        raise fail(f"{file}: {exc.message}", 2) from None
+    finally:
+        db.dispose()
+    typer.echo(f"loaded rules version {rule_set.version}")
 
 
 @rules_app.command("dry-run")
@@ -51,7 +114,7 @@ def rules_dry_run(
         db.dispose()
     for warning in report["warnings"]:
         err.print(f"warning: {warning}", soft_wrap=True, highlight=False)
-    typer.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+    echo_json(report)
 
 
 @rules_app.command("apply")
@@ -94,7 +157,7 @@ def rules_apply(
             typer.echo(f"loaded rules version {rule_set.version} (no compensation)")
             return
         assert since is not None
-        receipt = build_compensation(db).apply(wire, _rfc3339(since, "--since"), candidate)
+        receipt = build_compensation(db).apply(wire, rfc3339_option(since, "--since"), candidate)
     except PeriodNotRetained as exc:
         raise fail(
             f"{exc.message} (an unfinished run is finished first: see "
@@ -103,7 +166,7 @@ def rules_apply(
         ) from None
     finally:
         db.dispose()
-    typer.echo(orjson.dumps(receipt, option=orjson.OPT_INDENT_2).decode())
+    echo_json(receipt)
 
 
 compensation_app = typer.Typer(
@@ -113,10 +176,6 @@ compensation_app = typer.Typer(
 rules_app.add_typer(compensation_app, name="compensation")
 
 
-def _echo(wire: object) -> None:
-    typer.echo(orjson.dumps(wire, option=orjson.OPT_INDENT_2).decode())
-
-
 @compensation_app.command("list")
 def compensation_list() -> None:
     """The unfinished compensation runs (rules versions, periods, start times) as JSON."""
@@ -124,7 +183,7 @@ def compensation_list() -> None:
 
     db = open_database(load_settings())
     try:
-        _echo(CompensationStore(db).unfinished_summary())
+        echo_json(CompensationStore(db).unfinished_summary())
     finally:
         db.dispose()
 
@@ -148,7 +207,7 @@ def compensation_resume(
         raise fail(f"{exc.message} (abandon the run instead)", 2) from None
     finally:
         db.dispose()
-    _echo(receipt)
+    echo_json(receipt)
 
 
 @compensation_app.command("abandon")
@@ -168,4 +227,4 @@ def compensation_abandon(
         raise fail(str(exc), 2) from None
     finally:
         db.dispose()
-    _echo(receipt)
+    echo_json(receipt)
