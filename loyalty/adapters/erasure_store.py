@@ -1,8 +1,11 @@
 """Where member data lives, and how forget-me erases it, on both backends.
 
-``LOCATIONS`` is the one registry of tables holding a member's data; ``EXEMPT`` lists the
-tables that hold none, with the reason. A test fails when a table is in neither, so every
-new store must join the registry (and be erased) before it can land.
+``REGISTRY`` is the one list of the locations holding a member's data: each names its
+tables and the owning store's erasure function (run by ``ForgetService`` in its step, in
+this order), or which other entry's erasure covers it. ``EXEMPT`` lists the tables that
+hold none, with the reason. A test fails when a table is in neither, so every new store
+must join the registry (and be erased) before it can land. The rest of this module is
+the store of the requests, their subjects and the markers.
 """
 
 from __future__ import annotations
