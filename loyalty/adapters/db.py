@@ -8,7 +8,7 @@ instead of failing when one upgrades a read lock.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -152,3 +152,9 @@ def psycopg_connection(conn: Connection) -> psycopg.Connection[Any]:
     driver = conn.connection.driver_connection
     assert isinstance(driver, psycopg.Connection)
     return driver
+
+
+def existing_tables(conn: Connection, names: Iterable[str]) -> list[str]:
+    """Those of ``names`` that exist (the event store's tables are the library's: one
+    name or the other per backend)."""
+    return [n for n in names if sa.inspect(conn).has_table(n)]

@@ -16,8 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from loyalty.adapters.db import Database
-from loyalty.adapters.erasure_store import forget_markers
-from loyalty.adapters.tables import metadata
+from loyalty.adapters.tables import forget_markers, metadata
 from loyalty.application.delivery import (
     FORGOTTEN,
     DeadLetter,

@@ -32,8 +32,9 @@ import sqlalchemy as sa
 
 from loyalty.adapters.compensation_store import CompensationStore
 from loyalty.adapters.db import Database
-from loyalty.adapters.erasure_store import SqlErasureStore
+from loyalty.adapters.event_store import erase_stream
 from loyalty.adapters.read_models import ReadModels
+from loyalty.adapters.read_models import erase_member as erase_read_models
 
 NIL = uuid.UUID(int=0)
 
@@ -161,13 +162,12 @@ class Doctor:
         """Finish erasing orphan streams, release quarantine entries of streams that no
         longer exist, erase read models of accounts without a stream. Idempotent."""
         done = RepairReport()
-        store = SqlErasureStore(self._db)
         read_models = ReadModels(self._db)
         released: set[str] = set()
         for orphan in report.orphan_streams:
             # under the same lock as forget-me's deletion: a concurrent save either
             # commits first (and is deleted too) or finds its predecessor gone
-            done.events_erased += store.erase_stream(orphan.member_id)
+            done.events_erased += erase_stream(self._db, orphan.member_id)
             done.orphan_streams_erased += 1
             released.add(orphan.member_id)
         released.update(m for m in report.quarantined_streams if not self._stream_exists(m))
@@ -190,6 +190,6 @@ class Doctor:
                 )
             else:
                 for user_id in report.balances_without_stream:
-                    erased = store.erase_read_models(user_id)
+                    erased = erase_read_models(self._db, user_id)
                     done.read_models_erased += sum(erased.values())
         return done

@@ -1,8 +1,11 @@
 """Where member data lives, and how forget-me erases it, on both backends.
 
-``LOCATIONS`` is the one registry of tables holding a member's data; ``EXEMPT`` lists the
-tables that hold none, with the reason. A test fails when a table is in neither, so every
-new store must join the registry (and be erased) before it can land.
+``REGISTRY`` is the one list of the locations holding a member's data: each names its
+tables and the owning store's erasure function (run by ``ForgetService`` in its step, in
+this order), or which other entry's erasure covers it. ``EXEMPT`` lists the tables that
+hold none, with the reason. A test fails when a table is in neither, so every new store
+must join the registry (and be erased) before it can land. The rest of this module is
+the store of the requests, their subjects and the markers.
 """
 
 from __future__ import annotations
@@ -11,50 +14,115 @@ import hashlib
 import hmac
 import secrets
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from loyalty.adapters.db import Database
-from loyalty.adapters.rollup_store import RollupStore
-from loyalty.adapters.tables import metadata
-from loyalty.application.erasure import ERASING, STEPS, ForgetRequest, Marker
-from loyalty.application.projections import TOMBSTONE as TOMBSTONE_TOPIC
-from loyalty.application.reporting import forgotten_day
-from loyalty.domain.member import Member
+from loyalty.adapters import event_store, ingress_log, pending_store, pipeline_store, read_models
+from loyalty.adapters.db import Database, existing_tables
+from loyalty.adapters.delivery_store import SqlDeliveryStore
+from loyalty.adapters.tables import forget_markers, forget_requests, forget_subjects, loyalty_meta
+from loyalty.application.erasure import ERASING, STEPS, ForgetRequest, Location, Marker, Subject
 
-# location name -> tables it erases the member from
-LOCATIONS: dict[str, tuple[str, ...]] = {
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    """A location of member data: its receipt key, a name an operator understands (the
+    receipt shows the key beside it as the detail), its tables, and the store's erasure
+    of a member from them, run in ``step`` (one of ``ERASING_STEPS``), in the order of
+    ``REGISTRY`` within a step. A location erased by another's transaction or by a
+    step of the request itself says so in ``erased_by`` instead."""
+
+    key: str
+    name: str
+    tables: tuple[str, ...]
+    step: str | None = None
+    erase: Callable[[Database, Subject], dict[str, int]] | None = None
+    erased_by: str = ""
+    vacuum: bool = True
+    """Vacuumed at the end (PostgreSQL)."""
+
+
+REGISTRY: tuple[Registered, ...] = (
     # every live day partition, and (PostgreSQL) the dedup keys of the erased rows
-    "ingress_events": ("ingress_events", "ingress_keys"),
-    "pipeline_caps": ("pipeline_caps",),
-    "pipeline_pending": ("pipeline_pending",),  # earnings not yet recorded on the account
-    "event_store": ("members_events", "stored_events", "members_snapshots", "stored_snapshots"),
+    Registered(
+        "ingress_events",
+        "Ingested events",
+        ("ingress_events", "ingress_keys"),
+        "ingress",
+        lambda db, s: {"ingress_events": ingress_log.erase_member(db, s.user_id, s.requested_at)},
+        vacuum=False,
+    ),
+    Registered(
+        "pipeline_caps",
+        "Daily cap counters",
+        ("pipeline_caps",),
+        "caps",
+        lambda db, s: {"pipeline_caps": pipeline_store.erase_caps(db, s.user_id)},
+    ),
+    Registered(  # earnings not yet recorded on the account
+        "pipeline_pending",
+        "Earnings not yet credited",
+        ("pipeline_pending",),
+        "caps",
+        lambda db, s: {"pipeline_pending": pending_store.erase_member(db, s.user_id)},
+    ),
+    Registered(
+        "event_store",
+        "Account events",
+        event_store.STREAM_TABLES,
+        "event_store",
+        lambda db, s: {"event_store": event_store.erase_stream(db, s.member_id)},
+    ),
     # member_lots: the expiry index (issue 19), a read model of the account's lots
     # and member_ranks: whom the job re-qualifies
-    "read_models": ("member_balances", "member_history", "member_lots", "member_ranks"),
-    "projection_quarantine": ("projection_quarantine",),  # erased with the read models
-    "forget_subjects": ("forget_subjects",),  # deleted when the request completes
+    Registered(
+        "read_models",
+        "Member views (balance, history, lots, rank)",
+        ("member_balances", "member_history", "member_lots", "member_ranks"),
+        "read_models",
+        lambda db, s: read_models.erase_member(db, s.user_id),
+    ),
+    Registered(
+        "projection_quarantine",
+        "Quarantined account events",
+        ("projection_quarantine",),
+        erased_by="read_models",
+        vacuum=False,
+    ),
+    # award explanations (issue 20): written with the stream's events, erased after it
+    Registered(
+        "award_explanations",
+        "Award explanations",
+        ("award_explanations",),
+        erased_by="read_models",
+    ),
     # events out (issue 17): dead letters of the member are erased; forget-me itself
     # adds member.forgotten notices here, deleted once each way out delivered them
-    "delivery": ("webhook_dead_letters", "delivery_notices"),
-    # award explanations (issue 20): written with the stream's events, erased after it
-    "award_explanations": ("award_explanations",),
-}
-LOCATION_NAMES: dict[str, str] = {
-    "ingress_events": "Ingested events",
-    "pipeline_caps": "Daily cap counters",
-    "pipeline_pending": "Earnings not yet credited",
-    "event_store": "Account events",
-    "read_models": "Member views (balance, history, lots, rank)",
-    "projection_quarantine": "Quarantined account events",
-    "forget_subjects": "Forget-me subjects",
-    "delivery": "Webhook dead letters and notices",
-    "award_explanations": "Award explanations",
-}
+    Registered(
+        "delivery",
+        "Webhook dead letters and notices",
+        ("webhook_dead_letters", "delivery_notices"),
+        "delivery",
+        lambda db, s: SqlDeliveryStore(db).erase_member(s.user_id, s.request_id, s.requested_at),
+    ),
+    Registered(  # deleted when the request completes
+        "forget_subjects",
+        "Forget-me subjects",
+        ("forget_subjects",),
+        erased_by="the subject step (SqlErasureStore.forget_subject)",
+    ),
+)
+"""Every location of member data, in the order the erasure runs them (see
+``loyalty.application.erasure``)."""
+LOCATIONS: dict[str, tuple[str, ...]] = {r.key: r.tables for r in REGISTRY}
+LOCATION_NAMES: dict[str, str] = {r.key: r.name for r in REGISTRY}
 """A name an operator understands for each location of a receipt (the receipt keeps the
 location's key, shown beside it as the detail)."""
 EXEMPT: dict[str, str] = {
@@ -77,50 +145,7 @@ EXEMPT: dict[str, str] = {
     "rule_version_starts": "positions per shard where each rules version took effect",
     "console_sessions": "operator console sessions: hashed id, key id, CSRF token, times",
 }
-NIL_HEX = uuid.UUID(int=0).hex
 SEQ_KEY = "erasure_seq"
-
-forget_requests = sa.Table(
-    "forget_requests",
-    metadata,
-    sa.Column("request_id", sa.String(32), primary_key=True),
-    sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("step", sa.String(32)),
-    sa.Column("requested_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("completed_at", sa.DateTime(timezone=True)),
-    sa.Column("erased", sa.Text, nullable=False),
-    sa.Index("forget_requests_status_idx", "status"),
-)
-forget_subjects = sa.Table(
-    "forget_subjects",
-    metadata,
-    sa.Column("request_id", sa.String(32), primary_key=True),
-    sa.Column("user_id", sa.String(128), nullable=False),
-)
-forget_markers = sa.Table(
-    "forget_markers",
-    metadata,
-    sa.Column("subject_hash", sa.String(64), primary_key=True),
-    sa.Column("member_id", sa.String(36), nullable=False),
-    sa.Column("requested_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
-    # the erasure generation (loyalty_meta 'erasure_seq') the marker was set at
-    sa.Column("seq", sa.BigInteger, nullable=False, server_default="0"),
-    sa.Index("forget_markers_member_idx", "member_id"),
-)
-loyalty_meta = sa.Table(
-    "loyalty_meta",
-    metadata,
-    sa.Column("key", sa.String(64), primary_key=True),
-    sa.Column("value", sa.Text, nullable=False),
-)
-
-
-def _utc_text(moment: datetime) -> str:
-    from loyalty.adapters.ingress_log import sqlite_timestamp
-
-    return sqlite_timestamp(moment)
 
 
 class SqlErasureStore:
@@ -304,162 +329,12 @@ class SqlErasureStore:
             conn.execute(forget_subjects.delete().where(forget_subjects.c.request_id == request_id))
 
     # -- locations ---------------------------------------------------------------------
-    def erase_ingress(self, user_id: str, before: datetime) -> int:
-        with self._db.write() as conn:
-            if self._pg:
-                # the rows' dedup keys too (an event id may carry the user's data); the
-                # forget marker refuses a resend of them while it lives
-                result = conn.execute(
-                    sa.text(
-                        "WITH gone AS (DELETE FROM ingress_events "
-                        "WHERE user_id = :u AND occurred_at <= :t RETURNING source, event_id), "
-                        "keys AS (DELETE FROM ingress_keys k USING gone "
-                        "WHERE k.source = gone.source AND k.event_id = gone.event_id) "
-                        "SELECT count(*) FROM gone"
-                    ),
-                    {"u": user_id, "t": before},
-                )
-                return int(result.scalar_one())
-            else:
-                result = conn.execute(
-                    sa.text("DELETE FROM ingress_events WHERE user_id = :u AND occurred_at <= :t"),
-                    {"u": user_id, "t": _utc_text(before)},
-                )
-            return int(result.rowcount)
-
-    def erase_caps(self, user_id: str) -> int:
-        with self._db.write() as conn:
-            result = conn.execute(
-                sa.text("DELETE FROM pipeline_caps WHERE user_id = :u"), {"u": user_id}
-            )
-            return int(result.rowcount)
-
-    def erase_pending(self, user_id: str) -> int:
-        """Delete the member's pending earnings. After the marker (state erasing) is
-        committed; a pipeline commit already under way is waited for (its checkpoint
-        row locks, taken here too on PostgreSQL; SQLite's write lock), and every later
-        one refuses contributions of a member being erased (``pending_store.merge``)."""
-        with self._db.write() as conn:
-            if self._pg:
-                conn.execute(
-                    sa.text("SELECT shard FROM pipeline_checkpoints ORDER BY shard FOR UPDATE")
-                )
-            result = conn.execute(
-                sa.text("DELETE FROM pipeline_pending WHERE user_id = :u"), {"u": user_id}
-            )
-            return int(result.rowcount)
-
-    def _existing(self, conn: sa.Connection, names: tuple[str, ...]) -> list[str]:
-        return [n for n in names if sa.inspect(conn).has_table(n)]
-
-    def erase_stream(self, member_id: str) -> int:
-        erased = 0
-        with self._db.write() as conn:
-            tables = self._existing(conn, LOCATIONS["event_store"])
-            if self._pg:
-                for table in tables:
-                    result = conn.execute(
-                        sa.text(f'DELETE FROM "{table}" WHERE originator_id = :m'),
-                        {"m": uuid.UUID(member_id)},
-                    )
-                    erased += int(result.rowcount)
-                return erased
-            for table in tables:
-                hex_id = uuid.UUID(member_id).hex
-                if table.endswith("_snapshots"):
-                    # The library's snapshot table is WITHOUT ROWID and read by
-                    # (originator_id, version) only: no position to keep.
-                    result = conn.execute(
-                        sa.text(f"DELETE FROM {table} WHERE originator_id = :m"), {"m": hex_id}
-                    )
-                    erased += int(result.rowcount)
-                    continue
-                top = conn.execute(sa.text(f"SELECT max(rowid) FROM {table}")).scalar()
-                result = conn.execute(
-                    sa.text(f"DELETE FROM {table} WHERE originator_id = :m"), {"m": hex_id}
-                )
-                erased += int(result.rowcount)
-                after = conn.execute(sa.text(f"SELECT max(rowid) FROM {table}")).scalar()
-                if top is not None and (after is None or after < top):
-                    # The library's table has no AUTOINCREMENT: keep the highest rowid
-                    # taken, so it is never handed out again and a reader that has seen
-                    # it cannot skip a new event.
-                    conn.execute(
-                        sa.text(
-                            f"INSERT INTO {table} (rowid, originator_id, originator_version, "
-                            "topic, state) VALUES (:r, :nil, :r, :topic, x'')"
-                        ),
-                        {"r": top, "nil": NIL_HEX, "topic": TOMBSTONE_TOPIC},
-                    )
-                    conn.execute(
-                        sa.text(f"DELETE FROM {table} WHERE originator_id = :nil AND rowid < :r"),
-                        {"nil": NIL_HEX, "r": top},
-                    )
-        return erased
-
-    def erase_read_models(self, user_id: str) -> dict[str, int]:
-        member_id = str(Member.create_id(user_id))
-        with self._db.write() as conn:
-            quarantined = conn.execute(
-                sa.text("DELETE FROM projection_quarantine WHERE member_id = :m"), {"m": member_id}
-            ).rowcount
-            # Invalidate every projection batch read before now (see the projection).
-            conn.execute(sa.text("UPDATE projection_tracking SET epoch = epoch + 1"))
-            self._forget_in_rollups(conn, user_id)
-            history = conn.execute(
-                sa.text("DELETE FROM member_history WHERE user_id = :u"), {"u": user_id}
-            ).rowcount
-            lots = conn.execute(
-                sa.text("DELETE FROM member_lots WHERE user_id = :u"), {"u": user_id}
-            ).rowcount
-            ranks = conn.execute(
-                sa.text("DELETE FROM member_ranks WHERE user_id = :u"), {"u": user_id}
-            ).rowcount
-            balances = conn.execute(
-                sa.text("DELETE FROM member_balances WHERE user_id = :u"), {"u": user_id}
-            ).rowcount
-            # after the stream (step event_store): no insert can add one any more
-            explanations = conn.execute(
-                sa.text("DELETE FROM award_explanations WHERE user_id = :u"), {"u": user_id}
-            ).rowcount
-        return {
-            "award_explanations": int(explanations),
-            "member_history": int(history),
-            "member_balances": int(balances),
-            "member_lots": int(lots),
-            "member_ranks": int(ranks),
-            "projection_quarantine": int(quarantined),
-        }
-
-    def _forget_in_rollups(self, conn: sa.Connection, user_id: str) -> None:
-        """Take the member's projected balance, account and rank out of today's account
-        figures (counts only: the rollups never hold a member), in the transaction that
-        deletes the rows they were counted from."""
-        balance = conn.execute(
-            sa.text("SELECT currency FROM member_balances WHERE user_id = :u"), {"u": user_id}
-        ).scalar()
-        if balance is None:
-            return
-        rank = conn.execute(
-            sa.text(
-                "SELECT ref FROM member_history WHERE user_id = :u AND kind = 'rank_changed' "
-                "ORDER BY position DESC LIMIT 1"
-            ),
-            {"u": user_id},
-        ).scalar()
-        RollupStore(self._db).add_days(
-            conn, {datetime.now(UTC).date(): forgotten_day(int(balance), rank)}
-        )
-
-    # -- events out (issue 17) ---------------------------------------------------------
-    def erase_delivery(
-        self, user_id: str, request_id: str, requested_at: datetime
-    ) -> dict[str, int]:
-        """Drop the member's webhook dead letters; owe each durable way out a
-        member.forgotten notice (deleted once delivered)."""
-        from loyalty.adapters.delivery_store import SqlDeliveryStore
-
-        return SqlDeliveryStore(self._db).erase_member(user_id, request_id, requested_at)
+    def locations(self) -> list[Location]:
+        return [
+            Location(r.key, r.step, partial(r.erase, self._db))
+            for r in REGISTRY
+            if r.step is not None and r.erase is not None
+        ]
 
     def vacuum(self) -> None:
         """Make deleted rows physically go away. PostgreSQL: VACUUM (the library turns
@@ -468,16 +343,7 @@ class SqlErasureStore:
         if self._pg:
             with self._db.engine.connect() as conn:
                 conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-                tables = self._existing(
-                    conn,
-                    LOCATIONS["event_store"]
-                    + LOCATIONS["read_models"]
-                    + LOCATIONS["pipeline_caps"]
-                    + LOCATIONS["pipeline_pending"]
-                    + LOCATIONS["forget_subjects"]
-                    + LOCATIONS["delivery"]
-                    + LOCATIONS["award_explanations"],
-                )
+                tables = existing_tables(conn, [t for r in REGISTRY if r.vacuum for t in r.tables])
                 conn.execute(sa.text("VACUUM " + ", ".join(f'"{t}"' for t in tables)))
             return
         raw = self._db.engine.raw_connection()
@@ -492,6 +358,4 @@ def _aware(value: Any) -> datetime:
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
     assert isinstance(value, datetime)
-    from datetime import UTC
-
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

@@ -8,17 +8,25 @@ lock), never by an application starting up, so two processes cannot race to crea
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
+import sqlalchemy as sa
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.sqlite import SQLiteApplicationRecorder
 from psycopg import sql
 
-from loyalty.adapters.db import POOL_WAIT_SECONDS, application_name, connection_budget
+from loyalty.adapters.db import (
+    POOL_WAIT_SECONDS,
+    Database,
+    application_name,
+    connection_budget,
+    existing_tables,
+)
 from loyalty.adapters.event_recorder import (
     APPLICATION_NAME,
     POSTGRES_FACTORY_TOPIC,
@@ -26,7 +34,12 @@ from loyalty.adapters.event_recorder import (
 )
 from loyalty.adapters.event_recorder import SQLITE_TOPIC as SQLITE_RECORDER_TOPIC
 from loyalty.adapters.event_recorder import TOPIC as RECORDER_TOPIC
+from loyalty.application.projections import TOMBSTONE as TOMBSTONE_TOPIC
 from loyalty.config import Settings
+
+STREAM_TABLES = ("members_events", "stored_events", "members_snapshots", "stored_snapshots")
+"""The library's tables of a member's stream (one pair per backend)."""
+NIL_HEX = uuid.UUID(int=0).hex
 
 
 def event_store_env(settings: Settings, *, create_table: bool = False) -> dict[str, str]:
@@ -161,3 +174,52 @@ def stream_loader(
 
         return load_sqlite
     raise TypeError(f"no bulk loader for {type(recorder).__name__}")
+
+
+def erase_stream(db: Database, member_id: str) -> int:
+    """Delete a member's stream (events and snapshots); returns the rows deleted. Takes
+    the lock the event insert takes, so a concurrent save either commits first (and is
+    deleted too) or finds its predecessor gone (``loyalty.adapters.event_recorder``)."""
+    erased = 0
+    with db.write() as conn:
+        tables = existing_tables(conn, STREAM_TABLES)
+        if db.backend == "postgresql":
+            for table in tables:
+                result = conn.execute(
+                    sa.text(f'DELETE FROM "{table}" WHERE originator_id = :m'),
+                    {"m": uuid.UUID(member_id)},
+                )
+                erased += int(result.rowcount)
+            return erased
+        for table in tables:
+            hex_id = uuid.UUID(member_id).hex
+            if table.endswith("_snapshots"):
+                # The library's snapshot table is WITHOUT ROWID and read by
+                # (originator_id, version) only: no position to keep.
+                result = conn.execute(
+                    sa.text(f"DELETE FROM {table} WHERE originator_id = :m"), {"m": hex_id}
+                )
+                erased += int(result.rowcount)
+                continue
+            top = conn.execute(sa.text(f"SELECT max(rowid) FROM {table}")).scalar()
+            result = conn.execute(
+                sa.text(f"DELETE FROM {table} WHERE originator_id = :m"), {"m": hex_id}
+            )
+            erased += int(result.rowcount)
+            after = conn.execute(sa.text(f"SELECT max(rowid) FROM {table}")).scalar()
+            if top is not None and (after is None or after < top):
+                # The library's table has no AUTOINCREMENT: keep the highest rowid
+                # taken, so it is never handed out again and a reader that has seen
+                # it cannot skip a new event.
+                conn.execute(
+                    sa.text(
+                        f"INSERT INTO {table} (rowid, originator_id, originator_version, "
+                        "topic, state) VALUES (:r, :nil, :r, :topic, x'')"
+                    ),
+                    {"r": top, "nil": NIL_HEX, "topic": TOMBSTONE_TOPIC},
+                )
+                conn.execute(
+                    sa.text(f"DELETE FROM {table} WHERE originator_id = :nil AND rowid < :r"),
+                    {"nil": NIL_HEX, "r": top},
+                )
+    return erased

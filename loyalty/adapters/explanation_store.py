@@ -130,3 +130,10 @@ def stored_values(row: StoredExplanation) -> dict[str, Any]:
         "summary": explain.dumps(row.summary),
         "recorded_at": row.recorded_at or datetime.now(UTC),
     }
+
+
+def erase_explanations(conn: sa.Connection, user_id: str) -> int:
+    """Forget-me: delete the member's award explanations in ``conn``'s transaction (the
+    read models' erasure, after the stream's: no insert can add one any more)."""
+    c = award_explanations.c
+    return int(conn.execute(award_explanations.delete().where(c.user_id == user_id)).rowcount)

@@ -460,3 +460,27 @@ def pending_stats(
 
 def create_ingress_log(db: Database) -> PostgresIngressLog | SqliteIngressLog:
     return PostgresIngressLog(db) if db.backend == "postgresql" else SqliteIngressLog(db)
+
+
+def erase_member(db: Database, user_id: str, before: datetime) -> int:
+    """Forget-me: delete the member's events that occurred by ``before`` from every live
+    day partition; on PostgreSQL their dedup keys too (an event id may carry the user's
+    data; the forget marker refuses a resend of them while it lives)."""
+    with db.write() as conn:
+        if db.backend == "postgresql":
+            result = conn.execute(
+                sa.text(
+                    "WITH gone AS (DELETE FROM ingress_events "
+                    "WHERE user_id = :u AND occurred_at <= :t RETURNING source, event_id), "
+                    "keys AS (DELETE FROM ingress_keys k USING gone "
+                    "WHERE k.source = gone.source AND k.event_id = gone.event_id) "
+                    "SELECT count(*) FROM gone"
+                ),
+                {"u": user_id, "t": before},
+            )
+            return int(result.scalar_one())
+        result = conn.execute(
+            sa.text("DELETE FROM ingress_events WHERE user_id = :u AND occurred_at <= :t"),
+            {"u": user_id, "t": sqlite_timestamp(before)},
+        )
+        return int(result.rowcount)

@@ -9,7 +9,7 @@ finds the row changed (its insert fails and is retried)."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -19,14 +19,12 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite
 
 from loyalty.adapters.db import Database, psycopg_connection
-from loyalty.adapters.tables import pipeline_pending
+from loyalty.adapters.tables import forget_markers, pipeline_pending
 from loyalty.application.accounts import StreamErased
 from loyalty.application.erasure import ERASING
-from loyalty.application.pending import Contribution, PendingRow, Position
 from loyalty.domain import explain
-from loyalty.domain.expiry import month_of
 from loyalty.domain.member import Member
-from loyalty.domain.rules import exact_sum
+from loyalty.domain.pending import Contribution, Held, PendingRow, Position, accumulate
 
 _IN_CHUNK = 500
 _COLUMNS = (
@@ -35,16 +33,14 @@ _COLUMNS = (
 )
 NO_RANK_ABOVE = "Infinity"
 NO_FENCE = 2**62
-forget_markers = sa.table(
-    "forget_markers",
-    sa.column("member_id", sa.String),
-    sa.column("state", sa.String),
-    sa.column("seq", sa.BigInteger),
-)
 
 
 def _need(text: str | None) -> Decimal | None:
     return None if text is None else Decimal(text)
+
+
+def _need_text(need: Decimal | None) -> str | None:
+    return None if need is None else f"{need:f}"  # Infinity: NO_RANK_ABOVE
 
 
 def _months(text: str | None) -> dict[str, Decimal] | None:
@@ -54,33 +50,14 @@ def _months(text: str | None) -> dict[str, Decimal] | None:
     return {month: Decimal(value) for month, value in orjson.loads(text).items()}
 
 
-def _months_text(months: dict[str, Decimal]) -> str:
+def _months_text(months: Mapping[str, Decimal] | None) -> str | None:
+    if months is None:
+        return None
     return orjson.dumps({m: f"{v:f}" for m, v in sorted(months.items()) if v}).decode()
 
 
-def _merge_months(
-    before: dict[str, Decimal] | None,
-    before_currency: Decimal,
-    since: datetime,
-    added: Contribution,
-) -> dict[str, Decimal]:
-    """The row's months plus the contribution's (a row without months, stored before
-    they were kept, counts as earned in the month of its ``since``; so does a
-    contribution without them)."""
-    months = dict(before) if before is not None else {}
-    if before is None and before_currency:
-        months[month_of(since)] = before_currency
-    extra = added.months if added.months is not None else {month_of(since): added.currency}
-    for month, value in extra.items():
-        months[month] = exact_sum(months.get(month, Decimal(0)), value)
-    return months
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
-
-
 def _row(r: Sequence[Any]) -> PendingRow:
+    """A row of ``_COLUMNS``."""
     since = r[8]
     if isinstance(since, str):  # SQLite through the DB-API cursor
         since = datetime.fromisoformat(since)
@@ -100,6 +77,33 @@ def _row(r: Sequence[Any]) -> PendingRow:
     )
 
 
+def _lock(db: Database, conn: sa.Connection, ids: Sequence[str]) -> dict[str, Held]:
+    """The rows of ``ids`` with their explanations, locked until ``conn`` ends."""
+    if db.backend == "postgresql":
+        rows: list[Sequence[Any]] = list(
+            psycopg_connection(conn)
+            .execute(
+                f"SELECT {_COLUMNS} FROM pipeline_pending WHERE user_id IN "
+                "(SELECT jsonb_array_elements_text(%s::text::jsonb)) ORDER BY user_id FOR UPDATE",
+                (orjson.dumps(ids).decode(),),
+            )
+            .fetchall()
+        )
+    else:  # the write lock of BEGIN IMMEDIATE is held already
+        rows = []
+        for i in range(0, len(ids), _IN_CHUNK):
+            rows += conn.execute(
+                sa.select(*_columns())
+                .select_from(pipeline_pending)
+                .where(pipeline_pending.c.user_id.in_(ids[i : i + _IN_CHUNK]))
+            ).all()
+    return {r[0]: Held(_row(r), explain.loads(r[11])) for r in rows}
+
+
+def _columns() -> list[sa.ColumnClause[Any]]:
+    return [sa.column(name.strip()) for name in _COLUMNS.split(",")]
+
+
 def merge(
     db: Database,
     conn: sa.Connection,
@@ -111,8 +115,9 @@ def merge(
     start: Position | None = None,
 ) -> list[PendingRow]:
     """Add ``contributions`` to the pending rows inside ``conn``'s transaction (the
-    checkpoint's). Returns the members to settle now: new rows (rank need unknown) and
-    rows whose pending reaches the rank need.
+    checkpoint's): lock the members' rows, let the domain accumulate them
+    (``loyalty.domain.pending.accumulate``), store its rows. Returns the members to
+    settle now: new rows (rank need unknown) and rows whose pending reaches the rank need.
 
     The erasure guard, as the event insert's: raises ``StreamErased`` (the transaction,
     checkpoint included, rolls back) if a contributing member is being erased, or was
@@ -121,179 +126,91 @@ def merge(
     if not contributions:
         return []
     ids = sorted({c.user_id for c in contributions})
-    versions = {c.user_id: c.rule_version for c in contributions}
     _guard(db, conn, ids, fence)
-    existing: dict[
-        str, tuple[Decimal, Decimal, int, Decimal | None, datetime, dict[str, Decimal] | None]
-    ] = {}
-    explained: dict[str, str | None] = {}
+    result = accumulate(_lock(db, conn, ids), contributions, shard, end, now)
+    if result.rows:
+        _store(db, conn, shard, end, result.rows, start if start is not None else end)
+    return list(result.settle)
+
+
+def _store(
+    db: Database,
+    conn: sa.Connection,
+    shard: int,
+    end: Position,
+    rows: Sequence[Held],
+    first: Position,
+) -> None:
+    """Insert or update ``rows`` (a new row also takes its shard, ``since`` and ``first``,
+    the start of the window that began it; an existing row keeps them)."""
     if db.backend == "postgresql":
-        rows = (
-            psycopg_connection(conn)
-            .execute(
-                "SELECT user_id, currency, rank_points, event_count, rank_need, since, "
-                "currency_months, explain, rule_version FROM pipeline_pending WHERE user_id IN "
-                "(SELECT jsonb_array_elements_text(%s::text::jsonb)) ORDER BY user_id FOR UPDATE",
-                (orjson.dumps(ids).decode(),),
-            )
-            .fetchall()
-        )
-    else:
-        c = pipeline_pending.c
-        rows = []
-        for i in range(0, len(ids), _IN_CHUNK):
-            rows += conn.execute(
-                sa.select(
-                    c.user_id,
-                    c.currency,
-                    c.rank_points,
-                    c.event_count,
-                    c.rank_need,
-                    c.since,
-                    c.currency_months,
-                    c.explain,
-                    c.rule_version,
-                ).where(c.user_id.in_(ids[i : i + _IN_CHUNK]))
-            ).all()
-    for (
-        user_id,
-        currency_text,
-        points_text,
-        count_value,
-        need_text,
-        since_value,
-        months,
-        text,
-        version,
-    ) in rows:
-        explained[user_id] = text
-        existing[user_id] = (
-            Decimal(currency_text),
-            Decimal(points_text),
-            int(count_value),
-            # a need noted under another rules version (another ladder) is derived again
-            _need(need_text) if int(version) == versions[user_id] else None,
-            _aware(
-                since_value
-                if isinstance(since_value, datetime)
-                else datetime.fromisoformat(since_value)
-            ),
-            _months(months),
-        )
-    out: list[tuple[str, str, str, int, int, str, str | None]] = []
-    settle: list[PendingRow] = []
-    for contribution in contributions:
-        before = existing.get(contribution.user_id)
-        need: Decimal | None = None
-        nothing = not (contribution.currency or contribution.rank_points)
-        if before is None and nothing:
-            continue  # only capped or unknown events: no row to explain them in
-        summary = contribution.summary
-        if summary is not None and contribution.user_id in explained:
-            summary = explain.merge(explain.loads(explained[contribution.user_id]), summary)
-        if before is None:
-            currency, points, count = contribution.currency, contribution.rank_points, 0
-            since = now
-            months = _merge_months({}, Decimal(0), now, contribution)
-        else:
-            currency = exact_sum(before[0], contribution.currency)
-            points = exact_sum(before[1], contribution.rank_points)
-            count, need, since = before[2], before[3], before[4]
-            months = _merge_months(before[5], before[0], since, contribution)
-        if need is None or points >= need:
-            settle.append(
-                PendingRow(
-                    contribution.user_id,
-                    shard,
-                    currency,
-                    points,
-                    count + contribution.event_count,
-                    contribution.rule_version,
-                    end,
-                    since,
-                    need,
-                    months,
-                )
-            )
-        out.append(
+        out = [
             (
-                contribution.user_id,
-                f"{currency:f}",  # positional notation: SQL can cast it (leaderboard)
-                f"{points:f}",
-                count + contribution.event_count,
-                contribution.rule_version,
-                _months_text(months),
-                None if summary is None else explain.dumps(summary),
+                h.row.user_id,
+                f"{h.row.currency:f}",  # positional notation: SQL can cast it (leaderboard)
+                f"{h.row.rank_points:f}",
+                h.row.event_count,
+                h.row.rule_version,
+                _months_text(h.row.months),
+                None if h.summary is None else explain.dumps(h.summary),
+                _need_text(h.row.rank_need),
+                h.row.since.isoformat(),
             )
-        )
-    if not out:
-        return settle
-    first = start if start is not None else end
-    if db.backend == "postgresql":
+            for h in rows
+        ]
         psycopg_connection(conn).execute(
             f"INSERT INTO pipeline_pending ({_COLUMNS}) "
-            "SELECT e->>0, %s, e->>1, e->>2, (e->>3)::bigint, (e->>4)::int, %s, %s, %s, NULL, "
-            "e->>5, e->>6, %s, %s "
+            "SELECT e->>0, %s, e->>1, e->>2, (e->>3)::bigint, (e->>4)::int, %s, %s, "
+            "(e->>8)::timestamptz, e->>7, e->>5, e->>6, %s, %s "
             "FROM jsonb_array_elements(%s::text::jsonb) AS e "
             "ON CONFLICT (user_id) DO UPDATE SET currency = excluded.currency, "
             "rank_points = excluded.rank_points, event_count = excluded.event_count, "
             "rule_version = excluded.rule_version, upto_txid = excluded.upto_txid, "
             "upto_seq = excluded.upto_seq, currency_months = excluded.currency_months, "
-            "explain = excluded.explain, rank_need = CASE WHEN "
-            "pipeline_pending.rule_version = excluded.rule_version "
-            "THEN pipeline_pending.rank_need END",
-            (shard, end[0], end[1], now, first[0], first[1], orjson.dumps(out).decode()),
+            "explain = excluded.explain, rank_need = excluded.rank_need",
+            (shard, end[0], end[1], first[0], first[1], orjson.dumps(out).decode()),
         )
-    else:
-        stmt = sqlite.insert(pipeline_pending)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["user_id"],
-            set_={
-                name: getattr(stmt.excluded, name)
-                for name in (
-                    "currency",
-                    "rank_points",
-                    "event_count",
-                    "rule_version",
-                    "upto_txid",
-                    "upto_seq",
-                    "currency_months",
-                    "explain",
-                )
+        return
+    stmt = sqlite.insert(pipeline_pending)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["user_id"],
+        set_={
+            name: getattr(stmt.excluded, name)
+            for name in (
+                "currency",
+                "rank_points",
+                "event_count",
+                "rule_version",
+                "upto_txid",
+                "upto_seq",
+                "currency_months",
+                "explain",
+                "rank_need",
+            )
+        },
+    )
+    conn.execute(
+        stmt,
+        [
+            {
+                "user_id": h.row.user_id,
+                "shard": shard,
+                "currency": f"{h.row.currency:f}",
+                "rank_points": f"{h.row.rank_points:f}",
+                "event_count": h.row.event_count,
+                "rule_version": h.row.rule_version,
+                "upto_txid": end[0],
+                "upto_seq": end[1],
+                "since": h.row.since,
+                "rank_need": _need_text(h.row.rank_need),
+                "currency_months": _months_text(h.row.months),
+                "explain": None if h.summary is None else explain.dumps(h.summary),
+                "from_txid": first[0],
+                "from_seq": first[1],
             }
-            | {  # a need noted under another rules version is derived again
-                "rank_need": sa.case(
-                    (
-                        pipeline_pending.c.rule_version == stmt.excluded.rule_version,
-                        pipeline_pending.c.rank_need,
-                    ),
-                    else_=sa.null(),
-                )
-            },
-        )
-        conn.execute(
-            stmt,
-            [
-                {
-                    "user_id": u,
-                    "shard": shard,
-                    "currency": cur,
-                    "rank_points": pts,
-                    "event_count": n,
-                    "rule_version": v,
-                    "upto_txid": end[0],
-                    "upto_seq": end[1],
-                    "since": now,
-                    "rank_need": None,
-                    "currency_months": months_text,
-                    "explain": why,
-                    "from_txid": first[0],
-                    "from_seq": first[1],
-                }
-                for u, cur, pts, n, v, months_text, why in out
-            ],
-        )
-    return settle
+            for h in rows
+        ],
+    )
 
 
 def _guard(db: Database, conn: sa.Connection, user_ids: Sequence[str], fence: int | None) -> None:
@@ -327,9 +244,7 @@ class PendingTable:
         ids = sorted(set(user_ids))
         found: dict[str, PendingRow] = {}
         c = pipeline_pending.c
-        columns: list[sa.ColumnClause[Any]] = [
-            sa.column(name.strip()) for name in _COLUMNS.split(",")
-        ]
+        columns = _columns()
         with self._db.read() as conn:
             for i in range(0, len(ids), _IN_CHUNK):
                 rows = conn.execute(
@@ -405,3 +320,19 @@ class PendingTable:
             return int(
                 conn.execute(sa.select(sa.func.count()).select_from(pipeline_pending)).one()[0]
             )
+
+
+def erase_member(db: Database, user_id: str) -> int:
+    """Forget-me: delete the member's pending earnings. After the marker (state erasing)
+    is committed; a pipeline commit already under way is waited for (its checkpoint row
+    locks, taken here too on PostgreSQL; SQLite's write lock), and every later one
+    refuses contributions of a member being erased (:func:`merge`)."""
+    with db.write() as conn:
+        if db.backend == "postgresql":
+            conn.execute(
+                sa.text("SELECT shard FROM pipeline_checkpoints ORDER BY shard FOR UPDATE")
+            )
+        result = conn.execute(
+            sa.text("DELETE FROM pipeline_pending WHERE user_id = :u"), {"u": user_id}
+        )
+        return int(result.rowcount)

@@ -444,3 +444,12 @@ class ShardLeases:
             fcntl.flock(handle, fcntl.LOCK_UN)
             handle.close()
         self._files.clear()
+
+
+def erase_caps(db: Database, user_id: str) -> int:
+    """Forget-me: delete the member's daily cap counters."""
+    with db.write() as conn:
+        result = conn.execute(
+            sa.text("DELETE FROM pipeline_caps WHERE user_id = :u"), {"u": user_id}
+        )
+        return int(result.rowcount)

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from loyalty.adapters.db import Database
+from loyalty.adapters.explanation_store import erase_explanations
 from loyalty.adapters.rollup_store import RollupStore
 from loyalty.adapters.tables import (
     Timestamp,
@@ -30,6 +31,8 @@ from loyalty.adapters.tables import (
     projection_tracking,
 )
 from loyalty.application.projections import HistoryEntry, ProjectedBatch, QuarantinedEvent
+from loyalty.application.reporting import forgotten_day
+from loyalty.domain.member import Member
 
 _IN_CHUNK = 500
 
@@ -388,3 +391,58 @@ class ReadModels:
             "member_balances": [(*r[:-1], _utc(r[-1])) for r in balances],
             "member_history": [(*r[:5], _utc(r[5]), r[6]) for r in history],
         }
+
+
+def erase_member(db: Database, user_id: str) -> dict[str, int]:
+    """Forget-me: delete the member's read model rows, quarantined events and award
+    explanations, and take the member out of today's account figures, in one
+    transaction; every projection batch read before it is invalidated."""
+    member_id = str(Member.create_id(user_id))
+    with db.write() as conn:
+        quarantined = conn.execute(
+            sa.text("DELETE FROM projection_quarantine WHERE member_id = :m"), {"m": member_id}
+        ).rowcount
+        # Invalidate every projection batch read before now (see the projection).
+        conn.execute(sa.text("UPDATE projection_tracking SET epoch = epoch + 1"))
+        _forget_in_rollups(db, conn, user_id)
+        history = conn.execute(
+            sa.text("DELETE FROM member_history WHERE user_id = :u"), {"u": user_id}
+        ).rowcount
+        lots = conn.execute(
+            sa.text("DELETE FROM member_lots WHERE user_id = :u"), {"u": user_id}
+        ).rowcount
+        ranks = conn.execute(
+            sa.text("DELETE FROM member_ranks WHERE user_id = :u"), {"u": user_id}
+        ).rowcount
+        balances = conn.execute(
+            sa.text("DELETE FROM member_balances WHERE user_id = :u"), {"u": user_id}
+        ).rowcount
+        # after the stream (step event_store): no insert can add one any more
+        explanations = erase_explanations(conn, user_id)
+    return {
+        "award_explanations": explanations,
+        "member_history": int(history),
+        "member_balances": int(balances),
+        "member_lots": int(lots),
+        "member_ranks": int(ranks),
+        "projection_quarantine": int(quarantined),
+    }
+
+
+def _forget_in_rollups(db: Database, conn: sa.Connection, user_id: str) -> None:
+    """Take the member's projected balance, account and rank out of today's account
+    figures (counts only: the rollups never hold a member), in the transaction that
+    deletes the rows they were counted from."""
+    balance = conn.execute(
+        sa.text("SELECT currency FROM member_balances WHERE user_id = :u"), {"u": user_id}
+    ).scalar()
+    if balance is None:
+        return
+    rank = conn.execute(
+        sa.text(
+            "SELECT ref FROM member_history WHERE user_id = :u AND kind = 'rank_changed' "
+            "ORDER BY position DESC LIMIT 1"
+        ),
+        {"u": user_id},
+    ).scalar()
+    RollupStore(db).add_days(conn, {datetime.now(UTC).date(): forgotten_day(int(balance), rank)})

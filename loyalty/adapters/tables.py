@@ -243,3 +243,40 @@ console_sessions = sa.Table(
     sa.Column("expires_at", Timestamp, nullable=False),
     sa.Index("console_sessions_expires_idx", "expires_at"),
 )
+
+# forget-me (``loyalty.adapters.erasure_store``): requests, their subjects, markers
+forget_requests = sa.Table(
+    "forget_requests",
+    metadata,
+    sa.Column("request_id", sa.String(32), primary_key=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("step", sa.String(32)),
+    sa.Column("requested_at", Timestamp, nullable=False),
+    sa.Column("completed_at", Timestamp),
+    sa.Column("erased", sa.Text, nullable=False),
+    sa.Index("forget_requests_status_idx", "status"),
+)
+forget_subjects = sa.Table(
+    "forget_subjects",
+    metadata,
+    sa.Column("request_id", sa.String(32), primary_key=True),
+    sa.Column("user_id", sa.String(128), nullable=False),
+)
+forget_markers = sa.Table(
+    "forget_markers",
+    metadata,
+    sa.Column("subject_hash", sa.String(64), primary_key=True),
+    sa.Column("member_id", sa.String(36), nullable=False),
+    sa.Column("requested_at", Timestamp, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("expires_at", Timestamp, nullable=False),
+    # the erasure generation (loyalty_meta 'erasure_seq') the marker was set at
+    sa.Column("seq", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Index("forget_markers_member_idx", "member_id"),
+)
+loyalty_meta = sa.Table(
+    "loyalty_meta",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)

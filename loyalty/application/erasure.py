@@ -16,9 +16,12 @@ order and each is idempotent, so a crash anywhere finishes on the next run:
    copy of an erased account), or whose marker is newer than the markers the command
    read before loading (``loyalty.adapters.event_recorder``); the deletion takes a lock
    that conflicts with the insert's, so one always sees the other.
-3. every registered location is erased (ingress rows, cap counters, the event stream,
-   read models), then storage is vacuumed, then the request completes: the user id is
-   blanked and the receipt keeps times and a count per location.
+3. every registered location is erased, step by step (``ERASING_STEPS``: ingress rows,
+   cap counters and pending earnings, the event stream, read models, events out): each
+   store owns the erasure of its rows and registers it (``ErasureStore.locations``,
+   built in ``loyalty.adapters.erasure_store``), then storage is vacuumed, then the
+   request completes: the user id is blanked and the receipt keeps times and a count
+   per location.
 
 Events that occurred before the request and arrive later are dropped (the marker lives
 as long as the retention window); activity after the request starts a fresh account.
@@ -54,6 +57,8 @@ STEPS = (
     "vacuum",
     "done",
 )
+ERASING_STEPS = ("ingress", "caps", "event_store", "read_models", "delivery")
+"""The steps that erase the registered locations (``ErasureStore.locations``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +82,26 @@ class ForgetRequest:
     erased: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class Subject:
+    """The member a forget-me request erases."""
+
+    request_id: str
+    user_id: str
+    member_id: str
+    requested_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """One store's erasure of a member's rows: run in ``step`` (one of ``STEPS``), in
+    its own transaction(s); returns the receipt's counts by key."""
+
+    key: str
+    step: str
+    erase: Callable[[Subject], dict[str, int]]
+
+
 class ErasureStore(Protocol):
     def subject_hash(self, user_id: str) -> str: ...
     def generation(self) -> int: ...
@@ -91,14 +116,10 @@ class ErasureStore(Protocol):
     def record_step(self, request_id: str, step: str, erased: dict[str, int]) -> None: ...
     def forget_subject(self, request_id: str) -> None: ...
     def complete(self, request_id: str, completed_at: datetime, erased: dict[str, int]) -> None: ...
-    def erase_ingress(self, user_id: str, before: datetime) -> int: ...
-    def erase_caps(self, user_id: str) -> int: ...
-    def erase_pending(self, user_id: str) -> int: ...
-    def erase_stream(self, member_id: str) -> int: ...
-    def erase_read_models(self, user_id: str) -> dict[str, int]: ...
-    def erase_delivery(
-        self, user_id: str, request_id: str, requested_at: datetime
-    ) -> dict[str, int]: ...
+    def locations(self) -> Sequence[Location]:
+        """Every store's erasure of a member, in the order they run within a step."""
+        ...
+
     def vacuum(self) -> None: ...
 
 
@@ -271,23 +292,14 @@ class ForgetService:
                 remaining = (request.requested_at + self._settle - self._clock()).total_seconds()
                 if remaining > 0:
                     self._sleep(min(remaining, self._settle.total_seconds()))
-            elif step == "ingress":
-                erased["ingress_events"] = self._store.erase_ingress(
-                    user_id, before=request.requested_at
-                )
-            elif step == "caps":
-                erased["pipeline_caps"] = self._store.erase_caps(user_id)
-                erased["pipeline_pending"] = self._store.erase_pending(user_id)
-            elif step == "event_store":
-                erased["event_store"] = self._store.erase_stream(member_id)
-                self._evict(user_id)
-                self._markers_changed()
-            elif step == "read_models":
-                erased.update(self._store.erase_read_models(user_id))
-            elif step == "delivery":  # events out (issue 17): dead letters, notices
-                erased.update(
-                    self._store.erase_delivery(user_id, request.request_id, request.requested_at)
-                )
+            elif step in ERASING_STEPS:  # every registered location of the step
+                subject = Subject(request.request_id, user_id, member_id, request.requested_at)
+                for location in self._store.locations():
+                    if location.step == step:
+                        erased.update(location.erase(subject))
+                if step == "event_store":  # no cached copy of the account may write back
+                    self._evict(user_id)
+                    self._markers_changed()
             elif step == "marker_done":
                 self._put_marker(user_id, request.requested_at, DONE)
             elif step == "subject":

@@ -25,16 +25,15 @@ expiry job's read of it, in that save.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Protocol
 
 from eventsourcing.persistence import IntegrityError
 
-from loyalty.domain.explain import Summary
-
-Position = tuple[int, int]
+from loyalty.domain.pending import Contribution as Contribution
+from loyalty.domain.pending import PendingRow as PendingRow
+from loyalty.domain.pending import Position as Position
 
 PENDING = "pending_consumed"
 """Keyword of ``Application.save``: ``{user_id: revision}`` of the pending rows the saved
@@ -53,47 +52,6 @@ class PendingMoved(IntegrityError):
     def __init__(self, user_ids: Collection[str]) -> None:
         super().__init__(f"pending changed for {len(user_ids)} member(s)")
         self.user_ids = sorted(user_ids)
-
-
-@dataclass(frozen=True, slots=True)
-class Contribution:
-    """One window's exact earnings of one member."""
-
-    user_id: str
-    currency: Decimal
-    rank_points: Decimal
-    event_count: int
-    rule_version: int
-    summary: Summary | None = None
-    """Why (``loyalty.domain.explain``); a contribution of nothing (events capped or of
-    unknown types only) only adds its counts to a row that exists."""
-    months: Mapping[str, Decimal] | None = None
-    """``currency`` by the month (``"YYYY-MM"``) it was earned in (None: unknown)."""
-
-
-@dataclass(frozen=True, slots=True)
-class PendingRow:
-    user_id: str
-    shard: int
-    currency: Decimal
-    rank_points: Decimal
-    event_count: int
-    rule_version: int
-    upto: Position
-    """End of the last window that changed the row: its revision and award id."""
-    since: datetime
-    """When the oldest unrecorded contribution was committed."""
-    rank_need: Decimal | None
-    """Rank points (exact) at which recording the row lifts the rank, noted when the row
-    was settled (``Member.rank_need`` as of the row's day, under the ladder of the row's
-    ``rule_version``); None: not known yet (a new row, or a new rules version).
-    Infinite: no rank above."""
-    months: Mapping[str, Decimal] | None = None
-    """``currency`` by the month it was earned in (issue 19); None for a row stored
-    before months were kept: credited to the month of ``since``."""
-
-    def lifts_rank(self) -> bool:
-        return self.rank_need is not None and self.rank_points >= self.rank_need
 
 
 class PendingStore(Protocol):

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 
 from loyalty.adapters.db import Database
 from loyalty.adapters.erasure_store import SqlErasureStore
-from loyalty.adapters.event_store import event_store_env, worker_env
+from loyalty.adapters.event_store import erase_stream, event_store_env, worker_env
 from loyalty.adapters.keys import KeyStore
 from loyalty.api.app import create_app
 from loyalty.application.access import Role
@@ -115,7 +115,7 @@ def test_the_insert_refuses_a_stale_copy_of_an_erased_stream(
     alice = earned("alice", "a1")
     members.save(alice)
     stale = members.repository.get(alice.id)
-    SqlErasureStore(db).erase_stream(str(alice.id))
+    erase_stream(db, str(alice.id))
     stale.award("a2", 1, 1, 1, 1, RankLadder(()))
     with pytest.raises(StreamErased) as refused:
         members.save(stale)

@@ -14,10 +14,11 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from loyalty.adapters.db import Database
-from loyalty.adapters.erasure_store import EXEMPT, LOCATIONS
+from loyalty.adapters.erasure_store import EXEMPT, LOCATIONS, REGISTRY, SqlErasureStore
 from loyalty.adapters.keys import KeyStore
 from loyalty.api.app import create_app
 from loyalty.application.access import Role
+from loyalty.application.erasure import ERASING_STEPS
 from loyalty.bootstrap import build_forget_service, build_pipeline, build_projection
 from loyalty.config import Settings
 from loyalty.domain.errors import MemberBeingErased
@@ -92,6 +93,19 @@ def test_every_table_is_registered_for_erasure_or_exempt(db: Database) -> None:
     registered = {t for tables in LOCATIONS.values() for t in tables}
     unknown = set(table_names(db)) - registered - set(EXEMPT)
     assert not unknown, f"tables with no erasure owner: {sorted(unknown)}"
+    assert not registered & set(EXEMPT), "a table both erased and exempt"
+    # each registered table is erased: by a store's erasure run in an erasing step, or
+    # (said explicitly) in another location's transaction or a step of the request
+    keys = {r.key for r in REGISTRY}
+    for r in REGISTRY:
+        if r.erase is None:
+            assert r.step is None and r.erased_by, r.key
+            assert r.erased_by in keys or r.erased_by.startswith("the subject step"), r.key
+        else:
+            assert r.step in ERASING_STEPS and not r.erased_by, r.key
+    walked = [(loc.key, loc.step) for loc in SqlErasureStore(db).locations()]
+    assert walked == [(r.key, r.step) for r in REGISTRY if r.erase is not None]
+    assert {step for _, step in walked} == set(ERASING_STEPS)  # no step left empty
 
 
 def test_canary_leaves_no_trace(
@@ -333,7 +347,6 @@ def test_a_late_runner_cannot_move_a_request_back(db: Database) -> None:
     ``subject`` with the user id already gone (and overwrite the later counts)."""
     from datetime import UTC, datetime
 
-    from loyalty.adapters.erasure_store import SqlErasureStore
     from loyalty.application.erasure import ERASING, Marker
 
     store, now = SqlErasureStore(db), datetime.now(UTC)

@@ -203,9 +203,9 @@ def test_a_snapshot_taken_after_the_erasure_deleted_the_stream_is_not_stored(
     erased, kept = accounts.get("erased"), accounts.get("kept")
     db = Database(settings)
     try:
-        from loyalty.adapters.erasure_store import SqlErasureStore
+        from loyalty.adapters.event_store import erase_stream
 
-        assert SqlErasureStore(db).erase_stream(str(erased.id)) > 0
+        assert erase_stream(db, str(erased.id)) > 0
     finally:
         db.dispose()
     assert app.snapshots is not None

@@ -16,7 +16,6 @@ import pytest
 import sqlalchemy as sa
 
 from loyalty.adapters.db import Database
-from loyalty.adapters.erasure_store import forget_markers
 from loyalty.adapters.event_store import event_store_env
 from loyalty.adapters.ingress_log import create_ingress_log, partition_name
 from loyalty.adapters.lease_keys import RETENTION_LEASE
@@ -26,6 +25,7 @@ from loyalty.adapters.retention_store import (
     SqliteRetentionStore,
     create_retention_store,
 )
+from loyalty.adapters.tables import forget_markers
 from loyalty.application.accounts import Accounts, Members
 from loyalty.application.ingress import IncomingEvent, IngestService, shard_of
 from loyalty.application.retention import KeptDay, Retention, RetentionReport
