@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from loyalty.application.backoff import Backoff
 from loyalty.application.delivery.feed import FORGOTTEN, EventFeed, FeedEvent
+from loyalty.application.jobs import JobRunner
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,24 @@ class DeliveryMetrics(Protocol):
     def delivery_error(self, channel: str, kind: str) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class ChannelErrors:
+    """A delivery loop's job metrics: its failures counted by channel and kind
+    (``loyalty_delivery_errors_total``); its progress is ``delivery_progress``."""
+
+    channel: str
+    metrics: DeliveryMetrics
+
+    def job_succeeded(self, job: str) -> None:
+        pass
+
+    def job_failed(self, job: str, kind: str) -> None:
+        self.metrics.delivery_error(self.channel, kind)
+
+    def job_failing(self, job: str, failing: bool) -> None:
+        pass
+
+
 @dataclass
 class CursorLoop:
     """Carries the feed to one way out from its durable cursor."""
@@ -75,55 +95,56 @@ class CursorLoop:
             self.metrics.delivery_progress(self.name, position=page.position, head=page.head)
         return page.position - start + len(notices)
 
+    def runner(
+        self,
+        retry_errors: tuple[type[BaseException], ...] = (),
+        poll_seconds: float = 0.2,
+        max_pause: float = 30.0,
+        *,
+        try_lease: Callable[[], bool] | None = None,
+        release_lease: Callable[[], None] | None = None,
+        on_end: Callable[[], None] | None = None,
+    ) -> JobRunner:
+        """This loop on the job runner: a step as soon as the last one moved the cursor,
+        else after ``poll_seconds``. Any exception (a broken connection, a database
+        error, a bug) is counted (``delivery_error``), the first of a kind in a row
+        logged (with its traceback unless it is one of ``retry_errors``), the way out
+        marked failing until a step succeeds, and the batch read and sent again after a
+        pause from 0.5 s doubling up to ``max_pause``: the loop never dies."""
+        return JobRunner(
+            f"delivery {self.name}",
+            lambda: 0.0 if self.step() else None,
+            interval=poll_seconds,
+            try_lease=try_lease,
+            release_lease=release_lease,
+            on_end=on_end,
+            retry_errors=retry_errors,
+            backoff=Backoff(0.5, max_pause),
+            metrics=ChannelErrors(self.name, self.metrics) if self.metrics is not None else None,
+            mark_failing=self._mark,
+            stop_event=self.stop_event,
+            logger=log,
+        )
+
     def run(
         self,
         retry_errors: tuple[type[BaseException], ...] = (),
         poll_seconds: float = 0.2,
         max_pause: float = 30.0,
     ) -> None:
-        """Deliver until stopped. Any exception (a broken connection, a database error, a
-        bug) pauses the loop, doubling up to ``max_pause``, and the batch is read and
-        sent again: the loop never dies. Each one is counted; the first of a kind in a
-        row is logged (with its traceback unless it is one of ``retry_errors``), and the
-        way out is marked failing until a step succeeds."""
-        pause = 0.5
-        logged: set[str] = set()
-        failing = False
-        while not self.stop_event.is_set():
-            try:
-                moved = self.step()
-            except InterruptedError:
-                continue  # stopped while waiting to retry: the loop condition ends it
-            except Exception as exc:  # noqa: BLE001  (logged, counted, backed off: see above)
-                kind = type(exc).__name__
-                if self.metrics is not None:
-                    self.metrics.delivery_error(self.name, kind)
-                if kind not in logged:
-                    logged.add(kind)
-                    log.warning(
-                        "delivery %s failing (%s); retrying with backoff",
-                        self.name,
-                        kind,
-                        exc_info=not isinstance(exc, retry_errors),
-                    )
-                failing = self._mark(f"{kind} (delivery loop)") or failing
-                self.stop_event.wait(pause)
-                pause = min(pause * 2, max_pause)
-                continue
-            pause = 0.5
-            if failing and not self._sink_failing():
-                failing = not self._mark(None)
-                logged.clear()
-            if moved == 0:
-                self.stop_event.wait(poll_seconds)
+        """Deliver until stopped (see :meth:`runner`)."""
+        self.runner(retry_errors, poll_seconds, max_pause).run()
 
     def _sink_failing(self) -> bool:
         return bool(getattr(self.sink, "failing", False))
 
-    def _mark(self, error: str | None) -> bool:
-        """Record the failing state; True when it was recorded."""
+    def _mark(self, kind: str | None) -> bool:
+        """Record the failing state (``kind``: what failed; None: delivering again, but
+        not while the sink still says it fails); True when it was recorded."""
+        if kind is None and self._sink_failing():
+            return False
         try:
-            self.store.set_failing(self.name, error)
+            self.store.set_failing(self.name, None if kind is None else f"{kind} (delivery loop)")
         except Exception:  # noqa: BLE001  (the database is down too: the next step retries)
             return False
         return True

@@ -4,7 +4,6 @@ retries each event and parks dead letters, and the operators' use cases."""
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -12,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+from loyalty.application.backoff import backoff_delay
 from loyalty.application.delivery.cursors import CursorLoop, CursorStore, DeliveryMetrics
 from loyalty.application.delivery.feed import (
     EVENT_TYPES,
@@ -21,6 +21,7 @@ from loyalty.application.delivery.feed import (
     FeedEvent,
     drop_erased,
 )
+from loyalty.application.jobs import JobRunner, job_metrics
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class RetryPolicy:
     give_up_after: float = 3 * 3600.0
 
     def delay(self, attempt: int) -> float:
-        return random.uniform(0, min(self.max_delay, self.first_delay * 2 ** (attempt - 1)))
+        return backoff_delay(attempt, self.first_delay, self.max_delay, full_jitter=True)
 
 
 @dataclass
@@ -275,14 +276,31 @@ class WebhookDispatcher:
             self._loops[sid] = (loop, thread)
             thread.start()
 
+    def runner(
+        self,
+        *,
+        try_lease: Callable[[], bool] | None = None,
+        release_lease: Callable[[], None] | None = None,
+    ) -> JobRunner:
+        """The dispatcher on the job runner: :meth:`sync` every ``refresh`` seconds
+        (while this process holds the lease, with ``try_lease``: its loss stops every
+        loop); when stopped, the loops stop too."""
+        return JobRunner(
+            "webhooks",
+            self.sync,
+            interval=self._refresh,
+            try_lease=try_lease,
+            release_lease=release_lease,
+            on_lease_lost=self.close,
+            on_end=self.close,
+            retry_errors=self._retry_errors,
+            metrics=job_metrics(self._metrics),
+            stop_event=self.stop_event,
+            logger=log,
+        )
+
     def run(self) -> None:
-        while not self.stop_event.is_set():
-            try:
-                self.sync()
-            except self._retry_errors as exc:
-                log.warning("webhook dispatcher paused (%s)", type(exc).__name__)
-            self.stop_event.wait(self._refresh)
-        self.close()
+        self.runner().run()
 
     def close(self) -> None:
         for loop, _ in self._loops.values():
