@@ -22,8 +22,8 @@ currency expiry, the webhook dispatcher and each delivery loop, the relay.
   counted; ``mark_failing`` records that state where operators see it (a delivery
   loop's ``delivery_cursors.failing_since``/``last_error``).
 - **Stop.** Only the stop event ends the loop; every wait is on it, so :meth:`stop`
-  takes effect at once (a step in progress finishes first). An exception raised by a
-  step cut short by the stop is not a failure.
+  takes effect at once (a step in progress finishes first). A step whose wait the stop
+  cut short raises ``InterruptedError``: that is not a failure.
 """
 
 from __future__ import annotations
@@ -167,8 +167,8 @@ class JobRunner:
                 return self._lease_retry
             delay = self._step()
         except Exception as exc:  # noqa: BLE001  (counted, logged, backed off: see _failed)
-            if self.stop_event.is_set():
-                return 0.0  # cut short by the stop: the loop ends
+            if isinstance(exc, InterruptedError) and self.stop_event.is_set():
+                return 0.0  # a wait inside the step cut short by the stop: the loop ends
             return self._failed(exc)
         self._succeeded()
         return self._interval if delay is None else max(0.0, delay)
