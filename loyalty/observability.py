@@ -214,6 +214,28 @@ class Metrics:
         self.dead_letters = Gauge(
             "loyalty_webhook_dead_letters", "webhook deliveries parked as dead letters", registry=r
         )
+        # background jobs (loyalty.application.jobs.JobRunner)
+        self.jobs_run = Counter(
+            "loyalty_job_runs", "successful runs of a background job", ["job"], registry=r
+        )
+        self.jobs_failed = Counter(
+            "loyalty_job_failures",
+            "failed runs of a background job (it backed off and carried on), by kind",
+            ["job", "kind"],
+            registry=r,
+        )
+        self.jobs_last_success = Gauge(
+            "loyalty_job_last_success_timestamp_seconds",
+            "when a background job last ran successfully (unix time)",
+            ["job"],
+            registry=r,
+        )
+        self.jobs_failing = Gauge(
+            "loyalty_job_failing",
+            "1 while a background job fails (from a failure to the next success)",
+            ["job"],
+            registry=r,
+        )
 
     # -- IngestMetrics
     def ingested(
@@ -274,6 +296,17 @@ class Metrics:
 
     def webhook_dead_letters(self, count: int) -> None:
         self.dead_letters.set(count)
+
+    # -- JobMetrics (loyalty.application.jobs)
+    def job_succeeded(self, job: str) -> None:
+        self.jobs_run.labels(job).inc()
+        self.jobs_last_success.labels(job).set_to_current_time()
+
+    def job_failed(self, job: str, kind: str) -> None:
+        self.jobs_failed.labels(job, kind).inc()
+
+    def job_failing(self, job: str, failing: bool) -> None:
+        self.jobs_failing.labels(job).set(1 if failing else 0)
 
     # -- ProjectionMetrics
     def projection_progress(self, name: str, *, position: int, head: int, applied: int) -> None:

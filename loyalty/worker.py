@@ -8,6 +8,7 @@ import logging
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 
 from loyalty.adapters.db import Database, fast_pool_reconnect
 from loyalty.adapters.event_store import event_store_env
@@ -25,6 +26,7 @@ from loyalty.application.delivery import (
 )
 from loyalty.application.erasure import ForgetService
 from loyalty.application.expiry import ExpiryJob
+from loyalty.application.jobs import JobRunner
 from loyalty.application.projections import ProjectionWorker
 from loyalty.application.retention import RetentionJob
 from loyalty.bootstrap import (
@@ -41,35 +43,40 @@ from loyalty.observability import Metrics
 log = logging.getLogger(__name__)
 
 
-class ForgetRunner:
-    """Carries out forget requests in the background (one process at a time)."""
+class ForgetRunner(JobRunner):
+    """Carries out forget requests in the background, on the job runner, while this
+    process holds the forget-me lease (one process at a time)."""
 
-    def __init__(self, db: Database, service: ForgetService, interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        db: Database,
+        service: ForgetService,
+        interval: float = 1.0,
+        *,
+        metrics: Metrics | None = None,
+    ) -> None:
+        leases = ShardLeases(db)
+        super().__init__(
+            "forget",
+            self._once,
+            interval=interval,
+            try_lease=partial(leases.try_acquire, FORGET_LEASE),
+            release_lease=leases.release_all,
+            lease_retry=interval,
+            retry_errors=RETRY_ERRORS,
+            metrics=metrics,
+            logger=log,
+        )
         self._service = service
-        self._leases = ShardLeases(db)
-        self._interval = interval
-        self.stop_event = threading.Event()
 
-    def run(self) -> None:
-        while not self.stop_event.is_set():
-            try:
-                if self._leases.try_acquire(FORGET_LEASE):
-                    self._service.run_pending()
-            except RETRY_ERRORS as exc:
-                log.warning("forget runner paused (%s)", type(exc).__name__)
-            except Exception:  # a bug in one request must not stop forget-me for good
-                log.exception("forget runner failed; retrying")
-            self.stop_event.wait(self._interval)
-        self._leases.release_all()
-
-    def stop(self) -> None:
-        self.stop_event.set()
+    def _once(self) -> None:
+        self._service.run_pending()
 
 
-def start_forget_runner(db: Database) -> ForgetRunner:
+def start_forget_runner(db: Database, *, metrics: Metrics | None = None) -> ForgetRunner:
     """Carry out forget requests in a background thread of this process."""
-    runner = ForgetRunner(db, build_forget_service(db))
-    threading.Thread(target=runner.run, name="forget", daemon=True).start()
+    runner = ForgetRunner(db, build_forget_service(db), metrics=metrics)
+    runner.start()
     return runner
 
 
@@ -138,9 +145,8 @@ def start_retention_thread(
     job = build_retention_job(db, metrics=metrics)
     if job is None:
         return None
-    thread = threading.Thread(target=job.run, name="retention", daemon=True)
-    thread.start()
-    return job, thread
+    job.metrics, job.retry_errors = metrics, RETRY_ERRORS
+    return job, job.start()
 
 
 def start_expiry_thread(
@@ -150,47 +156,36 @@ def start_expiry_thread(
     interval = db.settings.expiry_interval_seconds
     if interval <= 0:
         return None
-    job = ExpiryJob(build_expiry(db, metrics=metrics), interval_seconds=interval)
-    thread = threading.Thread(target=job.run, name="expiry", daemon=True)
-    thread.start()
-    return job, thread
+    job = ExpiryJob(build_expiry(db, metrics=metrics), interval_seconds=interval, metrics=metrics)
+    job.retry_errors = RETRY_ERRORS
+    return job, job.start()
 
 
 class WebhookRunner:
-    """Runs the webhook dispatcher while this process holds the webhooks lease (one
-    delivering process at a time, so a subscription's events go out in order)."""
+    """Runs the webhook dispatcher on the job runner while this process holds the
+    webhooks lease (one delivering process at a time, so a subscription's events go out
+    in order); losing the lease stops the delivery loops until it is held again."""
 
     def __init__(self, db: Database, dispatcher: WebhookDispatcher) -> None:
-        self._leases = ShardLeases(db)
-        self._dispatcher = dispatcher
-        self.stop_event = threading.Event()
+        leases = ShardLeases(db)
+        self.job = dispatcher.runner(
+            try_lease=partial(leases.try_acquire, WEBHOOK_LEASE),
+            release_lease=leases.release_all,
+        )
+        self.stop_event = self.job.stop_event
 
     def run(self) -> None:
-        while not self.stop_event.is_set():
-            try:
-                if self._leases.try_acquire(WEBHOOK_LEASE):
-                    thread = threading.Thread(
-                        target=self._dispatcher.run, name="webhooks", daemon=True
-                    )
-                    thread.start()
-                    self.stop_event.wait()
-                    self._dispatcher.stop()
-                    thread.join(timeout=15)
-                    break
-            except RETRY_ERRORS as exc:
-                log.warning("webhook runner paused (%s)", type(exc).__name__)
-            self.stop_event.wait(2.0)
-        self._leases.release_all()
+        self.job.run()
 
     def stop(self) -> None:
-        self.stop_event.set()
+        self.job.stop()
 
 
 def start_webhook_runner(
     db: Database, members: Members | None = None, *, metrics: Metrics | None = None
 ) -> WebhookRunner:
     runner = WebhookRunner(db, build_webhook_dispatcher(db, members, metrics=metrics))
-    threading.Thread(target=runner.run, name="webhook-runner", daemon=True).start()
+    runner.job.start("webhook-runner")
     return runner
 
 
@@ -200,20 +195,11 @@ def run_relay(db: Database, loop: CursorLoop, *, poll_seconds: float = 0.2) -> N
     from loyalty.adapters.amqp_relay import RETRY_ERRORS as AMQP_ERRORS
 
     leases = ShardLeases(db)
-    try:
-        while not loop.stop_event.is_set():
-            try:
-                leased = leases.try_acquire(RELAY_LEASE)
-            except RETRY_ERRORS as exc:
-                log.warning("relay paused (%s)", type(exc).__name__)
-                leased = False
-            if leased:
-                log.info("relay runs in this process")
-                loop.run((*RETRY_ERRORS, *AMQP_ERRORS), poll_seconds)
-                break
-            loop.stop_event.wait(2.0)
-    finally:
-        leases.release_all()
-        close = getattr(loop.sink, "close", None)
-        if close is not None:
-            close()
+    close = getattr(loop.sink, "close", None)
+    loop.runner(
+        (*RETRY_ERRORS, *AMQP_ERRORS),
+        poll_seconds,
+        try_lease=partial(leases.try_acquire, RELAY_LEASE),
+        release_lease=leases.release_all,
+        on_end=close,
+    ).run()

@@ -32,8 +32,11 @@ from prometheus_client.registry import CollectorRegistry
 
 log = logging.getLogger(__name__)
 
-PIPELINE_FAMILIES = ("loyalty_pipeline_", "loyalty_retention_")
-PROJECTION_FAMILIES = ("loyalty_projection_",)
+# Both children run background jobs: their ``loyalty_job_*`` samples are merged, each
+# labelled with the child (``worker``) so that a job both run (webhooks) stays two series.
+SHARED_FAMILIES = ("loyalty_job_",)
+PIPELINE_FAMILIES = ("loyalty_pipeline_", "loyalty_retention_", *SHARED_FAMILIES)
+PROJECTION_FAMILIES = ("loyalty_projection_", *SHARED_FAMILIES)
 RESTART_DELAY_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 STOP_TIMEOUT_S = 30.0
 
@@ -158,10 +161,21 @@ class WorkerMetrics:
         for family in self._own.collect():
             if not family.name.startswith(self._owned):
                 yield family
+        shared: dict[str, Metric] = {}
         for child in self._children:
             for family in text_string_to_metric_families(self._scrape(child)):
-                if family.name.startswith(child.owns):
+                if not family.name.startswith(child.owns):
+                    continue
+                if not family.name.startswith(SHARED_FAMILIES):
                     yield family
+                    continue
+                merged = shared.setdefault(
+                    family.name, Metric(family.name, family.documentation, family.type)
+                )
+                merged.samples.extend(
+                    s._replace(labels={**s.labels, "worker": child.name}) for s in family.samples
+                )
+        yield from shared.values()
 
 
 def merged_registry(own: CollectorRegistry, children: list[WorkerProcess]) -> CollectorRegistry:

@@ -1,9 +1,11 @@
-"""Growing pauses for the background loops (pipeline, projection) after a retryable error."""
+"""The one backoff of the project: exponential, capped, with jitter.
+
+Used by the periodic job runner (``loyalty.application.jobs``) after a failed run and by
+the webhook sink between attempts at one event (``RetryPolicy``)."""
 
 from __future__ import annotations
 
-import logging
-import threading
+import random
 
 FIRST_DELAY = 0.25
 # Short enough that a loop resumes within ~2 s of the database being back after any
@@ -11,25 +13,26 @@ FIRST_DELAY = 0.25
 MAX_DELAY = 2.0
 
 
-class Backoff:
-    """Wait after a retryable error: 0.25 s, doubling up to 2 s, until a success."""
+def backoff_delay(attempt: int, first: float, maximum: float, *, full_jitter: bool) -> float:
+    """The pause before retry number ``attempt`` (1, 2, ...): ``first`` doubling up to
+    ``maximum``, jittered. Full jitter draws from [0, d] (many senders spreading their
+    retries); otherwise from [d/2, d] (one loop: never much sooner than planned)."""
+    ceiling = min(maximum, first * 2 ** min(max(attempt - 1, 0), 62))
+    return random.uniform(0.0 if full_jitter else ceiling / 2, ceiling)
 
-    def __init__(self, stop: threading.Event, log: logging.Logger, what: str) -> None:
-        self._stop = stop
-        self._log = log
-        self._what = what
-        self.delay = FIRST_DELAY
+
+class Backoff:
+    """Growing pauses after consecutive failures, until :meth:`reset` (a success)."""
+
+    def __init__(self, first: float = FIRST_DELAY, maximum: float = MAX_DELAY) -> None:
+        self.first = first
+        self.maximum = max(first, maximum)
+        self.attempt = 0
 
     def reset(self) -> None:
-        self.delay = FIRST_DELAY
+        self.attempt = 0
 
-    def pause(self, exc: BaseException) -> None:
-        self._log.warning(
-            "%s paused (%s: %s); retrying in %.1fs",
-            self._what,
-            type(exc).__name__,
-            (str(exc).splitlines() or [""])[0],
-            self.delay,
-        )
-        self._stop.wait(self.delay)
-        self.delay = min(self.delay * 2, MAX_DELAY)
+    def next(self) -> float:
+        """The pause after one more failure."""
+        self.attempt += 1
+        return backoff_delay(self.attempt, self.first, self.maximum, full_jitter=False)

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 from eventsourcing.persistence import IntegrityError
 
 from loyalty.application.accounts import Accounts, with_retry
+from loyalty.application.jobs import JobMetrics, JobRunner, first_run_delay, periodic_backoff
 from loyalty.application.pending import PendingRow
 from loyalty.domain.errors import MemberNotFound
 from loyalty.domain.expiry import CurrencyExpiry
@@ -372,9 +373,9 @@ def _is_due(rule: CurrencyExpiry | None, lot: str, as_of: datetime) -> bool:
     return when is not None and when <= as_of
 
 
-class ExpiryJob:
-    """Runs expiry periodically (in the worker) with the clock; a failure is logged and
-    retried at the next run, never ending the thread."""
+class ExpiryJob(JobRunner):
+    """Runs expiry periodically (in the worker) with the clock on the job runner; a
+    failed run is retried with backoff, never ending the thread."""
 
     def __init__(
         self,
@@ -383,37 +384,21 @@ class ExpiryJob:
         interval_seconds: float,
         clock: Callable[[], datetime] | None = None,
         first_delay_seconds: float | None = None,
+        metrics: JobMetrics | None = None,
     ) -> None:
-        import threading
-
-        self._expiry = expiry
-        self._interval = interval_seconds
-        self._clock = clock or (lambda: datetime.now(UTC))
-        self._first = (
-            min(interval_seconds, 30.0) if first_delay_seconds is None else first_delay_seconds
+        super().__init__(
+            "expiry",
+            self._once,
+            interval=interval_seconds,
+            first_delay=first_run_delay(interval_seconds, first_delay_seconds),
+            backoff=periodic_backoff(interval_seconds),
+            metrics=metrics,
+            logger=log,
         )
-        self.stop_event = threading.Event()
-        self.runs = 0
-        self.failures = 0
+        self._expiry = expiry
+        self._clock = clock or (lambda: datetime.now(UTC))
 
-    def run(self) -> None:
-        wait = self._first
-        while not self.stop_event.wait(wait):
-            wait = self._interval
-            try:
-                report = self._expiry.run(self._clock())
-            except Exception as exc:  # logged and retried next time; never kill the worker
-                self.failures += 1
-                log.warning(
-                    "expiry failed (%s: %s); retrying in %.0fs",
-                    type(exc).__name__,
-                    (str(exc).splitlines() or [""])[0],
-                    self._interval,
-                )
-                continue
-            self.runs += 1
-            if report.rule is not None or report.qualification:
-                log.info("%s", report.summary())
-
-    def stop(self) -> None:
-        self.stop_event.set()
+    def _once(self) -> None:
+        report = self._expiry.run(self._clock())
+        if report.rule is not None or report.qualification:
+            log.info("%s", report.summary())

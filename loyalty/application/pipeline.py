@@ -33,7 +33,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from loyalty.application.accounts import Accounts, StreamErased
-from loyalty.application.backoff import Backoff
+from loyalty.application.jobs import JobRunner, job_metrics
 from loyalty.application.pending import Contribution, PendingRow, PendingStore
 from loyalty.application.read_ahead import ReadAhead
 from loyalty.application.reporting import ActivityFacts
@@ -345,8 +345,9 @@ class Pipeline:
         return total
 
 
-class Worker:
-    """Runs the pipeline over the shards this process leases, once per award window."""
+class Worker(JobRunner):
+    """Runs the pipeline over the shards this process leases, once per award window, on
+    the job runner (leases per shard are its own: :meth:`_lease_missing`)."""
 
     def __init__(
         self,
@@ -361,20 +362,27 @@ class Worker:
         lag_probe: LagProbe | None = None,
         lag_every_seconds: float = 5.0,
     ) -> None:
+        super().__init__(
+            "pipeline",
+            self._process,
+            interval=window_seconds,
+            retry_errors=retry_errors,
+            on_failure=self._after_failure,
+            metrics=job_metrics(pipeline.metrics),
+            logger=log,
+        )
         self._pipeline = pipeline
         self._lag_probe = lag_probe
         self._lag_every = lag_every_seconds
         self._lag_due = 0.0
         self._wanted = list(shards)
         self._owned: list[int] = []
-        self._window = window_seconds
-        self._try_lease = try_lease
+        self._window_seconds = window_seconds
+        self._try_shard = try_lease
         self._held_leases = held_leases
         # After a database error: drop the pooled connections that died with it (a
         # restart ends them all; found one by one, each costs the pool a back-off).
         self._on_error = on_error or (lambda: None)
-        self._retry_errors = retry_errors
-        self.stop_event = threading.Event()
 
     def _lease_missing(self) -> None:
         if self._held_leases is not None:  # asks the database: a lease dies with its session
@@ -385,37 +393,34 @@ class Worker:
                 self._owned = [s for s in self._owned if s in held]
         gained = []
         for shard in self._wanted:
-            if shard not in self._owned and self._try_lease(shard):
+            if shard not in self._owned and self._try_shard(shard):
                 self._owned.append(shard)
                 gained.append(shard)
         if gained:  # one line however many (at start: every shard of the spec)
             log.info("worker owns shards %s", shard_ranges(gained))
 
-    def run(self) -> None:
-        backoff = Backoff(self.stop_event, log, "pipeline")
-        while not self.stop_event.is_set():
-            started = time.monotonic()
-            try:
-                self._lease_missing()
-                self._pipeline.drain(sorted(self._owned), self.stop_event)
-                self._pipeline.record_due(self._owned, self.stop_event)
-                self._sample_lag()
-                backoff.reset()
-            except LeaseLost as exc:
-                # Another worker committed or noted a window of one of our shards: our
-                # lease of it is gone. Nothing of the window was written; ask again.
-                log.warning("pipeline: %s; taking the leases again", exc)
-                self._owned.clear()
-                self.stop_event.wait(0.05)
-                continue
-            except self._retry_errors as exc:
-                # Leases live in a database session: take them again (a no-op for those
-                # still held), so that a lease lost with the session is never assumed.
-                self._owned.clear()
-                self._on_error()
-                backoff.pause(exc)
-                continue
-            self.stop_event.wait(max(0.0, self._window - (time.monotonic() - started)))
+    def _process(self) -> float:
+        """One round: take missing leases, process due windows; returns the pause until
+        the next round (a window after this one's start)."""
+        started = time.monotonic()
+        try:
+            self._lease_missing()
+            self._pipeline.drain(sorted(self._owned), self.stop_event)
+            self._pipeline.record_due(self._owned, self.stop_event)
+        except LeaseLost as exc:
+            # Another worker committed or noted a window of one of our shards: our
+            # lease of it is gone. Nothing of the window was written; ask again.
+            log.warning("pipeline: %s; taking the leases again", exc)
+            self._owned.clear()
+            return 0.05
+        self._sample_lag()
+        return max(0.0, self._window_seconds - (time.monotonic() - started))
+
+    def _after_failure(self, _exc: BaseException) -> None:
+        # Leases live in a database session: take them again (a no-op for those still
+        # held), so that a lease lost with the session is never assumed.
+        self._owned.clear()
+        self._on_error()
 
     def _sample_lag(self) -> None:
         """Report the pipeline's lag, at most every ``lag_every_seconds``."""
@@ -425,6 +430,3 @@ class Worker:
         self._lag_due = time.monotonic() + self._lag_every
         pending, oldest_age = self._lag_probe()
         metrics.pipeline_lag(pending=pending, oldest_age_s=oldest_age)
-
-    def stop(self) -> None:
-        self.stop_event.set()

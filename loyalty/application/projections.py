@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from loyalty.application.accounts import Members
-from loyalty.application.backoff import Backoff
+from loyalty.application.jobs import JobMetrics, JobRunner, job_metrics
 from loyalty.application.reporting import AccountFact, account_facts
 
 log = logging.getLogger(__name__)
@@ -422,8 +422,11 @@ class MemberProjection:
         self._position = None
 
 
-class ProjectionWorker:
-    """Runs a projection in a loop while this process holds its lease."""
+class ProjectionWorker(JobRunner):
+    """Runs a projection on the job runner while this process holds its lease: asked
+    before the first batch and then every ``lease_retry_seconds`` (a lease dies with its
+    database session); each batch is fenced anyway: it commits only if the tracking
+    position is unmoved."""
 
     def __init__(
         self,
@@ -434,41 +437,21 @@ class ProjectionWorker:
         poll_seconds: float = 0.2,
         lease_retry_seconds: float = 2.0,
         on_error: Callable[[], None] | None = None,
+        metrics: JobMetrics | None = None,
     ) -> None:
-        self._on_error = on_error or (lambda: None)  # e.g. drop dead pooled connections
+        on_error = on_error or (lambda: None)  # e.g. drop dead pooled connections
+        super().__init__(
+            "projection",
+            self._catch_up,
+            interval=poll_seconds,
+            try_lease=try_lease,
+            lease_retry=lease_retry_seconds,
+            retry_errors=retry_errors,
+            on_failure=lambda _exc: on_error(),
+            metrics=job_metrics(metrics, projection.metrics),
+            logger=log,
+        )
         self._projection = projection
-        self._try_lease = try_lease
-        self._retry_errors = retry_errors
-        self._poll = poll_seconds
-        self._lease_retry = lease_retry_seconds
-        self.leased = False
-        self.stop_event = threading.Event()
 
-    def run(self) -> None:
-        backoff = Backoff(self.stop_event, log, "projection")
-        while not self.stop_event.is_set():
-            try:
-                # Asked every round (a lease dies with its database session); each batch
-                # is fenced anyway: it commits only if the tracking position is unmoved.
-                leased, self.leased = self.leased, self._try_lease()
-                if not self.leased:
-                    if leased:
-                        log.warning("projection %s lost its lease", self._projection.name)
-                    self.stop_event.wait(self._lease_retry)
-                    continue
-                if not leased:
-                    log.info("projection %s runs in this process", self._projection.name)
-                self._projection.catch_up(self.stop_event)
-                backoff.reset()
-            except self._retry_errors as exc:
-                self._on_error()
-                backoff.pause(exc)
-                continue
-            except Exception:  # a bug: keep the thread alive, loudly, and retry slowly
-                log.exception("projection %s failed; retrying in 10s", self._projection.name)
-                self.stop_event.wait(10.0)
-                continue
-            self.stop_event.wait(self._poll)
-
-    def stop(self) -> None:
-        self.stop_event.set()
+    def _catch_up(self) -> None:
+        self._projection.catch_up(self.stop_event)

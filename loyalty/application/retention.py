@@ -18,13 +18,14 @@ lease lost with its session) can only both find nothing left to do.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Protocol
+
+from loyalty.application.jobs import JobMetrics, JobRunner, first_run_delay, periodic_backoff
 
 log = logging.getLogger("loyalty.retention")
 
@@ -278,10 +279,10 @@ class Retention:
         return report
 
 
-class RetentionJob:
-    """Runs retention periodically (in the worker): the first run shortly after start,
-    then every ``interval_seconds``. A failure is logged and retried at the next run;
-    it never ends the thread."""
+class RetentionJob(JobRunner):
+    """Runs retention periodically (in the worker) on the job runner: the first run
+    shortly after start, then ``interval_seconds`` after each run; a failed run is
+    retried with backoff (at most ``interval_seconds`` apart, and at most a minute)."""
 
     def __init__(
         self,
@@ -290,36 +291,22 @@ class RetentionJob:
         interval_seconds: float,
         clock: Callable[[], datetime],
         first_delay_seconds: float | None = None,
+        metrics: JobMetrics | None = None,
     ) -> None:
-        self._retention = retention
-        self._interval = interval_seconds
-        self._clock = clock
-        self._first = (
-            min(interval_seconds, 30.0) if first_delay_seconds is None else first_delay_seconds
+        super().__init__(
+            "retention",
+            self._once,
+            interval=interval_seconds,
+            first_delay=first_run_delay(interval_seconds, first_delay_seconds),
+            backoff=periodic_backoff(interval_seconds),
+            metrics=metrics,
+            logger=log,
         )
-        self.stop_event = threading.Event()
-        self.runs = 0
-        self.failures = 0
+        self._retention = retention
+        self._clock = clock
         self.last_report: RetentionReport | None = None
 
-    def run(self) -> None:
-        wait = self._first
-        while not self.stop_event.wait(wait):
-            wait = self._interval
-            try:
-                report = self._retention.run(self._clock())
-            except Exception as exc:  # log and retry next time; never kill the worker
-                self.failures += 1
-                log.warning(
-                    "retention failed (%s: %s); retrying in %.0fs",
-                    type(exc).__name__,
-                    (str(exc).splitlines() or [""])[0],
-                    self._interval,
-                )
-                continue
-            self.runs += 1
-            self.last_report = report
-            log.info("%s", report.summary())
-
-    def stop(self) -> None:
-        self.stop_event.set()
+    def _once(self) -> None:
+        report = self._retention.run(self._clock())
+        self.last_report = report
+        log.info("%s", report.summary())

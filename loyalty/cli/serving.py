@@ -224,7 +224,7 @@ def worker_cmd(
     logging.getLogger("loyalty").info("worker for shards %s", shards)
     if projections:
         projection_thread.start()
-    forget_runner = start_forget_runner(db)
+    forget_runner = start_forget_runner(db, metrics=metrics)
     from loyalty.worker import start_retention_thread
 
     retention_job = start_retention_thread(db, metrics=metrics)

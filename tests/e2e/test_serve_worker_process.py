@@ -153,6 +153,22 @@ def test_the_worker_children_award_project_and_report_through_serves_metrics(
     assert metric(text, "loyalty_ingest_events_total", source="games", outcome="accepted") == 1
     types = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
     assert len(types) == len(set(types)), "a family exposed twice"
+    series = [line.rsplit(" ", 1)[0] for line in text.splitlines() if not line.startswith("#")]
+    assert len(series) == len(set(series)), "a series exposed twice"
+    # each child's background jobs, on the one job runner, labelled with the child
+    wait_for(
+        lambda: (
+            metric(scraped(), "loyalty_job_runs_total", job="pipeline", worker="pipeline") >= 1
+            and metric(scraped(), "loyalty_job_runs_total", job="projection", worker="read-model")
+            >= 1
+        ),
+        what="the children's job runs in serve's /metrics",
+    )
+    text = scraped()
+    last = metric(
+        text, "loyalty_job_last_success_timestamp_seconds", job="projection", worker="read-model"
+    )
+    assert last > time.time() - 120
     for family in (
         "loyalty_pipeline_pending_events",
         "loyalty_projection_lag_events",

@@ -1,0 +1,302 @@
+"""The feed: committed account events in commit order, read gap-safely from the event
+store's notification log, and the erasure check every way out asks before it sends.
+
+The event store is the outbox. Every committed account event has a notification id in
+the Members application's notification log; the feed reads that log the way the read
+models' projection does (``loyalty.application.projections``): only up to the highest id
+seen *before* reading, so on PostgreSQL (stored events inserted under ``LOCK TABLE ... IN
+EXCLUSIVE MODE``) and on SQLite (one writer) no id below it can still appear, and a
+position only ever moves to an id actually read. An event is therefore delivered only
+after it committed, and a cursor never passes one that has not.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any, Protocol
+from uuid import NAMESPACE_URL, UUID, uuid5
+
+from eventsourcing.domain import Aggregate
+
+from loyalty.domain.member import Member
+
+log = logging.getLogger(__name__)
+
+TOMBSTONE = "loyalty.erasure:Tombstone"
+EVENT_NAMESPACE = uuid5(NAMESPACE_URL, "urn:loyalty:feed-event")
+BOOKKEEPING = frozenset({"originator_id", "originator_version", "timestamp", "originator_topic"})
+FORGOTTEN = "member.forgotten"
+MAX_LIMIT = 1000
+MAX_WAIT_SECONDS = 30.0
+
+
+def feed_type(class_name: str) -> str:
+    """``RankChanged`` -> ``member.rank_changed`` (events are mapped by class name, so
+    a new field on an event never breaks the feed)."""
+    return "member." + re.sub(r"(?<!^)(?=[A-Z])", "_", class_name).lower()
+
+
+def member_event_types() -> tuple[str, ...]:
+    """The feed types of the Member aggregate's events (``member.created`` first, then
+    in the order the classes are defined): every event class nested in ``Member`` that
+    no other one extends (``SourcedEvent`` is a base, not an event)."""
+    classes = [
+        v for v in vars(Member).values() if isinstance(v, type) and issubclass(v, Aggregate.Event)
+    ]
+    leaves = [c for c in classes if not any(o is not c and issubclass(o, c) for o in classes)]
+    names = [c.__name__ for c in leaves]
+    names.sort(key=lambda n: n != "Created")
+    return tuple(feed_type(n) for n in names)
+
+
+EVENT_TYPES: tuple[str, ...] = (*member_event_types(), FORGOTTEN)
+"""Every type a way out carries: one list for the API schema, the console, the feed and
+the docs (tests/e2e/test_event_types.py ties them)."""
+
+
+def event_id(position: int, member_id: str, version: int) -> str:
+    """A stable id per stored event: the same on every read and every way out."""
+    return str(uuid5(EVENT_NAMESPACE, f"{position}:{member_id}:{version}"))
+
+
+def forgotten_event_id(request_id: str) -> str:
+    return str(uuid5(EVENT_NAMESPACE, f"forgotten:{request_id}"))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        items = [_jsonable(v) for v in value]
+        return sorted(items, key=repr) if isinstance(value, set | frozenset) else items
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, UUID):
+        return str(value)
+    if isinstance(value, Decimal):
+        return _plain_decimal(str(value))
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if hasattr(value, "__dict__"):
+        return _jsonable(vars(value))
+    return str(value)
+
+
+def _plain_decimal(text: str) -> str:
+    """``"-0"``/``"-0.00"`` (a negative zero stored by older awards) -> ``"0"``/``"0.00"``."""
+    if text.startswith("-"):
+        try:
+            if Decimal(text).is_zero():
+                return text[1:]
+        except InvalidOperation:
+            pass
+    return text
+
+
+DECIMAL_FIELDS = frozenset({"fraction_currency", "fraction_rank_points"})
+
+
+@dataclass(frozen=True, slots=True)
+class FeedEvent:
+    id: str
+    position: int
+    """The notification id (0 for a member.forgotten notice, which is not in the log)."""
+    type: str
+    user_id: str
+    occurred_at: datetime
+    data: dict[str, Any]
+
+    def body(self) -> dict[str, Any]:
+        """The wire form (feed item, webhook body, relay message)."""
+        return {
+            "id": self.id,
+            "type": self.type,
+            "user_id": self.user_id,
+            "occurred_at": self.occurred_at.isoformat().replace("+00:00", "Z"),
+            "data": self.data,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class FeedPage:
+    events: list[FeedEvent]
+    position: int
+    """The position after this page: pass it back (as the cursor) for the next one."""
+    head: int
+    """The newest notification id when the page was read."""
+
+
+def encode_cursor(position: int) -> str:
+    return base64.urlsafe_b64encode(f"feed.v1.{position}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> int:
+    """The position of an opaque cursor (None or "" = from the start)."""
+    if not cursor:
+        return 0
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise ValueError("not a feed cursor") from None
+    prefix, _, number = text.rpartition(".")
+    if prefix != "feed.v1" or not number.isdigit() or len(number) > 19:
+        raise ValueError("not a feed cursor")
+    return int(number)
+
+
+class NotificationLog(Protocol):
+    """What the feed needs of the library's application recorder."""
+
+    def max_notification_id(self) -> int | None: ...
+    def select_notifications(
+        self,
+        start: int | None,
+        limit: int,
+        stop: int | None = None,
+        topics: Sequence[str] = (),
+        *,
+        inclusive_of_start: bool = True,
+    ) -> Sequence[Any]: ...
+    def select_events(
+        self,
+        originator_id: Any,
+        *,
+        gt: int | None = None,
+        lte: int | None = None,
+        desc: bool = False,
+        limit: int | None = None,
+    ) -> Sequence[Any]: ...
+
+
+class EventFeed:
+    """Committed account events in commit order, read gap-safely from the event store's
+    notification log (``members.recorder`` and ``members.mapper``)."""
+
+    USER_CACHE = 100_000
+
+    def __init__(
+        self,
+        recorder: NotificationLog,
+        mapper: Any,
+        owner: Any = None,
+        erasure: ErasureCheck | None = None,
+    ) -> None:
+        # ``owner``: the library application the recorder belongs to, kept alive here
+        # (an application that is garbage-collected closes its connection pool).
+        self._owner = owner
+        self._erasure = erasure
+        self._recorder = recorder
+        self._mapper = mapper
+        self._users: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def head(self) -> int:
+        return int(self._recorder.max_notification_id() or 0)
+
+    def read(self, after: int, limit: int, types: frozenset[str] | None = None) -> FeedPage:
+        """Up to ``limit`` notifications after ``after`` (events of other ``types`` and
+        SQLite tombstones are passed over, so a page may hold fewer)."""
+        head = self.head()
+        if head <= after:
+            return FeedPage([], after, head)
+        notifications = self._recorder.select_notifications(
+            after, limit, stop=head, inclusive_of_start=False
+        )
+        if not notifications:
+            return FeedPage([], after, head)
+        decoded = [
+            (n.id, self._mapper.to_domain_event(n)) for n in notifications if n.topic != TOMBSTONE
+        ]
+        created = {
+            str(e.originator_id): str(e.user_id)
+            for _, e in decoded
+            if type(e).__name__ == "Created"
+        }
+        events = []
+        for position, domain_event in decoded:
+            kind = feed_type(type(domain_event).__name__)
+            if types is not None and kind not in types:
+                continue
+            member_id = str(domain_event.originator_id)
+            user_id = created.get(member_id) or self._user_id(member_id)
+            if user_id is None:  # the stream was erased after we read it: not delivered
+                continue
+            data = {k: _jsonable(v) for k, v in vars(domain_event).items() if k not in BOOKKEEPING}
+            data.pop("user_id", None)
+            for key in DECIMAL_FIELDS & data.keys():
+                if isinstance(data[key], str):
+                    data[key] = _plain_decimal(data[key])
+            at = domain_event.timestamp
+            at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+            version = int(domain_event.originator_version)
+            events.append(
+                FeedEvent(event_id(position, member_id, version), position, kind, user_id, at, data)
+            )
+        if events and self._erasure is not None:  # erased while we read: not delivered
+            events = drop_erased(self._erasure, events)
+        return FeedPage(events, int(notifications[-1].id), head)
+
+    def _user_id(self, member_id: str) -> str | None:
+        with self._lock:
+            user_id = self._users.get(member_id)
+            if user_id is not None:
+                self._users.move_to_end(member_id)
+                return user_id
+        stored = self._recorder.select_events(UUID(member_id), lte=1, limit=1)
+        if not stored:
+            return None
+        user_id = str(self._mapper.to_domain_event(stored[0]).user_id)
+        with self._lock:
+            self._users[member_id] = user_id
+            while len(self._users) > self.USER_CACHE:
+                self._users.popitem(last=False)
+        return user_id
+
+    def evict(self, member_id: str) -> None:
+        """Forget a member's user id (forget-me erased the stream)."""
+        with self._lock:
+            self._users.pop(member_id, None)
+
+    async def wait_read(
+        self,
+        after: int,
+        limit: int,
+        wait: float,
+        run: Callable[[Callable[[], FeedPage]], Any],
+        sleep: Callable[[float], Any],
+        poll: float = 0.2,
+    ) -> FeedPage:
+        """Long-poll: read; while the page is empty and ``wait`` seconds have not passed,
+        sleep ``poll`` and read again. ``run`` runs a read off the event loop (no database
+        connection is held while sleeping)."""
+        deadline = time.monotonic() + min(max(wait, 0.0), MAX_WAIT_SECONDS)
+        while True:
+            page: FeedPage = await run(lambda: self.read(after, limit))
+            if page.events or page.position != after or time.monotonic() >= deadline:
+                return page
+            await sleep(min(poll, max(0.0, deadline - time.monotonic())))
+
+
+# -- the durable ways out -------------------------------------------------------------
+
+
+class ErasureCheck(Protocol):
+    def erased(self, events: Sequence[FeedEvent]) -> set[str]:
+        """The ids of ``events`` whose stream a forget-me has erased or is erasing (read
+        from the database now, not from a cache): a way out must not carry them."""
+
+
+def drop_erased(check: ErasureCheck, events: Sequence[FeedEvent]) -> list[FeedEvent]:
+    """``events`` without those of erased streams (member.forgotten notices stay)."""
+    erased = check.erased([e for e in events if e.type != FORGOTTEN])
+    return [e for e in events if e.id not in erased]
