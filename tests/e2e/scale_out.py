@@ -152,10 +152,12 @@ class Cluster:
     workers: list[Proc]
     worker_env: dict[str, str]
     generations: list[int]
+    retired: list[Proc] = field(default_factory=list)  # killed workers (their output)
 
     def restart_worker(self, i: int) -> Proc:
         """Kill -9 worker ``i`` and start it again, under a new application_name."""
         self.workers[i].kill9()
+        self.retired.append(self.workers[i])
         self.generations[i] += 1
         env = {**self.worker_env, "LOYALTY_DB_APPLICATION_NAME": self.worker_name(i)}
         self.workers[i] = Proc(["worker"], env, self.worker_name(i))
@@ -166,6 +168,10 @@ class Cluster:
 
     def output(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.output()[-3000:]}" for p in self.apis + self.workers)
+
+    def worker_logs(self) -> list[str]:
+        """The whole output of every worker that ran, killed ones included."""
+        return [p.output() for p in self.retired + self.workers]
 
 
 @contextmanager

@@ -19,6 +19,7 @@ import threading
 import time
 from datetime import UTC, datetime
 
+import psycopg
 import pytest
 
 from loyalty.adapters.lease_keys import JOB_LEASES
@@ -46,14 +47,14 @@ BUDGET = 10  # LOYALTY_DB_POOL_SIZE's default
 APIS, WORKERS = 3, 3
 KILL_EVERY = 3.0
 KILLS = 4
-RELEASE_TYPICAL, RELEASE_BOUND = 3.0, 30.0
-"""Seconds from a kill -9 until every shard is leased again: a worker asks for free
-shards between two passes over its own shards, so within a second when it is idle
-(typical: 0.5-0.8 s measured) and after its current pass when it is busy (the worst
-seen: 22.5 s, a pass under a load average of 15 on 2 cores). The median must be
-typical, every one within the bound."""
+RELEASE_TYPICAL, RELEASE_BOUND = 3.0, 10.0
+"""Seconds from a kill -9 until every shard is leased again by the live workers: one
+asks for free shards between two passes over its own, so within a second when it is
+idle (0.5-1.5 s measured) and after its current pass when it is busy. The median must
+be typical, every one within the bound."""
 JOBS_HELD = ("projection", "forget", "webhooks")  # held while the process runs
-JOBS_PER_RUN = ("retention", "expiry")  # taken for each run (every second here)
+RUN_LINES = ("retention as of",)  # logged by each run (every second here); expiry logs
+# a run only when the rules expire currency (not the default): its lease is sampled only
 EXTRA = {"LOYALTY_RETENTION_INTERVAL_SECONDS": "1", "LOYALTY_EXPIRY_INTERVAL_SECONDS": "1"}
 
 
@@ -75,21 +76,39 @@ class Watch:
         self.peak_total = 0
         self.samples: list[tuple[float, dict[int, list[str]]]] = []
         self.stop = threading.Event()
+        self.missed = 0
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         while not self.stop.is_set():
-            conns = connections(self._admin, self._db)
-            for name, n in conns.items():
-                self.peak[name] = max(self.peak.get(name, 0), n)
-            self.peak_total = max(self.peak_total, sum(conns.values()))
-            self.samples.append((time.monotonic(), leases(self._admin, self._db)))
+            try:
+                self._sample()
+            except psycopg.OperationalError:  # the server full of the other tests' clients
+                self.missed += 1
             self.stop.wait(0.1)
+
+    def _sample(self) -> None:
+        conns = connections(self._admin, self._db)
+        for name, n in conns.items():
+            self.peak[name] = max(self.peak.get(name, 0), n)
+        self.peak_total = max(self.peak_total, sum(conns.values()))
+        self.samples.append((time.monotonic(), leases(self._admin, self._db)))
 
     def close(self) -> None:
         self.stop.set()
         self.thread.join()
+
+
+def activity(admin_url: str, dbname: str) -> list[tuple[object, ...]]:
+    """What every connection to ``dbname`` is doing (diagnostics of a slow re-lease)."""
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        return conn.execute(
+            "SELECT application_name, state, wait_event_type, wait_event, "
+            "round(extract(epoch FROM now() - query_start)::numeric, 1), left(query, 80) "
+            "FROM pg_stat_activity WHERE datname = %s ORDER BY 1",
+            (dbname,),
+        ).fetchall()
 
 
 def kill_loop(c: Cluster, admin_url: str, dbname: str, stop: threading.Event) -> list[float]:
@@ -98,17 +117,32 @@ def kill_loop(c: Cluster, admin_url: str, dbname: str, stop: threading.Event) ->
     ``stop``. Returns those times."""
     taken: list[float] = []
     while not stop.wait(KILL_EVERY) or len(taken) < KILLS:
+        # every worker in its loop first: a kill then tests the takeover by a live
+        # worker, not a cold start (under load a restart took longer than 3 s, and
+        # killing on would leave no worker up at all: 22.5 s without one)
+        up_by = time.monotonic() + 120
+        while not all("worker for shards" in w.output() for w in c.workers):
+            assert time.monotonic() < up_by, c.output()
+            time.sleep(0.1)
         held = leases(admin_url, dbname)
         owners = [names[0] for key, names in held.items() if key < SHARDS]
         names = [c.worker_name(i) for i in range(len(c.workers))]
         victim = max(range(len(names)), key=lambda i: owners.count(names[i]))
         started = time.monotonic()
         c.restart_worker(victim)
+        noted = False
         while True:
-            shards = [k for k in leases(admin_url, dbname) if k < SHARDS]
+            try:
+                shards = [k for k in leases(admin_url, dbname) if k < SHARDS]
+            except psycopg.OperationalError:  # the server full of other tests' clients
+                time.sleep(0.05)
+                continue
             if len(shards) == SHARDS:
                 taken.append(time.monotonic() - started)
                 break
+            if not noted and time.monotonic() - started > RELEASE_TYPICAL:
+                noted = True
+                print(f"slow re-lease after killing {names[victim]}: {activity(admin_url, dbname)}")
             if time.monotonic() - started > 60:
                 taken.append(float("inf"))
                 break
@@ -155,12 +189,14 @@ def test_a_cluster_with_kills_gives_the_balances_of_one_serve(pg_admin_url: str)
             got = balances(c.base, keys, users)
             watch.close()
             output = c.output()
+            worker_logs = c.worker_logs()
+            api_logs = [p.output() for p in c.apis]
     cluster_seconds = time.monotonic() - started
     print(
         f"{EVENTS} events, {len(users)} members: one serve {single_seconds:.1f} s, "
         f"cluster {cluster_seconds:.1f} s; {len(times)} kills, shards leased again after "
         f"{', '.join(f'{t:.2f}' for t in times)} s; peak connections {watch.peak} "
-        f"(total {watch.peak_total})"
+        f"(total {watch.peak_total}); {len(watch.samples)} samples, {watch.missed} missed"
     )
 
     assert (accepted, failures[:3]) == (EVENTS, []), output
@@ -184,6 +220,7 @@ def test_a_cluster_with_kills_gives_the_balances_of_one_serve(pg_admin_url: str)
 
     # each job: at most one holder in every sample, never an API process; held most of
     # the time (the held ones), seen taken (the per-run ones)
+    assert len(watch.samples) >= 20, (len(watch.samples), watch.missed)
     holders: dict[str, set[str]] = {job: set() for job in JOB_LEASES}
     held_samples = dict.fromkeys(JOB_LEASES, 0)
     for _at, sample in watch.samples:
@@ -192,9 +229,15 @@ def test_a_cluster_with_kills_gives_the_balances_of_one_serve(pg_admin_url: str)
             assert len(names) <= 1, (job, names)
             holders[job].update(names)
             held_samples[job] += bool(names)
-    for job in (*JOBS_HELD, *JOBS_PER_RUN):
+    for job in JOBS_HELD:
         assert holders[job], (job, holders)
+    for job in JOB_LEASES:
         assert all(n.startswith("loyalty-worker-") for n in holders[job]), (job, holders)
+    # the per-run jobs hold their lease for milliseconds (a sample rarely sees it): their
+    # runs are in the workers' logs, never in an API's
+    for line in RUN_LINES:
+        assert any(line in log for log in worker_logs), line
+        assert not any(line in log for log in api_logs), line
     for job in JOBS_HELD:
         assert held_samples[job] >= 0.8 * len(watch.samples), (job, held_samples)
     assert not holders["relay"]  # no relay runs here
