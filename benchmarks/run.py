@@ -29,6 +29,7 @@ MODULES = [
     "benchmarks.dryrun",
     "benchmarks.currency_expiry",
     "benchmarks.console",
+    "benchmarks.scale_out",
 ]
 
 

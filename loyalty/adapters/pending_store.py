@@ -256,6 +256,26 @@ class PendingTable:
                     found[r[0]] = _row(r)
         return found
 
+    def unsettled(self, shards: Collection[int], limit: int) -> list[PendingRow]:
+        """Rows of ``shards`` never settled (rank need unknown: a new member's first row,
+        or one grown under a new rules version), at most ``limit``: what a worker killed
+        between a window's commit and its settling left behind."""
+        if not shards:
+            return []
+        c = pipeline_pending.c
+        columns: list[sa.ColumnClause[Any]] = [
+            sa.column(name.strip()) for name in _COLUMNS.split(",")
+        ]
+        with self._db.read() as conn:
+            rows = conn.execute(
+                sa.select(*columns)
+                .select_from(pipeline_pending)
+                .where(c.shard.in_(sorted(shards)), c.rank_need.is_(None))
+                .order_by(c.user_id)
+                .limit(limit)
+            ).all()
+        return [_row(r) for r in rows]
+
     def due(self, shards: Collection[int], before: datetime, limit: int) -> list[str]:
         """Members of ``shards`` whose oldest pending contribution is older than
         ``before`` (oldest first, at most ``limit``)."""

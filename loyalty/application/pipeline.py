@@ -304,6 +304,28 @@ class Pipeline:
             )
         return window_size
 
+    def settle_left(self, shards: Collection[int]) -> int:
+        """Settle what a worker killed between a window's commit and its settling left
+        unsettled in ``shards`` (called when a worker takes their leases): a new
+        member's row would otherwise wait for the award interval, the member without an
+        account (not found) until then. Returns how many awards were recorded."""
+        pending = self._accounts.pending
+        if pending is None or not shards:
+            return 0
+        ranks = self._rules.current().ranks
+        total = 0
+        seen: set[tuple[str, Position]] = set()
+        while True:
+            rows = [
+                r
+                for r in pending.unsettled(shards, self._record_group)
+                if (r.user_id, r.upto) not in seen  # a row settled meanwhile: done
+            ]
+            if not rows:
+                return total
+            seen.update((r.user_id, r.upto) for r in rows)
+            total += self._accounts.settle_pending(rows, ranks)
+
     def record_all(self, shards: Collection[int]) -> int:
         """Record every pending row of ``shards`` now, whatever its age (tests, tools)."""
         return self.record_due(shards, now=datetime.max.replace(tzinfo=UTC))
@@ -398,6 +420,13 @@ class Worker(JobRunner):
                 gained.append(shard)
         if gained:  # one line however many (at start: every shard of the spec)
             log.info("worker owns shards %s", shard_ranges(gained))
+            # what a worker killed before settling its last windows left (a retry error
+            # drops the leases from _owned: this runs again when they are re-taken)
+            settled = self._pipeline.settle_left(gained)
+            if settled:
+                log.info(
+                    "settled %d awards left unsettled in shards %s", settled, shard_ranges(gained)
+                )
 
     def _process(self) -> float:
         """One round: take missing leases, process due windows; returns the pause until

@@ -55,6 +55,9 @@ def test_every_benchmark_runs_at_smoke_size(pg_admin_url: str) -> None:
     assert sorted(results) == sorted(names), done.stderr[-4000:]
     assert done.returncode == 0, done.stderr[-4000:]
     assert all("met" not in r for r in results.values())  # no target judged at smoke size
+    # issue 31: throughput as processes are added, same-run ratios against one process
+    assert results["scale_out_ingest"]["ratios"].keys() == {"x1", "x2"}
+    assert results["scale_out_pipeline"]["ratios"].keys() == {"x1", "x2"}
     relay = results["delivery"].get("relay", "")
     if os.environ.get("CI"):
         assert "relay_send_per_s" in results["delivery"], relay

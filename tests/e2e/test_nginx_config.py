@@ -106,3 +106,39 @@ def test_the_proxy_forwards_the_api_and_applies_its_limits(proxied: str) -> None
         b"Content-Length: 9000000\r\nConnection: close\r\n\r\n"
     )
     assert raw(proxied, huge).split(b" ", 2)[1] == b"413"
+
+
+def test_the_proxy_balances_across_several_api_processes(tmp_path: Path) -> None:
+    """docs/nginx.conf's upstream with three addresses (what Docker's DNS gives it for
+    the ``api`` service's replicas in docs/compose.yaml): requests reach every API
+    process, round-robin, and one stopped API process is passed over."""
+    from tests.e2e.scale_out import Proc, nginx
+
+    nginx_bin = required_tool("nginx", "/usr/sbin/nginx")
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    ports = [free_port() for _ in range(3)]
+    apis = [
+        Proc(
+            ["serve", "--no-worker", "--port", str(port)],
+            env_for(url, LOYALTY_ACCESS_LOG="true"),
+            f"api-{i}",
+        )
+        for i, port in enumerate(ports)
+    ]
+    try:
+        for api, port in zip(apis, ports, strict=True):
+            wait_healthy(api.popen, f"http://127.0.0.1:{port}", api.output)
+        with nginx(nginx_bin, ports) as base, httpx.Client(base_url=base) as client:
+            for n in range(30):
+                assert client.get(f"/healthz?via=nginx-{n}").status_code == 200
+            seen = [api.output().count("GET /healthz?via=nginx-") for api in apis]
+            # round-robin (per nginx worker process: a third each on one connection)
+            assert sum(seen) == 30 and min(seen) >= 5, seen
+            apis[1].stop()
+            for n in range(12):
+                assert client.get(f"/healthz?after=stop-{n}").status_code == 200
+            after = [api.output().count("GET /healthz?after=stop-") for api in apis]
+            assert after[1] == 0 and after[0] + after[2] == 12 and min(after[0], after[2]) >= 3
+    finally:
+        for api in apis:
+            api.stop()

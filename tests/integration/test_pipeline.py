@@ -384,3 +384,55 @@ def test_a_second_pipeline_committing_a_window_already_committed_is_refused(
     want = expected(events)
     assert balances(members, sorted(want)) == want
     assert PipelineStore(db).totals()[0] == 150
+
+
+def test_a_worker_taking_a_shard_settles_what_a_crash_after_commit_left(
+    db: Database, members: Members
+) -> None:
+    """Killed between a window's commit and its settling, a worker leaves new members'
+    earnings pending and the members without an account (not found) until the award
+    interval (an hour). The next worker to take the shard records them at once (issue 31:
+    17 of 300 members were not found after a scale-out run with kill -9)."""
+    import threading
+
+    from loyalty.adapters.pending_store import PendingTable
+    from loyalty.application.pipeline import Worker
+
+    events = [ev(1, "new-one", "joined_competition"), ev(2, "new-two", "logged_on")]
+    ingest(db, events)
+    crashy = make_pipeline(db, members, crash_at="committed")
+    crashes = 0
+    while True:  # each window is killed right after its commit
+        try:
+            if crashy.drain(range(16)) == 0:
+                break
+        except Crash:
+            crashes += 1
+    assert crashes >= 1
+    fresh = Members(env=event_store_env(db.settings))
+    try:
+        pipeline = make_pipeline(db, fresh)
+        assert pipeline.drain(range(16)) == 0  # the windows are committed
+        for user in ("new-one", "new-two"):
+            with pytest.raises(AggregateNotFoundError):
+                fresh.repository.get(Member.create_id(user))
+        assert set(PendingTable(db).load(["new-one", "new-two"])) == {"new-one", "new-two"}
+        worker = Worker(
+            pipeline,
+            list(range(16)),
+            window_seconds=0.05,
+            try_lease=lambda _shard: True,
+            retry_errors=(),
+        )
+        thread = threading.Thread(target=worker.run)
+        thread.start()
+        try:
+            deadline = datetime.now(UTC) + timedelta(seconds=20)
+            while PendingTable(db).load(["new-one", "new-two"]):
+                assert datetime.now(UTC) < deadline, "not settled"
+        finally:
+            worker.stop()
+            thread.join()
+        assert balances(fresh, ["new-one", "new-two"]) == expected(events)
+    finally:
+        fresh.close()

@@ -93,3 +93,34 @@ def test_dockerfile_is_slim_non_root_with_a_healthcheck() -> None:
 def test_documented_worker_command_parses(line: str) -> None:
     params = parse_cli(shlex.split(line)[1:])
     assert params["metrics_port"] == 9100
+
+
+def test_the_compose_deployment_fits_a_default_postgresql() -> None:
+    """N APIs + K workers + the relay, each at its LOYALTY_DB_POOL_SIZE, stay within about
+    2/3 of PostgreSQL's default max_connections (100), as docs/deployment.md asks."""
+    total = 0
+    for name, service in loyalty_services().items():
+        if service.get("restart") == "no":  # the one-shot migrate
+            continue
+        replicas = int(service.get("deploy", {}).get("replicas", 1))
+        budget = int(service["environment"]["LOYALTY_DB_POOL_SIZE"])
+        assert budget >= 4, name  # a worker needs its lease session and three more
+        total += replicas * budget
+    assert total <= 100 * 2 // 3, total
+
+
+def test_the_proxy_balances_the_api_replicas_with_the_shipped_config() -> None:
+    """The proxy mounts docs/nginx.conf, whose upstream is the ``api`` service at the port
+    its replicas listen on (Docker's DNS gives nginx one address per replica; the live
+    balancing is tests/e2e/test_nginx_config.py)."""
+    services = compose()["services"]
+    proxy = services["proxy"]
+    mounts = [v.split(":") for v in proxy["volumes"]]
+    assert [m[1] for m in mounts] == ["/etc/nginx/nginx.conf"]
+    conf = (ROOT / "docs" / mounts[0][0]).resolve()
+    assert conf == ROOT / "docs" / "nginx.conf" and conf.is_file()
+    api = loyalty_services()["api"]
+    port = parse_cli(api["command"])["port"]
+    assert f"server api:{port};" in conf.read_text()
+    assert "api" in proxy["depends_on"] and api["deploy"]["replicas"] >= 2
+    assert "ports" not in api  # reached only through the proxy
