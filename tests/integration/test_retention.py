@@ -33,6 +33,7 @@ from loyalty.config import Settings
 from loyalty.observability import Metrics
 from loyalty.worker import build_pipeline, build_projection, build_retention, build_retention_job
 from tests.conftest import backends
+from tests.e2e.live import wait_for
 
 # The ingest clock: events of D1..D4 are inside its 7-day window, so they are accepted.
 NOW = datetime(2030, 3, 4, 12, tzinfo=UTC)
@@ -350,15 +351,6 @@ def test_periodic_job_runs_in_the_worker(settings: Settings, db: Database) -> No
 
 def pg_url(settings: Settings) -> str:
     return settings.database_url
-
-
-def wait_for(predicate: Any, seconds: float = 20.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @backends("postgresql")
