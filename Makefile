@@ -23,8 +23,14 @@ serve: install
 	$(BIN)/loyalty migrate
 	$(BIN)/loyalty serve --host $(HOST) --port $(PORT)
 
+# In parallel: TEST_WORKERS xdist workers, more than the 2 cores because most of a live
+# test's time is spent waiting on its subprocesses; tests marked serial (timing, broker
+# restarts) run one at a time in one xdist group (tests/conftest.py SERIAL). Each worker
+# has its own PostgreSQL database, temporary directories and ports.
+TEST_WORKERS ?= 4
+
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # The quick loop (<= 3 min): every test but those marked slow, and tests/conftest.py marks
 # slow every test that starts another process (a live server, the CLI, a worker, a

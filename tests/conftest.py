@@ -60,6 +60,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(getattr(pytest.mark, tier))
         if "slow" not in item.keywords and starts_processes(item):
             item.add_marker(pytest.mark.slow)
+        if "serial" in item.keywords or "amqp_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group(SERIAL))
+
+
+SERIAL = "serial"
+"""The xdist group (``make test`` runs ``-n 4 --dist loadgroup``) whose tests run one
+after another on one worker: those marked ``serial`` (they measure time or restart a
+shared service) and every test on the machine's RabbitMQ (tests/e2e/test_relay.py
+restarts it). Every other test shares nothing with its neighbours: each xdist worker
+has its own PostgreSQL database (``pg_url``), temporary directories and free ports."""
+
+
+def worker_id() -> str:
+    """This pytest process's xdist worker ("gw0", ...), "main" without xdist."""
+    return os.environ.get("PYTEST_XDIST_WORKER", "main")
 
 
 # What starts another process: the subprocess module (the CLI, `loyalty serve`, workers,
@@ -149,8 +164,9 @@ def _admin(sql: str, url: str) -> None:
 
 @pytest.fixture(scope="session")
 def pg_url(pg_admin_url: str) -> Iterator[str]:
-    """A fresh database for this test session, migrated once, dropped at the end."""
-    name = f"loyalty_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    """A fresh database for this test session (each xdist worker is a session of its
+    own), migrated once, dropped at the end."""
+    name = f"loyalty_test_{worker_id()}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     _admin(f'CREATE DATABASE "{name}"', pg_admin_url)
     url = pg_admin_url.rsplit("/", 1)[0] + "/" + name
     db = Database(Settings(database_url=url))
