@@ -44,7 +44,8 @@ def cli(database_url: str, *args: str, cwd: Path | None = None) -> subprocess.Co
         cwd=cwd,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=240,  # a guard against a hang, below pytest-timeout's 300 s per test; a
+        # 1,500-member compensation took over 120 s with 4 workers on a loaded machine
     )
 
 
