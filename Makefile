@@ -35,8 +35,11 @@ test: install
 # The quick loop (<= 3 min): every test but those marked slow, and tests/conftest.py marks
 # slow every test that starts another process (a live server, the CLI, a worker, a
 # PostgreSQL cluster, nginx, a browser). `make test` runs them all.
+# In-process tests are CPU-bound: one xdist worker per core (FAST_WORKERS).
+FAST_WORKERS ?= 2
+
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n $(FAST_WORKERS) --dist loadgroup
 
 lint: install
 	$(BIN)/ruff check loyalty alembic tests benchmarks
