@@ -62,6 +62,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
         if "serial" in item.keywords or "amqp_url" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group(SERIAL))
+        elif Path(str(item.fspath)).name in CPU_BOUND:
+            item.add_marker(pytest.mark.xdist_group("cpu-bound"))
 
 
 SERIAL = "serial"
@@ -70,6 +72,13 @@ after another on one worker: those marked ``serial`` (they measure time or resta
 shared service) and every test on the machine's RabbitMQ (tests/e2e/test_relay.py
 restarts it). Every other test shares nothing with its neighbours: each xdist worker
 has its own PostgreSQL database (``pg_url``), temporary directories and free ports."""
+
+
+CPU_BOUND = {"test_compensation_crash.py", "test_compensation_versions.py"}
+"""Modules whose tests keep a core busy for minutes (1,500-member compensations run by
+the CLI): one xdist group, so that they run one at a time beside the other workers'
+tests, which mostly wait on their processes, instead of three at once on 2 cores (seen:
+three `rules apply --compensate` at once, each past its 120 s)."""
 
 
 def worker_id() -> str:
