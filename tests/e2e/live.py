@@ -117,9 +117,12 @@ class Server:
     def __init__(self, proc: subprocess.Popen[str], port: int, url: str, log: Any) -> None:
         self.proc, self.port, self.url, self._log = proc, port, url, log
         self.base = f"http://127.0.0.1:{port}"
+        self._final: str | None = None  # the whole output, once serve_process closed it
 
     def output(self) -> str:
         """Everything the server (and its worker children) wrote so far."""
+        if self._final is not None:
+            return self._final
         if isinstance(self._log, Path):
             return self._log.read_text()
         self._log.seek(0)
@@ -168,6 +171,7 @@ def serve_process(
         yield server
     finally:
         server.stop(stop_timeout)
+        server._final = server.output()
         out.close()
 
 
