@@ -171,10 +171,24 @@ def _admin(sql: str, url: str) -> None:
         conn.execute(sql)  # type: ignore[arg-type]
 
 
+def _drop_orphans(url: str) -> None:
+    """Drops the session databases (named as below) of test processes of this machine
+    that are gone: a run stopped by ^C or a timeout never reaches its own DROP."""
+    import re
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        names = [r[0] for r in conn.execute("SELECT datname FROM pg_database")]
+        for name in names:
+            found = re.fullmatch(r"loyalty_test_(?:gw\d+|main)_(\d+)_[0-9a-f]{8}", name)
+            if found and not Path(f"/proc/{found.group(1)}").exists():
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
+
+
 @pytest.fixture(scope="session")
 def pg_url(pg_admin_url: str) -> Iterator[str]:
     """A fresh database for this test session (each xdist worker is a session of its
     own), migrated once, dropped at the end."""
+    _drop_orphans(pg_admin_url)
     name = f"loyalty_test_{worker_id()}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     _admin(f'CREATE DATABASE "{name}"', pg_admin_url)
     url = pg_admin_url.rsplit("/", 1)[0] + "/" + name
