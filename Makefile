@@ -23,14 +23,23 @@ serve: install
 	$(BIN)/loyalty migrate
 	$(BIN)/loyalty serve --host $(HOST) --port $(PORT)
 
+# In parallel: TEST_WORKERS xdist workers, more than the 2 cores because most of a live
+# test's time is spent waiting on its subprocesses; tests marked serial (timing, broker
+# restarts) run one at a time in one xdist group (tests/conftest.py SERIAL). Each worker
+# has its own PostgreSQL database, temporary directories and ports.
+TEST_WORKERS ?= 4
+
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # The quick loop (<= 3 min): every test but those marked slow, and tests/conftest.py marks
 # slow every test that starts another process (a live server, the CLI, a worker, a
 # PostgreSQL cluster, nginx, a browser). `make test` runs them all.
+# In-process tests are CPU-bound: one xdist worker per core (FAST_WORKERS).
+FAST_WORKERS ?= 2
+
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n $(FAST_WORKERS) --dist loadgroup
 
 # lint-imports: the import contracts in pyproject.toml ([tool.importlinter]: the layers
 # domain < application < adapters < wiring < entrypoints); tests/unit/test_import_cycles.py:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -61,6 +62,30 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(getattr(pytest.mark, tier))
         if "slow" not in item.keywords and starts_processes(item):
             item.add_marker(pytest.mark.slow)
+        if "serial" in item.keywords or "amqp_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group(SERIAL))
+        elif Path(str(item.fspath)).name in CPU_BOUND:
+            item.add_marker(pytest.mark.xdist_group("cpu-bound"))
+
+
+SERIAL = "serial"
+"""The xdist group (``make test`` runs ``-n 4 --dist loadgroup``) whose tests run one
+after another on one worker: those marked ``serial`` (they measure time or restart a
+shared service) and every test on the machine's RabbitMQ (tests/e2e/test_relay.py
+restarts it). Every other test shares nothing with its neighbours: each xdist worker
+has its own PostgreSQL database (``pg_url``), temporary directories and free ports."""
+
+
+CPU_BOUND = {"test_compensation_crash.py", "test_compensation_versions.py"}
+"""Modules whose tests keep a core busy for minutes (1,500-member compensations run by
+the CLI): one xdist group, so that they run one at a time beside the other workers'
+tests, which mostly wait on their processes, instead of three at once on 2 cores (seen:
+three `rules apply --compensate` at once, each past its 120 s)."""
+
+
+def worker_id() -> str:
+    """This pytest process's xdist worker ("gw0", ...), "main" without xdist."""
+    return os.environ.get("PYTEST_XDIST_WORKER", "main")
 
 
 # What starts another process: the subprocess module (the CLI, `loyalty serve`, workers,
@@ -148,10 +173,25 @@ def _admin(sql: str, url: str) -> None:
         conn.execute(sql)  # type: ignore[arg-type]
 
 
+def _drop_orphans(url: str) -> None:
+    """Drops the session databases (named as below) of test processes of this machine
+    that are gone: a run stopped by ^C or a timeout never reaches its own DROP."""
+    import re
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        names = [r[0] for r in conn.execute("SELECT datname FROM pg_database")]
+        for name in names:
+            found = re.fullmatch(r"loyalty_test_(?:gw\d+|main)_(\d+)_[0-9a-f]{8}", name)
+            if found and not Path(f"/proc/{found.group(1)}").exists():
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
+
+
 @pytest.fixture(scope="session")
 def pg_url(pg_admin_url: str) -> Iterator[str]:
-    """A fresh database for this test session, migrated once, dropped at the end."""
-    name = f"loyalty_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    """A fresh database for this test session (each xdist worker is a session of its
+    own), migrated once, dropped at the end."""
+    _drop_orphans(pg_admin_url)
+    name = f"loyalty_test_{worker_id()}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     _admin(f'CREATE DATABASE "{name}"', pg_admin_url)
     url = pg_admin_url.rsplit("/", 1)[0] + "/" + name
     db = Database(Settings(database_url=url))
@@ -246,21 +286,55 @@ def drain_with(
     record every member's pending earnings on the account, whatever the interval."""
     import time
 
-    from loyalty.adapters.ingress_log import pending_stats
-    from loyalty.adapters.pipeline_store import PipelineStore
-
-    state = PipelineStore(db)
     deadline = time.monotonic() + timeout
     total = 0
     while True:
         total += pipeline.drain(range(db.settings.shard_count))  # type: ignore[attr-defined]
-        if pending_stats(db, state.positions(), db.settings.shard_count)[0] == 0:
+        if nothing_pending(db):
             if record:
                 pipeline.record_all(range(db.settings.shard_count))  # type: ignore[attr-defined]
             return total
         if time.monotonic() > deadline:
             raise AssertionError("pipeline did not drain")
         time.sleep(0.05)
+
+
+def wait_visible(db: Database, timeout: float = 30.0) -> None:
+    """Waits until the pipeline's reader can see every ingress row stored so far. On
+    PostgreSQL it reads only rows of transactions older than every transaction still in
+    flight anywhere on the server (``pg_snapshot_xmin``; ``adapters/ingress_log.py``): a
+    write of another test session (another xdist worker, another database of the same
+    server) still open hides rows committed after it began. A test that ingests and then
+    processes a shard once calls this between the two; SQLite: nothing to wait for."""
+    if db.backend != "postgresql":
+        return
+    import sqlalchemy as sa
+
+    deadline = time.monotonic() + timeout
+    with db.read() as conn:
+        newest = conn.execute(sa.text("SELECT coalesce(max(txid), 0) FROM ingress_events"))
+        last = int(newest.scalar_one())
+    while True:
+        with db.read() as conn:
+            horizon = conn.execute(
+                sa.text("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+            ).scalar_one()
+        if int(horizon) > last:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"ingress rows up to txid {last} still invisible after {timeout} s")
+        time.sleep(0.01)
+
+
+def nothing_pending(db: Database) -> bool:
+    """Whether the pipeline has processed every stored event: a pass that processed
+    nothing does not say so on PostgreSQL (see drain_pipeline; more likely when other
+    xdist workers write to the same server)."""
+    from loyalty.adapters.ingress_log import pending_stats
+    from loyalty.adapters.pipeline_store import PipelineStore
+
+    positions = PipelineStore(db).positions()
+    return pending_stats(db, positions, db.settings.shard_count)[0] == 0
 
 
 AMQP_URL = os.environ.get("LOYALTY_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")

@@ -1,9 +1,12 @@
 """A throwaway PostgreSQL cluster owned by one test: ``initdb`` + ``pg_ctl`` on a free port
 in a temporary directory, so that a test may stop, restart or reconfigure it (never the
-shared server). As root, the cluster runs as the ``postgres`` user (initdb refuses root)."""
+shared server). As root, the cluster runs as the ``postgres`` user (initdb refuses root).
+``initdb`` runs once per test process (xdist worker): each cluster copies that data
+directory (``cp -a``, a few ms) instead of running initdb again (about 2 s)."""
 
 from __future__ import annotations
 
+import atexit
 import glob
 import os
 import pwd
@@ -29,6 +32,39 @@ def _version(path: str) -> float:
         return 0.0
 
 
+_template: Path | None = None
+"""The data directory initdb made for this process, copied by every Cluster."""
+
+
+def _as_postgres(directory: Path) -> list[str]:
+    """The command prefix that runs a tool as the owner of the clusters: ``postgres`` when
+    we are root (initdb refuses root; ``directory`` is given to it), else nothing."""
+    if os.geteuid() != 0:
+        return []
+    user = pwd.getpwnam("postgres")
+    os.chown(directory, user.pw_uid, user.pw_gid)
+    return ["runuser", "-u", "postgres", "--"]
+
+
+def template_data(bindir: Path) -> Path:
+    """A fresh data directory (initdb), made once per process and removed at its exit."""
+    global _template
+    if _template is None:
+        where = Path(tempfile.mkdtemp(prefix="loyalty-pg-template-"))
+        atexit.register(shutil.rmtree, where, ignore_errors=True)
+        subprocess.run(
+            [*_as_postgres(where), str(bindir / "initdb"), "-D", str(where / "data")]
+            + ["-A", "trust", "-U", "postgres", "--no-sync"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+            cwd=where,
+        )
+        _template = where / "data"
+    return _template
+
+
 class Cluster:
     """``start()``, ``stop()``, ``url(db)``, ``create_database(name)``, ``destroy()``."""
 
@@ -42,12 +78,14 @@ class Cluster:
         self.dir = Path(tempfile.mkdtemp(prefix="loyalty-pg-"))
         self.data = self.dir / "data"
         self.log = self.dir / "postgres.log"
-        self._as: list[str] = []
-        if os.geteuid() == 0:
-            user = pwd.getpwnam("postgres")
-            os.chown(self.dir, user.pw_uid, user.pw_gid)
-            self._as = ["runuser", "-u", "postgres", "--"]
-        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
+        self._as = _as_postgres(self.dir)
+        subprocess.run(
+            [*self._as, "cp", "-a", str(template_data(bindir)), str(self.data)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
 
     def _run(self, tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import tempfile
 import threading
 import time
 import uuid
@@ -23,7 +22,7 @@ import httpx
 import psycopg
 import pytest
 
-from tests.e2e.live import LOYALTY, create_key, env_for, free_port, wait_healthy
+from tests.e2e.live import LOYALTY, create_key, env_for, serve_process
 
 BUDGET = 4
 """Small on purpose: before the budget, each pool of each application could open twice
@@ -130,26 +129,16 @@ def test_each_process_stays_within_its_connection_budget_under_load(
     ops = {"Authorization": "Bearer " + create_key(url, "operator", "ops")}
     ing = {"Authorization": "Bearer " + create_key(url, "ingest", "games")}
     shop = {"Authorization": "Bearer " + create_key(url, "shop", "web")}
-    port = free_port()
-    log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(
-        [*LOYALTY, "serve", "--port", str(port)],
-        env=env_for(url, LOYALTY_DB_POOL_SIZE=str(BUDGET), LOYALTY_AWARD_WINDOW_SECONDS="0.2"),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-
-    def output() -> str:
-        log.seek(0)
-        return log.read()
-
     peak: dict[str, int] = {}
     names_seen: dict[str, int] = {}
     failures: list[str] = []
-    try:
-        wait_healthy(proc, base, output)
+    with serve_process(
+        url,
+        stop_timeout=30,
+        LOYALTY_DB_POOL_SIZE=str(BUDGET),
+        LOYALTY_AWARD_WINDOW_SECONDS="0.2",
+    ) as server:
+        base, proc, output = server.base, server.proc, server.output
         stop = time.monotonic() + 15
 
         def load(i: int) -> None:
@@ -215,13 +204,6 @@ def test_each_process_stays_within_its_connection_budget_under_load(
                 break
             assert time.monotonic() < deadline, (status, history.text[:300], output()[-3000:])
             time.sleep(0.5)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
     print(f"LOYALTY_DB_POOL_SIZE={BUDGET}: peak per process {peak}, per name {names_seen}")
     assert set(peak) == {"serve", "pipeline", "read-model"}, peak
     assert all(count >= 1 for count in peak.values()), peak

@@ -35,7 +35,7 @@ from loyalty.application.ingress import IncomingEvent
 from loyalty.bootstrap import build_forget_service, build_projection
 from loyalty.config import Settings
 from tests.conftest import drain_pipeline
-from tests.e2e.live import LOYALTY, cli, create_key, env_for, free_port, wait_healthy
+from tests.e2e.live import LOYALTY, cli, create_key, env_for, serve_process
 from tests.e2e.pgcluster import Cluster, postgres_bin
 from tests.e2e.test_worker_processes import NOW, ingester
 from tests.integration.test_forget import raw_bytes_contain, rows_containing
@@ -81,42 +81,18 @@ def cluster() -> Iterator[Cluster]:
 @contextmanager
 def live_server(url: str, log: Path, **env: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     """``loyalty serve`` on ``url``, logging to ``log`` (shown when a test fails)."""
-    port = free_port()
-    out = log.open("w")
-    proc = subprocess.Popen(
-        [*LOYALTY, "serve", "--port", str(port)],
-        # interval 0: pending is recorded after every drain, so the projection has account
-        # events to commit (its recovery is measured)
-        env=env_for(
-            url,
-            **{
-                "LOYALTY_AWARD_WINDOW_SECONDS": "0.2",
-                "LOYALTY_AWARD_INTERVAL_SECONDS": "0",
-                **env,
-            },
-        ),
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(proc, base, log.read_text)
-        yield base, proc
-    except BaseException:
-        print(
-            f"--- server log (last lines of {log}):\n"
-            + "\n".join(log.read_text().splitlines()[-60:])
-        )
-        raise
-    finally:
-        proc.terminate()
+    # interval 0: pending is recorded after every drain, so the projection has account
+    # events to commit (its recovery is measured)
+    defaults = {"LOYALTY_AWARD_WINDOW_SECONDS": "0.2", "LOYALTY_AWARD_INTERVAL_SECONDS": "0"}
+    with serve_process(url, log=log, **{**defaults, **env}) as server:
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        out.close()
+            yield server.base, server.proc
+        except BaseException:
+            print(
+                f"--- server log (last lines of {log}):\n"
+                + "\n".join(log.read_text().splitlines()[-60:])
+            )
+            raise
 
 
 class Client:

@@ -11,7 +11,6 @@ import json
 import socket
 import statistics
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -22,11 +21,13 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from tests.e2e.live import LOYALTY, create_key, env_for, free_port, wait_healthy
+from tests.e2e.live import create_key, serve_process
 
 HEADER_TIMEOUT = 1.0
 BODY_TIMEOUT = 2.0
 MAX_CONNECTIONS = 300
+
+pytestmark = pytest.mark.serial  # latency and elapsed-time bounds: one at a time
 
 
 class Server:
@@ -50,37 +51,15 @@ class Server:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     path = tmp_path_factory.mktemp("limits") / "loyalty.db"
-    port = free_port()
-    env = env_for(
+    with serve_process(
         f"sqlite:///{path}",
+        "--no-worker",
+        stop_timeout=15,
         LOYALTY_HTTP_HEADER_TIMEOUT_SECONDS=str(HEADER_TIMEOUT),
         LOYALTY_HTTP_BODY_TIMEOUT_SECONDS=str(BODY_TIMEOUT),
         LOYALTY_HTTP_MAX_CONNECTIONS=str(MAX_CONNECTIONS),
-    )
-    log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(
-        [*LOYALTY, "serve", "--no-worker", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-    def output() -> str:
-        log.seek(0)
-        return log.read()
-
-    try:
-        wait_healthy(proc, f"http://127.0.0.1:{port}", output)
-        yield Server(proc, port, f"sqlite:///{path}")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    ) as live:
+        yield Server(live.proc, live.port, live.url)
 
 
 def answer(sock: socket.socket, timeout: float = 10.0) -> bytes:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,7 +19,8 @@ from fastapi.testclient import TestClient
 from loyalty.adapters.db import Database
 from loyalty.config import Settings
 from loyalty.observability import JsonFormatter, RequestIdFilter
-from tests.e2e.live import LOYALTY, create_key, env_for, free_port, wait_healthy
+from tests.conftest import drain_with
+from tests.e2e.live import create_key, serve_process
 
 CLIENT_LOGGERS = ("httpx", "httpcore")  # the test's own HTTP client logs its URLs
 
@@ -114,7 +114,9 @@ def test_in_process_logs_hold_no_user_id_or_key(
     logging.getLogger("loyalty.test").info("capture works")
     drive(client, keys, marker)
     container = client.app.state.container  # type: ignore[attr-defined]
-    build_pipeline(db, container.accounts.app).drain(range(db.settings.shard_count))
+    # until nothing is pending: a writing transaction elsewhere on the server (another
+    # xdist worker) may hide new rows from one pass (tests/conftest.py drain_pipeline)
+    drain_with(build_pipeline(db, container.accounts.app), db, record=False)
     build_projection(db, container.accounts.app).catch_up()
     assert client.get(f"/v1/members/{marker}/history", headers=headers["shop"]).status_code == 200
     text = captured.getvalue()
@@ -128,36 +130,23 @@ def test_live_server_json_logs_hold_no_user_id_or_key(settings: Settings, tmp_pa
     url = settings.database_url
     marker = f"marker-{uuid.uuid4().hex}"
     keys = {role: create_key(url, role, f"{role}-src") for role in ("ingest", "shop", "operator")}
-    port = free_port()
     log_path = tmp_path / "serve.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [*LOYALTY, "serve", "--port", str(port)],
-            env=env_for(url, LOYALTY_LOG_FORMAT="json"),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            base = f"http://127.0.0.1:{port}"
-            wait_healthy(proc, base, log_path.read_text)
-            with httpx.Client(base_url=base, timeout=30) as http:
-                drive(http, keys, marker)
-                deadline = time.monotonic() + 30  # let the pipeline and projection run
-                while time.monotonic() < deadline:
-                    found = http.get(
-                        f"/v1/members/{marker}/history",
-                        headers={"Authorization": f"Bearer {keys['shop']}"},
-                    )
-                    if found.status_code == 200 and any(
-                        e["kind"] == "award" for e in found.json()["entries"]
-                    ):
-                        break
-                    time.sleep(0.2)
-                echoed = http.get("/healthz", headers={"X-Request-ID": "trace-me-1"})
-                assert echoed.headers["x-request-id"] == "trace-me-1"
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+    with serve_process(url, log=log_path, stop_timeout=30, LOYALTY_LOG_FORMAT="json") as server:
+        with httpx.Client(base_url=server.base, timeout=30) as http:
+            drive(http, keys, marker)
+            deadline = time.monotonic() + 30  # let the pipeline and projection run
+            while time.monotonic() < deadline:
+                found = http.get(
+                    f"/v1/members/{marker}/history",
+                    headers={"Authorization": f"Bearer {keys['shop']}"},
+                )
+                if found.status_code == 200 and any(
+                    e["kind"] == "award" for e in found.json()["entries"]
+                ):
+                    break
+                time.sleep(0.2)
+            echoed = http.get("/healthz", headers={"X-Request-ID": "trace-me-1"})
+            assert echoed.headers["x-request-id"] == "trace-me-1"
     lines = log_path.read_text().splitlines()
     assert lines, "the server logged nothing"
     for line in lines:

@@ -21,7 +21,7 @@ from loyalty.api.deps import Container
 from loyalty.bootstrap import build_pipeline, build_projection, build_worker
 from loyalty.config import Settings
 from tests.conftest import Clock, drain_with
-from tests.e2e.live import LOYALTY, env_for, free_port
+from tests.e2e.live import LOYALTY, env_for, free_port, serve_process
 
 Headers = dict[str, str]
 
@@ -233,15 +233,15 @@ def test_metrics_are_off_the_api_port_by_default_and_need_the_token(
 
 
 def test_serve_exposes_metrics_on_their_own_port(tmp_path: Path) -> None:
-    api_port, metrics_port = free_port(), free_port()
-    env = env_for(f"sqlite:///{tmp_path / 'm.db'}", LOYALTY_METRICS_PORT=str(metrics_port))
-    proc = subprocess.Popen(
-        [*LOYALTY, "serve", "--no-worker", "--port", str(api_port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
+    metrics_port = free_port()
+    with serve_process(
+        f"sqlite:///{tmp_path / 'm.db'}",
+        "--no-worker",
+        healthy=False,  # the metrics port is awaited below, with the API's /healthz
+        stop_timeout=30,
+        LOYALTY_METRICS_PORT=str(metrics_port),
+    ) as server:
+        proc, api_port = server.proc, server.port
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -253,6 +253,3 @@ def test_serve_exposes_metrics_on_their_own_port(tmp_path: Path) -> None:
                 time.sleep(0.2)
         assert "loyalty_http_requests_total" in text
         assert httpx.get(f"http://127.0.0.1:{api_port}/metrics").status_code == 404
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)

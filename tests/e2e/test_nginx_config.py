@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ import httpx
 import pytest
 
 from tests.conftest import required_tool
-from tests.e2e.live import LOYALTY, METRICS_TOKEN, env_for, free_port, wait_healthy
+from tests.e2e.live import METRICS_TOKEN, env_for, free_port, serve_process, wait_healthy
 
 CONF = Path(__file__).resolve().parents[2] / "docs" / "nginx.conf"
 
@@ -40,40 +39,36 @@ def proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     nginx = required_tool("nginx", "/usr/sbin/nginx")
     tmp = tmp_path_factory.mktemp("nginx")
     tmp.chmod(0o755)
-    api_port, port = free_port(), free_port()
-    log = tempfile.TemporaryFile(mode="w+")
-    api = subprocess.Popen(
-        [*LOYALTY, "serve", "--no-worker", "--port", str(api_port)],
-        env=env_for(f"sqlite:///{tmp / 'p.db'}", LOYALTY_METRICS_TOKEN=METRICS_TOKEN),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    conf = local_conf(tmp, api_port, port)
-    checked = subprocess.run(
-        [nginx, "-t", "-c", str(conf), "-p", str(tmp), "-e", "stderr"],
-        capture_output=True,
-        text=True,
-    )
-    assert checked.returncode == 0, checked.stderr
-    proxy = subprocess.Popen(
-        [nginx, "-c", str(conf), "-p", str(tmp), "-e", "stderr", "-g", "daemon off;"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_healthy(api, f"http://127.0.0.1:{api_port}", lambda: log.read())
-        base = f"http://127.0.0.1:{port}"
-        wait_healthy(proxy, base, lambda: "nginx")
-        yield base
-    finally:
-        for proc in (proxy, api):
-            proc.terminate()
+    with serve_process(
+        f"sqlite:///{tmp / 'p.db'}",
+        "--no-worker",
+        stop_timeout=15,
+        LOYALTY_METRICS_TOKEN=METRICS_TOKEN,
+    ) as api:
+        port = free_port()
+        conf = local_conf(tmp, api.port, port)
+        checked = subprocess.run(
+            [nginx, "-t", "-c", str(conf), "-p", str(tmp), "-e", "stderr"],
+            capture_output=True,
+            text=True,
+        )
+        assert checked.returncode == 0, checked.stderr
+        proxy = subprocess.Popen(
+            [nginx, "-c", str(conf), "-p", str(tmp), "-e", "stderr", "-g", "daemon off;"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_healthy(proxy, base, lambda: "nginx")
+            yield base
+        finally:
+            proxy.terminate()
             try:
-                proc.wait(timeout=15)
+                proxy.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.close()
+                proxy.kill()
+                proxy.wait()
 
 
 def raw(base: str, request: bytes) -> bytes:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -20,10 +19,11 @@ from tests.e2e.live import (
     LOYALTY,
     METRICS_HEADERS,
     METRICS_TOKEN,
+    Server,
     create_key,
     env_for,
-    free_port,
-    wait_healthy,
+    serve_process,
+    wait_for,
 )
 from tests.e2e.test_metrics import metric
 
@@ -53,33 +53,16 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def wait_for(predicate, timeout: float = 30.0, what: str = "") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 class Served:
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen(
-            [*LOYALTY, "serve", "--port", str(self.port)],
-            env=env_for(
-                url, LOYALTY_AWARD_WINDOW_SECONDS="0.2", LOYALTY_METRICS_TOKEN=METRICS_TOKEN
-            ),
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+    """The live ``serve`` of a test and its two worker children."""
 
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read()
+    def __init__(self, server: Server) -> None:
+        self.url, self.base, self.proc, self.output = (
+            server.url,
+            server.base,
+            server.proc,
+            server.output,
+        )
 
     def worker_pids(self) -> dict[str, int]:
         wait_for(lambda: len(children_of(self.proc.pid)) == 2, what="two worker children")
@@ -88,18 +71,13 @@ class Served:
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Served]:
-    s = Served(f"sqlite:///{tmp_path / 'serve.db'}")
-    try:
-        wait_healthy(s.proc, s.base, s.output)
-        yield s
-    finally:
-        if s.proc.poll() is None:
-            s.proc.terminate()
-            try:
-                s.proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                s.proc.kill()
-        s.log.close()
+    with serve_process(
+        f"sqlite:///{tmp_path / 'serve.db'}",
+        stop_timeout=40,
+        LOYALTY_AWARD_WINDOW_SECONDS="0.2",
+        LOYALTY_METRICS_TOKEN=METRICS_TOKEN,
+    ) as server:
+        yield Served(server)
 
 
 def ingest_and_await_award(s: Served, key: str, shop: str, user: str) -> None:

@@ -13,18 +13,7 @@ from loyalty.adapters.event_store import event_store_env
 from loyalty.application.accounts import Accounts, AwardCommand, Members
 from loyalty.config import Settings
 from loyalty.domain.ranks import RankLadder
-from tests.e2e.live import create_key, serve
-
-
-def _wait_for(predicate: Any, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
+from tests.e2e.live import create_key, serve, wait_for
 
 
 def test_fifty_concurrent_spends_of_five_against_one_hundred(settings: Settings) -> None:
@@ -64,7 +53,7 @@ def test_fifty_concurrent_spends_of_five_against_one_hundred(settings: Settings)
             ).json()
             return body if len(body["entries"]) >= 21 else None
 
-        entries = _wait_for(statement)["entries"]
+        entries = wait_for(statement)["entries"]
         assert sorted(e["ref"] for e in entries if e["kind"] == "spend") == sorted(
             r.json()["order_id"] for r in ok
         )
@@ -125,5 +114,5 @@ def test_concurrent_awards_and_spends_interleave_without_loss(settings: Settings
             ).json()
             return body if len(body["entries"]) >= 1 + awards + succeeded else None
 
-        entries = _wait_for(statement)["entries"]
+        entries = wait_for(statement)["entries"]
         assert sum(e["currency"] for e in entries) == expected

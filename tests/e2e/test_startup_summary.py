@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
-from tests.e2e.live import serve_logged
-
-
-def wait_for(output: Callable[[], str], text: str, timeout: float = 60.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = output()
-        if text in found:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"{text!r} not in the server's output:\n{output()}")
+from tests.e2e.live import serve_logged, wait_for_output
 
 
 def test_serve_prints_one_start_up_summary_and_one_shard_line(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
     with serve_logged(url) as (base, output):
         # the worker's first pass (its shards) and retention's first run on the new database
-        wait_for(output, "worker owns shard")
-        text = wait_for(output, "retention as of")
+        wait_for_output(output, "worker owns shard")
+        text = wait_for_output(output, "retention as of")
         assert f"API and its docs: {base}/docs" in text
         assert f"console:          {base}/console/" in text
         assert "loyalty keys create --role operator --name" in text
@@ -44,5 +32,5 @@ def test_the_access_log_can_be_turned_on(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
     with serve_logged(url, "--no-worker", LOYALTY_ACCESS_LOG="true") as (base, output):
         assert httpx.get(f"{base}/healthz").status_code == 200
-        text = wait_for(output, "GET /healthz")
+        text = wait_for_output(output, "GET /healthz")
         assert "access log:       on" in text

@@ -30,7 +30,7 @@ from loyalty.bootstrap import build_forget_service, build_webhook_dispatcher
 from loyalty.config import Settings
 from loyalty.observability import Metrics
 from tests.conftest import Clock, backends
-from tests.e2e.live import LOYALTY, env_for
+from tests.e2e.live import LOYALTY, env_for, wait_for
 
 HOOKS = "/v1/webhooks"
 
@@ -149,14 +149,6 @@ def adjust(client: TestClient, headers: dict[str, str], user: str, n: int) -> No
         headers=headers,
     )
     assert response.status_code == 200, response.text
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.05)
 
 
 def subscribe(client: TestClient, ops: dict[str, str], url: str, types: list[str]) -> dict:  # type: ignore[type-arg]

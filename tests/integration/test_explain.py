@@ -36,7 +36,7 @@ from loyalty.domain.errors import (
     PeriodNotRetained,
 )
 from loyalty.domain.member import Member
-from tests.conftest import drain_with
+from tests.conftest import drain_with, wait_visible
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 TODAY = NOW.date()
@@ -122,6 +122,7 @@ def ingest(db: Database, events: list[IncomingEvent]) -> None:
     )
     for i in range(0, len(events), 500):
         service.ingest("src", events[i : i + 500])
+    wait_visible(db)
 
 
 def random_events(

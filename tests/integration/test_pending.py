@@ -34,7 +34,7 @@ from loyalty.config import Settings
 from loyalty.domain.errors import InsufficientFunds, MemberNotFound
 from loyalty.domain.member import Member
 from loyalty.domain.rules import DEFAULT_RULES_WIRE, Activity, CapCounter, aggregate
-from tests.conftest import drain_with
+from tests.conftest import drain_with, wait_visible
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 RULES = parse_rule_set(copy.deepcopy(DEFAULT_RULES_WIRE), 1)
@@ -72,6 +72,7 @@ def ingest(db: Database, events: list[IncomingEvent]) -> None:
     )
     for i in range(0, len(events), 500):
         service.ingest("src", events[i : i + 500])
+    wait_visible(db)
 
 
 def ev(i: int, user: str, type_: str, attrs: str = "{}", hours: int = 0) -> IncomingEvent:

@@ -33,7 +33,8 @@ from loyalty.bootstrap import build_pipeline, build_projection, build_retention
 from loyalty.config import Settings
 from loyalty.observability import Metrics
 from loyalty.worker import build_retention_job
-from tests.conftest import backends
+from tests.conftest import backends, wait_visible
+from tests.e2e.live import wait_for
 
 # The ingest clock: events of D1..D4 are inside its 7-day window, so they are accepted.
 NOW = datetime(2030, 3, 4, 12, tzinfo=UTC)
@@ -76,6 +77,7 @@ def ingest(db: Database, events: list[IncomingEvent], at: datetime = NOW) -> Non
     for i in range(0, len(events), 1000):
         result = service.ingest("src", events[i : i + 1000])
         assert not result.rejected
+    wait_visible(db)
 
 
 def day_events(day: date, n: int = PER_DAY, prefix: str = "") -> list[IncomingEvent]:
@@ -351,15 +353,6 @@ def test_periodic_job_runs_in_the_worker(settings: Settings, db: Database) -> No
 
 def pg_url(settings: Settings) -> str:
     return settings.database_url
-
-
-def wait_for(predicate: Any, seconds: float = 20.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @backends("postgresql")

@@ -32,7 +32,7 @@ from loyalty.config import Settings
 from loyalty.domain.errors import InsufficientFunds
 from loyalty.domain.member import Member
 from loyalty.domain.rules import DEFAULT_RULES_WIRE, weigh_parts
-from tests.conftest import drain_with
+from tests.conftest import drain_with, wait_visible
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 TODAY = NOW.date()
@@ -68,6 +68,7 @@ def ingest(db: Database, source: str, events: list[IncomingEvent]) -> None:
     )
     for i in range(0, len(events), 400):
         service.ingest(source, events[i : i + 400])
+    wait_visible(db)
 
 
 def random_stream(seed: int, n: int) -> dict[str, list[IncomingEvent]]:

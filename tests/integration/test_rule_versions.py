@@ -28,7 +28,7 @@ from loyalty.bootstrap import build_compensation, build_pipeline
 from loyalty.config import Settings
 from loyalty.domain.member import Member
 from loyalty.domain.rules import DEFAULT_RULES_WIRE
-from tests.conftest import drain_with
+from tests.conftest import drain_with, wait_visible
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 
@@ -59,6 +59,7 @@ def ingest(db: Database, events: list[IncomingEvent]) -> None:
         future_skew=timedelta(minutes=5),
         shard_count=db.settings.shard_count,
     ).ingest("src", events)
+    wait_visible(db)
 
 
 def purchase(tag: str, user: str) -> IncomingEvent:
