@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from loyalty.api.deps import Container, ContainerDep
-from loyalty.api.schemas import ReportRange
+from loyalty.application.commands.periods import ReportRange
 from loyalty.application.reporting import (
     DAY_COLUMNS,
     FIGURE_LABELS,

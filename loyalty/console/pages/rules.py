@@ -15,7 +15,9 @@ from starlette.concurrency import run_in_threadpool
 
 from loyalty.api.deps import Container, ContainerDep
 from loyalty.api.guards import BodyProblem
-from loyalty.api.schemas import DryRunPeriod, StoredInt, rules_document
+from loyalty.api.schemas import rules_document
+from loyalty.application.commands.fields import StoredInt
+from loyalty.application.commands.periods import DryRunPeriod
 from loyalty.application.commands.rules import parse_rule_set, rule_set_to_wire
 from loyalty.console.auth import SessionDep
 from loyalty.console.forms import FormDep, confirmation, confirmed, form_command
