@@ -23,11 +23,13 @@ serve: install
 	$(BIN)/loyalty migrate
 	$(BIN)/loyalty serve --host $(HOST) --port $(PORT)
 
-# In parallel: TEST_WORKERS xdist workers, more than the 2 cores because most of a live
-# test's time is spent waiting on its subprocesses; tests marked serial (timing, broker
-# restarts) run one at a time in one xdist group (tests/conftest.py SERIAL). Each worker
-# has its own PostgreSQL database, temporary directories and ports.
-TEST_WORKERS ?= 4
+# TEST_WORKERS=4 runs the suite in 4 xdist workers (tests marked serial, timing and broker
+# restarts, in one xdist group; each worker has its own PostgreSQL database, temporary
+# directories and ports): about 13 min instead of about 27 here, but three tests still fail
+# under that load now and then (lease sessions terminated under two workers, forget-me
+# under mixed load, the relay's consumers across a broker restart). Until they are made
+# robust, the default (and CI) is serial: 0 workers.
+TEST_WORKERS ?= 0
 
 test: install
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
