@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from eventsourcing.persistence import IntegrityError
 
 from loyalty.application.accounts import Accounts, with_retry
-from loyalty.application.jobs import JobMetrics, JobRunner, first_run_delay, periodic_backoff
+from loyalty.application.jobs import JobMetrics, PeriodicJob
 from loyalty.application.pending import PendingRow
 from loyalty.domain.errors import MemberNotFound
 from loyalty.domain.expiry import CurrencyExpiry
@@ -373,7 +373,7 @@ def _is_due(rule: CurrencyExpiry | None, lot: str, as_of: datetime) -> bool:
     return when is not None and when <= as_of
 
 
-class ExpiryJob(JobRunner):
+class ExpiryJob(PeriodicJob):
     """Runs expiry periodically (in the worker) with the clock on the job runner; a
     failed run is retried with backoff, never ending the thread."""
 
@@ -388,10 +388,8 @@ class ExpiryJob(JobRunner):
     ) -> None:
         super().__init__(
             "expiry",
-            self._once,
-            interval=interval_seconds,
-            first_delay=first_run_delay(interval_seconds, first_delay_seconds),
-            backoff=periodic_backoff(interval_seconds),
+            interval_seconds=interval_seconds,
+            first_delay_seconds=first_delay_seconds,
             metrics=metrics,
             logger=log,
         )

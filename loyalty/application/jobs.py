@@ -265,3 +265,31 @@ class JobRunner:
                 "%s: %s (%s: %s)", self.name, hook, type(exc).__name__, first_line(exc)
             )
             return None
+
+
+class PeriodicJob(JobRunner):
+    """A job that runs ``_once`` every ``interval_seconds`` (expiry, retention): its first
+    run soon after start (``first_run_delay``), a failed run retried with
+    ``periodic_backoff``."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        interval_seconds: float,
+        first_delay_seconds: float | None = None,
+        metrics: JobMetrics | None = None,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        super().__init__(
+            name,
+            self._once,
+            interval=interval_seconds,
+            first_delay=first_run_delay(interval_seconds, first_delay_seconds),
+            backoff=periodic_backoff(interval_seconds),
+            metrics=metrics,
+            logger=logger,
+        )
+
+    def _once(self) -> None:
+        raise NotImplementedError

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Protocol
 
-from loyalty.application.jobs import JobMetrics, JobRunner, first_run_delay, periodic_backoff
+from loyalty.application.jobs import JobMetrics, PeriodicJob
 
 log = logging.getLogger("loyalty.retention")
 
@@ -279,7 +279,7 @@ class Retention:
         return report
 
 
-class RetentionJob(JobRunner):
+class RetentionJob(PeriodicJob):
     """Runs retention periodically (in the worker) on the job runner: the first run
     shortly after start, then ``interval_seconds`` after each run; a failed run is
     retried with backoff (at most ``interval_seconds`` apart, and at most a minute)."""
@@ -295,10 +295,8 @@ class RetentionJob(JobRunner):
     ) -> None:
         super().__init__(
             "retention",
-            self._once,
-            interval=interval_seconds,
-            first_delay=first_run_delay(interval_seconds, first_delay_seconds),
-            backoff=periodic_backoff(interval_seconds),
+            interval_seconds=interval_seconds,
+            first_delay_seconds=first_delay_seconds,
             metrics=metrics,
             logger=log,
         )
