@@ -71,6 +71,8 @@ rule_versions = sa.Table(
     sa.Column("version", sa.Integer, primary_key=True),
     sa.Column("body", sa.Text, nullable=False),
     sa.Column("created_at", Timestamp, nullable=False),
+    # the key name that stored the version (migration 0019; NULL: built in, or older)
+    sa.Column("author", sa.String(128), nullable=True),
 )
 
 pipeline_checkpoints = sa.Table(
