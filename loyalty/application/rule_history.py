@@ -40,20 +40,14 @@ def full_wire(rules: RuleSet | Mapping[str, Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class RuleChange:
-    """One field of the rules document that differs: ``before`` is None for an added
-    item, ``after`` None for a removed one."""
+    """One field of the rules document that differs; ``kind`` ``added`` (``before`` is
+    None), ``removed`` (``after`` is None) or ``changed`` (either may be null: a cap
+    set to none)."""
 
     path: str
     before: Any
     after: Any
-
-    @property
-    def kind(self) -> str:
-        if self.before is None and self.after is not None:
-            return "added"
-        if self.after is None and self.before is not None:
-            return "removed"
-        return "changed"
+    kind: str = "changed"
 
     def describe(self) -> str:
         """One line: ``rules[logged_on].currency: 1 -> 3``."""
@@ -80,23 +74,46 @@ def _keyed(items: list[Any], key: str) -> dict[str, Any] | None:
     return out if len(out) == len(items) else None
 
 
+_ABSENT: Any = object()
+
+
 def _walk(path: str, before: Any, after: Any, field: str | None, out: list[RuleChange]) -> None:
     if before == after:
         return
+    if before is _ABSENT or after is _ABSENT:
+        kind = "added" if before is _ABSENT else "removed"
+        out.append(RuleChange(path, _value(before), _value(after), kind))
+        return
     if isinstance(before, Mapping) and isinstance(after, Mapping):
         for name in [*before, *(k for k in after if k not in before)]:
-            _walk(f"{path}.{name}" if path else name, before.get(name), after.get(name), name, out)
+            _walk(
+                f"{path}.{name}" if path else name,
+                _part(path, name, before),
+                _part(path, name, after),
+                name,
+                out,
+            )
         return
     key = KEYED_LISTS.get(field or "")
     if key is not None and isinstance(before, list) and isinstance(after, list):
         old, new = _keyed(before, key), _keyed(after, key)
         if old is not None and new is not None:
             for name in [*old, *(k for k in new if k not in old)]:
-                _walk(f"{path}[{name}]", old.get(name), new.get(name), None, out)
+                _walk(f"{path}[{name}]", old.get(name, _ABSENT), new.get(name, _ABSENT), None, out)
             if old.keys() == new.keys() and list(old) != list(new):
                 out.append(RuleChange(f"{path} (order)", list(old), list(new)))
             return
     out.append(RuleChange(path, before, after))
+
+
+def _value(value: Any) -> Any:
+    return None if value is _ABSENT else value
+
+
+def _part(path: str, name: str, doc: Mapping[str, Any]) -> Any:
+    """A field of ``doc``, or absent; an unset optional part of the document is absent."""
+    value = doc.get(name, _ABSENT)
+    return _ABSENT if not path and name in OPTIONAL_PARTS and value is None else value
 
 
 def diff_rules(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[RuleChange]:
@@ -105,9 +122,6 @@ def diff_rules(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[Rule
     absent one."""
     old = {k: v for k, v in before.items() if k != "version"}
     new = {k: v for k, v in after.items() if k != "version"}
-    for doc in (old, new):
-        for part in OPTIONAL_PARTS:
-            doc.setdefault(part, None)
     out: list[RuleChange] = []
     _walk("", old, new, None, out)
     return out
