@@ -12,8 +12,9 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
+from loyalty.adapters.db import Database
 from tests.e2e.live import cli
-from tests.e2e.test_console import console, operator  # noqa: F401  (fixtures)
+from tests.e2e.test_console import act, console, operator  # noqa: F401  (fixtures)
 
 
 def rules_text(page: str) -> str:
@@ -134,3 +135,82 @@ def test_rules_show_prints_every_field_and_rules_history_who_when_what(tmp_path:
     assert json.loads(old.stdout)["rank_qualification"]["grace_days"] == 30
     assert "version 2, stored" in old.stderr and "by cli:" in old.stderr
     assert cli(url, "rules", "show", "--version", "9").returncode == 2
+
+
+def listed(html: str) -> list[str]:
+    table = re.search(r'<table id="member-list">(.*?)</table>', html, re.S)
+    if table is None:
+        return []
+    found = re.findall(r'<a href="/console/members\?user_id=[^"]*">([^<]*)</a>', table.group(1))
+    return [html_module.unescape(u) for u in found]
+
+
+def next_page(html: str) -> str | None:
+    found = re.search(r'<a href="(/console/members\?[^"]*)" id="next-page"', html)
+    return html_module.unescape(found.group(1)) if found else None
+
+
+def test_members_are_found_by_id_prefix_and_listed_recent_and_top_a_page_at_a_time(
+    console: tuple[TestClient, str], db: Database
+) -> None:
+    from loyalty.bootstrap import build_projection
+
+    client, csrf = console
+    container = client.app.state.container  # type: ignore[attr-defined]
+    empty = client.get("/console/members").text
+    assert "No members yet" in empty and listed(empty) == []
+    names = [f"alice-{i:02d}" for i in range(12)] + [f"bob-{i:02d}" for i in range(13)]
+    names.append("ALICE-upper")
+    for i, name in enumerate(names):
+        status, _ = act(
+            client,
+            csrf,
+            "adjust",
+            user_id=name,
+            adjustment_id=f"a{i}",
+            currency=str(i + 1),
+            rank_points=str((i * 7) % 26),
+            reason="seed",
+        )
+        assert status == 200
+    build_projection(db, container.accounts.app).catch_up()
+
+    # a prefix: exact (case matters, as user ids do), by id, one page
+    alice = client.get("/console/members", params={"q": "alice"}).text
+    assert listed(alice) == [f"alice-{i:02d}" for i in range(12)]
+    assert next_page(alice) is None
+    assert listed(client.get("/console/members", params={"q": "ALICE"}).text) == ["ALICE-upper"]
+    none = client.get("/console/members", params={"q": "carol"}).text
+    assert listed(none) == [] and "user id starts with <code>carol</code>" in none and 'id="member-list-empty"' in none
+
+    # top by rank points, two pages by keyset, every member once, in order
+    points = {name: (i * 7) % 26 for i, name in enumerate(names)}
+    expected = sorted(names, key=lambda n: (-points[n], n))
+    first = client.get("/console/members", params={"list": "top"}).text
+    assert listed(first) == expected[:20]
+    link = next_page(first)
+    assert link and "after=" in link and "list=top" in link
+    second = client.get(link).text
+    assert listed(second) == expected[20:] and next_page(second) is None
+    assert 'id="first-page"' in second
+
+    # recently changed first (the default list)
+    recent = listed(client.get("/console/members").text)
+    assert recent[0] == "ALICE-upper" and recent[:3] == ["ALICE-upper", "bob-12", "bob-11"]
+
+    # keyset, not OFFSET: a member added before the page boundary does not shift the
+    # next page (an offset would show the last member of page one again)
+    by_id = client.get("/console/members", params={"list": "id"}).text
+    page_one = listed(by_id)
+    assert page_one == sorted(names)[:20]
+    status, _ = act(
+        client, csrf, "adjust", user_id="alice-00a", adjustment_id="late", currency="1",
+        rank_points="0", reason="late",
+    )
+    build_projection(db, container.accounts.app).catch_up()
+    link = next_page(by_id)
+    assert link
+    assert listed(client.get(link).text) == sorted(names)[20:]
+    # a broken cursor is a 422 naming it
+    broken = client.get("/console/members", params={"list": "top", "after": "!!"})
+    assert broken.status_code == 422 and "after" in broken.text
