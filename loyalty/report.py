@@ -270,7 +270,8 @@ def draw_panel(
     step = max(1, -(-len(xs) // 10))  # at most ~10 dates side by side
     ax.set_xticks(xs, ["" for _ in xs])
     ax.set_xticks(xs[::step], [d.day.strftime("%b %d") for d in days[::step]], minor=False)
-    ax.set_xlim(-0.5, len(xs) - 0.5)
+    pad = max(0.5, (7 - len(xs)) / 2)  # a day or two: bars of a week's width, centred
+    ax.set_xlim(-pad, len(xs) - 1 + pad)
     ax.tick_params(axis="x", labelbottom=dates)
     if dates:
         first, last = days[0].day, days[-1].day

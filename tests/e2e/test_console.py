@@ -510,7 +510,7 @@ def test_reports_chart_the_rollups_for_a_date_range_and_export_it(
     assert page.status_code == 200
     # the charts start on the first day with data (yesterday), the days before it named
     # as "no data" rather than drawn as zeros; each chart has dates and values as text
-    note = re.search(r'<p class="alert" role="status" id="no-data">([^<]*)</p>', page.text)
+    note = re.search(r'<p class="notice" role="status" id="no-data">([^<]*)</p>', page.text)
     assert note and note.group(1) == (
         f"No data from {first} to {yesterday - timedelta(days=1)}: "
         f"the charts start at {yesterday}."
