@@ -253,8 +253,12 @@ def draw_panel(
             if len(xs) <= VALUE_LABELS_UP_TO:
                 for x, total in zip(xs, bottoms, strict=True):
                     ax.annotate(
-                        f"{total:,}", (x, total), textcoords="offset points", xytext=(0, 2),
-                        ha="center", fontsize=9,
+                        f"{total:,}",
+                        (x, total),
+                        textcoords="offset points",
+                        xytext=(0, 2),
+                        ha="center",
+                        fontsize=9,
                     )
             if series:
                 ax.legend(loc="upper left", fontsize="small")

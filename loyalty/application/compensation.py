@@ -197,8 +197,9 @@ class Compensation:
         author: str | None = None,
     ) -> dict[str, Any]:
         """Make ``candidate`` (parsed from ``wire``) current, stored by ``author``, and
-        compensate every member for the period since ``since``; returns the receipt. Every unfinished run is
-        finished first (listed under ``resumed``), whatever rules were stored since."""
+        compensate every member for the period since ``since``; returns the receipt.
+        Every unfinished run is finished first (listed under ``resumed``), whatever
+        rules were stored since."""
         first = since.astimezone(UTC).date()
         resumed = [self._compensate(run) for run in self._runs.unfinished()]
         current = self._rules.current_uncached()

@@ -19,8 +19,8 @@ from loyalty.cli.common import (
 )
 
 rules_app = typer.Typer(
-    help="The weighting rules: show, load, their history (who changed what), try a change on past events (dry-run), apply a "
-    "change to past awards, and its compensation runs.",
+    help="The weighting rules: show, load, their history (who changed what), try a change "
+    "on past events (dry-run), apply a change to past awards, and its compensation runs.",
     no_args_is_help=True,
 )
 

@@ -512,15 +512,19 @@ def test_reports_chart_the_rollups_for_a_date_range_and_export_it(
     # as "no data" rather than drawn as zeros; each chart has dates and values as text
     note = re.search(r'<p class="notice" role="status" id="no-data">([^<]*)</p>', page.text)
     assert note and note.group(1) == (
-        f"No data from {first} to {yesterday - timedelta(days=1)}: "
-        f"the charts start at {yesterday}."
+        f"No data from {first} to {yesterday - timedelta(days=1)}: the charts start at {yesterday}."
     )
 
     def chart(field: str) -> list[str]:
-        found = re.search(rf'<figure class="chart" data-field="{field}".*?</figure>', page.text, re.S)
+        found = re.search(
+            rf'<figure class="chart" data-field="{field}".*?</figure>', page.text, re.S
+        )
         assert found, field
         assert "<style" not in found.group(0) and " style=" not in found.group(0)
-        return [html_module.unescape(t) for t in re.findall(r"<text[^>]*>([^<]*)</text>", found.group(0))]
+        return [
+            html_module.unescape(t)
+            for t in re.findall(r"<text[^>]*>([^<]*)</text>", found.group(0))
+        ]
 
     dates = [yesterday.strftime("%b %d"), today.strftime("%b %d")]
     events_text = chart("events")

@@ -10,11 +10,20 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 
 from loyalty.adapters.db import Database
+from loyalty.adapters.keys import KeyStore
+from loyalty.application.access import Role
 from tests.e2e.live import cli
-from tests.e2e.test_console import act, console, operator  # noqa: F401  (fixtures)
+from tests.e2e.test_console import act, sign_in
+
+
+@pytest.fixture
+def console(client: TestClient, db: Database) -> tuple[TestClient, str]:
+    """A console signed in with the operator key ``ops-alice``."""
+    return client, sign_in(client, KeyStore(db).create(Role.OPERATOR, "ops-alice"))
 
 
 def rules_text(page: str) -> str:
@@ -51,14 +60,16 @@ def test_a_rules_change_shows_its_diff_before_save_and_in_the_history_with_its_a
     saved = client.post("/console/rules", data={"csrf": csrf, "rules": text, "confirm": "yes"})
     assert "Saved as version 2." in saved.text
     # the history: who (the signed-in key's name), when, what changed
-    rows = re.findall(r"<tr>\s*<td><a href=\"/console/rules/versions/(\d+)\">(.*?)</tr>", saved.text, re.S)
+    rows = re.findall(
+        r"<tr>\s*<td><a href=\"/console/rules/versions/(\d+)\">(.*?)</tr>", saved.text, re.S
+    )
     assert [v for v, _ in rows] == ["2", "1"]
     newest = rows[0][1]
     assert '<td class="author">ops-alice</td>' in newest
     assert "rules[logged_on].currency: 1 -&gt; 3" in newest
     assert "the first version" in rows[1][1] and '<td class="author">built in</td>' in rows[1][1]
     version = client.get("/console/rules/versions/2").text
-    assert "by <strong class=\"author\">ops-alice</strong>" in version
+    assert 'by <strong class="author">ops-alice</strong>' in version
     assert "Changes from version 1" in version and "rules[logged_on].currency" in version
     # every field of the document, the unset optional parts as null
     assert "&#34;currency_expiry&#34;: null" in version or '"currency_expiry": null' in version
@@ -181,7 +192,8 @@ def test_members_are_found_by_id_prefix_and_listed_recent_and_top_a_page_at_a_ti
     assert next_page(alice) is None
     assert listed(client.get("/console/members", params={"q": "ALICE"}).text) == ["ALICE-upper"]
     none = client.get("/console/members", params={"q": "carol"}).text
-    assert listed(none) == [] and "user id starts with <code>carol</code>" in none and 'id="member-list-empty"' in none
+    assert listed(none) == [] and 'id="member-list-empty"' in none
+    assert "user id starts with <code>carol</code>" in none
 
     # top by rank points, two pages by keyset, every member once, in order
     points = {name: (i * 7) % 26 for i, name in enumerate(names)}
@@ -204,8 +216,14 @@ def test_members_are_found_by_id_prefix_and_listed_recent_and_top_a_page_at_a_ti
     page_one = listed(by_id)
     assert page_one == sorted(names)[:20]
     status, _ = act(
-        client, csrf, "adjust", user_id="alice-00a", adjustment_id="late", currency="1",
-        rank_points="0", reason="late",
+        client,
+        csrf,
+        "adjust",
+        user_id="alice-00a",
+        adjustment_id="late",
+        currency="1",
+        rank_points="0",
+        reason="late",
     )
     build_projection(db, container.accounts.app).catch_up()
     link = next_page(by_id)

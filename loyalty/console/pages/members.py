@@ -90,7 +90,9 @@ def row_of_cursor(cursor: str) -> MemberRow:
         user_id, points, at = json.loads(raw)
         return MemberRow(str(user_id), 0, int(points), datetime.fromisoformat(at))
     except (ValueError, TypeError) as exc:
-        raise ConsoleProblem(422, "validation_error", f"after: not a page position ({exc})") from None
+        raise ConsoleProblem(
+            422, "validation_error", f"after: not a page position ({exc})"
+        ) from None
 
 
 def member_list(container: Container, order: str, prefix: str, after: str) -> dict[str, Any]:
