@@ -272,8 +272,9 @@ def draw_panel(
     ax.grid(axis="y", color="#c9ced6", linewidth=0.6)
     ax.set_axisbelow(True)
     step = max(1, -(-len(xs) // 10))  # at most ~10 dates side by side
-    ax.set_xticks(xs, ["" for _ in xs])
-    ax.set_xticks(xs[::step], [d.day.strftime("%b %d") for d in days[::step]], minor=False)
+    ax.set_xticks(xs[::step], [d.day.strftime("%b %d") for d in days[::step]])
+    if step > 1:
+        ax.set_xticks(xs, minor=True)  # every day still has its tick
     pad = max(0.5, (7 - len(xs)) / 2)  # a day or two: bars of a week's width, centred
     ax.set_xlim(-pad, len(xs) - 1 + pad)
     ax.tick_params(axis="x", labelbottom=dates)
