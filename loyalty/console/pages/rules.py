@@ -48,7 +48,7 @@ def rules_context(
     entries = history(versions)[:HISTORY_PAGE]
     return {
         "current": current,
-        "text": text if text is not None else json.dumps(rule_set_to_wire(current), indent=2),
+        "text": text if text is not None else json.dumps(full_wire(current), indent=2),
         "versions": entries,
         "older": entries[-1].version.version if len(versions) > HISTORY_PAGE else None,
         "dry_from": today - timedelta(days=days - 1),
