@@ -1,12 +1,18 @@
 """``loyalty report``: the daily report (``loyalty.application.reporting``), from the
 rollups, so a past day reads the same after retention dropped its activity. Rendered as
-a rich table and as a PNG chart (matplotlib, Agg, no display needed).
+a rich table and as charts (matplotlib, Agg, no display needed): the panels of one PNG
+for ``loyalty report --out``, and each panel as an inline SVG for the console's reports
+page (the same drawing code).
 """
 
 from __future__ import annotations
 
+import re
+import threading
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -122,65 +128,235 @@ def render_table(days: Sequence[DayReport]) -> Table:
     return table
 
 
+@dataclass(frozen=True, slots=True)
+class Panel:
+    """One chart of the report: its own y scale, so a small series (spent 48) reads
+    beside a large one (credited 5,277)."""
+
+    field: str
+    title: str
+    unit: str
+    kind: str  # "bars", "stacked" (events by type) or "lines"
+    colour: str
+
+
+PANELS: tuple[Panel, ...] = (
+    Panel("events", "Events per day, by type", "events", "stacked", "#0a4fa3"),
+    Panel("currency_credited", "Currency credited per day", "currency", "bars", "#1d6b2f"),
+    Panel("currency_spent", "Currency spent per day", "currency", "bars", "#a1120d"),
+    Panel(
+        "outstanding_currency", "Outstanding currency (end of day)", "currency", "lines", "#13263f"
+    ),
+    Panel("members", "Members: active, with a balance", "members", "lines", "#6b3fa0"),
+)
+"""The report's charts, in order: the PNG of ``loyalty report`` draws them as the panels
+of one figure, the console's reports page as one inline SVG each."""
+VALUE_LABELS_UP_TO = 14
+"""Bars carry their value as a label up to this many days (beyond, the y axis reads)."""
+
+
+def has_data(day: DayReport) -> bool:
+    """Anything recorded by the day: events, account changes, or accounts at all."""
+    c = day.changes
+    return bool(
+        day.events
+        or day.members
+        or day.outstanding_currency
+        or c.currency_credited
+        or c.currency_spent
+        or c.currency_refunded
+        or c.currency_adjusted
+        or c.new_members
+    )
+
+
+def data_days(days: Sequence[DayReport]) -> list[DayReport]:
+    """The days from the first one with data (days before it are "no data": before the
+    service was installed or anything happened; never drawn as zeros)."""
+    for i, d in enumerate(days):
+        if has_data(d):
+            return list(days[i:])
+    return []
+
+
+def no_data_note(days: Sequence[DayReport], shown: Sequence[DayReport]) -> str | None:
+    """What the charts leave out, in words (None: nothing)."""
+    if not days:
+        return None
+    if not shown:
+        return f"No data from {days[0].day} to {days[-1].day}."
+    if shown[0].day > days[0].day:
+        before = shown[0].day - timedelta(days=1)
+        return f"No data from {days[0].day} to {before}: the charts start at {shown[0].day}."
+    return None
+
+
+def _series(panel: Panel, days: Sequence[DayReport]) -> dict[str, list[int]]:
+    if panel.kind == "stacked":
+        columns = type_columns(days)
+        per_day = [by_column(columns, d) for d in days]
+        return {name: [cells[name] for cells in per_day] for name in columns}
+    if panel.field == "members":
+        return {
+            "active": [d.active_members for d in days],
+            "with a balance": [d.members_with_balance for d in days],
+        }
+    if panel.field == "outstanding_currency":
+        return {"outstanding": [d.outstanding_currency for d in days]}
+    return {panel.field: [int(d.to_wire()[panel.field]) for d in days]}
+
+
+def _thousands(value: float, _pos: int) -> str:
+    return f"{value:,.0f}"
+
+
+def draw_panel(
+    ax: Any, panel: Panel, days: Sequence[DayReport], dates: bool = True, title: bool = True
+) -> None:
+    """``panel`` on ``ax``: a tick per day (at most ~10 labelled, as dates), values on
+    the y axis with thousands separators, bars centred on their day's tick, and each
+    bar's value when there are few days."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    xs = list(range(len(days)))
+    series = _series(panel, days)
+    if title:  # the console captions each chart in HTML instead
+        ax.set_title(panel.title, loc="left", fontsize=11)
+    ax.set_ylabel(panel.unit)
+    if panel.kind == "lines":
+        for i, (name, values) in enumerate(series.items()):
+            colour = panel.colour if i == 0 else "#c25e00"
+            ax.plot(xs, values, marker="o", markersize=3, color=colour, label=name)
+            if values:
+                ax.annotate(
+                    f"{values[-1]:,}",
+                    (xs[-1], values[-1]),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize=9,
+                    color=colour,
+                )
+        if len(series) > 1:
+            ax.legend(loc="upper left", fontsize="small")
+    else:
+        bottoms = [0] * len(xs)
+        palette = ["#0a4fa3", "#c25e00", "#1d6b2f", "#6b3fa0", "#a1120d", "#4a5260"]
+        for i, (name, values) in enumerate(series.items()):
+            colour = panel.colour if panel.kind == "bars" else palette[i % len(palette)]
+            bars = ax.bar(
+                xs, values, width=0.6, bottom=bottoms, align="center", label=name, color=colour
+            )
+            bottoms = [b + v for b, v in zip(bottoms, values, strict=True)]
+            if panel.kind == "bars" and len(xs) <= VALUE_LABELS_UP_TO:
+                ax.bar_label(bars, labels=[f"{v:,}" for v in values], fontsize=9, padding=2)
+        if panel.kind == "stacked":
+            if len(xs) <= VALUE_LABELS_UP_TO:
+                for x, total in zip(xs, bottoms, strict=True):
+                    ax.annotate(
+                        f"{total:,}",
+                        (x, total),
+                        textcoords="offset points",
+                        xytext=(0, 2),
+                        ha="center",
+                        fontsize=9,
+                    )
+            if series:
+                ax.legend(loc="upper left", fontsize="small")
+    if panel.kind == "stacked":
+        top = max([0, *(sum(v) for v in zip(*series.values(), strict=True))])
+    else:
+        top = max([0, *(v for values in series.values() for v in values)])
+    ax.set_ylim(0, top * 1.25 if top else 1)  # room for the value labels; 0 at the base
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
+    ax.yaxis.set_major_formatter(FuncFormatter(_thousands))
+    ax.grid(axis="y", color="#c9ced6", linewidth=0.6)
+    ax.set_axisbelow(True)
+    step = max(1, -(-len(xs) // 10))  # at most ~10 dates side by side
+    ax.set_xticks(xs[::step], [d.day.strftime("%b %d") for d in days[::step]])
+    if step > 1:
+        ax.set_xticks(xs, minor=True)  # every day still has its tick
+    pad = max(0.5, (7 - len(xs)) / 2)  # a day or two: bars of a week's width, centred
+    ax.set_xlim(-pad, len(xs) - 1 + pad)
+    ax.tick_params(axis="x", labelbottom=dates)
+    if dates:
+        first, last = days[0].day, days[-1].day
+        ax.set_xlabel(f"UTC day, {first} to {last}" if first != last else f"UTC day, {first}")
+
+
 def build_chart(days: Sequence[DayReport]) -> Any:
-    """The chart as a matplotlib ``Figure``: three panels sharing one x axis with a tick
-    per day, every bar centred on its day's tick. Events by type (stacked); currency
-    credited (up) and spent (down) with the outstanding currency as a line (its own
-    axis); active members and members with a balance."""
+    """The report as a matplotlib ``Figure``: the panels of :data:`PANELS` one above the
+    other, sharing a date axis that starts at the first day with data (the days before
+    it are named in the title as "no data", not drawn as zeros), each with its own y
+    scale."""
     from matplotlib.figure import Figure  # heavy: only when a chart is wanted
 
-    labels = [d.day.strftime("%m-%d") for d in days]
-    xs = list(range(len(labels)))
-    columns = type_columns(days)
-    fig = Figure(figsize=(10, 9), layout="constrained")
-    ingress_ax, currency_ax, members_ax = fig.subplots(3, 1, sharex=True)
-
-    bottoms = [0] * len(xs)
-    for name in columns:
-        heights = [by_column(columns, d)[name] for d in days]
-        ingress_ax.bar(xs, heights, width=0.6, bottom=bottoms, align="center", label=name)
-        bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
-    ingress_ax.set_title("events by type")
-    ingress_ax.set_ylabel("events")
-    if columns:
-        ingress_ax.legend(loc="upper left", fontsize="small")
-
-    currency_ax.bar(
-        xs, [d.changes.currency_credited for d in days], 0.6, align="center", label="credited"
-    )
-    currency_ax.bar(
-        xs, [-d.changes.currency_spent for d in days], 0.6, align="center", label="spent"
-    )
-    currency_ax.axhline(0, color="black", linewidth=0.8)
-    currency_ax.set_title("currency credited (up), spent (down), outstanding (line)")
-    outstanding_ax = currency_ax.twinx()
-    outstanding_ax.plot(
-        xs,
-        [d.outstanding_currency for d in days],
-        color="tab:red",
-        marker="o",
-        label="outstanding",
-    )
-    outstanding_ax.set_ylabel("outstanding")
-    handles = currency_ax.get_legend_handles_labels()
-    more = outstanding_ax.get_legend_handles_labels()
-    currency_ax.legend(
-        handles[0] + more[0], handles[1] + more[1], loc="upper left", fontsize="small"
-    )
-
-    members_ax.plot(xs, [d.active_members for d in days], marker="o", label="active")
-    members_ax.plot(xs, [d.members_with_balance for d in days], marker=".", label="with a balance")
-    members_ax.set_title("members")
-    members_ax.legend(loc="upper left", fontsize="small")
-    for ax in (ingress_ax, currency_ax, members_ax):
-        ax.set_xticks(xs, labels)
-        ax.tick_params(axis="x", labelbottom=ax is members_ax)
-    if len(xs) > 10:  # dates side by side would overlap
-        members_ax.tick_params(axis="x", labelrotation=60)
-    members_ax.set_xlim(-0.5, len(xs) - 0.5)
-    if days:
-        fig.suptitle(f"loyalty, {days[0].day} to {days[-1].day}")
+    shown = data_days(days)
+    fig = Figure(figsize=(10, 2.3 * len(PANELS) + 0.6), layout="constrained")
+    note = no_data_note(days, shown)
+    title = f"loyalty, {days[0].day} to {days[-1].day} (UTC days)" if days else "loyalty"
+    fig.suptitle(title + (f"\n{note}" if note else ""))
+    if not shown:
+        ax = fig.subplots()
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, "no data in this range", ha="center", va="center", fontsize=14)
+        return fig
+    axes = fig.subplots(len(PANELS), 1, sharex=True)
+    for ax, panel in zip(axes, PANELS, strict=True):
+        draw_panel(ax, panel, shown, dates=ax is axes[-1])
     return fig
+
+
+def panel_svg(panel: Panel, days: Sequence[DayReport]) -> str:
+    """One panel as an SVG element to inline in an HTML page under a strict CSP: the
+    text as text (not paths: readable, searchable, accessible), matplotlib's inline
+    ``style`` attributes turned into SVG presentation attributes (a CSP without
+    ``unsafe-inline`` drops inline styles), no ``<style>``, no metadata, and only the
+    ids something refers to (several charts share a page)."""
+    import io
+
+    from matplotlib import rc_context
+    from matplotlib.figure import Figure
+
+    with _RENDER, rc_context({"svg.fonttype": "none", "font.family": "DejaVu Sans"}):
+        fig = Figure(figsize=(9.6, 2.2), layout="constrained")
+        draw_panel(fig.subplots(), panel, days, title=False)
+        out = io.StringIO()
+        fig.savefig(out, format="svg", metadata={"Date": None})
+    return inline_svg(out.getvalue())
+
+
+_RENDER = threading.Lock()
+"""matplotlib's rc parameters are global: one SVG rendering at a time."""
+_STYLE = re.compile(r'\sstyle="([^"]*)"')
+_ID = re.compile(r'\sid="([^"]*)"')
+
+
+def _presentation(match: re.Match[str]) -> str:
+    attributes = []
+    for declaration in match.group(1).split(";"):
+        name, _, value = declaration.partition(":")
+        if name.strip() and value.strip():
+            attributes.append(f' {name.strip()}="{value.strip().replace(chr(34), chr(39))}"')
+    return "".join(attributes)
+
+
+def inline_svg(document: str) -> str:
+    """A matplotlib SVG document as an ``<svg>`` element fit for inlining (see
+    :func:`panel_svg`)."""
+    svg = document[document.index("<svg") :]
+    svg = re.sub(r"<metadata>.*?</metadata>", "", svg, flags=re.S)
+    svg = re.sub(r"<style[^>]*>.*?</style>", "", svg, flags=re.S)
+    svg = _STYLE.sub(_presentation, svg)
+    referred = set(re.findall(r"#([A-Za-z0-9_-]+)\)?\"", svg))
+    svg = _ID.sub(lambda m: m.group(0) if m.group(1) in referred else "", svg)
+    # the removed <style> said *{stroke-linejoin: round; stroke-linecap: butt}; the
+    # root's attributes are inherited; the width follows the page's
+    svg = re.sub(
+        r'^<svg([^>]*?) width="[^"]*" height="[^"]*"',
+        r'<svg\1 width="100%" stroke-linejoin="round" stroke-linecap="butt"',
+        svg,
+    )
+    return svg.strip()
 
 
 def write_chart(days: Sequence[DayReport], path: Path) -> None:

@@ -69,6 +69,21 @@ class LeaderboardRow:
     rank_points: int
 
 
+@dataclass(frozen=True, slots=True)
+class MemberRow:
+    """A member as the console's member list shows it (the projected balance)."""
+
+    user_id: str
+    currency: int
+    rank_points: int
+    updated_at: datetime
+
+
+MEMBER_ORDERS = ("id", "recent", "top")
+"""How a member list is ordered: by user id (a prefix search), most recently changed
+first, most rank points first (ties by user id)."""
+
+
 def _utc(value: datetime) -> datetime:
     """SQLite gives naive datetimes back; every stored time is UTC."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
@@ -334,6 +349,50 @@ class ReadModels:
             HistoryEntry(r[0], int(r[1]), r[2], int(r[3]), int(r[4]), _utc(r[5]), r[6])
             for r in rows
         ]
+
+    def find_members(
+        self,
+        order: str,
+        limit: int,
+        prefix: str = "",
+        after: MemberRow | None = None,
+    ) -> list[MemberRow]:
+        """Up to ``limit`` members (from ``member_balances``) whose user id starts with
+        ``prefix``, in ``order`` (:data:`MEMBER_ORDERS`), after the row ``after`` (keyset
+        paging on an index: the user id, ``member_balances_recent_idx`` or the
+        leaderboard's; never an OFFSET)."""
+        b = member_balances.c
+        query = sa.select(b.user_id, b.currency, b.rank_points, b.updated_at)
+        if prefix:
+            # exact on both backends (SQLite's LIKE ignores case); the lower bound lets
+            # the primary key's index start at the prefix
+            starts = sa.func.substr(b.user_id, 1, len(prefix)) == prefix
+            query = query.where(b.user_id >= prefix, starts)
+        if order == "recent":
+            if after is not None:
+                query = query.where(
+                    sa.or_(
+                        b.updated_at < after.updated_at,
+                        sa.and_(b.updated_at == after.updated_at, b.user_id > after.user_id),
+                    )
+                )
+            query = query.order_by(b.updated_at.desc(), b.user_id)
+        elif order == "top":
+            if after is not None:
+                query = query.where(
+                    sa.or_(
+                        b.rank_points < after.rank_points,
+                        sa.and_(b.rank_points == after.rank_points, b.user_id > after.user_id),
+                    )
+                )
+            query = query.order_by(b.rank_points.desc(), b.user_id)
+        else:
+            if after is not None:
+                query = query.where(b.user_id > after.user_id)
+            query = query.order_by(b.user_id)
+        with self._db.read() as conn:
+            rows = conn.execute(query.limit(limit)).all()
+        return [MemberRow(r[0], int(r[1]), int(r[2]), _utc(r[3])) for r in rows]
 
     def totals_since(self, since: datetime) -> dict[str, int]:
         """Currency per history kind (award, spend, refund, adjustment) recorded at or

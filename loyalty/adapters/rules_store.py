@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from loyalty.adapters.db import Database
 from loyalty.adapters.tables import rule_compensations, rule_versions
 from loyalty.application.commands.rules import parse_rule_set, rule_set_to_wire
+from loyalty.application.rule_history import RuleVersion
 from loyalty.domain.expiry import month_of
 from loyalty.domain.rules import DEFAULT_RULES_WIRE, RuleSet
 
@@ -91,8 +92,10 @@ class RulesStore:
         now: datetime | None = None,
         *,
         compensate_since: datetime | None = None,
+        author: str | None = None,
     ) -> RuleSet:
-        """Validate and store a new version (raises InvalidRules). With
+        """Validate and store a new version (raises InvalidRules), with ``author`` (the
+        name of the key that stores it, kept with the version for its history). With
         ``compensate_since``, the version's compensation run (``rule_compensations``,
         state ``running``) is inserted in the same transaction: a run is never lost
         between the two, whatever crashes or rules changes follow.
@@ -120,7 +123,7 @@ class RulesStore:
                 version = int(latest or 0) + 1
                 rule_set = parse_rule_set(wire, version)
                 stored_at = datetime.now(UTC)
-                stmt = _insert_ignore(self._db, version, rule_set, stored_at)
+                stmt = _insert_ignore(self._db, version, rule_set, stored_at, author)
                 if conn.execute(stmt.returning(rule_versions.c.version)).first() is not None:
                     if compensate_since is not None:
                         conn.execute(
@@ -137,22 +140,42 @@ class RulesStore:
                     return rule_set
         raise RuntimeError("could not store a new rules version after 20 attempts")
 
-    def versions(self, limit: int = 100) -> list[tuple[int, datetime]]:
-        """(version, stored at), newest first."""
+    def versions(self, limit: int = 100, before: int | None = None) -> list[RuleVersion]:
+        """The stored versions older than ``before`` (all: None), newest first, with
+        their documents, when and by whom they were stored (keyset paging on the
+        version)."""
         self.current()  # make sure version 1 (the default) exists
         r = rule_versions.c
+        query = sa.select(r.version, r.created_at, r.author, r.body)
+        if before is not None:
+            query = query.where(r.version < before)
         with self._db.read() as conn:
-            rows = conn.execute(
-                sa.select(r.version, r.created_at).order_by(r.version.desc()).limit(limit)
-            ).all()
-        return [(int(v), at if at.tzinfo else at.replace(tzinfo=UTC)) for v, at in rows]
+            rows = conn.execute(query.order_by(r.version.desc()).limit(limit)).all()
+        return [
+            RuleVersion(
+                int(v),
+                at if at.tzinfo else at.replace(tzinfo=UTC),
+                author,
+                rule_set_to_wire(parse_rule_set(orjson.loads(body), int(v), require_rank=False)),
+            )
+            for v, at, author, body in rows
+        ]
 
 
 def _insert_ignore(
-    db: Database, version: int, rule_set: RuleSet, at: datetime | None = None
+    db: Database,
+    version: int,
+    rule_set: RuleSet,
+    at: datetime | None = None,
+    author: str | None = None,
 ) -> sa.Insert:
     body = orjson.dumps(rule_set_to_wire(rule_set)).decode()
-    values = {"version": version, "body": body, "created_at": at or datetime.now(UTC)}
+    values = {
+        "version": version,
+        "body": body,
+        "created_at": at or datetime.now(UTC),
+        "author": author,
+    }
     if db.backend == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as pg_insert
 

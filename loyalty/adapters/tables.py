@@ -71,6 +71,8 @@ rule_versions = sa.Table(
     sa.Column("version", sa.Integer, primary_key=True),
     sa.Column("body", sa.Text, nullable=False),
     sa.Column("created_at", Timestamp, nullable=False),
+    # the key name that stored the version (migration 0019; NULL: built in, or older)
+    sa.Column("author", sa.String(128), nullable=True),
 )
 
 pipeline_checkpoints = sa.Table(
@@ -194,6 +196,8 @@ member_balances = sa.Table(
     sa.Column("lifetime_currency", sa.BigInteger, nullable=False),
     sa.Column("updated_at", Timestamp, nullable=False),
     sa.Index("member_balances_leaderboard_idx", sa.desc("rank_points"), "user_id"),
+    # the console's recent members, paged by keyset (migration 0019)
+    sa.Index("member_balances_recent_idx", sa.desc("updated_at"), "user_id"),
 )
 
 member_lots = sa.Table(

@@ -117,6 +117,7 @@ class VersionedRules(Protocol):
         now: datetime | None = None,
         *,
         compensate_since: datetime | None = None,
+        author: str | None = None,
     ) -> RuleSet: ...
     def version(self, version: int) -> tuple[RuleSet, datetime] | None: ...
 
@@ -188,10 +189,17 @@ class Compensation:
         self._clock = clock
         self._crash_hook = crash_hook or (lambda _step: None)
 
-    def apply(self, wire: dict[str, object], since: datetime, candidate: RuleSet) -> dict[str, Any]:
-        """Make ``candidate`` (parsed from ``wire``) current and compensate every member
-        for the period since ``since``; returns the receipt. Every unfinished run is
-        finished first (listed under ``resumed``), whatever rules were stored since."""
+    def apply(
+        self,
+        wire: dict[str, object],
+        since: datetime,
+        candidate: RuleSet,
+        author: str | None = None,
+    ) -> dict[str, Any]:
+        """Make ``candidate`` (parsed from ``wire``) current, stored by ``author``, and
+        compensate every member for the period since ``since``; returns the receipt.
+        Every unfinished run is finished first (listed under ``resumed``), whatever
+        rules were stored since."""
         first = since.astimezone(UTC).date()
         resumed = [self._compensate(run) for run in self._runs.unfinished()]
         current = self._rules.current_uncached()
@@ -208,7 +216,7 @@ class Compensation:
                 )
         if run is None:
             self._dry.period(first, self._clock().astimezone(UTC).date())  # through today
-            new = self._rules.put(wire, compensate_since=since)
+            new = self._rules.put(wire, compensate_since=since, author=author)
             self._crash_hook("stored")
             run = self._runs.get(new.version)
             assert run is not None

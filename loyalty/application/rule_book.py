@@ -14,7 +14,9 @@ class RulesWriter(Protocol):
     """The stored rule versions (``adapters/rules_store.py``)."""
 
     def current(self) -> RuleSet: ...
-    def put(self, wire: dict[str, object], now: datetime | None = None) -> RuleSet: ...
+    def put(
+        self, wire: dict[str, object], now: datetime | None = None, *, author: str | None = None
+    ) -> RuleSet: ...
 
 
 class RuleBook:
@@ -25,6 +27,7 @@ class RuleBook:
     def current(self) -> RuleSet:
         return self._store.current()
 
-    def replace(self, wire: dict[str, object]) -> RuleSet:
-        """Validate and store ``wire`` as the next version (raises ``InvalidRules``)."""
-        return self._store.put(wire, self._clock())
+    def replace(self, wire: dict[str, object], author: str | None = None) -> RuleSet:
+        """Validate and store ``wire`` as the next version (raises ``InvalidRules``),
+        with ``author`` (the name of the key that stores it)."""
+        return self._store.put(wire, self._clock(), author=author)

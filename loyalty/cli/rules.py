@@ -1,4 +1,4 @@
-"""``loyalty rules``: show and load the weighting rules, try a change on past events
+"""``loyalty rules``: show and load the weighting rules, their history, try a change on past events
 (dry-run), apply one to past awards, and its compensation runs (issue 20)."""
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from loyalty.cli.common import (
 )
 
 rules_app = typer.Typer(
-    help="The weighting rules: show, load, try a change on past events (dry-run), apply a "
-    "change to past awards, and its compensation runs.",
+    help="The weighting rules: show, load, their history (who changed what), try a change "
+    "on past events (dry-run), apply a change to past awards, and its compensation runs.",
     no_args_is_help=True,
 )
 
@@ -46,18 +46,84 @@ def read_rules_file(file: str) -> dict[str, Any]:
         raise fail(f"{file}: {detail}", 2) from None
 
 
+def cli_author() -> str:
+    """The author a rules version stored from the command line is recorded with: the
+    operating-system user (there is no API key), as ``cli:<user>``."""
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"[:128]
+    except (OSError, KeyError):  # no user name in the environment or the password file
+        return "cli"
+
+
 @rules_app.command("show")
-def rules_show() -> None:
-    """Print the current rules (JSON, with their version)."""
+def rules_show(
+    version: Annotated[
+        int | None, typer.Option("--version", min=1, help="a stored version (default: current)")
+    ] = None,
+) -> None:
+    """Print the current rules (or --version N) as JSON with every field, the optional
+    ones as null when unset (the output loads back with `rules load`); who stored the
+    version and when goes to stderr."""
     from loyalty.adapters.rules_store import RulesStore
-    from loyalty.application.commands.rules import rule_set_to_wire
+    from loyalty.application.rule_history import full_wire
 
     db = open_database(load_settings())
     try:
-        rule_set = RulesStore(db).current()
+        store = RulesStore(db)
+        current = store.current()
+        found = store.versions(1, before=(version or current.version) + 1)
     finally:
         db.dispose()
-    echo_json(rule_set_to_wire(rule_set))
+    if not found or found[0].version != (version or current.version):
+        raise fail(f"rules version {version} is not stored (current: {current.version})", 2)
+    stored = found[0]
+    note = " (current)" if stored.version == current.version else ""
+    err.print(
+        f"version {stored.version}{note}, stored {stored.stored_at:%Y-%m-%dT%H:%M:%SZ} by "
+        f"{stored.by}",
+        soft_wrap=True,
+        highlight=False,
+    )
+    echo_json(full_wire(stored.wire))
+
+
+@rules_app.command("history")
+def rules_history(
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="versions to show")] = 10,
+    before: Annotated[
+        int | None, typer.Option(min=2, help="only versions older than this one (paging)")
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """The stored rules versions, newest first: when, who (the key's name, or cli:<user>)
+    and what changed from the version before, field by field."""
+    from loyalty.adapters.rules_store import RulesStore
+    from loyalty.application.rule_history import history
+
+    db = open_database(load_settings())
+    try:
+        versions = RulesStore(db).versions(limit + 1, before=before)
+    finally:
+        db.dispose()
+    entries = history(versions)[:limit]
+    if json_output:
+        echo_json({"versions": [e.to_wire() for e in entries]})
+        return
+    for e in entries:
+        v = e.version
+        typer.echo(f"version {v.version}  {v.stored_at:%Y-%m-%dT%H:%M:%SZ}  by {v.by}")
+        if e.previous is None:
+            typer.echo("  (the first version: nothing to compare with)")
+        elif not e.changes:
+            typer.echo(f"  no change from version {e.previous}")
+        else:
+            typer.echo(f"  changes from version {e.previous}:")
+            for change in e.changes:
+                typer.echo(f"    {change.describe()}")
+    if len(versions) > limit:
+        typer.echo(f"older versions: loyalty rules history --before {entries[-1].version.version}")
 
 
 @rules_app.command("load")
@@ -73,7 +139,7 @@ def rules_load(
     wire = read_rules_file(file)
     db = open_database(load_settings())
     try:
-        rule_set = RulesStore(db).put(wire)
+        rule_set = RulesStore(db).put(wire, author=cli_author())
     except InvalidRules as exc:
         raise fail(f"{file}: {exc.message}", 2) from None
     finally:
@@ -153,11 +219,13 @@ def rules_apply(
     db = open_database(settings)
     try:
         if not compensate:
-            rule_set = RulesStore(db).put(wire)
+            rule_set = RulesStore(db).put(wire, author=cli_author())
             typer.echo(f"loaded rules version {rule_set.version} (no compensation)")
             return
         assert since is not None
-        receipt = build_compensation(db).apply(wire, rfc3339_option(since, "--since"), candidate)
+        receipt = build_compensation(db).apply(
+            wire, rfc3339_option(since, "--since"), candidate, cli_author()
+        )
     except PeriodNotRetained as exc:
         raise fail(
             f"{exc.message} (an unfinished run is finished first: see "

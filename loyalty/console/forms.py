@@ -5,7 +5,7 @@ irreversible action."""
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Annotated, TypeVar
 from urllib.parse import parse_qs
 
@@ -17,6 +17,7 @@ from loyalty.adapters.console_sessions import ConsoleSession
 from loyalty.api.deps import Container, ContainerDep
 from loyalty.api.guards import BodyProblem, read_limited_body
 from loyalty.api.problems import validation_errors
+from loyalty.application.rule_history import RuleChange
 from loyalty.console.auth import SessionDep, same
 from loyalty.console.problems import ConsoleProblem
 from loyalty.console.rendering import render
@@ -98,6 +99,7 @@ def confirmation(
     fields: Mapping[str, str],
     button: str,
     back: str,
+    changes: Sequence[RuleChange] = (),
 ) -> HTMLResponse:
     """The confirmation step of an irreversible action (erase, save rules, revoke): what
     will happen, and the same form again with ``confirm=yes``. Nothing is done yet."""
@@ -108,5 +110,6 @@ def confirmation(
         "fields": dict(fields),
         "button": button,
         "back": back,
+        "changes": list(changes),
     }
     return render(request, "confirm.html", session=session, page=page, confirm=confirm)

@@ -17,6 +17,7 @@ from loyalty.adapters.erasure_store import LOCATION_NAMES
 from loyalty.application.compensation import COMPENSATION_PREFIX
 from loyalty.application.delivery import EVENT_TYPES
 from loyalty.application.explain import PENDING_ALIAS
+from loyalty.application.rule_history import shown
 
 HERE = Path(__file__).parent
 STATIC = HERE / "static"
@@ -100,6 +101,7 @@ templates.globals.update(
     event_types=EVENT_TYPES,
     nav=NAV,
     explainable=explainable,
+    shown=shown,
 )
 
 

@@ -103,9 +103,9 @@ def browser() -> Iterator[Any]:
 class Visit:
     """A page plus what the checks collect: CSP and console errors, foreign requests."""
 
-    def __init__(self, browser: Any, base: str) -> None:
+    def __init__(self, browser: Any, base: str, width: int = 1200, height: int = 900) -> None:
         self.base = base
-        self.context = browser.new_context(viewport={"width": 1200, "height": 900})
+        self.context = browser.new_context(viewport={"width": width, "height": height})
         self.page = self.context.new_page()
         self.errors: list[str] = []
         self.foreign: list[str] = []
@@ -302,7 +302,7 @@ def test_an_operator_runs_the_loyalty_programme_from_the_console(
     page.click("#confirm-button")
     assert page.locator("#rules-saved").inner_text() == "Saved as version 2."
     assert "copper" in page.locator("#rules-text").input_value()
-    assert page.locator("#versions").inner_text().count("version ") == 2
+    assert page.locator("#versions tbody tr").count() == 2
     visit.check("rules")
 
     # forget-me: request, follow the progress, read the receipt (no user id)
@@ -335,7 +335,7 @@ def test_an_operator_runs_the_loyalty_programme_from_the_console(
     page.fill("#report-from", (today - timedelta(days=2)).isoformat())
     page.fill("#report-to", today.isoformat())
     page.click("main form.inline button[type=submit]")
-    assert page.locator("svg[data-field=events] rect").count() == 3  # one bar per day
+    assert page.locator("figure[data-field=events] svg").count() == 1
     deadline = time.monotonic() + 30  # the 50 events above, once the pipeline weighed them
     while "50" not in page.locator("#report-days tbody tr").last.inner_text():
         assert time.monotonic() < deadline, page.locator("#report-days").inner_text()
@@ -391,3 +391,118 @@ def test_an_operator_runs_the_loyalty_programme_from_the_console(
     for secret in [member, forgotten, player, *keys.values(), new_key]:
         assert secret not in log
         assert secret.split("_", 2)[-1] not in log
+
+
+def svg_texts(page: Any, field: str) -> list[str]:
+    texts: list[str] = page.locator(f"figure[data-field={field}] svg text").all_text_contents()
+    return texts
+
+
+def test_charts_that_read_finding_members_and_reviewing_rule_changes(
+    browser: Any, live: tuple[str, dict[str, str], Any]
+) -> None:
+    """Issue 33 (2, 3, 4, 6) at 1280x800: the report's charts carry dates and values as
+    text and start where the data starts; members are found by id prefix and listed
+    recent and top, a page at a time; a rules change shows its diff before the save and
+    in the history with its author; a new key's secret is copied by a button."""
+    base, keys, _output = live
+    run = uuid.uuid4().hex[:6]
+    players = [f"player-{run}-{i}" for i in range(3)]
+    now = datetime.now(UTC)
+    events = [
+        {"event_id": f"r{i}", "user_id": p, "type": "played_game", "occurred_at": now.isoformat()}
+        for i, p in enumerate(players * 4)
+    ]
+    ingest = {"Authorization": f"Bearer {keys['ingest']}"}
+    answer = httpx.post(base + "/v1/ingress/batches", json={"events": events}, headers=ingest)
+    assert answer.status_code == 202
+    visit = Visit(browser, base, 1280, 800)
+    visit.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=base)
+    page = visit.page
+    page.goto(base + "/console/sign-in")
+    page.fill("#key", keys["operator"])
+    with page.expect_navigation():
+        page.click("button[type=submit]")
+
+    # members: the recently changed list (the default), once the awards are projected
+    deadline = time.monotonic() + 60
+    while True:
+        page.goto(base + "/console/members")
+        shown = page.locator("#member-list tbody tr td:first-child").all_inner_texts()
+        if set(players) <= set(shown) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert set(players) <= set(shown), shown
+    visit.check("members-recent")
+    shop = {"Authorization": f"Bearer {keys['shop']}"}
+    spend = {"order_id": "o-1", "amount": 3}
+    spent = httpx.post(f"{base}/v1/members/{players[0]}/spend", json=spend, headers=shop)
+    assert spent.status_code == 200, spent.text
+    page.fill("#find-prefix", f"player-{run}-")
+    page.select_option("#find-list", "top")
+    page.click("form[aria-label='Find members'] button")
+    assert page.locator("#list-h").inner_text().startswith("Top by rank points")
+    found = page.locator("#member-list tbody tr td:first-child").all_inner_texts()
+    assert sorted(found) == sorted(players)
+    visit.check("members-search")
+    page.fill("#find-prefix", "nobody-here-")
+    page.click("form[aria-label='Find members'] button")
+    assert "nobody-here-" in page.locator("#member-list-empty").inner_text()
+    visit.check("members-empty")
+
+    # reports: a chart per figure, dates and values as text, the days before the data
+    # named as no data (the range opens 30 days back)
+    deadline = time.monotonic() + 60
+    while True:
+        page.goto(base + "/console/reports")
+        spent_texts = svg_texts(page, "currency_spent")
+        if "3" in spent_texts or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    today = now.date()
+    assert "3" in spent_texts, spent_texts  # the spend, labelled on its bar
+    assert today.strftime("%b %d") in spent_texts and "currency" in spent_texts
+    events_texts = svg_texts(page, "events")
+    assert today.strftime("%b %d") in events_texts and "events" in events_texts
+    assert any(t.startswith("UTC day, ") for t in events_texts), events_texts
+    assert page.locator("#no-data").inner_text().startswith("No data from ")
+    for field in ("events", "currency_credited", "currency_spent", "outstanding_currency"):
+        assert page.locator(f"figure[data-field={field}] figcaption").is_visible()
+    visit.check("reports-charts")
+
+    # rules: the diff before the save, then who, when and what in the history
+    page.click("nav >> text=Rules")
+    document = json.loads(page.locator("#rules-text").input_value())
+    for rule in document["rules"]:
+        if rule["event_type"] == "played_game":
+            rule["daily_cap"] = 60
+    page.fill("#rules-text", json.dumps(document, indent=2))
+    page.click("#save-button")
+    diff = page.locator("#confirm-diff tbody tr").first.inner_text().split()
+    assert diff == ["rules[played_game].daily_cap", "50", "60"], diff
+    visit.check("rules-diff")
+    page.click("#confirm-button")
+    assert page.locator("#rules-saved").inner_text() == "Saved as version 2."
+    newest = page.locator("#versions tbody tr").first
+    assert newest.locator("td.author").inner_text() == "ops-ann"
+    assert "rules[played_game].daily_cap: 50 -> 60" in newest.locator("td.changes").inner_text()
+    page.locator("#versions-h").scroll_into_view_if_needed()
+    visit.check("rules-history")
+    page.click("#versions >> text=version 2")
+    assert "ops-ann" in page.locator("#version-stored").inner_text()
+    assert "rules[played_game].daily_cap" in page.locator("#version-changes").inner_text()
+    assert '"currency_expiry": null' in page.locator("pre.code").inner_text()
+    visit.check("rules-version")
+
+    # keys: a new secret, copied by its button
+    page.click("nav >> text=Keys")
+    page.fill("#key-name", f"till-{run}")
+    page.click("main form.inline button")
+    secret = page.locator("#new-key").input_value()
+    page.click("#copy-key")
+    page.wait_for_function(
+        "() => document.querySelector('#copy-status').textContent.startsWith('Copied')"
+    )
+    assert page.evaluate("navigator.clipboard.readText()") == secret
+    visit.check("keys-copy")
+    visit.close()

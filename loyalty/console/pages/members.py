@@ -3,15 +3,19 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from datetime import datetime
+from typing import Annotated, Any
+from urllib.parse import urlencode
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from loyalty.adapters.console_sessions import ConsoleSession
+from loyalty.adapters.read_models import MEMBER_ORDERS, MemberRow
 from loyalty.api.deps import Container, ContainerDep
 from loyalty.api.problems import ApiProblem
 from loyalty.application.commands.accounts import AdjustmentRequest, RefundRequest, SpendRequest
@@ -65,14 +69,74 @@ def member_context(container: Container, user_id: str) -> dict[str, Any]:
     return {"user_id": user_id, "invalid": None, **member_view(container, user_id)}
 
 
+MEMBERS_PAGE = 20
+"""Members per page of the member list."""
+LIST_LABELS = {
+    "recent": "Recently changed",
+    "top": "Top by rank points",
+    "id": "By user id",
+}
+
+
+def cursor_of(row: MemberRow) -> str:
+    """The position after ``row`` in any order, as an opaque query parameter."""
+    raw = json.dumps([row.user_id, row.rank_points, row.updated_at.isoformat()])
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def row_of_cursor(cursor: str) -> MemberRow:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        user_id, points, at = json.loads(raw)
+        return MemberRow(str(user_id), 0, int(points), datetime.fromisoformat(at))
+    except (ValueError, TypeError) as exc:
+        raise ConsoleProblem(
+            422, "validation_error", f"after: not a page position ({exc})"
+        ) from None
+
+
+def member_list(container: Container, order: str, prefix: str, after: str) -> dict[str, Any]:
+    """A page of the member list: members whose id starts with ``prefix`` in ``order``
+    after the cursor ``after``, and the next page's cursor (None: the last page)."""
+    if order not in MEMBER_ORDERS:
+        raise ConsoleProblem(422, "validation_error", f"list: one of {', '.join(MEMBER_ORDERS)}")
+    if len(prefix) > 128:
+        raise ConsoleProblem(422, "validation_error", "id prefix: at most 128 characters")
+    start = row_of_cursor(after) if after else None
+    rows = container.read_models.find_members(order, MEMBERS_PAGE + 1, prefix, start)
+    more = len(rows) > MEMBERS_PAGE
+    rows = rows[:MEMBERS_PAGE]
+    following = None
+    if more:
+        following = "?" + urlencode({"q": prefix, "list": order, "after": cursor_of(rows[-1])})
+    return {
+        "rows": rows,
+        "order": order,
+        "order_label": LIST_LABELS[order],
+        "prefix": prefix,
+        "paged": bool(after),
+        "next_page": following,
+    }
+
+
 @router.get("/members")
 async def members_page(
     request: Request,
     container: ContainerDep,
     session: SessionDep,
     user_id: str = "",
+    q: str = "",
+    order: Annotated[str, Query(alias="list")] = "",
+    after: str = "",
 ) -> Response:
+    """One member by exact id (``user_id``), else a page of the member list: ids that
+    start with ``q``, recently changed (the default), top by rank points or by id."""
     context = await run_in_threadpool(member_context, container, user_id.strip())
+    listing = None
+    if not user_id.strip():
+        prefix = q.strip()
+        chosen = order or ("id" if prefix else "recent")
+        listing = await run_in_threadpool(member_list, container, chosen, prefix, after)
     return render(
         request,
         "member.html",
@@ -80,6 +144,7 @@ async def members_page(
         page="members",
         adjustment_id=uuid.uuid4().hex,
         result=None,
+        listing=listing,
         **context,
     )
 

@@ -1,5 +1,6 @@
-"""Reports: the daily report over a range of UTC days as server-drawn SVG charts and a
-table, and the same range as CSV."""
+"""Reports: the daily report over a range of UTC days as charts (matplotlib, drawn on
+the server as inline SVG, the same code as ``loyalty report``'s PNG) and a table, and
+the same range as CSV."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Annotated, Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Query, Request, Response
+from markupsafe import Markup
 from starlette.concurrency import run_in_threadpool
 
 from loyalty.api.deps import Container, ContainerDep
@@ -18,6 +20,7 @@ from loyalty.application.reporting import (
     DAY_COLUMNS,
     FIGURE_LABELS,
     TODAY_FIGURES,
+    DayReport,
     ReportRangeError,
     check_range,
     daily_report,
@@ -26,18 +29,12 @@ from loyalty.console.auth import SessionDep
 from loyalty.console.forms import form_command
 from loyalty.console.problems import ConsoleProblem
 from loyalty.console.rendering import PREFIX, render
+from loyalty.report import PANELS, data_days, no_data_note, panel_svg
 
 router = APIRouter()
 
 REPORT_DAYS = 30
 """The range the reports page opens with (the last 30 UTC days)."""
-CHART_WIDTH, CHART_HEIGHT = 720, 160
-CHARTS: list[tuple[str, str, str]] = [
-    ("events", FIGURE_LABELS["events"], "#0a4fa3"),
-    ("currency_credited", FIGURE_LABELS["currency_credited"], "#1d6b2f"),
-    ("currency_spent", FIGURE_LABELS["currency_spent"], "#a1120d"),
-    ("outstanding_currency", FIGURE_LABELS["outstanding_currency"], "#13263f"),
-]
 REPORT_COLUMNS: tuple[str, ...] = (
     "day",
     *TODAY_FIGURES[:-1],
@@ -62,27 +59,24 @@ def report_range(first: str, last: str, today: date) -> tuple[date, date]:
     return start, end
 
 
-def bars(days: list[dict[str, Any]], field: str) -> list[dict[str, Any]]:
-    """One bar per day, scaled to the chart (SVG coordinates; server-drawn, no script)."""
-    values = [float(d[field]) for d in days]
-    top = max([*values, 1.0])
-    width = CHART_WIDTH / max(1, len(values))
-    return [
-        {
-            "x": round(i * width + width * 0.1, 2),
-            "width": round(width * 0.8, 2),
-            "height": round(CHART_HEIGHT * v / top, 2),
-            "y": round(CHART_HEIGHT - CHART_HEIGHT * v / top, 2),
-            "day": d["day"],
-            "value": d[field],
-        }
-        for i, (d, v) in enumerate(zip(days, values, strict=True))
-    ]
-
-
-def report_days(container: Container, start: date, end: date) -> list[dict[str, Any]]:
+def report_days(container: Container, start: date, end: date) -> list[DayReport]:
     assert container.rollups is not None
-    return [d.to_wire() for d in daily_report(container.rollups, start, end)]
+    return daily_report(container.rollups, start, end)
+
+
+def report_charts(days: list[DayReport]) -> dict[str, Any]:
+    """The page's charts (the PNG's panels of ``loyalty report``, each an inline SVG:
+    axes with dates and values, each its own scale) over the days from the first one
+    with data, what they leave out, and the table's rows (the same days)."""
+    shown = data_days(days)
+    return {
+        "charts": [
+            {"field": p.field, "title": p.title, "svg": Markup(panel_svg(p, shown))}
+            for p in (PANELS if shown else ())
+        ],
+        "no_data": no_data_note(days, shown),
+        "days": [d.to_wire() for d in shown],
+    }
 
 
 @router.get("/reports")
@@ -95,16 +89,7 @@ async def reports_page(
 ) -> Response:
     start, end = report_range(first, last, container.clock().date())
     days = await run_in_threadpool(report_days, container, start, end)
-    charts = [
-        {
-            "field": f,
-            "title": t,
-            "colour": c,
-            "bars": bars(days, f),
-            "top": max([0, *(d[f] for d in days)]),
-        }
-        for f, t, c in CHARTS
-    ]
+    drawn = await run_in_threadpool(report_charts, days)
     return render(
         request,
         "reports.html",
@@ -112,12 +97,9 @@ async def reports_page(
         page="reports",
         start=start,
         end=end,
-        days=days,
-        charts=charts,
         columns=REPORT_COLUMNS,
         labels=FIGURE_LABELS,
-        width=CHART_WIDTH,
-        height=CHART_HEIGHT,
+        **drawn,
         export=f"{PREFIX}/reports/export.csv?" + urlencode({"from": start, "to": end}),
     )
 
@@ -130,7 +112,7 @@ async def reports_export(
     last: Annotated[str, Query(alias="to")] = "",
 ) -> Response:
     start, end = report_range(first, last, container.clock().date())
-    days = await run_in_threadpool(report_days, container, start, end)
+    days = [d.to_wire() for d in await run_in_threadpool(report_days, container, start, end)]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(EXPORT_COLUMNS)

@@ -9,7 +9,7 @@ from contextlib import suppress
 from datetime import timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi import Path as PathParam
 from starlette.concurrency import run_in_threadpool
 
@@ -19,6 +19,7 @@ from loyalty.api.schemas import rules_document
 from loyalty.application.commands.fields import StoredInt
 from loyalty.application.commands.periods import DryRunPeriod
 from loyalty.application.commands.rules import parse_rule_set, rule_set_to_wire
+from loyalty.application.rule_history import RuleChange, diff_rules, full_wire, history
 from loyalty.console.auth import SessionDep
 from loyalty.console.forms import FormDep, confirmation, confirmed, form_command
 from loyalty.console.locate import line_of
@@ -33,14 +34,23 @@ DRY_RUN_DAYS = 7
 """The dry run's default period: the last 7 UTC days, today included (within retention)."""
 
 
-def rules_context(container: Container, text: str | None = None) -> dict[str, Any]:
+HISTORY_PAGE = 10
+"""Versions per page of the rules page's history (paged by version: ``?before=N``)."""
+
+
+def rules_context(
+    container: Container, text: str | None = None, before: int | None = None
+) -> dict[str, Any]:
     current = container.rules.current()
     today = container.clock().date()
     days = min(DRY_RUN_DAYS, container.settings.retention_days)
+    versions = container.rules.versions(HISTORY_PAGE + 1, before=before)
+    entries = history(versions)[:HISTORY_PAGE]
     return {
         "current": current,
-        "text": text if text is not None else json.dumps(rule_set_to_wire(current), indent=2),
-        "versions": container.rules.versions(),
+        "text": text if text is not None else json.dumps(full_wire(current), indent=2),
+        "versions": entries,
+        "older": entries[-1].version.version if len(versions) > HISTORY_PAGE else None,
         "dry_from": today - timedelta(days=days - 1),
         "dry_through": today,
         "dry_run": None,
@@ -48,8 +58,13 @@ def rules_context(container: Container, text: str | None = None) -> dict[str, An
 
 
 @router.get("/rules")
-async def rules_page(request: Request, container: ContainerDep, session: SessionDep) -> Response:
-    context = await run_in_threadpool(rules_context, container)
+async def rules_page(
+    request: Request,
+    container: ContainerDep,
+    session: SessionDep,
+    before: Annotated[StoredInt | None, Query()] = None,
+) -> Response:
+    context = await run_in_threadpool(rules_context, container, None, before)
     return render(
         request, "rules.html", session=session, page="rules", errors=[], saved=None, **context
     )
@@ -62,12 +77,19 @@ async def rules_version(
     container: ContainerDep,
     session: SessionDep,
 ) -> Response:
-    found = await run_in_threadpool(container.rules.version, version)
-    if found is None:
+    found = await run_in_threadpool(container.rules.versions, 2, version + 1)
+    if not found or found[0].version != version:
         raise ConsoleProblem(404, "not_found", "no such rules version")
-    text = json.dumps(rule_set_to_wire(found[0]), indent=2)
+    entry = history(found)[0]
+    text = json.dumps(full_wire(entry.version.wire), indent=2)
     return render(
-        request, "rules_version.html", session=session, page="rules", version=version, text=text
+        request,
+        "rules_version.html",
+        session=session,
+        page="rules",
+        version=version,
+        entry=entry,
+        text=text,
     )
 
 
@@ -107,14 +129,16 @@ async def save_rules(
             return 422, errors, None, []
         try:
             if not sure:  # judged as the save would, then shown before anything is stored
-                return 200, [], None, rules_changes(container, parse_rule_set(wire, 0))
-            saved = container.rules.put(wire, container.clock())
+                candidate = parse_rule_set(wire, 0)
+                return 200, [], None, rules_changes(container, candidate)
+            saved = container.rules.put(wire, container.clock(), author=session.principal.name)
         except InvalidRules as exc:
             return 422, located(text, exc), None, []
         return 200, [], saved.version, []
 
     status, errors, saved, changes = await run_in_threadpool(work)
     if changes:
+        diff = await run_in_threadpool(rules_diff, container, text)
         return confirmation(
             request,
             session,
@@ -125,6 +149,7 @@ async def save_rules(
             fields={"rules": text},
             button="Save the new version",
             back=f"{PREFIX}/rules",
+            changes=diff,
         )
     context = await run_in_threadpool(rules_context, container, None if saved else text)
     return render(
@@ -137,6 +162,15 @@ async def save_rules(
         saved=saved,
         **context,
     )
+
+
+def rules_diff(container: Container, text: str) -> list[RuleChange]:
+    """The editor's rules against the current ones, field by field (as the history
+    will show the saved version)."""
+    wire, _ = parse_rules_text(text)
+    assert wire is not None  # judged by the save before
+    candidate = rule_set_to_wire(parse_rule_set(wire, 0))
+    return diff_rules(rule_set_to_wire(container.rules.current()), candidate)
 
 
 def rules_changes(container: Container, candidate: RuleSet) -> list[str]:
