@@ -232,3 +232,21 @@ def test_members_are_found_by_id_prefix_and_listed_recent_and_top_a_page_at_a_ti
     # a broken cursor is a 422 naming it
     broken = client.get("/console/members", params={"list": "top", "after": "!!"})
     assert broken.status_code == 422 and "after" in broken.text
+
+
+def test_rules_stored_through_the_api_name_their_key_as_author(
+    client: TestClient, db: Database
+) -> None:
+    """``PUT /v1/rules`` records the name of the key that stored the version, as the
+    console does (the history's "who")."""
+    from loyalty.adapters.rules_store import RulesStore
+
+    secret = KeyStore(db).create(Role.OPERATOR, "ops-carol")
+    headers = {"Authorization": f"Bearer {secret}"}
+    current = client.get("/v1/rules", headers=headers).json()
+    current.pop("version", None)
+    current["rules"][0]["currency"] = current["rules"][0]["currency"] + 1
+    stored = client.put("/v1/rules", json=current, headers=headers)
+    assert stored.status_code == 200, stored.text
+    newest = RulesStore(db).versions(1, None)[0]
+    assert newest.author == "ops-carol"

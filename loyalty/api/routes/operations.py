@@ -45,7 +45,7 @@ async def get_rules(_key: OperatorKey, container: ContainerDep) -> Any:
         }
     },
 )
-async def put_rules(request: Request, _key: OperatorKey, container: ContainerDep) -> Any:
+async def put_rules(request: Request, key: OperatorKey, container: ContainerDep) -> Any:
     """Store a new version of the rules; later awards use it and record its version."""
     try:
         check_json_content_type(request.headers)
@@ -58,7 +58,7 @@ async def put_rules(request: Request, _key: OperatorKey, container: ContainerDep
             errors = [{"loc": "body", "msg": "must be an object"}]
             raise ApiProblem(422, "invalid_rules", errors=errors) from None
         raise problem_of(exc) from None
-    rule_set = await run_in_threadpool(container.rule_book.replace, wire)
+    rule_set = await run_in_threadpool(container.rule_book.replace, wire, key.name)
     return rule_set_to_wire(rule_set)
 
 
