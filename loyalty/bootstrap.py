@@ -23,8 +23,14 @@ from loyalty.adapters.erasure_store import SqlErasureStore
 from loyalty.adapters.event_store import event_store_env, stream_loader, worker_env
 from loyalty.adapters.expiry_store import ExpiryLease, MemberLots
 from loyalty.adapters.explanation_store import ExplanationStore
-from loyalty.adapters.ingress_log import create_ingress_log, pending_stats
+from loyalty.adapters.ingress_log import (
+    PostgresIngressLog,
+    SqliteIngressLog,
+    create_ingress_log,
+    pending_stats,
+)
 from loyalty.adapters.keys import KeyStore
+from loyalty.adapters.nats_log import JetStreamIngressLog, jetstream_log
 from loyalty.adapters.pending_store import PendingTable
 from loyalty.adapters.pipeline_store import PipelineStore, ShardLeases
 from loyalty.adapters.read_models import ReadModels
@@ -72,6 +78,24 @@ RETRY_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def ingress_log(db: Database) -> PostgresIngressLog | SqliteIngressLog | JetStreamIngressLog:
+    """The ingress (activity) log: the database's, or with ``LOYALTY_INGRESS_URL=nats://``
+    a JetStream stream (its de-duplication keys stay in the database)."""
+    if db.settings.ingress_url:
+        return jetstream_log(db)
+    return create_ingress_log(db)
+
+
+def backlog_of(
+    db: Database,
+) -> Callable[[dict[int, tuple[int, int]]], tuple[int, datetime | None]]:
+    """Ingress events past the given checkpoints, and when the oldest arrived."""
+    if db.settings.ingress_url:
+        stream = jetstream_log(db)
+        return lambda positions: stream.pending_stats(dict(positions))
+    return lambda positions: pending_stats(db, dict(positions), db.settings.shard_count)
+
+
 def build_dry_run(
     db: Database,
     settings: Settings,
@@ -80,7 +104,7 @@ def build_dry_run(
 ) -> DryRun:
     """The rule dry run over this database's retained ingress (read-only)."""
     return DryRun(
-        create_ingress_log(db),
+        ingress_log(db),
         rules or RulesStore(db),
         ReadModels(db).rank_points_of,
         retention_days=settings.retention_days,
@@ -156,7 +180,7 @@ def build_pipeline(
     members = members or Members(env=worker_env(settings))
     markers = marker_cache(db)
     return Pipeline(
-        create_ingress_log(db),
+        ingress_log(db),
         PipelineStore(db),
         RulesStore(db),
         streaming_accounts(db, members),
@@ -216,7 +240,7 @@ def build_pipeline_status(
     state = PipelineStore(db)
     return PipelineStatus(
         state,
-        lambda positions: pending_stats(db, dict(positions), db.settings.shard_count),
+        backlog_of(db),
         ReadModels(db).quarantined_count,
         clock or (lambda: datetime.now(UTC)),
     )
@@ -458,7 +482,7 @@ def build_api_services(
         clock=now,
         metrics=metrics,
         ingest=IngestService(
-            create_ingress_log(db),
+            ingress_log(db),
             clock=now,
             retention=timedelta(days=settings.retention_days),
             future_skew=timedelta(seconds=settings.future_skew_seconds),

@@ -1,0 +1,756 @@
+"""The ingress log on NATS JetStream (issue 31 part 2; ``LOYALTY_INGRESS_URL=nats://...``).
+
+One stream (``LOYALTY_INGRESS_STREAM``), one subject per shard (``<stream>.<shard>``,
+lower case), file storage. The database stays the system of record for everything else
+(accounts, checkpoints, pending, caps, rollups) and keeps the de-duplication keys.
+
+*Store* (the API's batch): the batch's keys are claimed in the database first
+(``stream_ingress_keys``, INSERT ... ON CONFLICT DO NOTHING, ``seq`` NULL), the new ones
+are published with ``Nats-Msg-Id`` and the batch is answered only when JetStream has
+acknowledged every message (publish acks: stored), then the claims are confirmed with
+the acknowledged stream sequences. A key found claimed but not confirmed (another API
+has it in flight, or died between its claim and its confirm) is published again under
+the same ``Nats-Msg-Id``: within JetStream's duplicate window the ack says duplicate
+and names the stored sequence, so it is stored once. A claim older than that window is
+resolved by looking for its message in the stream (the shard's messages stored from the
+claim on): found, it is confirmed as a duplicate; not found, it is published.
+
+*Read* (the pipeline): a position is ``(0, stream sequence)``; a shard's messages are
+its subject's, in stream order, and a sequence JetStream has acknowledged never has an
+unstored lower one behind it (one server), so reading past the checkpoint's sequence is
+gap-safe like the database's (txid, seq). The checkpoint's compare-and-set stores the
+sequence in the same transaction as pending, caps and rollups. Reads use a pull consumer
+per shard (ephemeral, AckNone, from the wanted sequence, in memory); its delivery
+sequence is checked to be contiguous, and anything unexpected drops the consumer and
+reads again from the last position returned.
+
+The nats-py client is asyncio: one event loop thread per process runs it, and the
+synchronous callers wait on it (:class:`_Client`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Coroutine, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, TypeVar
+
+import nats
+import nats.errors
+import nats.js.errors
+import orjson
+import sqlalchemy as sa
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import api
+
+from loyalty.adapters.db import Database, DatabaseUnavailable
+from loyalty.adapters.ingress_log import StoredIngress
+from loyalty.adapters.tables import stream_ingress_keys
+from loyalty.application.ingress import IngressRecord, Stored, shard_of
+
+log = logging.getLogger("loyalty.ingress.jetstream")
+
+Position = tuple[int, int]
+T = TypeVar("T")
+
+_TIMEOUT = 10.0  # seconds for one request to the server (an outage is an error after it)
+_PUBLISH_TIMEOUT = 10.0  # seconds a batch waits for its publish acks
+_FETCH = 5000  # messages per pull request
+_KEY_CHUNK = 400  # keys per statement (SQLite's bound-parameter limit)
+
+
+class JetStreamUnavailable(DatabaseUnavailable):
+    """The NATS server cannot be reached or did not answer (HTTP 503; the loops retry)."""
+
+
+def subject_prefix(stream: str) -> str:
+    return stream.lower()
+
+
+def msg_id(source: str, event_id: str) -> str:
+    """The Nats-Msg-Id of an event: a digest of its key (header-safe, fixed length)."""
+    return hashlib.blake2b(f"{source}\x00{event_id}".encode(), digest_size=16).hexdigest()
+
+
+def fingerprint(r: IngressRecord) -> int:
+    """The content of an event as a signed 64-bit digest (a resend with other content
+    is a conflict)."""
+    attributes = orjson.dumps(orjson.loads(r.attributes_json), option=orjson.OPT_SORT_KEYS)
+    moment = r.occurred_at.astimezone(UTC).isoformat()
+    digest = hashlib.blake2b(
+        b"\x00".join([r.user_id.encode(), r.type.encode(), moment.encode(), attributes]),
+        digest_size=8,
+    ).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def encode(r: IngressRecord) -> bytes:
+    """A message's payload: a JSON array, the attributes' JSON text spliced in as is."""
+    head = orjson.dumps(
+        [r.source, r.event_id, r.user_id, r.type, r.occurred_at.astimezone(UTC).isoformat()]
+    )
+    return head[:-1] + b"," + r.attributes_json.encode() + b"]"
+
+
+def decode(seq: int, shard: int, data: bytes) -> StoredIngress:
+    source, event_id, user_id, event_type, occurred, attributes = orjson.loads(data)
+    return StoredIngress(
+        0,
+        seq,
+        shard,
+        source,
+        event_id,
+        user_id,
+        event_type,
+        datetime.fromisoformat(occurred),
+        attributes,
+    )
+
+
+class _Client:
+    """One NATS connection per (process, URL), run on its own event loop thread."""
+
+    _lock = threading.Lock()
+    _clients: dict[str, _Client] = {}
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="nats-client", daemon=True
+        )
+        self._thread.start()
+        self._nc: NATS | None = None
+
+    @classmethod
+    def of(cls, url: str) -> _Client:
+        with cls._lock:
+            found = cls._clients.get(url)
+            if found is None:
+                found = cls._clients[url] = _Client(url)
+            return found
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = _TIMEOUT * 3) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except (TimeoutError, asyncio.TimeoutError) as exc:
+            future.cancel()
+            raise JetStreamUnavailable(f"NATS at {self.url}: no answer in time") from exc
+        except (nats.errors.Error, OSError) as exc:
+            raise JetStreamUnavailable(f"NATS at {self.url}: {exc!r}") from exc
+
+    async def nc(self) -> NATS:
+        if self._nc is None or self._nc.is_closed:
+            self._nc = await nats.connect(
+                self.url,
+                connect_timeout=2,
+                reconnect_time_wait=0.25,
+                max_reconnect_attempts=-1,
+                allow_reconnect=True,
+                pending_size=64 * 1024 * 1024,
+                name="loyalty",
+            )
+        return self._nc
+
+    def close(self) -> None:
+        async def _close() -> None:
+            if self._nc is not None and not self._nc.is_closed:
+                await self._nc.close()
+
+        try:
+            self.run(_close(), 5)
+        finally:
+            with self._lock:
+                if self._clients.get(self.url) is self:
+                    del self._clients[self.url]
+            self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+@dataclass
+class _Reader:
+    """A shard's pull consumer and what it has delivered past ``after``."""
+
+    name: str
+    inbox: str
+    sub: Any
+    after: int  # the stream sequence every buffered/next message follows
+    delivered: int = 0  # the consumer's delivery sequence of the last message taken
+    buffer: list[StoredIngress] = field(default_factory=list)
+
+
+class JetStreamIngressLog:
+    """The ingress log protocol (store; read_after, read_day; pending) on JetStream."""
+
+    def __init__(
+        self,
+        db: Database,
+        url: str,
+        *,
+        stream: str,
+        shard_count: int,
+        max_age: timedelta,
+        duplicate_window: timedelta,
+    ) -> None:
+        self._db = db
+        self._client = _Client.of(url)
+        self.stream = stream
+        self.prefix = subject_prefix(stream)
+        self.shard_count = shard_count
+        self.max_age = max_age
+        self.duplicate_window = duplicate_window
+        self._readers: dict[int, _Reader] = {}
+        self._read_lock = threading.Lock()
+        self._ready = False
+
+    # -- the stream --------------------------------------------------------------------
+    def subject(self, shard: int) -> str:
+        return f"{self.prefix}.{shard}"
+
+    def ensure_stream(self) -> None:
+        if not self._ready:
+            self._client.run(self._ensure_stream())
+            self._ready = True
+
+    async def _ensure_stream(self) -> None:
+        js = (await self._client.nc()).jetstream(timeout=_TIMEOUT)
+        try:
+            await js.stream_info(self.stream)
+            return
+        except nats.js.errors.NotFoundError:
+            pass
+        try:
+            await js.add_stream(
+                name=self.stream,
+                subjects=[f"{self.prefix}.*"],
+                storage=api.StorageType.FILE,
+                retention=api.RetentionPolicy.LIMITS,
+                discard=api.DiscardPolicy.OLD,
+                max_age=self.max_age.total_seconds(),
+                duplicate_window=self.duplicate_window.total_seconds(),
+                allow_direct=True,
+            )
+        except nats.js.errors.BadRequestError:
+            await js.stream_info(self.stream)  # created meanwhile by another process
+
+    def info(self) -> api.StreamInfo:
+        self.ensure_stream()
+
+        async def get() -> api.StreamInfo:
+            js = (await self._client.nc()).jetstream(timeout=_TIMEOUT)
+            return await js.stream_info(self.stream)
+
+        return self._client.run(get())
+
+    def stream_bytes(self) -> tuple[int, int]:
+        """(messages, bytes) the stream holds now."""
+        state = self.info().state
+        return int(state.messages), int(state.bytes)
+
+    # -- store -------------------------------------------------------------------------
+    def append(self, records: Sequence[IngressRecord]) -> int:
+        return self.store(records).inserted
+
+    def store(self, records: Sequence[IngressRecord]) -> Stored:
+        self.ensure_stream()
+        now = datetime.now(UTC)
+        keys = [(r.source, r.event_id) for r in records]
+        prints = [fingerprint(r) for r in records]
+        claimed = self._claim(records, prints, now)
+        others = [i for i, key in enumerate(keys) if key not in claimed]
+        known = self._known([keys[i] for i in others]) if others else {}
+        publish = [i for i, key in enumerate(keys) if key in claimed]
+        not_stored: dict[int, bool] = {}
+        stale: list[int] = []
+        for i in others:
+            fp, seq, claimed_at = known[keys[i]]
+            if seq is not None or fp != prints[i]:
+                not_stored[i] = fp != prints[i]
+            elif now - claimed_at < self.duplicate_window - timedelta(seconds=_PUBLISH_TIMEOUT):
+                publish.append(i)  # in flight elsewhere, or its API died: same Nats-Msg-Id
+            else:
+                stale.append(i)
+        if stale:  # past JetStream's window: look for the message itself
+            found = self._find_published([records[i] for i in stale], known)
+            for i in stale:
+                if keys[i] in found:
+                    not_stored[i] = False
+                else:
+                    publish.append(i)
+            self._confirm({keys[i]: seq for i in stale if (seq := found.get(keys[i]))})
+        publish.sort()
+        acks = self._client.run(self._publish([records[i] for i in publish]), _PUBLISH_TIMEOUT * 2)
+        inserted = 0
+        confirmed: dict[tuple[str, str], int] = {}
+        for i, (seq, duplicate) in zip(publish, acks, strict=True):
+            confirmed[keys[i]] = seq
+            if duplicate:
+                not_stored[i] = False
+            else:
+                inserted += 1
+        self._confirm(confirmed)
+        return Stored(inserted, not_stored)
+
+    def _claim(
+        self, records: Sequence[IngressRecord], prints: list[int], now: datetime
+    ) -> set[tuple[str, str]]:
+        rows = [
+            {
+                "source": r.source,
+                "event_id": r.event_id,
+                "day": r.occurred_at.astimezone(UTC).date(),
+                "shard": r.shard,
+                "fingerprint": fp,
+                "seq": None,
+                "claimed_at": now,
+            }
+            for r, fp in zip(records, prints, strict=True)
+        ]
+        claimed: set[tuple[str, str]] = set()
+        insert = (
+            sa.dialects.postgresql.insert
+            if self._db.backend == "postgresql"
+            else sa.dialects.sqlite.insert
+        )
+        k = stream_ingress_keys.c
+        with self._db.write() as conn:
+            for start in range(0, len(rows), _KEY_CHUNK // 8):
+                stmt = (
+                    insert(stream_ingress_keys)
+                    .values(rows[start : start + _KEY_CHUNK // 8])
+                    .on_conflict_do_nothing()
+                    .returning(k.source, k.event_id)
+                )
+                claimed.update((s, e) for s, e in conn.execute(stmt))
+        return claimed
+
+    def _known(
+        self, keys: list[tuple[str, str]]
+    ) -> dict[tuple[str, str], tuple[int, int | None, datetime]]:
+        k = stream_ingress_keys.c
+        found: dict[tuple[str, str], tuple[int, int | None, datetime]] = {}
+        with self._db.read() as conn:
+            for start in range(0, len(keys), _KEY_CHUNK // 2):
+                chunk = keys[start : start + _KEY_CHUNK // 2]
+                rows = conn.execute(
+                    sa.select(k.source, k.event_id, k.fingerprint, k.seq, k.claimed_at).where(
+                        sa.tuple_(k.source, k.event_id).in_(chunk)
+                    )
+                )
+                for s, e, fp, seq, at in rows:
+                    at = at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+                    found[(s, e)] = (int(fp), None if seq is None else int(seq), at)
+        return found
+
+    def _confirm(self, seqs: dict[tuple[str, str], int]) -> None:
+        if not seqs:
+            return
+        k = stream_ingress_keys.c
+        stmt = (
+            stream_ingress_keys.update()
+            .where(k.source == sa.bindparam("s"), k.event_id == sa.bindparam("e"))
+            .values(seq=sa.bindparam("q"))
+        )
+        with self._db.write() as conn:
+            conn.execute(stmt, [{"s": s, "e": e, "q": q} for (s, e), q in seqs.items()])
+
+    async def _publish(self, records: Sequence[IngressRecord]) -> list[tuple[int, bool]]:
+        """Publish and wait for every ack: (stream sequence, duplicate) per record."""
+        if not records:
+            return []
+        nc = await self._client.nc()
+        inbox = nc.new_inbox()
+        acks: list[Any] = [None] * len(records)
+        done = asyncio.get_running_loop().create_future()
+        left = len(records)
+
+        async def on_ack(msg: Msg) -> None:
+            nonlocal left
+            index = int(msg.subject.rsplit(".", 1)[1])
+            if acks[index] is None:
+                acks[index] = orjson.loads(msg.data)
+                left -= 1
+                if left == 0 and not done.done():
+                    done.set_result(None)
+
+        sub = await nc.subscribe(f"{inbox}.*", cb=on_ack, pending_msgs_limit=-1)
+        try:
+            for index, r in enumerate(records):
+                await nc.publish(
+                    self.subject(r.shard),
+                    encode(r),
+                    reply=f"{inbox}.{index}",
+                    headers={"Nats-Msg-Id": msg_id(r.source, r.event_id)},
+                )
+            await nc.flush(_TIMEOUT)
+            await asyncio.wait_for(done, _PUBLISH_TIMEOUT)
+        finally:
+            await sub.unsubscribe()
+        result = []
+        for ack in acks:
+            if "error" in ack:
+                raise JetStreamUnavailable(f"JetStream refused a message: {ack['error']}")
+            result.append((int(ack["seq"]), bool(ack.get("duplicate", False))))
+        return result
+
+    def _find_published(
+        self,
+        records: Sequence[IngressRecord],
+        known: dict[tuple[str, str], tuple[int, int | None, datetime]],
+    ) -> dict[tuple[str, str], int]:
+        """Of records whose claim is older than the duplicate window and was never
+        confirmed, those whose message is in the stream: scanned per shard from the
+        oldest claim on (a message is stored at most the publish timeout after its
+        claim)."""
+        found: dict[tuple[str, str], int] = {}
+        by_shard: dict[int, list[IngressRecord]] = {}
+        for r in records:
+            by_shard.setdefault(r.shard, []).append(r)
+        for shard, group in by_shard.items():
+            wanted = {(r.source, r.event_id) for r in group}
+            since = min(known[key][2] for key in wanted) - timedelta(seconds=1)
+            until = max(known[key][2] for key in wanted) + timedelta(
+                seconds=_PUBLISH_TIMEOUT * 3
+            )
+            for row, stored_at in self._client.run(self._scan(shard, since, until), 600):
+                if (row.source, row.event_id) in wanted and stored_at <= until:
+                    found.setdefault((row.source, row.event_id), row.seq)
+        return found
+
+    # -- read --------------------------------------------------------------------------
+    def read_after(
+        self, shard: int, after: Position, limit: int, upto: Position | None = None
+    ) -> list[StoredIngress]:
+        """Messages of ``shard`` past ``after`` (and up to ``upto``), in stream order."""
+        self.ensure_stream()
+        last = upto[1] if upto is not None else 2**62
+        with self._read_lock:
+            try:
+                return self._client.run(self._read(shard, after[1], limit, last))
+            except JetStreamUnavailable:
+                self._drop(shard)
+                raise
+
+    def _drop(self, shard: int) -> None:
+        reader = self._readers.pop(shard, None)
+        if reader is not None:
+            self._client.loop.call_soon_threadsafe(
+                lambda: asyncio.ensure_future(self._close_reader(reader))
+            )
+
+    async def _close_reader(self, reader: _Reader) -> None:
+        try:
+            await reader.sub.unsubscribe()
+            js = (await self._client.nc()).jetstream(timeout=_TIMEOUT)
+            await js.delete_consumer(self.stream, reader.name)
+        except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
+            # the consumer is in memory, AckNone and inactive: the server drops it soon
+            log.debug("leaving consumer %s to expire: %r", reader.name, exc)
+
+    async def _open(self, shard: int, after: int) -> _Reader:
+        nc = await self._client.nc()
+        js = nc.jetstream(timeout=_TIMEOUT)
+        info = await js.add_consumer(
+            self.stream,
+            api.ConsumerConfig(
+                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=after + 1,
+                ack_policy=api.AckPolicy.NONE,
+                filter_subject=self.subject(shard),
+                inactive_threshold=300.0,
+                mem_storage=True,
+                max_waiting=16,
+            ),
+        )
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox, pending_msgs_limit=-1, pending_bytes_limit=-1)
+        return _Reader(info.name, inbox, sub, after)
+
+    async def _read(self, shard: int, after: int, limit: int, upto: int) -> list[StoredIngress]:
+        reader = self._readers.get(shard)
+        if reader is not None and after < reader.after:
+            self._readers.pop(shard)
+            await self._close_reader(reader)
+            reader = None
+        if reader is None:
+            reader = self._readers[shard] = await self._open(shard, after)
+        rows: list[StoredIngress] = []
+        # what was delivered before and not returned yet (past ``upto`` then)
+        keep = [r for r in reader.buffer if r.seq > after]
+        reader.buffer = []
+        for row in keep:
+            if len(rows) < limit and row.seq <= upto:
+                rows.append(row)
+            else:
+                reader.buffer.append(row)
+        while len(rows) < limit and not reader.buffer and (not rows or rows[-1].seq < upto):
+            got = await self._pull(reader, shard, min(_FETCH, limit - len(rows)))
+            if not got:
+                break
+            for row in got:
+                if row.seq <= after:
+                    continue
+                if len(rows) < limit and row.seq <= upto:
+                    rows.append(row)
+                else:
+                    reader.buffer.append(row)
+        reader.after = rows[-1].seq if rows else max(after, reader.after)
+        return rows
+
+    async def _pull(self, reader: _Reader, shard: int, batch: int) -> list[StoredIngress]:
+        """One no-wait pull: what the consumer has now, up to ``batch`` messages."""
+        nc = await self._client.nc()
+        await nc.publish(
+            f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{reader.name}",
+            orjson.dumps({"batch": batch, "no_wait": True}),
+            reply=reader.inbox,
+        )
+        rows: list[StoredIngress] = []
+        while len(rows) < batch:
+            try:
+                msg = await reader.sub.next_msg(timeout=_TIMEOUT)
+            except nats.errors.TimeoutError as exc:
+                raise self._broken(shard, "no answer to a pull") from exc
+            if not msg.data and msg.headers and "Status" in msg.headers:
+                status = msg.headers["Status"]
+                if status in ("404", "408"):
+                    break  # no more messages now / request done
+                raise self._broken(shard, f"pull status {status}")
+            meta = msg.metadata
+            if meta.sequence.consumer != reader.delivered + 1:
+                raise self._broken(shard, "a delivery was skipped")
+            reader.delivered = meta.sequence.consumer
+            rows.append(decode(meta.sequence.stream, shard, msg.data))
+        return rows
+
+    def _broken(self, shard: int, why: str) -> JetStreamUnavailable:
+        reader = self._readers.pop(shard, None)
+        if reader is not None:
+            asyncio.ensure_future(self._close_reader(reader))
+        return JetStreamUnavailable(f"shard {shard}: {why}; reading again from the checkpoint")
+
+    async def _scan(
+        self, shard: int, since: datetime | None, until: datetime | None, start_seq: int = 0
+    ) -> list[tuple[StoredIngress, datetime]]:
+        """Every message of ``shard`` stored from ``since`` (or from ``start_seq``) until
+        one stored after ``until`` (or the end), with the time it was stored."""
+        nc = await self._client.nc()
+        js = nc.jetstream(timeout=_TIMEOUT)
+        config = api.ConsumerConfig(
+            ack_policy=api.AckPolicy.NONE,
+            filter_subject=self.subject(shard),
+            inactive_threshold=60.0,
+            mem_storage=True,
+        )
+        if since is not None:
+            config.deliver_policy = api.DeliverPolicy.BY_START_TIME
+            config.opt_start_time = since.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        elif start_seq:
+            config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
+            config.opt_start_seq = start_seq
+        else:
+            config.deliver_policy = api.DeliverPolicy.ALL
+        info = await js.add_consumer(self.stream, config)
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox, pending_msgs_limit=-1, pending_bytes_limit=-1)
+        out: list[tuple[StoredIngress, datetime]] = []
+        try:
+            while True:
+                await nc.publish(
+                    f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{info.name}",
+                    orjson.dumps({"batch": _FETCH, "no_wait": True}),
+                    reply=inbox,
+                )
+                got = 0
+                while True:
+                    msg = await sub.next_msg(timeout=_TIMEOUT)
+                    if not msg.data and msg.headers and "Status" in msg.headers:
+                        break
+                    got += 1
+                    meta = msg.metadata
+                    stored_at = meta.timestamp
+                    out.append((decode(meta.sequence.stream, shard, msg.data), stored_at))
+                    if until is not None and stored_at > until:
+                        return out
+                    if got == _FETCH:
+                        break
+                if got < _FETCH:
+                    return out
+        finally:
+            await sub.unsubscribe()
+            try:
+                await js.delete_consumer(self.stream, info.name)
+            except nats.js.errors.NotFoundError:
+                pass
+
+    def read_day(
+        self,
+        day: date,
+        shard: int,
+        after: Position,
+        limit: int,
+        received_before: datetime | None = None,
+    ) -> list[StoredIngress]:
+        """Messages of ``shard`` that occurred on ``day`` past ``after`` (the rule dry
+        run's read: a scan of the shard's subject)."""
+        self.ensure_stream()
+        found = self._client.run(self._scan(shard, None, None, after[1] + 1), 600)
+        rows = [
+            row
+            for row, stored_at in found
+            if row.seq > after[1]
+            and row.occurred_at.astimezone(UTC).date() == day
+            and (received_before is None or stored_at < received_before)
+        ]
+        return rows[:limit]
+
+    # -- the backlog ---------------------------------------------------------------------
+    def pending_stats(self, positions: dict[int, Position]) -> tuple[int, datetime | None]:
+        """Messages past each shard's checkpoint and when the oldest was stored."""
+        self.ensure_stream()
+        return self._client.run(self._pending(positions))
+
+    async def _pending(self, positions: dict[int, Position]) -> tuple[int, datetime | None]:
+        js = (await self._client.nc()).jetstream(timeout=_TIMEOUT)
+        total, oldest = 0, None
+        for shard in range(self.shard_count):
+            after = positions.get(shard, (0, 0))[1]
+            try:
+                msg = await js.get_msg(
+                    self.stream, seq=after + 1, subject=self.subject(shard), next=True
+                )
+            except nats.js.errors.NotFoundError:
+                continue
+            info = await js.add_consumer(
+                self.stream,
+                api.ConsumerConfig(
+                    deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                    opt_start_seq=after + 1,
+                    ack_policy=api.AckPolicy.NONE,
+                    filter_subject=self.subject(shard),
+                    inactive_threshold=10.0,
+                    mem_storage=True,
+                ),
+            )
+            total += int(info.num_pending or 0)
+            await js.delete_consumer(self.stream, info.name)
+            stored = msg.time
+            if stored is not None and (oldest is None or stored < oldest):
+                oldest = stored
+        return total, oldest
+
+    # -- forget-me -----------------------------------------------------------------------
+    def erase_member(self, user_id: str, before: datetime) -> int:
+        """Delete the member's messages that occurred by ``before`` from the stream
+        (JetStream's message delete, which overwrites the message in its block: secure
+        erase) and their keys; returns how many. The member's shard is scanned."""
+        self.ensure_stream()
+        shard = shard_of(user_id, self.shard_count)
+        found = self._client.run(self._scan(shard, None, None), 3600)
+        gone = [
+            row for row, _ in found if row.user_id == user_id and row.occurred_at <= before
+        ]
+        self._client.run(self._delete([row.seq for row in gone]), 3600)
+        keys = [(row.source, row.event_id) for row in gone]
+        k = stream_ingress_keys.c
+        with self._db.write() as conn:
+            for start in range(0, len(keys), _KEY_CHUNK // 2):
+                conn.execute(
+                    stream_ingress_keys.delete().where(
+                        sa.tuple_(k.source, k.event_id).in_(keys[start : start + _KEY_CHUNK // 2])
+                    )
+                )
+        return len(gone)
+
+    async def _delete(self, seqs: Iterable[int]) -> None:
+        js = (await self._client.nc()).jetstream(timeout=_TIMEOUT)
+        for seq in seqs:
+            try:
+                await js.delete_msg(self.stream, seq)  # no_erase unset: overwritten
+            except nats.js.errors.NotFoundError:
+                pass  # gone already (max_age, or an earlier run)
+
+    # -- retention -----------------------------------------------------------------------
+    def hold(self, oldest_unprocessed: datetime | None, now: datetime) -> timedelta:
+        """Keep every unprocessed message: the stream's max_age is raised past the
+        oldest one (plus a day) when the configured age would reach it, and set back
+        when the pipeline has caught up. Returns the max_age now in force."""
+        info = self.info()
+        configured = self.max_age
+        wanted = configured
+        if oldest_unprocessed is not None:
+            needed = now - oldest_unprocessed + timedelta(days=1)
+            wanted = max(configured, needed)
+        current = timedelta(seconds=float(info.config.max_age or 0))
+        if abs((current - wanted).total_seconds()) > 60 and (
+            wanted > current or current > configured
+        ):
+            target = wanted if wanted > configured else configured
+
+            async def update() -> None:
+                js = (await self._client.nc()).jetstream(timeout=_TIMEOUT)
+                config = info.config
+                config.max_age = target.total_seconds()
+                await js.update_stream(config)
+
+            self._client.run(update())
+            if target > configured:
+                log.error(
+                    "ingress stream %s: unprocessed events from %s would expire: "
+                    "max_age held at %s (configured %s) until the pipeline catches up",
+                    self.stream,
+                    oldest_unprocessed,
+                    target,
+                    configured,
+                )
+            else:
+                log.warning("ingress stream %s: max_age back to %s", self.stream, configured)
+            return target
+        return current
+
+    def delete_keys_before(self, day: date) -> int:
+        """Retention of the key table: the keys of days before ``day``."""
+        with self._db.write() as conn:
+            return int(
+                conn.execute(
+                    stream_ingress_keys.delete().where(stream_ingress_keys.c.day < day)
+                ).rowcount
+            )
+
+    def close_readers(self) -> None:
+        with self._read_lock:
+            for shard in list(self._readers):
+                self._drop(shard)
+
+
+def wait_for_stream(log_: JetStreamIngressLog, seconds: float) -> None:
+    """Wait until the stream answers (tests and start-up)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            log_.info()
+            return
+        except JetStreamUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def jetstream_log(db: Database) -> JetStreamIngressLog:
+    """The JetStream ingress log of ``db``'s settings (``ingress_url``, ``ingress_stream``;
+    max_age: the retention window plus a day, like the database's day partitions)."""
+    settings = db.settings
+    return JetStreamIngressLog(
+        db,
+        settings.ingress_url,
+        stream=settings.ingress_stream,
+        shard_count=settings.shard_count,
+        max_age=timedelta(days=settings.retention_days + 1),
+        duplicate_window=timedelta(seconds=settings.ingress_duplicate_window_seconds),
+    )
