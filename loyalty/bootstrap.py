@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -88,7 +88,7 @@ def ingress_log(db: Database) -> PostgresIngressLog | SqliteIngressLog | JetStre
 
 def backlog_of(
     db: Database,
-) -> Callable[[dict[int, tuple[int, int]]], tuple[int, datetime | None]]:
+) -> Callable[[Mapping[int, tuple[int, int]]], tuple[int, datetime | None]]:
     """Ingress events past the given checkpoints, and when the oldest arrived."""
     if db.settings.ingress_url:
         stream = jetstream_log(db)

@@ -69,6 +69,11 @@ class JetStreamUnavailable(DatabaseUnavailable):
     """The NATS server cannot be reached or did not answer (HTTP 503; the loops retry)."""
 
 
+def sqlite_stamp(moment: datetime) -> str:
+    """How SQLAlchemy stores a DateTime on SQLite (so the table's reads parse it)."""
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
+
+
 def subject_prefix(stream: str) -> str:
     return stream.lower()
 
@@ -140,7 +145,7 @@ class _Client:
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return future.result(timeout)
-        except (TimeoutError, asyncio.TimeoutError) as exc:
+        except TimeoutError as exc:
             future.cancel()
             raise JetStreamUnavailable(f"NATS at {self.url}: no answer in time") from exc
         except (nats.errors.Error, OSError) as exc:
@@ -156,8 +161,20 @@ class _Client:
                 allow_reconnect=True,
                 pending_size=64 * 1024 * 1024,
                 name="loyalty",
+                error_cb=self._error,
+                disconnected_cb=self._disconnected,
+                reconnected_cb=self._reconnected,
             )
         return self._nc
+
+    async def _error(self, exc: Exception) -> None:
+        log.debug("NATS at %s: %r", self.url, exc)  # the callers' errors say it
+
+    async def _disconnected(self) -> None:
+        log.warning("NATS at %s: disconnected, reconnecting", self.url)
+
+    async def _reconnected(self) -> None:
+        log.warning("NATS at %s: reconnected", self.url)
 
     def close(self) -> None:
         async def _close() -> None:
@@ -300,35 +317,40 @@ class JetStreamIngressLog:
     def _claim(
         self, records: Sequence[IngressRecord], prints: list[int], now: datetime
     ) -> set[tuple[str, str]]:
-        rows = [
-            {
-                "source": r.source,
-                "event_id": r.event_id,
-                "day": r.occurred_at.astimezone(UTC).date(),
-                "shard": r.shard,
-                "fingerprint": fp,
-                "seq": None,
-                "claimed_at": now,
-            }
-            for r, fp in zip(records, prints, strict=True)
-        ]
-        claimed: set[tuple[str, str]] = set()
-        insert = (
-            sa.dialects.postgresql.insert
-            if self._db.backend == "postgresql"
-            else sa.dialects.sqlite.insert
-        )
-        k = stream_ingress_keys.c
+        """Claim the batch's keys (one statement, the rows as one JSON document);
+        returns those claimed now (new)."""
+        rows = orjson.dumps(
+            [
+                [
+                    r.source,
+                    r.event_id,
+                    r.occurred_at.astimezone(UTC).date().isoformat(),
+                    r.shard,
+                    fp,
+                ]
+                for r, fp in zip(records, prints, strict=True)
+            ]
+        ).decode()
+        if self._db.backend == "postgresql":
+            statement = (
+                "INSERT INTO stream_ingress_keys "
+                "(source, event_id, day, shard, fingerprint, claimed_at) "
+                "SELECT e->>0, e->>1, (e->>2)::date, (e->>3)::smallint, (e->>4)::bigint, %s "
+                "FROM jsonb_array_elements(%s::text::jsonb) AS e "
+                "ON CONFLICT DO NOTHING RETURNING source, event_id"
+            )
+            params: tuple[Any, ...] = (now, rows)
+        else:
+            statement = (
+                "INSERT INTO stream_ingress_keys "
+                "(source, event_id, day, shard, fingerprint, claimed_at) "
+                "SELECT value->>0, value->>1, value->>2, value->>3, value->>4, ? "
+                "FROM json_each(?) WHERE true "
+                "ON CONFLICT DO NOTHING RETURNING source, event_id"
+            )
+            params = (sqlite_stamp(now), rows)
         with self._db.write() as conn:
-            for start in range(0, len(rows), _KEY_CHUNK // 8):
-                stmt = (
-                    insert(stream_ingress_keys)
-                    .values(rows[start : start + _KEY_CHUNK // 8])
-                    .on_conflict_do_nothing()
-                    .returning(k.source, k.event_id)
-                )
-                claimed.update((s, e) for s, e in conn.execute(stmt))
-        return claimed
+            return {(s, e) for s, e in conn.exec_driver_sql(statement, params)}
 
     def _known(
         self, keys: list[tuple[str, str]]
@@ -349,16 +371,23 @@ class JetStreamIngressLog:
         return found
 
     def _confirm(self, seqs: dict[tuple[str, str], int]) -> None:
+        """Note the acknowledged stream sequence of claimed keys (one statement)."""
         if not seqs:
             return
-        k = stream_ingress_keys.c
-        stmt = (
-            stream_ingress_keys.update()
-            .where(k.source == sa.bindparam("s"), k.event_id == sa.bindparam("e"))
-            .values(seq=sa.bindparam("q"))
-        )
+        rows = orjson.dumps([[s, e, q] for (s, e), q in seqs.items()]).decode()
+        if self._db.backend == "postgresql":
+            statement = (
+                "UPDATE stream_ingress_keys k SET seq = (e->>2)::bigint "
+                "FROM jsonb_array_elements(%s::text::jsonb) AS e "
+                "WHERE k.source = e->>0 AND k.event_id = e->>1"
+            )
+        else:
+            statement = (
+                "UPDATE stream_ingress_keys SET seq = value->>2 FROM json_each(?) "
+                "WHERE source = value->>0 AND event_id = value->>1"
+            )
         with self._db.write() as conn:
-            conn.execute(stmt, [{"s": s, "e": e, "q": q} for (s, e), q in seqs.items()])
+            conn.exec_driver_sql(statement, (rows,))
 
     async def _publish(self, records: Sequence[IngressRecord]) -> list[tuple[int, bool]]:
         """Publish and wait for every ack: (stream sequence, duplicate) per record."""
@@ -388,7 +417,7 @@ class JetStreamIngressLog:
                     reply=f"{inbox}.{index}",
                     headers={"Nats-Msg-Id": msg_id(r.source, r.event_id)},
                 )
-            await nc.flush(_TIMEOUT)
+            await nc.flush(int(_TIMEOUT))
             await asyncio.wait_for(done, _PUBLISH_TIMEOUT)
         finally:
             await sub.unsubscribe()
@@ -415,9 +444,7 @@ class JetStreamIngressLog:
         for shard, group in by_shard.items():
             wanted = {(r.source, r.event_id) for r in group}
             since = min(known[key][2] for key in wanted) - timedelta(seconds=1)
-            until = max(known[key][2] for key in wanted) + timedelta(
-                seconds=_PUBLISH_TIMEOUT * 3
-            )
+            until = max(known[key][2] for key in wanted) + timedelta(seconds=_PUBLISH_TIMEOUT * 3)
             for row, stored_at in self._client.run(self._scan(shard, since, until), 600):
                 if (row.source, row.event_id) in wanted and stored_at <= until:
                     found.setdefault((row.source, row.event_id), row.seq)
@@ -449,7 +476,7 @@ class JetStreamIngressLog:
             await reader.sub.unsubscribe()
             js = (await self._client.nc()).jetstream(timeout=_TIMEOUT)
             await js.delete_consumer(self.stream, reader.name)
-        except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
             # the consumer is in memory, AckNone and inactive: the server drops it soon
             log.debug("leaving consumer %s to expire: %r", reader.name, exc)
 
@@ -550,7 +577,7 @@ class JetStreamIngressLog:
         )
         if since is not None:
             config.deliver_policy = api.DeliverPolicy.BY_START_TIME
-            config.opt_start_time = since.astimezone(UTC).isoformat().replace("+00:00", "Z")
+            config.opt_start_time = since.astimezone(UTC)
         elif start_seq:
             config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
             config.opt_start_seq = start_seq
@@ -653,9 +680,7 @@ class JetStreamIngressLog:
         self.ensure_stream()
         shard = shard_of(user_id, self.shard_count)
         found = self._client.run(self._scan(shard, None, None), 3600)
-        gone = [
-            row for row, _ in found if row.user_id == user_id and row.occurred_at <= before
-        ]
+        gone = [row for row, _ in found if row.user_id == user_id and row.occurred_at <= before]
         self._client.run(self._delete([row.seq for row in gone]), 3600)
         keys = [(row.source, row.event_id) for row in gone]
         k = stream_ingress_keys.c
@@ -727,6 +752,14 @@ class JetStreamIngressLog:
         with self._read_lock:
             for shard in list(self._readers):
                 self._drop(shard)
+
+
+def close_client(url: str) -> None:
+    """Close the process's connection to ``url`` (tests: before their server goes)."""
+    with _Client._lock:
+        found = _Client._clients.get(url)
+    if found is not None:
+        found.close()
 
 
 def wait_for_stream(log_: JetStreamIngressLog, seconds: float) -> None:
