@@ -31,6 +31,7 @@ from loyalty.adapters.ingress_log import (
 )
 from loyalty.adapters.keys import KeyStore
 from loyalty.adapters.nats_log import JetStreamIngressLog, jetstream_log
+from loyalty.adapters.nats_retention import JetStreamRetentionStore
 from loyalty.adapters.pending_store import PendingTable
 from loyalty.adapters.pipeline_store import PipelineStore, ShardLeases
 from loyalty.adapters.read_models import ReadModels
@@ -60,7 +61,7 @@ from loyalty.application.pipeline import LagProbe, Pipeline, Worker
 from loyalty.application.pipeline_status import PipelineStatus
 from loyalty.application.projections import MemberProjection
 from loyalty.application.reporting import DayReport, RollupReader, daily_report
-from loyalty.application.retention import Retention
+from loyalty.application.retention import Retention, RetentionStore
 from loyalty.application.rule_book import RuleBook
 from loyalty.config import Settings
 from loyalty.domain.errors import MemberBeingErased
@@ -283,9 +284,10 @@ def build_projection(
 def build_retention(db: Database, *, metrics: Metrics | None = None) -> Retention:
     """Retention over this database (the lease keeps two processes from running it at
     once)."""
-    return Retention(
-        create_retention_store(db), retention_days=db.settings.retention_days, metrics=metrics
-    )
+    store: RetentionStore = create_retention_store(db)
+    if db.settings.ingress_url:  # the stream expires by max_age; keys and the hold here
+        store = JetStreamRetentionStore(db, jetstream_log(db), create_retention_store(db))
+    return Retention(store, retention_days=db.settings.retention_days, metrics=metrics)
 
 
 def build_expiry(

@@ -269,3 +269,30 @@ def test_jetstream_log_is_chosen_by_the_url(js_db: Database) -> None:
     from loyalty.bootstrap import ingress_log
 
     assert isinstance(ingress_log(js_db), JetStreamIngressLog)
+
+
+def test_retention_keeps_the_keys_of_an_unprocessed_day(js_db: Database) -> None:
+    from loyalty.bootstrap import build_retention
+
+    log = jetstream_log(js_db)
+    old = datetime.now(UTC) - timedelta(days=10)
+    records = [
+        IngressRecord(shard_of(f"u{i}", 16), "src", f"old{i}", f"u{i}", "logged_on", old, "{}")
+        for i in range(20)
+    ]
+    log.store(records)
+    retention = build_retention(js_db)
+    report = retention.run(datetime.now(UTC))
+    assert [(k.day, k.unprocessed_rows) for k in report.kept] == [(old.date(), 20)]
+
+    def keys() -> int:
+        with js_db.read() as conn:
+            return int(
+                conn.execute(sa.text("SELECT count(*) FROM stream_ingress_keys")).scalar_one()
+            )
+
+    assert keys() == 20  # a resend is still a duplicate while the day is kept
+    drain_with(build_pipeline(js_db), js_db)
+    report = retention.run(datetime.now(UTC))
+    assert report.kept == [] and keys() == 0
+    assert log.stream_bytes()[0] == 20  # the messages go by max_age, not by retention
