@@ -18,6 +18,7 @@ from datetime import timedelta
 import httpx
 import orjson
 import pytest
+import sqlalchemy as sa
 
 from loyalty.adapters.db import Database
 from loyalty.adapters.nats_log import JetStreamUnavailable, jetstream_log
@@ -131,11 +132,12 @@ def test_kill_9_of_workers_and_of_the_nats_server_counts_each_event_once(
 def test_kill_9_of_an_api_mid_publish_then_resends_count_each_event_once(
     settings: Settings, nats_server: NatsServer
 ) -> None:
-    """Batches sent to ``serve --no-worker`` while it is killed -9 now and then: a batch
-    without an answer is sent again (to the restarted API), as a client does; every
+    """``serve --no-worker`` killed -9 while it publishes a batch (as soon as the first
+    of its messages is in the stream, before its acks are all in and its keys confirmed),
+    three times; the client sends every unanswered batch again to a new API: every
     event ends up in the stream and on the account once."""
     js = on_jetstream(settings, nats_server)
-    events = make_events(12_000, 150, seed=23)
+    events = make_events(16_000, 150, seed=23)
     wire = [
         {
             "event_id": e.event_id,
@@ -146,63 +148,67 @@ def test_kill_9_of_an_api_mid_publish_then_resends_count_each_event_once(
         }
         for e in events
     ]
-    batches = [wire[i : i + 1500] for i in range(0, len(wire), 1500)]
+    batches = [wire[i : i + 4000] for i in range(0, len(wire), 4000)]
     key = create_key(js.database_url, "ingest", "src")
     auth = {"Authorization": f"Bearer {key}"}
-    answered: set[int] = set()
-    resent_dupes: list[int] = []  # per answered batch: events stored by an earlier try
-    kills = 0
-    rnd = random.Random(3)
-    while len(answered) < len(batches):
-        with serve_process(js.database_url, "--no-worker", **js_env(js)) as server:
-            stop = threading.Event()
-
-            def send(base: str = server.base, stop: threading.Event = stop) -> None:
-                with httpx.Client(base_url=base, timeout=30) as http:
-                    for i, batch in enumerate(batches):
-                        if stop.is_set():
-                            return
-                        if i in answered:
-                            continue
-                        try:
-                            r = http.post(
-                                "/v1/ingress/batches", json={"events": batch}, headers=auth
-                            )
-                        except httpx.TransportError:
-                            return  # the API died under the request: sent again later
-                        if r.status_code == 202:
-                            answered.add(i)
-                            resent_dupes.append(r.json()["duplicates"])
-
-            sender = threading.Thread(target=send)
-            sender.start()
-            if kills < 4:
-                time.sleep(rnd.uniform(0.3, 1.5))
-                os.kill(server.proc.pid, signal.SIGKILL)
-                kills += 1
-            sender.join(120)
-            stop.set()
-    # a client that never got an answer for a batch that was stored, resending it later,
-    # and one resending a batch it did get an answer for: both all duplicates
-    with serve_process(js.database_url, "--no-worker", **js_env(js)) as server:
-        r = httpx.post(
-            server.base + "/v1/ingress/batches",
-            json={"events": batches[0]},
-            headers=auth,
-            timeout=30,
-        )
-        assert r.status_code == 202 and r.json()["accepted"] == 0
     db = Database(js)
+    stream = jetstream_log(db)
+
+    def unconfirmed() -> int:
+        with db.read() as conn:
+            return int(
+                conn.execute(
+                    sa.text("SELECT count(*) FROM stream_ingress_keys WHERE seq IS NULL")
+                ).scalar_one()
+            )
+
     try:
-        assert jetstream_log(db).stream_bytes()[0] == len(events)
+        left_unconfirmed, partial = [], []
+        for batch in batches[:3]:
+            before = stream.stream_bytes()[0]
+            with serve_process(js.database_url, "--no-worker", **js_env(js)) as server:
+
+                def send(base: str = server.base, batch: list[dict[str, object]] = batch) -> None:
+                    try:
+                        httpx.post(
+                            base + "/v1/ingress/batches",
+                            json={"events": batch},
+                            headers=auth,
+                            timeout=60,
+                        )
+                    except httpx.TransportError:
+                        pass  # killed under the request: no answer, as expected
+
+                sender = threading.Thread(target=send)
+                sender.start()
+                deadline = time.monotonic() + 60
+                while stream.stream_bytes()[0] == before:  # the publish has begun
+                    assert time.monotonic() < deadline, "the batch never reached the stream"
+                    time.sleep(0.002)
+                os.kill(server.proc.pid, signal.SIGKILL)
+                sender.join(60)
+            left_unconfirmed.append(unconfirmed())
+            partial.append(stream.stream_bytes()[0] - before)
+        # the kills landed mid-publish: claims left unconfirmed every time
+        assert all(left_unconfirmed), (left_unconfirmed, partial)
+        with (
+            serve_process(js.database_url, "--no-worker", **js_env(js)) as server,
+            httpx.Client(base_url=server.base, timeout=60) as http,
+        ):
+            for batch in batches:  # every batch: the killed three again, and the rest
+                r = http.post("/v1/ingress/batches", json={"events": batch}, headers=auth)
+                assert r.status_code == 202
+                assert r.json()["accepted"] + r.json()["duplicates"] == len(batch)
+                assert r.json()["conflicts"] == 0
+            # a resend of a batch that was answered: all duplicates
+            r = http.post("/v1/ingress/batches", json={"events": batches[-1]}, headers=auth)
+            assert r.json()["accepted"] == 0
+        assert unconfirmed() == 0
+        assert stream.stream_bytes()[0] == len(events)
         with worker(js):
             wait_until_drained(js, len(events))
         want = expected(events)
         assert balances(js, sorted(want)) == want
-        assert kills == 4
-        print(
-            "batches answered with duplicates (stored before their API died):",
-            [d for d in resent_dupes if d],
-        )
+        print("stored of each killed batch before the kill:", partial)
     finally:
         db.dispose()
