@@ -200,6 +200,20 @@ class _Reader:
     after: int  # the stream sequence every buffered/next message follows
     delivered: int = 0  # the consumer's delivery sequence of the last message taken
     buffer: list[StoredIngress] = field(default_factory=list)
+    received: list[Msg] = field(default_factory=list)  # of the pull under way
+    expect: int = 0  # messages the pull under way asked for
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def _sequences(msg: Msg) -> tuple[int, int]:
+    """(stream, consumer delivery) sequences of a JetStream message, from its reply
+    subject ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<time>.<pending>``
+    (split here: nats-py's ``metadata`` builds objects per message)."""
+    tokens = msg.reply.split(".")
+    if len(tokens) == 9:
+        return int(tokens[5]), int(tokens[6])
+    meta = msg.metadata  # the longer form (with a domain and account hash)
+    return meta.sequence.stream, meta.sequence.consumer
 
 
 class JetStreamIngressLog:
@@ -496,8 +510,22 @@ class JetStreamIngressLog:
             ),
         )
         inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox, pending_msgs_limit=-1, pending_bytes_limit=-1)
-        return _Reader(info.name, inbox, sub, after)
+        reader = _Reader(info.name, inbox, None, after)
+
+        async def on_msg(msg: Msg) -> None:
+            # a status (404 no messages, 408 request done, or an error) ends the pull
+            if not msg.data and msg.headers and "Status" in msg.headers:
+                reader.received.append(msg)
+                reader.ended.set()
+                return
+            reader.received.append(msg)
+            if len(reader.received) >= reader.expect:
+                reader.ended.set()  # all it asked for: the server sends no status then
+
+        reader.sub = await nc.subscribe(
+            inbox, cb=on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1
+        )
+        return reader
 
     async def _read(self, shard: int, after: int, limit: int, upto: int) -> list[StoredIngress]:
         reader = self._readers.get(shard)
@@ -531,29 +559,36 @@ class JetStreamIngressLog:
         return rows
 
     async def _pull(self, reader: _Reader, shard: int, batch: int) -> list[StoredIngress]:
-        """One no-wait pull: what the consumer has now, up to ``batch`` messages."""
+        """One no-wait pull: what the consumer has now, up to ``batch`` messages (the
+        server ends it with a status once it has sent what it has)."""
         nc = await self._client.nc()
+        reader.received = []
+        reader.expect = batch
+        reader.ended.clear()
         await nc.publish(
             f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{reader.name}",
             orjson.dumps({"batch": batch, "no_wait": True}),
             reply=reader.inbox,
         )
+        try:
+            await asyncio.wait_for(reader.ended.wait(), _TIMEOUT)
+        except TimeoutError as exc:
+            raise self._broken(shard, "no answer to a pull") from exc
         rows: list[StoredIngress] = []
-        while len(rows) < batch:
-            try:
-                msg = await reader.sub.next_msg(timeout=_TIMEOUT)
-            except nats.errors.TimeoutError as exc:
-                raise self._broken(shard, "no answer to a pull") from exc
+        delivered = reader.delivered
+        for msg in reader.received:
             if not msg.data and msg.headers and "Status" in msg.headers:
                 status = msg.headers["Status"]
                 if status in ("404", "408"):
                     break  # no more messages now / request done
                 raise self._broken(shard, f"pull status {status}")
-            meta = msg.metadata
-            if meta.sequence.consumer != reader.delivered + 1:
+            stream_seq, consumer_seq = _sequences(msg)
+            if consumer_seq != delivered + 1:
                 raise self._broken(shard, "a delivery was skipped")
-            reader.delivered = meta.sequence.consumer
-            rows.append(decode(meta.sequence.stream, shard, msg.data))
+            delivered = consumer_seq
+            rows.append(decode(stream_seq, shard, msg.data))
+        reader.delivered = delivered
+        reader.received = []
         return rows
 
     def _broken(self, shard: int, why: str) -> JetStreamUnavailable:
