@@ -35,9 +35,10 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from functools import partial
 from typing import Any, TypeVar
 
 import nats
@@ -67,6 +68,10 @@ _KEY_CHUNK = 400  # keys per statement (SQLite's bound-parameter limit)
 
 class JetStreamUnavailable(DatabaseUnavailable):
     """The NATS server cannot be reached or did not answer (HTTP 503; the loops retry)."""
+
+
+def _key_in(keys: set[tuple[str, str]], row: StoredIngress, _stored_at: datetime) -> bool:
+    return (row.source, row.event_id) in keys
 
 
 def sqlite_stamp(moment: datetime) -> str:
@@ -459,8 +464,17 @@ class JetStreamIngressLog:
             wanted = {(r.source, r.event_id) for r in group}
             since = min(known[key][2] for key in wanted) - timedelta(seconds=1)
             until = max(known[key][2] for key in wanted) + timedelta(seconds=_PUBLISH_TIMEOUT * 3)
-            for row, stored_at in self._client.run(self._scan(shard, since, until), 600):
-                if (row.source, row.event_id) in wanted and stored_at <= until:
+            found_here = self._client.run(
+                self._scan(
+                    shard,
+                    since,
+                    until,
+                    keep=partial(_key_in, wanted),
+                ),
+                600,
+            )
+            for row, stored_at in found_here:
+                if stored_at <= until:
                     found.setdefault((row.source, row.event_id), row.seq)
         return found
 
@@ -598,10 +612,16 @@ class JetStreamIngressLog:
         return JetStreamUnavailable(f"shard {shard}: {why}; reading again from the checkpoint")
 
     async def _scan(
-        self, shard: int, since: datetime | None, until: datetime | None, start_seq: int = 0
+        self,
+        shard: int,
+        since: datetime | None,
+        until: datetime | None,
+        start_seq: int = 0,
+        keep: Callable[[StoredIngress, datetime], bool] | None = None,
     ) -> list[tuple[StoredIngress, datetime]]:
-        """Every message of ``shard`` stored from ``since`` (or from ``start_seq``) until
-        one stored after ``until`` (or the end), with the time it was stored."""
+        """The messages of ``shard`` stored from ``since`` (or from ``start_seq``) until
+        one stored after ``until`` (or the end), with the time each was stored; only
+        those ``keep`` accepts are held in memory."""
         nc = await self._client.nc()
         js = nc.jetstream(timeout=_TIMEOUT)
         config = api.ConsumerConfig(
@@ -637,7 +657,9 @@ class JetStreamIngressLog:
                     got += 1
                     meta = msg.metadata
                     stored_at = meta.timestamp
-                    out.append((decode(meta.sequence.stream, shard, msg.data), stored_at))
+                    row = decode(meta.sequence.stream, shard, msg.data)
+                    if keep is None or keep(row, stored_at):
+                        out.append((row, stored_at))
                     if until is not None and stored_at > until:
                         return out
                     if got == _FETCH:
@@ -662,15 +684,16 @@ class JetStreamIngressLog:
         """Messages of ``shard`` that occurred on ``day`` past ``after`` (the rule dry
         run's read: a scan of the shard's subject)."""
         self.ensure_stream()
-        found = self._client.run(self._scan(shard, None, None, after[1] + 1), 600)
-        rows = [
-            row
-            for row, stored_at in found
-            if row.seq > after[1]
-            and row.occurred_at.astimezone(UTC).date() == day
-            and (received_before is None or stored_at < received_before)
-        ]
-        return rows[:limit]
+
+        def wanted(row: StoredIngress, stored_at: datetime) -> bool:
+            return (
+                row.seq > after[1]
+                and row.occurred_at.astimezone(UTC).date() == day
+                and (received_before is None or stored_at < received_before)
+            )
+
+        found = self._client.run(self._scan(shard, None, None, after[1] + 1, wanted), 600)
+        return [row for row, _ in found][:limit]
 
     # -- the backlog ---------------------------------------------------------------------
     def pending_stats(self, positions: dict[int, Position]) -> tuple[int, datetime | None]:
@@ -714,8 +737,16 @@ class JetStreamIngressLog:
         erase) and their keys; returns how many. The member's shard is scanned."""
         self.ensure_stream()
         shard = shard_of(user_id, self.shard_count)
-        found = self._client.run(self._scan(shard, None, None), 3600)
-        gone = [row for row, _ in found if row.user_id == user_id and row.occurred_at <= before]
+        found = self._client.run(
+            self._scan(
+                shard,
+                None,
+                None,
+                keep=lambda row, _at: row.user_id == user_id and row.occurred_at <= before,
+            ),
+            3600,
+        )
+        gone = [row for row, _ in found]
         self._client.run(self._delete([row.seq for row in gone]), 3600)
         keys = [(row.source, row.event_id) for row in gone]
         k = stream_ingress_keys.c

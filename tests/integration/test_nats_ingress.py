@@ -296,3 +296,24 @@ def test_retention_keeps_the_keys_of_an_unprocessed_day(js_db: Database) -> None
     report = retention.run(datetime.now(UTC))
     assert report.kept == [] and keys() == 0
     assert log.stream_bytes()[0] == 20  # the messages go by max_age, not by retention
+
+
+def test_read_day_returns_a_days_events_of_a_shard(js_db: Database) -> None:
+    """The rule dry run's read: the shard's events that occurred on the day."""
+    log = jetstream_log(js_db)
+    today = datetime.now(UTC)
+    yesterday = today - timedelta(days=1)
+    user = "dry-run-user"
+    shard = shard_of(user, 16)
+    records = [
+        IngressRecord(shard, "src", f"d{i}", user, "played_game", (today, yesterday)[i % 2], "{}")
+        for i in range(10)
+    ]
+    log.store(records)
+    rows = log.read_day(yesterday.date(), shard, (0, 0), 100)
+    assert [r.event_id for r in rows] == ["d1", "d3", "d5", "d7", "d9"]
+    assert [r.event_id for r in log.read_day(yesterday.date(), shard, rows[1].position, 2)] == [
+        "d5",
+        "d7",
+    ]
+    assert log.read_day(today.date(), shard, (0, 0), 100, received_before=yesterday) == []
