@@ -30,6 +30,7 @@ MODULES = [
     "benchmarks.currency_expiry",
     "benchmarks.console",
     "benchmarks.scale_out",
+    "benchmarks.jetstream",
 ]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -23,8 +23,15 @@ from loyalty.adapters.erasure_store import SqlErasureStore
 from loyalty.adapters.event_store import event_store_env, stream_loader, worker_env
 from loyalty.adapters.expiry_store import ExpiryLease, MemberLots
 from loyalty.adapters.explanation_store import ExplanationStore
-from loyalty.adapters.ingress_log import create_ingress_log, pending_stats
+from loyalty.adapters.ingress_log import (
+    PostgresIngressLog,
+    SqliteIngressLog,
+    create_ingress_log,
+    pending_stats,
+)
 from loyalty.adapters.keys import KeyStore
+from loyalty.adapters.nats_log import JetStreamIngressLog, jetstream_log
+from loyalty.adapters.nats_retention import JetStreamRetentionStore
 from loyalty.adapters.pending_store import PendingTable
 from loyalty.adapters.pipeline_store import PipelineStore, ShardLeases
 from loyalty.adapters.read_models import ReadModels
@@ -54,7 +61,7 @@ from loyalty.application.pipeline import LagProbe, Pipeline, Worker
 from loyalty.application.pipeline_status import PipelineStatus
 from loyalty.application.projections import MemberProjection
 from loyalty.application.reporting import DayReport, RollupReader, daily_report
-from loyalty.application.retention import Retention
+from loyalty.application.retention import Retention, RetentionStore
 from loyalty.application.rule_book import RuleBook
 from loyalty.config import Settings
 from loyalty.domain.errors import MemberBeingErased
@@ -72,6 +79,24 @@ RETRY_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def ingress_log(db: Database) -> PostgresIngressLog | SqliteIngressLog | JetStreamIngressLog:
+    """The ingress (activity) log: the database's, or with ``LOYALTY_INGRESS_URL=nats://``
+    a JetStream stream (its de-duplication keys stay in the database)."""
+    if db.settings.ingress_url:
+        return jetstream_log(db)
+    return create_ingress_log(db)
+
+
+def backlog_of(
+    db: Database,
+) -> Callable[[Mapping[int, tuple[int, int]]], tuple[int, datetime | None]]:
+    """Ingress events past the given checkpoints, and when the oldest arrived."""
+    if db.settings.ingress_url:
+        stream = jetstream_log(db)
+        return lambda positions: stream.pending_stats(dict(positions))
+    return lambda positions: pending_stats(db, dict(positions), db.settings.shard_count)
+
+
 def build_dry_run(
     db: Database,
     settings: Settings,
@@ -80,7 +105,7 @@ def build_dry_run(
 ) -> DryRun:
     """The rule dry run over this database's retained ingress (read-only)."""
     return DryRun(
-        create_ingress_log(db),
+        ingress_log(db),
         rules or RulesStore(db),
         ReadModels(db).rank_points_of,
         retention_days=settings.retention_days,
@@ -156,7 +181,7 @@ def build_pipeline(
     members = members or Members(env=worker_env(settings))
     markers = marker_cache(db)
     return Pipeline(
-        create_ingress_log(db),
+        ingress_log(db),
         PipelineStore(db),
         RulesStore(db),
         streaming_accounts(db, members),
@@ -216,7 +241,7 @@ def build_pipeline_status(
     state = PipelineStore(db)
     return PipelineStatus(
         state,
-        lambda positions: pending_stats(db, dict(positions), db.settings.shard_count),
+        backlog_of(db),
         ReadModels(db).quarantined_count,
         clock or (lambda: datetime.now(UTC)),
     )
@@ -259,9 +284,10 @@ def build_projection(
 def build_retention(db: Database, *, metrics: Metrics | None = None) -> Retention:
     """Retention over this database (the lease keeps two processes from running it at
     once)."""
-    return Retention(
-        create_retention_store(db), retention_days=db.settings.retention_days, metrics=metrics
-    )
+    store: RetentionStore = create_retention_store(db)
+    if db.settings.ingress_url:  # the stream expires by max_age; keys and the hold here
+        store = JetStreamRetentionStore(db, jetstream_log(db), create_retention_store(db))
+    return Retention(store, retention_days=db.settings.retention_days, metrics=metrics)
 
 
 def build_expiry(
@@ -458,7 +484,7 @@ def build_api_services(
         clock=now,
         metrics=metrics,
         ingest=IngestService(
-            create_ingress_log(db),
+            ingress_log(db),
             clock=now,
             retention=timedelta(days=settings.retention_days),
             future_skew=timedelta(seconds=settings.future_skew_seconds),

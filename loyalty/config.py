@@ -25,6 +25,25 @@ class Settings(BaseSettings):
         description="sqlite:///path/to/file.db (embedded) or postgresql://user@host:port/db",
     )
     retention_days: int = Field(7, ge=1, le=3650, description="days ingress events are kept")
+    ingress_url: str = Field(
+        "",
+        pattern=r"^(nats://.*)?$",
+        description="where the ingress (activity) log lives: empty for the database "
+        "(the default), or nats://host:port for a NATS JetStream stream (issue 31); the "
+        "database stays the system of record for everything else",
+    )
+    ingress_stream: str = Field(
+        "LOYALTY_INGRESS",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="the JetStream stream of the ingress log (with a nats:// ingress_url)",
+    )
+    ingress_duplicate_window_seconds: float = Field(
+        600.0,
+        ge=10,
+        le=86_400,
+        description="JetStream's own de-duplication window (Nats-Msg-Id) on the ingress "
+        "stream; past it the database's key table de-duplicates (docs/deployment.md)",
+    )
     retention_interval_seconds: float = Field(
         3600.0, ge=0, description="how often the worker runs retention (0: never)"
     )

@@ -330,11 +330,11 @@ def nothing_pending(db: Database) -> bool:
     """Whether the pipeline has processed every stored event: a pass that processed
     nothing does not say so on PostgreSQL (see drain_pipeline; more likely when other
     xdist workers write to the same server)."""
-    from loyalty.adapters.ingress_log import pending_stats
     from loyalty.adapters.pipeline_store import PipelineStore
+    from loyalty.bootstrap import backlog_of
 
     positions = PipelineStore(db).positions()
-    return pending_stats(db, positions, db.settings.shard_count)[0] == 0
+    return backlog_of(db)(positions)[0] == 0
 
 
 AMQP_URL = os.environ.get("LOYALTY_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
@@ -354,3 +354,76 @@ def amqp_url() -> str:
             pytest.fail(f"RabbitMQ is required in CI and unreachable: {exc!r}")
         pytest.skip(f"RabbitMQ unreachable: {exc!r}")
     return AMQP_URL
+
+
+class NatsServer:
+    """A private ``nats-server -js`` on its own port and store directory (never the
+    machine's own on 4222): tests kill -9 and restart it."""
+
+    def __init__(self, binary: str, store: Path) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        self.binary, self.store = binary, store
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.proc: object = None
+        self.start()
+
+    def start(self) -> None:
+        import socket
+        import subprocess
+
+        self.proc = subprocess.Popen(
+            [self.binary, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise AssertionError("nats-server did not start") from None
+                time.sleep(0.05)
+
+    def kill(self) -> None:
+        """kill -9, and wait for it to be gone."""
+        import subprocess
+
+        proc = self.proc
+        assert isinstance(proc, subprocess.Popen)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A private JetStream server for one test; with CI set a missing nats-server fails
+    (``.ci/run`` starts one and the binary comes with it), like PostgreSQL."""
+    binary = required_tool("nats-server", "/usr/sbin/nats-server", "/usr/bin/nats-server")
+    from loyalty.adapters.nats_log import close_client
+
+    server = NatsServer(binary, tmp_path / "nats-store")
+    yield server
+    close_client(server.url)
+    server.kill()
+
+
+def on_jetstream(settings: Settings, server: NatsServer, **extra: object) -> Settings:
+    """``settings`` with the ingress log on ``server``'s JetStream (a stream of its own)."""
+    return settings.model_copy(
+        update={
+            "ingress_url": server.url,
+            "ingress_stream": f"T{uuid.uuid4().hex[:12]}",
+            **extra,
+        }
+    )

@@ -27,6 +27,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from loyalty.adapters import event_store, ingress_log, pending_store, pipeline_store, read_models
 from loyalty.adapters.db import Database, existing_tables
 from loyalty.adapters.delivery_store import SqlDeliveryStore
+from loyalty.adapters.nats_log import jetstream_log
 from loyalty.adapters.tables import forget_markers, forget_requests, forget_subjects, loyalty_meta
 from loyalty.application.erasure import ERASING, STEPS, ForgetRequest, Location, Marker, Subject
 
@@ -57,6 +58,17 @@ REGISTRY: tuple[Registered, ...] = (
         ("ingress_events", "ingress_keys"),
         "ingress",
         lambda db, s: {"ingress_events": ingress_log.erase_member(db, s.user_id, s.requested_at)},
+        vacuum=False,
+    ),
+    # the ingress log on NATS JetStream (LOYALTY_INGRESS_URL=nats://, issue 31): the
+    # member's messages deleted from the stream by sequence (JetStream's message delete
+    # overwrites each one in its block on disk) and their de-duplication keys; 0 without
+    Registered(
+        "ingress_stream",
+        "Ingested events in the JetStream stream (deleted, overwritten on disk)",
+        ("stream_ingress_keys",),
+        "ingress",
+        lambda db, s: {"ingress_stream": _erase_stream(db, s.user_id, s.requested_at)},
         vacuum=False,
     ),
     Registered(
@@ -121,6 +133,14 @@ REGISTRY: tuple[Registered, ...] = (
 )
 """Every location of member data, in the order the erasure runs them (see
 ``loyalty.application.erasure``)."""
+
+
+def _erase_stream(db: Database, user_id: str, before: datetime) -> int:
+    if not db.settings.ingress_url:
+        return 0
+    return jetstream_log(db).erase_member(user_id, before)
+
+
 LOCATIONS: dict[str, tuple[str, ...]] = {r.key: r.tables for r in REGISTRY}
 LOCATION_NAMES: dict[str, str] = {r.key: r.name for r in REGISTRY}
 """A name an operator understands for each location of a receipt (the receipt keeps the

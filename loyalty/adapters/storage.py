@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from psycopg import sql
 
 from loyalty.adapters.db import Database, psycopg_connection
+from loyalty.adapters.nats_log import jetstream_log
 from loyalty.adapters.tables import EVENT_STORE_TABLES
 
 READ_MODEL_TABLES = frozenset(
@@ -61,6 +62,7 @@ KIND_NAMES: dict[str, str] = {
 TABLE_NAMES: dict[str, str] = {
     "ingress_events": "Ingested events",
     "ingress_keys": "Ingest duplicate check",
+    "stream_ingress_keys": "Ingest duplicate check (JetStream ingress)",
     "stored_events": "Account events",
     "stored_snapshots": "Account snapshots",
     "members_events": "Account events",
@@ -108,6 +110,8 @@ _KIND_BY_TABLE: dict[str, str] = {
 
 def table_name(table: str) -> str:
     """The operator's name of ``table`` (a PostgreSQL day partition names its day)."""
+    if table.startswith("stream:"):
+        return f"Ingested events, JetStream stream {table[7:]}"
     if table.startswith("ingress_events_") and table[15:].isdigit():
         day = table[15:]
         return f"Ingested events, {day[:4]}-{day[4:6]}-{day[6:8]}"
@@ -171,7 +175,10 @@ class StorageReport:
 def kind_of(table: str) -> str:
     if table.startswith("ingress_events"):
         return "ingress"
-    if table == "ingress_keys":  # PostgreSQL: the dedup keys (SQLite: in the partition)
+    if table in (
+        "ingress_keys",
+        "stream_ingress_keys",
+    ):  # PostgreSQL: the dedup keys (SQLite: in the partition)
         return "ingress_keys"
     if table in EVENT_STORE_TABLES or table.endswith(("_events", "_snapshots")):
         return "event_store"
@@ -189,9 +196,17 @@ def _ordered(locations: list[StorageLocation]) -> list[StorageLocation]:
 
 
 def storage_report(db: Database) -> StorageReport:
-    if db.backend == "postgresql":
-        return _postgres(db)
-    return _sqlite(db)
+    report = _postgres(db) if db.backend == "postgresql" else _sqlite(db)
+    if db.settings.ingress_url:  # the ingress log is a JetStream stream (issue 31)
+        stream = jetstream_log(db)
+        messages, size = stream.stream_bytes()
+        report.locations = _ordered(
+            [
+                *report.locations,
+                StorageLocation(f"stream:{stream.stream}", "ingress", messages, size),
+            ]
+        )
+    return report
 
 
 def _postgres(db: Database) -> StorageReport:

@@ -65,6 +65,21 @@ ingress_keys = sa.Table(
     sa.Column("fingerprint", sa.BigInteger, nullable=True),
 )
 
+# The ingress log on NATS JetStream (migration 0019): its de-duplication keys, claimed
+# before the publish (seq NULL) and confirmed with the acknowledged stream sequence.
+stream_ingress_keys = sa.Table(
+    "stream_ingress_keys",
+    metadata,
+    sa.Column("source", sa.String(128), primary_key=True),
+    sa.Column("event_id", sa.String(128), primary_key=True),
+    sa.Column("day", sa.Date, nullable=False),
+    sa.Column("shard", sa.SmallInteger, nullable=False),
+    sa.Column("fingerprint", sa.BigInteger, nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=True),
+    sa.Column("claimed_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("stream_ingress_keys_day", "day"),
+)
+
 rule_versions = sa.Table(
     "rule_versions",
     metadata,

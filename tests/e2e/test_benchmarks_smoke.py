@@ -58,6 +58,10 @@ def test_every_benchmark_runs_at_smoke_size(pg_admin_url: str) -> None:
     # issue 31: throughput as processes are added, same-run ratios against one process
     assert results["scale_out_ingest"]["ratios"].keys() == {"x1", "x2"}
     assert results["scale_out_pipeline"]["ratios"].keys() == {"x1", "x2"}
+    # issue 31 part 2: the JetStream ingress log beside PostgreSQL and bare JetStream
+    if os.environ.get("CI"):
+        assert "bare_jetstream_publish_events_s" in results["jetstream_ingest"]
+        assert "bare_ordered_consume_events_s" in results["jetstream_pipeline"]
     relay = results["delivery"].get("relay", "")
     if os.environ.get("CI"):
         assert "relay_send_per_s" in results["delivery"], relay
