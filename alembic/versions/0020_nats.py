@@ -6,16 +6,16 @@ sequence JetStream acknowledged. JetStream's own duplicate window (Nats-Msg-Id) 
 minutes; this table de-duplicates across the whole retention window, and is deleted by
 day with it. Unused (empty) with the database ingress log.
 
-Revision ID: 0019_nats
-Revises: 0018_contract
+Revision ID: 0020_nats
+Revises: 0019_rule_authors
 Create Date: 2026-12-04
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0019_nats"
-down_revision = "0018_contract"
+revision = "0020_nats"
+down_revision = "0019_rule_authors"
 branch_labels = None
 depends_on = None
 
