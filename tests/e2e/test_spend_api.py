@@ -118,7 +118,14 @@ def test_refund_once_and_replay(client: TestClient, shop: Headers) -> None:
     spend(client, shop, "erin", order_id="o-10", amount=10)
     first = client.post("/v1/members/erin/refunds", json={"order_id": "o-9"}, headers=shop)
     assert first.status_code == 200
-    assert first.json() == {"order_id": "o-9", "amount": 20, "currency": 40, "replayed": False}
+    assert first.json() == {
+        "order_id": "o-9",
+        "refund_id": None,
+        "amount": 20,
+        "currency": 40,
+        "refundable": 0,
+        "replayed": False,
+    }
     spend(client, shop, "erin", order_id="o-11", amount=1)
     again = client.post("/v1/members/erin/refunds", json={"order_id": "o-9"}, headers=shop)
     assert again.status_code == 200 and again.json() == {**first.json(), "replayed": True}
@@ -132,6 +139,54 @@ def test_refund_once_and_replay(client: TestClient, shop: Headers) -> None:
     replay = spend(client, shop, "erin", order_id="o-9", amount=20)
     assert replay.json() == {"order_id": "o-9", "amount": 20, "currency": 30, "replayed": True}
     assert replay.headers["Idempotent-Replayed"] == "true"
+
+
+def refund(client: TestClient, headers: Headers, user: str, **body: Any) -> Any:
+    return client.post(f"/v1/members/{user}/refunds", json=body, headers=headers)
+
+
+def test_partial_refunds_up_to_the_order_each_replayed_by_its_id(
+    client: TestClient, shop: Headers
+) -> None:
+    """#32 item 6: ``{"order_id":"o-1","amount":2}`` was a 422."""
+    award(client, "pia", "a1", 50)
+    spend(client, shop, "pia", order_id="o-1", amount=20)
+    plain = refund(client, shop, "pia", order_id="o-1", amount=2)  # the order's one without id
+    assert plain.status_code == 200, plain.text
+    assert plain.json() == {
+        "order_id": "o-1",
+        "refund_id": None,
+        "amount": 2,
+        "currency": 32,
+        "refundable": 18,
+        "replayed": False,
+    }
+    first = refund(client, shop, "pia", order_id="o-1", refund_id="r-1", amount=5)
+    assert first.json()["currency"] == 37 and first.json()["refundable"] == 13
+    assert first.headers["Idempotent-Replayed"] == "false"
+    second = refund(client, shop, "pia", order_id="o-1", refund_id="r-2", amount=10)
+    assert (second.json()["currency"], second.json()["refundable"]) == (47, 3)
+    again = refund(client, shop, "pia", order_id="o-1", refund_id="r-1", amount=5)
+    assert again.status_code == 200 and again.json() == {**first.json(), "replayed": True}
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert refund(client, shop, "pia", order_id="o-1", amount=2).json()["replayed"] is True
+    conflict = refund(client, shop, "pia", order_id="o-1", refund_id="r-2", amount=3)
+    assert conflict.status_code == 409 and conflict.json()["code"] == "refund_conflict"
+    over = refund(client, shop, "pia", order_id="o-1", refund_id="r-3", amount=4)
+    assert over.status_code == 409 and over.json()["code"] == "refund_exceeds_order"
+    assert "4 asked, 3 left to refund" in over.json()["detail"]
+    rest = refund(client, shop, "pia", order_id="o-1", refund_id="r-3")  # all that is left
+    assert (rest.json()["amount"], rest.json()["currency"], rest.json()["refundable"]) == (3, 50, 0)
+    done = refund(client, shop, "pia", order_id="o-1", refund_id="r-4", amount=1)
+    assert done.status_code == 409 and done.json()["code"] == "refund_exceeds_order"
+    for bad in (0, -1, 1.5, "2"):
+        invalid = refund(client, shop, "pia", order_id="o-1", refund_id="r-5", amount=bad)
+        assert invalid.status_code == 422, bad
+    assert client.get("/v1/members/pia", headers=shop).json()["currency"] == 50
+    project(client)
+    history = client.get("/v1/members/pia/history", headers=shop).json()["entries"]
+    refunds = [(e["currency"], e["ref"]) for e in history if e["kind"] == "refund"]
+    assert refunds == [(3, "o-1"), (10, "o-1"), (5, "o-1"), (2, "o-1")]
 
 
 # ----------------------------------------------------------------------- adjustments

@@ -23,6 +23,7 @@ from loyalty.api.schemas import (
     MemberBody,
     OrderBody,
     Problem,
+    RefundBody,
 )
 from loyalty.application.access import Role
 from loyalty.application.accounts import OrderResult
@@ -144,8 +145,13 @@ async def spend(
 
 @router.post(
     "/v1/members/{user_id}/refunds",
-    response_model=OrderBody,
-    responses={200: {"headers": _REPLAY_HEADERS}, **_ERRORS, **_INVALID},
+    response_model=RefundBody,
+    responses={
+        200: {"headers": _REPLAY_HEADERS},
+        **_ERRORS,
+        **_INVALID,
+        **_conflicts("refund_exceeds_order", "refund_conflict"),
+    },
     openapi_extra=request_body(RefundRequest),
 )
 async def refund(
@@ -154,18 +160,39 @@ async def refund(
     body: Annotated[RefundRequest, json_body(RefundRequest, Role.SHOP)],
     container: ContainerDep,
     response: Response,
-) -> OrderBody:
-    """Refund a spent order once, in full; a repeated refund answers the same (marked
-    `replayed: true` and `Idempotent-Replayed: true`; `currency` is historical). An
-    operator key may name the order's ``source`` (the shop's key name): the refund is
-    then recorded as made by the operator on the shop's behalf."""
+) -> RefundBody:
+    """Refund a spent order in full or in parts, back into the lots it was spent from
+    (the newest first; a part whose lot has expired meanwhile expires again at once).
+    Each refund is idempotent by its `refund_id` within the order (without one: the
+    order's one refund without an id); the refunds of an order add up to at most the
+    amount spent (more: 409 `refund_exceeds_order`; a refund id reused with another
+    amount: 409 `refund_conflict`). A repeated refund answers the same (marked
+    `replayed: true` and `Idempotent-Replayed: true`; `currency` and `refundable` are
+    historical). An operator key may name the order's `source` (the shop's key name):
+    the refund is then recorded as made by the operator on the shop's behalf."""
     source, by = key.name, None
     if body.source is not None and body.source != key.name:
         if key.role is not Role.OPERATOR:
             raise ApiProblem(403, "forbidden", "only an operator key may name another source")
         source, by = body.source, key.name
-    result = await run_in_threadpool(container.spending.refund, user_id, body.order_id, source, by)
-    return order_body(result, response)
+    result = await run_in_threadpool(
+        container.spending.refund,
+        user_id,
+        body.order_id,
+        source,
+        by,
+        body.refund_id,
+        body.amount,
+    )
+    response.headers[REPLAYED_HEADER] = "true" if result.replayed else "false"
+    return RefundBody(
+        order_id=result.order_id,
+        refund_id=result.refund_id,
+        amount=result.amount,
+        currency=result.currency,
+        refundable=result.refundable or 0,
+        replayed=result.replayed,
+    )
 
 
 @router.post(

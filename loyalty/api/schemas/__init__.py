@@ -20,6 +20,7 @@ from loyalty.api.schemas.members import (
     LeaderboardEntry,
     MemberBody,
     OrderBody,
+    RefundBody,
 )
 from loyalty.api.schemas.operations import (
     PipelineBody,
@@ -96,6 +97,7 @@ __all__ = [
     "MemberBody",
     "MultiplierBody",
     "OrderBody",
+    "RefundBody",
     "PipelineBody",
     "Problem",
     "RankBody",

@@ -18,6 +18,7 @@ from loyalty.api.schemas.members import (
     LeaderboardBody,
     MemberBody,
     OrderBody,
+    RefundBody,
 )
 from loyalty.api.schemas.operations import PipelineBody
 from loyalty.application.commands.accounts import AdjustmentRequest, RefundRequest, SpendRequest
@@ -87,8 +88,16 @@ OPENAPI_EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
         "awards_total": 61_000,
     },
     SpendRequest: {"order_id": "o-1", "amount": 5, "description": "coffee mug"},
-    RefundRequest: {"order_id": "o-1"},
+    RefundRequest: {"order_id": "o-1", "refund_id": "r-1", "amount": 2},
     OrderBody: {"order_id": "o-1", "amount": 5, "currency": 6, "replayed": False},
+    RefundBody: {
+        "order_id": "o-1",
+        "refund_id": "r-1",
+        "amount": 2,
+        "currency": 8,
+        "refundable": 3,
+        "replayed": False,
+    },
     AdjustmentRequest: {
         "adjustment_id": "adj-7",
         "currency": 50,

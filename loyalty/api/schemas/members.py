@@ -67,6 +67,21 @@ class OrderBody(BaseModel):
     )
 
 
+class RefundBody(OrderBody):
+    """The result of a refund. A repeated request (same order id and refund id) is not
+    done again: it answers with the original result, marked ``replayed: true`` and the
+    ``Idempotent-Replayed: true`` header; ``amount``, ``currency`` and ``refundable`` are
+    then historical."""
+
+    amount: int = Field(description="the amount refunded by the original request")
+    refund_id: str | None = Field(
+        None, description="the refund's id within the order (null: made without one)"
+    )
+    refundable: int = Field(
+        description="what was left to refund of the order right after the original request"
+    )
+
+
 class HistoryEntryBody(BaseModel):
     kind: str = Field(description="award | spend | refund | adjustment | rank_changed")
     currency: int = Field(description="signed change of the spendable balance")
