@@ -228,8 +228,10 @@ def test_adjustments_credit_debit_replay_conflict(
         "rank_valid_until",
         "rank_points_to_keep",
         "rank_points_to_next",
+        "replayed",  # issue 32 item 8
     }
-    assert client.get("/v1/members/fay", headers=shop).json() == body
+    assert body["replayed"] is False and first.headers["Idempotent-Replayed"] == "false"
+    assert {**client.get("/v1/members/fay", headers=shop).json(), "replayed": False} == body
     spend(client, shop, "fay", order_id="o", amount=10)
     again = adjust(
         client,
@@ -240,7 +242,9 @@ def test_adjustments_credit_debit_replay_conflict(
         rank_points=1200,
         reason="goodwill",
     )
-    assert again.status_code == 200 and again.json() == body  # the state right after it
+    assert again.status_code == 200  # the state right after it, marked as a replay
+    assert again.json() == {**body, "replayed": True}
+    assert again.headers["Idempotent-Replayed"] == "true"
     conflict = adjust(
         client,
         operator,
@@ -277,6 +281,14 @@ def test_adjustments_credit_debit_replay_conflict(
     )
     assert ghost.status_code == 409
     assert client.get("/v1/members/ghost", headers=shop).status_code == 404
+    # the statement says why (#32 item 8); other lines have no reason
+    project(client)
+    lines = client.get("/v1/members/fay/history", headers=shop).json()["entries"]
+    assert [(e["kind"], e["ref"], e["reason"]) for e in lines if e["kind"] != "rank_changed"] == [
+        ("adjustment", "adj-2", "correction"),
+        ("spend", "o", None),
+        ("adjustment", "adj-1", "goodwill"),
+    ]
 
 
 def test_adjustments_need_an_operator_and_integers(
@@ -383,12 +395,12 @@ def test_leaderboard_orders_by_points_then_user_id(client: TestClient, shop: Hea
     resp = client.get("/v1/leaderboard", headers=shop)
     assert resp.status_code == 200
     assert resp.json()["entries"] == [
-        {"user_id": "m2", "rank_points": 6000, "rank": "gold"},
-        {"user_id": "m5", "rank_points": 1000, "rank": "silver"},
-        {"user_id": "m1", "rank_points": 50, "rank": "bronze"},
-        {"user_id": "m3", "rank_points": 50, "rank": "bronze"},
-        {"user_id": "m4", "rank_points": 0, "rank": "bronze"},
-    ]
+        {"position": 1, "user_id": "m2", "rank_points": 6000, "rank": "gold"},
+        {"position": 2, "user_id": "m5", "rank_points": 1000, "rank": "silver"},
+        {"position": 3, "user_id": "m1", "rank_points": 50, "rank": "bronze"},
+        {"position": 3, "user_id": "m3", "rank_points": 50, "rank": "bronze"},  # a tie
+        {"position": 5, "user_id": "m4", "rank_points": 0, "rank": "bronze"},
+    ]  # position: #32 item 8 (``rank`` is the rank's name)
     top2 = client.get("/v1/leaderboard", params={"limit": 2}, headers=shop).json()["entries"]
     assert [e["user_id"] for e in top2] == ["m2", "m5"]
     for limit in (0, 101):

@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from loyalty.api.deps import Container, ContainerDep, OperatorKey, ShopKey, json_body, request_body
 from loyalty.api.problems import ApiProblem
 from loyalty.api.schemas import (
+    AdjustmentBody,
     ExpiringBody,
     HistoryBody,
     HistoryEntryBody,
@@ -197,8 +198,13 @@ async def refund(
 
 @router.post(
     "/v1/members/{user_id}/adjustments",
-    response_model=MemberBody,
-    responses={**_ERRORS, **_INVALID, **_conflicts("insufficient_funds", "adjustment_conflict")},
+    response_model=AdjustmentBody,
+    responses={
+        200: {"headers": _REPLAY_HEADERS},
+        **_ERRORS,
+        **_INVALID,
+        **_conflicts("insufficient_funds", "adjustment_conflict"),
+    },
     openapi_extra=request_body(AdjustmentRequest),
 )
 async def adjust(
@@ -206,10 +212,16 @@ async def adjust(
     key: OperatorKey,
     body: Annotated[AdjustmentRequest, json_body(AdjustmentRequest, Role.OPERATOR)],
     container: ContainerDep,
-) -> MemberBody:
-    """Correct a member's account (creates the account of an unknown member)."""
+    response: Response,
+) -> AdjustmentBody:
+    """Correct a member's account (creates the account of an unknown member); the
+    answer is the account right after the adjustment. Idempotent by the key's source
+    and `adjustment_id`: a repeated request answers the original result, marked
+    `replayed: true` and `Idempotent-Replayed: true` (the account as right after the
+    original adjustment, not now); the same id with other values is a 409
+    `adjustment_conflict`."""
 
-    view = await run_in_threadpool(
+    view, replayed = await run_in_threadpool(
         container.members.adjust,
         user_id,
         body.adjustment_id,
@@ -218,7 +230,8 @@ async def adjust(
         body.reason,
         key.name,
     )
-    return account_body(view)
+    response.headers[REPLAYED_HEADER] = "true" if replayed else "false"
+    return AdjustmentBody(**account_body(view).model_dump(), replayed=replayed)
 
 
 _CURSOR = re.compile(r"^h([1-9][0-9]{0,17})$")
@@ -276,6 +289,7 @@ async def history(
                 at=r.at,
                 ref=r.ref,
                 explanation=explanation_link(user_id, r.kind, r.ref),
+                reason=r.reason,
             )
             for r in page.entries
         ],
@@ -297,12 +311,15 @@ async def leaderboard(
     container: ContainerDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 10,
 ) -> LeaderboardBody:
-    """Members by lifetime rank points, highest first; ties by user id."""
+    """Members by lifetime rank points, highest first (ties by user id), each with its
+    `position` (equal points share one) and its `rank` name."""
 
     places = await run_in_threadpool(container.members.leaderboard, limit)
     return LeaderboardBody(
         entries=[
-            LeaderboardEntry(user_id=p.user_id, rank_points=p.rank_points, rank=p.rank)
+            LeaderboardEntry(
+                position=p.position, user_id=p.user_id, rank_points=p.rank_points, rank=p.rank
+            )
             for p in places
         ]
     )

@@ -20,6 +20,7 @@ from loyalty.api.schemas.members import (
     LeaderboardEntry,
     MemberBody,
     OrderBody,
+    AdjustmentBody,
     RefundBody,
 )
 from loyalty.api.schemas.operations import (
@@ -97,6 +98,7 @@ __all__ = [
     "MemberBody",
     "MultiplierBody",
     "OrderBody",
+    "AdjustmentBody",
     "RefundBody",
     "PipelineBody",
     "Problem",

@@ -118,7 +118,9 @@ OPENAPI_EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
         ],
         "next": None,
     },
-    LeaderboardBody: {"entries": [{"user_id": "alice", "rank_points": 21, "rank": "bronze"}]},
+    LeaderboardBody: {
+        "entries": [{"position": 1, "user_id": "alice", "rank_points": 21, "rank": "bronze"}]
+    },
     ForgetRequestBody: {"user_id": "alice"},
     ForgetAccepted: {"request_id": "f-3b1c9e", "status": "pending"},
     ForgetReceipt: {

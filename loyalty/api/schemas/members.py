@@ -42,6 +42,18 @@ class MemberBody(BaseModel):
     )
 
 
+class AdjustmentBody(MemberBody):
+    """The account right after an adjustment. A repeated request (same adjustment id) is
+    not done again: it answers with the account as right after the original one, marked
+    ``replayed: true`` and the ``Idempotent-Replayed: true`` header."""
+
+    replayed: bool = Field(
+        False,
+        description="true: this request repeats an earlier one, which did the work; the "
+        "account shown is as right after that one (historical)",
+    )
+
+
 class ExpiringBody(BaseModel):
     amount: int
     on: date = Field(description="expires at the end of this day (UTC)")
@@ -89,6 +101,9 @@ class HistoryEntryBody(BaseModel):
     at: datetime = Field(description="RFC 3339, UTC")
     ref: str | None = Field(description="award id, order id, adjustment id or new rank")
     explanation: str | None = Field(None, description="for an award: the path of its explanation")
+    reason: str | None = Field(
+        None, description="for an adjustment: its reason (null for every other kind)"
+    )
 
 
 class HistoryBody(BaseModel):
@@ -97,9 +112,13 @@ class HistoryBody(BaseModel):
 
 
 class LeaderboardEntry(BaseModel):
+    position: int = Field(
+        description="place on the leaderboard, 1 for the most rank points; members with "
+        "equal rank points share a position and the next one skips (1, 2, 2, 4)"
+    )
     user_id: str
-    rank_points: int
-    rank: str | None
+    rank_points: int = Field(description="lifetime rank points")
+    rank: str | None = Field(description="the name of the member's rank (not a position)")
 
 
 class LeaderboardBody(BaseModel):

@@ -40,6 +40,15 @@ class OrderResult:
     refundable: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class AdjustmentResult:
+    """An adjustment's answer: the member right after it (the same on every replay) and
+    whether this request replayed an earlier one."""
+
+    member: Member
+    replayed: bool
+
+
 class SpendingMetrics(Protocol):
     """Where account commands are counted (implemented by ``loyalty.observability``).
     ``outcome`` is ``applied``, ``replayed`` or a domain error code."""
@@ -309,8 +318,23 @@ class Spending:
         """Apply an operator adjustment (ids scoped by ``source``); returns the member
         right after it. An unknown member gets an account (an operator may credit
         someone who has not earned yet); a rejected adjustment creates nothing."""
+        return self.adjust_marked(
+            user_id, adjustment_id, currency, rank_points, reason, ranks, source
+        ).member
 
-        def action() -> tuple[Member, str, int]:
+    def adjust_marked(
+        self,
+        user_id: str,
+        adjustment_id: str,
+        currency: int,
+        rank_points: int,
+        reason: str,
+        ranks: RankLadder,
+        source: str | None = None,
+    ) -> AdjustmentResult:
+        """:meth:`adjust`, saying whether it was a replay of an earlier request."""
+
+        def action() -> tuple[AdjustmentResult, str, int]:
             try:
                 member = self._accounts.get(user_id)
             except MemberNotFound:
@@ -329,14 +353,14 @@ class Spending:
                     on=now.astimezone(UTC).date().isoformat(),
                 )
                 self._save(member, row)
-                return member, APPLIED, currency
+                return AdjustmentResult(member, False), APPLIED, currency
             member.adjust(adjustment_id, currency, rank_points, reason, ranks, source)
             after = self._state_after(
                 user_id,
                 lambda e: _is(e, "Adjusted") and scoped_key(e.source, e.adjustment_id) == key,
                 with_rank_change=True,
             )
-            return after, REPLAYED, currency
+            return AdjustmentResult(after, True), REPLAYED, currency
 
         return self._observed(
             "adjustment", lambda: with_retry(self._locked(user_id, action), what="adjustment")

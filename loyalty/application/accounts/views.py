@@ -63,6 +63,9 @@ class LeaderboardPlace:
     user_id: str
     rank_points: int
     rank: str | None
+    position: int
+    """1 for the most rank points; members with equal points share a position (the next
+    one after them skips: 1, 2, 2, 4)."""
 
 
 class MemberViews:
@@ -136,9 +139,10 @@ class MemberViews:
         rank_points: int,
         reason: str,
         source: str,
-    ) -> AccountView:
-        """An operator's adjustment under the current rank ladder; the account after it."""
-        member = self._spending.adjust(
+    ) -> tuple[AccountView, bool]:
+        """An operator's adjustment under the current rank ladder; the account after it
+        and whether the request replayed an earlier one."""
+        done = self._spending.adjust_marked(
             user_id,
             adjustment_id,
             currency,
@@ -147,7 +151,7 @@ class MemberViews:
             self._rules.current().ranks,
             source,
         )
-        return self.account(member)
+        return self.account(done.member), done.replayed
 
     def history(self, user_id: str, limit: int, before: int | None = None) -> StatementPage:
         """A member's statement, newest first, older than position ``before`` (raises
@@ -162,12 +166,17 @@ class MemberViews:
         """Members by rank points, highest first; ties by user id."""
         rows = self._statements.leaderboard(limit)
         ranks = self._rules.current().ranks
-        places = []
-        for row in rows:
+        places: list[LeaderboardPlace] = []
+        for index, row in enumerate(rows):
             rank = ranks.rank_for(row.rank_points)
+            tied = places and places[-1].rank_points == row.rank_points
+            position = places[-1].position if tied else index + 1
             places.append(
                 LeaderboardPlace(
-                    row.user_id, row.rank_points, rank.name if rank is not None else None
+                    row.user_id,
+                    row.rank_points,
+                    rank.name if rank is not None else None,
+                    position,
                 )
             )
         return places
