@@ -23,6 +23,7 @@ from loyalty.api.schemas import (
     LeaderboardEntry,
     MemberBody,
     OrderBody,
+    PendingBody,
     Problem,
     RefundBody,
 )
@@ -32,6 +33,7 @@ from loyalty.application.accounts.views import AccountView
 from loyalty.application.commands.accounts import AdjustmentRequest, RefundRequest, SpendRequest
 from loyalty.application.commands.fields import USER_ID_PATTERN
 from loyalty.application.compensation import COMPENSATION_PREFIX
+from loyalty.application.explain import PENDING_ALIAS
 from loyalty.domain.member import Member
 from loyalty.domain.user_ids import MAX_LENGTH, check_user_id
 
@@ -276,11 +278,21 @@ async def history(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=64)] = None,
 ) -> HistoryBody:
-    """A member's statement, newest first (catches up with spending within a second)."""
+    """A member's statement, newest first (catches up with spending within a second).
+    The first page also carries `pending`: the earnings the balance includes that no
+    entry lists yet, with the link to their explanation."""
     before = decode_cursor(cursor) if cursor is not None else None
 
     page = await run_in_threadpool(container.members.history, user_id, limit, before)
+    pending = page.pending
     return HistoryBody(
+        pending=None
+        if pending is None
+        else PendingBody(
+            currency=pending.currency,
+            rank_points=pending.rank_points,
+            explanation=explanation_link(user_id, "award", PENDING_ALIAS) or "",
+        ),
         entries=[
             HistoryEntryBody(
                 kind=r.kind,

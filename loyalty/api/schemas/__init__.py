@@ -20,6 +20,7 @@ from loyalty.api.schemas.members import (
     LeaderboardEntry,
     MemberBody,
     OrderBody,
+    PendingBody,
     AdjustmentBody,
     RefundBody,
 )
@@ -98,6 +99,7 @@ __all__ = [
     "MemberBody",
     "MultiplierBody",
     "OrderBody",
+    "PendingBody",
     "AdjustmentBody",
     "RefundBody",
     "PipelineBody",

@@ -105,6 +105,11 @@ OPENAPI_EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
         "reason": "goodwill: ticket 4711",
     },
     HistoryBody: {
+        "pending": {
+            "currency": 3,
+            "rank_points": 6,
+            "explanation": "/v1/members/alice/awards/pending",
+        },
         "entries": [
             {"kind": "spend", "currency": -5, "rank_points": 0, "at": _WHEN, "ref": "o-1"},
             {
@@ -145,16 +150,22 @@ _EXPLAIN_EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
         "kind": "award",
         "status": "recorded",
         "recorded_at": _WHEN,
-        "rule_version": 4,
         "rule_versions": [4],
         "event_count": 53,
         "currency": {
             "contributed": "37.5",
             "carried_in": "0.25",
             "credited": 37,
+            "to_credit": None,
             "carried_out": "0.75",
         },
-        "rank_points": {"contributed": "75", "carried_in": "0", "credited": 75, "carried_out": "0"},
+        "rank_points": {
+            "contributed": "75",
+            "carried_in": "0",
+            "credited": 75,
+            "to_credit": None,
+            "carried_out": "0",
+        },
         "complete": True,
         "by_event_type": [
             {

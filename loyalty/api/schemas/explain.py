@@ -13,11 +13,18 @@ from pydantic import (
 
 
 class AmountsBody(BaseModel):
-    """``carried_in + contributed == credited + carried_out``, exactly (decimal strings)."""
+    """``carried_in + contributed == credited + carried_out`` (``to_credit`` in place of
+    ``credited`` while pending), exactly (decimal strings)."""
 
     contributed: str = Field(description="exact sum of the events' weights, before rounding")
     carried_in: str = Field(description="the account's fraction before the award")
-    credited: int = Field(description="whole units credited (or to be credited, if pending)")
+    credited: int | None = Field(
+        description="whole units credited on the account (null while the award is pending)"
+    )
+    to_credit: int | None = Field(
+        description="while pending: the whole units the next recording will credit (null "
+        "once recorded)"
+    )
     carried_out: str = Field(description="the fraction carried to the next award")
 
 
@@ -27,8 +34,10 @@ class ExplanationBody(BaseModel):
     kind: str = Field(description="award (the pipeline) | compensation (rules apply)")
     status: str = Field(description="recorded | pending (not yet on the account)")
     recorded_at: str | None
-    rule_version: int = Field(description="the rule version of the newest window in it")
-    rule_versions: list[int] = Field(description="every rule version that weighed its events")
+    rule_versions: list[int] = Field(
+        description="every rule version that weighed its events, oldest first (one for "
+        "most awards)"
+    )
     event_count: int
     currency: AmountsBody
     rank_points: AmountsBody

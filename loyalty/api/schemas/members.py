@@ -106,7 +106,23 @@ class HistoryEntryBody(BaseModel):
     )
 
 
+class PendingBody(BaseModel):
+    """Earnings in the balance that no entry lists yet: weighed by the pipeline, not yet
+    recorded on the account (recorded at the award interval, a rank change or the
+    member's next command, then listed as an ``award``)."""
+
+    currency: int = Field(description="the pending part of the balance's currency")
+    rank_points: int = Field(description="the pending part of the rank points")
+    explanation: str = Field(description="the path of the pending award's explanation")
+
+
 class HistoryBody(BaseModel):
+    pending: PendingBody | None = Field(
+        None,
+        description="first page only: what the balance holds that no entry lists yet "
+        "(null: nothing pending, or a later page); the entries plus this add up to the "
+        "balance",
+    )
     entries: list[HistoryEntryBody]
     next: str | None = Field(description="cursor of the next (older) page; null at the end")
 

@@ -52,10 +52,22 @@ class AccountView:
 
 
 @dataclass(frozen=True, slots=True)
+class PendingLine:
+    """What the balance holds that the statement does not list yet: earnings weighed
+    but not recorded on the account (whole units, as ``GET /v1/members/{id}`` counts
+    them)."""
+
+    currency: int
+    rank_points: int
+
+
+@dataclass(frozen=True, slots=True)
 class StatementPage:
     entries: list[HistoryEntry]
     more: bool
     """True when older entries follow the last one."""
+    pending: PendingLine | None = None
+    """On the first page: the pending part of the balance (None: nothing pending)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,11 +168,17 @@ class MemberViews:
     def history(self, user_id: str, limit: int, before: int | None = None) -> StatementPage:
         """A member's statement, newest first, older than position ``before`` (raises
         ``MemberNotFound`` for no account; an account not projected yet has an empty
-        statement)."""
+        statement). The first page (``before`` None) also says what is pending: the
+        part of the balance not in any entry yet."""
         rows = list(self._statements.history(user_id, limit + 1, before))
         if not rows and not self._statements.has_member(user_id):
             self._accounts.get(user_id)  # 404 unless the account exists (not projected yet)
-        return StatementPage(rows[:limit], len(rows) > limit)
+        pending = None
+        if before is None:
+            view = self.view(user_id)
+            if view.pending_currency or view.pending_rank_points:
+                pending = PendingLine(view.pending_currency, view.pending_rank_points)
+        return StatementPage(rows[:limit], len(rows) > limit, pending)
 
     def leaderboard(self, limit: int) -> list[LeaderboardPlace]:
         """Members by rank points, highest first; ties by user id."""
