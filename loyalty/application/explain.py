@@ -22,6 +22,9 @@ from loyalty.domain import explain
 from loyalty.domain.errors import AwardNotFound, MemberNotFound
 
 PENDING_ALIAS = "pending"
+EXPLANATION_KINDS = ("award", "compensation")
+"""What an explanation explains: a pipeline award or a rules compensation."""
+EXPLANATION_STATUSES = ("recorded", "pending")
 MAX_LISTED_EVENTS = 1000
 
 

@@ -63,6 +63,10 @@ class HistoryEntry:
     """An adjustment's reason (None for every other kind)."""
 
 
+HISTORY_KINDS = ("award", "spend", "refund", "adjustment", "expiry", "rank_changed")
+"""Every kind of statement line the projection writes (the API schema's enum)."""
+
+
 @dataclass(slots=True)
 class BalanceChange:
     """The net change of one member's balance row within a batch."""

@@ -5,8 +5,8 @@ by the version-1 code (every award id in the state) still load and behave the sa
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any

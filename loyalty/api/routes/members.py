@@ -56,7 +56,12 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.get("/v1/members/{user_id}", response_model=MemberBody, responses=_ERRORS)
+@router.get(
+    "/v1/members/{user_id}",
+    summary="Read a member's account",
+    response_model=MemberBody,
+    responses=_ERRORS,
+)
 async def get_member(user_id: UserId, _key: ShopKey, container: ContainerDep) -> MemberBody:
     """A member's balances, rank and privileges."""
 
@@ -121,6 +126,7 @@ def order_body(result: OrderResult, response: Response) -> OrderBody:
 
 @router.post(
     "/v1/members/{user_id}/spend",
+    summary="Spend currency on an order",
     response_model=OrderBody,
     responses={
         200: {"headers": _REPLAY_HEADERS},
@@ -148,6 +154,7 @@ async def spend(
 
 @router.post(
     "/v1/members/{user_id}/refunds",
+    summary="Refund an order, in full or in part",
     response_model=RefundBody,
     responses={
         200: {"headers": _REPLAY_HEADERS},
@@ -200,6 +207,7 @@ async def refund(
 
 @router.post(
     "/v1/members/{user_id}/adjustments",
+    summary="Adjust a member's account",
     response_model=AdjustmentBody,
     responses={
         200: {"headers": _REPLAY_HEADERS},
@@ -268,6 +276,7 @@ def explanation_link(user_id: str, kind: str, ref: str | None) -> str | None:
 
 @router.get(
     "/v1/members/{user_id}/history",
+    summary="Read a member's statement",
     response_model=HistoryBody,
     responses={**_ERRORS, 422: {"model": Problem, "description": "bad limit or cursor"}},
 )
@@ -311,6 +320,7 @@ async def history(
 
 @router.get(
     "/v1/leaderboard",
+    summary="Read the leaderboard",
     response_model=LeaderboardBody,
     responses={
         401: _ERRORS[401],

@@ -119,6 +119,7 @@ class DailyReportBody(BaseModel):
 
 @router.get(
     "/v1/reports/daily",
+    summary="Read the daily report",
     response_model=DailyReportBody,
     responses={
         401: {"model": Problem, "description": "missing or invalid API key"},

@@ -11,6 +11,7 @@ from loyalty.api.schemas.examples import OPENAPI_EXAMPLES
 from loyalty.api.schemas.explain import AmountsBody, DryRunBody, ExplanationBody
 from loyalty.api.schemas.ingress import BatchAccepted, DuplicateEvent, RejectedEvent
 from loyalty.api.schemas.members import (
+    AdjustmentBody,
     ExpiringBody,
     ForgetAccepted,
     ForgetReceipt,
@@ -21,7 +22,6 @@ from loyalty.api.schemas.members import (
     MemberBody,
     OrderBody,
     PendingBody,
-    AdjustmentBody,
     RefundBody,
 )
 from loyalty.api.schemas.operations import (

@@ -9,6 +9,8 @@ from pydantic import (
     Field,
 )
 
+from loyalty.application.explain import EXPLANATION_KINDS, EXPLANATION_STATUSES
+
 # ---------------------------------------------------------------- explanations (#20)
 
 
@@ -31,12 +33,17 @@ class AmountsBody(BaseModel):
 class ExplanationBody(BaseModel):
     user_id: str
     award_id: str
-    kind: str = Field(description="award (the pipeline) | compensation (rules apply)")
-    status: str = Field(description="recorded | pending (not yet on the account)")
+    kind: str = Field(
+        description="award (the pipeline) | compensation (rules apply)",
+        json_schema_extra={"enum": list(EXPLANATION_KINDS)},
+    )
+    status: str = Field(
+        description="recorded | pending (not yet on the account)",
+        json_schema_extra={"enum": list(EXPLANATION_STATUSES)},
+    )
     recorded_at: str | None
     rule_versions: list[int] = Field(
-        description="every rule version that weighed its events, oldest first (one for "
-        "most awards)"
+        description="every rule version that weighed its events, oldest first (one for most awards)"
     )
     event_count: int
     currency: AmountsBody

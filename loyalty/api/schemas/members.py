@@ -9,6 +9,9 @@ from pydantic import (
     Field,
 )
 
+from loyalty.application.erasure import FORGET_STATUSES
+from loyalty.application.projections import HISTORY_KINDS
+
 
 class MemberBody(BaseModel):
     user_id: str
@@ -95,7 +98,11 @@ class RefundBody(OrderBody):
 
 
 class HistoryEntryBody(BaseModel):
-    kind: str = Field(description="award | spend | refund | adjustment | rank_changed")
+    kind: str = Field(
+        description="award | spend | refund | adjustment | expiry (currency of a month "
+        "lot expired; ref: the lot) | rank_changed (ref: the new rank)",
+        json_schema_extra={"enum": list(HISTORY_KINDS)},
+    )
     currency: int = Field(description="signed change of the spendable balance")
     rank_points: int = Field(description="signed change of the rank points")
     at: datetime = Field(description="RFC 3339, UTC")
@@ -143,14 +150,20 @@ class LeaderboardBody(BaseModel):
 
 class ForgetAccepted(BaseModel):
     request_id: str
-    status: str = Field(description="pending | running | completed")
+    status: str = Field(
+        description="pending | running | completed",
+        json_schema_extra={"enum": list(FORGET_STATUSES)},
+    )
 
 
 class ForgetReceipt(BaseModel):
     """What was erased, where and when; never the user id."""
 
     request_id: str
-    status: str
+    status: str = Field(
+        description="pending | running | completed",
+        json_schema_extra={"enum": list(FORGET_STATUSES)},
+    )
     requested_at: datetime
     completed_at: datetime | None
     erased: dict[str, int] = Field(description="rows erased per location")

@@ -220,9 +220,11 @@ class Spending:
                 done = member.refund(order_id, source, refund_id=refund_id, amount=amount)
                 after = self._state_after(
                     user_id,
-                    lambda e: _is(e, "Refunded")
-                    and scoped_key(e.source, e.order_id) == key
-                    and (e.refund_id or FULL_REFUND) == wanted,
+                    lambda e: (
+                        _is(e, "Refunded")
+                        and scoped_key(e.source, e.order_id) == key
+                        and (e.refund_id or FULL_REFUND) == wanted
+                    ),
                 )
                 result = OrderResult(
                     order_id, done, after.currency, True, refund_id, after.refundable(key)
