@@ -62,6 +62,12 @@ class DayBody(BaseModel):
     members_per_rank: dict[str, int] = Field(description="end of day")
     outstanding_currency: int = Field(description="currency on all accounts at the end of the day")
     activity: list[ActivityBody] = Field(description="per source x event type")
+    unweighed_types: dict[str, int] = Field(
+        {},
+        description="the day's events per type that no rule of the current rule set "
+        "weighs: accepted and stored, earning nothing now (a new rule set or a dry run may "
+        "weigh them)",
+    )
 
 
 DAILY_EXAMPLE: dict[str, Any] = {
