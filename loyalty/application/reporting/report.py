@@ -250,9 +250,9 @@ def daily_report(
         ]
         unweighed: dict[str, int] = {}
         if weighed is not None:
-            for row in rows:
-                if row.event_type not in weighed and row.events:
-                    unweighed[row.event_type] = unweighed.get(row.event_type, 0) + row.events
+            for line in rows:
+                if line.event_type not in weighed and line.events:
+                    unweighed[line.event_type] = unweighed.get(line.event_type, 0) + line.events
         day_sketch = bytearray()
         for k in keys:
             day_sketch = sketches[k] if not day_sketch else merge(day_sketch, sketches[k])
