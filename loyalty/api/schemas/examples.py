@@ -12,6 +12,7 @@ from loyalty.api.schemas.common import Health, Problem
 from loyalty.api.schemas.explain import DryRunBody, ExplanationBody
 from loyalty.api.schemas.ingress import BatchAccepted
 from loyalty.api.schemas.members import (
+    AdjustmentBody,
     ForgetAccepted,
     ForgetReceipt,
     HistoryBody,
@@ -96,6 +97,15 @@ OPENAPI_EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
         "amount": 2,
         "currency": 8,
         "refundable": 3,
+        "replayed": False,
+    },
+    AdjustmentBody: {
+        "user_id": "alice",
+        "currency": 61,
+        "rank_points": 21,
+        "rank": "bronze",
+        "privileges": ["member_prices"],
+        "lifetime_currency": 61,
         "replayed": False,
     },
     AdjustmentRequest: {
