@@ -503,7 +503,9 @@ def build_api_services(
         webhooks=build_webhook_admin(db, lambda: feed().head()),
         explanations=Explanations(ExplanationStore(db), carried_fraction(accounts)),
         dry_run=build_dry_run(db, settings, rules, now),
-        daily_report=lambda first, last: daily_report(rollups, first, last),
+        daily_report=lambda first, last: daily_report(
+            rollups, first, last, rules.current().rules.keys()
+        ),
         storage=lambda: storage_report(db),
         ready=db.ping,
         verify_key=keys.verify,

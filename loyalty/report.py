@@ -125,6 +125,13 @@ def render_table(days: Sequence[DayReport]) -> Table:
         "",
         style="bold",
     )
+    unweighed: dict[str, int] = defaultdict(int)
+    for d in days:
+        for event_type, count in d.unweighed_types.items():
+            unweighed[event_type] += count
+    if unweighed:  # issue 32 item 2: accepted, earning nothing under the current rules
+        listed = ", ".join(f"{t} {n:,}" for t, n in sorted(unweighed.items()))
+        table.caption = f"{table.caption}\nunweighed types (no current rule weighs them): {listed}"
     return table
 
 

@@ -213,6 +213,7 @@ class ReadModels:
                                 "rank_points": h.rank_points,
                                 "at": h.at,
                                 "ref": h.ref,
+                                "reason": h.reason,
                             }
                             for h in batch.history
                         ],
@@ -336,7 +337,9 @@ class ReadModels:
         """A member's statement entries, newest first, older than position ``before``."""
         h = member_history.c
         query = (
-            sa.select(h.user_id, h.position, h.kind, h.currency, h.rank_points, h.at, h.ref)
+            sa.select(
+                h.user_id, h.position, h.kind, h.currency, h.rank_points, h.at, h.ref, h.reason
+            )
             .where(h.user_id == user_id)
             .order_by(h.position.desc())
             .limit(limit)
@@ -346,7 +349,7 @@ class ReadModels:
         with self._db.read() as conn:
             rows = conn.execute(query).all()
         return [
-            HistoryEntry(r[0], int(r[1]), r[2], int(r[3]), int(r[4]), _utc(r[5]), r[6])
+            HistoryEntry(r[0], int(r[1]), r[2], int(r[3]), int(r[4]), _utc(r[5]), r[6], r[7])
             for r in rows
         ]
 
@@ -448,7 +451,7 @@ class ReadModels:
             ).all()
         return {
             "member_balances": [(*r[:-1], _utc(r[-1])) for r in balances],
-            "member_history": [(*r[:5], _utc(r[5]), r[6]) for r in history],
+            "member_history": [(*r[:5], _utc(r[5]), *r[6:]) for r in history],
         }
 
 

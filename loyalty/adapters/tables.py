@@ -247,6 +247,7 @@ member_history = sa.Table(
     sa.Column("rank_points", sa.BigInteger, nullable=False),
     sa.Column("at", Timestamp, nullable=False),
     sa.Column("ref", sa.Text, nullable=True),
+    sa.Column("reason", sa.Text, nullable=True),  # an adjustment's reason (0019)
 )
 
 # The operator console's server-side sessions (migration 0013): the SHA-256 of the session

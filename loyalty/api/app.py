@@ -78,6 +78,32 @@ def build_container(
     return Container.of(services, limiter)
 
 
+def api_description(settings: Settings) -> str:
+    """The OpenAPI document's description: what the service is and the ingress limits
+    of this deployment (from its settings, so the document says what the server does)."""
+    rate = settings.ingest_rate_limit_events_per_s
+    rate_text = (
+        "no rate limit per key"
+        if not rate
+        else f"at most {rate:,.0f} events per second per ingest key, bursts up to "
+        f"{max(settings.ingest_rate_limit_burst, settings.max_batch_events):,} (429 "
+        "`rate_limited` with `Retry-After` above it, nothing stored)"
+    )
+    return (
+        "Event-sourced loyalty service: activity ingress, member accounts (spend, refunds "
+        "in full or in parts, adjustments, statements, leaderboard), explanations, rules, "
+        "events out (feed, webhooks).\n\n"
+        "**Ingress limits** (`POST /v1/ingress/batches`): a batch body of at most "
+        f"{settings.max_batch_bytes:,} bytes (413 before parsing), at most "
+        f"{settings.max_batch_events:,} events per batch (413 `too_many_events`), "
+        f"{settings.max_attributes_bytes:,} bytes of `attributes` per event (422), events "
+        f"no older than {settings.retention_days} days (`LOYALTY_RETENTION_DAYS`) and at "
+        f"most {settings.future_skew_seconds} s in the future (listed in `rejected`); "
+        f"{rate_text}. Any other request body: at most {settings.max_request_bytes:,} "
+        "bytes (413)."
+    )
+
+
 def create_app(
     settings: Settings,
     *,
@@ -104,7 +130,7 @@ def create_app(
     app = FastAPI(
         title="loyalty",
         version="1",
-        description="Event-sourced loyalty service: activity ingress, member accounts.",
+        description=api_description(settings),
         lifespan=lifespan,
         # A redirect to the slash-less path would echo the Host header in Location.
         redirect_slashes=False,

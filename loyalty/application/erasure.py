@@ -61,6 +61,10 @@ ERASING_STEPS = ("ingress", "caps", "event_store", "read_models", "delivery")
 """The steps that erase the registered locations (``ErasureStore.locations``)."""
 
 
+FORGET_STATUSES = ("pending", "running", "completed")
+"""A forget request's statuses, in order (``adapters/erasure_store.py`` writes them)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Marker:
     subject_hash: str

@@ -22,6 +22,9 @@ from loyalty.domain import explain
 from loyalty.domain.errors import AwardNotFound, MemberNotFound
 
 PENDING_ALIAS = "pending"
+EXPLANATION_KINDS = ("award", "compensation")
+"""What an explanation explains: a pipeline award or a rules compensation."""
+EXPLANATION_STATUSES = ("recorded", "pending")
 MAX_LISTED_EVENTS = 1000
 
 
@@ -117,11 +120,10 @@ class Explanations:
             "kind": found.kind,
             "status": "pending" if pending else "recorded",
             "recorded_at": None if found.recorded_at is None else found.recorded_at.isoformat(),
-            "rule_version": found.rule_version,
-            "rule_versions": found.summary.get("rule_versions", []),
+            "rule_versions": found.summary.get("rule_versions") or [found.rule_version],
             "event_count": found.event_count,
-            "currency": currency.to_wire(),
-            "rank_points": points.to_wire(),
+            "currency": currency.to_wire(pending=pending),
+            "rank_points": points.to_wire(pending=pending),
             # False only for earnings counted before explanations were kept
             "complete": found.kind != "award"
             or summed == (found.exact_currency, found.exact_rank_points),

@@ -125,6 +125,8 @@ REASON_TOO_OLD = "too_old"
 REASON_IN_FUTURE = "in_future"
 # The member asked to be forgotten after this event occurred: it is not stored.
 REASON_FORGOTTEN = "forgotten"
+REJECT_REASONS = (REASON_TOO_OLD, REASON_IN_FUTURE, REASON_FORGOTTEN)
+"""Every reason an event of a batch is rejected for (the API schema's enum)."""
 
 
 class IngestService:

@@ -59,6 +59,12 @@ class HistoryEntry:
     rank_points: int
     at: datetime
     ref: str | None
+    reason: str | None = None
+    """An adjustment's reason (None for every other kind)."""
+
+
+HISTORY_KINDS = ("award", "spend", "refund", "adjustment", "expiry", "rank_changed")
+"""Every kind of statement line the projection writes (the API schema's enum)."""
 
 
 @dataclass(slots=True)
@@ -173,6 +179,7 @@ def project(
             batch.balances[member_id] = change
         change.updated_at = at
         entry: tuple[str, int, int, str | None] | None = None
+        reason: str | None = None
         if name == "Awarded":
             change.currency += event.currency
             change.lifetime_currency += event.currency
@@ -193,6 +200,7 @@ def project(
             change.lifetime_currency += event.currency
             change.rank_points += event.rank_points
             entry = ("adjustment", event.currency, event.rank_points, event.adjustment_id)
+            reason = event.reason
             if event.currency > 0:
                 batch.lots[(user_id, event.lot or LEGACY_LOT)] = True
         elif name == "CurrencyExpired":
@@ -208,7 +216,14 @@ def project(
             kind, currency, rank_points, ref = entry
             batch.history.append(
                 HistoryEntry(
-                    user_id, int(event.originator_version), kind, currency, rank_points, at, ref
+                    user_id,
+                    int(event.originator_version),
+                    kind,
+                    currency,
+                    rank_points,
+                    at,
+                    ref,
+                    reason,
                 )
             )
     return batch

@@ -50,13 +50,15 @@ def report(
     """Per UTC day: events by type, awards, spending, outstanding currency, members
     (from the daily rollups: past days read the same after retention)."""
     from loyalty.adapters.rollup_store import RollupStore
+    from loyalty.adapters.rules_store import RulesStore
     from loyalty.application.reporting import ReportRangeError, daily_report
     from loyalty.report import render_table, write_chart
 
     start, to = _range(first, last, days)
     db = open_database(load_settings())
     try:
-        result = daily_report(RollupStore(db), start, to)
+        weighed = RulesStore(db).current().rules.keys()
+        result = daily_report(RollupStore(db), start, to, weighed)
     except ReportRangeError as exc:
         raise fail(str(exc), 2) from None
     finally:

@@ -53,6 +53,31 @@ class OrderNotFound(DomainError):
     default_message = "order not found"
 
 
+class RefundConflict(DomainError):
+    """The refund id was already used on the order with a different amount."""
+
+    code = "refund_conflict"
+    default_message = "refund id already used on this order with a different amount"
+
+
+class RefundExceedsOrder(DomainError):
+    """A refund asks for more than is left of the order (spent minus refunded)."""
+
+    code = "refund_exceeds_order"
+    default_message = "the refund exceeds what is left of the order"
+
+    def __init__(self, refundable: int | None = None, requested: int | None = None) -> None:
+        self.refundable = refundable
+        self.requested = requested
+        detail = None
+        if refundable is not None and requested is not None:
+            detail = (
+                f"the refund exceeds what is left of the order: {requested} asked, "
+                f"{refundable} left to refund"
+            )
+        super().__init__(detail)
+
+
 class AdjustmentConflict(DomainError):
     """The adjustment id was already used with different values."""
 

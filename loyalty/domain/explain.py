@@ -144,11 +144,14 @@ class Amounts:
     credited: int
     carried_out: Decimal
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self, *, pending: bool = False) -> dict[str, Any]:
+        """Recorded: ``credited`` (``to_credit`` null). Pending: nothing is credited yet
+        (``credited`` null); ``to_credit`` is what the next recording would credit."""
         return {
             "contributed": _text(self.contributed),
             "carried_in": _text(self.carried_in),
-            "credited": self.credited,
+            "credited": None if pending else self.credited,
+            "to_credit": self.credited if pending else None,
             "carried_out": _text(self.carried_out),
         }
 

@@ -52,6 +52,8 @@ from loyalty.domain.errors import (
     InvalidAmount,
     OrderConflict,
     OrderNotFound,
+    RefundConflict,
+    RefundExceedsOrder,
 )
 from loyalty.domain.expiry import LEGACY, CurrencyExpiry, credit, debit_fifo, is_month
 from loyalty.domain.limits import (
@@ -113,7 +115,7 @@ class Adjustment:
 class Member(Aggregate):
     """A member's account: spendable currency, lifetime rank points, rank."""
 
-    class_version = 4
+    class_version = 5
 
     @staticmethod
     def create_id(user_id: str) -> UUID:
@@ -137,6 +139,10 @@ class Member(Aggregate):
         self.orders: dict[str, int] = {}
         """Amount per :func:`scoped_key` (source, order id)."""
         self.refunded_orders: set[str] = set()
+        """The order keys refunded in full (nothing left to refund)."""
+        self.order_refunds: dict[str, dict[str, int]] = {}
+        """Per order key, the amount of each refund by its refund id (``""``: the refund
+        made without a refund id, one per order; every refund before version 5)."""
         self.adjustments: dict[str, Adjustment] = {}
         self.fraction_currency = Decimal(0)
         """Exact currency earned but not credited (less than one unit)."""
@@ -153,6 +159,16 @@ class Member(Aggregate):
         self.expired_lots: dict[str, int] = {}
         """Per lot, the currency expired from it (a lot here is closed: anything put back
         into it later expires at once)."""
+
+    @staticmethod
+    def upcast_v4_v5(state: dict[str, Any]) -> None:
+        """A version-4 state: refunds were whole orders, without refund ids."""
+        orders = state.get("orders", {})
+        state["order_refunds"] = {
+            key: {FULL_REFUND: orders[key]}
+            for key in state.get("refunded_orders", set())
+            if key in orders
+        }
 
     @staticmethod
     def upcast_v3_v4(state: dict[str, Any]) -> None:
@@ -389,27 +405,58 @@ class Member(Aggregate):
         expiry: CurrencyExpiry | None = None,
         as_of: datetime | None = None,
         by: str | None = None,
+        refund_id: str | None = None,
+        amount: int | None = None,
     ) -> int:
-        """Put ``source``'s spent order's amount back, once, into the lots it was taken
-        from; returns the amount. A part whose lot has expired meanwhile (closed by an
-        expiry, or due under ``expiry`` at ``as_of``) expires again at once, in the same
-        command: the balance is what it would be had the order never been placed.
-        ``by``: the operator refunding on ``source``'s behalf (recorded on the event).
-        Full refunds only."""
+        """Put back ``amount`` (None: all that is left) of ``source``'s spent order into
+        the lots it was taken from, the newest lot first; returns the amount refunded.
+        Idempotent by ``refund_id`` within the order (None: the order's one refund
+        without an id): a replay returns the first amount and changes nothing, the same
+        id with another amount is a :class:`RefundConflict`. Several refunds of one order
+        add up to at most the amount spent (:class:`RefundExceedsOrder`).
+
+        A part whose lot has expired meanwhile (closed by an expiry, or due under
+        ``expiry`` at ``as_of``) expires again at once, in the same command: the balance
+        is what it would be had that part never been spent. ``by``: the operator
+        refunding on ``source``'s behalf (recorded on the event)."""
         check_text(order_id, "order_id")
         if by is not None:
             check_text(by, "by")
+        if refund_id is not None:
+            check_text(refund_id, "refund_id")
+        if amount is not None:
+            check_amount(amount, "amount", minimum=1)
         key = self.order_key(order_id, source)
-        amount = self.orders.get(key)
-        if amount is None:
+        spent = self.orders.get(key)
+        if spent is None:
             raise OrderNotFound()
-        if key not in self.refunded_orders:
-            legacy = key != scoped_key(source, order_id)
-            self._refunded(
-                order_id=order_id, amount=amount, source=None if legacy else source, by=by
-            )
-            self._expire_closed(expiry, as_of)
-        return amount
+        done = self.refund_of(key, refund_id)
+        if done is not None:
+            if amount is not None and amount != done:
+                raise RefundConflict()
+            return done
+        left = self.refundable(key)
+        wanted = left if amount is None else amount
+        if wanted > left or wanted == 0:
+            raise RefundExceedsOrder(refundable=left, requested=wanted)
+        legacy = key != scoped_key(source, order_id)
+        self._refunded(
+            order_id=order_id,
+            amount=wanted,
+            source=None if legacy else source,
+            by=by,
+            refund_id=refund_id,
+        )
+        self._expire_closed(expiry, as_of)
+        return wanted
+
+    def refund_of(self, key: str, refund_id: str | None) -> int | None:
+        """The amount of the order ``key``'s refund ``refund_id`` (None: not made)."""
+        return self.order_refunds.get(key, {}).get(refund_id or FULL_REFUND)
+
+    def refundable(self, key: str) -> int:
+        """What is left to refund of the order ``key`` (spent minus refunded)."""
+        return self.orders.get(key, 0) - sum(self.order_refunds.get(key, {}).values())
 
     def expire(self, expiry: CurrencyExpiry | None, as_of: datetime) -> list[tuple[str, int]]:
         """Expire every open lot due under ``expiry`` at ``as_of`` (one
@@ -616,16 +663,23 @@ class Member(Aggregate):
 
     class Refunded(SourcedEvent):
         """Version 3 records ``by``: the operator key that refunded the order on its
-        source's behalf (None: the source itself; version 2 and before: None)."""
+        source's behalf (None: the source itself; version 2 and before: None).
+        Version 4 records ``refund_id`` (None: the refund made without one; every
+        refund before, each of a whole order); ``amount`` may be part of the order."""
 
-        class_version = 3
+        class_version = 4
         order_id: str
         amount: int
         by: str | None
+        refund_id: str | None
 
         @staticmethod
         def upcast_v2_v3(state: dict[str, Any]) -> None:
             state["by"] = None
+
+        @staticmethod
+        def upcast_v3_v4(state: dict[str, Any]) -> None:
+            state["refund_id"] = None
 
     class Adjusted(SourcedEvent):
         """Version 3 records the lot added currency goes to (before: none, legacy)."""
@@ -652,12 +706,24 @@ class Member(Aggregate):
 
     @event(Refunded)
     def _refunded(
-        self, order_id: str, amount: int, source: str | None, by: str | None = None
+        self,
+        order_id: str,
+        amount: int,
+        source: str | None,
+        by: str | None = None,
+        refund_id: str | None = None,
     ) -> None:
         key = scoped_key(source, order_id)
-        self.refunded_orders.add(key)
-        for lot, part in self.order_lots.pop(key, {LEGACY: amount}).items():
+        refunds = self.order_refunds.setdefault(key, {})
+        refunds[refund_id or FULL_REFUND] = amount
+        taken = self.order_lots.get(key)
+        if taken is None:  # stored before lots were tracked: the legacy lot
+            taken = {LEGACY: amount}
+        for lot, part in take_newest(taken, amount).items():
             credit(self.lots, lot, part)
+        if sum(refunds.values()) >= self.orders.get(key, amount):
+            self.refunded_orders.add(key)
+            self.order_lots.pop(key, None)
         self.currency += amount
 
     @event(Adjusted)
@@ -729,6 +795,8 @@ class Member(Aggregate):
 
 
 THRESHOLD = "threshold"
+FULL_REFUND = ""
+"""The refund id key of a refund made without a refund id (one per order)."""
 REQUALIFICATION = "requalification"
 
 
@@ -753,6 +821,28 @@ def _decimal_text(value: Decimal) -> str:
     """The exact text of ``value``, a zero never signed (exact arithmetic that rounds
     toward floor makes ``x - x`` a ``Decimal('-0')``)."""
     return str(abs(value) if value.is_zero() else value)
+
+
+def take_newest(taken: dict[str, int], amount: int) -> dict[str, int]:
+    """Take ``amount`` back out of what an order took per lot (``taken``, changed in
+    place), the newest lot first: what a refund puts back where. Anything beyond what
+    ``taken`` holds comes from the legacy lot."""
+    back: dict[str, int] = {}
+    left = amount
+    for lot in sorted(taken, reverse=True):
+        if left <= 0:
+            break
+        part = min(taken[lot], left)
+        if part > 0:
+            back[lot] = part
+            left -= part
+            if taken[lot] == part:
+                del taken[lot]
+            else:
+                taken[lot] -= part
+    if left > 0:
+        back[LEGACY] = back.get(LEGACY, 0) + left
+    return back
 
 
 def _lots_text(lots: Mapping[str, int]) -> str:

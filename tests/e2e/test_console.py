@@ -838,8 +838,9 @@ def test_support_refunds_a_shops_order_picked_from_the_history(
 
     build_projection(container.db, container.accounts.app).catch_up()
     page = client.get("/console/members", params={"user_id": "dora"}).text
-    assert 'aria-label="Refund order o-1 of webshop in full"' in page  # from the history
-    assert 'aria-label="Refund order o-2 of till in full"' in page
+    # from the history
+    assert 'aria-label="Refund order o-1 of webshop: what is left of it"' in page
+    assert 'aria-label="Refund order o-2 of till: what is left of it"' in page
     status, html = act(client, csrf, "refund", user_id="dora", order_id="o-1")
     assert status == 200, html
     assert message(html) == "refunded 10 of order o-1 (placed by webshop; refunded by ops-alice)"

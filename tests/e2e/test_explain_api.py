@@ -66,6 +66,7 @@ def test_every_award_in_the_history_links_its_explanation(
         "contributed": "390",
         "carried_in": "0",
         "credited": 390,
+        "to_credit": None,  # #32 item 8: only a pending award has one
         "carried_out": "0",
     }
     assert body["rank_points"]["contributed"] == "757.5"  # 750 + 7.5: half a point carried

@@ -73,6 +73,8 @@ def test_order_ids_are_scoped_by_source(
         "amount": 5,
         "currency": 890,
         "replayed": False,
+        "refund_id": None,
+        "refundable": 0,
     }
     assert post(client, refunds, shop_a, order_id="o-77")[1]["currency"] == 990  # type: ignore[index]
     # a key with the same name (a rotated key) is the same source
@@ -174,7 +176,14 @@ def test_an_operator_refunds_a_shops_order_and_is_recorded_on_it(
     assert status == 403, body
     assert post(client, refunds, ops, order_id="o-9", source="webshop") == (
         200,
-        {"order_id": "o-9", "amount": 40, "currency": 100, "replayed": False},
+        {
+            "order_id": "o-9",
+            "amount": 40,
+            "currency": 100,
+            "replayed": False,
+            "refund_id": None,
+            "refundable": 0,
+        },
     )
     # once: the shop's own refund (or the operator's again) is a replay
     assert post(client, refunds, shop, order_id="o-9")[1] == {
@@ -182,6 +191,8 @@ def test_an_operator_refunds_a_shops_order_and_is_recorded_on_it(
         "amount": 40,
         "currency": 100,
         "replayed": True,
+        "refund_id": None,
+        "refundable": 0,
     }
     assert post(client, refunds, ops, order_id="o-9", source="webshop")[0] == 200
     assert balance(client, shop, "cid") == 100

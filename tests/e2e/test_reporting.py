@@ -180,3 +180,37 @@ def test_retention_with_a_future_as_of_needs_yes_and_a_dry_run_drops_nothing(
     assert plan["cutoff"] == "2098-12-31"
     assert {str(TODAY - timedelta(days=d)) for d in range(3)} <= set(plan["days"])
     assert ingress_rows(db) == before  # nothing dropped
+
+
+def test_the_daily_report_says_which_types_no_current_rule_weighs(
+    client: TestClient,
+    make_key: Callable[..., dict[str, str]],
+    db: Database,
+    settings: Settings,
+) -> None:
+    """#32 item 2's last part: accepted events of a type the rules do not weigh are a
+    line of the day's report (API and ``loyalty report``), not only a metric."""
+    container = client.app.state.container  # type: ignore[attr-defined]
+    site, operator = make_key("ingest", "games"), make_key("operator", "ops")
+    events = [
+        {"event_id": f"u-{i}", "user_id": "uma", "type": t, "occurred_at": NOW.isoformat()}
+        for i, t in enumerate(["levelled_up", "levelled_up", "made_purchase", "waved"])
+    ]
+    sent = client.post("/v1/ingress/batches", json={"events": events}, headers=site)
+    assert sent.json()["unweighed_types"] == {"levelled_up": 2, "waved": 1}
+    drain_pipeline(db, container.accounts.app)
+    build_projection(db, container.accounts.app).catch_up()
+    day = TODAY.isoformat()
+    body = client.get("/v1/reports/daily", params={"from": day, "to": day}, headers=operator)
+    assert body.status_code == 200, body.text
+    assert body.json()["days"][0]["unweighed_types"] == {"levelled_up": 2, "waved": 1}
+    shown = CliRunner().invoke(
+        app,
+        ["report", "--from", day, "--to", day],
+        env={"LOYALTY_DATABASE_URL": settings.database_url},
+        catch_exceptions=False,
+    )
+    assert shown.exit_code == 0, shown.output
+    assert "unweighed types (no current rule weighs them): levelled_up 2, waved 1" in " ".join(
+        shown.output.split()
+    )

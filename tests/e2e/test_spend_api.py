@@ -118,7 +118,14 @@ def test_refund_once_and_replay(client: TestClient, shop: Headers) -> None:
     spend(client, shop, "erin", order_id="o-10", amount=10)
     first = client.post("/v1/members/erin/refunds", json={"order_id": "o-9"}, headers=shop)
     assert first.status_code == 200
-    assert first.json() == {"order_id": "o-9", "amount": 20, "currency": 40, "replayed": False}
+    assert first.json() == {
+        "order_id": "o-9",
+        "refund_id": None,
+        "amount": 20,
+        "currency": 40,
+        "refundable": 0,
+        "replayed": False,
+    }
     spend(client, shop, "erin", order_id="o-11", amount=1)
     again = client.post("/v1/members/erin/refunds", json={"order_id": "o-9"}, headers=shop)
     assert again.status_code == 200 and again.json() == {**first.json(), "replayed": True}
@@ -132,6 +139,54 @@ def test_refund_once_and_replay(client: TestClient, shop: Headers) -> None:
     replay = spend(client, shop, "erin", order_id="o-9", amount=20)
     assert replay.json() == {"order_id": "o-9", "amount": 20, "currency": 30, "replayed": True}
     assert replay.headers["Idempotent-Replayed"] == "true"
+
+
+def refund(client: TestClient, headers: Headers, user: str, **body: Any) -> Any:
+    return client.post(f"/v1/members/{user}/refunds", json=body, headers=headers)
+
+
+def test_partial_refunds_up_to_the_order_each_replayed_by_its_id(
+    client: TestClient, shop: Headers
+) -> None:
+    """#32 item 6: ``{"order_id":"o-1","amount":2}`` was a 422."""
+    award(client, "pia", "a1", 50)
+    spend(client, shop, "pia", order_id="o-1", amount=20)
+    plain = refund(client, shop, "pia", order_id="o-1", amount=2)  # the order's one without id
+    assert plain.status_code == 200, plain.text
+    assert plain.json() == {
+        "order_id": "o-1",
+        "refund_id": None,
+        "amount": 2,
+        "currency": 32,
+        "refundable": 18,
+        "replayed": False,
+    }
+    first = refund(client, shop, "pia", order_id="o-1", refund_id="r-1", amount=5)
+    assert first.json()["currency"] == 37 and first.json()["refundable"] == 13
+    assert first.headers["Idempotent-Replayed"] == "false"
+    second = refund(client, shop, "pia", order_id="o-1", refund_id="r-2", amount=10)
+    assert (second.json()["currency"], second.json()["refundable"]) == (47, 3)
+    again = refund(client, shop, "pia", order_id="o-1", refund_id="r-1", amount=5)
+    assert again.status_code == 200 and again.json() == {**first.json(), "replayed": True}
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert refund(client, shop, "pia", order_id="o-1", amount=2).json()["replayed"] is True
+    conflict = refund(client, shop, "pia", order_id="o-1", refund_id="r-2", amount=3)
+    assert conflict.status_code == 409 and conflict.json()["code"] == "refund_conflict"
+    over = refund(client, shop, "pia", order_id="o-1", refund_id="r-3", amount=4)
+    assert over.status_code == 409 and over.json()["code"] == "refund_exceeds_order"
+    assert "4 asked, 3 left to refund" in over.json()["detail"]
+    rest = refund(client, shop, "pia", order_id="o-1", refund_id="r-3")  # all that is left
+    assert (rest.json()["amount"], rest.json()["currency"], rest.json()["refundable"]) == (3, 50, 0)
+    done = refund(client, shop, "pia", order_id="o-1", refund_id="r-4", amount=1)
+    assert done.status_code == 409 and done.json()["code"] == "refund_exceeds_order"
+    for bad in (0, -1, 1.5, "2"):
+        invalid = refund(client, shop, "pia", order_id="o-1", refund_id="r-5", amount=bad)
+        assert invalid.status_code == 422, bad
+    assert client.get("/v1/members/pia", headers=shop).json()["currency"] == 50
+    project(client)
+    history = client.get("/v1/members/pia/history", headers=shop).json()["entries"]
+    refunds = [(e["currency"], e["ref"]) for e in history if e["kind"] == "refund"]
+    assert refunds == [(3, "o-1"), (10, "o-1"), (5, "o-1"), (2, "o-1")]
 
 
 # ----------------------------------------------------------------------- adjustments
@@ -173,8 +228,10 @@ def test_adjustments_credit_debit_replay_conflict(
         "rank_valid_until",
         "rank_points_to_keep",
         "rank_points_to_next",
+        "replayed",  # issue 32 item 8
     }
-    assert client.get("/v1/members/fay", headers=shop).json() == body
+    assert body["replayed"] is False and first.headers["Idempotent-Replayed"] == "false"
+    assert {**client.get("/v1/members/fay", headers=shop).json(), "replayed": False} == body
     spend(client, shop, "fay", order_id="o", amount=10)
     again = adjust(
         client,
@@ -185,7 +242,9 @@ def test_adjustments_credit_debit_replay_conflict(
         rank_points=1200,
         reason="goodwill",
     )
-    assert again.status_code == 200 and again.json() == body  # the state right after it
+    assert again.status_code == 200  # the state right after it, marked as a replay
+    assert again.json() == {**body, "replayed": True}
+    assert again.headers["Idempotent-Replayed"] == "true"
     conflict = adjust(
         client,
         operator,
@@ -222,6 +281,14 @@ def test_adjustments_credit_debit_replay_conflict(
     )
     assert ghost.status_code == 409
     assert client.get("/v1/members/ghost", headers=shop).status_code == 404
+    # the statement says why (#32 item 8); other lines have no reason
+    project(client)
+    lines = client.get("/v1/members/fay/history", headers=shop).json()["entries"]
+    assert [(e["kind"], e["ref"], e["reason"]) for e in lines if e["kind"] != "rank_changed"] == [
+        ("adjustment", "adj-2", "correction"),
+        ("spend", "o", None),
+        ("adjustment", "adj-1", "goodwill"),
+    ]
 
 
 def test_adjustments_need_an_operator_and_integers(
@@ -305,7 +372,8 @@ def test_history_errors(client: TestClient, shop: Headers) -> None:
     award(client, "ivy", "w1", 1)
     # the account exists but is not projected yet: an empty statement, not a 404
     early = client.get("/v1/members/ivy/history", headers=shop)
-    assert early.status_code == 200 and early.json() == {"entries": [], "next": None}
+    assert early.status_code == 200
+    assert early.json() == {"pending": None, "entries": [], "next": None}
     for params in (
         {"limit": 0},
         {"limit": 201},
@@ -328,12 +396,12 @@ def test_leaderboard_orders_by_points_then_user_id(client: TestClient, shop: Hea
     resp = client.get("/v1/leaderboard", headers=shop)
     assert resp.status_code == 200
     assert resp.json()["entries"] == [
-        {"user_id": "m2", "rank_points": 6000, "rank": "gold"},
-        {"user_id": "m5", "rank_points": 1000, "rank": "silver"},
-        {"user_id": "m1", "rank_points": 50, "rank": "bronze"},
-        {"user_id": "m3", "rank_points": 50, "rank": "bronze"},
-        {"user_id": "m4", "rank_points": 0, "rank": "bronze"},
-    ]
+        {"position": 1, "user_id": "m2", "rank_points": 6000, "rank": "gold"},
+        {"position": 2, "user_id": "m5", "rank_points": 1000, "rank": "silver"},
+        {"position": 3, "user_id": "m1", "rank_points": 50, "rank": "bronze"},
+        {"position": 3, "user_id": "m3", "rank_points": 50, "rank": "bronze"},  # a tie
+        {"position": 5, "user_id": "m4", "rank_points": 0, "rank": "bronze"},
+    ]  # position: #32 item 8 (``rank`` is the rank's name)
     top2 = client.get("/v1/leaderboard", params={"limit": 2}, headers=shop).json()["entries"]
     assert [e["user_id"] for e in top2] == ["m2", "m5"]
     for limit in (0, 101):

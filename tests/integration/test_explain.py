@@ -277,7 +277,9 @@ def test_a_pending_award_is_explained_before_it_is_recorded(db: Database, member
         {"when": {"tier": "premium"}, "factor": "1.5", "events": 1}
     ]
     assert body["currency"]["contributed"] == "15.6"
-    assert body["currency"]["credited"] == 15  # what the next recording will credit
+    # #32 item 8: nothing is credited while pending; what the next recording will credit
+    assert body["currency"]["credited"] is None and body["currency"]["to_credit"] == 15
+    assert "rule_version" not in body and len(body["rule_versions"]) == 1
     assert body["events"]["status"] == "retained"
     assert {e["event_id"] for e in body["events"]["items"]} == {f"p{i}" for i in (1, 2, 3, 4, 9)}
     pending_id = body["award_id"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,13 @@ from loyalty.application.accounts import Accounts, AwardCommand, Members, Spendi
 from loyalty.application.commands.rules import parse_rule_set
 from loyalty.bootstrap import build_forget_service
 from loyalty.config import Settings
-from loyalty.domain.errors import AdjustmentConflict, DomainError, OrderConflict
+from loyalty.domain.errors import (
+    AdjustmentConflict,
+    DomainError,
+    OrderConflict,
+    RefundConflict,
+    RefundExceedsOrder,
+)
 from loyalty.domain.member import Member, replay, scoped_key
 from loyalty.domain.rules import DEFAULT_RULES_WIRE
 
@@ -338,6 +345,62 @@ def test_a_version_1_snapshot_is_upcast(settings: Settings, apps: list[Members])
     check_v1_account(cold, expected)
     drop_events_upto(settings, member_id, expected["version"])  # the snapshot alone
     assert opened(apps, members_app(settings, 0)).repository.get(member_id) == whole
+
+
+def test_partial_refunds_of_a_version_1_account_and_a_version_4_snapshot(
+    settings: Settings, apps: list[Members]
+) -> None:
+    """#32 item 6 on stored data: refunds stored by version 1 (``Refunded`` without a
+    refund id, of whole orders) load as the order's refund without an id; a version-4
+    state snapshot (no ``order_refunds``) loads through ``Member.upcast_v4_v5``; partial
+    refunds of an old order go back, add up to the order and replay by their ids."""
+    app = opened(apps, members_app(settings, 0))
+    fixture, member_id = store_v1_stream(app)
+    expected = fixture["expected"]
+    before = from_events(app, member_id)
+    assert before.order_refunds == {scoped_key(None, "o1"): {"": 30}}
+
+    # the same account as a version-4 snapshot (refunds were whole orders then), alone
+    v4 = {k: v for k, v in Member.Snapshot.take(before).state.items() if k != "order_refunds"}
+    v4["class_version"] = 4
+    snapshot = Member.Snapshot(  # type: ignore[call-arg]
+        originator_id=member_id,
+        originator_version=before.version,
+        timestamp=datetime.now(UTC),
+        topic="loyalty.domain.member:Member",
+        state=v4,
+    )
+    stored = app.mapper.to_stored_event(snapshot)
+    assert b'"order_refunds"' not in stored.state and b'"class_version":4' in stored.state
+    assert app.snapshots is not None
+    app.snapshots.recorder.insert_events([stored])  # at the stream's last version: loads use it
+    app = opened(apps, members_app(settings, 0))
+    loaded = app.repository.get(member_id)
+    assert loaded == before and loaded.order_refunds == before.order_refunds
+    # o1 was refunded in full by version 1: a replay; nothing left for a partial one
+    assert loaded.refund("o1", "shop") == 30 and loaded.collect_events() == []
+    spending = Spending(Accounts(app))
+    with pytest.raises(RefundExceedsOrder):
+        spending.refund("legacy-1", "o1", "shop", refund_id="r-1", amount=1)
+    # o2 (20, unrefunded): partial refunds, each replayed by its id
+    first = spending.refund("legacy-1", "o2", "shop", refund_id="r-1", amount=5)
+    assert (first.amount, first.currency, first.refundable) == (5, expected["currency"] + 5, 15)
+    second = spending.refund("legacy-1", "o2", "shop", refund_id="r-2", amount=10)
+    assert (second.currency, second.refundable) == (expected["currency"] + 15, 5)
+    spending.refund("legacy-1", "o2", "shop", refund_id="r-3", amount=1)
+    assert spending.refund("legacy-1", "o2", "shop", refund_id="r-1", amount=5) == replace(
+        first, replayed=True
+    )
+    with pytest.raises(RefundConflict):
+        spending.refund("legacy-1", "o2", "shop", refund_id="r-2", amount=9)
+    with pytest.raises(RefundExceedsOrder):
+        spending.refund("legacy-1", "o2", "shop", refund_id="r-4", amount=5)
+    rest = spending.refund("legacy-1", "o2", "shop")
+    assert (rest.amount, rest.currency, rest.refundable) == (4, expected["currency"] + 20, 0)
+    cold = opened(apps, members_app(settings, 0)).repository.get(member_id)
+    assert cold.currency == expected["currency"] + 20
+    assert cold.order_refunds[scoped_key(None, "o2")] == {"r-1": 5, "r-2": 10, "r-3": 1, "": 4}
+    assert scoped_key(None, "o2") in cold.refunded_orders
 
 
 commands_st = st.lists(

@@ -117,5 +117,7 @@ def test_forget_me_takes_balance_account_and_rank_out() -> None:
 def test_the_export_and_console_columns_are_the_report_s_own() -> None:
     """A figure added to the daily report reaches the CSV and Parquet exports too."""
     day = DayReport(date(2026, 11, 1), [], 0, AccountDay(), 0, 0, 0, {})
-    wire = [k for k in day.to_wire() if k not in ("members_per_rank", "activity")]
+    wire = [
+        k for k in day.to_wire() if k not in ("members_per_rank", "activity", "unweighed_types")
+    ]
     assert tuple(wire) == DAY_COLUMNS

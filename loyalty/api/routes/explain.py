@@ -26,6 +26,7 @@ AwardId = Annotated[str, Path(min_length=1, max_length=200)]
 
 @router.get(
     "/v1/members/{user_id}/awards/{award_id}",
+    summary="Explain an award",
     response_model=ExplanationBody,
     responses={**_ERRORS, 404: {"model": Problem, "description": "award_not_found"}},
 )
@@ -40,6 +41,7 @@ async def explain_award(
 
 @router.post(
     "/v1/rules/dry-run",
+    summary="Dry-run a rule set over retained events",
     response_model=DryRunBody,
     responses={
         **_ERRORS,

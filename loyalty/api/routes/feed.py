@@ -66,6 +66,7 @@ class FeedResponse(BaseModel):
 
 @router.get(
     "/v1/feed",
+    summary="Read the account event feed",
     response_model=FeedResponse,
     responses={
         400: {"model": Problem, "description": "the cursor is not one this feed gave out"},

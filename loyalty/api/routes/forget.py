@@ -34,6 +34,7 @@ def receipt(request: ForgetRequest) -> ForgetReceipt:
 
 @router.post(
     "/v1/forget-requests",
+    summary="Ask to forget a member",
     status_code=202,
     response_model=ForgetAccepted,
     responses={
@@ -58,6 +59,7 @@ async def post_forget_request(
 
 @router.get(
     "/v1/forget-requests/{request_id}",
+    summary="Read a forget request's receipt",
     response_model=ForgetReceipt,
     responses={**_ERRORS, 404: {"model": Problem, "description": "no such request"}},
 )

@@ -11,7 +11,7 @@ from loyalty.api.schemas import Health, Problem
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", response_model=Health)
+@router.get("/healthz", summary="Liveness", response_model=Health)
 def healthz() -> Health:
     """The process is up."""
     return Health(status="ok")
@@ -19,6 +19,7 @@ def healthz() -> Health:
 
 @router.get(
     "/readyz",
+    summary="Readiness (database reachable)",
     response_model=Health,
     responses={503: {"model": Problem, "description": "the database is unreachable"}},
 )

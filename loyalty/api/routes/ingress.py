@@ -250,6 +250,7 @@ def _rate_limited(wait: float) -> ApiProblem:
 
 @router.post(
     "/v1/ingress/batches",
+    summary="Send a batch of activity events",
     status_code=202,
     response_model=BatchAccepted,
     responses=_ERRORS,

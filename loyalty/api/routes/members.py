@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from loyalty.api.deps import Container, ContainerDep, OperatorKey, ShopKey, json_body, request_body
 from loyalty.api.problems import ApiProblem
 from loyalty.api.schemas import (
+    AdjustmentBody,
     ExpiringBody,
     HistoryBody,
     HistoryEntryBody,
@@ -22,7 +23,9 @@ from loyalty.api.schemas import (
     LeaderboardEntry,
     MemberBody,
     OrderBody,
+    PendingBody,
     Problem,
+    RefundBody,
 )
 from loyalty.application.access import Role
 from loyalty.application.accounts import OrderResult
@@ -30,6 +33,7 @@ from loyalty.application.accounts.views import AccountView
 from loyalty.application.commands.accounts import AdjustmentRequest, RefundRequest, SpendRequest
 from loyalty.application.commands.fields import USER_ID_PATTERN
 from loyalty.application.compensation import COMPENSATION_PREFIX
+from loyalty.application.explain import PENDING_ALIAS
 from loyalty.domain.member import Member
 from loyalty.domain.user_ids import MAX_LENGTH, check_user_id
 
@@ -52,7 +56,12 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.get("/v1/members/{user_id}", response_model=MemberBody, responses=_ERRORS)
+@router.get(
+    "/v1/members/{user_id}",
+    summary="Read a member's account",
+    response_model=MemberBody,
+    responses=_ERRORS,
+)
 async def get_member(user_id: UserId, _key: ShopKey, container: ContainerDep) -> MemberBody:
     """A member's balances, rank and privileges."""
 
@@ -117,6 +126,7 @@ def order_body(result: OrderResult, response: Response) -> OrderBody:
 
 @router.post(
     "/v1/members/{user_id}/spend",
+    summary="Spend currency on an order",
     response_model=OrderBody,
     responses={
         200: {"headers": _REPLAY_HEADERS},
@@ -144,8 +154,14 @@ async def spend(
 
 @router.post(
     "/v1/members/{user_id}/refunds",
-    response_model=OrderBody,
-    responses={200: {"headers": _REPLAY_HEADERS}, **_ERRORS, **_INVALID},
+    summary="Refund an order, in full or in part",
+    response_model=RefundBody,
+    responses={
+        200: {"headers": _REPLAY_HEADERS},
+        **_ERRORS,
+        **_INVALID,
+        **_conflicts("refund_exceeds_order", "refund_conflict"),
+    },
     openapi_extra=request_body(RefundRequest),
 )
 async def refund(
@@ -154,24 +170,51 @@ async def refund(
     body: Annotated[RefundRequest, json_body(RefundRequest, Role.SHOP)],
     container: ContainerDep,
     response: Response,
-) -> OrderBody:
-    """Refund a spent order once, in full; a repeated refund answers the same (marked
-    `replayed: true` and `Idempotent-Replayed: true`; `currency` is historical). An
-    operator key may name the order's ``source`` (the shop's key name): the refund is
-    then recorded as made by the operator on the shop's behalf."""
+) -> RefundBody:
+    """Refund a spent order in full or in parts, back into the lots it was spent from
+    (the newest first; a part whose lot has expired meanwhile expires again at once).
+    Each refund is idempotent by its `refund_id` within the order (without one: the
+    order's one refund without an id); the refunds of an order add up to at most the
+    amount spent (more: 409 `refund_exceeds_order`; a refund id reused with another
+    amount: 409 `refund_conflict`). A repeated refund answers the same (marked
+    `replayed: true` and `Idempotent-Replayed: true`; `currency` and `refundable` are
+    historical). An operator key may name the order's `source` (the shop's key name):
+    the refund is then recorded as made by the operator on the shop's behalf."""
     source, by = key.name, None
     if body.source is not None and body.source != key.name:
         if key.role is not Role.OPERATOR:
             raise ApiProblem(403, "forbidden", "only an operator key may name another source")
         source, by = body.source, key.name
-    result = await run_in_threadpool(container.spending.refund, user_id, body.order_id, source, by)
-    return order_body(result, response)
+    result = await run_in_threadpool(
+        container.spending.refund,
+        user_id,
+        body.order_id,
+        source,
+        by,
+        body.refund_id,
+        body.amount,
+    )
+    response.headers[REPLAYED_HEADER] = "true" if result.replayed else "false"
+    return RefundBody(
+        order_id=result.order_id,
+        refund_id=result.refund_id,
+        amount=result.amount,
+        currency=result.currency,
+        refundable=result.refundable or 0,
+        replayed=result.replayed,
+    )
 
 
 @router.post(
     "/v1/members/{user_id}/adjustments",
-    response_model=MemberBody,
-    responses={**_ERRORS, **_INVALID, **_conflicts("insufficient_funds", "adjustment_conflict")},
+    summary="Adjust a member's account",
+    response_model=AdjustmentBody,
+    responses={
+        200: {"headers": _REPLAY_HEADERS},
+        **_ERRORS,
+        **_INVALID,
+        **_conflicts("insufficient_funds", "adjustment_conflict"),
+    },
     openapi_extra=request_body(AdjustmentRequest),
 )
 async def adjust(
@@ -179,10 +222,16 @@ async def adjust(
     key: OperatorKey,
     body: Annotated[AdjustmentRequest, json_body(AdjustmentRequest, Role.OPERATOR)],
     container: ContainerDep,
-) -> MemberBody:
-    """Correct a member's account (creates the account of an unknown member)."""
+    response: Response,
+) -> AdjustmentBody:
+    """Correct a member's account (creates the account of an unknown member); the
+    answer is the account right after the adjustment. Idempotent by the key's source
+    and `adjustment_id`: a repeated request answers the original result, marked
+    `replayed: true` and `Idempotent-Replayed: true` (the account as right after the
+    original adjustment, not now); the same id with other values is a 409
+    `adjustment_conflict`."""
 
-    view = await run_in_threadpool(
+    view, replayed = await run_in_threadpool(
         container.members.adjust,
         user_id,
         body.adjustment_id,
@@ -191,7 +240,8 @@ async def adjust(
         body.reason,
         key.name,
     )
-    return account_body(view)
+    response.headers[REPLAYED_HEADER] = "true" if replayed else "false"
+    return AdjustmentBody(**account_body(view).model_dump(), replayed=replayed)
 
 
 _CURSOR = re.compile(r"^h([1-9][0-9]{0,17})$")
@@ -226,6 +276,7 @@ def explanation_link(user_id: str, kind: str, ref: str | None) -> str | None:
 
 @router.get(
     "/v1/members/{user_id}/history",
+    summary="Read a member's statement",
     response_model=HistoryBody,
     responses={**_ERRORS, 422: {"model": Problem, "description": "bad limit or cursor"}},
 )
@@ -236,11 +287,21 @@ async def history(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=64)] = None,
 ) -> HistoryBody:
-    """A member's statement, newest first (catches up with spending within a second)."""
+    """A member's statement, newest first (catches up with spending within a second).
+    The first page also carries `pending`: the earnings the balance includes that no
+    entry lists yet, with the link to their explanation."""
     before = decode_cursor(cursor) if cursor is not None else None
 
     page = await run_in_threadpool(container.members.history, user_id, limit, before)
+    pending = page.pending
     return HistoryBody(
+        pending=None
+        if pending is None
+        else PendingBody(
+            currency=pending.currency,
+            rank_points=pending.rank_points,
+            explanation=explanation_link(user_id, "award", PENDING_ALIAS) or "",
+        ),
         entries=[
             HistoryEntryBody(
                 kind=r.kind,
@@ -249,6 +310,7 @@ async def history(
                 at=r.at,
                 ref=r.ref,
                 explanation=explanation_link(user_id, r.kind, r.ref),
+                reason=r.reason,
             )
             for r in page.entries
         ],
@@ -258,6 +320,7 @@ async def history(
 
 @router.get(
     "/v1/leaderboard",
+    summary="Read the leaderboard",
     response_model=LeaderboardBody,
     responses={
         401: _ERRORS[401],
@@ -270,12 +333,15 @@ async def leaderboard(
     container: ContainerDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 10,
 ) -> LeaderboardBody:
-    """Members by lifetime rank points, highest first; ties by user id."""
+    """Members by lifetime rank points, highest first (ties by user id), each with its
+    `position` (equal points share one) and its `rank` name."""
 
     places = await run_in_threadpool(container.members.leaderboard, limit)
     return LeaderboardBody(
         entries=[
-            LeaderboardEntry(user_id=p.user_id, rank_points=p.rank_points, rank=p.rank)
+            LeaderboardEntry(
+                position=p.position, user_id=p.user_id, rank_points=p.rank_points, rank=p.rank
+            )
             for p in places
         ]
     )

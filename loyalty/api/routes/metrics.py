@@ -47,6 +47,7 @@ def metrics_token(
 
 @router.get(
     "/metrics",
+    summary="Prometheus metrics",
     response_class=Response,
     dependencies=[Depends(metrics_token)],
     responses={

@@ -23,7 +23,11 @@ RULES_MAX_BYTES = 1024 * 1024
 
 
 @router.get(
-    "/v1/rules", response_model=RulesBody, response_model_exclude_unset=True, responses=_ERRORS
+    "/v1/rules",
+    summary="Read the current rule set",
+    response_model=RulesBody,
+    response_model_exclude_unset=True,
+    responses=_ERRORS,
 )
 async def get_rules(_key: OperatorKey, container: ContainerDep) -> Any:
     """The current weighting rules and rank ladder, with their version."""
@@ -33,6 +37,7 @@ async def get_rules(_key: OperatorKey, container: ContainerDep) -> Any:
 
 @router.put(
     "/v1/rules",
+    summary="Replace the rule set (a new version)",
     response_model=RulesBody,
     response_model_exclude_unset=True,
     responses={**_ERRORS, 422: {"model": Problem, "description": "invalid rules"}},
@@ -74,7 +79,12 @@ def pipeline_status(container: Container) -> PipelineBody:
     )
 
 
-@router.get("/v1/pipeline", response_model=PipelineBody, responses=_ERRORS)
+@router.get(
+    "/v1/pipeline",
+    summary="Read the pipeline's status",
+    response_model=PipelineBody,
+    responses=_ERRORS,
+)
 async def get_pipeline(_key: OperatorKey, container: ContainerDep) -> PipelineBody:
     """How far the weighting pipeline has got."""
     return await run_in_threadpool(pipeline_status, container)

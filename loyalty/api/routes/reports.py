@@ -62,6 +62,12 @@ class DayBody(BaseModel):
     members_per_rank: dict[str, int] = Field(description="end of day")
     outstanding_currency: int = Field(description="currency on all accounts at the end of the day")
     activity: list[ActivityBody] = Field(description="per source x event type")
+    unweighed_types: dict[str, int] = Field(
+        {},
+        description="the day's events per type that no rule of the current rule set "
+        "weighs: accepted and stored, earning nothing now (a new rule set or a dry run may "
+        "weigh them)",
+    )
 
 
 DAILY_EXAMPLE: dict[str, Any] = {
@@ -119,6 +125,7 @@ class DailyReportBody(BaseModel):
 
 @router.get(
     "/v1/reports/daily",
+    summary="Read the daily report",
     response_model=DailyReportBody,
     responses={
         401: {"model": Problem, "description": "missing or invalid API key"},

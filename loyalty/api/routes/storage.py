@@ -18,7 +18,12 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.get("/v1/storage", response_model=StorageBody, responses=_ERRORS)
+@router.get(
+    "/v1/storage",
+    summary="Read storage use per table",
+    response_model=StorageBody,
+    responses=_ERRORS,
+)
 async def get_storage(_key: OperatorKey, container: ContainerDep) -> Any:
     """Rows and bytes per location: each ingress partition (PostgreSQL) or the ingress
     table (SQLite), the event store, read models, pipeline and forget-me tables, a total.

@@ -122,6 +122,7 @@ def _admin(container: ContainerDep) -> WebhookAdmin:
 
 @router.post(
     "/v1/webhooks",
+    summary="Subscribe a webhook",
     status_code=201,
     response_model=WebhookCreated,
     responses={
@@ -146,7 +147,12 @@ async def create_webhook(
     return WebhookCreated(**_out(created).model_dump(), secret=created.secret)
 
 
-@router.get("/v1/webhooks", response_model=WebhookList, responses=_ERRORS)
+@router.get(
+    "/v1/webhooks",
+    summary="List webhook subscriptions",
+    response_model=WebhookList,
+    responses=_ERRORS,
+)
 async def list_webhooks(_key: OperatorKey, container: ContainerDep) -> WebhookList:
     """Every subscription (never the secrets)."""
     subscriptions = await run_in_threadpool(_admin(container).subscriptions)
@@ -155,6 +161,7 @@ async def list_webhooks(_key: OperatorKey, container: ContainerDep) -> WebhookLi
 
 @router.delete(
     "/v1/webhooks/{subscription_id}",
+    summary="Delete a webhook subscription",
     response_model=WebhookDeleted,
     responses={**_ERRORS, 404: {"model": Problem, "description": "no such subscription"}},
 )

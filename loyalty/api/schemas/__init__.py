@@ -11,6 +11,7 @@ from loyalty.api.schemas.examples import OPENAPI_EXAMPLES
 from loyalty.api.schemas.explain import AmountsBody, DryRunBody, ExplanationBody
 from loyalty.api.schemas.ingress import BatchAccepted, DuplicateEvent, RejectedEvent
 from loyalty.api.schemas.members import (
+    AdjustmentBody,
     ExpiringBody,
     ForgetAccepted,
     ForgetReceipt,
@@ -20,6 +21,8 @@ from loyalty.api.schemas.members import (
     LeaderboardEntry,
     MemberBody,
     OrderBody,
+    PendingBody,
+    RefundBody,
 )
 from loyalty.api.schemas.operations import (
     PipelineBody,
@@ -96,6 +99,9 @@ __all__ = [
     "MemberBody",
     "MultiplierBody",
     "OrderBody",
+    "PendingBody",
+    "AdjustmentBody",
+    "RefundBody",
     "PipelineBody",
     "Problem",
     "RankBody",

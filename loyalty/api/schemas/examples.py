@@ -12,12 +12,14 @@ from loyalty.api.schemas.common import Health, Problem
 from loyalty.api.schemas.explain import DryRunBody, ExplanationBody
 from loyalty.api.schemas.ingress import BatchAccepted
 from loyalty.api.schemas.members import (
+    AdjustmentBody,
     ForgetAccepted,
     ForgetReceipt,
     HistoryBody,
     LeaderboardBody,
     MemberBody,
     OrderBody,
+    RefundBody,
 )
 from loyalty.api.schemas.operations import PipelineBody
 from loyalty.application.commands.accounts import AdjustmentRequest, RefundRequest, SpendRequest
@@ -87,8 +89,25 @@ OPENAPI_EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
         "awards_total": 61_000,
     },
     SpendRequest: {"order_id": "o-1", "amount": 5, "description": "coffee mug"},
-    RefundRequest: {"order_id": "o-1"},
+    RefundRequest: {"order_id": "o-1", "refund_id": "r-1", "amount": 2},
     OrderBody: {"order_id": "o-1", "amount": 5, "currency": 6, "replayed": False},
+    RefundBody: {
+        "order_id": "o-1",
+        "refund_id": "r-1",
+        "amount": 2,
+        "currency": 8,
+        "refundable": 3,
+        "replayed": False,
+    },
+    AdjustmentBody: {
+        "user_id": "alice",
+        "currency": 61,
+        "rank_points": 21,
+        "rank": "bronze",
+        "privileges": ["member_prices"],
+        "lifetime_currency": 61,
+        "replayed": False,
+    },
     AdjustmentRequest: {
         "adjustment_id": "adj-7",
         "currency": 50,
@@ -96,6 +115,11 @@ OPENAPI_EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
         "reason": "goodwill: ticket 4711",
     },
     HistoryBody: {
+        "pending": {
+            "currency": 3,
+            "rank_points": 6,
+            "explanation": "/v1/members/alice/awards/pending",
+        },
         "entries": [
             {"kind": "spend", "currency": -5, "rank_points": 0, "at": _WHEN, "ref": "o-1"},
             {
@@ -109,7 +133,9 @@ OPENAPI_EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
         ],
         "next": None,
     },
-    LeaderboardBody: {"entries": [{"user_id": "alice", "rank_points": 21, "rank": "bronze"}]},
+    LeaderboardBody: {
+        "entries": [{"position": 1, "user_id": "alice", "rank_points": 21, "rank": "bronze"}]
+    },
     ForgetRequestBody: {"user_id": "alice"},
     ForgetAccepted: {"request_id": "f-3b1c9e", "status": "pending"},
     ForgetReceipt: {
@@ -134,16 +160,22 @@ _EXPLAIN_EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
         "kind": "award",
         "status": "recorded",
         "recorded_at": _WHEN,
-        "rule_version": 4,
         "rule_versions": [4],
         "event_count": 53,
         "currency": {
             "contributed": "37.5",
             "carried_in": "0.25",
             "credited": 37,
+            "to_credit": None,
             "carried_out": "0.75",
         },
-        "rank_points": {"contributed": "75", "carried_in": "0", "credited": 75, "carried_out": "0"},
+        "rank_points": {
+            "contributed": "75",
+            "carried_in": "0",
+            "credited": 75,
+            "to_credit": None,
+            "carried_out": "0",
+        },
         "complete": True,
         "by_event_type": [
             {

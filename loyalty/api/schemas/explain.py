@@ -9,26 +9,42 @@ from pydantic import (
     Field,
 )
 
+from loyalty.application.explain import EXPLANATION_KINDS, EXPLANATION_STATUSES
+
 # ---------------------------------------------------------------- explanations (#20)
 
 
 class AmountsBody(BaseModel):
-    """``carried_in + contributed == credited + carried_out``, exactly (decimal strings)."""
+    """``carried_in + contributed == credited + carried_out`` (``to_credit`` in place of
+    ``credited`` while pending), exactly (decimal strings)."""
 
     contributed: str = Field(description="exact sum of the events' weights, before rounding")
     carried_in: str = Field(description="the account's fraction before the award")
-    credited: int = Field(description="whole units credited (or to be credited, if pending)")
+    credited: int | None = Field(
+        description="whole units credited on the account (null while the award is pending)"
+    )
+    to_credit: int | None = Field(
+        description="while pending: the whole units the next recording will credit (null "
+        "once recorded)"
+    )
     carried_out: str = Field(description="the fraction carried to the next award")
 
 
 class ExplanationBody(BaseModel):
     user_id: str
     award_id: str
-    kind: str = Field(description="award (the pipeline) | compensation (rules apply)")
-    status: str = Field(description="recorded | pending (not yet on the account)")
+    kind: str = Field(
+        description="award (the pipeline) | compensation (rules apply)",
+        json_schema_extra={"enum": list(EXPLANATION_KINDS)},
+    )
+    status: str = Field(
+        description="recorded | pending (not yet on the account)",
+        json_schema_extra={"enum": list(EXPLANATION_STATUSES)},
+    )
     recorded_at: str | None
-    rule_version: int = Field(description="the rule version of the newest window in it")
-    rule_versions: list[int] = Field(description="every rule version that weighed its events")
+    rule_versions: list[int] = Field(
+        description="every rule version that weighed its events, oldest first (one for most awards)"
+    )
     event_count: int
     currency: AmountsBody
     rank_points: AmountsBody

@@ -9,11 +9,17 @@ from pydantic import (
     Field,
 )
 
+from loyalty.application.ingress import REJECT_REASONS
+
 
 class RejectedEvent(BaseModel):
     index: int
     event_id: str
-    reason: str = Field(description="too_old | in_future | forgotten")
+    reason: str = Field(
+        description="too_old: older than the retention window; in_future: beyond the "
+        "allowed clock skew; forgotten: the member asked to be forgotten after it occurred",
+        json_schema_extra={"enum": list(REJECT_REASONS)},
+    )
 
 
 class DuplicateEvent(BaseModel):

@@ -10,6 +10,7 @@ from pydantic import (
     Field,
 )
 
+from loyalty.adapters.storage import KIND_ORDER
 from loyalty.api.guards import BodyProblem, parse_json_document
 
 
@@ -43,7 +44,10 @@ class PipelineBody(BaseModel):
 
 class StorageLocationBody(BaseModel):
     name: str = Field(description="table (PostgreSQL: each ingress day partition on its own)")
-    kind: str = Field(description="ingress, event_store, read_model, pipeline, forget or other")
+    kind: str = Field(
+        description="what the table holds: " + ", ".join(KIND_ORDER),
+        json_schema_extra={"enum": list(KIND_ORDER)},
+    )
     rows: int
     bytes: int = Field(description="table, indexes and TOAST (SQLite: pages per dbstat)")
 

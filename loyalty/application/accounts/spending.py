@@ -17,7 +17,7 @@ from loyalty.application.pending import (
 )
 from loyalty.domain.errors import DomainError, MemberBeingErased, MemberNotFound
 from loyalty.domain.expiry import CurrencyExpiry, month_of
-from loyalty.domain.member import Member, scoped_key
+from loyalty.domain.member import FULL_REFUND, Member, scoped_key
 from loyalty.domain.ranks import RankLadder
 
 T = TypeVar("T")
@@ -34,6 +34,19 @@ class OrderResult:
     # True: the command was done by an earlier request; this is that request's answer
     # (``currency`` is the balance right after it, not now)
     replayed: bool = False
+    # a refund: its refund id (None: made without one) and what was left to refund of
+    # the order right after it
+    refund_id: str | None = None
+    refundable: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AdjustmentResult:
+    """An adjustment's answer: the member right after it (the same on every replay) and
+    whether this request replayed an earlier one."""
+
+    member: Member
+    replayed: bool
 
 
 class SpendingMetrics(Protocol):
@@ -186,28 +199,54 @@ class Spending:
         )
 
     def refund(
-        self, user_id: str, order_id: str, source: str | None = None, by: str | None = None
+        self,
+        user_id: str,
+        order_id: str,
+        source: str | None = None,
+        by: str | None = None,
+        refund_id: str | None = None,
+        amount: int | None = None,
     ) -> OrderResult:
-        """Refund ``source``'s ``order_id`` (another source's order is not found);
-        ``by``: the operator refunding on the source's behalf, recorded on the event."""
+        """Refund ``amount`` (None: all that is left) of ``source``'s ``order_id``
+        (another source's order is not found), idempotent by ``refund_id`` within the
+        order (None: the order's one refund without an id); ``by``: the operator
+        refunding on the source's behalf, recorded on the event."""
 
         def action() -> tuple[OrderResult, str, int]:
             member = self._accounts.get(user_id)
             key = member.order_key(order_id, source)
-            replay = key in member.refunded_orders
-            if replay:
-                amount = member.refund(order_id, source)
+            wanted = refund_id or FULL_REFUND
+            if member.refund_of(key, refund_id) is not None:
+                done = member.refund(order_id, source, refund_id=refund_id, amount=amount)
                 after = self._state_after(
                     user_id,
-                    lambda e: _is(e, "Refunded") and scoped_key(e.source, e.order_id) == key,
+                    lambda e: (
+                        _is(e, "Refunded")
+                        and scoped_key(e.source, e.order_id) == key
+                        and (e.refund_id or FULL_REFUND) == wanted
+                    ),
                 )
-                return OrderResult(order_id, amount, after.currency, True), REPLAYED, amount
+                result = OrderResult(
+                    order_id, done, after.currency, True, refund_id, after.refundable(key)
+                )
+                return result, REPLAYED, done
             if key not in member.orders:
                 member.refund(order_id, source)  # raises OrderNotFound
             row = self._with_pending(member, None)
-            amount = member.refund(order_id, source, self._expiry(), self._clock(), by=by)
+            done = member.refund(
+                order_id,
+                source,
+                self._expiry(),
+                self._clock(),
+                by=by,
+                refund_id=refund_id,
+                amount=amount,
+            )
             self._save(member, row)
-            return OrderResult(order_id, amount, member.currency), APPLIED, amount
+            result = OrderResult(
+                order_id, done, member.currency, False, refund_id, member.refundable(key)
+            )
+            return result, APPLIED, done
 
         return self._observed(
             "refund", lambda: with_retry(self._locked(user_id, action), what="refund")
@@ -281,8 +320,23 @@ class Spending:
         """Apply an operator adjustment (ids scoped by ``source``); returns the member
         right after it. An unknown member gets an account (an operator may credit
         someone who has not earned yet); a rejected adjustment creates nothing."""
+        return self.adjust_marked(
+            user_id, adjustment_id, currency, rank_points, reason, ranks, source
+        ).member
 
-        def action() -> tuple[Member, str, int]:
+    def adjust_marked(
+        self,
+        user_id: str,
+        adjustment_id: str,
+        currency: int,
+        rank_points: int,
+        reason: str,
+        ranks: RankLadder,
+        source: str | None = None,
+    ) -> AdjustmentResult:
+        """:meth:`adjust`, saying whether it was a replay of an earlier request."""
+
+        def action() -> tuple[AdjustmentResult, str, int]:
             try:
                 member = self._accounts.get(user_id)
             except MemberNotFound:
@@ -301,14 +355,14 @@ class Spending:
                     on=now.astimezone(UTC).date().isoformat(),
                 )
                 self._save(member, row)
-                return member, APPLIED, currency
+                return AdjustmentResult(member, False), APPLIED, currency
             member.adjust(adjustment_id, currency, rank_points, reason, ranks, source)
             after = self._state_after(
                 user_id,
                 lambda e: _is(e, "Adjusted") and scoped_key(e.source, e.adjustment_id) == key,
                 with_rank_change=True,
             )
-            return after, REPLAYED, currency
+            return AdjustmentResult(after, True), REPLAYED, currency
 
         return self._observed(
             "adjustment", lambda: with_retry(self._locked(user_id, action), what="adjustment")

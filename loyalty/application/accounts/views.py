@@ -52,10 +52,22 @@ class AccountView:
 
 
 @dataclass(frozen=True, slots=True)
+class PendingLine:
+    """What the balance holds that the statement does not list yet: earnings weighed
+    but not recorded on the account (whole units, as ``GET /v1/members/{id}`` counts
+    them)."""
+
+    currency: int
+    rank_points: int
+
+
+@dataclass(frozen=True, slots=True)
 class StatementPage:
     entries: list[HistoryEntry]
     more: bool
     """True when older entries follow the last one."""
+    pending: PendingLine | None = None
+    """On the first page: the pending part of the balance (None: nothing pending)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +75,9 @@ class LeaderboardPlace:
     user_id: str
     rank_points: int
     rank: str | None
+    position: int
+    """1 for the most rank points; members with equal points share a position (the next
+    one after them skips: 1, 2, 2, 4)."""
 
 
 class MemberViews:
@@ -136,9 +151,10 @@ class MemberViews:
         rank_points: int,
         reason: str,
         source: str,
-    ) -> AccountView:
-        """An operator's adjustment under the current rank ladder; the account after it."""
-        member = self._spending.adjust(
+    ) -> tuple[AccountView, bool]:
+        """An operator's adjustment under the current rank ladder; the account after it
+        and whether the request replayed an earlier one."""
+        done = self._spending.adjust_marked(
             user_id,
             adjustment_id,
             currency,
@@ -147,27 +163,38 @@ class MemberViews:
             self._rules.current().ranks,
             source,
         )
-        return self.account(member)
+        return self.account(done.member), done.replayed
 
     def history(self, user_id: str, limit: int, before: int | None = None) -> StatementPage:
         """A member's statement, newest first, older than position ``before`` (raises
         ``MemberNotFound`` for no account; an account not projected yet has an empty
-        statement)."""
+        statement). The first page (``before`` None) also says what is pending: the
+        part of the balance not in any entry yet."""
         rows = list(self._statements.history(user_id, limit + 1, before))
         if not rows and not self._statements.has_member(user_id):
             self._accounts.get(user_id)  # 404 unless the account exists (not projected yet)
-        return StatementPage(rows[:limit], len(rows) > limit)
+        pending = None
+        if before is None:
+            view = self.view(user_id)
+            if view.pending_currency or view.pending_rank_points:
+                pending = PendingLine(view.pending_currency, view.pending_rank_points)
+        return StatementPage(rows[:limit], len(rows) > limit, pending)
 
     def leaderboard(self, limit: int) -> list[LeaderboardPlace]:
         """Members by rank points, highest first; ties by user id."""
         rows = self._statements.leaderboard(limit)
         ranks = self._rules.current().ranks
-        places = []
-        for row in rows:
+        places: list[LeaderboardPlace] = []
+        for index, row in enumerate(rows):
             rank = ranks.rank_for(row.rank_points)
+            tied = places and places[-1].rank_points == row.rank_points
+            position = places[-1].position if tied else index + 1
             places.append(
                 LeaderboardPlace(
-                    row.user_id, row.rank_points, rank.name if rank is not None else None
+                    row.user_id,
+                    row.rank_points,
+                    rank.name if rank is not None else None,
+                    position,
                 )
             )
         return places

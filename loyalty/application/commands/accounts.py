@@ -39,11 +39,23 @@ class SpendRequest(BaseModel):
 
 
 class RefundRequest(BaseModel):
-    """Refund a spent order, once, in full."""
+    """Refund a spent order, in full or in parts: each refund is idempotent by its
+    ``refund_id`` within the order, and the refunds of an order add up to at most the
+    amount spent."""
 
     model_config = ConfigDict(extra="forbid")
 
-    order_id: Identifier
+    order_id: Identifier = Field(description="the order id the spend used")
+    refund_id: Identifier | None = Field(
+        None,
+        description="idempotency key of this refund within the order (a repeat answers "
+        "the original result); omitted: the order's one refund without an id",
+    )
+    amount: Amount | None = Field(
+        None,
+        description="positive integer amount to refund, at most what is left of the order "
+        "(spent minus refunded); omitted: all that is left",
+    )
     source: Identifier | None = Field(
         None,
         description="operator keys only: the name of the key that spent the order (a "

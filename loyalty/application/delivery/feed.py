@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
 import re
 import threading
@@ -104,6 +105,23 @@ def _plain_decimal(text: str) -> str:
 
 
 DECIMAL_FIELDS = frozenset({"fraction_currency", "fraction_rank_points"})
+JSON_TEXT_FIELDS = frozenset({"lots"})
+"""Fields the event store keeps as JSON text (event attributes stay plain values) that
+the wire carries as what they are: ``"lots": {"2026-12": 11}``, not a string."""
+
+
+def wire_data(data: dict[str, Any]) -> dict[str, Any]:
+    """An event's fields as the ways out carry them (the schemas in docs/events/): plain
+    JSON values, decimals as exact strings never signed zero, JSON text as JSON."""
+    out = dict(data)
+    out.pop("user_id", None)
+    for key in DECIMAL_FIELDS & out.keys():
+        if isinstance(out[key], str):
+            out[key] = _plain_decimal(out[key])
+    for key in JSON_TEXT_FIELDS & out.keys():
+        if isinstance(out[key], str):
+            out[key] = json.loads(out[key])
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,11 +249,9 @@ class EventFeed:
             user_id = created.get(member_id) or self._user_id(member_id)
             if user_id is None:  # the stream was erased after we read it: not delivered
                 continue
-            data = {k: _jsonable(v) for k, v in vars(domain_event).items() if k not in BOOKKEEPING}
-            data.pop("user_id", None)
-            for key in DECIMAL_FIELDS & data.keys():
-                if isinstance(data[key], str):
-                    data[key] = _plain_decimal(data[key])
+            data = wire_data(
+                {k: _jsonable(v) for k, v in vars(domain_event).items() if k not in BOOKKEEPING}
+            )
             at = domain_event.timestamp
             at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
             version = int(domain_event.originator_version)

@@ -3,7 +3,8 @@ dropped its activity): figures per day, their labels, the console's today figure
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, field
 from datetime import date, timedelta
 from decimal import Decimal
 from typing import Any, Protocol
@@ -114,6 +115,10 @@ class DayReport:
     members: int
     members_with_balance: int
     members_per_rank: dict[str, int]
+    unweighed_types: dict[str, int] = field(default_factory=dict)
+    """The day's events per type that no rule of the current rule set weighs (accepted,
+    earning nothing now; issue 32 item 2): empty when the report was asked without the
+    rule set."""
 
     @property
     def events(self) -> int:
@@ -154,6 +159,7 @@ class DayReport:
             "members_per_rank": dict(sorted(self.members_per_rank.items())),
             "outstanding_currency": self.outstanding_currency,
             "activity": [r.to_wire() for r in self.activity],
+            "unweighed_types": dict(sorted(self.unweighed_types.items())),
         }
 
 
@@ -192,9 +198,13 @@ def check_range(first: date, last: date) -> None:
         raise ReportRangeError(f"at most {MAX_REPORT_DAYS} days per report")
 
 
-def daily_report(reader: RollupReader, first: date, last: date) -> list[DayReport]:
+def daily_report(
+    reader: RollupReader, first: date, last: date, weighed: Collection[str] | None = None
+) -> list[DayReport]:
     """One entry per day from ``first`` to ``last`` (inclusive), from the rollups alone:
-    the same before and after retention dropped the days' activity."""
+    the same before and after retention dropped the days' activity. ``weighed``: the
+    event types the current rule set weighs; each day then says how many of its events
+    were of a type outside them (``unweighed_types``)."""
     check_range(first, last)
     cells: dict[ActivityKey, StoredActivity] = {}
     sketches: dict[ActivityKey, bytearray] = {}
@@ -238,6 +248,11 @@ def daily_report(reader: RollupReader, first: date, last: date) -> list[DayRepor
             )
             for k in keys
         ]
+        unweighed: dict[str, int] = {}
+        if weighed is not None:
+            for line in rows:
+                if line.event_type not in weighed and line.events:
+                    unweighed[line.event_type] = unweighed.get(line.event_type, 0) + line.events
         day_sketch = bytearray()
         for k in keys:
             day_sketch = sketches[k] if not day_sketch else merge(day_sketch, sketches[k])
@@ -251,6 +266,7 @@ def daily_report(reader: RollupReader, first: date, last: date) -> list[DayRepor
                 members=level.members_change,
                 members_with_balance=level.holders_change,
                 members_per_rank={r: n for r, n in level.ranks.items() if n},
+                unweighed_types=unweighed,
             )
         )
         day += timedelta(days=1)

@@ -192,7 +192,9 @@ def member_action_of(
         refund = form_command(RefundRequest, form)
         owner = refund.source or order_source(container, user_id, refund.order_id, source)
         by = None if owner == source else source
-        result = spending.refund(user_id, refund.order_id, owner, by)
+        result = spending.refund(
+            user_id, refund.order_id, owner, by, refund.refund_id, refund.amount
+        )
         whose = "" if by is None else f" (placed by {owner}; refunded by {by})"
         return f"refunded {result.amount} of order {result.order_id}{whose}", user_id
     adjust = form_command(AdjustmentRequest, form)

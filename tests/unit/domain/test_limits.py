@@ -79,9 +79,15 @@ def test_a_version_2_refund_loads_with_no_operator() -> None:
     app.save(member)
     stored = [e for e in app.recorder.select_events(member.id) if e.topic.endswith("Refunded")]
     decoded = app.mapper.transcoder.decode(stored[0].state)
-    assert decoded["by"] == "ops" and decoded["class_version"] == 3
+    assert decoded["by"] == "ops" and decoded["class_version"] == 4
+    assert decoded["refund_id"] is None
+    del decoded["refund_id"]
+    decoded["class_version"] = 3  # #32 item 6: version 4 records the refund id
+    v3 = app.mapper.to_domain_event(replace(stored[0], state=app.mapper.transcoder.encode(decoded)))
+    assert (v3.by, v3.refund_id, v3.amount) == ("ops", None, 5)  # type: ignore[attr-defined]
     del decoded["by"]
     decoded["class_version"] = 2
     old = replace(stored[0], state=app.mapper.transcoder.encode(decoded))
     event = app.mapper.to_domain_event(old)
     assert (event.source, event.by, event.amount) == ("shop", None, 5)  # type: ignore[attr-defined]
+    assert event.refund_id is None  # type: ignore[attr-defined]

@@ -1,3 +1,4 @@
+from datetime import UTC, datetime
 from typing import Any
 from uuid import uuid5
 
@@ -15,7 +16,10 @@ from loyalty.domain.errors import (
     MemberNotFound,
     OrderConflict,
     OrderNotFound,
+    RefundConflict,
+    RefundExceedsOrder,
 )
+from loyalty.domain.expiry import CurrencyExpiry
 from loyalty.domain.member import (
     NAMESPACE,
     Adjustment,
@@ -233,6 +237,83 @@ def test_spend_replay_after_refund_does_not_debit_again() -> None:
     member.refund("o1")
     assert member.spend("o1", 30) == 30
     assert member.currency == 100
+
+
+def test_partial_refunds_add_up_to_the_order_each_idempotent_by_its_id() -> None:
+    """Issue 32 item 6: several partial refunds of one order, each by its own id."""
+    member = Member(user_id=USER)
+    member.award("seed", 100, 0, 1, 1, LADDER)
+    member.spend("o1", 30)
+    before = member.collect_events()
+    assert member.refund("o1", refund_id="r1", amount=10) == 10
+    assert member.currency == 80
+    assert member.refund("o1", refund_id="r1", amount=10) == 10  # replay
+    assert member.refund("o1", refund_id="r1") == 10  # replay (amount unsaid)
+    assert member.currency == 80
+    with pytest.raises(RefundConflict):
+        member.refund("o1", refund_id="r1", amount=11)
+    assert member.refund("o1", refund_id="r2", amount=15) == 15
+    with pytest.raises(RefundExceedsOrder) as info:
+        member.refund("o1", refund_id="r3", amount=6)
+    assert info.value.code == "refund_exceeds_order"
+    assert (info.value.refundable, info.value.requested) == (5, 6)
+    assert member.refundable(scoped_key(None, "o1")) == 5
+    assert scoped_key(None, "o1") not in member.refunded_orders
+    assert member.refund("o1") == 5  # the rest, without an id
+    assert member.refund("o1") == 5  # its replay
+    assert member.currency == 100
+    assert scoped_key(None, "o1") in member.refunded_orders
+    with pytest.raises(RefundExceedsOrder):
+        member.refund("o1", refund_id="r4", amount=1)
+    events = member.collect_events()
+    assert names(events) == ["Refunded", "Refunded", "Refunded"]
+    assert [(e.refund_id, e.amount) for e in events] == [("r1", 10), ("r2", 15), (None, 5)]
+    rebuilt = replay([*before, *events])
+    assert rebuilt == member
+    assert rebuilt.refund("o1", refund_id="r2") == 15 and rebuilt.collect_events() == []
+
+
+def test_partial_refunds_go_back_into_the_lots_they_came_from_newest_first() -> None:
+    member = Member(user_id=USER)
+    member.award("a1", 10, 0, 1, 1, LADDER, month="2026-01")
+    member.award("a2", 10, 0, 1, 1, LADDER, month="2026-02")
+    member.award("a3", 10, 0, 1, 1, LADDER, month="2026-03")
+    member.spend("o1", 25)  # 10 of January, 10 of February, 5 of March
+    assert member.lots == {"2026-03": 5}
+    member.refund("o1", refund_id="r1", amount=7)  # March's 5 first, then 2 of February
+    assert member.lots == {"2026-02": 2, "2026-03": 10}
+    member.refund("o1", refund_id="r2", amount=12)  # 8 of February, then 4 of January
+    assert member.lots == {"2026-01": 4, "2026-02": 10, "2026-03": 10}
+    member.refund("o1")  # the rest
+    assert member.lots == {"2026-01": 10, "2026-02": 10, "2026-03": 10}
+    assert member.currency == 30
+    assert replay(member.collect_events()) == member
+
+
+def test_a_partial_refund_into_an_expired_lot_expires_again_at_once() -> None:
+    member = Member(user_id=USER)
+    member.award("a1", 10, 0, 1, 1, LADDER, month="2026-01")
+    member.award("a2", 10, 0, 1, 1, LADDER, month="2026-02")
+    member.spend("o1", 15)  # all of January, 5 of February
+    rule, now = CurrencyExpiry(after_months=1), datetime(2026, 3, 1, tzinfo=UTC)  # January's end
+    member.refund("o1", None, rule, now, refund_id="r1", amount=5)  # February's: still open
+    assert member.lots == {"2026-02": 10} and member.currency == 10
+    member.refund("o1", None, rule, now, refund_id="r2", amount=10)  # January's: expires
+    assert member.lots == {"2026-02": 10} and member.currency == 10
+    assert names(member.collect_events())[-2:] == ["Refunded", "CurrencyExpired"]
+
+
+def test_refunds_reject_bad_amounts_and_ids() -> None:
+    member = new_member(currency=100)
+    member.spend("o1", 30)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(InvalidAmount):
+            member.refund("o1", refund_id="r", amount=bad)  # type: ignore[arg-type]
+    with pytest.raises(RefundExceedsOrder):
+        member.refund("o1", refund_id="r", amount=31)
+    with pytest.raises(OrderNotFound):
+        member.refund("o2", refund_id="r", amount=1)
+    assert member.currency == 70
 
 
 # ---------------------------------------------------------------------- adjust
