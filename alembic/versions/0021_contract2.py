@@ -5,15 +5,15 @@ in the account's ``Adjusted`` event already: no personal data); NULL for every o
 kind, and for adjustment lines projected before this revision until the read models are
 rebuilt (``loyalty projections rebuild``).
 
-Revision ID: 0019_contract2
-Revises: 0018_contract
+Revision ID: 0021_contract2
+Revises: 0020_nats
 Create Date: 2026-12-04
 """
 
 from alembic import op
 
-revision = "0019_contract2"
-down_revision = "0018_contract"
+revision = "0021_contract2"
+down_revision = "0020_nats"
 branch_labels = None
 depends_on = None
 
