@@ -162,9 +162,7 @@ def project(
         for part, e in enumerate(account_events(stored))
     ]
     created = {
-        str(e.originator_id): str(e.user_id)
-        for _, _, e in events
-        if type(e).__name__ == "Created"
+        str(e.originator_id): str(e.user_id) for _, _, e in events if type(e).__name__ == "Created"
     }
     others = {str(e.originator_id) for _, _, e in events} - created.keys()
     users = {**known_user_ids(others), **created} if others else created

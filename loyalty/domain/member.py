@@ -524,7 +524,9 @@ class Member(Aggregate):
         if opened is None:
             return events
         enrolled, used = opened
-        rest = [replace(e, originator_version=e.originator_version - used + 1) for e in events[used:]]
+        rest = [
+            replace(e, originator_version=e.originator_version - used + 1) for e in events[used:]
+        ]
         self.version = rest[-1].originator_version if rest else 1
         if not rest:
             self.modified_on = enrolled.timestamp

@@ -81,8 +81,14 @@ def test_a_new_member_is_one_stored_event_and_reads_as_the_three_it_was(
         user: client.get(f"/v1/members/{user}/history", headers=shop).json()["entries"]
         for user in ("neo", "old")
     }
-    lines = {u: [(e["kind"], e["currency"], e["rank_points"], e["ref"]) for e in h] for u, h in history.items()}
-    assert lines["old"] == [("rank_changed", 0, 0, view_old["rank"]), ("award", 50, 1200, "w1.10.1")]
+    lines = {
+        u: [(e["kind"], e["currency"], e["rank_points"], e["ref"]) for e in h]
+        for u, h in history.items()
+    }
+    assert lines["old"] == [
+        ("rank_changed", 0, 0, view_old["rank"]),
+        ("award", 50, 1200, "w1.10.1"),
+    ]
     assert lines["neo"] == [("award", 1, 1, "w1.11.1"), *lines["old"]]
     # paged one line at a time, the cursor walks through the enrolment's two lines
     seen, cursor = [], None
@@ -119,7 +125,11 @@ def test_a_new_member_is_one_stored_event_and_reads_as_the_three_it_was(
     pairs, _ = MembersLog(c.accounts.app).read(0, 1000)
     ids = {str(Member.create_id(u)): u for u in ("neo", "old")}
     facts = {
-        u: [(f.kind, f.currency, f.rank_points, f.rank_old, f.rank_new) for f in account_facts(pairs) if ids[f.member_id] == u]
+        u: [
+            (f.kind, f.currency, f.rank_points, f.rank_old, f.rank_new)
+            for f in account_facts(pairs)
+            if ids[f.member_id] == u
+        ]
         for u in ("neo", "old")
     }
     assert facts["neo"][:3] == facts["old"]

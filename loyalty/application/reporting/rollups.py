@@ -101,13 +101,17 @@ def account_facts(pairs: Sequence[tuple[int, Any]]) -> list[AccountFact]:
                 out.append(AccountFact(position, day, member, "refunded", event.amount))
             elif name == "Adjusted":
                 out.append(
-                    AccountFact(position, day, member, "adjusted", event.currency, event.rank_points)
+                    AccountFact(
+                        position, day, member, "adjusted", event.currency, event.rank_points
+                    )
                 )
             elif name == EXPIRED_EVENT:
                 out.append(AccountFact(position, day, member, "expired", -int(event.amount)))
             elif name == "RankChanged":
                 out.append(
-                    AccountFact(position, day, member, "rank", rank_old=event.old, rank_new=event.new)
+                    AccountFact(
+                        position, day, member, "rank", rank_old=event.old, rank_new=event.new
+                    )
                 )
     return out
 
