@@ -41,7 +41,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 from uuid import UUID, uuid5
 
 from eventsourcing.domain import Aggregate, event
@@ -525,7 +525,8 @@ class Member(Aggregate):
             return events
         enrolled, used = opened
         rest = [
-            replace(e, originator_version=e.originator_version - used + 1) for e in events[used:]
+            replace(cast(Any, e), originator_version=e.originator_version - used + 1)
+            for e in events[used:]
         ]
         self.version = rest[-1].originator_version if rest else 1
         if not rest:
@@ -746,36 +747,24 @@ class Member(Aggregate):
         def parts(self) -> tuple[Any, ...]:
             """``Created``, ``Awarded`` (and ``RankChanged`` if ranked), each with this
             event's id, version and timestamp."""
-            base = {
+            base: dict[str, Any] = {
                 "originator_id": self.originator_id,
                 "originator_version": self.originator_version,
                 "timestamp": self.timestamp,
             }
-            created = Member.Created(
-                **base,  # type: ignore[arg-type]
-                originator_topic=get_topic(Member),
-                user_id=self.user_id,
-            )
-            awarded = Member.Awarded(
-                **base,  # type: ignore[arg-type]
-                award_id=self.award_id,
-                currency=self.currency,
-                rank_points=self.rank_points,
-                event_count=self.event_count,
-                rule_version=self.rule_version,
-                fraction_currency=self.fraction_currency,
-                fraction_rank_points=self.fraction_rank_points,
-                lots=self.lots,
-                on=self.on,
-            )
+            award: dict[str, Any] = {
+                k: v for k, v in vars(self).items() if k not in ("user_id", "rank")
+            }
+            opened: dict[str, Any] = {
+                "originator_topic": get_topic(Member),
+                "user_id": self.user_id,
+            }
+            created = Member.Created(**base, **opened)
+            awarded = Member.Awarded(**award)
             if self.rank is None:
                 return (created, awarded)
-            ranked = Member.RankChanged(
-                **base,  # type: ignore[arg-type]
-                old=None,
-                new=self.rank,
-                reason=THRESHOLD,
-            )
+            change: dict[str, Any] = {"old": None, "new": self.rank, "reason": THRESHOLD}
+            ranked = Member.RankChanged(**base, **change)
             return (created, awarded, ranked)
 
         def mutate(self, aggregate: Any) -> Any:
@@ -884,22 +873,14 @@ def enrolment(events: Sequence[Any]) -> tuple[Any, int] | None:
             used = 3
             if rank is None:  # no rank to no rank: not an event the domain makes
                 return None
-    enrolled = Member.Enrolled(
-        originator_id=created.originator_id,
-        originator_version=1,
-        timestamp=created.timestamp,
-        user_id=created.user_id,
-        award_id=awarded.award_id,
-        currency=awarded.currency,
-        rank_points=awarded.rank_points,
-        event_count=awarded.event_count,
-        rule_version=awarded.rule_version,
-        fraction_currency=awarded.fraction_currency,
-        fraction_rank_points=awarded.fraction_rank_points,
-        lots=awarded.lots,
-        on=awarded.on,
-        rank=rank,
-    )
+    fields: dict[str, Any] = {
+        **vars(awarded),
+        "originator_version": 1,
+        "timestamp": created.timestamp,
+        "user_id": vars(created)["user_id"],
+        "rank": rank,
+    }
+    enrolled = Member.Enrolled(**fields)
     return enrolled, used
 
 
