@@ -10,6 +10,7 @@ rollups and the export read."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from eventsourcing.domain import Aggregate
@@ -17,11 +18,12 @@ from fastapi.testclient import TestClient
 
 from loyalty.application.accounts import AwardCommand
 from loyalty.application.projections import MemberProjection
-from loyalty.application.reporting import MembersLog
+from loyalty.application.reporting import MembersLog, account_event_rows, pseudonym
 from loyalty.application.reporting.rollups import account_facts
 from loyalty.domain.member import Member
 
 Headers = dict[str, str]
+
 SAME = ("w1.10.1", 50, 1200, 3, 1)  # award id, currency, rank points, events, rules
 
 
@@ -121,16 +123,24 @@ def test_a_new_member_is_one_stored_event_and_reads_as_the_three_it_was(
         "member.rank_changed",
     ]
 
-    # the log as the rollups and the export read it: the same events for both
-    pairs, _ = MembersLog(c.accounts.app).read(0, 1000)
+    # the rollups (the projection hands them the stored events as read from the log)
+    app = c.accounts.app
+    raw = [
+        (n.id, app.mapper.to_domain_event(n)) for n in app.recorder.select_notifications(1, 1000)
+    ]
     ids = {str(Member.create_id(u)): u for u in ("neo", "old")}
-    facts = {
-        u: [
-            (f.kind, f.currency, f.rank_points, f.rank_old, f.rank_new)
-            for f in account_facts(pairs)
-            if ids[f.member_id] == u
-        ]
-        for u in ("neo", "old")
-    }
+    facts: dict[str, list[Any]] = {"neo": [], "old": []}
+    for f in account_facts(raw):
+        facts[ids[f.member_id]].append((f.kind, f.currency, f.rank_points, f.rank_old, f.rank_new))
     assert facts["neo"][:3] == facts["old"]
     assert [k for k, *_ in facts["old"]] == ["created", "awarded", "rank"]
+
+    # the Parquet export's account events
+    key = b"k" * 32
+    rows: dict[str, list[Any]] = {"neo": [], "old": []}
+    names = {pseudonym(key, u): u for u in ("neo", "old")}
+    today = datetime.now(UTC).date()  # the events' day (yesterday too, across midnight)
+    for r in account_event_rows(MembersLog(app), key, {today, today - timedelta(days=1)}):
+        rows[names[r.member]].append((r.type, r.currency, r.rank_points, r.ref))
+    assert rows["neo"][:3] == rows["old"]
+    assert [t for t, *_ in rows["old"]] == ["Created", "Awarded", "RankChanged"]
