@@ -6,7 +6,10 @@ with a short award interval and once with the default (3600 s), each in a fresh
 PostgreSQL database. Reported per interval: account events per ingress event, the
 largest member stream, account events per member beyond account creation, and the
 account events per day projected for the same traffic (steady state: creation events
-of new members are counted apart, as they do not recur).
+of new members are counted apart, as they do not recur), and the account events per new
+member (issue 30: one ``Enrolled``; three before) with the ratio of the events stored to
+what the three-event shape (``Created`` + first ``Awarded`` + ``RankChanged``) would
+have stored for the same streams.
 
     .venv/bin/python -m benchmarks.run --only durable_growth [--full]
 
@@ -131,20 +134,39 @@ def run_one(
             worker.kill()
             worker.wait()
     with psycopg.connect(url, autocommit=True) as conn:
+        # an Enrolled (issue 30) is the account's Created, first Awarded and (when
+        # ranked) RankChanged stored as one event: counted as the award and rank change
+        # it holds, and as what the three-event shape would have stored
         rows = conn.execute(
             "SELECT count(*), "
-            "count(*) FILTER (WHERE topic LIKE '%%Member.Awarded'), "
-            "count(*) FILTER (WHERE topic LIKE '%%Member.RankChanged') "
+            "count(*) FILTER (WHERE topic LIKE '%%Member.Awarded' "
+            "OR topic LIKE '%%Member.Enrolled'), "
+            "count(*) FILTER (WHERE topic LIKE '%%Member.RankChanged' OR "
+            "(topic LIKE '%%Member.Enrolled' "
+            "AND convert_from(state, 'UTF8')::jsonb ->> 'rank' IS NOT NULL)) "
             "FROM members_events GROUP BY originator_id"
         ).fetchall()
+        opening = conn.execute(
+            "SELECT originator_id, array_agg(topic ORDER BY originator_version) "
+            "FROM members_events WHERE originator_version <= 3 GROUP BY originator_id"
+        ).fetchall()
+        enrolled_parts = conn.execute(
+            "SELECT count(*), count(*) FILTER (WHERE "
+            "convert_from(state, 'UTF8')::jsonb ->> 'rank' IS NOT NULL) "
+            "FROM members_events WHERE topic LIKE '%%Member.Enrolled'"
+        ).fetchone()
         pending_rows = conn.execute("SELECT count(*) FROM pipeline_pending").fetchone()
     per_member = [int(r[0]) for r in rows]
     account_events = sum(per_member)
     members = len(per_member)
     awarded = sum(int(r[1]) for r in rows)
     rank_changes = sum(int(r[2]) for r in rows)
-    # a new account: Created + its first Awarded + RankChanged (to the first rank)
-    beyond_creation = max(0, account_events - 3 * members)
+    # what opening each account stored: one Enrolled, or Created + its first Awarded
+    # (+ the RankChanged from no rank right after it)
+    opening_events = sum(_opening(list(topics)) for _, topics in opening)
+    enrolled, enrolled_ranked = (int(x) for x in enrolled_parts) if enrolled_parts else (0, 0)
+    three_event_shape = account_events + enrolled + enrolled_ranked
+    beyond_creation = max(0, account_events - opening_events)
     # recordings not caused by a rank change (interval expiries; no commands here)
     interval_awards = awarded - rank_changes
     # issue 16's bound per stream: ceil(T / interval) + commands + 2 x rank changes
@@ -159,6 +181,9 @@ def run_one(
         "members": members,
         "account_events": account_events,
         "account_events_per_ingress": round(account_events / max(sent, 1), 5),
+        "account_events_per_new_member": round(opening_events / max(members, 1), 3),
+        "account_events_three_event_shape": three_event_shape,
+        "account_events_vs_three_event_shape": round(account_events / max(three_event_shape, 1), 3),
         "beyond_creation_per_ingress": round(beyond_creation / max(sent, 1), 5),
         "interval_awards_per_ingress": round(interval_awards / max(sent, 1), 5),
         "rank_changes": rank_changes,
@@ -169,6 +194,17 @@ def run_one(
         "pending_rows_at_end": int(pending_rows[0]) if pending_rows else 0,
         **retries,
     }
+
+
+def _opening(topics: list[str]) -> int:
+    """How many stored events opened an account whose first (up to 3) topics these are:
+    1 for an ``Enrolled``; else ``Created`` + its first ``Awarded`` (+ ``RankChanged``)."""
+    names = [t.rsplit(".", 1)[-1] for t in topics]
+    if not names or names[0] == "Enrolled":
+        return len(names[:1])
+    if len(names) < 2 or names[1] != "Awarded":
+        return 1
+    return 3 if names[2:3] == ["RankChanged"] else 2
 
 
 @benchmark("durable_growth", order=90)
@@ -185,6 +221,8 @@ def durable_growth(ctx: Context) -> dict[str, Any]:
         "value": default["interval_awards_per_ingress"],
         "unit": "interval recordings per ingress event (default interval)",
         "account_events_per_ingress": default["account_events_per_ingress"],
+        "account_events_per_new_member": default["account_events_per_new_member"],
+        "account_events_vs_three_event_shape": default["account_events_vs_three_event_shape"],
         "beyond_creation_per_ingress": default["beyond_creation_per_ingress"],
         "streams_over_bound": sum(r["streams_over_bound"] for r in runs),
         "runs": runs,

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 from loyalty.application.accounts import Members
 from loyalty.application.jobs import JobMetrics, JobRunner, job_metrics
 from loyalty.application.reporting import AccountFact, account_facts
+from loyalty.domain.member import account_events
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,16 @@ def _quarantined(
     )
 
 
+def history_position(version: int, part: int) -> int:
+    """The statement position of part ``part`` of the stored event at ``version``: the
+    version itself for an event standing for itself (part 0). The parts of an
+    ``Enrolled`` (always version 1) that are lines: its award (part 1) at 0 and its
+    rank change (part 2) at 1, so they keep the order the separate events had (award,
+    then rank change) below the stream's next event (version 2); no stream has a
+    version 0."""
+    return version if part == 0 else version + part - 2
+
+
 def project(
     start: int,
     notifications: Sequence[tuple[int, Any]],
@@ -150,14 +161,18 @@ def project(
     event of a stream with no balance row (and no ``Created`` in the batch) is put in
     ``batch.quarantined`` instead."""
     batch = ProjectedBatch(start=start, end=notifications[-1][0] if notifications else start)
+    # a stored Enrolled is read as the Created, Awarded (and RankChanged) it stands for
+    events = [
+        (position, part, e)
+        for position, stored in notifications
+        for part, e in enumerate(account_events(stored))
+    ]
     created = {
-        str(e.originator_id): str(e.user_id)
-        for _, e in notifications
-        if type(e).__name__ == "Created"
+        str(e.originator_id): str(e.user_id) for _, _, e in events if type(e).__name__ == "Created"
     }
-    others = {str(e.originator_id) for _, e in notifications} - created.keys()
+    others = {str(e.originator_id) for _, _, e in events} - created.keys()
     users = {**known_user_ids(others), **created} if others else created
-    for position, event in notifications:
+    for position, part, event in events:
         name = type(event).__name__
         member_id = str(event.originator_id)
         user_id = users.get(member_id)
@@ -217,7 +232,7 @@ def project(
             batch.history.append(
                 HistoryEntry(
                     user_id,
-                    int(event.originator_version),
+                    history_position(int(event.originator_version), part),
                     kind,
                     currency,
                     rank_points,

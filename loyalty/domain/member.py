@@ -37,14 +37,15 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 from uuid import UUID, uuid5
 
 from eventsourcing.domain import Aggregate, event
+from eventsourcing.utils import get_topic
 
 from loyalty.domain.errors import (
     AdjustmentConflict,
@@ -558,6 +559,27 @@ class Member(Aggregate):
         rank = ranks.rank_for(self.rank_points)
         return rank.privileges if rank is not None else ()
 
+    # ------------------------------------------------------------------ storing
+
+    def collect_events(self) -> Sequence[Any]:
+        """The pending events to store, a new account's opening ones as one
+        :class:`Enrolled` (see :func:`enrolment`): a new member costs one stored event.
+        The aggregate's version becomes the stored one (the events after it are
+        renumbered), so the copy kept after a save is what a replay builds."""
+        events = list(super().collect_events())
+        opened = enrolment(events)
+        if opened is None:
+            return events
+        enrolled, used = opened
+        rest = [
+            replace(cast(Any, e), originator_version=e.originator_version - used + 1)
+            for e in events[used:]
+        ]
+        self.version = rest[-1].originator_version if rest else 1
+        if not rest:
+            self.modified_on = enrolled.timestamp
+        return [enrolled, *rest]
+
     # -------------------------------------------------------------------- events
 
     def _record_rank(self, ranks: RankLadder, on: str | None = None) -> None:
@@ -767,6 +789,57 @@ class Member(Aggregate):
     def _rank_changed(self, old: str | None, new: str | None, reason: str) -> None:
         self.rank = new
 
+    class Enrolled(Aggregate.Event):
+        """A new account and its first award in one stored event (issue 30): what
+        ``Created``, that ``Awarded`` and, when the award ranked the member, a
+        ``RankChanged`` from no rank (reason ``threshold``) were stored as before. Only
+        ever an account's first event (version 1). Every reader that looks at events one
+        by one (read models, rollups, the feed and the ways out, the export) reads it as
+        those events (:func:`account_events`); replaying it builds the same state."""
+
+        user_id: str
+        award_id: str
+        currency: int
+        rank_points: int
+        event_count: int
+        rule_version: int
+        fraction_currency: str
+        fraction_rank_points: str
+        lots: str | None
+        on: str | None
+        rank: str | None
+        """The rank the award reached (None: no rank, no ``RankChanged``)."""
+
+        def parts(self) -> tuple[Any, ...]:
+            """``Created``, ``Awarded`` (and ``RankChanged`` if ranked), each with this
+            event's id, version and timestamp."""
+            base: dict[str, Any] = {
+                "originator_id": self.originator_id,
+                "originator_version": self.originator_version,
+                "timestamp": self.timestamp,
+            }
+            award: dict[str, Any] = {
+                k: v for k, v in vars(self).items() if k not in ("user_id", "rank")
+            }
+            opened: dict[str, Any] = {
+                "originator_topic": get_topic(Member),
+                "user_id": self.user_id,
+            }
+            created = Member.Created(**base, **opened)
+            awarded = Member.Awarded(**award)
+            if self.rank is None:
+                return (created, awarded)
+            change: dict[str, Any] = {"old": None, "new": self.rank, "reason": THRESHOLD}
+            ranked = Member.RankChanged(**base, **change)
+            return (created, awarded, ranked)
+
+        def mutate(self, aggregate: Any) -> Any:
+            created, *rest = self.parts()
+            member = created.mutate(aggregate)  # the new aggregate, at this version
+            for part in rest:
+                part.apply(member)  # state only: the version stays this event's
+            return member
+
     class CurrencyExpired(Aggregate.Event):
         """``amount`` of the lot ``lot`` (month earned, ``"YYYY-MM"``) expired."""
 
@@ -864,6 +937,51 @@ def allocate(carried: Decimal, months: Mapping[str, Decimal]) -> dict[str, int]:
             out[month] = whole - before
         before = whole
     return out
+
+
+def enrolment(events: Sequence[Any]) -> tuple[Any, int] | None:
+    """If ``events`` (pending, oldest first) open an account with an award, the one
+    :class:`Member.Enrolled` standing for its ``Created``, that ``Awarded`` and the
+    ``RankChanged`` from no rank right after it (if any), and how many events it
+    replaces; else None. Any other event (a lot expired at once by the award, an
+    adjustment) stays its own event after it."""
+    if len(events) < 2:
+        return None
+    created, awarded = events[0], events[1]
+    if not (
+        type(created) is Member.Created
+        and created.originator_version == 1
+        and type(awarded) is Member.Awarded
+    ):
+        return None
+    used = 2
+    rank: str | None = None
+    if len(events) > 2:
+        ranked = events[2]
+        if type(ranked) is Member.RankChanged and ranked.old is None and ranked.reason == THRESHOLD:
+            rank = ranked.new
+            used = 3
+            if rank is None:  # no rank to no rank: not an event the domain makes
+                return None
+    fields: dict[str, Any] = {
+        **vars(awarded),
+        "originator_version": 1,
+        "timestamp": created.timestamp,
+        "user_id": vars(created)["user_id"],
+        "rank": rank,
+    }
+    enrolled = Member.Enrolled(**fields)
+    return enrolled, used
+
+
+def account_events(domain_event: Any) -> tuple[Any, ...]:
+    """The account events a stored event stands for, in order: a
+    :class:`Member.Enrolled` -> its ``Created``, ``Awarded`` (and ``RankChanged``);
+    any other event -> itself. What readers of the log fold, send and count."""
+    if type(domain_event) is Member.Enrolled:
+        parts: tuple[Any, ...] = domain_event.parts()
+        return parts
+    return (domain_event,)
 
 
 def replay(events: Iterable[Any]) -> Member:

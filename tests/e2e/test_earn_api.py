@@ -100,9 +100,10 @@ def test_rules_are_versioned_validated_and_recorded(client: TestClient, make_key
     body = client.get("/v1/members/bob", headers=make_key("shop")).json()
     assert (body["currency"], body["rank_points"], body["rank"]) == (7, 2000, "silver")
     container = client.app.state.container  # type: ignore[attr-defined]
-    from loyalty.domain.member import Member
+    from loyalty.domain.member import Member, account_events
 
-    events = list(container.accounts.app.events.get(Member.create_id("bob")))
+    stored = container.accounts.app.events.get(Member.create_id("bob"))
+    events = [e for s in stored for e in account_events(s)]
     assert [e.rule_version for e in events if type(e).__name__ == "Awarded"] == [2]
 
 

@@ -68,6 +68,7 @@ def test_one_list_of_event_types_from_the_domain_everywhere(
         "member." + re.sub(r"(?<!^)(?=[A-Z])", "_", c.__name__).lower()
         for c in classes
         if not any(o is not c and issubclass(o, c) for o in classes)
+        and c is not Member.Enrolled  # stored only: read as Created, Awarded, RankChanged
     }
     assert set(EVENT_TYPES) == stored | {FORGOTTEN}
     assert "member.currency_expired" in EVENT_TYPES

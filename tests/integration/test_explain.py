@@ -35,7 +35,7 @@ from loyalty.domain.errors import (
     MemberNotFound,
     PeriodNotRetained,
 )
-from loyalty.domain.member import Member
+from loyalty.domain.member import Member, account_events
 from tests.conftest import drain_with, wait_visible
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -185,7 +185,12 @@ def explanations(db: Database, members: Members) -> Explanations:
 
 
 def awards_of(members: Members, user: str) -> list[Any]:
-    return [e for e in members.events.get(Member.create_id(user)) if type(e).__name__ == "Awarded"]
+    return [
+        e
+        for stored in members.events.get(Member.create_id(user))
+        for e in account_events(stored)  # an Enrolled's award too
+        if type(e).__name__ == "Awarded"
+    ]
 
 
 def check_explained(db: Database, members: Members, users: list[str]) -> dict[str, list[Decimal]]:

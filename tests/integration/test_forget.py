@@ -178,7 +178,7 @@ def test_canary_leaves_no_trace(
     assert body["status"] == "completed" and body["completed_at"] is not None
     assert marker not in receipt.text
     assert body["erased"]["ingress_events"] == 3
-    assert body["erased"]["event_store"] >= 6
+    assert body["erased"]["event_store"] >= 4  # a new member's first award is one Enrolled
     assert body["erased"]["member_balances"] == 1
     assert app_client.get(member, headers=k["shop"]).status_code == 404
     assert app_client.get(member + "/history", headers=k["shop"]).status_code == 404
@@ -267,7 +267,7 @@ def test_a_crash_after_any_step_is_finished_on_restart(
     assert done is not None and done.status == "completed" and done.user_id is None
     assert rows_containing(db, marker) == {}
     assert done.erased.get("member_balances") == 1
-    assert done.erased.get("event_store", 0) >= 3
+    assert done.erased.get("event_store", 0) >= 1  # the account's Enrolled at least
 
 
 def test_forget_while_ingress_flows_leaves_no_residue(

@@ -448,6 +448,9 @@ def test_commands_answer_the_same_after_any_snapshot_round_trip(
             snapped = app.mapper.to_domain_event(stored).mutate(None)  # type: ignore[attr-defined]
             continue
         assert run_command(snapped, kind, key, amount) == run_command(plain, kind, key, amount)
-    assert {k: v for k, v in vars(snapped).items() if k not in TIMES} == {
-        k: v for k, v in vars(plain).items() if k not in TIMES
+    # the version is how many events were stored: collecting a new account's first
+    # events as one Enrolled (issue 30) depends on when they were collected
+    skip = TIMES | {"_version"}
+    assert {k: v for k, v in vars(snapped).items() if k not in skip} == {
+        k: v for k, v in vars(plain).items() if k not in skip
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 
 import pytest
+from eventsourcing.domain import Aggregate
 
 from loyalty.api.problems import ApiProblem
 from loyalty.api.routes.members import decode_cursor, encode_cursor
@@ -32,12 +33,33 @@ def test_a_new_members_events_become_one_insert_and_signed_history() -> None:
     assert change.created and change.user_id == "u1"
     assert (change.currency, change.rank_points, change.lifetime_currency) == (40, 125, 40)
     assert change.updated_at == events[-1].timestamp
+    # the new member's first three events are one stored Enrolled (version 1): its award
+    # and rank lines take positions 0 and 1, below the stream's next event (version 2)
+    assert [type(e).__name__ for e in events][:2] == ["Enrolled", "Spent"]
     assert [(h.kind, h.currency, h.rank_points, h.ref, h.position) for h in batch.history] == [
-        ("award", 50, 120, "w1", 2),
-        ("rank_changed", 0, 0, "silver", 3),
-        ("spend", -20, 0, "o1", 4),
-        ("refund", 20, 0, "o1", 5),
-        ("adjustment", -10, 5, "adj", 6),
+        ("award", 50, 120, "w1", 0),
+        ("rank_changed", 0, 0, "silver", 1),
+        ("spend", -20, 0, "o1", 2),
+        ("refund", 20, 0, "o1", 3),
+        ("adjustment", -10, 5, "adj", 4),
+    ]
+
+
+def test_a_stream_stored_before_enrolment_maps_as_it_did() -> None:
+    """Created, Awarded and RankChanged stored as three events (before issue 30): the
+    same balances and lines, at their versions."""
+    member = Member(user_id="u1")
+    member.award("w1", 50, 120, 3, 1, LADDER)
+    member.spend("o1", 20)
+    events = list(Aggregate.collect_events(member))  # as stored before: not compacted
+    assert [type(e).__name__ for e in events] == ["Created", "Awarded", "RankChanged", "Spent"]
+    batch = project(7, list(enumerate(events, start=8)), no_lookup)
+    [change] = batch.balances.values()
+    assert change.created and (change.currency, change.rank_points) == (30, 120)
+    assert [(h.kind, h.currency, h.ref, h.position) for h in batch.history] == [
+        ("award", 50, "w1", 2),
+        ("rank_changed", 0, "silver", 3),
+        ("spend", -20, "o1", 4),
     ]
 
 

@@ -29,7 +29,7 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 
 from eventsourcing.domain import Aggregate
 
-from loyalty.domain.member import Member
+from loyalty.domain.member import Member, account_events
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,12 @@ def member_event_types() -> tuple[str, ...]:
     classes = [
         v for v in vars(Member).values() if isinstance(v, type) and issubclass(v, Aggregate.Event)
     ]
-    leaves = [c for c in classes if not any(o is not c and issubclass(o, c) for o in classes)]
+    leaves = [
+        c
+        for c in classes
+        if not any(o is not c and issubclass(o, c) for o in classes)
+        and c is not Member.Enrolled  # stored only: read as the events it stands for
+    ]
     names = [c.__name__ for c in leaves]
     names.sort(key=lambda n: n != "Created")
     return tuple(feed_type(n) for n in names)
@@ -65,8 +70,12 @@ EVENT_TYPES: tuple[str, ...] = (*member_event_types(), FORGOTTEN)
 the docs (tests/e2e/test_event_types.py ties them)."""
 
 
-def event_id(position: int, member_id: str, version: int) -> str:
-    """A stable id per stored event: the same on every read and every way out."""
+def event_id(position: int, member_id: str, version: int, part: int = 0) -> str:
+    """A stable id per account event: the same on every read and every way out. ``part``:
+    which of the events a stored ``Enrolled`` stands for (0: its ``Created``, or any
+    other stored event itself)."""
+    if part:
+        return str(uuid5(EVENT_NAMESPACE, f"{position}:{member_id}:{version}:{part}"))
     return str(uuid5(EVENT_NAMESPACE, f"{position}:{member_id}:{version}"))
 
 
@@ -222,8 +231,10 @@ class EventFeed:
         return int(self._recorder.max_notification_id() or 0)
 
     def read(self, after: int, limit: int, types: frozenset[str] | None = None) -> FeedPage:
-        """Up to ``limit`` notifications after ``after`` (events of other ``types`` and
-        SQLite tombstones are passed over, so a page may hold fewer)."""
+        """Up to ``limit`` events of the notifications after ``after`` (events of other
+        ``types`` and SQLite tombstones are passed over, so a page may hold fewer; a
+        stored ``Enrolled`` is its three events, never split, so a page of ``limit`` 1
+        or 2 may hold three)."""
         head = self.head()
         if head <= after:
             return FeedPage([], after, head)
@@ -232,16 +243,26 @@ class EventFeed:
         )
         if not notifications:
             return FeedPage([], after, head)
-        decoded = [
-            (n.id, self._mapper.to_domain_event(n)) for n in notifications if n.topic != TOMBSTONE
-        ]
+        # a stored Enrolled is delivered as the Created, Awarded (and RankChanged) it
+        # stands for: what integrators saw for a new member before it was one event.
+        # A page ends before the notification that would take it past ``limit`` events
+        # (never splitting one: the first is always taken whole).
+        decoded: list[tuple[int, int, Any]] = []
+        last = after
+        for n in notifications:
+            if n.topic != TOMBSTONE:
+                parts = account_events(self._mapper.to_domain_event(n))
+                if decoded and len(decoded) + len(parts) > limit:
+                    break
+                decoded.extend((n.id, part, e) for part, e in enumerate(parts))
+            last = int(n.id)
         created = {
             str(e.originator_id): str(e.user_id)
-            for _, e in decoded
+            for _, _, e in decoded
             if type(e).__name__ == "Created"
         }
         events = []
-        for position, domain_event in decoded:
+        for position, part, domain_event in decoded:
             kind = feed_type(type(domain_event).__name__)
             if types is not None and kind not in types:
                 continue
@@ -256,11 +277,18 @@ class EventFeed:
             at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
             version = int(domain_event.originator_version)
             events.append(
-                FeedEvent(event_id(position, member_id, version), position, kind, user_id, at, data)
+                FeedEvent(
+                    event_id(position, member_id, version, part),
+                    position,
+                    kind,
+                    user_id,
+                    at,
+                    data,
+                )
             )
         if events and self._erasure is not None:  # erased while we read: not delivered
             events = drop_erased(self._erasure, events)
-        return FeedPage(events, int(notifications[-1].id), head)
+        return FeedPage(events, last, head)
 
     def _user_id(self, member_id: str) -> str | None:
         with self._lock:

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple, Protocol
 
 from loyalty.application.reporting.report import RollupReader, check_range, daily_report
 from loyalty.application.reporting.rollups import EXPIRED_EVENT
+from loyalty.domain.member import account_events
 
 
 def pseudonym(key: bytes, user_id: str) -> str:
@@ -226,7 +227,11 @@ class MembersLog:
         if not notifications:
             return [], after
         mapper = self._members.mapper
+        # a stored Enrolled is read as the Created, Awarded (and RankChanged) it stands for
         pairs = [
-            (n.id, mapper.to_domain_event(n)) for n in notifications if n.topic != self.TOMBSTONE
+            (n.id, event)
+            for n in notifications
+            if n.topic != self.TOMBSTONE
+            for event in account_events(mapper.to_domain_event(n))
         ]
         return pairs, int(notifications[-1].id)

@@ -9,6 +9,7 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
+from loyalty.domain.member import account_events
 from loyalty.domain.rules import ActivityLike, exact_add
 
 ActivityKey = tuple[date, str, str]
@@ -81,32 +82,37 @@ class AccountFact:
 def account_facts(pairs: Sequence[tuple[int, Any]]) -> list[AccountFact]:
     """Map ``(notification id, domain event)`` pairs to facts (by the event's class)."""
     out: list[AccountFact] = []
-    for position, event in pairs:
-        name = type(event).__name__
-        at: datetime = event.timestamp
-        at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
-        day = at.date()
-        member = str(event.originator_id)
-        if name == "Created":
-            out.append(AccountFact(position, day, member, "created"))
-        elif name == "Awarded":
-            out.append(
-                AccountFact(position, day, member, "awarded", event.currency, event.rank_points)
-            )
-        elif name == "Spent":
-            out.append(AccountFact(position, day, member, "spent", -event.amount))
-        elif name == "Refunded":
-            out.append(AccountFact(position, day, member, "refunded", event.amount))
-        elif name == "Adjusted":
-            out.append(
-                AccountFact(position, day, member, "adjusted", event.currency, event.rank_points)
-            )
-        elif name == EXPIRED_EVENT:
-            out.append(AccountFact(position, day, member, "expired", -int(event.amount)))
-        elif name == "RankChanged":
-            out.append(
-                AccountFact(position, day, member, "rank", rank_old=event.old, rank_new=event.new)
-            )
+    for position, stored in pairs:
+        for event in account_events(stored):  # an Enrolled: its Created, Awarded, ...
+            name = type(event).__name__
+            at: datetime = event.timestamp
+            at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+            day = at.date()
+            member = str(event.originator_id)
+            if name == "Created":
+                out.append(AccountFact(position, day, member, "created"))
+            elif name == "Awarded":
+                out.append(
+                    AccountFact(position, day, member, "awarded", event.currency, event.rank_points)
+                )
+            elif name == "Spent":
+                out.append(AccountFact(position, day, member, "spent", -event.amount))
+            elif name == "Refunded":
+                out.append(AccountFact(position, day, member, "refunded", event.amount))
+            elif name == "Adjusted":
+                out.append(
+                    AccountFact(
+                        position, day, member, "adjusted", event.currency, event.rank_points
+                    )
+                )
+            elif name == EXPIRED_EVENT:
+                out.append(AccountFact(position, day, member, "expired", -int(event.amount)))
+            elif name == "RankChanged":
+                out.append(
+                    AccountFact(
+                        position, day, member, "rank", rank_old=event.old, rank_new=event.new
+                    )
+                )
     return out
 
 

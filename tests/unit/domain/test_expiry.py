@@ -20,7 +20,7 @@ from loyalty.application.accounts import Members
 from loyalty.application.commands.rules import parse_rule_set, rule_set_to_wire
 from loyalty.domain.errors import InvalidRules
 from loyalty.domain.expiry import LEGACY, CurrencyExpiry, add_months, expiring, month_of
-from loyalty.domain.member import Member, allocate, replay
+from loyalty.domain.member import Member, account_events, allocate, replay
 from loyalty.domain.rules import DEFAULT_RULES_WIRE
 
 LADDER = parse_rule_set(copy.deepcopy(DEFAULT_RULES_WIRE), 1).ranks
@@ -314,7 +314,8 @@ def qualified_ladder(**qualification: object) -> Any:
 def reasons(member: Member) -> list[tuple[str | None, str | None, str]]:
     return [
         (e.old, e.new, e.reason)
-        for e in member.collect_events()
+        for stored in member.collect_events()
+        for e in account_events(stored)  # a new member's first events are one Enrolled
         if type(e).__name__ == "RankChanged"
     ]
 

@@ -24,6 +24,7 @@ from loyalty.domain.member import (
     NAMESPACE,
     Adjustment,
     Member,
+    account_events,
     award_position,
     replay,
     scoped_key,
@@ -103,8 +104,8 @@ def test_award_records_rank_changes_at_thresholds(
     member = Member(user_id=USER)
     for i, points in enumerate(awards):
         member.award(f"w{i}", 0, points, 1, 1, LADDER)
-    events = member.collect_events()
-    got = [(e.old, e.new) for e in events if type(e).__name__ == "RankChanged"]  # type: ignore[attr-defined]
+    events = [e for stored in member.collect_events() for e in account_events(stored)]
+    got = [(e.old, e.new) for e in events if type(e).__name__ == "RankChanged"]
     assert got == changes
     assert member.rank == changes[-1][1] == member.current_rank(LADDER)
 
