@@ -62,7 +62,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(getattr(pytest.mark, tier))
         if "slow" not in item.keywords and starts_processes(item):
             item.add_marker(pytest.mark.slow)
-        if "serial" in item.keywords or "amqp_url" in getattr(item, "fixturenames", ()):
+        if "serial" in item.keywords:
             item.add_marker(pytest.mark.xdist_group(SERIAL))
         elif Path(str(item.fspath)).name in CPU_BOUND:
             item.add_marker(pytest.mark.xdist_group("cpu-bound"))
@@ -70,10 +70,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 SERIAL = "serial"
 """The xdist group (``make test`` runs ``-n 4 --dist loadgroup``) whose tests run one
-after another on one worker: those marked ``serial`` (they measure time or restart a
-shared service) and every test on the machine's RabbitMQ (tests/e2e/test_relay.py
-restarts it). Every other test shares nothing with its neighbours: each xdist worker
-has its own PostgreSQL database (``pg_url``), temporary directories and free ports."""
+after another on one worker: those marked ``serial`` (they measure time). Every other
+test shares nothing with its neighbours: each xdist worker has its own PostgreSQL
+database (``pg_url``), temporary directories and free ports; tests that stop a server
+stop one of their own (tests/e2e/pgcluster.py, tests/e2e/rabbitnode.py), and tests on
+the machine's RabbitMQ use exchanges and queues of their own."""
 
 
 CPU_BOUND = {"test_compensation_crash.py", "test_compensation_versions.py"}
