@@ -79,9 +79,10 @@ the machine's RabbitMQ use exchanges and queues of their own."""
 
 CPU_BOUND = {"test_compensation_crash.py", "test_compensation_versions.py"}
 """Modules whose tests keep a core busy (compensations over hundreds of members run by
-the CLI; 1,500 in the erasure test): one xdist group, so that they run one at a time beside the other workers'
-tests, which mostly wait on their processes, instead of three at once on 2 cores (seen:
-three `rules apply --compensate` at once, each past its 120 s)."""
+the CLI; 1,500 in the erasure test): one xdist group, so that they run one at a time
+beside the other workers' tests, which mostly wait on their processes, instead of three
+at once on 2 cores (seen: three `rules apply --compensate` at once, each past its
+120 s)."""
 
 
 def worker_id() -> str:
