@@ -53,7 +53,12 @@ def required_tool(name: str, *paths: str) -> str:
     return found
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # tryfirst: xdist's worker (--dist loadgroup) turns each xdist_group marker into the
+    # node id's @group suffix in its own hook, which otherwise runs before this one (a
+    # conftest registers first, and pluggy calls the last registered first): the serial
+    # and cpu-bound groups were never applied, and their tests ran side by side.
     for item in items:
         tier = Path(str(item.fspath)).parent.name
         if tier in ("unit", "domain"):
