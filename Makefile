@@ -27,12 +27,14 @@ serve: install
 # cores because most slow tests wait on the processes they start (servers, workers, the
 # CLI, clusters, a browser). Tests marked serial (timing bounds) run one after another in
 # one xdist group, and the compensation modules (CLI runs over hundreds of members) in
-# another ("cpu-bound", tests/conftest.py); each worker has its own PostgreSQL database, temporary directories
-# and ports, and tests that stop a server stop one of their own (a PostgreSQL cluster, a
-# RabbitMQ node). About 13 min here at 4 workers before the compensation tests were cut
-# down (27 serial); the three load-sensitive failures that kept the default serial are
-# fixed at their cause (lease rounds wait for a lease holder, forget-me under load is an
-# amount of work, the broker restart restarts a node of its own).
+# another ("cpu-bound", tests/conftest.py); each worker has its own PostgreSQL database,
+# temporary directories and ports, and tests that stop a server stop one of their own (a PostgreSQL cluster, a
+# RabbitMQ node). The groups only work since tests/conftest.py's hook runs before xdist's
+# and pytest is below 9.2 (pyproject.toml): before, they were ignored, and the timing and
+# compensation tests ran side by side. About 13 min here at 4 workers before these
+# changes (27 serial); the three load-sensitive failures that kept the default serial
+# are fixed at their cause (lease rounds wait for a lease holder, forget-me under load is
+# an amount of work, the broker restart restarts a node of its own).
 TEST_WORKERS ?= 4
 
 test: install

@@ -73,6 +73,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.xdist_group("cpu-bound"))
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Under ``--dist loadgroup`` each xdist worker must have turned the test's group into
+    a node id suffix (``...@serial``), which is what its scheduler reads; when it has
+    not, the groups are silently ignored (pytest 9.2 derives node ids anew, so xdist
+    3.8's suffix is lost; before that, this file's hook ran after xdist's): the test fails
+    instead of running beside the tests its group keeps it from."""
+    if not (os.environ.get("PYTEST_XDIST_WORKER") and item.config.getoption("loadgroup", False)):
+        return
+    if item.get_closest_marker("xdist_group") and "@" not in item.nodeid.rsplit("]", 1)[-1]:
+        pytest.fail(
+            "xdist groups not applied: this pytest / pytest-xdist pair ignores xdist_group "
+            "(see pyproject.toml), so serial tests would run side by side"
+        )
+
+
 SERIAL = "serial"
 """The xdist group (``make test`` runs ``-n 4 --dist loadgroup``) whose tests run one
 after another on one worker: those marked ``serial`` (they measure time). Every other
