@@ -122,6 +122,25 @@ def checkpoints(url: str) -> dict[int, tuple[int, int]]:
     return {s: found.get(s, (0, 0)) for s in range(SHARDS)}
 
 
+def wait_visible(conn: psycopg.Connection[Any], timeout: float = 60.0) -> None:
+    """Until the gap-safe predicate can see every ingress row stored so far: it reads only
+    rows of transactions older than every transaction still open anywhere on the server
+    (``pg_snapshot_xmin``), so another session's open write (a test beside the smoke run,
+    another database on the server) hid the rows just filled: "baseline read 0 rows of
+    4000" under xdist."""
+    row = conn.execute("SELECT coalesce(max(txid), 0) FROM ingress_events").fetchone()
+    last = int(row[0]) if row else 0
+    deadline = time.monotonic() + timeout
+    while True:
+        found = conn.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+        horizon = found.fetchone()
+        if horizon is not None and int(horizon[0]) > last:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"ingress rows up to txid {last} still invisible after {timeout} s")
+        time.sleep(0.01)
+
+
 def keyset_read(
     conn: psycopg.Connection[Any],
     limit_s: float,

@@ -35,7 +35,14 @@ from typing import Any
 import psycopg
 
 from benchmarks.cpu import CpuMeter
-from benchmarks.fill import SHARDS, checkpoints, dbname, fill_pending, keyset_read
+from benchmarks.fill import (
+    SHARDS,
+    checkpoints,
+    dbname,
+    fill_pending,
+    keyset_read,
+    wait_visible,
+)
 from benchmarks.framework import Context
 from loyalty.adapters.db import Database
 from loyalty.adapters.storage import storage_report
@@ -124,6 +131,7 @@ def _measure(ctx: Context, base: str) -> dict[str, Any]:
         fill_s = time.perf_counter() - t0
         start = checkpoints(url)
         with psycopg.connect(url, autocommit=True) as conn:
+            wait_visible(conn)  # (untimed) what the pipeline below will see too
             keyset_read(conn, limit, start)  # warm the caches: both sides read from memory
             rows, base_s, base_cpu, _ = _timed(
                 lambda: keyset_read(conn, limit, start), ctx.admin_url, url

@@ -53,7 +53,12 @@ def required_tool(name: str, *paths: str) -> str:
     return found
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # tryfirst: xdist's worker (--dist loadgroup) turns each xdist_group marker into the
+    # node id's @group suffix in its own hook, which otherwise runs before this one (a
+    # conftest registers first, and pluggy calls the last registered first): the serial
+    # and cpu-bound groups were never applied, and their tests ran side by side.
     for item in items:
         tier = Path(str(item.fspath)).parent.name
         if tier in ("unit", "domain"):
@@ -62,25 +67,42 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(getattr(pytest.mark, tier))
         if "slow" not in item.keywords and starts_processes(item):
             item.add_marker(pytest.mark.slow)
-        if "serial" in item.keywords or "amqp_url" in getattr(item, "fixturenames", ()):
+        if "serial" in item.keywords:
             item.add_marker(pytest.mark.xdist_group(SERIAL))
         elif Path(str(item.fspath)).name in CPU_BOUND:
             item.add_marker(pytest.mark.xdist_group("cpu-bound"))
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Under ``--dist loadgroup`` each xdist worker must have turned the test's group into
+    a node id suffix (``...@serial``), which is what its scheduler reads; when it has
+    not, the groups are silently ignored (pytest 9.2 derives node ids anew, so xdist
+    3.8's suffix is lost; before that, this file's hook ran after xdist's): the test fails
+    instead of running beside the tests its group keeps it from."""
+    if not (os.environ.get("PYTEST_XDIST_WORKER") and item.config.getoption("loadgroup", False)):
+        return
+    if item.get_closest_marker("xdist_group") and "@" not in item.nodeid.rsplit("]", 1)[-1]:
+        pytest.fail(
+            "xdist groups not applied: this pytest / pytest-xdist pair ignores xdist_group "
+            "(see pyproject.toml), so serial tests would run side by side"
+        )
+
+
 SERIAL = "serial"
 """The xdist group (``make test`` runs ``-n 4 --dist loadgroup``) whose tests run one
-after another on one worker: those marked ``serial`` (they measure time or restart a
-shared service) and every test on the machine's RabbitMQ (tests/e2e/test_relay.py
-restarts it). Every other test shares nothing with its neighbours: each xdist worker
-has its own PostgreSQL database (``pg_url``), temporary directories and free ports."""
+after another on one worker: those marked ``serial`` (they measure time). Every other
+test shares nothing with its neighbours: each xdist worker has its own PostgreSQL
+database (``pg_url``), temporary directories and free ports; tests that stop a server
+stop one of their own (tests/e2e/pgcluster.py, tests/e2e/rabbitnode.py), and tests on
+the machine's RabbitMQ use exchanges and queues of their own."""
 
 
 CPU_BOUND = {"test_compensation_crash.py", "test_compensation_versions.py"}
-"""Modules whose tests keep a core busy for minutes (1,500-member compensations run by
-the CLI): one xdist group, so that they run one at a time beside the other workers'
-tests, which mostly wait on their processes, instead of three at once on 2 cores (seen:
-three `rules apply --compensate` at once, each past its 120 s)."""
+"""Modules whose tests keep a core busy (compensations over hundreds of members run by
+the CLI; 1,500 in the erasure test): one xdist group, so that they run one at a time
+beside the other workers' tests, which mostly wait on their processes, instead of three
+at once on 2 cores (seen: three `rules apply --compensate` at once, each past its
+120 s)."""
 
 
 def worker_id() -> str:

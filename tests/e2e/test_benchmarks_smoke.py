@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = [pytest.mark.slow, pytest.mark.serial]  # serial: its relay run uses RabbitMQ
+pytestmark = pytest.mark.slow
 
 
 def _run(*args: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:

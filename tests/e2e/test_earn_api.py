@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from fastapi.testclient import TestClient
 
@@ -144,6 +144,10 @@ def test_pipeline_status_counts_pending_and_processed(
         "awards_total": 0,
         "quarantined_events": 0,
     }
+    # the ingress log stamps arrivals with the real time, not the app's clock: the clock
+    # is set from the real time around the post (under load the fixtures before it took
+    # over a second, and "30 s later" was 28.8 s after the arrival)
+    clock.now = datetime.now(UTC)
     post(
         client,
         make_key("ingest"),
@@ -157,7 +161,7 @@ def test_pipeline_status_counts_pending_and_processed(
             for i in range(9)
         ],
     )
-    clock.now += timedelta(seconds=30)
+    clock.now = datetime.now(UTC) + timedelta(seconds=30)
     waiting = client.get("/v1/pipeline", headers=op).json()
     assert waiting["pending"] == 9 and waiting["processed_total"] == 0
     assert waiting["oldest_pending_age_s"] >= 29

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
@@ -509,13 +510,32 @@ def terminate_lease_sessions(url: str) -> int:
     return terminate(url)
 
 
+def lease_sessions(url: str) -> int:
+    """How many sessions hold a shard/projection lease now."""
+    from loyalty.adapters.pipeline_store import SHARD_LEASE_NS
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(DISTINCT pid) FROM pg_locks WHERE locktype = 'advisory' "
+            "AND classid = %s AND database = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database())",
+            (SHARD_LEASE_NS,),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
 def test_lease_sessions_terminated_while_two_workers_run_never_credit_twice(
     cluster: Cluster,
 ) -> None:
     """Two workers on all shards (one holds the leases, one waits). Ten times, while
     traffic flows, the sessions holding the leases are terminated: the other worker takes
     the shards over while the first may still be mid-window. Every balance must still be
-    exact: the checkpoint compare-and-set lets only one of them commit each window."""
+    exact: the checkpoint compare-and-set lets only one of them commit each window.
+
+    Each round waits until a worker holds the leases again (a worker asks at most every
+    ~2 s, and on a loaded machine a worker takes seconds to start): terminating when no
+    session holds one proves nothing (seen under xdist: 0 sessions terminated in 10
+    rounds of 0.3-0.7 s while both workers were still starting)."""
     from loyalty.adapters.migrate import migrate
     from tests.e2e.test_worker_processes import (
         balances,
@@ -534,17 +554,33 @@ def test_lease_sessions_terminated_while_two_workers_run_never_credit_twice(
     service = ingester(settings)
     rnd = random.Random(5)
     sent, terminated, rounds = 0, 0, 0
+    batch = 60  # 100 batches: traffic flows through the ten terminations
+
+    def send_for(seconds: float) -> None:
+        nonlocal sent
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            if sent < len(events):
+                service.ingest("src", events[sent : sent + batch])
+                sent += batch
+            time.sleep(0.01)
+
     with worker(settings) as first, worker(settings) as second:
+        deadline = time.monotonic() + 240
         while rounds < 10 or sent < len(events):
-            deadline = time.monotonic() + rnd.uniform(0.3, 0.7)
-            while time.monotonic() < deadline:
-                if sent < len(events):
-                    service.ingest("src", events[sent : sent + 200])
-                    sent += 200
-                time.sleep(0.01)
+            send_for(rnd.uniform(0.3, 0.7))
             if rounds < 10:
-                terminated += terminate_lease_sessions(settings.database_url)
-            rounds += 1
+                # until a worker holds the leases (again), traffic flowing meanwhile
+                while lease_sessions(settings.database_url) == 0:
+                    assert time.monotonic() < deadline, f"no lease held again ({rounds} rounds)"
+                    for proc in (first, second):
+                        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                    send_for(0.1)
+                killed = terminate_lease_sessions(settings.database_url)
+                terminated += killed
+                rounds += killed > 0  # (released in between: wait and terminate again)
+            else:
+                rounds += 1
             for proc in (first, second):
                 assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         wait_until_drained(settings, len(events))
