@@ -17,6 +17,9 @@ from loyalty.application.rule_history import RuleVersion
 from loyalty.domain.expiry import month_of
 from loyalty.domain.rules import DEFAULT_RULES_WIRE, RuleSet
 
+MAX_VERSION = 2**31 - 1
+"""The highest version ``rule_versions.version`` (INTEGER) can hold."""
+
 
 class RulesStore:
     def __init__(self, db: Database, cache_seconds: float = 1.0) -> None:
@@ -147,7 +150,7 @@ class RulesStore:
         self.current()  # make sure version 1 (the default) exists
         r = rule_versions.c
         query = sa.select(r.version, r.created_at, r.author, r.body)
-        if before is not None:
+        if before is not None and before <= MAX_VERSION:  # past every version: all of them
             query = query.where(r.version < before)
         with self._db.read() as conn:
             rows = conn.execute(query.order_by(r.version.desc()).limit(limit)).all()
