@@ -61,8 +61,14 @@ def write_stream(app: Members, url: str, user_id: str, events: int) -> tuple[UUI
     stored: list[tuple[Any, ...]] = []
     snapshots: list[tuple[Any, ...]] = []
     taken = 0
+    # the account opens with its first award: collected at once, as Members saves it,
+    # so the three opening events are one Enrolled before any snapshot is numbered
+    member.award(award_id_for(3, (10_000_000, 0)), 1, 1, 1, 1, LADDER)
+    for e in member.collect_events():
+        s = mapper.to_stored_event(e)
+        stored.append((s.originator_id, s.originator_version, s.topic, s.state))
     written = 0
-    i = 0
+    i = 1
     with psycopg.connect(url, autocommit=True) as conn:
         while member.version < events:
             before = member.version
@@ -123,7 +129,9 @@ def member_load(ctx: Context) -> dict[str, object]:
         base_ms, b = _load_ms(
             without, member_id, ctx.pick(smoke=2, quick=5, full=3), deadline + 180
         )
-        assert a == b and a.version == n and a.currency == n - 2, "the two loads differ"
+        assert a == b and a.version == n and a.currency == n, (
+            f"the two loads differ: {a.version}, {a.currency}; {b.version}, {b.currency}"
+        )
 
         first_ms = []
         for _ in range(10):
