@@ -130,6 +130,15 @@ class Visit:
         assert self.foreign == [], self.foreign
 
 
+def settled(page: Any) -> None:
+    """Wait until htmx has finished a swap: its new forms answer by htmx (they are wired
+    when the swap settles, ``defaultSettleDelay`` later). Clicking a just-swapped form's
+    button before that submits it natively: a full page load (failed once under CI)."""
+    page.wait_for_function(
+        "() => !document.querySelector('.htmx-added, .htmx-settling, .htmx-swapping, .htmx-request')"
+    )
+
+
 def sign_in_by_keyboard(page: Any, key: str) -> None:
     for _ in range(20):  # Tab from the top of the page to the key field
         page.keyboard.press("Tab")
@@ -203,7 +212,7 @@ def test_an_operator_runs_the_loyalty_programme_from_the_console(
     page.evaluate("window.stillTheSamePage = true")
     first = page.locator("#live time").last.inner_text()
     page.wait_for_function(
-        "t => [...document.querySelectorAll('#live time')].pop().textContent !== t",
+        "t => [...document.querySelectorAll('#live time')].pop()?.textContent !== t",
         arg=first,
         timeout=15_000,
     )
@@ -217,7 +226,7 @@ def test_an_operator_runs_the_loyalty_programme_from_the_console(
     answer = httpx.post(base + "/v1/ingress/batches", json={"events": events}, headers=ingest)
     assert answer.status_code == 202
     page.wait_for_function(
-        "() => parseFloat(document.querySelector('#ingest-rate').textContent) > 0",
+        "() => parseFloat(document.querySelector('#ingest-rate')?.textContent) > 0",
         timeout=15_000,
     )
     assert page.evaluate("window.stillTheSamePage") is True  # refreshed without reloading
@@ -234,11 +243,13 @@ def test_an_operator_runs_the_loyalty_programme_from_the_console(
     page.fill("#adjust-reason", "welcome bonus")
     page.click("#member form[aria-labelledby=adjust-h] button")
     page.wait_for_selector("#balance")
+    settled(page)
     assert page.locator("#balance").inner_text() == "100"
     page.fill("#spend-order", "order-1")
     page.fill("#spend-amount", "30")
     page.click("#member form[aria-labelledby=spend-h] button")
-    page.wait_for_function("() => document.querySelector('#balance').textContent === '70'")
+    page.wait_for_function("() => document.querySelector('#balance')?.textContent === '70'")
+    settled(page)
     assert page.locator("#result-message").inner_text() == "spent 30 on order order-1"
     page.fill("#spend-order", "order-2")
     page.fill("#spend-amount", "1000")
@@ -288,6 +299,7 @@ def test_an_operator_runs_the_loyalty_programme_from_the_console(
     page.evaluate("window.stillTheSamePage = true")
     page.click("#dry-run-button")
     page.wait_for_selector("#dry-run-summary")
+    settled(page)
     assert "Nothing was saved." in page.locator("#dry-run-summary").inner_text()
     row = page.locator("#dry-run-totals tbody tr").first.inner_text().split()
     assert row == ["currency", "1", "3", "2"], row
@@ -311,6 +323,7 @@ def test_an_operator_runs_the_loyalty_programme_from_the_console(
     page.fill("#adjust-reason", "to be forgotten")
     page.click("#member form[aria-labelledby=adjust-h] button")
     page.wait_for_selector("#balance")
+    settled(page)
     page.click("nav >> text=Forget-me")
     visit.check("forget")
     page.fill("#forget-user", forgotten)
@@ -320,7 +333,7 @@ def test_an_operator_runs_the_loyalty_programme_from_the_console(
     page.click("#confirm-button")
     assert "/console/forget/" in page.url
     page.wait_for_function(
-        "() => document.querySelector('#forget-status').textContent.startsWith('completed')",
+        "() => document.querySelector('#forget-status')?.textContent.startsWith('completed')",
         timeout=60_000,
     )
     assert forgotten not in page.content()
@@ -501,7 +514,7 @@ def test_charts_that_read_finding_members_and_reviewing_rule_changes(
     secret = page.locator("#new-key").input_value()
     page.click("#copy-key")
     page.wait_for_function(
-        "() => document.querySelector('#copy-status').textContent.startsWith('Copied')"
+        "() => document.querySelector('#copy-status')?.textContent.startsWith('Copied')"
     )
     assert page.evaluate("navigator.clipboard.readText()") == secret
     visit.check("keys-copy")
