@@ -135,7 +135,8 @@ def settled(page: Any) -> None:
     when the swap settles, ``defaultSettleDelay`` later). Clicking a just-swapped form's
     button before that submits it natively: a full page load (failed once under CI)."""
     page.wait_for_function(
-        "() => !document.querySelector('.htmx-added, .htmx-settling, .htmx-swapping, .htmx-request')"
+        "() => !document.querySelector("
+        "'.htmx-added, .htmx-settling, .htmx-swapping, .htmx-request')"
     )
 
 
