@@ -142,7 +142,14 @@ class PostgresRetentionStore:
         return attach_partition_sql(day)
 
     def expired_days(self, cutoff: date) -> list[date]:
-        return sorted(day for day in self._states() if day < cutoff)
+        """Expired days, a half-detached one first: PostgreSQL allows one partition pending
+        detach per table, so no other DETACH ... CONCURRENTLY can start before it is
+        finalised (an earlier day first failed the whole run, every run)."""
+        states = self._states()
+        return sorted(
+            (day for day in states if day < cutoff),
+            key=lambda day: (states[day] != "detach_pending", day),
+        )
 
     def _autocommit(self, statement: sql.Composed) -> None:
         """A statement that must not run in a transaction block (DETACH CONCURRENTLY)."""
