@@ -87,6 +87,22 @@ def ingress_log(db: Database) -> PostgresIngressLog | SqliteIngressLog | JetStre
     return create_ingress_log(db)
 
 
+def readiness(
+    db: Database, log: PostgresIngressLog | SqliteIngressLog | JetStreamIngressLog
+) -> Callable[[], None]:
+    """``/readyz``: raises unless the database answers, and the JetStream stream too when
+    the activity log is there (a batch needs both)."""
+    if not isinstance(log, JetStreamIngressLog):
+        return db.ping
+    stream = log
+
+    def ready() -> None:
+        db.ping()
+        stream.ping()
+
+    return ready
+
+
 def backlog_of(
     db: Database,
 ) -> Callable[[Mapping[int, tuple[int, int]]], tuple[int, datetime | None]]:
@@ -433,7 +449,7 @@ class ApiServices:
     storage: Callable[[], StorageReport]
     """Rows and bytes per storage location."""
     ready: Callable[[], None]
-    """Raises unless the database answers (``/readyz``)."""
+    """Raises unless the database (and a JetStream activity log) answers (``/readyz``)."""
     verify_key: Callable[[str], Principal | None]
     """The principal of a presented API key (None: unknown or revoked)."""
     webhook_sender: Callable[[], HttpWebhookSender]
@@ -479,12 +495,13 @@ def build_api_services(
     read_models = ReadModels(db)
     rollups = RollupStore(db)
     keys = KeyStore(db, settings.auth_cache_seconds)
+    activity = ingress_log(db)
     return ApiServices(
         settings=settings,
         clock=now,
         metrics=metrics,
         ingest=IngestService(
-            ingress_log(db),
+            activity,
             clock=now,
             retention=timedelta(days=settings.retention_days),
             future_skew=timedelta(seconds=settings.future_skew_seconds),
@@ -507,7 +524,7 @@ def build_api_services(
             rollups, first, last, rules.current().rules.keys()
         ),
         storage=lambda: storage_report(db),
-        ready=db.ping,
+        ready=readiness(db, activity),
         verify_key=keys.verify,
         webhook_sender=lambda: webhook_sender(settings),
         db=db,

@@ -275,6 +275,20 @@ class JetStreamIngressLog:
         except nats.js.errors.BadRequestError:
             await js.stream_info(self.stream)  # created meanwhile by another process
 
+    def ping(self, timeout: float = 2.0) -> None:
+        """Raises :class:`JetStreamUnavailable` unless the server answers for the stream
+        within ``timeout`` seconds (``/readyz``: a probe must be short, where a batch
+        waits out an outage's reconnect)."""
+
+        async def probe() -> None:
+            js = (await self._client.nc()).jetstream(timeout=timeout)
+            try:
+                await js.stream_info(self.stream)
+            except nats.js.errors.NotFoundError:
+                await self._ensure_stream()  # none yet: the first batch would create it
+
+        self._client.run(probe(), timeout + 1)
+
     def info(self) -> api.StreamInfo:
         self.ensure_stream()
 

@@ -6,6 +6,7 @@ stream's files, the storage report."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -27,6 +28,7 @@ from loyalty.application.ingress import IngressRecord, shard_of
 from loyalty.bootstrap import build_pipeline, build_projection
 from loyalty.config import Settings
 from tests.conftest import NatsServer, drain_with, on_jetstream
+from tests.e2e.live import wait_for
 
 BATCHES = "/v1/ingress/batches"
 
@@ -104,12 +106,20 @@ def test_a_batch_is_refused_while_jetstream_is_down(
     js_client: TestClient, js_db: Database, nats_server: NatsServer
 ) -> None:
     h = headers(js_db)
+    assert js_client.get("/readyz").status_code == 200
     assert js_client.post(BATCHES, json={"events": [event(1, "u")]}, headers=h).status_code == 202
     nats_server.kill()
+    # not ready while the activity log is gone (a balancer stops sending batches here),
+    # answered within the probe's timeout
+    started = time.monotonic()
+    ready = js_client.get("/readyz")
+    assert ready.status_code == 503, ready.text
+    assert time.monotonic() - started < 5
     second = event(2, "u")
     resp = js_client.post(BATCHES, json={"events": [second]}, headers=h)
     assert resp.status_code == 503
     nats_server.start()
+    assert wait_for(lambda: js_client.get("/readyz").status_code == 200)
     # the refused batch's key was claimed, never confirmed; its publish may still have
     # gone out when the client reconnected: the resend (same Nats-Msg-Id) stores it
     # once either way

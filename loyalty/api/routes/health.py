@@ -19,11 +19,17 @@ def healthz() -> Health:
 
 @router.get(
     "/readyz",
-    summary="Readiness (database reachable)",
+    summary="Readiness (database and activity log reachable)",
     response_model=Health,
-    responses={503: {"model": Problem, "description": "the database is unreachable"}},
+    responses={
+        503: {
+            "model": Problem,
+            "description": "the database, or the JetStream activity log, is unreachable",
+        }
+    },
 )
 async def readyz(container: ContainerDep) -> Health:
-    """The process can reach its database."""
+    """The process can reach its database, and the NATS JetStream stream when the
+    activity log is there (``LOYALTY_INGRESS_URL``)."""
     await run_in_threadpool(container.ready)
     return Health(status="ready")
