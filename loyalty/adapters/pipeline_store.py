@@ -413,7 +413,10 @@ class ShardLeases:
 
     def _release_leases(self) -> None:
         """Unlock this object's keys; the session ends when no object holds any more
-        (closing a pooled connection would keep its session, and locks, alive)."""
+        (closing a pooled connection would keep its session, and locks, alive). The keys
+        are unlocked before the session closes: a closed session's locks go only when
+        its server backend has exited, a moment later, and a lease released must be
+        free at once (another job of the process takes it next)."""
         session = self._session
         if session is None:
             return
@@ -424,17 +427,17 @@ class ShardLeases:
             if session.conn is None:
                 mine.clear()
                 return
-            if not session.owners:
-                session.discard()
-            elif mine:
-                try:
-                    for key in sorted(mine):
-                        session.conn.execute(
-                            sa.text("SELECT pg_advisory_unlock(:ns, :key)"),
-                            {"ns": SHARD_LEASE_NS, "key": key},
-                        )
-                    session.conn.commit()
-                except sa.exc.DBAPIError:
+            try:
+                for key in sorted(mine):
+                    session.conn.execute(
+                        sa.text("SELECT pg_advisory_unlock(:ns, :key)"),
+                        {"ns": SHARD_LEASE_NS, "key": key},
+                    )
+                session.conn.commit()
+            except sa.exc.DBAPIError:
+                session.discard()  # the session, and its locks, are gone anyway
+            else:
+                if not session.owners:
                     session.discard()
             mine.clear()
 
