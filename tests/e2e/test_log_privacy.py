@@ -20,7 +20,7 @@ from loyalty.adapters.db import Database
 from loyalty.config import Settings
 from loyalty.observability import JsonFormatter, RequestIdFilter
 from tests.conftest import drain_with
-from tests.e2e.live import create_key, serve_process
+from tests.e2e.live import create_key, serve_process, wait_for
 
 CLIENT_LOGGERS = ("httpx", "httpcore")  # the test's own HTTP client logs its URLs
 
@@ -131,20 +131,28 @@ def test_live_server_json_logs_hold_no_user_id_or_key(settings: Settings, tmp_pa
     marker = f"marker-{uuid.uuid4().hex}"
     keys = {role: create_key(url, role, f"{role}-src") for role in ("ingest", "shop", "operator")}
     log_path = tmp_path / "serve.log"
-    with serve_process(url, log=log_path, stop_timeout=30, LOYALTY_LOG_FORMAT="json") as server:
+    # awards recorded at once (no interval), so that the pipeline's and the projection's
+    # log lines about the member are in the log before it is read
+    with serve_process(
+        url,
+        log=log_path,
+        stop_timeout=30,
+        LOYALTY_LOG_FORMAT="json",
+        LOYALTY_AWARD_INTERVAL_SECONDS="0",
+    ) as server:
         with httpx.Client(base_url=server.base, timeout=30) as http:
             drive(http, keys, marker)
-            deadline = time.monotonic() + 30  # let the pipeline and projection run
-            while time.monotonic() < deadline:
+
+            def awarded() -> bool:
                 found = http.get(
                     f"/v1/members/{marker}/history",
                     headers={"Authorization": f"Bearer {keys['shop']}"},
                 )
-                if found.status_code == 200 and any(
+                return found.status_code == 200 and any(
                     e["kind"] == "award" for e in found.json()["entries"]
-                ):
-                    break
-                time.sleep(0.2)
+                )
+
+            wait_for(awarded, 30, "the member's award in the history (pipeline, projection)")
             echoed = http.get("/healthz", headers={"X-Request-ID": "trace-me-1"})
             assert echoed.headers["x-request-id"] == "trace-me-1"
     lines = log_path.read_text().splitlines()

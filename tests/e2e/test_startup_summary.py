@@ -11,7 +11,8 @@ from tests.e2e.live import serve_logged, wait_for_output
 
 def test_serve_prints_one_start_up_summary_and_one_shard_line(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
-    with serve_logged(url) as (base, output):
+    # retention's first run comes min(interval, 30 s) after the start: 2 s here
+    with serve_logged(url, LOYALTY_RETENTION_INTERVAL_SECONDS="2") as (base, output):
         # the worker's first pass (its shards) and retention's first run on the new database
         wait_for_output(output, "worker owns shard")
         text = wait_for_output(output, "retention as of")
