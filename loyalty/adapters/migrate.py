@@ -7,16 +7,19 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 
 from loyalty.adapters.db import Database
 from loyalty.adapters.tables import EVENT_STORE_TABLES, INGRESS_PARTITION_PREFIX
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+# Alembic is imported where it is used: every CLI command and worker process migrates at
+# its start, and when the schema is already current (nearly always) one read shows it
+# without loading Alembic or its scripts (about a third of a command's start-up).
 
 # The scripts are alembic/ at the top of a source checkout; a wheel (and so the image)
 # carries the very same files as loyalty/migrations/ (pyproject.toml maps the directory).
@@ -60,16 +63,60 @@ def target_metadata() -> sa.MetaData:
 
 
 def alembic_config() -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(script_location()))
     return cfg
 
 
 def head_revision() -> str | None:
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
+def newest_script() -> str:
+    """The newest revision's id from the scripts' file names alone (``NNNN_name.py``,
+    the id being the file's name: tests/integration/test_migrations.py checks it against
+    :func:`head_revision`), without loading Alembic or any script."""
+    versions = script_location() / "versions"
+    return max(p.stem for p in versions.glob("[0-9][0-9][0-9][0-9]_*.py"))
+
+
+def _event_tables(db: Database) -> set[str]:
+    """The event store's tables ``loyalty migrate`` creates on this backend."""
+    events, snapshots = (
+        ("stored_events", "stored_snapshots")
+        if db.backend == "sqlite"
+        else ("members_events", "members_snapshots")
+    )
+    return {events, snapshots} if db.settings.snapshot_interval else {events}
+
+
+def up_to_date(db: Database) -> bool:
+    """One read: the schema is at :func:`newest_script` and the event store's tables
+    exist (no ``alembic_version`` yet, or any doubt: False, and :func:`migrate` runs)."""
+    wanted = _event_tables(db)
+    listed = (
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN :names"
+        if db.backend == "sqlite"
+        else "SELECT tablename FROM pg_tables "
+        "WHERE schemaname = current_schema() AND tablename IN :names"
+    )
+    query = sa.text(listed).bindparams(sa.bindparam("names", expanding=True))
+    try:
+        with db.engine.connect() as conn:
+            version = conn.execute(sa.text("SELECT version_num FROM alembic_version")).all()
+            found = set(conn.execute(query, {"names": sorted(wanted)}).scalars())
+    except (sa.exc.OperationalError, sa.exc.ProgrammingError):
+        return False  # no alembic_version table: a new database
+    return version == [(newest_script(),)] and found == wanted
+
+
 def current_revision(db: Database) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
     with db.engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
 
@@ -129,7 +176,12 @@ def locked_connection(db: Database) -> Iterator[sa.Connection]:
 
 
 def migrate(db: Database) -> str | None:
-    """Upgrade to the newest revision; returns it. Idempotent and concurrency-safe."""
+    """Upgrade to the newest revision; returns it. Idempotent and concurrency-safe (a
+    schema already current is left as it is, after one read)."""
+    if up_to_date(db):
+        return newest_script()
+    from alembic import command
+
     cfg = alembic_config()
     with locked_connection(db) as conn:
         cfg.attributes["connection"] = conn

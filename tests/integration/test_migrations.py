@@ -22,8 +22,11 @@ from loyalty.adapters.migrate import (
     CHECKOUT,
     head_revision,
     include_object,
+    migrate,
+    newest_script,
     script_location,
     target_metadata,
+    up_to_date,
 )
 from loyalty.config import Settings
 from tests.e2e.live import env_for
@@ -104,3 +107,44 @@ def test_autogenerate_on_an_up_to_date_database_proposes_nothing(pg_db: Database
             if isinstance(diff, tuple) and diff[0] == "remove_table"
         }
     assert {"members_events", partition_name(day)} <= dropped, "the filter matters"
+
+
+def test_a_current_schema_is_seen_with_one_read_and_anything_else_migrates(
+    tmp_path: Path,
+) -> None:
+    """Every CLI command and worker process migrates at its start: a current schema is
+    left as it is after one read, without loading Alembic (a third of a command's start);
+    a database at another revision, or without the event store's tables, goes through
+    Alembic as before."""
+    assert newest_script() == head_revision()  # the file names give the head
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    db = Database(Settings(database_url=url))
+    try:
+        assert not up_to_date(db)  # a new file: no alembic_version
+        assert migrate(db) == head_revision()
+        assert up_to_date(db)
+        with db.write() as conn:
+            conn.execute(sa.text("DROP TABLE stored_snapshots"))
+        assert not up_to_date(db)
+        migrate(db)  # the event store's tables are created again
+        assert up_to_date(db)
+        with db.write() as conn:
+            conn.execute(sa.text("UPDATE alembic_version SET version_num = '0020_nats'"))
+        assert not up_to_date(db)
+        with db.write() as conn:
+            conn.execute(
+                sa.text("UPDATE alembic_version SET version_num = :v"), {"v": head_revision()}
+            )
+    finally:
+        db.dispose()
+    probe = (
+        "import sys; from loyalty.adapters.db import Database; "
+        "from loyalty.adapters.migrate import migrate; from loyalty.config import Settings; "
+        f"db = Database(Settings(database_url={url!r})); migrate(db); "
+        "print('alembic' in sys.modules)"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120
+    )
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip() == "False"
