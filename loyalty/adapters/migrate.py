@@ -97,6 +97,12 @@ def _event_tables(db: Database) -> set[str]:
 def up_to_date(db: Database) -> bool:
     """One read: the schema is at :func:`newest_script` and the event store's tables
     exist (no ``alembic_version`` yet, or any doubt: False, and :func:`migrate` runs)."""
+    if db.backend == "sqlite":
+        path = db.settings.sqlite_path
+        if not path.exists() or path.stat().st_size == 0:
+            # not even opened: a connection would create the file, with the engine's
+            # settings, before migrate chooses incremental auto-vacuum for it
+            return False
     wanted = _event_tables(db)
     listed = (
         "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN :names"

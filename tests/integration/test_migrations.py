@@ -121,8 +121,11 @@ def test_a_current_schema_is_seen_with_one_read_and_anything_else_migrates(
     db = Database(Settings(database_url=url))
     try:
         assert not up_to_date(db)  # a new file: no alembic_version
+        assert not (tmp_path / "fresh.db").exists()  # and the question did not create it
         assert migrate(db) == head_revision()
         assert up_to_date(db)
+        with sqlite3.connect(tmp_path / "fresh.db") as conn:  # chosen before any table
+            assert conn.execute("PRAGMA auto_vacuum").fetchone() == (2,)  # incremental
         with db.write() as conn:
             conn.execute(sa.text("DROP TABLE stored_snapshots"))
         assert not up_to_date(db)
