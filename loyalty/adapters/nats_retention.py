@@ -61,8 +61,9 @@ class JetStreamRetentionStore:
         k = stream_ingress_keys.c
         with self._db.read() as conn:
             days = set(conn.execute(sa.select(k.day).where(k.day < cutoff).distinct()).scalars())
-        self._inner_days = set(self._inner.expired_days(cutoff))
-        return sorted(days | self._inner_days)
+        inner = self._inner.expired_days(cutoff)  # in the database store's order (a
+        self._inner_days = set(inner)  # half-detached day first: it blocks the others)
+        return inner + sorted(days - self._inner_days)
 
     def _unprocessed(self, day: date) -> int:
         positions = PipelineStore(self._db).positions()

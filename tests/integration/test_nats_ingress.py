@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import orjson
@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from loyalty.adapters.db import Database
+from loyalty.adapters.ingress_log import create_day_partition, partition_name
 from loyalty.adapters.keys import KeyStore
 from loyalty.adapters.nats_log import JetStreamIngressLog, jetstream_log, msg_id
 from loyalty.adapters.pipeline_store import PipelineStore
@@ -25,9 +26,9 @@ from loyalty.adapters.storage import storage_report
 from loyalty.api.app import create_app
 from loyalty.application.access import Role
 from loyalty.application.ingress import IngressRecord, shard_of
-from loyalty.bootstrap import build_pipeline, build_projection
+from loyalty.bootstrap import build_pipeline, build_projection, build_retention
 from loyalty.config import Settings
-from tests.conftest import NatsServer, drain_with, on_jetstream
+from tests.conftest import NatsServer, backends, drain_with, on_jetstream
 from tests.e2e.live import wait_for
 
 BATCHES = "/v1/ingress/batches"
@@ -225,6 +226,29 @@ def test_retention_holds_an_unprocessed_day(js_db: Database) -> None:
     assert timedelta(seconds=log.info().config.max_age or 0) == held
     assert log.hold(None, now) == configured  # caught up: back to the configured age
     assert timedelta(seconds=log.info().config.max_age or 0) == configured
+
+
+@backends("postgresql")
+def test_retention_finishes_a_half_detached_day_before_the_others(
+    js_settings: Settings, js_db: Database
+) -> None:
+    """With the activity log on JetStream the day partitions stay (empty) and retention
+    still drops them: a half-detached one must go first there too (it blocks every other
+    detach), whatever days the stream's keys add to the list."""
+    from tests.integration.test_retention import leave_detach_pending, relations
+
+    earlier, pending = date(2030, 2, 27), date(2030, 3, 1)
+    try:
+        for day in (earlier, pending):
+            create_day_partition(js_db, day)
+        leave_detach_pending(js_db, js_settings.database_url, partition_name(pending))
+        report = build_retention(js_db).run(datetime(2030, 3, 11, 6, tzinfo=UTC), strict=True)
+        assert report.ok, report
+        assert not {partition_name(d) for d in (earlier, pending)} & set(relations(js_db))
+    finally:
+        with js_db.write() as conn:  # the session's database is shared: no 2030 days left
+            for name in relations(js_db):
+                conn.execute(sa.text(f'DROP TABLE IF EXISTS "{name}"'))
 
 
 def test_storage_reports_the_stream(js_db: Database) -> None:

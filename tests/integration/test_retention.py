@@ -351,6 +351,39 @@ def test_periodic_job_runs_in_the_worker(settings: Settings, db: Database) -> No
 # --------------------------------------------------------------- PostgreSQL specifics
 
 
+def leave_detach_pending(db: Database, url: str, name: str) -> None:
+    """PostgreSQL: leave partition ``name`` half-detached, as a ``DETACH ... CONCURRENTLY``
+    cancelled while it waits for older snapshots (a lock timeout, a deploy) does."""
+    reader = psycopg.connect(url)  # an open snapshot the detach must wait for
+    reader.execute("SELECT count(*) FROM ingress_events")
+    detacher = psycopg.connect(url, autocommit=True)
+    pid = detacher.info.backend_pid
+    failed: list[BaseException] = []
+
+    def detach() -> None:
+        try:
+            detacher.execute(f"ALTER TABLE ingress_events DETACH PARTITION {name} CONCURRENTLY")
+        except psycopg.errors.QueryCanceled as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=detach, daemon=True)
+    thread.start()
+    assert wait_for(
+        lambda: (
+            scalar(db, "SELECT wait_event_type FROM pg_stat_activity WHERE pid = :p", {"p": pid})
+            == "Lock"
+        )
+    )
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute("SELECT pg_cancel_backend(%s)", (pid,))
+    thread.join(timeout=20)
+    reader.rollback()
+    reader.close()
+    detacher.close()
+    assert failed
+    assert relations(db)[name] == "pending"
+
+
 def pg_url(settings: Settings) -> str:
     return settings.database_url
 
@@ -446,36 +479,7 @@ def test_an_interrupted_detach_and_a_detached_leftover_are_finished(
     url = pg_url(settings)
     with psycopg.connect(url, autocommit=True) as conn:  # a crash after DETACH, before DROP
         conn.execute(f"ALTER TABLE ingress_events DETACH PARTITION {partition_name(D3)}")
-    # a DETACH ... CONCURRENTLY cancelled while it waits: left "detach pending"
-    reader = psycopg.connect(url)
-    reader.execute("SELECT count(*) FROM ingress_events")
-    detacher = psycopg.connect(url, autocommit=True)
-    pid = detacher.info.backend_pid
-    failed: list[BaseException] = []
-
-    def detach() -> None:
-        try:
-            detacher.execute(
-                f"ALTER TABLE ingress_events DETACH PARTITION {partition_name(D1)} CONCURRENTLY"
-            )
-        except psycopg.errors.QueryCanceled as exc:
-            failed.append(exc)
-
-    thread = threading.Thread(target=detach, daemon=True)
-    thread.start()
-    assert wait_for(
-        lambda: (
-            scalar(db, "SELECT wait_event_type FROM pg_stat_activity WHERE pid = :p", {"p": pid})
-            == "Lock"
-        )
-    )
-    with psycopg.connect(url, autocommit=True) as admin:
-        admin.execute("SELECT pg_cancel_backend(%s)", (pid,))
-    thread.join(timeout=20)
-    reader.rollback()
-    reader.close()
-    detacher.close()
-    assert failed
+    leave_detach_pending(db, url, partition_name(D1))
     assert relations(db)[partition_name(D1)] == "pending"
     assert relations(db)[partition_name(D3)] == "table"
 
