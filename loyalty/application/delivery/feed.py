@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import re
 import threading
@@ -27,6 +26,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Protocol
 from uuid import NAMESPACE_URL, UUID, uuid5
 
+import orjson
 from eventsourcing.domain import Aggregate
 
 from loyalty.domain.member import Member, account_events
@@ -129,7 +129,7 @@ def wire_data(data: dict[str, Any]) -> dict[str, Any]:
             out[key] = _plain_decimal(out[key])
     for key in JSON_TEXT_FIELDS & out.keys():
         if isinstance(out[key], str):
-            out[key] = json.loads(out[key])
+            out[key] = orjson.loads(out[key])  # stdlib json: 30 % of a feed read (py-spy)
     return out
 
 
