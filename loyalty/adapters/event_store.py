@@ -34,10 +34,11 @@ from loyalty.adapters.event_recorder import (
 )
 from loyalty.adapters.event_recorder import SQLITE_TOPIC as SQLITE_RECORDER_TOPIC
 from loyalty.adapters.event_recorder import TOPIC as RECORDER_TOPIC
+from loyalty.adapters.tables import EVENT_STORE_TABLES
 from loyalty.application.projections import TOMBSTONE as TOMBSTONE_TOPIC
 from loyalty.config import Settings
 
-STREAM_TABLES = ("members_events", "stored_events", "members_snapshots", "stored_snapshots")
+STREAM_TABLES = tuple(sorted(EVENT_STORE_TABLES))
 """The library's tables of a member's stream (one pair per backend)."""
 NIL_HEX = uuid.UUID(int=0).hex
 

@@ -12,7 +12,11 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from loyalty.adapters.db import Database
-from loyalty.adapters.tables import EVENT_STORE_TABLES, INGRESS_PARTITION_PREFIX
+from loyalty.adapters.tables import (
+    EVENT_STORE_TABLES,
+    EVENT_STORE_TABLES_OF,
+    INGRESS_PARTITION_PREFIX,
+)
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -86,11 +90,7 @@ def newest_script() -> str:
 
 def _event_tables(db: Database) -> set[str]:
     """The event store's tables ``loyalty migrate`` creates on this backend."""
-    events, snapshots = (
-        ("stored_events", "stored_snapshots")
-        if db.backend == "sqlite"
-        else ("members_events", "members_snapshots")
-    )
+    events, snapshots = EVENT_STORE_TABLES_OF[db.backend]
     return {events, snapshots} if db.settings.snapshot_interval else {events}
 
 

@@ -8,10 +8,13 @@ from sqlalchemy.dialects import postgresql
 
 metadata = sa.MetaData()
 
-# Tables owned by the eventsourcing library (never touched by Alembic autogenerate).
-EVENT_STORE_TABLES = frozenset(
-    {"stored_events", "stored_snapshots", "members_events", "members_snapshots"}
-)
+# Tables owned by the eventsourcing library (never touched by Alembic autogenerate):
+# (events, snapshots) per backend, as the library names them for the Members application.
+EVENT_STORE_TABLES_OF = {
+    "sqlite": ("stored_events", "stored_snapshots"),
+    "postgresql": ("members_events", "members_snapshots"),
+}
+EVENT_STORE_TABLES = frozenset(t for pair in EVENT_STORE_TABLES_OF.values() for t in pair)
 # Day partitions of the ingress log are created and dropped at run time.
 INGRESS_PARTITION_PREFIX = "ingress_events_p"
 
