@@ -9,7 +9,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 export LOYALTY_DATABASE_URL ?= sqlite:///./var/loyalty.db
 
-.PHONY: install serve test test-fast lint format fuzz bench bench-quick bench-smoke soak clean
+.PHONY: install bytecode serve test test-fast lint format fuzz bench bench-quick bench-smoke soak clean
 
 install: $(STAMP)
 
@@ -18,6 +18,12 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
+
+# The suite starts ~600 Python processes (the CLI, servers, workers): compiled once here,
+# the project's modules are not compiled again in each of them where the environment
+# says PYTHONDONTWRITEBYTECODE (this machine does: ~0.15 s of each ~1.3 s start-up).
+bytecode: install
+	$(BIN)/python -m compileall -q loyalty tests benchmarks
 
 serve: install
 	$(BIN)/loyalty migrate
@@ -37,7 +43,7 @@ serve: install
 # an amount of work, the broker restart restarts a node of its own).
 TEST_WORKERS ?= 4
 
-test: install
+test: install bytecode
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # The quick loop (<= 3 min): every test but those marked slow, and tests/conftest.py marks
@@ -46,7 +52,7 @@ test: install
 # In-process tests are CPU-bound: one xdist worker per core (FAST_WORKERS).
 FAST_WORKERS ?= 2
 
-test-fast: install
+test-fast: install bytecode
 	$(BIN)/python -m pytest -q -m "not slow" -n $(FAST_WORKERS) --dist loadgroup
 
 # lint-imports: the import contracts in pyproject.toml ([tool.importlinter]: the layers

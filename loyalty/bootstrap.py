@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 import psycopg
 import sqlalchemy as sa
@@ -30,8 +31,6 @@ from loyalty.adapters.ingress_log import (
     pending_stats,
 )
 from loyalty.adapters.keys import KeyStore
-from loyalty.adapters.nats_log import JetStreamIngressLog, jetstream_log
-from loyalty.adapters.nats_retention import JetStreamRetentionStore
 from loyalty.adapters.pending_store import PendingTable
 from loyalty.adapters.pipeline_store import PipelineStore, ShardLeases
 from loyalty.adapters.read_models import ReadModels
@@ -67,6 +66,9 @@ from loyalty.config import Settings
 from loyalty.domain.errors import MemberBeingErased
 from loyalty.observability import Metrics
 
+if TYPE_CHECKING:  # imported where used: the nats client only where the log is on NATS
+    from loyalty.adapters.nats_log import JetStreamIngressLog
+
 RETRY_ERRORS: tuple[type[BaseException], ...] = (
     sa.exc.OperationalError,
     sa.exc.InterfaceError,
@@ -83,6 +85,8 @@ def ingress_log(db: Database) -> PostgresIngressLog | SqliteIngressLog | JetStre
     """The ingress (activity) log: the database's, or with ``LOYALTY_INGRESS_URL=nats://``
     a JetStream stream (its de-duplication keys stay in the database)."""
     if db.settings.ingress_url:
+        from loyalty.adapters.nats_log import jetstream_log
+
         return jetstream_log(db)
     return create_ingress_log(db)
 
@@ -92,6 +96,10 @@ def readiness(
 ) -> Callable[[], None]:
     """``/readyz``: raises unless the database answers, and the JetStream stream too when
     the activity log is there (a batch needs both)."""
+    if not db.settings.ingress_url:  # (the nats client is imported only when used)
+        return db.ping
+    from loyalty.adapters.nats_log import JetStreamIngressLog
+
     if not isinstance(log, JetStreamIngressLog):
         return db.ping
     stream = log
@@ -108,6 +116,8 @@ def backlog_of(
 ) -> Callable[[Mapping[int, tuple[int, int]]], tuple[int, datetime | None]]:
     """Ingress events past the given checkpoints, and when the oldest arrived."""
     if db.settings.ingress_url:
+        from loyalty.adapters.nats_log import jetstream_log
+
         stream = jetstream_log(db)
         return lambda positions: stream.pending_stats(dict(positions))
     return lambda positions: pending_stats(db, dict(positions), db.settings.shard_count)
@@ -302,6 +312,9 @@ def build_retention(db: Database, *, metrics: Metrics | None = None) -> Retentio
     once)."""
     store: RetentionStore = create_retention_store(db)
     if db.settings.ingress_url:  # the stream expires by max_age; keys and the hold here
+        from loyalty.adapters.nats_log import jetstream_log
+        from loyalty.adapters.nats_retention import JetStreamRetentionStore
+
         store = JetStreamRetentionStore(db, jetstream_log(db), create_retention_store(db))
     return Retention(store, retention_days=db.settings.retention_days, metrics=metrics)
 

@@ -8,10 +8,12 @@ instead of failing when one upgrades a read lock.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
+import eventsourcing.persistence as es
 import psycopg
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -45,6 +47,48 @@ def application_name(settings: Settings) -> str:
 
 class DatabaseUnavailable(Exception):
     """The database cannot be reached or refuses work (maps to HTTP 503)."""
+
+
+def _chain(exc: BaseException) -> Iterable[BaseException]:
+    """The error and what it wraps (``orig`` of SQLAlchemy, causes, contexts)."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen or len(seen) > 16:
+            continue
+        seen.add(id(current))
+        yield current
+        for nxt in (getattr(current, "orig", None), current.__cause__, current.__context__):
+            if isinstance(nxt, BaseException):
+                todo.append(nxt)
+
+
+def database_busy(exc: BaseException) -> bool:
+    """Whether an error is the database being busy or out of reach, however wrapped:
+    SQLite ``database is locked``/``busy``, a pool or lock timeout, a refused or lost
+    connection, a deadlock or serialization failure (the client should retry)."""
+    for error in _chain(exc):
+        if isinstance(error, sqlite3.OperationalError) and (
+            "locked" in str(error) or "busy" in str(error)
+        ):
+            return True
+        if isinstance(
+            error,
+            psycopg.OperationalError
+            | psycopg.InterfaceError
+            | psycopg.errors.LockNotAvailable
+            | psycopg.errors.QueryCanceled
+            | psycopg.errors.SerializationFailure
+            | psycopg.errors.DeadlockDetected
+            | psycopg.errors.TooManyConnections
+            | DatabaseUnavailable
+            | sa.exc.TimeoutError
+            | es.OperationalError
+            | es.InterfaceError,
+        ):
+            return True
+    return False
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -27,7 +27,6 @@ from sqlalchemy.dialects import postgresql, sqlite
 from loyalty.adapters import event_store, ingress_log, pending_store, pipeline_store, read_models
 from loyalty.adapters.db import Database, existing_tables
 from loyalty.adapters.delivery_store import SqlDeliveryStore
-from loyalty.adapters.nats_log import jetstream_log
 from loyalty.adapters.tables import forget_markers, forget_requests, forget_subjects, loyalty_meta
 from loyalty.application.erasure import ERASING, STEPS, ForgetRequest, Location, Marker, Subject
 
@@ -138,6 +137,8 @@ REGISTRY: tuple[Registered, ...] = (
 def _erase_stream(db: Database, user_id: str, before: datetime) -> int:
     if not db.settings.ingress_url:
         return 0
+    from loyalty.adapters.nats_log import jetstream_log  # the nats client only when used
+
     return jetstream_log(db).erase_member(user_id, before)
 
 

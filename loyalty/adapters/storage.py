@@ -16,7 +16,6 @@ import sqlalchemy as sa
 from psycopg import sql
 
 from loyalty.adapters.db import Database, psycopg_connection
-from loyalty.adapters.nats_log import jetstream_log
 from loyalty.adapters.tables import EVENT_STORE_TABLES
 
 READ_MODEL_TABLES = frozenset(
@@ -198,6 +197,8 @@ def _ordered(locations: list[StorageLocation]) -> list[StorageLocation]:
 def storage_report(db: Database) -> StorageReport:
     report = _postgres(db) if db.backend == "postgresql" else _sqlite(db)
     if db.settings.ingress_url:  # the ingress log is a JetStream stream (issue 31)
+        from loyalty.adapters.nats_log import jetstream_log  # the nats client only when used
+
         stream = jetstream_log(db)
         messages, size = stream.stream_bytes()
         report.locations = _ordered(

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from loyalty.adapters.db import DatabaseUnavailable
+from loyalty.adapters.db import DatabaseUnavailable, database_busy
 from loyalty.domain.errors import DomainError, InvalidRules
 from loyalty.observability import request_id_var
 
@@ -223,48 +223,6 @@ def to_problem(exc: Exception) -> ApiProblem:
             headers={"Retry-After": "1"},
         )
     raise exc
-
-
-def _chain(exc: BaseException) -> Iterable[BaseException]:
-    """The error and what it wraps (``orig`` of SQLAlchemy, causes, contexts)."""
-    seen: set[int] = set()
-    todo: list[BaseException] = [exc]
-    while todo:
-        current = todo.pop()
-        if id(current) in seen or len(seen) > 16:
-            continue
-        seen.add(id(current))
-        yield current
-        for nxt in (getattr(current, "orig", None), current.__cause__, current.__context__):
-            if isinstance(nxt, BaseException):
-                todo.append(nxt)
-
-
-def database_busy(exc: BaseException) -> bool:
-    """Whether an error is the database being busy or out of reach, however wrapped:
-    SQLite ``database is locked``/``busy``, a pool or lock timeout, a refused or lost
-    connection, a deadlock or serialization failure (the client should retry)."""
-    for error in _chain(exc):
-        if isinstance(error, sqlite3.OperationalError) and (
-            "locked" in str(error) or "busy" in str(error)
-        ):
-            return True
-        if isinstance(
-            error,
-            psycopg.OperationalError
-            | psycopg.InterfaceError
-            | psycopg.errors.LockNotAvailable
-            | psycopg.errors.QueryCanceled
-            | psycopg.errors.SerializationFailure
-            | psycopg.errors.DeadlockDetected
-            | psycopg.errors.TooManyConnections
-            | DatabaseUnavailable
-            | sa.exc.TimeoutError
-            | es.OperationalError
-            | es.InterfaceError,
-        ):
-            return True
-    return False
 
 
 Scope = MutableMapping[str, Any]

@@ -137,8 +137,7 @@ def open_database(
     import psycopg
     import sqlalchemy as sa
 
-    from loyalty.adapters.db import DatabaseUnavailable
-    from loyalty.api.problems import database_busy
+    from loyalty.adapters.db import DatabaseUnavailable, database_busy
 
     said = f"database: {database_label(settings)}"
     if settings.log_format == "json":  # stderr is one JSON object per line
