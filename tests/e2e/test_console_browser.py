@@ -118,6 +118,10 @@ class Visit:
 
     def check(self, name: str) -> None:
         """Accessibility of the page as it is, then a screenshot."""
+        # a click on a link returns once the next page's navigation has committed, before
+        # its body is parsed: "createTreeWalker ... parameter 1 is not of type 'Node'"
+        # (document.body still null) in a full run here
+        self.page.wait_for_load_state("load")
         problems = self.page.evaluate(A11Y_CHECK)
         assert problems == [], (name, problems)
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
