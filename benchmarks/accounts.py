@@ -76,7 +76,9 @@ def reads(ctx: Context) -> dict[str, Any]:
         seconds = ctx.pick(smoke=0.5, quick=3.0, full=10.0)
         best: dict[str, dict[str, Any]] = {}
         with servers.serve(url, kind=SERVER, processes=2) as running:
-            for i, phase in enumerate(("trivial", "member", "trivial", "member")):
+            # alternated twice, the best of each kept (one round at smoke size: it runs)
+            phases = ("trivial", "member") * ctx.pick(smoke=1, quick=2, full=2)
+            for i, phase in enumerate(phases):
                 spec = _spec(
                     ctx,
                     url,
