@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
-# The suite starts ~600 Python processes (the CLI, servers, workers): compiled once here,
+# The suite starts ~500 Python processes (the CLI, servers, workers): compiled once here,
 # the project's modules are not compiled again in each of them where the environment
 # says PYTHONDONTWRITEBYTECODE (this machine does: ~0.15 s of each ~1.3 s start-up).
 bytecode: install

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import psycopg
 import sqlalchemy as sa
@@ -96,13 +96,9 @@ def readiness(
 ) -> Callable[[], None]:
     """``/readyz``: raises unless the database answers, and the JetStream stream too when
     the activity log is there (a batch needs both)."""
-    if not db.settings.ingress_url:  # (the nats client is imported only when used)
+    if not db.settings.ingress_url:
         return db.ping
-    from loyalty.adapters.nats_log import JetStreamIngressLog
-
-    if not isinstance(log, JetStreamIngressLog):
-        return db.ping
-    stream = log
+    stream = cast("JetStreamIngressLog", log)  # what ingress_log(db) built for this URL
 
     def ready() -> None:
         db.ping()
