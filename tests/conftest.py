@@ -13,7 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -86,6 +86,40 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             "xdist groups not applied: this pytest / pytest-xdist pair ignores xdist_group "
             "(see pyproject.toml), so serial tests would run side by side"
         )
+
+
+COLLECTED_ON = datetime.now(UTC).date()
+"""The day this process imported the test modules (their ``NOW``)."""
+MIDNIGHT_MARGIN = timedelta(seconds=300)
+"""How long before midnight UTC a test does not start: pytest-timeout's limit
+(pyproject.toml), so no test runs across midnight."""
+
+
+@pytest.fixture(autouse=True)
+def _clear_of_midnight() -> None:
+    """Keep every test on one UTC day, and on the day its module's ``NOW`` says.
+
+    Many modules fix ``NOW`` (and ``TODAY``) when they are imported, at collection, and
+    compare what they store "now" with what the service works out from its own clock
+    (today's report row, this month's pending earnings, the open partition). A run
+    that crossed midnight failed 16 of them (a 30-day report missing today's row, rollups
+    on the wrong day). A test does not start in the last ``MIDNIGHT_MARGIN`` before
+    midnight (it waits for the new day), and after a day has turned, every loaded test
+    module's ``NOW``/``TODAY`` taken on the day of collection moves to the new day (the
+    current time, its microseconds as the module had them; fixed dates stay)."""
+    now = datetime.now(UTC)
+    midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), UTC)
+    if midnight - now < MIDNIGHT_MARGIN:
+        time.sleep((midnight - now).total_seconds() + 1)
+        now = datetime.now(UTC)
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("tests."):
+            continue
+        stamp = getattr(module, "NOW", None)
+        if isinstance(stamp, datetime) and stamp.date() == COLLECTED_ON != now.date():
+            module.NOW = now.replace(microsecond=stamp.microsecond)  # type: ignore[attr-defined]
+            if isinstance(getattr(module, "TODAY", None), date):
+                module.TODAY = now.date()  # type: ignore[attr-defined]
 
 
 SERIAL = "serial"

@@ -31,8 +31,8 @@ TRICKY = [
 ]
 
 
-def rec(event_id: str, user_id: str, attributes: str, at: datetime = NOW) -> IngressRecord:
-    return IngressRecord(3, "src", event_id, user_id, "played_game", at, attributes)
+def rec(event_id: str, user_id: str, attributes: str, at: datetime | None = None) -> IngressRecord:
+    return IngressRecord(3, "src", event_id, user_id, "played_game", at or NOW, attributes)
 
 
 def stored(db: Database) -> list[tuple[object, ...]]:

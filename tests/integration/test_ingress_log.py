@@ -23,7 +23,7 @@ def rec(
     *,
     source: str = "src",
     user: str = "u1",
-    at: datetime = NOW,
+    at: datetime | None = None,
     shard: int | None = None,
 ) -> IngressRecord:
     return IngressRecord(
@@ -32,7 +32,7 @@ def rec(
         event_id=event_id,
         user_id=user,
         type="played_game",
-        occurred_at=at,
+        occurred_at=at or NOW,
         attributes_json='{"result": "win", "note": "tab\\there, back\\\\slash"}',
     )
 

@@ -71,8 +71,10 @@ def ingest(
         wait_visible(db)
 
 
-def ev(i: int, user: str, type_: str, at: datetime = NOW, attrs: str = "{}") -> IncomingEvent:
-    return IncomingEvent(f"e{i}", user, type_, at, attrs)
+def ev(
+    i: int, user: str, type_: str, at: datetime | None = None, attrs: str = "{}"
+) -> IncomingEvent:
+    return IncomingEvent(f"e{i}", user, type_, at or NOW, attrs)
 
 
 def balances(members: Members, users: list[str]) -> dict[str, tuple[int, int]]:
