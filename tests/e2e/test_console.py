@@ -863,14 +863,14 @@ def test_the_dashboards_today_is_the_daily_reports_today_with_the_same_labels(
     from loyalty.application.reporting import FIGURE_LABELS, TODAY_FIGURES
     from loyalty.bootstrap import build_projection
     from loyalty.console.rendering import figure
-    from tests.conftest import drain_pipeline
+    from tests.conftest import drain_pipeline, earlier_today
 
     client, csrf = console
     now = clock()
     kinds = ["logged_on", "played_game", "made_purchase"]
     events = [
         {"event_id": f"d{i}", "user_id": f"u{i % 4}", "type": kinds[i % 3]}
-        | {"occurred_at": (now - timedelta(minutes=i)).isoformat()}
+        | {"occurred_at": earlier_today(now, timedelta(minutes=i)).isoformat()}
         for i in range(30)
     ]
     ingest = make_key("ingest", "gamesite")

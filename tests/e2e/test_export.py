@@ -24,7 +24,7 @@ from loyalty.application.reporting import AccountEventRow
 from loyalty.bootstrap import build_projection
 from loyalty.cli import app
 from loyalty.config import Settings
-from tests.conftest import drain_pipeline
+from tests.conftest import drain_pipeline, earlier_today
 
 KEY = "k" * 40
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -63,7 +63,9 @@ def traffic(
             "event_id": f"x{i}",
             "user_id": f"user-{i % 5}",
             "type": ["logged_on", "played_game", "made_purchase"][i % 3],
-            "occurred_at": (NOW - timedelta(days=i % 4, minutes=i)).isoformat(),
+            "occurred_at": (
+                earlier_today(NOW, timedelta(minutes=i)) - timedelta(days=i % 4)
+            ).isoformat(),
             "attributes": {"tier": "premium"} if i % 2 else {},
         }
         for i in range(60)
