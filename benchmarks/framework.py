@@ -323,14 +323,17 @@ def write_chart(results: list[Result], path: Path | None = None) -> Path:
     ax.axvline(1.0, color="grey", linewidth=0.8, linestyle="--")
     for i, r in enumerate(rows):
         value = r.get("value")
-        text = f"{value:,.{1 if isinstance(value, float) and abs(value) < 100 else 0}f}"
+        if isinstance(value, int | float):
+            text = f"{value:,.{1 if isinstance(value, float) and abs(value) < 100 else 0}f}"
+        else:  # a benchmark of several figures (delivery): its line in the JSON has them
+            text = "figures in latest.json"
         if ratios[i] > 0:
             label = (
-                f"  {text} {r.get('unit', '')} vs {r.get('baseline')} "
+                f"  {text} {r.get('unit') or ''} vs {r.get('baseline')} "
                 f"{r['baseline_value']:,.0f}  (x{ratios[i]:.2f})"
             )
         else:
-            label = f"  {text} {r.get('unit', '')} (no baseline; target: {r.get('target', '-')})"
+            label = f"  {text} {r.get('unit') or ''} (no baseline; target: {r.get('target', '-')})"
         if r.get("met") is not None:
             label += "  met" if r.get("met") is True else "  MISSED"
         ax.text(

@@ -40,7 +40,7 @@ def markdown(doc: dict[str, Any]) -> str:
             "| {other} |".format(
                 name=r["name"],
                 value=_num(r.get("value")),
-                unit=r.get("unit", ""),
+                unit=r.get("unit") or "—",
                 baseline=r.get("baseline") or "—",
                 bvalue=_num(r.get("baseline_value")),
                 ratio=_num(r.get("ratio")),
