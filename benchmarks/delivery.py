@@ -22,8 +22,8 @@ from loyalty.adapters.db import Database
 from loyalty.adapters.delivery_store import SqlDeliveryStore
 from loyalty.adapters.event_store import event_store_env
 from loyalty.application.accounts import Accounts, AwardCommand, Members
-from loyalty.application.delivery import EventFeed, RetryPolicy
-from loyalty.bootstrap import build_webhook_dispatcher
+from loyalty.application.delivery import RetryPolicy
+from loyalty.bootstrap import build_webhook_dispatcher, event_feed
 from loyalty.config import Settings
 from loyalty.domain.ranks import Rank, RankLadder
 
@@ -49,7 +49,7 @@ def _rate(count: int, seconds: float) -> float:
 
 
 def _feed_vs_log(members: Members) -> dict[str, Any]:
-    feed = EventFeed(members.recorder, members.mapper, members)
+    feed = event_feed(members)
     started, position, count = time.perf_counter(), 0, 0
     while True:
         page = feed.read(position, PAGE)
@@ -112,7 +112,7 @@ def _relay(db: Database, members: Members, n: int) -> dict[str, Any]:
         if os.environ.get("CI"):
             raise RuntimeError(f"RabbitMQ is required in CI and unreachable: {exc!r}") from exc
         return {"relay": f"skipped: RabbitMQ unreachable ({type(exc).__name__})"}
-    feed = EventFeed(members.recorder, members.mapper, members)
+    feed = event_feed(members)
     events = feed.read(0, n).events
     tag = uuid.uuid4().hex[:8]
     exchange, queue = f"loyalty.bench.{tag}", f"loyalty.bench.{tag}"

@@ -330,6 +330,19 @@ def build_expiry(
     )
 
 
+def event_feed(app: Members, erasure: SqlDeliveryStore | None = None) -> EventFeed:
+    """The feed over ``app``'s notification log; a page's members not in its cache are
+    looked up in one read (``erasure``: events of members erased while a page was read
+    are dropped)."""
+    return EventFeed(
+        app.recorder,
+        app.mapper,
+        app,
+        erasure,
+        first_events=stream_loader(app.recorder, first_only=True),
+    )
+
+
 def feed_factory(accounts: Accounts, db: Database | None = None) -> Callable[[], EventFeed]:
     """The feed over ``accounts``' event store application, built on first use (with
     ``db``: dropping events of members erased while a page was read)."""
@@ -341,8 +354,7 @@ def feed_factory(accounts: Accounts, db: Database | None = None) -> Callable[[],
         if not built:
             with lock:
                 if not built:
-                    app = accounts.app
-                    built.append(EventFeed(app.recorder, app.mapper, app, erasure))
+                    built.append(event_feed(accounts.app, erasure))
         return built[0]
 
     return get
@@ -385,7 +397,7 @@ def build_webhook_dispatcher(
         if not apps:
             apps.append(Members(env=event_store_env(settings)))
         # no erasure check here: each sink asks for its batch right before sending
-        return EventFeed(apps[0].recorder, apps[0].mapper, apps[0])
+        return event_feed(apps[0])
 
     return WebhookDispatcher(
         feed,
@@ -419,7 +431,7 @@ def build_relay(
     members = members or Members(env=event_store_env(db.settings))
     return CursorLoop(
         RELAY_CHANNEL,
-        EventFeed(members.recorder, members.mapper, members, SqlDeliveryStore(db)),
+        event_feed(members, SqlDeliveryStore(db)),
         SqlDeliveryStore(db),
         AmqpSink(amqp_url, exchange, erasure=SqlDeliveryStore(db)),
         batch_size=batch_size,

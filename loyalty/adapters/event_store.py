@@ -96,20 +96,26 @@ def worker_env(settings: Settings) -> dict[str, str]:
 
 
 def stream_loader(
-    recorder: Any, snapshot_recorder: Any = None
+    recorder: Any, snapshot_recorder: Any = None, *, first_only: bool = False
 ) -> Callable[[Sequence[UUID]], list[StoredEvent]]:
     """Read many aggregates' stored events in one query (the library reads one stream
     per query). Events come ordered by aggregate, then version. With the snapshot store's
     recorder, each aggregate's latest snapshot comes first (a ``Snapshot`` whose
     ``mutate`` builds the aggregate) and only the events after it follow, as the
-    library's repository loads; snapshot and events are read in one statement."""
+    library's repository loads; snapshot and events are read in one statement.
+    ``first_only`` (no snapshots): only each aggregate's first event (version 1, the one
+    naming a member's user id: the feed's lookup)."""
+    if first_only and snapshot_recorder is not None:
+        raise ValueError("first_only reads the events table alone")
+    first = " AND originator_version = 1" if first_only else ""
     if isinstance(recorder, PostgresApplicationRecorder):
         schema = sql.Identifier(recorder.datastore.schema)
         events = sql.Identifier(recorder.events_table_name)
         if snapshot_recorder is None:
             statement = sql.SQL(
                 "SELECT originator_id, originator_version, topic, state FROM {}.{} "
-                "WHERE originator_id = ANY(%(ids)s) ORDER BY originator_id, originator_version"
+                "WHERE originator_id = ANY(%(ids)s)" + first + " "
+                "ORDER BY originator_id, originator_version"
             ).format(schema, events)
         else:
             statement = sql.SQL(
@@ -151,7 +157,8 @@ def stream_loader(
             if snapshots is None:
                 query = (
                     f"SELECT originator_id, originator_version, topic, state FROM {table} "
-                    f"WHERE originator_id IN ({marks}) ORDER BY originator_id, originator_version"
+                    f"WHERE originator_id IN ({marks}){first} "
+                    "ORDER BY originator_id, originator_version"
                 )
                 params = hex_ids
             else:

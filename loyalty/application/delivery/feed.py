@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
+import hashlib
 import logging
 import re
 import threading
@@ -41,6 +43,7 @@ MAX_LIMIT = 1000
 MAX_WAIT_SECONDS = 30.0
 
 
+@functools.cache
 def feed_type(class_name: str) -> str:
     """``RankChanged`` -> ``member.rank_changed`` (events are mapped by class name, so
     a new field on an event never breaks the feed)."""
@@ -70,20 +73,34 @@ EVENT_TYPES: tuple[str, ...] = (*member_event_types(), FORGOTTEN)
 the docs (tests/e2e/test_event_types.py ties them)."""
 
 
+_NAMESPACE_BYTES = EVENT_NAMESPACE.bytes
+
+
 def event_id(position: int, member_id: str, version: int, part: int = 0) -> str:
     """A stable id per account event: the same on every read and every way out. ``part``:
     which of the events a stored ``Enrolled`` stands for (0: its ``Created``, or any
-    other stored event itself)."""
-    if part:
-        return str(uuid5(EVENT_NAMESPACE, f"{position}:{member_id}:{version}:{part}"))
-    return str(uuid5(EVENT_NAMESPACE, f"{position}:{member_id}:{version}"))
+    other stored event itself). ``str(uuid5(EVENT_NAMESPACE, name))``, computed without
+    building a ``UUID`` (a sixth of a feed read's time; tests/unit/test_feed_ids.py)."""
+    name = (
+        f"{position}:{member_id}:{version}:{part}" if part else f"{position}:{member_id}:{version}"
+    )
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name.encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # the RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def forgotten_event_id(request_id: str) -> str:
     return str(uuid5(EVENT_NAMESPACE, f"forgotten:{request_id}"))
 
 
+_PLAIN = frozenset({str, int, float, bool})
+
+
 def _jsonable(value: Any) -> Any:
+    if value is None or type(value) in _PLAIN:  # most fields: no isinstance chain
+        return value
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
@@ -205,9 +222,16 @@ class NotificationLog(Protocol):
     ) -> Sequence[Any]: ...
 
 
+FirstEvents = Callable[[Sequence[UUID]], Sequence[Any]]
+"""The stored first event (version 1) of each of many streams, in one read
+(``loyalty.adapters.event_store.stream_loader(recorder, first_only=True)``)."""
+
+
 class EventFeed:
     """Committed account events in commit order, read gap-safely from the event store's
-    notification log (``members.recorder`` and ``members.mapper``)."""
+    notification log (``members.recorder`` and ``members.mapper``). A page's members
+    whose user id is not cached are looked up together (``first_events``: one read per
+    page; without it, one per member)."""
 
     USER_CACHE = 100_000
 
@@ -217,6 +241,7 @@ class EventFeed:
         mapper: Any,
         owner: Any = None,
         erasure: ErasureCheck | None = None,
+        first_events: FirstEvents | None = None,
     ) -> None:
         # ``owner``: the library application the recorder belongs to, kept alive here
         # (an application that is garbage-collected closes its connection pool).
@@ -224,6 +249,7 @@ class EventFeed:
         self._erasure = erasure
         self._recorder = recorder
         self._mapper = mapper
+        self._first_events = first_events
         self._users: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -261,13 +287,17 @@ class EventFeed:
             for _, _, e in decoded
             if type(e).__name__ == "Created"
         }
+        kept = [
+            (position, part, e, feed_type(type(e).__name__), str(e.originator_id))
+            for position, part, e in decoded
+        ]
+        if types is not None:
+            kept = [k for k in kept if k[3] in types]
+        users = self._user_ids({k[4] for k in kept} - created.keys())
+        users.update(created)
         events = []
-        for position, part, domain_event in decoded:
-            kind = feed_type(type(domain_event).__name__)
-            if types is not None and kind not in types:
-                continue
-            member_id = str(domain_event.originator_id)
-            user_id = created.get(member_id) or self._user_id(member_id)
+        for position, part, domain_event, kind, member_id in kept:
+            user_id = users.get(member_id)
             if user_id is None:  # the stream was erased after we read it: not delivered
                 continue
             data = wire_data(
@@ -290,21 +320,35 @@ class EventFeed:
             events = drop_erased(self._erasure, events)
         return FeedPage(events, last, head)
 
-    def _user_id(self, member_id: str) -> str | None:
+    def _user_ids(self, member_ids: set[str]) -> dict[str, str]:
+        """The user id of each of ``member_ids`` whose stream has its first event (an
+        erased stream has none: it is left out)."""
+        found: dict[str, str] = {}
+        missing: list[UUID] = []
         with self._lock:
-            user_id = self._users.get(member_id)
-            if user_id is not None:
-                self._users.move_to_end(member_id)
-                return user_id
-        stored = self._recorder.select_events(UUID(member_id), lte=1, limit=1)
-        if not stored:
-            return None
-        user_id = str(self._mapper.to_domain_event(stored[0]).user_id)
+            for member_id in member_ids:
+                user_id = self._users.get(member_id)
+                if user_id is None:
+                    missing.append(UUID(member_id))
+                else:
+                    self._users.move_to_end(member_id)
+                    found[member_id] = user_id
+        if not missing:
+            return found
+        if self._first_events is not None:
+            stored: Sequence[Any] = self._first_events(missing)
+        else:
+            stored = [s for m in missing for s in self._recorder.select_events(m, lte=1, limit=1)]
+        loaded = {
+            str(s.originator_id): str(self._mapper.to_domain_event(s).user_id) for s in stored
+        }
         with self._lock:
-            self._users[member_id] = user_id
+            for member_id, user_id in loaded.items():
+                self._users[member_id] = user_id
             while len(self._users) > self.USER_CACHE:
                 self._users.popitem(last=False)
-        return user_id
+        found.update(loaded)
+        return found
 
     def evict(self, member_id: str) -> None:
         """Forget a member's user id (forget-me erased the stream)."""
