@@ -112,11 +112,13 @@ def _clear_of_midnight() -> None:
     if midnight - now < MIDNIGHT_MARGIN:
         time.sleep((midnight - now).total_seconds() + 1)
         now = datetime.now(UTC)
+    if now.date() == COLLECTED_ON:  # the common case: nothing to move
+        return
     for name, module in list(sys.modules.items()):
         if not name.startswith("tests."):
             continue
         stamp = getattr(module, "NOW", None)
-        if isinstance(stamp, datetime) and stamp.date() == COLLECTED_ON != now.date():
+        if isinstance(stamp, datetime) and stamp.date() == COLLECTED_ON:
             module.NOW = now.replace(microsecond=stamp.microsecond)  # type: ignore[attr-defined]
             if isinstance(getattr(module, "TODAY", None), date):
                 module.TODAY = now.date()  # type: ignore[attr-defined]

@@ -211,15 +211,6 @@ class NotificationLog(Protocol):
         *,
         inclusive_of_start: bool = True,
     ) -> Sequence[Any]: ...
-    def select_events(
-        self,
-        originator_id: Any,
-        *,
-        gt: int | None = None,
-        lte: int | None = None,
-        desc: bool = False,
-        limit: int | None = None,
-    ) -> Sequence[Any]: ...
 
 
 FirstEvents = Callable[[Sequence[UUID]], Sequence[Any]]
@@ -231,7 +222,7 @@ class EventFeed:
     """Committed account events in commit order, read gap-safely from the event store's
     notification log (``members.recorder`` and ``members.mapper``). A page's members
     whose user id is not cached are looked up together (``first_events``: one read per
-    page; without it, one per member)."""
+    page)."""
 
     USER_CACHE = 100_000
 
@@ -241,7 +232,8 @@ class EventFeed:
         mapper: Any,
         owner: Any = None,
         erasure: ErasureCheck | None = None,
-        first_events: FirstEvents | None = None,
+        *,
+        first_events: FirstEvents,
     ) -> None:
         # ``owner``: the library application the recorder belongs to, kept alive here
         # (an application that is garbage-collected closes its connection pool).
@@ -335,12 +327,9 @@ class EventFeed:
                     found[member_id] = user_id
         if not missing:
             return found
-        if self._first_events is not None:
-            stored: Sequence[Any] = self._first_events(missing)
-        else:
-            stored = [s for m in missing for s in self._recorder.select_events(m, lte=1, limit=1)]
         loaded = {
-            str(s.originator_id): str(self._mapper.to_domain_event(s).user_id) for s in stored
+            str(s.originator_id): str(self._mapper.to_domain_event(s).user_id)
+            for s in self._first_events(missing)
         }
         with self._lock:
             for member_id, user_id in loaded.items():
