@@ -47,7 +47,7 @@ from uuid import UUID
 
 import orjson
 import psycopg
-from eventsourcing.persistence import StoredEvent
+from eventsourcing.persistence import InterfaceError, OperationalError, StoredEvent
 from eventsourcing.postgres import (
     PostgresAggregateRecorder,
     PostgresApplicationRecorder,
@@ -60,6 +60,7 @@ from eventsourcing.sqlite import (
     SQLiteCursor,
     SQLiteFactory,
 )
+from eventsourcing.utils import retry
 from psycopg import Cursor
 from psycopg.rows import DictRow
 from psycopg.sql import SQL, Identifier
@@ -146,6 +147,34 @@ class JsonInsertApplicationRecorder(PostgresApplicationRecorder):
         ).format(schema=schema, markers=Identifier(MARKERS_TABLE))
         self._has_markers: bool | None = None
 
+    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
+    def insert_events(
+        self, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        """The library's insert (one pipeline, one transaction), except that a failure
+        leaves the transaction by raising through it. The library catches it inside and
+        re-raises after, so the transaction ends in a COMMIT, which the server turns into
+        a rollback but psycopg does not see as one: it keeps the names of the statements
+        it prepared, and a statement queued behind the failure on its sixth run (when
+        psycopg prepares it) was never prepared on the server. Every later save on that
+        connection running it failed with 'prepared statement "_pg3_N" does not exist'
+        (one lock timeout was enough to spoil a pooled connection for good). On a
+        rollback psycopg forgets its names and deallocates them on the server."""
+        if self.datastore.enable_db_functions:  # one statement: nothing queued behind
+            ids: Sequence[int] | None = super().insert_events(stored_events, **kwargs)
+            return ids
+        with self.datastore.get_connection() as conn:
+            with conn.pipeline() as pipeline, conn.transaction():
+                with conn.cursor() as curs:
+                    self._insert_events(curs, stored_events, **kwargs)
+                if not stored_events:
+                    return None
+                with conn.cursor() as curs:
+                    self._insert_stored_events(curs, stored_events, **kwargs)
+                    # a uniqueness violation raises here, not at the commit
+                    pipeline.sync()
+                    return self._fetch_ids_after_insert_events(curs, stored_events, **kwargs)
+
     def _markers_exist(self, curs: Cursor[DictRow]) -> bool:
         if not self._has_markers:
             curs.execute(
@@ -206,9 +235,9 @@ class JsonInsertApplicationRecorder(PostgresApplicationRecorder):
                     (NO_SUMMARY, orjson.dumps(explained).decode()),
                 )
         if consumed:
-            # The library commits its transaction even when this method raises (it only
-            # re-raises afterwards): a mismatch must fail the transaction in the database
-            # (division by zero), which rolls the events and the deletions back together.
+            # A mismatch fails the statement in the database (division by zero): the
+            # transaction is then aborted whoever ends it, and the events and the
+            # deletions roll back together.
             with curs.connection.cursor() as delete:
                 try:
                     delete.execute(

@@ -6,12 +6,15 @@ guard's checks run on every insert). And our event store is wired to them."""
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
+from eventsourcing.persistence import StoredEvent
 from eventsourcing.postgres import PostgresDatastore
 from eventsourcing.sqlite import SQLiteDatastore
 from eventsourcing.tests.persistence import (
@@ -154,4 +157,41 @@ def test_the_sqlite_event_store_uses_it(tmp_path: Any) -> None:
     try:
         assert type(app.recorder) is GuardedSQLiteApplicationRecorder
     finally:
+        app.close()
+
+
+def test_a_save_that_outwaits_a_lock_timeout_leaves_its_connection_fit(pg_url: str) -> None:
+    """psycopg prepares a statement on its sixth run on a connection. A save runs in a
+    pipeline; when its table lock times out, what was queued behind the lock is skipped by
+    the server, including a statement on its sixth run, never prepared there. The library
+    ended such a transaction with a COMMIT (the server's rollback, not psycopg's), so
+    psycopg kept the statement's name, and every later save on that connection failed
+    with 'prepared statement "_pg3_N" does not exist': a spend failed so in CI. Here, on
+    the pool's one connection: six saves, then one that waits out a lock held elsewhere
+    (the check queued behind the lock on its sixth run; the library retries after a lock
+    timeout), then more saves: all are stored."""
+    env = {
+        **event_store_env(Settings(database_url=pg_url)),
+        "POSTGRES_POOL_SIZE": "1",
+        "POSTGRES_LOCK_TIMEOUT": "1",
+    }
+    app = Members(env=env)
+    blocker = psycopg.connect(pg_url.replace("+psycopg", ""))
+    try:
+        recorder = app.recorder
+        stream = uuid.uuid4()
+        for version in range(1, 7):  # five runs of the check of a save's predecessor
+            recorder.insert_events([StoredEvent(stream, version, "t", b"{}")])
+        blocker.execute(f"LOCK TABLE {recorder.events_table_name} IN ACCESS EXCLUSIVE MODE")
+        release = threading.Timer(1.6, blocker.rollback)  # after the first lock timeout (1 s)
+        release.start()
+        started = time.monotonic()
+        recorder.insert_events([StoredEvent(stream, 7, "t", b"{}")])
+        assert time.monotonic() - started > 1  # it did wait out a timeout
+        release.join()
+        for version in range(8, 11):
+            recorder.insert_events([StoredEvent(stream, version, "t", b"{}")])
+        assert [e.originator_version for e in recorder.select_events(stream)] == list(range(1, 11))
+    finally:
+        blocker.close()
         app.close()
