@@ -23,7 +23,13 @@ from loyalty.application.reporting import daily_report
 from loyalty.config import Settings
 from loyalty.domain.member import Member, account_events
 from tests.e2e.test_pending_processes import purchases
-from tests.e2e.test_worker_processes import NOW, ingester, wait_until_drained, worker
+from tests.e2e.test_worker_processes import (
+    NOW,
+    ingester,
+    wait_until_drained,
+    wait_until_recorded,
+    worker,
+)
 from tests.integration.test_rollups import by_key, expected_activity
 
 pytestmark = pytest.mark.slow
@@ -51,11 +57,17 @@ def test_kill_9_while_batches_flow_leaves_the_rollups_exact(settings: Settings) 
     try:
         with worker(settings):
             wait_until_drained(settings, len(events))
+            # the worker records the weighed earnings after its drain: until then the
+            # accounts' head moves on, and a projection caught up with an older head
+            # would be compared with balances read later
+            wait_until_recorded(settings)
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
+            while True:
                 head = int(app.recorder.max_notification_id() or 0)
-                if ReadModels(db).position(PROJECTION_NAME) >= head:
+                position = ReadModels(db).position(PROJECTION_NAME)
+                if position >= head:
                     break
+                assert time.monotonic() < deadline, f"projection at {position} of {head}"
                 time.sleep(0.2)
         first = (NOW - timedelta(days=3)).date()
         days = daily_report(RollupStore(db), first, NOW.date())
