@@ -543,6 +543,7 @@ def test_lease_sessions_terminated_while_two_workers_run_never_credit_twice(
         ingester,
         make_events,
         wait_until_drained,
+        wait_until_recorded,
         worker,
     )
 
@@ -584,6 +585,7 @@ def test_lease_sessions_terminated_while_two_workers_run_never_credit_twice(
             for proc in (first, second):
                 assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         wait_until_drained(settings, len(events))
+        wait_until_recorded(settings)  # the balances read the accounts without pending
     assert terminated >= 10
     want = expected(events)
     assert balances(settings, sorted(want)) == want
