@@ -35,7 +35,7 @@ from psycopg import sql
 from psycopg.types.json import set_json_loads
 
 from loyalty.adapters.db import Database, psycopg_connection
-from loyalty.adapters.tables import INGRESS_PARTITION_PREFIX
+from loyalty.adapters.tables import INGRESS_PARTITION_PREFIX, KEYS_PARTITION_PREFIX
 from loyalty.application.ingress import IngressRecord, Stored, same_content
 
 Position = tuple[int, int]
@@ -150,6 +150,56 @@ def create_day_partition(db: Database, day: date) -> bool:
     return True
 
 
+KEYS_PREFIX = KEYS_PARTITION_PREFIX
+KEYS_EPOCH = date(2000, 1, 3)
+KEYS_DAYS = 8
+KEYS_LOCK_NS = 7_304_119
+"""The de-duplication keys' partitions: generations of eight receipt days from the epoch,
+and the advisory lock namespace of a generation's batches (migration 0022, whose SQL
+functions use the same values)."""
+
+
+def key_generation(day: date) -> date:
+    """The first day of ``day``'s generation of keys (``ingress_keys_generation``)."""
+    return day - timedelta(days=(day - KEYS_EPOCH).days % KEYS_DAYS)
+
+
+def keys_partition_name(generation: date) -> str:
+    return f"{KEYS_PREFIX}{generation:%Y%m%d}"
+
+
+def create_keys_partition(db: Database, generation: date) -> bool:
+    """Create the keys' partition of the generation starting on ``generation`` unless it
+    exists (CREATE TABLE, its UNIQUE index, ATTACH: no ACCESS EXCLUSIVE lock on the
+    parent that every ingest writes through); True if created."""
+    name = keys_partition_name(generation)
+    with db.write() as conn:
+        conn.execute(
+            sa.text("SELECT pg_advisory_xact_lock(:ns, :day)"),
+            {"ns": PARTITION_LOCK_NS, "day": -generation.toordinal()},
+        )
+        if conn.execute(sa.text("SELECT to_regclass(:n)"), {"n": name}).scalar() is not None:
+            return False
+        raw = psycopg_connection(conn)
+        ident = sql.Identifier(name)
+        raw.execute(sql.SQL("CREATE TABLE {} (LIKE ingress_keys)").format(ident))
+        raw.execute(
+            sql.SQL("CREATE UNIQUE INDEX {} ON {} (source, event_id)").format(
+                sql.Identifier(f"{name}_key"), ident
+            )
+        )
+        raw.execute(
+            sql.SQL(
+                "ALTER TABLE ingress_keys ATTACH PARTITION {} FOR VALUES FROM ({}) TO ({})"
+            ).format(
+                ident,
+                sql.Literal(generation),
+                sql.Literal(generation + timedelta(days=KEYS_DAYS)),
+            )
+        )
+    return True
+
+
 def attach_partition_sql(day: date) -> sql.Composed:
     lower, upper = day_start(day), day_start(day + timedelta(days=1))
     return sql.SQL(
@@ -168,6 +218,7 @@ class PostgresIngressLog:
     def __init__(self, db: Database) -> None:
         self._db = db
         self._known_days: set[date] = set()
+        self._known_generations: set[date] = set()
         self._lock = threading.Lock()
 
     # -- partitions -------------------------------------------------------------------
@@ -175,8 +226,15 @@ class PostgresIngressLog:
         missing = days - self._known_days
         for day in sorted(missing):
             self._create_partition(day)
+        # The keys' generations around today (the database's clock decides which one a
+        # key goes to: a day either side of this process's).
+        today = datetime.now(UTC).date()
+        generations = {key_generation(today + timedelta(days=d)) for d in (-1, 0, 1)}
+        for generation in sorted(generations - self._known_generations):
+            create_keys_partition(self._db, generation)
         with self._lock:
             self._known_days |= missing
+            self._known_generations |= generations
 
     def _create_partition(self, day: date) -> None:
         create_day_partition(self._db, day)
@@ -196,6 +254,7 @@ class PostgresIngressLog:
     def forget_partition_cache(self) -> None:
         with self._lock:
             self._known_days.clear()
+            self._known_generations.clear()
 
     # -- append ----------------------------------------------------------------------
     def append(self, records: Sequence[IngressRecord]) -> int:
@@ -220,9 +279,14 @@ class PostgresIngressLog:
             try:
                 _copy(raw, "ingress_events", records)
                 return Stored(len(records))
-            except (psycopg.errors.UniqueViolation, psycopg.errors.DeadlockDetected):
+            except (
+                psycopg.errors.UniqueViolation,
+                psycopg.errors.DeadlockDetected,
+                psycopg.errors.SerializationFailure,
+            ):
                 # a key stored before (or by a batch committing meanwhile, whose keys
-                # this one waited for in another order): nothing of this batch is stored
+                # this one waited for in another order), or a new generation of keys
+                # began while it was stored: nothing of this batch is stored
                 pass
         with self._db.write() as conn:
             raw = psycopg_connection(conn)
@@ -231,20 +295,28 @@ class PostgresIngressLog:
                 "(LIKE ingress_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
             )
             _copy(raw, "ingress_staging", records)
-            # The keys are recorded here (only the new ones, in key order so that two
-            # fallbacks lock them in the same order); the trigger stands aside.
+            # The keys are recorded here (only the new ones: not in the current
+            # generation, nor in an older one; in key order so that two fallbacks lock
+            # them in the same order); the trigger stands aside.
             raw.execute("SET LOCAL loyalty.keys_recorded = 'on'")
+            row = raw.execute("SELECT ingress_keys_enter()").fetchone()
+            assert row is not None
+            received = row[0]
             cur = raw.execute(
                 "WITH new_keys AS ("
                 "INSERT INTO ingress_keys (source, event_id, day, fingerprint) "
-                "SELECT source, event_id, (occurred_at AT TIME ZONE 'UTC')::date, "
-                "ingress_fingerprint(user_id, type, occurred_at, attributes) "
-                "FROM ingress_staging ORDER BY source, event_id "
+                "SELECT s.source, s.event_id, %(day)s, "
+                "ingress_fingerprint(s.user_id, s.type, s.occurred_at, s.attributes) "
+                "FROM ingress_staging s WHERE NOT EXISTS (SELECT 1 FROM ingress_keys o "
+                "WHERE o.source = s.source AND o.event_id = s.event_id "
+                "AND o.day < %(generation)s) "
+                "ORDER BY s.source, s.event_id "
                 "ON CONFLICT DO NOTHING RETURNING source, event_id) "
                 f"INSERT INTO ingress_events {_COPY_COLUMNS} "
                 f"SELECT {_STAGED} FROM ingress_staging s "
                 "JOIN new_keys k ON k.source = s.source AND k.event_id = s.event_id "
-                "ORDER BY s.seq RETURNING source, event_id"
+                "ORDER BY s.seq RETURNING source, event_id",
+                {"day": received, "generation": key_generation(received)},
             )
             new = set(cur.fetchall())
             old = [i for i, r in enumerate(records) if (r.source, r.event_id) not in new]

@@ -16,6 +16,7 @@ from loyalty.adapters.tables import (
     EVENT_STORE_TABLES,
     EVENT_STORE_TABLES_OF,
     INGRESS_PARTITION_PREFIX,
+    KEYS_PARTITION_PREFIX,
 )
 
 if TYPE_CHECKING:
@@ -46,10 +47,12 @@ def include_object(
 ) -> bool:
     """Autogenerate's filter (alembic/env.py): the event store's tables (the eventsourcing
     library creates and owns them) and the ingress log's day partitions (created at run
-    time), with their indexes, are not ours to diff."""
+    time) and the de-duplication keys' generations, with their indexes, are not ours to diff."""
     table = name if type_ == "table" else getattr(getattr(obj, "table", None), "name", None)
     if type_ in ("table", "index", "unique_constraint", "foreign_key_constraint") and table:
-        if table in EVENT_STORE_TABLES or table.startswith(INGRESS_PARTITION_PREFIX):
+        if table in EVENT_STORE_TABLES or table.startswith(
+            (INGRESS_PARTITION_PREFIX, KEYS_PARTITION_PREFIX)
+        ):
             return False
     return True
 

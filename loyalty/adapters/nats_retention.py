@@ -115,6 +115,9 @@ class JetStreamRetentionStore:
     def delete_expired_markers(self, as_of: datetime) -> int:
         return self._inner.delete_expired_markers(as_of)
 
+    def expire_keys(self, cutoff: date) -> int:
+        return 0  # stream_ingress_keys go with their day (expire_day)
+
     def finish(self) -> int:
         self._kept.clear()
         return self._inner.finish()

@@ -32,6 +32,7 @@ from psycopg import sql
 
 from loyalty.adapters.db import Database, psycopg_connection
 from loyalty.adapters.ingress_log import (
+    KEYS_DAYS,
     attach_partition_sql,
     create_day_partition,
     day_start,
@@ -41,11 +42,12 @@ from loyalty.adapters.ingress_log import (
 from loyalty.adapters.lease_keys import RETENTION_LEASE
 from loyalty.adapters.pipeline_store import SHARD_LEASE_NS, PipelineStore, ShardLeases
 from loyalty.adapters.rollup_store import RollupStore
-from loyalty.adapters.tables import INGRESS_PARTITION_PREFIX
+from loyalty.adapters.tables import INGRESS_PARTITION_PREFIX, KEYS_PARTITION_PREFIX
 from loyalty.application.retention import DayOutcome
 
 CHUNK_ROWS = 5_000
 _PARTITION_RE = re.compile(rf"^{INGRESS_PARTITION_PREFIX}(\d{{8}})$")
+_KEYS_RE = re.compile(rf"^{KEYS_PARTITION_PREFIX}(\d{{8}})$")
 
 # Only the columns retention needs (a private MetaData: the forget-me adapter owns the
 # table's full definition, and the table may not exist yet).
@@ -107,28 +109,44 @@ class PostgresRetentionStore:
         return _lease(self._db)
 
     # -- partitions --------------------------------------------------------------------
-    def _states(self) -> dict[date, PartitionState]:
-        """Every table named like a day partition: attached, half-detached or detached."""
+    def _tables(
+        self, parent: str, prefix: str, pattern: re.Pattern[str]
+    ) -> list[tuple[str, date, PartitionState, int]]:
+        """Every table named like a partition of ``parent`` (``prefix``, then the day that
+        ``pattern`` captures): name, day, attached or half-detached or detached, bytes."""
         with self._db.read() as conn:
             rows = conn.execute(
                 sa.text(
-                    "SELECT c.relname, i.inhrelid IS NOT NULL, coalesce(i.inhdetachpending, false) "
+                    "SELECT c.relname, i.inhrelid IS NOT NULL, "
+                    "coalesce(i.inhdetachpending, false), pg_total_relation_size(c.oid) "
                     "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
                     "LEFT JOIN pg_inherits i ON i.inhrelid = c.oid "
-                    "AND i.inhparent = 'ingress_events'::regclass "
+                    "AND i.inhparent = CAST(:parent AS regclass) "
                     "WHERE n.nspname = current_schema() AND c.relkind = 'r' "
                     "AND c.relname LIKE :prefix"
                 ),
-                {"prefix": INGRESS_PARTITION_PREFIX + "%"},
+                {"parent": parent, "prefix": prefix + "%"},
             ).all()
-        states: dict[date, PartitionState] = {}
-        for name, attached, pending in rows:
-            match = _PARTITION_RE.match(name)
+        found: list[tuple[str, date, PartitionState, int]] = []
+        for name, attached, pending, size in rows:
+            match = pattern.match(name)
             if match is None:
                 continue
             day = datetime.strptime(match.group(1), "%Y%m%d").date()
-            states[day] = "detach_pending" if pending else "attached" if attached else "detached"
-        return states
+            state: PartitionState = (
+                "detach_pending" if pending else "attached" if attached else "detached"
+            )
+            found.append((name, day, state, int(size)))
+        return found
+
+    def _states(self) -> dict[date, PartitionState]:
+        """Every table named like a day partition: attached, half-detached or detached."""
+        return {
+            day: state
+            for _, day, state, _ in self._tables(
+                "ingress_events", INGRESS_PARTITION_PREFIX, _PARTITION_RE
+            )
+        }
 
     def ensure_days(self, days: set[date]) -> None:
         states = self._states()
@@ -245,18 +263,33 @@ class PostgresRetentionStore:
                 )
             ).fetchone()
             assert row is not None
-            # The day's dedup keys go with its rows (in the same transaction): a day kept
-            # for unprocessed events keeps them, a dropped day leaves none behind.
-            raw.execute(
-                sql.SQL(
-                    "DELETE FROM ingress_keys k USING {} p "
-                    "WHERE k.source = p.source AND k.event_id = p.event_id AND k.day = {}"
-                ).format(ident, sql.Literal(day))
-            )
             raw.execute(sql.SQL("DROP TABLE {}").format(ident))
         return DayOutcome(
             removed_rows=int(row[0]), bytes=int(row[1]), unprocessed_rows=0, removed=True
         )
+
+    def expire_keys(self, cutoff: date) -> int:
+        """Drop the de-duplication keys' generations whose every receipt day, and the day
+        after it (an event may be stamped up to the future skew ahead), is before
+        ``cutoff``: DETACH CONCURRENTLY (ingest goes on), then DROP. Returns the bytes."""
+        freed = 0
+        for name, generation, state, size in self._tables(
+            "ingress_keys", KEYS_PARTITION_PREFIX, _KEYS_RE
+        ):
+            if generation + timedelta(days=KEYS_DAYS) >= cutoff:
+                continue
+            ident = sql.Identifier(name)
+            if state != "detached":
+                how = "FINALIZE" if state == "detach_pending" else "CONCURRENTLY"
+                self._autocommit(
+                    sql.SQL("ALTER TABLE ingress_keys DETACH PARTITION {} {}").format(
+                        ident, sql.SQL(how)
+                    )
+                )
+            with self._db.write() as conn:
+                psycopg_connection(conn).execute(sql.SQL("DROP TABLE {}").format(ident))
+            freed += size
+        return freed
 
     # -- derived rows --------------------------------------------------------------------
     def delete_caps_before(self, day: date) -> int:
@@ -283,12 +316,13 @@ class PostgresRetentionStore:
         return _delete_expired_markers(self._db, as_of)
 
     def finish(self) -> int:
-        """The day partitions' files went back with DROP TABLE; the rows deleted from the
-        tables that outlive days (``ingress_keys``, ``pipeline_caps``) are vacuumed here so
-        that their space is reused by the next days' rows, also where autovacuum is off or
-        behind (plain VACUUM: no lock that blocks ingest or the pipeline). Returns what
-        VACUUM gave back to the file system (trailing empty pages only)."""
-        tables = ("ingress_keys", "pipeline_caps")
+        """The day partitions' and the keys' generations' files went back with DROP
+        TABLE; the rows deleted from the table that outlives days (``pipeline_caps``) are
+        vacuumed here so that their space is reused by the next days' rows, also where
+        autovacuum is off or behind (plain VACUUM: no lock that blocks ingest or the
+        pipeline). Returns what VACUUM gave back to the file system (trailing empty pages
+        only)."""
+        tables = ("pipeline_caps",)
         size = sql.SQL(" + ").join(
             sql.SQL("pg_total_relation_size({})").format(sql.Literal(t)) for t in tables
         )
@@ -427,6 +461,9 @@ class SqliteRetentionStore:
 
     def delete_expired_markers(self, as_of: datetime) -> int:
         return _delete_expired_markers(self._db, as_of)
+
+    def expire_keys(self, cutoff: date) -> int:
+        return 0  # the one table's UNIQUE (source, event_id): its rows go with them
 
     def finish(self) -> int:
         before = self.file_bytes()

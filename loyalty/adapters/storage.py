@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from psycopg import sql
 
 from loyalty.adapters.db import Database, psycopg_connection
-from loyalty.adapters.tables import EVENT_STORE_TABLES
+from loyalty.adapters.tables import EVENT_STORE_TABLES, KEYS_PARTITION_PREFIX
 
 READ_MODEL_TABLES = frozenset(
     {
@@ -114,6 +114,9 @@ def table_name(table: str) -> str:
     if table.startswith("ingress_events_") and table[15:].isdigit():
         day = table[15:]
         return f"Ingested events, {day[:4]}-{day[4:6]}-{day[6:8]}"
+    if table.startswith(KEYS_PARTITION_PREFIX) and table[len(KEYS_PARTITION_PREFIX) :].isdigit():
+        day = table[len(KEYS_PARTITION_PREFIX) :]
+        return f"Ingest duplicate check, received from {day[:4]}-{day[4:6]}-{day[6:8]} (8 days)"
     return TABLE_NAMES.get(table, table)
 
 
@@ -174,10 +177,10 @@ class StorageReport:
 def kind_of(table: str) -> str:
     if table.startswith("ingress_events"):
         return "ingress"
-    if table in (
+    if table.startswith(KEYS_PARTITION_PREFIX) or table in (
         "ingress_keys",
         "stream_ingress_keys",
-    ):  # PostgreSQL: the dedup keys (SQLite: in the partition)
+    ):  # PostgreSQL: the dedup keys, a table per generation (SQLite: in the partition)
         return "ingress_keys"
     if table in EVENT_STORE_TABLES or table.endswith(("_events", "_snapshots")):
         return "event_store"

@@ -17,6 +17,7 @@ EVENT_STORE_TABLES_OF = {
 EVENT_STORE_TABLES = frozenset(t for pair in EVENT_STORE_TABLES_OF.values() for t in pair)
 # Day partitions of the ingress log are created and dropped at run time.
 INGRESS_PARTITION_PREFIX = "ingress_events_p"
+KEYS_PARTITION_PREFIX = "ingress_keys_g"
 
 Timestamp = sa.DateTime(timezone=True)
 Json = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
@@ -55,17 +56,20 @@ ingress_events = sa.Table(
     sa.Index("ingress_events_read_idx", "shard", "txid", "seq"),
 )
 
-# PostgreSQL only (migration 0006): one row per stored ingress event, filled by a trigger
-# on ingress_events, so that (source, event_id) is unique across day partitions; a day's
-# keys are deleted with its partition. (SQLite's one table has its own UNIQUE.)
+# PostgreSQL only (migrations 0006, 0022): one row per stored ingress event, filled by a
+# trigger on ingress_events, so that (source, event_id) is unique across day partitions.
+# Partitioned by the day the key was received, in generations of eight days, each with
+# its own UNIQUE (source, event_id); retention drops a generation whole. (SQLite's one
+# table has its own UNIQUE.)
 ingress_keys = sa.Table(
     "ingress_keys",
     metadata,
-    sa.Column("source", sa.String(128), primary_key=True),
-    sa.Column("event_id", sa.String(128), primary_key=True),
+    sa.Column("source", sa.String(128), nullable=False),
+    sa.Column("event_id", sa.String(128), nullable=False),
     sa.Column("day", sa.Date, nullable=False),
     # the stored event's content fingerprint (migration 0018; NULL for older keys)
     sa.Column("fingerprint", sa.BigInteger, nullable=True),
+    postgresql_partition_by="RANGE (day)",
 )
 
 # The ingress log on NATS JetStream (migration 0019): its de-duplication keys, claimed

@@ -5,10 +5,11 @@ Pure orchestration over :class:`RetentionStore` (SQL for both backends lives in
 ``as_of - retention_days``; the first day still inside the window is the *cutoff*.
 Per expired day the store removes what the pipeline has processed (PostgreSQL: the whole
 day partition, or nothing; SQLite: the processed rows) and reports what it had to keep.
-An event the pipeline has not processed is never removed. Derived rows keyed to expired
-days (daily cap counters, PostgreSQL's dedup keys) go with their day's ingress: a day kept
-for its unprocessed events keeps them, because the pipeline still needs them. Expired
-forget-me markers go too.
+An event the pipeline has not processed is never removed. Daily cap counters go with
+their day's ingress: a day kept for its unprocessed events keeps them, because the
+pipeline still needs them. PostgreSQL's dedup keys go by generations of receipt days,
+once every day they can belong to has expired, and not while any expired day is kept.
+Expired forget-me markers go too.
 
 Every destructive step is conditional on the database's state at that moment (no
 unprocessed row, no ingress left for the day), not on the lease: two runs at once (a
@@ -159,6 +160,11 @@ class RetentionStore(Protocol):
         """Delete forget-me markers that expired before ``as_of`` (0 if none exist)."""
         ...
 
+    def expire_keys(self, cutoff: date) -> int:
+        """Remove the de-duplication keys that only events of days before ``cutoff`` can
+        hold (PostgreSQL: whole generations of them); return the bytes."""
+        ...
+
     def finish(self) -> int:
         """Give freed space back (SQLite: vacuum); return bytes reclaimed by this step."""
         ...
@@ -267,6 +273,9 @@ class Retention:
                         outcome.unprocessed_rows,
                     )
             note("deleting derived rows", len(days), len(days))
+            if not report.kept:
+                # a resend of an event the pipeline has still to process stays a duplicate
+                report.bytes_reclaimed += self._store.expire_keys(cutoff)
             report.cap_rows_deleted = self._store.delete_caps_before(cutoff)
             report.markers_deleted = self._store.delete_expired_markers(as_of)
             note("reclaiming space", len(days), len(days))

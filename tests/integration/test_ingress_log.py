@@ -11,7 +11,16 @@ import psycopg
 import sqlalchemy as sa
 
 from loyalty.adapters.db import Database
-from loyalty.adapters.ingress_log import START, PostgresIngressLog, create_ingress_log
+from loyalty.adapters.ingress_log import (
+    KEYS_DAYS,
+    KEYS_EPOCH,
+    KEYS_LOCK_NS,
+    START,
+    PostgresIngressLog,
+    create_ingress_log,
+    create_keys_partition,
+    key_generation,
+)
 from loyalty.application.ingress import IngressRecord, shard_of
 from tests.conftest import backends
 
@@ -181,7 +190,11 @@ def test_a_partition_is_created_for_a_new_day(settings, db: Database) -> None:  
             )
         ).scalar_one()
         keys = conn.execute(
-            sa.text("SELECT count(*) FROM ingress_keys WHERE day = '2031-03-04'")
+            # keys go by the day they are received (the database's clock)
+            sa.text(
+                "SELECT count(*) FROM ingress_keys WHERE event_id IN ('x0', 'x1') "
+                "AND day = (now() AT TIME ZONE 'UTC')::date"
+            )
         ).scalar_one()
         default = conn.execute(
             sa.text(
@@ -263,3 +276,115 @@ def test_a_key_stored_before_fingerprints_is_not_called_a_conflict(db: Database)
     stored = log.store([rec("old", user="u9"), rec("new")])
     assert (stored.inserted, stored.not_stored) == (1, {0: False})
     assert count_rows(db) == 2
+
+
+def _older_key(db: Database, event_id: str, *, hold: bool = False) -> psycopg.Connection:
+    """A key stored by a batch received in the previous generation of keys (its table
+    created as ingest would). With ``hold``, the batch is still in flight: its
+    transaction holds that generation's lock shared, as every batch does, and has not
+    committed; the caller commits it."""
+    today = datetime.now(UTC).date()
+    previous = key_generation(today) - timedelta(days=KEYS_DAYS)
+    create_keys_partition(db, previous)
+    conn = psycopg.connect(db.settings.database_url.replace("+psycopg", ""))
+    if hold:
+        conn.execute(
+            "SELECT pg_advisory_xact_lock_shared(%s, %s)",
+            (KEYS_LOCK_NS, (previous - KEYS_EPOCH).days),
+        )
+    conn.execute(
+        "INSERT INTO ingress_keys (source, event_id, day, fingerprint) VALUES (%s, %s, %s, 0)",
+        ("src", event_id, previous + timedelta(days=KEYS_DAYS - 1)),
+    )
+    if not hold:
+        conn.commit()
+        conn.close()
+    return conn
+
+
+@backends("postgresql")
+def test_a_key_received_in_an_older_generation_is_a_duplicate(db: Database) -> None:
+    """Keys are stored by the day they are received, in generations of eight days (a
+    table each, dropped whole by retention): a resend of a key the previous generation
+    holds is a duplicate, alone (the common path, one COPY) and beside new events (the
+    fallback, which stores the new ones only)."""
+    _older_key(db, "e-old")
+    log = create_ingress_log(db)
+    assert log.store([rec("e-old")]).inserted == 0
+    stored = log.store([rec("e-new"), rec("e-old")])
+    assert (stored.inserted, set(stored.not_stored)) == (1, {1})
+    assert count_rows(db) == 1
+    assert log.store([rec("e-old", source="other")]).inserted == 1  # another source's id
+
+
+@backends("postgresql")
+def test_the_first_batch_of_a_generation_waits_for_the_previous_ones_in_flight(
+    db: Database,
+) -> None:
+    """A batch of the previous generation still in flight is not visible to the check of
+    the older generations: each session's first batch of a generation waits for them
+    (the previous generation's lock, exclusively once), then sees the key. Without the
+    wait, the resend here was stored while the first was still in flight."""
+    first = _older_key(db, "e-flight", hold=True)
+    fresh = Database(db.settings)  # new sessions: none has entered this generation
+    stored: list[int] = []
+    thread = threading.Thread(
+        target=lambda: stored.append(PostgresIngressLog(fresh).store([rec("e-flight")]).inserted)
+    )
+    try:
+        thread.start()
+        thread.join(timeout=1.0)
+        assert thread.is_alive() and not stored  # waiting for the batch in flight
+        first.commit()
+        thread.join(timeout=30)
+        assert stored == [0] and count_rows(db) == 0
+    finally:
+        first.close()
+        thread.join(timeout=30)
+        fresh.dispose()
+
+
+@backends("postgresql")
+def test_keys_stored_before_the_generations_still_catch_resends(db: Database) -> None:
+    """Migration 0022 moves the keys of one table into generations (by the day their
+    event occurred, at most today): a resend of an event stored before it is still a
+    duplicate, and down and up again keeps them."""
+    from alembic import command
+
+    from loyalty.adapters.ingress_log import create_day_partition
+    from loyalty.adapters.migrate import alembic_config, locked_connection
+
+    cfg = alembic_config()
+
+    def migrate_to(revision: str, down: bool) -> None:
+        with locked_connection(db) as conn:
+            cfg.attributes["connection"] = conn
+            (command.downgrade if down else command.upgrade)(cfg, revision)
+            conn.commit()
+
+    migrate_to("0021_contract2", down=True)
+    days = [NOW - timedelta(days=3), NOW]
+    for at in days:
+        create_day_partition(db, at.date())
+    with db.write() as conn:  # the keys go in by the trigger of before
+        for i, at in enumerate(days):
+            conn.execute(
+                sa.text(
+                    "INSERT INTO ingress_events (shard, source, event_id, user_id, type, "
+                    "occurred_at, attributes) VALUES (0, 'src', :e, 'u1', 't', :at, '{}')"
+                ),
+                {"e": f"before-{i}", "at": at},
+            )
+    migrate_to("head", down=False)
+    with db.read() as conn:
+        moved = dict(
+            conn.execute(sa.text("SELECT event_id, day FROM ingress_keys ORDER BY 1")).all()
+        )
+    assert moved == {"before-0": days[0].date(), "before-1": days[1].date()}
+    log = PostgresIngressLog(db)
+    stored = log.store([rec("before-0", at=days[0]), rec("before-1"), rec("after")])
+    assert (stored.inserted, set(stored.not_stored)) == (1, {0, 1})
+    migrate_to("0021_contract2", down=True)
+    migrate_to("head", down=False)
+    assert log.store([rec("after"), rec("before-0", at=days[0])]).inserted == 0
+    assert count_rows(db) == 3

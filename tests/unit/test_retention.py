@@ -40,6 +40,7 @@ class FakeStore:
         self.leased = leased
         self.ensured: set[date] = set()
         self.caps_before: date | None = None
+        self.keys_before: date | None = None
         self.unrolled: dict[date, int] = {}
 
     @contextmanager
@@ -68,6 +69,10 @@ class FakeStore:
     def delete_expired_markers(self, as_of: datetime) -> int:
         return 2
 
+    def expire_keys(self, cutoff: date) -> int:
+        self.keys_before = cutoff
+        return 30
+
     def finish(self) -> int:
         return 100
 
@@ -91,8 +96,16 @@ def test_report_lists_dropped_and_kept_days() -> None:
     assert report.bytes_reclaimed == 1600 and report.rows_dropped == 15
     assert report.cap_rows_deleted == 7 and report.markers_deleted == 2
     assert store.caps_before == date(2030, 3, 4)
+    assert store.keys_before is None  # a day kept: a resend of its events stays a duplicate
     assert store.ensured == {date(2030, 3, 11), date(2030, 3, 12)}
     assert "KEPT" in report.summary() and report.to_wire()["kept"]
+
+
+def test_the_dedup_keys_expire_when_no_day_is_kept() -> None:
+    store = FakeStore({date(2030, 3, 1): DayOutcome(10, 1000, 0, True)})
+    report = Retention(store, retention_days=7).run(datetime(2030, 3, 11, 6, tzinfo=UTC))
+    assert report.ok and store.keys_before == date(2030, 3, 4)
+    assert report.bytes_reclaimed == 1000 + 30 + 100
 
 
 def test_a_day_processed_before_the_rollups_began_is_kept_unless_dropped_on_purpose() -> None:
