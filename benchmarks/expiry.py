@@ -33,7 +33,13 @@ import psycopg
 from benchmarks.fill import FILL_SQL, SHARDS
 from benchmarks.framework import Context, Result, benchmark
 from loyalty.adapters.db import Database
-from loyalty.adapters.ingress_log import PostgresIngressLog, day_start, partition_name
+from loyalty.adapters.ingress_log import (
+    PostgresIngressLog,
+    create_keys_partition,
+    day_start,
+    key_generation,
+    partition_name,
+)
 from loyalty.application.ingress import shard_of
 from loyalty.config import Settings
 
@@ -154,6 +160,7 @@ class TimedStore:
         "_autocommit",
         "expire_day",
         "delete_caps_before",
+        "expire_keys",
         "delete_expired_markers",
         "finish",
     )
@@ -196,8 +203,18 @@ def measure(ctx: Context) -> dict[str, Any]:
         PostgresIngressLog(db).ensure_partitions({DAY_A, DAY_B})
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("SELECT setseed(0.5)")
+            # the keys as ingest stores them, received on the day their events occurred
+            # (the trigger would date them by this machine's clock, not 2030)
+            conn.execute("SET loyalty.keys_recorded = 'on'")
             fill_day(conn, DAY_A, n, "ra")
             fill_day(conn, DAY_B, n, "rb")
+            conn.execute("RESET loyalty.keys_recorded")
+            for generation in sorted({key_generation(DAY_A), key_generation(DAY_B)}):
+                create_keys_partition(db, generation)
+            conn.execute(
+                "INSERT INTO ingress_keys (source, event_id, day, fingerprint) SELECT source, "
+                "event_id, (occurred_at AT TIME ZONE 'UTC')::date, 0 FROM ingress_events"
+            )
             conn.execute(
                 "INSERT INTO pipeline_checkpoints (shard, txid, seq) "
                 "SELECT shard, max(txid), max(seq) FROM ingress_events GROUP BY shard "

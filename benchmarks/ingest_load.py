@@ -12,7 +12,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -20,7 +20,12 @@ import psycopg
 from benchmarks import data, loadgen, naive_store, servers
 from benchmarks.framework import Context
 from loyalty.adapters.db import Database
-from loyalty.adapters.ingress_log import PostgresIngressLog
+from loyalty.adapters.ingress_log import (
+    KEYS_DAYS,
+    PostgresIngressLog,
+    create_keys_partition,
+    key_generation,
+)
 from loyalty.adapters.migrate import migrate
 from loyalty.application.access import Role
 from loyalty.config import Settings
@@ -121,11 +126,35 @@ def workload(ctx: Context) -> Workload:
     )
 
 
-def reset_ingress(url: str) -> None:
+def reset_ingress(url: str, window_keys: int = 0) -> None:
+    """Empty the ingress log; then, with ``window_keys``, store that many keys of earlier
+    batches as a live system holds them (the keys of the retention window): half in the
+    previous generation of keys, which every ingested key is probed against, half in
+    the current one."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("TRUNCATE ingress_events")
-        if conn.execute("SELECT to_regclass('ingress_keys')").fetchone() != (None,):
-            conn.execute("TRUNCATE ingress_keys")  # the dedup keys (migration 0006)
+        conn.execute("TRUNCATE ingress_keys")  # the dedup keys (migrations 0006, 0022)
+        if window_keys:
+            row = conn.execute("SELECT (now() AT TIME ZONE 'UTC')::date").fetchone()
+            assert row is not None
+            current = key_generation(row[0])
+            previous = current - timedelta(days=KEYS_DAYS)
+            db = Database(Settings(database_url=url))
+            try:
+                create_keys_partition(db, previous)
+                create_keys_partition(db, current)
+            finally:
+                db.dispose()
+            for day, n in (
+                (previous + timedelta(days=KEYS_DAYS - 1), window_keys // 2),
+                (current, window_keys - window_keys // 2),
+            ):
+                conn.execute(
+                    "INSERT INTO ingress_keys (source, event_id, day, fingerprint) "
+                    "SELECT %s, md5(%s || g::text), %s, 0 FROM generate_series(1, %s) g",
+                    (SOURCE, str(day), day, n),
+                )
+            conn.execute("VACUUM ANALYZE ingress_keys")
         conn.execute("CHECKPOINT")
 
 
@@ -257,8 +286,11 @@ def pg_phases(ctx: Context) -> dict[str, Any]:
             quick=("copy", "http", "naive_dedup", "copy", "http"),
             full=("copy", "naive_dedup", "http") * 2,
         )
+        # a live system's keys of the retention window, which every phase's COPY into
+        # ingress_events (its trigger) checks its keys against
+        window = ctx.pick(smoke=1_000, quick=500_000, full=2_000_000)
         for phase in order:
-            reset_ingress(url)
+            reset_ingress(url, window)
             if phase == "http":
                 got = run_http(ctx, url, wl, key)
             else:
