@@ -20,9 +20,13 @@ Row = tuple[int, str, str, str, str, datetime, str]
 
 
 def make_events(
-    n: int, *, seed: int, now: datetime, prefix: str, users: int = USERS
+    n: int, *, seed: int, now: datetime, prefix: str, users: int = USERS, zipf: bool = False
 ) -> list[Event]:
+    """``n`` events over ``users`` members, uniformly or (``zipf``) with member rank r
+    drawn with probability about 1/r (a few members very active, most seen once or never:
+    a launch day)."""
     rnd = random.Random(seed)
+    width = max(5, len(str(users - 1)))
     # Stay clear of both acceptance limits: at most ~23h50m old, never in the future.
     base = now.astimezone(UTC).replace(microsecond=0) - timedelta(seconds=30)
     span_s = 23 * 3600 + 50 * 60
@@ -56,13 +60,20 @@ def make_events(
         out.append(
             {
                 "event_id": f"{prefix}-{i:09d}",
-                "user_id": f"user-{rnd.randrange(users):05d}",
+                "user_id": f"user-{member(rnd, users, zipf):0{width}d}",
                 "type": kind,
                 "occurred_at": f"{second}.{ms:03d}Z",
                 "attributes": attributes,
             }
         )
     return out
+
+
+def member(rnd: random.Random, users: int, zipf: bool) -> int:
+    if not zipf:
+        return rnd.randrange(users)
+    # P(rank <= k) = log(k + 1) / log(users): density ~ 1 / rank (Zipf, s = 1)
+    return min(users - 1, int(users ** rnd.random()) - 1)
 
 
 def batches(events: list[Event], size: int) -> list[list[Event]]:
