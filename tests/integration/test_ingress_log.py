@@ -388,3 +388,19 @@ def test_keys_stored_before_the_generations_still_catch_resends(db: Database) ->
     migrate_to("head", down=False)
     assert log.store([rec("after"), rec("before-0", at=days[0])]).inserted == 0
     assert count_rows(db) == 3
+
+
+@backends("postgresql")
+def test_the_generations_are_the_same_in_python_and_in_sql(db: Database) -> None:
+    """Ingest creates a generation's table from Python's ``key_generation``; the trigger
+    routes keys by the SQL function: they must agree on every day."""
+    first = datetime(2026, 12, 1, tzinfo=UTC).date()
+    days = [first + timedelta(days=i) for i in range(40)]
+    with db.read() as conn:
+        got = conn.execute(
+            sa.text("SELECT d::date, ingress_keys_generation(d::date) FROM unnest(:days) d"),
+            {"days": days},
+        ).all()
+    assert dict(got) == {d: key_generation(d) for d in days}
+    starts = sorted({key_generation(d) for d in days})  # eight days each
+    assert starts == [starts[0] + timedelta(days=8 * i) for i in range(6)]
