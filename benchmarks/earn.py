@@ -494,31 +494,46 @@ def lag_rate(ctx: Context, url: str) -> tuple[float, str]:
     return 0.5 * got["rate"], f"0.5 x a short in-run ingest_http ({got['rate']:.0f}/s)"
 
 
-@benchmark("end_to_end_lag", order=30)
-def end_to_end_lag(ctx: Context) -> Result:
-    """p99 commit-to-award lag at half the ingest rate, worker inside `loyalty serve`."""
-    url = ctx.new_pg_database("lag")
-    rate, rate_from = lag_rate(ctx, url)
-    if ctx.mode == "smoke":  # it shows the benchmark runs: a small stream is enough
-        rate, rate_from = min(rate, 1_000.0), f"{rate_from}, capped at 1,000/s (smoke)"
-    ingest_key = ctx.create_key(Role.INGEST, "bench-lag", database_url=url)
-    shop_key = ctx.create_key(Role.SHOP, "bench-lag-shop", database_url=url)
-    now = datetime.now(UTC)
-    db = Database(Settings(database_url=url, db_pool_size=1))
-    try:  # today's and yesterday's partitions exist before the clock starts
-        PostgresIngressLog(db).ensure_partitions({now.date(), (now - timedelta(days=1)).date()})
-    finally:
-        db.dispose()
-    port = servers.free_port()
-    proc, log = loyalty_serve(url, port)
+class LiveServe:
+    """A fresh database with its keys and today's partitions, and ``loyalty serve`` on it
+    (API + worker children), for streams of probed batches (``stream``)."""
 
-    def stage(at: float, seconds: float, prefix: str) -> dict[str, Any]:
+    def __init__(self, ctx: Context, name: str, url: str | None = None) -> None:
+        self.ctx = ctx
+        self.url = url or ctx.new_pg_database(name)
+        self.ingest_key = ctx.create_key(Role.INGEST, f"bench-{name}", database_url=self.url)
+        self.shop_key = ctx.create_key(Role.SHOP, f"bench-{name}-shop", database_url=self.url)
+        now = datetime.now(UTC)
+        db = Database(Settings(database_url=self.url, db_pool_size=1))
+        try:  # today's and yesterday's partitions exist before the clock starts
+            days = {now.date(), (now - timedelta(days=1)).date()}
+            PostgresIngressLog(db).ensure_partitions(days)
+        finally:
+            db.dispose()
+        self.port = servers.free_port()
+        self.proc, self._log = loyalty_serve(self.url, self.port)
+
+    def __enter__(self) -> LiveServe:
+        try:
+            wait_worker_up(self.port)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        stop_process(self.proc)
+        self._log.close()
+
+    def stream(
+        self, rate: float, seconds: float, prefix: str, drain_limit: float, **kw: Any
+    ) -> dict[str, Any]:
         return run_lag_load(
             LagSpec(
-                port=port,
-                ingest_key=ingest_key,
-                shop_key=shop_key,
-                rate=at,
+                port=self.port,
+                ingest_key=self.ingest_key,
+                shop_key=self.shop_key,
+                rate=rate,
                 duration=seconds,
                 batch=1_000,
                 senders=4,
@@ -526,23 +541,29 @@ def end_to_end_lag(ctx: Context) -> Result:
                 seed=ingest_load.SEED + len(prefix),
                 now=datetime.now(UTC),
                 prefix=prefix,
-                drain_limit=ctx.pick(smoke=20.0, quick=30.0, full=60.0),
-                serve_pid=proc.pid,
-                pg_admin_url=ctx.admin_url,
-                pg_dbname=dbname(url),
+                drain_limit=drain_limit,
+                serve_pid=self.proc.pid,
+                pg_admin_url=self.ctx.admin_url,
+                pg_dbname=dbname(self.url),
+                **kw,
             )
         )
 
+
+@benchmark("end_to_end_lag", order=30)
+def end_to_end_lag(ctx: Context) -> Result:
+    """p99 commit-to-award lag at half the ingest rate, worker inside `loyalty serve`."""
+    url = ctx.new_pg_database("lag")
+    rate, rate_from = lag_rate(ctx, url)
+    if ctx.mode == "smoke":  # it shows the benchmark runs: a small stream is enough
+        rate, rate_from = min(rate, 1_000.0), f"{rate_from}, capped at 1,000/s (smoke)"
     lower: dict[str, Any] | None = None
-    try:
-        wait_worker_up(port)
-        got = stage(rate, ctx.pick(smoke=1.0, quick=15.0, full=60.0), "lag")
+    drain_limit = ctx.pick(smoke=20.0, quick=30.0, full=60.0)
+    with LiveServe(ctx, "lag", url) as live:
+        got = live.stream(rate, ctx.pick(smoke=1.0, quick=15.0, full=60.0), "lag", drain_limit)
         if ctx.mode == "full":  # and at half that rate, once the backlog is gone
             wait_drained(url, limit_s=120.0)
-            lower = stage(rate / 2, 30.0, "lagq")
-    finally:
-        stop_process(proc)
-        log.close()
+            lower = live.stream(rate / 2, 30.0, "lagq", drain_limit)
     with psycopg.connect(url, autocommit=True) as conn:
         account_events = conn.execute("SELECT count(*) FROM members_events").fetchone()[0]  # type: ignore[index]
     return {
@@ -593,44 +614,11 @@ def launch_day(ctx: Context) -> Result:
     rate = ctx.pick(smoke=1_000.0, quick=10_000.0, full=25_000.0)
     seconds = ctx.pick(smoke=1.0, quick=15.0, full=60.0)
     users = ctx.pick(smoke=10_000, quick=200_000, full=1_000_000)
-    url = ctx.new_pg_database("launch")
-    ingest_key = ctx.create_key(Role.INGEST, "bench-launch", database_url=url)
-    shop_key = ctx.create_key(Role.SHOP, "bench-launch-shop", database_url=url)
-    now = datetime.now(UTC)
-    db = Database(Settings(database_url=url, db_pool_size=1))
-    try:  # today's and yesterday's partitions exist before the clock starts
-        PostgresIngressLog(db).ensure_partitions({now.date(), (now - timedelta(days=1)).date()})
-    finally:
-        db.dispose()
-    port = servers.free_port()
-    proc, log = loyalty_serve(url, port)
-    try:
-        wait_worker_up(port)
-        got = run_lag_load(
-            LagSpec(
-                port=port,
-                ingest_key=ingest_key,
-                shop_key=shop_key,
-                rate=rate,
-                duration=seconds,
-                batch=1_000,
-                senders=4,
-                probe_every_s=0.25,
-                seed=ingest_load.SEED + 7,
-                now=datetime.now(UTC),
-                prefix="launch",
-                drain_limit=ctx.pick(smoke=20.0, quick=60.0, full=120.0),
-                serve_pid=proc.pid,
-                pg_admin_url=ctx.admin_url,
-                pg_dbname=dbname(url),
-                users=users,
-                zipf=True,
-            )
-        )
+    with LiveServe(ctx, "launch") as live:
+        url = live.url
+        drain_limit = ctx.pick(smoke=20.0, quick=60.0, full=120.0)
+        got = live.stream(rate, seconds, "launch", drain_limit, users=users, zipf=True)
         drain_s = wait_drained(url, limit_s=ctx.pick(smoke=30.0, quick=120.0, full=300.0))
-    finally:
-        stop_process(proc)
-        log.close()
     with psycopg.connect(url, autocommit=True) as conn:
         row = conn.execute(
             "SELECT count(*), count(DISTINCT originator_id) FROM members_events"
