@@ -127,30 +127,34 @@ def _copy(raw: psycopg.Connection[Any], table: str, records: Sequence[IngressRec
             )
 
 
-def create_day_partition(db: Database, day: date) -> bool:
-    """Create ``day``'s partition unless it exists; True if created. CREATE TABLE and
-    ATTACH PARTITION (SHARE UPDATE EXCLUSIVE on the parent) rather than CREATE TABLE ...
-    PARTITION OF, which takes an ACCESS EXCLUSIVE lock and would stall every ingest
-    queued behind it. Serialized per day by an advisory lock."""
-    name = partition_name(day)
+def _create_attached(db: Database, lock_key: int, name: str, *ddl: sql.Composed) -> bool:
+    """Run ``ddl`` (CREATE TABLE ``name``, ..., ATTACH PARTITION) unless ``name`` exists;
+    True if run. CREATE TABLE and ATTACH PARTITION (SHARE UPDATE EXCLUSIVE on the parent)
+    rather than CREATE TABLE ... PARTITION OF, which takes an ACCESS EXCLUSIVE lock and
+    would stall every ingest queued behind it. Serialized per table by an advisory lock."""
     with db.write() as conn:
         conn.execute(
-            sa.text("SELECT pg_advisory_xact_lock(:ns, :day)"),
-            {"ns": PARTITION_LOCK_NS, "day": day.toordinal()},
+            sa.text("SELECT pg_advisory_xact_lock(:ns, :key)"),
+            {"ns": PARTITION_LOCK_NS, "key": lock_key},
         )
         if conn.execute(sa.text("SELECT to_regclass(:n)"), {"n": name}).scalar() is not None:
             return False  # exists (or a detached leftover: retention deals with it)
         raw = psycopg_connection(conn)
-        ident = sql.Identifier(name)
-        raw.execute(
-            sql.SQL("CREATE TABLE {} (LIKE ingress_events INCLUDING DEFAULTS)").format(ident)
-        )
-        # No UNIQUE (source, event_id) of its own: ingress_keys de-duplicates across days.
-        raw.execute(attach_partition_sql(day))
+        for statement in ddl:
+            raw.execute(statement)
     return True
 
 
-KEYS_PREFIX = KEYS_PARTITION_PREFIX
+def create_day_partition(db: Database, day: date) -> bool:
+    """Create ``day``'s partition unless it exists; True if created."""
+    name = partition_name(day)
+    create = sql.SQL("CREATE TABLE {} (LIKE ingress_events INCLUDING DEFAULTS)")
+    # No UNIQUE (source, event_id) of its own: ingress_keys de-duplicates across days.
+    return _create_attached(
+        db, day.toordinal(), name, create.format(sql.Identifier(name)), attach_partition_sql(day)
+    )
+
+
 KEYS_EPOCH = date(2000, 1, 3)
 KEYS_DAYS = 8
 KEYS_LOCK_NS = 7_304_119
@@ -165,39 +169,27 @@ def key_generation(day: date) -> date:
 
 
 def keys_partition_name(generation: date) -> str:
-    return f"{KEYS_PREFIX}{generation:%Y%m%d}"
+    return f"{KEYS_PARTITION_PREFIX}{generation:%Y%m%d}"
 
 
 def create_keys_partition(db: Database, generation: date) -> bool:
-    """Create the keys' partition of the generation starting on ``generation`` unless it
-    exists (CREATE TABLE, its UNIQUE index, ATTACH: no ACCESS EXCLUSIVE lock on the
-    parent that every ingest writes through); True if created."""
+    """Create the keys' partition of the generation starting on ``generation``, with its
+    UNIQUE index, unless it exists; True if created."""
     name = keys_partition_name(generation)
-    with db.write() as conn:
-        conn.execute(
-            sa.text("SELECT pg_advisory_xact_lock(:ns, :day)"),
-            {"ns": PARTITION_LOCK_NS, "day": -generation.toordinal()},
-        )
-        if conn.execute(sa.text("SELECT to_regclass(:n)"), {"n": name}).scalar() is not None:
-            return False
-        raw = psycopg_connection(conn)
-        ident = sql.Identifier(name)
-        raw.execute(sql.SQL("CREATE TABLE {} (LIKE ingress_keys)").format(ident))
-        raw.execute(
-            sql.SQL("CREATE UNIQUE INDEX {} ON {} (source, event_id)").format(
-                sql.Identifier(f"{name}_key"), ident
-            )
-        )
-        raw.execute(
-            sql.SQL(
-                "ALTER TABLE ingress_keys ATTACH PARTITION {} FOR VALUES FROM ({}) TO ({})"
-            ).format(
-                ident,
-                sql.Literal(generation),
-                sql.Literal(generation + timedelta(days=KEYS_DAYS)),
-            )
-        )
-    return True
+    ident = sql.Identifier(name)
+    end = generation + timedelta(days=KEYS_DAYS)
+    return _create_attached(
+        db,
+        -generation.toordinal(),  # the day partitions' keys are positive
+        name,
+        sql.SQL("CREATE TABLE {} (LIKE ingress_keys)").format(ident),
+        sql.SQL("CREATE UNIQUE INDEX {} ON {} (source, event_id)").format(
+            sql.Identifier(f"{name}_key"), ident
+        ),
+        sql.SQL("ALTER TABLE ingress_keys ATTACH PARTITION {} FOR VALUES FROM ({}) TO ({})").format(
+            ident, sql.Literal(generation), sql.Literal(end)
+        ),
+    )
 
 
 def attach_partition_sql(day: date) -> sql.Composed:
