@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 import pytest
+from playwright.sync_api import expect, sync_playwright
 
 from tests.e2e.live import cli, create_key, serve_logged
 
@@ -92,7 +93,6 @@ def browser() -> Iterator[Any]:
         if os.environ.get("CI"):
             pytest.fail(f"{CHROMIUM} is required in CI (.ci/run installs chromium)")
         pytest.skip(f"{CHROMIUM} not installed")
-    from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
@@ -241,7 +241,7 @@ def test_an_operator_runs_the_loyalty_programme_from_the_console(
     page.click("nav >> text=Members")
     page.fill("#search-user", member)
     page.press("#search-user", "Enter")
-    assert page.locator("#member-missing").is_visible()
+    expect(page.locator("#member-missing")).to_be_visible()
     page.evaluate("window.stillTheSamePage = true")
     page.fill("#adjust-currency", "100")
     page.fill("#adjust-points", "10")
@@ -319,7 +319,7 @@ def test_an_operator_runs_the_loyalty_programme_from_the_console(
     page.click("#confirm-button")
     assert page.locator("#rules-saved").inner_text() == "Saved as version 2."
     assert "copper" in page.locator("#rules-text").input_value()
-    assert page.locator("#versions tbody tr").count() == 2
+    expect(page.locator("#versions tbody tr")).to_have_count(2)
     visit.check("rules")
 
     # forget-me: request, follow the progress, read the receipt (no user id)
@@ -342,10 +342,10 @@ def test_an_operator_runs_the_loyalty_programme_from_the_console(
         timeout=60_000,
     )
     assert forgotten not in page.content()
-    assert page.locator("#erased").is_visible()
+    expect(page.locator("#erased")).to_be_visible()
     visit.check("forget-receipt")
     page.goto(f"{base}/console/members?user_id={forgotten}")
-    assert page.locator("#member-missing").is_visible()
+    expect(page.locator("#member-missing")).to_be_visible()
 
     # reports: the daily charts from the rollups over a chosen range, and its export
     page.click("nav >> text=Reports")
@@ -353,7 +353,7 @@ def test_an_operator_runs_the_loyalty_programme_from_the_console(
     page.fill("#report-from", (today - timedelta(days=2)).isoformat())
     page.fill("#report-to", today.isoformat())
     page.click("main form.inline button[type=submit]")
-    assert page.locator("figure[data-field=events] svg").count() == 1
+    expect(page.locator("figure[data-field=events] svg")).to_have_count(1)
     deadline = time.monotonic() + 30  # the 50 events above, once the pipeline weighed them
     while "50" not in page.locator("#report-days tbody tr").last.inner_text():
         assert time.monotonic() < deadline, page.locator("#report-days").inner_text()
@@ -485,7 +485,7 @@ def test_charts_that_read_finding_members_and_reviewing_rule_changes(
     assert any(t.startswith("UTC day, ") for t in events_texts), events_texts
     assert page.locator("#no-data").inner_text().startswith("No data from ")
     for field in ("events", "currency_credited", "currency_spent", "outstanding_currency"):
-        assert page.locator(f"figure[data-field={field}] figcaption").is_visible()
+        expect(page.locator(f"figure[data-field={field}] figcaption")).to_be_visible()
     visit.check("reports-charts")
 
     # rules: the diff before the save, then who, when and what in the history
