@@ -65,6 +65,7 @@ from psycopg import Cursor
 from psycopg.rows import DictRow
 from psycopg.sql import SQL, Identifier
 
+from loyalty.adapters.pending_store import PENDING_AT_REVISION
 from loyalty.application.accounts import FENCE, StreamErased
 from loyalty.application.pending import EXPLAINED, PENDING, PendingMoved
 
@@ -111,6 +112,29 @@ NO_SUMMARY = '{"rule_versions":[],"types":{}}'
 """The summary of a pending row from before explanations (its sums are then partial)."""
 
 
+EXPLAIN_RECORDED = (
+    f"INSERT INTO award_explanations ({_EXPLAIN_COLUMNS}) "
+    "SELECT p.user_id, e->>3, 'award', p.rule_version, p.event_count, "
+    "p.currency, p.rank_points, (e->>4)::bigint, (e->>5)::bigint, e->>6, "
+    "e->>7, p.shard, p.from_txid, p.from_seq, p.upto_txid, p.upto_seq, "
+    "COALESCE(p.explain, %s), now() "
+    "FROM jsonb_array_elements(%s::text::jsonb) e "
+    f"CROSS JOIN LATERAL ({PENDING_AT_REVISION.format('*')}) p "
+    "ON CONFLICT (user_id, award_id) DO NOTHING"
+)
+"""Each recorded pending row's explanation, kept with its award (PostgreSQL; params: the
+summary of a row without one, the JSON array of ``_explained`` rows)."""
+DELETE_RECORDED = (
+    "WITH d AS (DELETE FROM pipeline_pending p "
+    "USING jsonb_array_elements(%s::text::jsonb) e "
+    f"CROSS JOIN LATERAL ({PENDING_AT_REVISION.format('ctid')}) k "
+    "WHERE p.ctid = k.ctid RETURNING 1) "
+    "SELECT 1 / (CASE WHEN count(*) = %s THEN 1 ELSE 0 END) AS ok FROM d"
+)
+"""Delete the recorded pending rows, each only at the revision read (PostgreSQL; params:
+the JSON array of ``_consumed`` keys, their count): fewer deleted divides by zero."""
+
+
 def _explained(kwargs: dict[str, Any]) -> list[list[Any]]:
     """(user_id, txid, seq, award_id, currency, rank_points, fraction_currency,
     fraction_rank_points) of the awards that record the consumed rows (see EXPLAINED)."""
@@ -137,8 +161,9 @@ class JsonInsertApplicationRecorder(PostgresApplicationRecorder):
         ).format(schema=schema, table=table, id_type=id_type)
         self._gone_statement = SQL(
             "SELECT x.id::text AS member_id FROM unnest(%s::{id_type}[], %s::bigint[]) AS x(id, v) "
-            "WHERE NOT EXISTS (SELECT 1 FROM {schema}.{table} s "
-            "WHERE s.originator_id = x.id AND s.originator_version = x.v)"
+            "LEFT JOIN LATERAL (SELECT 1 AS found FROM {schema}.{table} s "
+            "WHERE s.originator_id = x.id AND s.originator_version = x.v LIMIT 1) f ON true "
+            "WHERE f.found IS NULL"
         ).format(schema=schema, table=table, id_type=id_type)
         self._markers_statement = SQL(
             "SELECT member_id, CASE WHEN state = 'erasing' THEN 'erasing' ELSE 'fenced' END "
@@ -224,14 +249,7 @@ class JsonInsertApplicationRecorder(PostgresApplicationRecorder):
             # each recorded row's explanation is kept with its award (same transaction)
             with curs.connection.cursor() as copy:
                 copy.execute(
-                    f"INSERT INTO award_explanations ({_EXPLAIN_COLUMNS}) "
-                    "SELECT p.user_id, e->>3, 'award', p.rule_version, p.event_count, "
-                    "p.currency, p.rank_points, (e->>4)::bigint, (e->>5)::bigint, e->>6, "
-                    "e->>7, p.shard, p.from_txid, p.from_seq, p.upto_txid, p.upto_seq, "
-                    "COALESCE(p.explain, %s), now() FROM pipeline_pending p "
-                    "JOIN jsonb_array_elements(%s::text::jsonb) e ON p.user_id = e->>0 "
-                    "AND p.upto_txid = (e->>1)::bigint AND p.upto_seq = (e->>2)::bigint "
-                    "ON CONFLICT (user_id, award_id) DO NOTHING",
+                    EXPLAIN_RECORDED,
                     (NO_SUMMARY, orjson.dumps(explained).decode()),
                 )
         if consumed:
@@ -241,11 +259,7 @@ class JsonInsertApplicationRecorder(PostgresApplicationRecorder):
             with curs.connection.cursor() as delete:
                 try:
                     delete.execute(
-                        "WITH d AS (DELETE FROM pipeline_pending p "
-                        "USING jsonb_array_elements(%s::text::jsonb) e "
-                        "WHERE p.user_id = e->>0 AND p.upto_txid = (e->>1)::bigint "
-                        "AND p.upto_seq = (e->>2)::bigint RETURNING 1) "
-                        "SELECT 1 / (CASE WHEN count(*) = %s THEN 1 ELSE 0 END) AS ok FROM d",
+                        DELETE_RECORDED,
                         (orjson.dumps(consumed).decode(), len(consumed)),
                     )
                     delete.fetchall()
@@ -377,10 +391,11 @@ class GuardedPostgresSnapshotRecorder(PostgresAggregateRecorder):
         with self.datastore.get_connection() as conn, conn.transaction(), conn.cursor() as curs:
             curs.execute(
                 SQL(
-                    "SELECT s.originator_id, s.originator_version FROM {} s "
-                    "JOIN jsonb_array_elements(%s::text::jsonb) AS k "
-                    "ON s.originator_id = (k->>0)::uuid AND s.originator_version = (k->>1)::bigint "
-                    "FOR KEY SHARE OF s"
+                    "SELECT s.originator_id, s.originator_version "
+                    "FROM jsonb_array_elements(%s::text::jsonb) AS k CROSS JOIN LATERAL "
+                    "(SELECT originator_id, originator_version FROM {} "
+                    "WHERE originator_id = (k->>0)::uuid AND originator_version = (k->>1)::bigint "
+                    "LIMIT 1 FOR KEY SHARE) s"
                 ).format(events),
                 (keys,),
             )

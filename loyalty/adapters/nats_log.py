@@ -66,6 +66,18 @@ _FETCH = 5000  # messages per pull request
 _KEY_CHUNK = 400  # keys per statement (SQLite's bound-parameter limit)
 
 
+CONFIRM_KEYS = (
+    "UPDATE stream_ingress_keys k SET seq = f.seq "
+    "FROM (SELECT r.ctid AS tid, (e->>2)::bigint AS seq "
+    "FROM jsonb_array_elements(%s::text::jsonb) AS e CROSS JOIN LATERAL "
+    "(SELECT ctid FROM stream_ingress_keys "
+    "WHERE source = e->>0 AND event_id = e->>1 LIMIT 1) r) f "
+    "WHERE k.ctid = f.tid"
+)
+"""Note the acknowledged stream sequence of a JSON array of [source, event_id, seq], one
+primary-key probe each (PostgreSQL; see ``pending_store.PENDING_AT_REVISION``)."""
+
+
 class JetStreamUnavailable(DatabaseUnavailable):
     """The NATS server cannot be reached or did not answer (HTTP 503; the loops retry)."""
 
@@ -409,11 +421,7 @@ class JetStreamIngressLog:
             return
         rows = orjson.dumps([[s, e, q] for (s, e), q in seqs.items()]).decode()
         if self._db.backend == "postgresql":
-            statement = (
-                "UPDATE stream_ingress_keys k SET seq = (e->>2)::bigint "
-                "FROM jsonb_array_elements(%s::text::jsonb) AS e "
-                "WHERE k.source = e->>0 AND k.event_id = e->>1"
-            )
+            statement = CONFIRM_KEYS
         else:
             statement = (
                 "UPDATE stream_ingress_keys SET seq = value->>2 FROM json_each(?) "

@@ -48,6 +48,16 @@ def _insert(db: Database, table: sa.Table) -> Any:
     return (postgresql.insert if db.backend == "postgresql" else sqlite.insert)(table)
 
 
+LOAD_CAPS = (
+    "SELECT c.user_id, c.event_type, c.day, c.count "
+    "FROM jsonb_array_elements(%s::text::jsonb) AS e CROSS JOIN LATERAL "
+    "(SELECT user_id, event_type, day, count FROM pipeline_caps "
+    "WHERE user_id = e->>0 AND event_type = e->>1 AND day = (e->>2)::date LIMIT 1) c"
+)
+"""The caps of a JSON array of keys, one primary-key probe each (PostgreSQL; see
+``pending_store.PENDING_AT_REVISION``)."""
+
+
 def _json_rows(rows: Iterable[tuple[Any, ...]]) -> str:
     """Rows as a JSON array of arrays (dates as ISO strings), for jsonb_array_elements."""
     return orjson.dumps(list(rows)).decode()
@@ -279,9 +289,7 @@ class PipelineStore:
             rows = (
                 psycopg_connection(conn)
                 .execute(
-                    "SELECT c.user_id, c.event_type, c.day, c.count FROM pipeline_caps c "
-                    "JOIN jsonb_array_elements(%s::text::jsonb) AS e "
-                    "ON c.user_id = e->>0 AND c.event_type = e->>1 AND c.day = (e->>2)::date",
+                    LOAD_CAPS,
                     (_json_rows(wanted),),
                 )
                 .fetchall()

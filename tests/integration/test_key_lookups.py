@@ -1,0 +1,119 @@
+"""Statements that look rows up by a JSON array of keys probe the table's primary key once
+per key, whatever its statistics say (issue 30). A plain join of the array with the table
+was planned as a hash join over a sequential scan while ``pipeline_pending`` held a few
+thousand rows, and a pooled connection's cached generic plan kept that plan as the table
+grew: a save's explanations took 15 ms at 40k pending rows and the pipeline over many
+members ran at half its rate.
+
+Real PostgreSQL: each statement as the server plans it, both as a cached generic plan and
+as a custom plan, over tables of 5,000 analyzed rows (where such a join scans them)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import psycopg
+import pytest
+from psycopg import sql
+
+from loyalty.adapters.event_recorder import DELETE_RECORDED, EXPLAIN_RECORDED, NO_SUMMARY
+from loyalty.adapters.nats_log import CONFIRM_KEYS
+from loyalty.adapters.pending_store import LOCK_PENDING, SET_NEEDS
+from loyalty.adapters.pipeline_store import LOAD_CAPS
+from loyalty.config import Settings
+from tests.conftest import backends
+
+ROWS = 5_000
+USER = "u0000042"  # one of the rows
+TODAY = datetime.now(UTC).date().isoformat()
+
+STATEMENTS: dict[str, tuple[str, str, tuple[Any, ...]]] = {
+    # name: (statement, the table it looks up, its parameters)
+    "explain recorded": (
+        EXPLAIN_RECORDED,
+        "pipeline_pending",
+        (NO_SUMMARY, orjson.dumps([[USER, 42, 42, "w2.42.42", 1, 1, "0", "0"]]).decode()),
+    ),
+    "delete recorded": (
+        DELETE_RECORDED,
+        "pipeline_pending",
+        (orjson.dumps([[USER, 42, 42]]).decode(), 1),
+    ),
+    "lock pending": (LOCK_PENDING, "pipeline_pending", (orjson.dumps([USER]).decode(),)),
+    "set needs": (
+        SET_NEEDS,
+        "pipeline_pending",
+        (orjson.dumps([[USER, 42, 42, "7"]]).decode(),),
+    ),
+    "load caps": (
+        LOAD_CAPS,
+        "pipeline_caps",
+        (orjson.dumps([[USER, "logged_on", TODAY]]).decode(),),
+    ),
+    "confirm stream keys": (
+        CONFIRM_KEYS,
+        "stream_ingress_keys",
+        (orjson.dumps([["s", "e42", 7]]).decode(),),
+    ),
+}
+
+
+@pytest.fixture
+def filled(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO pipeline_pending (user_id, shard, currency, rank_points, event_count, "
+            "rule_version, upto_txid, upto_seq, since, explain) "
+            "SELECT 'u' || lpad(g::text, 7, '0'), mod(g, 16), '1.5', '1', 3, 1, g, g, now(), "
+            "'{}' FROM generate_series(1, %s) g",
+            (ROWS,),
+        )
+        conn.execute(
+            "INSERT INTO pipeline_caps (user_id, event_type, day, shard, count) "
+            "SELECT 'u' || lpad(g::text, 7, '0'), 'logged_on', current_date, mod(g, 16), 1 "
+            "FROM generate_series(1, %s) g",
+            (ROWS,),
+        )
+        conn.execute(
+            "INSERT INTO stream_ingress_keys (source, event_id, day, shard, fingerprint, "
+            "claimed_at) SELECT 's', 'e' || g, current_date, mod(g, 16), g, now() "
+            "FROM generate_series(1, %s) g",
+            (ROWS,),
+        )
+        conn.execute("ANALYZE pipeline_pending, pipeline_caps, stream_ingress_keys")
+        yield conn
+
+
+def scans(plan: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """(node type, relation) of every node of a JSON plan."""
+    yield plan["Node Type"], plan.get("Relation Name", "")
+    for child in plan.get("Plans", []):
+        yield from scans(child)
+
+
+@backends("postgresql")
+@pytest.mark.parametrize("mode", ["force_generic_plan", "force_custom_plan"])
+@pytest.mark.parametrize("name", sorted(STATEMENTS))
+def test_a_lookup_by_keys_probes_the_primary_key_whatever_the_statistics(
+    filled: psycopg.Connection[Any], name: str, mode: str
+) -> None:
+    statement, table, params = STATEMENTS[name]
+    numbered = iter(range(1, 100))
+    prepared = re.sub(r"%s", lambda _: f"${next(numbered)}", statement)
+    filled.execute(f"SET plan_cache_mode = {mode}")
+    filled.execute(f"PREPARE lookup AS {prepared}")  # type: ignore[arg-type]
+    try:
+        values = sql.SQL(", ").join(sql.Literal(p) for p in params)
+        row = filled.execute(
+            sql.SQL("EXPLAIN (FORMAT JSON) EXECUTE lookup({})").format(values)
+        ).fetchone()
+    finally:
+        filled.execute("DEALLOCATE lookup")
+    assert row is not None
+    nodes = list(scans(row[0][0]["Plan"]))
+    assert ("Seq Scan", table) not in nodes, nodes
+    assert any(relation == table for _, relation in nodes), nodes  # it reads the table
