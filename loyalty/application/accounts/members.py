@@ -15,7 +15,7 @@ from eventsourcing.application import (
     Application,
     ProcessingEvent,
 )
-from eventsourcing.persistence import IntegrityError, JSONTranscoder
+from eventsourcing.persistence import IntegrityError, JSONTranscoder, Recording
 
 from loyalty.application.transcodings import register_member_transcodings
 from loyalty.domain.member import Member
@@ -83,6 +83,24 @@ class Members(Application[UUID]):
         self.snapshot_interval = (
             int(interval) if interval is not None else self.DEFAULT_SNAPSHOT_INTERVAL
         )
+
+    def save(self, *objs: Any, **kwargs: Any) -> list[Recording[UUID]]:
+        """The library's save, with the members' events collected directly. The library's
+        ``ProcessingEvent.collect_events`` tells aggregates from events by isinstance
+        checks against runtime-checkable Protocols, which Python 3.11 answers by walking
+        the Protocol's attributes on every call: a quarter of a save's time (py-spy on
+        ``pipeline_many_members``). Anything but members goes the library's way."""
+        if not all(isinstance(obj, Member) for obj in objs):
+            return super().save(*objs, **kwargs)
+        processing_event: ProcessingEvent[UUID] = ProcessingEvent()
+        for member in objs:
+            processing_event.events.extend(member.collect_events())
+            processing_event.aggregates[member.id] = member
+        processing_event.saved_kwargs.update(kwargs)
+        recordings = self._record(processing_event)
+        self._take_snapshots(processing_event)
+        self._notify(recordings)
+        return recordings
 
     def register_transcodings(self, transcoder: JSONTranscoder) -> None:
         super().register_transcodings(transcoder)
