@@ -56,6 +56,15 @@ SET_NEEDS = (
     "WHERE p.ctid = k.tid"
 )
 """Each row's rank need (``e->>3``), only at the revision given (PostgreSQL)."""
+DUE = (
+    "SELECT d.user_id FROM unnest(%s::int[]) AS s(shard) CROSS JOIN LATERAL "
+    "(SELECT user_id FROM pipeline_pending WHERE shard = s.shard AND since < %s "
+    "ORDER BY since LIMIT %s) d LIMIT %s"
+)
+"""Due rows shard by shard, each shard's oldest first by the (shard, since) index, reading
+no more rows than it returns (PostgreSQL). ``shard IN (...) ORDER BY since`` had no index
+order across shards: every call read and sorted every due row (265 ms a call at 400k
+members, 169 calls for one interval's recording)."""
 NO_RANK_ABOVE = "Infinity"
 NO_FENCE = 2**62
 
@@ -302,9 +311,14 @@ class PendingTable:
 
     def due(self, shards: Collection[int], before: datetime, limit: int) -> list[str]:
         """Members of ``shards`` whose oldest pending contribution is older than
-        ``before`` (oldest first, at most ``limit``)."""
+        ``before``, at most ``limit`` (oldest first; on PostgreSQL within each shard, the
+        shards in turn)."""
         if not shards:
             return []
+        if self._db.backend == "postgresql":
+            with self._db.read() as conn:
+                rows = psycopg_connection(conn).execute(DUE, (sorted(shards), before, limit, limit))
+                return [r[0] for r in rows]
         c = pipeline_pending.c
         with self._db.read() as conn:
             return [
