@@ -11,16 +11,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
+from uuid import UUID
 
 import orjson
 import pytest
 import sqlalchemy as sa
-from eventsourcing.application import AggregateNotFoundError
+from eventsourcing.application import AggregateNotFoundError, LRUCache
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from loyalty.adapters.db import Database
-from loyalty.adapters.event_store import event_store_env
+from loyalty.adapters.event_store import event_store_env, stream_loader, worker_env
 from loyalty.adapters.ingress_log import create_ingress_log
 from loyalty.adapters.pending_store import PendingTable
 from loyalty.adapters.pipeline_store import PipelineStore
@@ -187,6 +188,45 @@ def test_a_rank_change_is_recorded_at_once(db: Database, members: Members) -> No
     assert account(members, "bo").rank == "silver"
     # after it, the rest waits for the interval again
     assert len(PendingTable(db).load(["bo"])) == 1
+
+
+def test_settling_more_members_than_the_cache_holds_reads_each_stream_in_bulk(
+    settings: Settings, db: Database
+) -> None:
+    """A window's new pending rows of more members than the aggregate cache holds (one
+    shard's window: 50 members, a cache of 10): the settling reads their accounts with
+    the bulk loader, slice by slice, and none one stream at a time (all prefetched at
+    once, 40 of 50 were evicted before they were read, then read again singly: 300k
+    single reads at 400k members)."""
+    shards = db.settings.shard_count
+    users = [u for u in (f"many-{i}" for i in range(5000)) if shard_of(u, shards) == 0][:50]
+    app = Members(env={**worker_env(settings), "AGGREGATE_CACHE_MAXSIZE": "10"})
+    try:
+        accounts = Accounts(
+            app, stream_loader=lambda a: stream_loader(a.recorder), pending=PendingTable(db)
+        )
+        pipeline = Pipeline(
+            create_ingress_log(db),
+            PipelineStore(db),
+            RulesStore(db, cache_seconds=0),
+            accounts,
+            chunk=1000,
+            interval_seconds=3600,
+        )
+        ingest(db, [ev(i, user, "logged_on") for i, user in enumerate(users)])
+        drain_with(pipeline, db, record=False)  # the accounts, created at once
+        app.repository.cache = LRUCache(10)  # what another process's traffic left there
+        single: list[UUID] = []
+        select = app.recorder.select_events
+        app.recorder.select_events = (  # type: ignore[method-assign]
+            lambda originator_id, **kw: single.append(originator_id) or select(originator_id, **kw)
+        )
+        ingest(db, [premium(100 + i, user) for i, user in enumerate(users)])
+        drain_with(pipeline, db, record=False)
+        assert len(PendingTable(db).load(users)) == 50  # settled: each row waits for the interval
+        assert single == []
+    finally:
+        app.close()
 
 
 def test_a_spend_uses_pending_currency_in_one_save(db: Database, members: Members) -> None:
