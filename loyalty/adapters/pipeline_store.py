@@ -52,10 +52,12 @@ LOAD_CAPS = (
     "SELECT c.user_id, c.event_type, c.day, c.count "
     "FROM jsonb_array_elements(%s::text::jsonb) AS e CROSS JOIN LATERAL "
     "(SELECT user_id, event_type, day, count FROM pipeline_caps "
-    "WHERE user_id = e->>0 AND event_type = e->>1 AND day = (e->>2)::date LIMIT 1) c"
+    "WHERE user_id = e->>0 AND event_type = e->>1 AND day + 0 = (e->>2)::date LIMIT 1) c"
 )
 """The caps of a JSON array of keys, one primary-key probe each (PostgreSQL; see
-``pending_store.PENDING_AT_REVISION``)."""
+``pending_store.PENDING_AT_REVISION``). ``day + 0``: the day's own index cannot serve the
+probe; a plan made while the table was empty chose it (a tie on cost), and a cached
+generic plan then read every cap of the day for each key."""
 
 
 def _json_rows(rows: Iterable[tuple[Any, ...]]) -> str:
