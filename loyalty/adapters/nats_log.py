@@ -67,12 +67,11 @@ _KEY_CHUNK = 400  # keys per statement (SQLite's bound-parameter limit)
 
 
 CONFIRM_KEYS = (
-    "UPDATE stream_ingress_keys k SET seq = f.seq "
-    "FROM (SELECT r.ctid AS tid, (e->>2)::bigint AS seq "
+    "UPDATE stream_ingress_keys k SET seq = (e->>2)::bigint "
     "FROM jsonb_array_elements(%s::text::jsonb) AS e CROSS JOIN LATERAL "
     "(SELECT ctid FROM stream_ingress_keys "
-    "WHERE source = e->>0 AND event_id = e->>1 LIMIT 1) r) f "
-    "WHERE k.ctid = f.tid"
+    "WHERE source = e->>0 AND event_id = e->>1 LIMIT 1) r "
+    "WHERE k.ctid = r.ctid"
 )
 """Note the acknowledged stream sequence of a JSON array of [source, event_id, seq], one
 primary-key probe each (PostgreSQL; see ``pending_store.PENDING_AT_REVISION``)."""

@@ -50,10 +50,10 @@ LOCK_PENDING = (
 )
 """The rows of a JSON array of user ids, locked in the array's order (PostgreSQL)."""
 SET_NEEDS = (
-    "UPDATE pipeline_pending p SET rank_need = k.need "
-    "FROM (SELECT r.ctid AS tid, e->>3 AS need FROM jsonb_array_elements(%s::text::jsonb) AS e "
-    f"CROSS JOIN LATERAL ({PENDING_AT_REVISION.format('ctid')}) r) k "
-    "WHERE p.ctid = k.tid"
+    "UPDATE pipeline_pending p SET rank_need = e->>3 "
+    "FROM jsonb_array_elements(%s::text::jsonb) AS e "
+    f"CROSS JOIN LATERAL ({PENDING_AT_REVISION.format('ctid')}) r "
+    "WHERE p.ctid = r.ctid"
 )
 """Each row's rank need (``e->>3``), only at the revision given (PostgreSQL)."""
 DUE = (
