@@ -35,6 +35,7 @@ version 1) load with ``source = None``: such a legacy id answers every source as
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import re
@@ -122,6 +123,16 @@ def _member_id(user_id: str) -> UUID:
     return uuid5(NAMESPACE, user_id)
 
 
+_IMMUTABLE = frozenset({int, str, bool, Decimal, UUID, datetime, date, type(None)})
+_FLAT = frozenset(
+    {"other_award_ids", "orders", "refunded_orders", "adjustments", "lots", "rank_days"}
+    | {"expired_lots"}
+)
+"""A member's containers of immutables (strings, ints, frozen ``Adjustment``)."""
+_NESTED = frozenset({"award_positions", "order_refunds", "order_lots"})
+"""A member's dicts of containers of immutables."""
+
+
 class Member(Aggregate):
     """A member's account: spendable currency, lifetime rank points, rank."""
 
@@ -169,6 +180,27 @@ class Member(Aggregate):
         self.expired_lots: dict[str, int] = {}
         """Per lot, the currency expired from it (a lot here is closed: anything put back
         into it later expires at once)."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Member:
+        """A copy sharing nothing mutable (what a fold on a copy needs: the member view's
+        and a spend's ``with_pending``), copying the containers whole (C speed) by their
+        known shapes: the generic deep copy walked every entry in Python, ~90 µs a new
+        member and ~1.7 ms one with 500 orders, on every read of an account with pending
+        earnings. An attribute of another shape is deep-copied the generic way."""
+        clone = object.__new__(type(self))
+        memo[id(self)] = clone
+        state: dict[str, Any] = {}
+        for name, value in vars(self).items():
+            if type(value) in _IMMUTABLE:
+                state[name] = value
+            elif name in _FLAT:
+                state[name] = value.copy()
+            elif name in _NESTED:
+                state[name] = {key: inner.copy() for key, inner in value.items()}
+            else:
+                state[name] = copy.deepcopy(value, memo)
+        clone.__dict__.update(state)
+        return clone
 
     @staticmethod
     def upcast_v4_v5(state: dict[str, Any]) -> None:

@@ -604,3 +604,51 @@ def test_upcast_v1_state_keeps_every_replay_rule() -> None:
         scoped_key(None, "adj-2"): Adjustment(1, 2, "tuple"),
     }
     assert "award_ids" not in state
+
+
+def _mutables(value: Any) -> list[Any]:
+    """Every dict, list and set reachable from ``value`` (inside the member's state)."""
+    found: list[Any] = []
+    if isinstance(value, dict):
+        found.append(value)
+        for item in value.values():
+            found += _mutables(item)
+    elif isinstance(value, (list, set)):
+        found.append(value)
+        for item in value:
+            found += _mutables(item)
+    return found
+
+
+def test_a_deep_copy_shares_nothing_mutable_and_folds_apart() -> None:
+    """``copy.deepcopy`` (the member view's and a spend's fold on a copy) copies by the
+    state's known shapes: no dict, list or set of the copy is the original's, at any
+    depth, and a fold on the copy leaves the original as it was."""
+    import copy
+
+    member = Member(user_id=USER)
+    member.award(award_id_for(3, (10, 2)), 500, 1200, 4, 1, LADDER, "2026-01", "2026-01-05")
+    member.award("legacy-id", 50, 0, 1, 1, LADDER, month="2026-02")
+    member.spend("o1", 100)
+    member.spend("o2", 50)
+    member.refund("o1", refund_id="r1", amount=30)
+    member.refund("o2")
+    member.adjust("a1", -20, 10, "fix", LADDER)
+    member.expire(CurrencyExpiry(after_months=1), datetime(2026, 3, 2, tzinfo=UTC))
+    member.collect_events()
+    state = vars(member)
+    for name in ("award_positions", "other_award_ids", "orders", "refunded_orders"):
+        assert state[name], name  # every container has something in it
+    for name in ("order_refunds", "adjustments", "order_lots", "rank_days", "expired_lots"):
+        assert state[name], name
+    clone = copy.deepcopy(member)
+    assert clone == member and clone is not member
+    theirs = {id(v) for v in _mutables(state)} - {id(state)}
+    ours = {id(v) for v in _mutables(vars(clone))} - {id(vars(clone))}
+    assert theirs and not theirs & ours
+    snapshot = copy.deepcopy(state)  # the generic way, for comparison
+    clone.award(award_id_for(3, (11, 0)), 7, 9, 1, 1, LADDER, month="2026-03")
+    clone.spend("o3", 5)
+    clone.refund("o1", refund_id="r2", amount=1)
+    assert vars(member) == snapshot  # the original is untouched
+    assert clone.currency != member.currency
