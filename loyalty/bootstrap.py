@@ -21,7 +21,12 @@ from loyalty.adapters.console_sessions import ConsoleSessions
 from loyalty.adapters.db import Database, DatabaseUnavailable, fast_pool_reconnect
 from loyalty.adapters.delivery_store import RELAY_CHANNEL, SqlDeliveryStore
 from loyalty.adapters.erasure_store import SqlErasureStore
-from loyalty.adapters.event_store import event_store_env, stream_loader, worker_env
+from loyalty.adapters.event_store import (
+    event_store_env,
+    stream_connection,
+    stream_loader,
+    worker_env,
+)
 from loyalty.adapters.expiry_store import ExpiryLease, MemberLots
 from loyalty.adapters.explanation_store import ExplanationStore
 from loyalty.adapters.ingress_log import (
@@ -500,8 +505,13 @@ def build_api_services(
     now = clock or (lambda: datetime.now(UTC))
     env = event_store_env(settings)
     markers = marker_cache(db)
+    accounts: Accounts
+    # a member read reads the pending row on the event store's connections
+    connect = (lambda: stream_connection(accounts.app)) if db.backend == "postgresql" else None
     accounts = Accounts(
-        members or (lambda: Members(env=env)), markers=markers, pending=PendingTable(db)
+        members or (lambda: Members(env=env)),
+        markers=markers,
+        pending=PendingTable(db, connect),
     )
     rules = RulesStore(db)
     metrics = metrics if metrics is not None else Metrics()

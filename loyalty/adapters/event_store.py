@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
+import psycopg
 import sqlalchemy as sa
+from eventsourcing.application import Application
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.sqlite import SQLiteApplicationRecorder
@@ -182,6 +185,15 @@ def stream_loader(
 
         return load_sqlite
     raise TypeError(f"no bulk loader for {type(recorder).__name__}")
+
+
+def stream_connection(app: Application[Any]) -> AbstractContextManager[psycopg.Connection[Any]]:
+    """A connection of the event store's pool (PostgreSQL; autocommit): for a read beside
+    a stream's, on the connections that read streams, with no ping or transaction."""
+    recorder = app.recorder
+    if not isinstance(recorder, PostgresApplicationRecorder):
+        raise TypeError(f"no connection pool in {type(recorder).__name__}")
+    return recorder.datastore.get_connection()
 
 
 def erase_stream(db: Database, member_id: str) -> int:

@@ -940,3 +940,31 @@ def check_held(
         assert view.rank == (higher(h.rank, model_rank(version, h.points)) if h.row else h.rank)
         with pytest.raises(InsufficientFunds):  # one more than shown is refused
             spending.spend(user, f"probe-{user}", h.spendable + 1)
+
+
+def test_a_member_read_takes_its_pending_row_from_the_event_stores_connections(
+    settings: Settings, db: Database, members: Members
+) -> None:
+    """PostgreSQL: the row is one statement on the event store's pool (in autocommit), not
+    a checkout of the engine's (a ping, ``BEGIN``, the select, ``COMMIT``); the view
+    still shows the pending part."""
+    if db.backend != "postgresql":
+        pytest.skip("SQLite reads the row through the engine: one file, no round trips")
+    from loyalty.bootstrap import build_api_services
+
+    ingest(db, [ev(0, "fa", "logged_on")])
+    pipeline = make_pipeline(db, members)
+    drain_with(pipeline, db, record=False)
+    ingest(db, [premium(i, "fa") for i in range(1, 4)])  # 45 currency pending
+    drain_with(pipeline, db, record=False)
+    services = build_api_services(settings, db=db, members=members)
+    assert services.members.view("fa").pending_currency == 45  # warm: rules, markers
+    checkouts: list[object] = []
+    listener = lambda *_args: checkouts.append(_args)  # noqa: E731
+    sa.event.listen(db.engine, "checkout", listener)
+    try:
+        views = [services.members.view("fa") for _ in range(5)]
+    finally:
+        sa.event.remove(db.engine, "checkout", listener)
+    assert [(v.currency, v.pending_currency) for v in views] == [(46, 45)] * 5
+    assert checkouts == []

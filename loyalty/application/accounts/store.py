@@ -151,7 +151,9 @@ class Accounts:
         spend decides on the same fold, so "spendable" is one computation: currency
         earned in a month whose lot has expired expires at recording, so it is never
         shown (see docs/architecture.md, "Currency expiry")."""
-        row = self.pending_of(member.user_id)
+        # the view's read: one statement on the event store's pool (``PendingStore.one``);
+        # a command's (``pending_of``) stays off that pool, where saves wait for the lock
+        row = self.pending.one(member.user_id) if self.pending is not None else None
         if row is None:
             return member
         folded = copy.deepcopy(member)
