@@ -40,7 +40,7 @@ recorder test cases run against both classes (tests/integration/test_event_recor
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -194,10 +194,24 @@ class JsonInsertApplicationRecorder(PostgresApplicationRecorder):
                     self._insert_events(curs, stored_events, **kwargs)
                 if not stored_events:
                     return None
-                with conn.cursor() as curs:
-                    self._insert_stored_events(curs, stored_events, **kwargs)
-                    # a uniqueness violation raises here, not at the commit
-                    pipeline.sync()
+                with conn.cursor() as curs, conn.cursor() as gone, conn.cursor() as marked:
+                    checked = self._insert_stored_events(
+                        curs, stored_events, gone, marked, **kwargs
+                    )
+                    # One round trip for the lock, the checks, the insert and the deletes (a
+                    # uniqueness violation or a moved pending row raises here, not at the
+                    # commit); the checks' rows are read after it, and a refusal raises
+                    # through the transaction: nothing inserted is committed.
+                    try:
+                        pipeline.sync()
+                    except psycopg.errors.DivisionByZero as exc:
+                        # the checks ran before the delete: an erasure is the reason to give
+                        raise refusal(checked()) or PendingMoved(
+                            [u for u, _, _ in _consumed(kwargs)]
+                        ) from exc
+                    error = refusal(checked())
+                    if error is not None:
+                        raise error
                     return self._fetch_ids_after_insert_events(curs, stored_events, **kwargs)
 
     def _markers_exist(self, curs: Cursor[DictRow]) -> bool:
@@ -211,30 +225,45 @@ class JsonInsertApplicationRecorder(PostgresApplicationRecorder):
         return self._has_markers
 
     def _check_erasure(
-        self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent], fence: int
-    ) -> None:
-        rows: list[tuple[str, str]] = []
+        self,
+        gone: Cursor[DictRow],
+        marked: Cursor[DictRow],
+        stored_events: Sequence[StoredEvent],
+        fence: int,
+    ) -> Callable[[], list[tuple[str, str]]]:
+        """Queue the erasure guard's two checks (a predecessor gone; a marker erasing, or
+        newer than ``fence``); the returned function reads their rows once the pipeline
+        has synced. Under the insert's lock: an erasure commits before them or waits."""
         before = predecessors(stored_events)
         if before:
-            curs.execute(self._gone_statement, ([p[0] for p in before], [p[1] for p in before]))
-            rows += [(r["member_id"], "gone") for r in curs.fetchall()]
-        if self._markers_exist(curs):
+            gone.execute(self._gone_statement, ([p[0] for p in before], [p[1] for p in before]))
+        markers = self._markers_exist(marked)
+        if markers:
             ids = sorted({str(e.originator_id) for e in stored_events})
-            curs.execute(self._markers_statement, (ids, fence))
-            rows += [(r["member_id"], r["why"]) for r in curs.fetchall()]
-        error = refusal(rows)
-        if error is not None:
-            raise error
+            marked.execute(self._markers_statement, (ids, fence))
 
-    def _insert_stored_events(
+        def rows() -> list[tuple[str, str]]:
+            found = [(r["member_id"], "gone") for r in gone.fetchall()] if before else []
+            if markers:
+                found += [(r["member_id"], r["why"]) for r in marked.fetchall()]
+            return found
+
+        return rows
+
+    def _insert_stored_events(  # type: ignore[override]
         self,
         curs: Cursor[DictRow],
         stored_events: Sequence[StoredEvent],
+        gone: Cursor[DictRow],
+        marked: Cursor[DictRow],
         **kwargs: Any,
-    ) -> None:
+    ) -> Callable[[], list[tuple[str, str]]]:
+        """Queue the save's statements in the pipeline, none read before the sync: the
+        lock, the erasure checks, the notification, the insert, the explanations and the
+        pending rows' conditional delete (a mismatch divides by zero in the database).
+        Returns the erasure checks' reader."""
         self._lock_table(curs)
-        with curs.connection.cursor() as check:
-            self._check_erasure(check, stored_events, _fence(kwargs))
+        checked = self._check_erasure(gone, marked, stored_events, _fence(kwargs))
         self._notify_channel(curs)
         rows = orjson.dumps(
             [
@@ -243,7 +272,6 @@ class JsonInsertApplicationRecorder(PostgresApplicationRecorder):
             ]
         ).decode()
         curs.execute(query=self.insert_events_statement, params=(rows,))
-        consumed = _consumed(kwargs)
         explained = _explained(kwargs)
         if explained:
             # each recorded row's explanation is kept with its award (same transaction)
@@ -252,19 +280,11 @@ class JsonInsertApplicationRecorder(PostgresApplicationRecorder):
                     EXPLAIN_RECORDED,
                     (NO_SUMMARY, orjson.dumps(explained).decode()),
                 )
+        consumed = _consumed(kwargs)
         if consumed:
-            # A mismatch fails the statement in the database (division by zero): the
-            # transaction is then aborted whoever ends it, and the events and the
-            # deletions roll back together.
             with curs.connection.cursor() as delete:
-                try:
-                    delete.execute(
-                        DELETE_RECORDED,
-                        (orjson.dumps(consumed).decode(), len(consumed)),
-                    )
-                    delete.fetchall()
-                except psycopg.errors.DivisionByZero as exc:
-                    raise PendingMoved([u for u, _, _ in consumed]) from exc
+                delete.execute(DELETE_RECORDED, (orjson.dumps(consumed).decode(), len(consumed)))
+        return checked
 
 
 class GuardedSQLiteApplicationRecorder(SQLiteApplicationRecorder):

@@ -26,6 +26,7 @@ from loyalty.api.app import create_app
 from loyalty.application.access import Role
 from loyalty.application.accounts import Accounts, Members, StreamErased
 from loyalty.application.erasure import ERASING, Marker
+from loyalty.application.pending import PENDING
 from loyalty.bootstrap import build_forget_service, build_pipeline, build_projection
 from loyalty.config import Settings
 from loyalty.domain.errors import MemberBeingErased
@@ -123,6 +124,23 @@ def test_the_insert_refuses_a_stale_copy_of_an_erased_stream(
     assert stream(db, "alice") == []  # nothing orphaned
     members.save(earned("alice", "a3"))  # a fresh account may start at version 1
     assert stream(db, "alice") == [1]  # Created + Awarded: one Enrolled
+
+
+def test_a_save_recording_a_pending_row_of_an_erased_stream_is_refused_as_erased(
+    db: Database, members: Members
+) -> None:
+    """The erasure deleted the stream and the pending row: the save's conditional delete
+    of the row fails too, but the refusal names the erasure (the checks ran first; on
+    PostgreSQL every statement of the save is read after one sync)."""
+    erin = earned("erin", "e1")
+    members.save(erin)
+    stale = members.repository.get(erin.id)
+    erase_stream(db, str(erin.id))
+    stale.award("e2", 1, 1, 1, 1, RankLadder(()))
+    with pytest.raises(StreamErased) as refused:
+        members.save(stale, **{PENDING: {"erin": (7, 1)}})
+    assert refused.value.reason == "gone" and refused.value.member_ids == [str(erin.id)]
+    assert stream(db, "erin") == []
 
 
 def test_the_insert_refuses_a_stream_being_erased_or_erased_since_the_read(
