@@ -23,6 +23,7 @@ from loyalty.adapters.delivery_store import RELAY_CHANNEL, SqlDeliveryStore
 from loyalty.adapters.erasure_store import SqlErasureStore
 from loyalty.adapters.event_store import (
     event_store_env,
+    plain_decoder,
     stream_connection,
     stream_loader,
     worker_env,
@@ -345,6 +346,7 @@ def event_feed(app: Members, erasure: SqlDeliveryStore | None = None) -> EventFe
         app,
         erasure,
         first_events=stream_loader(app.recorder, first_only=True),
+        decode=plain_decoder(app),
     )
 
 

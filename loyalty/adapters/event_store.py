@@ -11,16 +11,19 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from datetime import datetime
 from typing import Any
 from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
+import orjson
 import psycopg
 import sqlalchemy as sa
 from eventsourcing.application import Application
-from eventsourcing.persistence import StoredEvent
+from eventsourcing.persistence import JSONTranscoder, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.sqlite import SQLiteApplicationRecorder
+from eventsourcing.utils import resolve_topic
 from psycopg import sql
 
 from loyalty.adapters.db import (
@@ -38,8 +41,10 @@ from loyalty.adapters.event_recorder import (
 from loyalty.adapters.event_recorder import SQLITE_TOPIC as SQLITE_RECORDER_TOPIC
 from loyalty.adapters.event_recorder import TOPIC as RECORDER_TOPIC
 from loyalty.adapters.tables import EVENT_STORE_TABLES
+from loyalty.application.delivery.feed import BOOKKEEPING, Decoded, PlainDecoder
 from loyalty.application.projections import TOMBSTONE as TOMBSTONE_TOPIC
 from loyalty.config import Settings
+from loyalty.domain.member import Member
 
 STREAM_TABLES = tuple(sorted(EVENT_STORE_TABLES))
 """The library's tables of a member's stream (one pair per backend)."""
@@ -185,6 +190,45 @@ def stream_loader(
 
         return load_sqlite
     raise TypeError(f"no bulk loader for {type(recorder).__name__}")
+
+
+_PLAIN = frozenset({str, int, bool, float, type(None)})
+
+
+def plain_decoder(app: Application[Any]) -> PlainDecoder | None:
+    """The feed's decoder of a stored member event straight from its JSON (orjson, no
+    event object: the mapper's decode and the fields' conversion were most of a feed
+    read), upcast as the mapper upcasts; None for a stored ``Enrolled`` (its parts are
+    built by the domain) or a field that is not a plain JSON value (the transcoder
+    encoded it): the mapper then decodes that one. None (no decoder at all) when the
+    mapper compresses or encrypts."""
+    mapper = app.mapper
+    if mapper.cipher is not None or mapper.compressor is not None:
+        return None
+    if type(mapper.transcoder) is not JSONTranscoder:
+        return None
+
+    def decode(stored: Any) -> Decoded | None:
+        cls = resolve_topic(stored.topic)
+        if cls is Member.Enrolled:
+            return None
+        state = orjson.loads(stored.state)
+        stamp = state.pop("timestamp", None)
+        if type(stamp) is not dict or stamp.get("_type_") != "datetime_iso":
+            return None
+        version, target = state.pop("class_version", 1), getattr(cls, "class_version", 1)
+        while version < target:
+            getattr(cls, f"upcast_v{version}_v{version + 1}")(state)
+            version += 1
+        fields: dict[str, Any] = {}
+        for key, value in state.items():
+            if type(value) not in _PLAIN:
+                return None
+            if key not in BOOKKEEPING:
+                fields[key] = value
+        return cls.__name__, fields, datetime.fromisoformat(stamp["_data_"])
+
+    return decode
 
 
 def stream_connection(app: Application[Any]) -> AbstractContextManager[psycopg.Connection[Any]]:

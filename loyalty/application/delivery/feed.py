@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 import orjson
@@ -218,6 +218,26 @@ FirstEvents = Callable[[Sequence[UUID]], Sequence[Any]]
 (``loyalty.adapters.event_store.stream_loader(recorder, first_only=True)``)."""
 
 
+Decoded = tuple[str, dict[str, Any], datetime]
+"""A stored event decoded without the mapper: its class name, its fields (plain JSON
+values, as ``_jsonable`` would give them) and its time."""
+PlainDecoder = Callable[[Any], Decoded | None]
+"""Decodes a stored event (a notification) without building it, or None: then the mapper
+decodes it (a stored ``Enrolled``, a field the transcoder encoded, a cipher)."""
+
+
+class _Item(NamedTuple):
+    """One account event of a page, as the feed carries it."""
+
+    position: int
+    part: int
+    name: str
+    member_id: str
+    version: int
+    at: datetime
+    fields: dict[str, Any]
+
+
 class EventFeed:
     """Committed account events in commit order, read gap-safely from the event store's
     notification log (``members.recorder`` and ``members.mapper``). A page's members
@@ -234,10 +254,12 @@ class EventFeed:
         erasure: ErasureCheck | None = None,
         *,
         first_events: FirstEvents,
+        decode: PlainDecoder | None = None,
     ) -> None:
         # ``owner``: the library application the recorder belongs to, kept alive here
         # (an application that is garbage-collected closes its connection pool).
         self._owner = owner
+        self._decode = decode
         self._erasure = erasure
         self._recorder = recorder
         self._mapper = mapper
@@ -265,52 +287,62 @@ class EventFeed:
         # stands for: what integrators saw for a new member before it was one event.
         # A page ends before the notification that would take it past ``limit`` events
         # (never splitting one: the first is always taken whole).
-        decoded: list[tuple[int, int, Any]] = []
+        items: list[_Item] = []
         last = after
         for n in notifications:
             if n.topic != TOMBSTONE:
-                parts = account_events(self._mapper.to_domain_event(n))
-                if decoded and len(decoded) + len(parts) > limit:
+                parts = self._items(n)
+                if items and len(items) + len(parts) > limit:
                     break
-                decoded.extend((n.id, part, e) for part, e in enumerate(parts))
+                items.extend(parts)
             last = int(n.id)
-        created = {
-            str(e.originator_id): str(e.user_id)
-            for _, _, e in decoded
-            if type(e).__name__ == "Created"
-        }
-        kept = [
-            (position, part, e, feed_type(type(e).__name__), str(e.originator_id))
-            for position, part, e in decoded
-        ]
+        created = {i.member_id: str(i.fields["user_id"]) for i in items if i.name == "Created"}
         if types is not None:
-            kept = [k for k in kept if k[3] in types]
-        users = self._user_ids({k[4] for k in kept} - created.keys())
+            items = [i for i in items if feed_type(i.name) in types]
+        users = self._user_ids({i.member_id for i in items} - created.keys())
         users.update(created)
         events = []
-        for position, part, domain_event, kind, member_id in kept:
-            user_id = users.get(member_id)
+        for item in items:
+            user_id = users.get(item.member_id)
             if user_id is None:  # the stream was erased after we read it: not delivered
                 continue
-            data = wire_data(
-                {k: _jsonable(v) for k, v in vars(domain_event).items() if k not in BOOKKEEPING}
-            )
-            at = domain_event.timestamp
+            at = item.at
             at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
-            version = int(domain_event.originator_version)
             events.append(
                 FeedEvent(
-                    event_id(position, member_id, version, part),
-                    position,
-                    kind,
+                    event_id(item.position, item.member_id, item.version, item.part),
+                    item.position,
+                    feed_type(item.name),
                     user_id,
                     at,
-                    data,
+                    wire_data(item.fields),
                 )
             )
         if events and self._erasure is not None:  # erased while we read: not delivered
             events = drop_erased(self._erasure, events)
         return FeedPage(events, last, head)
+
+    def _items(self, n: Any) -> list[_Item]:
+        """The account events notification ``n`` stands for (a stored ``Enrolled``: its
+        three), each field a plain JSON value: decoded straight from the stored JSON by
+        ``decode`` where it can (no event object is built), else by the mapper."""
+        position, member_id, version = int(n.id), str(n.originator_id), int(n.originator_version)
+        plain = self._decode(n) if self._decode is not None else None
+        if plain is not None:
+            name, fields, at = plain
+            return [_Item(position, 0, name, member_id, version, at, fields)]
+        return [
+            _Item(
+                position,
+                part,
+                type(e).__name__,
+                member_id,
+                int(e.originator_version),
+                e.timestamp,
+                {k: _jsonable(v) for k, v in vars(e).items() if k not in BOOKKEEPING},
+            )
+            for part, e in enumerate(account_events(self._mapper.to_domain_event(n)))
+        ]
 
     def _user_ids(self, member_ids: set[str]) -> dict[str, str]:
         """The user id of each of ``member_ids`` whose stream has its first event (an

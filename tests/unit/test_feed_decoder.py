@@ -1,0 +1,89 @@
+"""The feed's decoder of stored events straight from their JSON (``plain_decoder``) gives
+every event exactly what the mapper's way gives: the same page, body for body, for every
+kind of member event, a stored ``Enrolled``, and streams stored by older versions (their
+events upcast). The library's in-memory recorder holds the stored events (no database:
+the decoding is pure)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+from eventsourcing.persistence import StoredEvent
+
+from loyalty.adapters.event_store import plain_decoder
+from loyalty.application.accounts import Members
+from loyalty.application.delivery.feed import EventFeed
+from loyalty.domain.expiry import CurrencyExpiry
+from loyalty.domain.member import Member
+from loyalty.domain.ranks import Rank, RankLadder
+
+LADDER = RankLadder((Rank("bronze", 0, ()), Rank("silver", 100, ("free_shipping",))))
+STREAMS = (
+    Path(__file__).parent / "domain" / "member_stream_v3.json",
+    Path(__file__).parents[1] / "e2e" / "legacy_member_stream_v1.json",
+)
+
+
+@pytest.fixture
+def app() -> Any:
+    members = Members(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
+    yield members
+    members.close()
+
+
+def _feeds(app: Any) -> tuple[EventFeed, EventFeed]:
+    def feed(decode: Any) -> EventFeed:
+        return EventFeed(app.recorder, app.mapper, app, first_events=lambda _ids: [], decode=decode)
+
+    decoder = plain_decoder(app)
+    assert decoder is not None
+    return feed(decoder), feed(None)
+
+
+def test_the_decoder_gives_every_event_what_the_mapper_gives(app: Any) -> None:
+    ann = Member(user_id="ann")  # stored as one Enrolled: Created, Awarded, RankChanged
+    ann.award("w0.1.1", 120, 150, 3, 1, LADDER, "2026-01", "2026-01-05")
+    app.save(ann)
+    ann.award("w0.2.1", 7, 3, 1, 2, LADDER, "2026-02", "2026-02-01")
+    ann.spend("o1", 50, source="shop")
+    ann.refund("o1", refund_id="r1", amount=20, source="shop")
+    ann.adjust("a1", -5, 0, "goodwill", LADDER)
+    ann.expire(CurrencyExpiry(after_months=1), datetime(2026, 4, 2, tzinfo=UTC))
+    app.save(ann)
+    for path in STREAMS:  # stored by older versions of the events
+        stored = json.loads(path.read_text())["rows"]
+        app.recorder.insert_events(
+            [StoredEvent(UUID(o), v, topic, state.encode()) for o, v, topic, state in stored]
+        )
+    decoded, mapped = _feeds(app)
+    ours, theirs = decoded.read(0, 1000), mapped.read(0, 1000)
+    assert ours.position == theirs.position
+    assert [e.body() for e in ours.events] == [e.body() for e in theirs.events]
+    kinds = {e.type for e in ours.events}
+    assert {"member.created", "member.awarded", "member.rank_changed", "member.spent"} <= kinds
+    assert {"member.refunded", "member.adjusted", "member.currency_expired"} <= kinds
+    assert len({e.user_id for e in ours.events}) == 1 + len(STREAMS)
+
+
+def test_the_decoder_leaves_an_encoded_field_and_an_enrolled_to_the_mapper(app: Any) -> None:
+    ann = Member(user_id="ann")
+    ann.award("w0.1.1", 1, 1, 1, 1, LADDER)
+    app.save(ann)
+    decoder = plain_decoder(app)
+    assert decoder is not None
+    (enrolled,) = app.recorder.select_notifications(0, 10)
+    assert decoder(enrolled) is None  # its parts are built by the domain
+    encoded = StoredEvent(
+        ann.id,
+        2,
+        "loyalty.domain.member:Member.Spent",
+        b'{"timestamp":{"_type_":"datetime_iso","_data_":"2026-01-01T00:00:00+00:00"},'
+        b'"order_id":{"_type_":"uuid_hex","_data_":"00000000000000000000000000000001"},'
+        b'"amount":1,"source":null,"class_version":2}',
+    )
+    assert decoder(encoded) is None
