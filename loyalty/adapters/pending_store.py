@@ -277,12 +277,12 @@ ONE = f"SELECT {_COLUMNS} FROM pipeline_pending WHERE user_id = %s"
 class PendingTable:
     """Reads and small writes of ``pipeline_pending`` outside the pipeline's merge.
 
-    ``connect`` (PostgreSQL): a connection in autocommit mode for :meth:`one`, the event
-    store's pool's, which a member read has just used for the stream: one round trip for
-    the row, where the engine's connection adds a ping, ``BEGIN`` and ``COMMIT``. Only
-    the member read takes it: a command's read (:meth:`load`) waited there behind saves
-    that hold the pool's connections while they wait for the event insert's lock (the
-    ``spend`` benchmark's p99 57 -> 105 ms when spends read their row there too)."""
+    ``connect`` (PostgreSQL): a connection of the event store's pool (autocommit) for a
+    view's :meth:`one`, which has just read the member's stream there: one round trip,
+    where the engine's adds its checkout's ping. Only views take it: a command's read
+    waited there behind saves that hold the pool's connections while they wait for the
+    event insert's lock (the ``spend`` benchmark's p99 57 -> 105 ms when spends read
+    their row there too)."""
 
     def __init__(
         self,
@@ -292,12 +292,20 @@ class PendingTable:
         self._db = db
         self._connect = connect
 
-    def one(self, user_id: str) -> PendingRow | None:
-        """The member's row, if any."""
-        if self._connect is None:
+    def one(self, user_id: str, *, beside_stream: bool = False) -> PendingRow | None:
+        """The member's row, if any: on PostgreSQL one prepared statement in autocommit
+        (no ``BEGIN``/``COMMIT``, no statement built per call), on the event store's pool
+        if ``beside_stream`` and ``connect`` was given, else on the engine's."""
+        if self._db.backend != "postgresql":
             return self.load([user_id]).get(user_id)
-        with self._connect() as conn, conn.cursor(row_factory=tuple_row) as cur:
-            row = cur.execute(ONE, (user_id,)).fetchone()
+        if beside_stream and self._connect is not None:
+            with self._connect() as conn, conn.cursor(row_factory=tuple_row) as cur:
+                row = cur.execute(ONE, (user_id,)).fetchone()
+        else:
+            with self._db.engine.connect() as engine_conn:
+                autocommit = engine_conn.execution_options(isolation_level="AUTOCOMMIT")
+                with psycopg_connection(autocommit).cursor(row_factory=tuple_row) as cur:
+                    row = cur.execute(ONE, (user_id,)).fetchone()
         return _row(row) if row is not None else None
 
     def load(self, user_ids: Iterable[str]) -> dict[str, PendingRow]:

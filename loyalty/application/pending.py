@@ -56,8 +56,9 @@ class PendingMoved(IntegrityError):
 
 class PendingStore(Protocol):
     def load(self, user_ids: Iterable[str]) -> dict[str, PendingRow]: ...
-    def one(self, user_id: str) -> PendingRow | None:
-        """One member's row, for a read (no command decides on it)."""
+    def one(self, user_id: str, *, beside_stream: bool = False) -> PendingRow | None:
+        """One member's row (``beside_stream``: a view's read, on the connections that
+        read the member's stream, where commands' saves may hold them all)."""
         ...
 
     def due(self, shards: Collection[int], before: datetime, limit: int) -> list[str]: ...

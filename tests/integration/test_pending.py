@@ -968,3 +968,28 @@ def test_a_member_read_takes_its_pending_row_from_the_event_stores_connections(
         sa.event.remove(db.engine, "checkout", listener)
     assert [(v.currency, v.pending_currency) for v in views] == [(46, 45)] * 5
     assert checkouts == []
+
+
+def test_a_commands_pending_read_is_one_statement_outside_a_transaction(
+    db: Database, members: Members
+) -> None:
+    """PostgreSQL: a spend's read of the row (``Accounts.pending_of``) runs in autocommit
+    on the engine's connection (no ``BEGIN``, no ``COMMIT``) and reads what is there."""
+    if db.backend != "postgresql":
+        pytest.skip("SQLite reads the row in a read transaction of the one file")
+    ingest(db, [ev(0, "gu", "logged_on")])
+    pipeline = make_pipeline(db, members)
+    drain_with(pipeline, db, record=False)
+    ingest(db, [premium(1, "gu")])  # 15 currency pending
+    drain_with(pipeline, db, record=False)
+    accounts = Accounts(members, pending=PendingTable(db))
+    begun: list[object] = []
+    listener = lambda *_args: begun.append(_args)  # noqa: E731
+    sa.event.listen(db.engine, "begin", listener)
+    try:
+        row = accounts.pending_of("gu")
+        missing = accounts.pending_of("nobody")
+    finally:
+        sa.event.remove(db.engine, "begin", listener)
+    assert row is not None and row.currency == Decimal(15) and missing is None
+    assert begun == []

@@ -124,7 +124,7 @@ class Accounts:
         """The member's pending row, if any (None without a pending store)."""
         if self.pending is None:
             return None
-        return self.pending.load([user_id]).get(user_id)
+        return self.pending.one(user_id)
 
     @staticmethod
     def fold(member: Member, row: PendingRow | None, ranks: RankLadder) -> bool:
@@ -151,9 +151,10 @@ class Accounts:
         spend decides on the same fold, so "spendable" is one computation: currency
         earned in a month whose lot has expired expires at recording, so it is never
         shown (see docs/architecture.md, "Currency expiry")."""
-        # the view's read: one statement on the event store's pool (``PendingStore.one``);
-        # a command's (``pending_of``) stays off that pool, where saves wait for the lock
-        row = self.pending.one(member.user_id) if self.pending is not None else None
+        # the view's read is on the event store's pool; a command's (``pending_of``) stays
+        # off it: there saves hold connections while they wait for the insert's lock
+        pending = self.pending
+        row = pending.one(member.user_id, beside_stream=True) if pending is not None else None
         if row is None:
             return member
         folded = copy.deepcopy(member)
