@@ -5,15 +5,26 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
+import orjson
 import sqlalchemy as sa
 
-from loyalty.adapters.db import Database
+from loyalty.adapters.db import Database, psycopg_connection
 from loyalty.adapters.lease_keys import EXPIRY_LEASE
 from loyalty.adapters.pipeline_store import ShardLeases
 from loyalty.adapters.tables import member_lots, member_ranks
 from loyalty.application.expiry import DueRow
 
 """In ShardLeases' namespace, beyond any shard number and the other jobs' keys."""
+
+
+REMOVE_LOTS = (
+    "DELETE FROM member_lots m USING jsonb_array_elements(%s::text::jsonb) e "
+    "CROSS JOIN LATERAL (SELECT ctid FROM member_lots "
+    "WHERE user_id = e->>1 AND lot = e->>0 LIMIT 1) k WHERE m.ctid = k.ctid"
+)
+"""Delete the (lot, user id) rows of a JSON array in one statement, each by its primary
+key (the lateral probe: see "Lookups by a list of keys" in docs/architecture.md); the
+per-row statements of an executemany were 13 % of an expiry run (py-spy)."""
 
 
 class MemberLots:
@@ -55,6 +66,12 @@ class MemberLots:
 
     def remove(self, rows: Sequence[DueRow]) -> None:
         if not rows:
+            return
+        if self._db.backend == "postgresql":  # one statement, a key probe per row
+            with self._db.write() as conn:
+                psycopg_connection(conn).execute(
+                    REMOVE_LOTS, (orjson.dumps([[lot, user] for lot, user in rows]).decode(),)
+                )
             return
         c = member_lots.c
         with self._db.write() as conn:

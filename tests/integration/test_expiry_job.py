@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 from loyalty.adapters.db import Database
 from loyalty.adapters.event_store import event_store_env
-from loyalty.adapters.expiry_store import ExpiryLease
+from loyalty.adapters.expiry_store import ExpiryLease, MemberLots
 from loyalty.adapters.rules_store import RulesStore
 from loyalty.application.accounts import Members
 from loyalty.application.commands.rules import parse_rule_set
@@ -102,3 +102,19 @@ def test_the_job_decides_on_the_store_not_on_its_cached_copies(
         assert app.repository.get(member.id).currency == 0
     finally:
         app.close()
+
+
+def test_a_run_takes_the_lots_it_expired_out_of_the_index(settings: Settings, db: Database) -> None:
+    """The expiry index (``member_lots``) loses the rows a run expired, every one and no
+    other (on PostgreSQL one statement for a page of rows): the next run reads none."""
+    setup(settings, db, 5)
+    index = MemberLots(db)
+    index_rows = index.due("2024-12", None, 100)
+    assert len(index_rows) == 5
+    index.remove([])  # nothing to do
+    index.remove(index_rows[:2] + [("2024-02", "nobody"), ("2024-03", 'j"0')])
+    assert index.due("2024-12", None, 100) == index_rows[2:]
+    report = build_expiry(db).run(AS_OF)
+    assert (report.lots, report.amount) == (3, 15)  # the job reads the members by the index
+    assert index.due("2024-12", None, 100) == []
+    assert build_expiry(db).run(AS_OF).lots == 0

@@ -22,6 +22,7 @@ import pytest
 from psycopg import sql
 
 from loyalty.adapters.event_recorder import DELETE_RECORDED, EXPLAIN_RECORDED, NO_SUMMARY
+from loyalty.adapters.expiry_store import REMOVE_LOTS
 from loyalty.adapters.nats_log import CONFIRM_KEYS
 from loyalty.adapters.pending_store import DUE, LOCK_PENDING, SET_NEEDS
 from loyalty.adapters.pipeline_store import LOAD_CAPS
@@ -55,12 +56,18 @@ STATEMENTS: dict[str, tuple[str, str, tuple[Any, ...]]] = {
         "pipeline_caps",
         (orjson.dumps([[USER, "logged_on", TODAY]]).decode(),),
     ),
+    "remove lots": (REMOVE_LOTS, "member_lots", (orjson.dumps([["2026-01", USER]]).decode(),)),
     "confirm stream keys": (
         CONFIRM_KEYS,
         "stream_ingress_keys",
         (orjson.dumps([["s", "e42", 7]]).decode(),),
     ),
 }
+
+
+WHOLE_KEY = {"member_lots": {"member_lots_pkey", "member_lots_due_idx"}}
+"""Indexes besides the primary key holding all of a table's key (``(lot, user_id)``: a
+probe of one row too)."""
 
 
 def fill(conn: psycopg.Connection[Any]) -> None:
@@ -84,7 +91,12 @@ def fill(conn: psycopg.Connection[Any]) -> None:
         "FROM generate_series(1, %s) g",
         (ROWS,),
     )
-    conn.execute("ANALYZE pipeline_pending, pipeline_caps, stream_ingress_keys")
+    conn.execute(
+        "INSERT INTO member_lots (user_id, lot) "
+        "SELECT 'u' || lpad(g::text, 7, '0'), '2026-01' FROM generate_series(1, %s) g",
+        (ROWS,),
+    )
+    conn.execute("ANALYZE pipeline_pending, pipeline_caps, stream_ingress_keys, member_lots")
 
 
 @pytest.fixture
@@ -94,7 +106,7 @@ def empty(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
     back (the table sizes set to the catalog's "unknown", -1; the column statistics
     deleted)."""
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
-        tables = ["pipeline_pending", "pipeline_caps", "stream_ingress_keys"]
+        tables = ["pipeline_pending", "pipeline_caps", "stream_ingress_keys", "member_lots"]
         conn.execute(
             "UPDATE pg_class SET reltuples = -1, relpages = 0 WHERE relname = ANY(%s)",
             (tables,),
@@ -178,7 +190,7 @@ def test_a_lookup_planned_on_empty_tables_still_probes_the_primary_key(
     empty.execute("SET plan_cache_mode = force_generic_plan")
     prepare(empty, statement)
     used = list(indexes(explained(empty, params, "FORMAT JSON")))
-    assert used == [f"{table}_pkey"] * len(used) and used, used
+    assert used and set(used) <= WHOLE_KEY.get(table, {f"{table}_pkey"}), used
 
 
 @backends("postgresql")
