@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -195,3 +196,51 @@ def test_a_save_that_outwaits_a_lock_timeout_leaves_its_connection_fit(pg_url: s
     finally:
         blocker.close()
         app.close()
+
+
+def test_saves_refused_in_the_database_leave_their_connection_fit(pg_url: str) -> None:
+    """A save's statements go in one pipeline sync and the erasure checks' rows are read
+    after it; a refusal then raises through the transaction, which psycopg rolls back
+    (and so forgets the statements it prepared in the pipeline: one on its sixth run
+    there was skipped by the server if a statement before it failed). On the pool's one
+    connection: five saves, then two refused by the erasure guard (a marker erasing the
+    stream, the insert on its sixth run) and one whose predecessor is gone, then more
+    saves: each refused one stores nothing and raises the erasure, and every later save
+    is stored."""
+    from loyalty.adapters.db import Database
+    from loyalty.adapters.erasure_store import SqlErasureStore
+    from loyalty.adapters.event_store import erase_stream
+    from loyalty.adapters.migrate import migrate
+    from loyalty.application.accounts import StreamErased
+    from loyalty.application.erasure import ERASING, Marker
+
+    settings = Settings(database_url=pg_url)
+    db = Database(settings)
+    migrate(db)
+    app = Members(env={**event_store_env(settings), "POSTGRES_POOL_SIZE": "1"})
+    try:
+        recorder = app.recorder
+        kept, erased = uuid.uuid4(), uuid.uuid4()
+        recorder.insert_events([StoredEvent(erased, 1, "t", b"{}")])
+        for version in range(1, 5):
+            recorder.insert_events([StoredEvent(kept, version, "t", b"{}")])
+        store = SqlErasureStore(db)
+        now = datetime.now(UTC)
+        store.put_marker(Marker("h", str(erased), now, ERASING), now + timedelta(days=1))
+        for _ in range(2):
+            with pytest.raises(StreamErased) as refused:
+                recorder.insert_events([StoredEvent(erased, 2, "t", b"{}")])
+            assert refused.value.reason == "erasing"
+        erase_stream(db, str(kept))
+        with pytest.raises(StreamErased) as gone:
+            recorder.insert_events([StoredEvent(kept, 5, "t", b"{}")])
+        assert gone.value.reason == "gone"
+        other = uuid.uuid4()
+        for version in range(1, 9):
+            recorder.insert_events([StoredEvent(other, version, "t", b"{}")])
+        assert [e.originator_version for e in recorder.select_events(other)] == list(range(1, 9))
+        assert [e.originator_version for e in recorder.select_events(erased)] == [1]
+        assert recorder.select_events(kept) == []
+    finally:
+        app.close()
+        db.dispose()
