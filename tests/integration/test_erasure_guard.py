@@ -110,17 +110,24 @@ def earned(user_id: str, award_id: str, currency: int = 10) -> Member:
 # ------------------------------------------------------------------ the insert itself
 
 
+def erased_stale_copy(db: Database, members: Members, user_id: str) -> Member:
+    """A copy of ``user_id``'s account read before its stream was erased, with one more
+    award to save."""
+    member = earned(user_id, "a1")
+    members.save(member)
+    stale: Member = members.repository.get(member.id)
+    erase_stream(db, str(member.id))
+    stale.award("a2", 1, 1, 1, 1, RankLadder(()))
+    return stale
+
+
 def test_the_insert_refuses_a_stale_copy_of_an_erased_stream(
     db: Database, members: Members
 ) -> None:
-    alice = earned("alice", "a1")
-    members.save(alice)
-    stale = members.repository.get(alice.id)
-    erase_stream(db, str(alice.id))
-    stale.award("a2", 1, 1, 1, 1, RankLadder(()))
+    stale = erased_stale_copy(db, members, "alice")
     with pytest.raises(StreamErased) as refused:
         members.save(stale)
-    assert refused.value.reason == "gone" and refused.value.member_ids == [str(alice.id)]
+    assert refused.value.reason == "gone" and refused.value.member_ids == [str(stale.id)]
     assert stream(db, "alice") == []  # nothing orphaned
     members.save(earned("alice", "a3"))  # a fresh account may start at version 1
     assert stream(db, "alice") == [1]  # Created + Awarded: one Enrolled
@@ -132,14 +139,10 @@ def test_a_save_recording_a_pending_row_of_an_erased_stream_is_refused_as_erased
     """The erasure deleted the stream and the pending row: the save's conditional delete
     of the row fails too, but the refusal names the erasure (the checks ran first; on
     PostgreSQL every statement of the save is read after one sync)."""
-    erin = earned("erin", "e1")
-    members.save(erin)
-    stale = members.repository.get(erin.id)
-    erase_stream(db, str(erin.id))
-    stale.award("e2", 1, 1, 1, 1, RankLadder(()))
+    stale = erased_stale_copy(db, members, "erin")
     with pytest.raises(StreamErased) as refused:
         members.save(stale, **{PENDING: {"erin": (7, 1)}})
-    assert refused.value.reason == "gone" and refused.value.member_ids == [str(erin.id)]
+    assert refused.value.reason == "gone" and refused.value.member_ids == [str(stale.id)]
     assert stream(db, "erin") == []
 
 
