@@ -43,7 +43,6 @@ TOMBSTONE = "loyalty.erasure:Tombstone"
 PROJECTION_NAME = "members"
 """The tracking name of the projection that owns member_balances and member_history."""
 
-HISTORY_KINDS = ("award", "spend", "refund", "adjustment", "rank_changed", "expiry")
 LEGACY_LOT = "0000-00"
 """The lot of currency from before lots were tracked (``loyalty.domain.expiry.LEGACY``)."""
 
