@@ -9,8 +9,8 @@ finds the row changed (its insert fails and is retried)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -298,15 +298,16 @@ class PendingTable:
         if ``beside_stream`` and ``connect`` was given, else on the engine's."""
         if self._db.backend != "postgresql":
             return self.load([user_id]).get(user_id)
-        if beside_stream and self._connect is not None:
-            with self._connect() as conn, conn.cursor(row_factory=tuple_row) as cur:
-                row = cur.execute(ONE, (user_id,)).fetchone()
-        else:
-            with self._db.engine.connect() as engine_conn:
-                autocommit = engine_conn.execution_options(isolation_level="AUTOCOMMIT")
-                with psycopg_connection(autocommit).cursor(row_factory=tuple_row) as cur:
-                    row = cur.execute(ONE, (user_id,)).fetchone()
+        connect = self._connect if beside_stream and self._connect else self._autocommit
+        with connect() as conn, conn.cursor(row_factory=tuple_row) as cur:
+            row = cur.execute(ONE, (user_id,)).fetchone()
         return _row(row) if row is not None else None
+
+    @contextmanager
+    def _autocommit(self) -> Iterator[psycopg.Connection[Any]]:
+        """The psycopg connection of an engine checkout, in autocommit."""
+        with self._db.engine.connect() as conn:
+            yield psycopg_connection(conn.execution_options(isolation_level="AUTOCOMMIT"))
 
     def load(self, user_ids: Iterable[str]) -> dict[str, PendingRow]:
         ids = sorted(set(user_ids))
