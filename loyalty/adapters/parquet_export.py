@@ -18,7 +18,7 @@ rule set needs in practice); counts as INT64; times as TIMESTAMP (UTC, microseco
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import date
 from decimal import Decimal
 from pathlib import Path
@@ -26,14 +26,16 @@ from typing import Any
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from loyalty.application.reporting import DAY_COLUMNS, AccountEventRow
+from loyalty.application.reporting import DAY_COLUMNS, EventColumns
 
 FILE = "part-0.parquet"
 SCALE = Decimal(1).scaleb(-12)
 DECIMAL = pa.decimal128(38, 12)
 EVENT_BATCH_ROWS = 65_536
+AT = pa.timestamp("us", tz="UTC")
 
 ACTIVITY = pa.schema(
     [
@@ -63,7 +65,7 @@ ACCOUNT_EVENTS = pa.schema(
         ("member", pa.string()),
         ("version", pa.int64()),
         ("type", pa.string()),
-        ("at", pa.timestamp("us", tz="UTC")),
+        ("at", AT),
         ("currency", pa.int64()),
         ("rank_points", pa.int64()),
         ("ref", pa.string()),
@@ -130,24 +132,30 @@ class ParquetSink:
         finally:
             temporary.unlink(missing_ok=True)
 
-    def write_events(self, days: set[date], rows: Iterable[AccountEventRow]) -> dict[date, int]:
+    def write_events(self, days: set[date], pages: Iterable[EventColumns]) -> dict[date, int]:
         files = {day: self._temporary("account_events", day) for day in sorted(days)}
         handles = {day: open(tmp, "wb") for day, (tmp, _) in files.items()}  # noqa: SIM115
         writers = {day: pq.ParquetWriter(handles[day], ACCOUNT_EVENTS) for day in files}
-        buffers: dict[date, list[AccountEventRow]] = {day: [] for day in files}
+        buffers: dict[date, list[pa.RecordBatch]] = {day: [] for day in files}
+        buffered = dict.fromkeys(files, 0)
         counts = dict.fromkeys(files, 0)
+
+        def flush(day: date) -> None:
+            writers[day].write_table(pa.Table.from_batches(buffers[day], ACCOUNT_EVENTS))
+            counts[day] += buffered[day]
+            buffers[day].clear()
+            buffered[day] = 0
+
         try:
-            for row in rows:
-                buffer = buffers[row.day]
-                buffer.append(row)
-                if len(buffer) >= EVENT_BATCH_ROWS:
-                    writers[row.day].write_batch(_event_batch(buffer))
-                    counts[row.day] += len(buffer)
-                    buffer.clear()
-            for day, buffer in buffers.items():
-                if buffer:
-                    writers[day].write_batch(_event_batch(buffer))
-                    counts[day] += len(buffer)
+            for page in pages:
+                for day, part in _by_day(page, files):
+                    buffers[day].append(part)
+                    buffered[day] += part.num_rows
+                    if buffered[day] >= EVENT_BATCH_ROWS:
+                        flush(day)
+            for day in files:
+                if buffered[day]:
+                    flush(day)
                 writers[day].close()
                 handles[day].flush()
                 os.fsync(handles[day].fileno())
@@ -163,18 +171,27 @@ class ParquetSink:
         return counts
 
 
-def _event_batch(rows: Sequence[AccountEventRow]) -> pa.RecordBatch:
-    return pa.record_batch(
+def _by_day(page: EventColumns, days: Iterable[date]) -> Iterator[tuple[date, pa.RecordBatch]]:
+    """The page's events of each of ``days`` (the UTC date of ``at``) whose member is named,
+    as a record batch per day (vectorised: a page is mapped and split in Arrow)."""
+    at = pa.array(page.at, AT)
+    batch = pa.record_batch(
         [
-            pa.array([r.position for r in rows], pa.int64()),
-            pa.array([r.member for r in rows], pa.string()),
-            pa.array([r.version for r in rows], pa.int64()),
-            pa.array([r.type for r in rows], pa.string()),
-            pa.array([r.at for r in rows], pa.timestamp("us", tz="UTC")),
-            pa.array([r.currency for r in rows], pa.int64()),
-            pa.array([r.rank_points for r in rows], pa.int64()),
-            pa.array([r.ref for r in rows], pa.string()),
-            pa.array([r.source for r in rows], pa.string()),
+            pa.array(page.position, pa.int64()),
+            pa.array(page.member, pa.string()),
+            pa.array(page.version, pa.int64()),
+            pa.array(page.type, pa.string()),
+            at,
+            pa.array(page.currency, pa.int64()),
+            pa.array(page.rank_points, pa.int64()),
+            pa.array(page.ref, pa.string()),
+            pa.array(page.source, pa.string()),
         ],
         schema=ACCOUNT_EVENTS,
     )
+    named = pc.is_valid(batch.column("member"))
+    day_of = pc.cast(at, pa.date32())
+    for day in days:
+        part = batch.filter(pc.and_(named, pc.equal(day_of, pa.scalar(day, pa.date32()))))
+        if part.num_rows:
+            yield day, part

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from loyalty.adapters.db import Database
 from loyalty.adapters.parquet_export import ParquetSink
-from loyalty.application.reporting import AccountEventRow
+from loyalty.application.reporting import EventColumns
 from loyalty.bootstrap import build_projection
 from loyalty.cli import app
 from loyalty.config import Settings
@@ -184,14 +184,18 @@ def test_final_days_are_not_written_twice_and_forgotten_members_not_again(
 
 
 def test_a_failed_write_leaves_no_file_and_no_half_file(tmp_path: Path) -> None:
-    def rows() -> Iterator[AccountEventRow]:
-        for i in range(70_000):  # more than one record batch reaches the temporary file
-            yield AccountEventRow(i, TODAY, "m", 1, "Awarded", NOW, 1, 1, None, None)
+    def pages() -> Iterator[EventColumns]:
+        for first in range(0, 70_000, 5_000):  # more than one row group reaches the file
+            n = range(first, first + 5_000)
+            yield EventColumns(
+                n, ["m"] * len(n), [1] * len(n), ["Awarded"] * len(n), [NOW] * len(n),
+                [1] * len(n), [1] * len(n), [None] * len(n), [None] * len(n),
+            )  # fmt: skip
         raise OSError("disk full")
 
     sink = ParquetSink(tmp_path)
     with pytest.raises(OSError, match="disk full"):
-        sink.write_events({TODAY}, rows())
+        sink.write_events({TODAY}, pages())
     folder = tmp_path / "account_events" / f"day={TODAY.isoformat()}"
     assert list(folder.iterdir()) == []
     assert not sink.complete("account_events", TODAY)

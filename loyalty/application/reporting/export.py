@@ -8,6 +8,7 @@ import hmac
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from operator import attrgetter
 from typing import Any, NamedTuple, Protocol
 
 from loyalty.application.reporting.report import RollupReader, check_range, daily_report
@@ -29,8 +30,7 @@ class ExportRefused(Exception):
 
 
 class AccountEventRow(NamedTuple):
-    """One exported account event: the member only as a keyed pseudonym (a tuple: a
-    million of them are made per export)."""
+    """One exported account event: the member only as a keyed pseudonym."""
 
     position: int
     day: date
@@ -43,6 +43,23 @@ class AccountEventRow(NamedTuple):
     rank_points: int
     ref: str | None
     source: str | None
+
+
+class EventColumns(NamedTuple):
+    """The account events of one page of the log, a column per field of
+    :class:`AccountEventRow` but the day (the UTC date of ``at``): an export maps a
+    million events, so a page is mapped a column at a time, not a tuple per event."""
+
+    position: Sequence[int]
+    member: Sequence[str | None]
+    """None: a stream without its ``Created`` (an orphan): no one to name, not exported."""
+    version: Sequence[int]
+    type: Sequence[str]
+    at: Sequence[datetime]
+    currency: Sequence[int]
+    rank_points: Sequence[int]
+    ref: Sequence[str | None]
+    source: Sequence[str | None]
 
 
 class NotificationLog(Protocol):
@@ -63,9 +80,10 @@ class ExportSink(Protocol):
         """Write the day's file of ``dataset`` atomically; returns its bytes."""
         ...
 
-    def write_events(self, days: set[date], rows: Iterable[AccountEventRow]) -> dict[date, int]:
-        """Write one account-event file per day of ``days`` atomically, streaming ``rows``
-        (of those days, in any day order) into them; returns the rows per day."""
+    def write_events(self, days: set[date], pages: Iterable[EventColumns]) -> dict[date, int]:
+        """Write one account-event file per day of ``days`` atomically, streaming into them
+        the events of ``pages`` whose day (the UTC date of ``at``) is one of ``days`` and
+        whose member is named; returns the rows per day."""
         ...
 
 
@@ -74,10 +92,10 @@ _Change = tuple[int, int, str | None]
 
 _CHANGES: dict[str, Callable[[Any], _Change]] = {
     "Created": lambda e: (0, 0, None),
-    "Awarded": lambda e: (e.currency, e.rank_points, e.award_id),
+    "Awarded": attrgetter("currency", "rank_points", "award_id"),
     "Spent": lambda e: (-e.amount, 0, e.order_id),
     "Refunded": lambda e: (e.amount, 0, e.order_id),
-    "Adjusted": lambda e: (e.currency, e.rank_points, e.adjustment_id),
+    "Adjusted": attrgetter("currency", "rank_points", "adjustment_id"),
     "RankChanged": lambda e: (0, 0, e.new),
     EXPIRED_EVENT: lambda e: (-int(e.amount), 0, getattr(e, "lot", None)),
 }
@@ -87,46 +105,61 @@ def _unknown(_event: Any) -> _Change:
     return (0, 0, None)
 
 
-def account_event_rows(
-    log: NotificationLog, key: bytes, wanted: set[date], batch: int = 5000
-) -> Iterator[AccountEventRow]:
-    """The account events of the ``wanted`` days, in log order, each member as
-    :func:`pseudonym`. The whole log is read (a member's ``Created`` names its user id);
-    a forgotten member's stream is gone from the log, so none of its events is exported."""
-    users: dict[Any, str] = {}  # stream id -> pseudonym
+def account_event_columns(
+    log: NotificationLog, key: bytes, batch: int = 5000
+) -> Iterator[EventColumns]:
+    """The account events of the whole log, a page at a time, in log order, each member
+    as :func:`pseudonym`. The whole log is read (a member's ``Created`` names its user
+    id); a forgotten member's stream is gone from the log, so none of its events is
+    named."""
+    users: dict[int, str] = {}  # stream id (as an int: a UUID hashes in Python) -> pseudonym
+    changes, unknown = _CHANGES.get, _unknown
     after = 0
     while True:
         page, last = log.read(after, batch)
         if last <= after:
             return
         after = last
-        for position, event in page:
-            member = event.originator_id
-            cls = type(event)
-            name = cls.__name__
+        if not page:
+            continue
+        positions, events = zip(*page, strict=True)
+        types = [type(e).__name__ for e in events]
+        for name, event in zip(types, events, strict=True):
             if name == "Created":
-                users[member] = pseudonym(key, event.user_id)
-            at: datetime = event.timestamp
+                users[event.originator_id.int] = pseudonym(key, event.user_id)
+        currency, points, refs = zip(
+            *[changes(name, unknown)(e) for name, e in zip(types, events, strict=True)],
+            strict=True,
+        )
+        yield EventColumns(
+            positions,
+            [users.get(e.originator_id.int) for e in events],
+            [e.originator_version for e in events],
+            types,
+            [e.timestamp for e in events],
+            currency,
+            points,
+            refs,
+            [getattr(e, "source", None) for e in events],
+        )
+
+
+def account_event_rows(
+    log: NotificationLog, key: bytes, wanted: set[date], batch: int = 5000
+) -> Iterator[AccountEventRow]:
+    """:func:`account_event_columns` a row at a time: the named members' events of the
+    ``wanted`` days (their UTC dates), ``at`` in UTC."""
+    for page in account_event_columns(log, key, batch):
+        for position, member, version, name, at, currency, points, ref, source in zip(
+            *page, strict=True
+        ):
             if at.tzinfo is not UTC:
                 at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
             day = at.date()
-            if day not in wanted:
+            if member is None or day not in wanted:
                 continue
-            who = users.get(member)
-            if who is None:  # a stream without its Created (an orphan): no one to name
-                continue
-            currency, points, ref = _CHANGES.get(name, _unknown)(event)
             yield AccountEventRow(
-                position,
-                day,
-                who,
-                event.originator_version,
-                name,
-                at,
-                currency,
-                points,
-                ref,
-                getattr(event, "source", None),
+                position, day, member, version, name, at, currency, points, ref, source
             )
 
 
@@ -201,7 +234,7 @@ def export(
         day += timedelta(days=1)
     if not wanted:
         return result
-    counts = sink.write_events(wanted, account_event_rows(log, key, wanted))
+    counts = sink.write_events(wanted, account_event_columns(log, key))
     result.written["account_events"] += len(counts)
     result.events = sum(counts.values())
     return result
