@@ -249,6 +249,8 @@ def processed_storage(db: Database, n: int) -> dict[str, Any]:
         "retention_kept": len(report.kept),
         "before_retention": by_kind(before),
         "after_retention": by_kind(after),
+        "after_retention_tables": {loc.name: loc.bytes for loc in after.locations},
+        "after_retention_rows": {loc.name: loc.rows for loc in after.locations},
         "after_bytes": after.total_bytes,
         "after_database_bytes": after.database_bytes,
     }

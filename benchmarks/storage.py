@@ -28,6 +28,13 @@ def storage(ctx: Context) -> Result:
         "after_retention_by_kind_per_1M": {
             k: round(v * scale) for k, v in kept["after_retention"].items()
         },
+        # the ten largest tables left (bytes per 1M, and their rows as they are)
+        "after_retention_largest_per_1M": {
+            name: [round(size * scale), kept["after_retention_rows"].get(name)]
+            for name, size in sorted(kept["after_retention_tables"].items(), key=lambda kv: -kv[1])[
+                :10
+            ]
+        },
         "before_retention_by_kind_per_1M": {
             k: round(v * scale) for k, v in kept["before_retention"].items()
         },

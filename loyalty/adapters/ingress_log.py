@@ -35,7 +35,11 @@ from psycopg import sql
 from psycopg.types.json import set_json_loads
 
 from loyalty.adapters.db import Database, psycopg_connection
-from loyalty.adapters.tables import INGRESS_PARTITION_PREFIX, KEYS_PARTITION_PREFIX
+from loyalty.adapters.tables import (
+    CAPS_PARTITION_PREFIX,
+    INGRESS_PARTITION_PREFIX,
+    KEYS_PARTITION_PREFIX,
+)
 from loyalty.application.ingress import IngressRecord, Stored, same_content
 
 Position = tuple[int, int]
@@ -73,6 +77,10 @@ _stored_from_row = partial(tuple.__new__, StoredIngress)
 
 def partition_name(day: date) -> str:
     return f"{INGRESS_PARTITION_PREFIX}{day:%Y%m%d}"
+
+
+def caps_partition_name(day: date) -> str:
+    return f"{CAPS_PARTITION_PREFIX}{day:%Y%m%d}"
 
 
 def day_start(day: date) -> datetime:
@@ -145,13 +153,35 @@ def _create_attached(db: Database, lock_key: int, name: str, *ddl: sql.Composed)
     return True
 
 
-def create_day_partition(db: Database, day: date) -> bool:
-    """Create ``day``'s partition unless it exists; True if created."""
+def create_day_partition(db: Database, day: date, *, caps: bool = True) -> bool:
+    """Create ``day``'s partition, and its cap counters' partition (not with ``caps``
+    False: a schema from before migration 0023), unless they exist; True if the ingress
+    partition was created."""
     name = partition_name(day)
     create = sql.SQL("CREATE TABLE {} (LIKE ingress_events INCLUDING DEFAULTS)")
     # No UNIQUE (source, event_id) of its own: ingress_keys de-duplicates across days.
-    return _create_attached(
+    created = _create_attached(
         db, day.toordinal(), name, create.format(sql.Identifier(name)), attach_partition_sql(day)
+    )
+    if caps:
+        create_caps_partition(db, day)
+    return created
+
+
+def create_caps_partition(db: Database, day: date) -> bool:
+    """Create the partition of ``day``'s daily cap counters unless it exists (migration
+    0023: a counter is of the day its event occurred, so of that event's partition);
+    True if created. Its primary key is made by ATTACH, from the parent's."""
+    name = caps_partition_name(day)
+    ident = sql.Identifier(name)
+    return _create_attached(
+        db,
+        day.toordinal(),  # the day's lock: the same as its ingress partition's
+        name,
+        sql.SQL("CREATE TABLE {} (LIKE pipeline_caps)").format(ident),
+        sql.SQL(
+            "ALTER TABLE pipeline_caps ATTACH PARTITION {} FOR VALUES FROM ({}) TO ({})"
+        ).format(ident, sql.Literal(day), sql.Literal(day + timedelta(days=1))),
     )
 
 

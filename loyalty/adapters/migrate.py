@@ -13,10 +13,12 @@ import sqlalchemy as sa
 
 from loyalty.adapters.db import Database
 from loyalty.adapters.tables import (
+    CAPS_DAY_INDEX,
     EVENT_STORE_TABLES,
     EVENT_STORE_TABLES_OF,
     INGRESS_PARTITION_PREFIX,
     KEYS_PARTITION_PREFIX,
+    caps_partition_day,
 )
 
 if TYPE_CHECKING:
@@ -47,13 +49,19 @@ def include_object(
 ) -> bool:
     """Autogenerate's filter (alembic/env.py): the event store's tables (the eventsourcing
     library creates and owns them) and the ingress log's day partitions (created at run
-    time) and the de-duplication keys' generations, with their indexes, are not ours to diff."""
+    time) and the de-duplication keys' generations and the cap counters' day partitions,
+    with their indexes, are not ours to diff; nor the index on the caps' day, which only
+    SQLite has (``tables.CAPS_DAY_INDEX``)."""
     table = name if type_ == "table" else getattr(getattr(obj, "table", None), "name", None)
     if type_ in ("table", "index", "unique_constraint", "foreign_key_constraint") and table:
-        if table in EVENT_STORE_TABLES or table.startswith(
-            (INGRESS_PARTITION_PREFIX, KEYS_PARTITION_PREFIX)
+        if (
+            table in EVENT_STORE_TABLES
+            or table.startswith((INGRESS_PARTITION_PREFIX, KEYS_PARTITION_PREFIX))
+            or caps_partition_day(table) is not None
         ):
             return False
+    if type_ == "index" and name == CAPS_DAY_INDEX and not reflected:
+        return False
     return True
 
 

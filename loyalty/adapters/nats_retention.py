@@ -108,7 +108,7 @@ class JetStreamRetentionStore:
     def unrolled_rows(self, day: date) -> int:
         return self._inner.unrolled_rows(day)
 
-    def delete_caps_before(self, day: date) -> int:
+    def delete_caps_before(self, day: date) -> tuple[int, int]:
         # a kept day keeps its cap counters: the pipeline still needs them
         return self._inner.delete_caps_before(min([day, *self._kept]))
 

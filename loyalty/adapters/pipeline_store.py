@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from loyalty.adapters.db import Database, psycopg_connection
+from loyalty.adapters.ingress_log import create_caps_partition
 from loyalty.adapters.lease_session import lease_session
 from loyalty.adapters.pending_store import PendingTable, merge
 from loyalty.adapters.rollup_store import RollupStore
@@ -52,12 +53,13 @@ LOAD_CAPS = (
     "SELECT c.user_id, c.event_type, c.day, c.count "
     "FROM jsonb_array_elements(%s::text::jsonb) AS e CROSS JOIN LATERAL "
     "(SELECT user_id, event_type, day, count FROM pipeline_caps "
-    "WHERE user_id = e->>0 AND event_type = e->>1 AND day + 0 = (e->>2)::date LIMIT 1) c"
+    "WHERE user_id = e->>0 AND event_type = e->>1 AND day = (e->>2)::date LIMIT 1) c"
 )
 """The caps of a JSON array of keys, one primary-key probe each (PostgreSQL; see
-``pending_store.PENDING_AT_REVISION``). ``day + 0``: the day's own index cannot serve the
-probe; a plan made while the table was empty chose it (a tie on cost), and a cached
-generic plan then read every cap of the day for each key."""
+``pending_store.PENDING_AT_REVISION``), in the key's day partition only (pruned at run
+time: the day is the probe's parameter). A partition has no other index (the one on the
+day, which a plan made on an empty table once chose, reading every cap of the day for
+each key, went with migration 0023)."""
 
 
 def _json_rows(rows: Iterable[tuple[Any, ...]]) -> str:
@@ -69,6 +71,16 @@ class PipelineStore:
     def __init__(self, db: Database) -> None:
         self._db = db
         self._rollups = RollupStore(db)
+        self._caps_days: set[date] = set()
+        """Days whose caps partition this store has seen exist (PostgreSQL)."""
+
+    def _ensure_caps_days(self, days: set[date]) -> None:
+        """PostgreSQL: the caps partitions of ``days`` (each made with its day's ingress
+        partition; made here too for a day whose ingress partition was made before
+        migration 0023, or whose caps partition a crash left unmade)."""
+        for day in sorted(days - self._caps_days):
+            create_caps_partition(self._db, day)
+            self._caps_days.add(day)
 
     def load(self, shard: int) -> Checkpoint:
         c = pipeline_checkpoints.c
@@ -210,6 +222,8 @@ class PipelineStore:
         now = datetime.now(UTC)
         if facts:
             self._rollups.sketch_key()  # made (once) before the commit's transaction
+        if cap_changes and self._db.backend == "postgresql":
+            self._ensure_caps_days({day for _, _, day in cap_changes})
         with self._db.write() as conn:
             moved = conn.execute(
                 pipeline_checkpoints.update()

@@ -20,7 +20,7 @@ without a checkpoint has processed nothing.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -42,12 +42,17 @@ from loyalty.adapters.ingress_log import (
 from loyalty.adapters.lease_keys import RETENTION_LEASE
 from loyalty.adapters.pipeline_store import SHARD_LEASE_NS, PipelineStore, ShardLeases
 from loyalty.adapters.rollup_store import RollupStore
-from loyalty.adapters.tables import INGRESS_PARTITION_PREFIX, KEYS_PARTITION_PREFIX
+from loyalty.adapters.tables import (
+    CAPS_PARTITION_PREFIX,
+    INGRESS_PARTITION_PREFIX,
+    KEYS_PARTITION_PREFIX,
+)
 from loyalty.application.retention import DayOutcome
 
 CHUNK_ROWS = 5_000
 _PARTITION_RE = re.compile(rf"^{INGRESS_PARTITION_PREFIX}(\d{{8}})$")
 _KEYS_RE = re.compile(rf"^{KEYS_PARTITION_PREFIX}(\d{{8}})$")
+_CAPS_RE = re.compile(rf"^{CAPS_PARTITION_PREFIX}(\d{{8}})$")
 
 # Only the columns retention needs (a private MetaData: the forget-me adapter owns the
 # table's full definition, and the table may not exist yet).
@@ -272,69 +277,70 @@ class PostgresRetentionStore:
         """Drop the de-duplication keys' generations whose every receipt day, and the day
         after it (an event may be stamped up to the future skew ahead), is before
         ``cutoff``: DETACH CONCURRENTLY (ingest goes on), then DROP. Returns the bytes."""
-        freed = 0
-        for name, generation, state, size in self._tables(
-            "ingress_keys", KEYS_PARTITION_PREFIX, _KEYS_RE
-        ):
-            if generation + timedelta(days=KEYS_DAYS) >= cutoff:
+        _, freed = self._drop_partitions(
+            "ingress_keys",
+            KEYS_PARTITION_PREFIX,
+            _KEYS_RE,
+            lambda generation: generation + timedelta(days=KEYS_DAYS) < cutoff,
+        )
+        return freed
+
+    def _drop_partitions(
+        self,
+        parent: str,
+        prefix: str,
+        pattern: re.Pattern[str],
+        expired: Callable[[date], bool],
+        *,
+        count: bool = False,
+    ) -> tuple[int, int]:
+        """Drop every partition (attached, half-detached or detached) of ``parent`` whose
+        day is ``expired``: DETACH CONCURRENTLY (writers and readers of the parent go on;
+        FINALIZE for one a crash left half-detached), then DROP. Returns the rows (when
+        ``count``: read before the drop) and the bytes."""
+        rows = freed = 0
+        for name, day, state, size in self._tables(parent, prefix, pattern):
+            if not expired(day):
                 continue
             ident = sql.Identifier(name)
             if state != "detached":
                 how = "FINALIZE" if state == "detach_pending" else "CONCURRENTLY"
                 self._autocommit(
-                    sql.SQL("ALTER TABLE ingress_keys DETACH PARTITION {} {}").format(
-                        ident, sql.SQL(how)
+                    sql.SQL("ALTER TABLE {} DETACH PARTITION {} {}").format(
+                        sql.Identifier(parent), ident, sql.SQL(how)
                     )
                 )
             with self._db.write() as conn:
-                psycopg_connection(conn).execute(sql.SQL("DROP TABLE {}").format(ident))
+                raw = psycopg_connection(conn)
+                if count:
+                    found = raw.execute(sql.SQL("SELECT count(*) FROM {}").format(ident)).fetchone()
+                    rows += int(found[0]) if found else 0
+                raw.execute(sql.SQL("DROP TABLE {}").format(ident))
             freed += size
-        return freed
+        return rows, freed
 
     # -- derived rows --------------------------------------------------------------------
-    def delete_caps_before(self, day: date) -> int:
-        """Cap counters of days before ``day`` whose ingress is gone: a day that still has
-        a partition (kept for its unprocessed events, or half-dropped) keeps its counters,
-        which the pipeline needs when it weighs those events."""
-        kept = sorted(d for d in self._states() if d < day)
-        deleted = 0
-        while True:
-            with self._db.write() as conn:
-                n = conn.execute(
-                    sa.text(
-                        "DELETE FROM pipeline_caps WHERE ctid = ANY(ARRAY("
-                        "SELECT ctid FROM pipeline_caps WHERE day < :day "
-                        "AND day <> ALL(CAST(:kept AS date[])) LIMIT :n))"
-                    ),
-                    {"day": day, "kept": kept, "n": CHUNK_ROWS},
-                ).rowcount
-            deleted += n
-            if n < CHUNK_ROWS:
-                return deleted
+    def delete_caps_before(self, day: date) -> tuple[int, int]:
+        """Cap counters of days before ``day`` whose ingress is gone, dropped with their
+        day's partition (migration 0023): a day that still has an ingress partition (kept
+        for its unprocessed events, or half-dropped) keeps its counters, which the
+        pipeline needs when it weighs those events."""
+        ingress = self._states()
+        return self._drop_partitions(
+            "pipeline_caps",
+            CAPS_PARTITION_PREFIX,
+            _CAPS_RE,
+            lambda d: d < day and d not in ingress,
+            count=True,
+        )
 
     def delete_expired_markers(self, as_of: datetime) -> int:
         return _delete_expired_markers(self._db, as_of)
 
     def finish(self) -> int:
-        """The day partitions' and the keys' generations' files went back with DROP
-        TABLE; the rows deleted from the table that outlives days (``pipeline_caps``) are
-        vacuumed here so that their space is reused by the next days' rows, also where
-        autovacuum is off or behind (plain VACUUM: no lock that blocks ingest or the
-        pipeline). Returns what VACUUM gave back to the file system (trailing empty pages
-        only)."""
-        tables = ("pipeline_caps",)
-        size = sql.SQL(" + ").join(
-            sql.SQL("pg_total_relation_size({})").format(sql.Literal(t)) for t in tables
-        )
-        with self._db.engine.connect() as conn:
-            raw = psycopg_connection(conn.execution_options(isolation_level="AUTOCOMMIT"))
-            before = raw.execute(sql.SQL("SELECT {}").format(size)).fetchone()
-            raw.execute(
-                sql.SQL("VACUUM {}").format(sql.SQL(", ").join(map(sql.Identifier, tables)))
-            )
-            after = raw.execute(sql.SQL("SELECT {}").format(size)).fetchone()
-        assert before is not None and after is not None
-        return max(0, int(before[0]) - int(after[0]))
+        """Nothing left to give back: the day partitions, the caps' partitions and the
+        keys' generations went back with DROP TABLE."""
+        return 0
 
 
 class SqliteRetentionStore:
@@ -442,9 +448,10 @@ class SqliteRetentionStore:
             finally:
                 cursor.close()
 
-    def delete_caps_before(self, day: date) -> int:
+    def delete_caps_before(self, day: date) -> tuple[int, int]:
         """Cap counters of days before ``day`` that hold no ingress row any more: a day
-        kept for its unprocessed events keeps its counters (the pipeline needs them)."""
+        kept for its unprocessed events keeps its counters (the pipeline needs them).
+        Their pages go back with :meth:`finish` (bytes 0 here)."""
         kept = orjson.dumps([d.isoformat() for d in self.expired_days(day)]).decode()
         deleted = 0
         while True:
@@ -457,7 +464,7 @@ class SqliteRetentionStore:
                 ).rowcount
             deleted += n
             if n < self._chunk:
-                return deleted
+                return deleted, 0
 
     def delete_expired_markers(self, as_of: datetime) -> int:
         return _delete_expired_markers(self._db, as_of)

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from psycopg import sql
 
 from loyalty.adapters.db import Database, psycopg_connection
-from loyalty.adapters.tables import EVENT_STORE_TABLES, KEYS_PARTITION_PREFIX
+from loyalty.adapters.tables import EVENT_STORE_TABLES, KEYS_PARTITION_PREFIX, caps_partition_day
 
 READ_MODEL_TABLES = frozenset(
     {
@@ -117,6 +117,9 @@ def table_name(table: str) -> str:
     if table.startswith(KEYS_PARTITION_PREFIX) and table[len(KEYS_PARTITION_PREFIX) :].isdigit():
         day = table[len(KEYS_PARTITION_PREFIX) :]
         return f"Ingest duplicate check, received from {day[:4]}-{day[4:6]}-{day[6:8]} (8 days)"
+    caps_day = caps_partition_day(table)
+    if caps_day is not None:
+        return f"Daily cap counters, {caps_day[:4]}-{caps_day[4:6]}-{caps_day[6:8]}"
     return TABLE_NAMES.get(table, table)
 
 

@@ -18,6 +18,9 @@ EVENT_STORE_TABLES = frozenset(t for pair in EVENT_STORE_TABLES_OF.values() for 
 # Day partitions of the ingress log are created and dropped at run time.
 INGRESS_PARTITION_PREFIX = "ingress_events_p"
 KEYS_PARTITION_PREFIX = "ingress_keys_g"
+# PostgreSQL: the daily cap counters, a partition per day created with the ingress day
+# partition and dropped with it (migration 0023).
+CAPS_PARTITION_PREFIX = "pipeline_caps_"
 
 Timestamp = sa.DateTime(timezone=True)
 Json = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
@@ -131,8 +134,18 @@ pipeline_caps = sa.Table(
     sa.Column("day", sa.Date, primary_key=True),
     sa.Column("shard", sa.Integer, nullable=False),
     sa.Column("count", sa.Integer, nullable=False),
-    sa.Index("pipeline_caps_day_idx", "day"),
+    sa.Index("pipeline_caps_day_idx", "day"),  # SQLite only: see CAPS_DAY_INDEX
 )
+CAPS_DAY_INDEX = "pipeline_caps_day_idx"
+"""SQLite deletes an expired day's counters by this index; PostgreSQL partitions the
+table by day (one partition per day, dropped whole), so it has no such index."""
+
+
+def caps_partition_day(table: str) -> str | None:
+    """``YYYYMMDD`` of a caps day partition's name, else None."""
+    rest = table[len(CAPS_PARTITION_PREFIX) :]
+    return rest if table.startswith(CAPS_PARTITION_PREFIX) and rest.isdigit() else None
+
 
 pipeline_pending = sa.Table(
     "pipeline_pending",

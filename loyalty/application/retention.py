@@ -151,9 +151,10 @@ class RetentionStore(Protocol):
         their activity is in no rollup, so dropping them loses it from every report."""
         ...
 
-    def delete_caps_before(self, day: date) -> int:
+    def delete_caps_before(self, day: date) -> tuple[int, int]:
         """Delete daily cap counters of days before ``day`` that hold no ingress any
-        more (never those of a kept day); return how many."""
+        more (never those of a kept day); return how many, and the bytes given back now
+        (PostgreSQL drops a day's counters whole; SQLite's go back with :meth:`finish`)."""
         ...
 
     def delete_expired_markers(self, as_of: datetime) -> int:
@@ -276,7 +277,8 @@ class Retention:
             if not report.kept:
                 # a resend of an event the pipeline has still to process stays a duplicate
                 report.bytes_reclaimed += self._store.expire_keys(cutoff)
-            report.cap_rows_deleted = self._store.delete_caps_before(cutoff)
+            report.cap_rows_deleted, freed = self._store.delete_caps_before(cutoff)
+            report.bytes_reclaimed += freed
             report.markers_deleted = self._store.delete_expired_markers(as_of)
             note("reclaiming space", len(days), len(days))
             report.bytes_reclaimed += self._store.finish()

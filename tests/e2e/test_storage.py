@@ -13,7 +13,8 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from loyalty.adapters.db import Database
-from loyalty.adapters.ingress_log import partition_name
+from loyalty.adapters.ingress_log import caps_partition_name, partition_name
+from loyalty.adapters.storage import table_name
 from loyalty.api.app import create_app
 from loyalty.bootstrap import build_pipeline, build_projection
 from loyalty.cli import app as cli
@@ -90,14 +91,18 @@ def test_storage_endpoint_reports_rows_and_bytes_per_location(
         assert where["members_events"]["rows"] > 0
         assert where["members_events"]["kind"] == "event_store"
         assert "ingress_events" not in where  # the partitioned parent holds nothing itself
+        # the day's cap counters: a partition made with its ingress day, dropped with it
+        caps = caps_partition_name(NOW.date())
+        assert where[caps]["kind"] == "pipeline" and "pipeline_caps" not in where
+        assert table_name(caps) == f"Daily cap counters, {NOW.date().isoformat()}"
     else:
         assert where["ingress_events"]["rows"] == 100 and where["ingress_events"]["bytes"] > 0
         assert where["stored_events"]["rows"] > 0
         assert body["estimated"] is False  # this SQLite has dbstat
+        assert where["pipeline_caps"]["kind"] == "pipeline"
     assert where["member_balances"]["rows"] == 20
     assert where["member_balances"]["kind"] == "read_model"
     assert where["member_history"]["rows"] > 0
-    assert where["pipeline_caps"]["kind"] == "pipeline"
     assert where["pipeline_pending"]["kind"] == "pipeline"  # pending earnings are listed
     assert where["forget_requests"]["kind"] == "forget"
     assert body["total"] == {

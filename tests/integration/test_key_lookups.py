@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -21,8 +21,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from loyalty.adapters.db import Database
 from loyalty.adapters.event_recorder import DELETE_RECORDED, EXPLAIN_RECORDED, NO_SUMMARY
 from loyalty.adapters.expiry_store import REMOVE_LOTS
+from loyalty.adapters.ingress_log import caps_partition_name, create_caps_partition
 from loyalty.adapters.nats_log import CONFIRM_KEYS
 from loyalty.adapters.pending_store import DUE, LOCK_PENDING, SET_NEEDS
 from loyalty.adapters.pipeline_store import LOAD_CAPS
@@ -32,6 +34,10 @@ from tests.conftest import backends
 ROWS = 5_000
 USER = "u0000042"  # one of the rows
 TODAY = datetime.now(UTC).date().isoformat()
+YESTERDAY = (datetime.now(UTC) - timedelta(days=1)).date().isoformat()
+CAPS = caps_partition_name(date.fromisoformat(TODAY))
+CAPS_DAYS = [CAPS, caps_partition_name(date.fromisoformat(YESTERDAY))]
+"""The caps of TODAY: a partition per day (migration 0023); YESTERDAY's is filled too."""
 
 STATEMENTS: dict[str, tuple[str, str, tuple[Any, ...]]] = {
     # name: (statement, the table it looks up, its parameters)
@@ -53,7 +59,7 @@ STATEMENTS: dict[str, tuple[str, str, tuple[Any, ...]]] = {
     ),
     "load caps": (
         LOAD_CAPS,
-        "pipeline_caps",
+        CAPS,
         (orjson.dumps([[USER, "logged_on", TODAY]]).decode(),),
     ),
     "remove lots": (REMOVE_LOTS, "member_lots", (orjson.dumps([["2026-01", USER]]).decode(),)),
@@ -65,9 +71,13 @@ STATEMENTS: dict[str, tuple[str, str, tuple[Any, ...]]] = {
 }
 
 
-WHOLE_KEY = {"member_lots": {"member_lots_pkey", "member_lots_due_idx"}}
+WHOLE_KEY = {
+    "member_lots": {"member_lots_pkey", "member_lots_due_idx"},
+    CAPS: {f"{name}_pkey" for name in CAPS_DAYS},
+}
 """Indexes besides the primary key holding all of a table's key (``(lot, user_id)``: a
-probe of one row too)."""
+probe of one row too); the caps' plan names every day's partition, and run-time pruning
+probes one (``test_a_caps_lookup_reads_only_its_days_partition``)."""
 
 
 def fill(conn: psycopg.Connection[Any]) -> None:
@@ -81,9 +91,9 @@ def fill(conn: psycopg.Connection[Any]) -> None:
     )
     conn.execute(
         "INSERT INTO pipeline_caps (user_id, event_type, day, shard, count) "
-        "SELECT 'u' || lpad(g::text, 7, '0'), 'logged_on', current_date, mod(g, 16), 1 "
-        "FROM generate_series(1, %s) g",
-        (ROWS,),
+        "SELECT 'u' || lpad(g::text, 7, '0'), 'logged_on', d::date, mod(g, 16), 1 "
+        "FROM generate_series(1, %s) g, unnest(ARRAY[%s, %s]) d",
+        (ROWS, TODAY, YESTERDAY),
     )
     conn.execute(
         "INSERT INTO stream_ingress_keys (source, event_id, day, shard, fingerprint, "
@@ -97,6 +107,7 @@ def fill(conn: psycopg.Connection[Any]) -> None:
         (ROWS,),
     )
     conn.execute("ANALYZE pipeline_pending, pipeline_caps, stream_ingress_keys, member_lots")
+    conn.execute(sql.SQL("ANALYZE {}, {}").format(*map(sql.Identifier, CAPS_DAYS)))
 
 
 @pytest.fixture
@@ -105,8 +116,14 @@ def empty(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
     analyzed: what an earlier test's ANALYZE left in this session's database is taken
     back (the table sizes set to the catalog's "unknown", -1; the column statistics
     deleted)."""
+    db = Database(settings)
+    try:
+        for day in (TODAY, YESTERDAY):
+            create_caps_partition(db, date.fromisoformat(day))
+    finally:
+        db.dispose()
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
-        tables = ["pipeline_pending", "pipeline_caps", "stream_ingress_keys", "member_lots"]
+        tables = ["pipeline_pending", *CAPS_DAYS, "stream_ingress_keys", "member_lots"]
         conn.execute(
             "UPDATE pg_class SET reltuples = -1, relpages = 0 WHERE relname = ANY(%s)",
             (tables,),
@@ -222,3 +239,26 @@ def test_the_due_rows_planned_on_an_empty_table_are_read_no_more_than_returned(
     plan = explained(empty, params, "ANALYZE, FORMAT JSON")
     assert plan["Actual Rows"] == 100
     assert rows_read(plan, "pipeline_pending") <= 100, plan
+
+
+@backends("postgresql")
+@pytest.mark.parametrize("mode", ["force_generic_plan", "force_custom_plan"])
+def test_a_caps_lookup_reads_only_its_days_partition(
+    filled: psycopg.Connection[Any], mode: str
+) -> None:
+    """Migration 0023: a partition of caps per day. The key's day (a parameter of each
+    probe) prunes the others at run time: yesterday's caps of the same member and type
+    are not read, in a cached generic plan either."""
+    filled.execute(f"SET plan_cache_mode = {mode}")
+    prepare(filled, LOAD_CAPS)
+    params = (orjson.dumps([[USER, "logged_on", TODAY]]).decode(),)
+    plan = explained(filled, params, "ANALYZE, FORMAT JSON")
+    assert plan["Actual Rows"] == 1
+    assert rows_read(plan, CAPS) == 1
+    assert probes(plan, CAPS_DAYS[1]) == 0, plan  # not even probed
+
+
+def probes(plan: dict[str, Any], table: str) -> int:
+    """How many times the plan's scans of ``table`` ran (EXPLAIN ANALYZE)."""
+    own = plan["Actual Loops"] if plan.get("Relation Name") == table else 0
+    return own + sum(probes(child, table) for child in plan.get("Plans", []))

@@ -17,7 +17,13 @@ import sqlalchemy as sa
 
 from loyalty.adapters.db import Database
 from loyalty.adapters.event_store import event_store_env
-from loyalty.adapters.ingress_log import create_ingress_log, key_generation, partition_name
+from loyalty.adapters.ingress_log import (
+    caps_partition_name,
+    create_day_partition,
+    create_ingress_log,
+    key_generation,
+    partition_name,
+)
 from loyalty.adapters.lease_keys import RETENTION_LEASE
 from loyalty.adapters.pipeline_store import ShardLeases
 from loyalty.adapters.retention_store import (
@@ -53,7 +59,7 @@ def no_2030_partitions(db: Database) -> None:
     with db.write() as conn:
         names = conn.execute(
             sa.text("SELECT relname FROM pg_class WHERE relkind = 'r' AND relname ~ :p"),
-            {"p": "^ingress_events_p2030[0-9]{4}$"},
+            {"p": "^(ingress_events_p|pipeline_caps_)2030[0-9]{4}$"},
         ).scalars()
         for name in list(names):
             conn.execute(sa.text(f'DROP TABLE "{name}"'))
@@ -135,17 +141,18 @@ def key_generations(db: Database) -> dict[str, int]:
     return {str(name): int(size) for name, size in rows}
 
 
-def relations(db: Database) -> dict[str, str]:
-    """PostgreSQL: every table named like an ingress day partition of 2030, with whether
-    it is attached, half-detached or a plain table."""
+def relations(db: Database, prefix: str = "ingress_events_p") -> dict[str, str]:
+    """PostgreSQL: every table named like a day partition of 2030 (of the ingress, or of
+    ``prefix``), with whether it is attached, half-detached or a plain table."""
     with db.read() as conn:
         rows = conn.execute(
             sa.text(
                 "SELECT c.relname, CASE WHEN i.inhrelid IS NULL THEN 'table' "
                 "WHEN i.inhdetachpending THEN 'pending' ELSE 'attached' END "
                 "FROM pg_class c LEFT JOIN pg_inherits i ON i.inhrelid = c.oid "
-                "WHERE c.relkind = 'r' AND c.relname LIKE 'ingress_events_p2030%'"
-            )
+                "WHERE c.relkind = 'r' AND c.relname LIKE :like"
+            ),
+            {"like": f"{prefix}2030%"},
         ).all()
     return {str(name): str(state) for name, state in rows if name}
 
@@ -203,6 +210,14 @@ def test_expires_processed_days_keeps_unprocessed_events_accounts_and_current_da
             day: int(scalar(db, "SELECT pg_total_relation_size(:n)", {"n": partition_name(day)}))
             for day in (D1, D2, D3, D4)
         }
+        # each day's cap counters: a partition made with the day's (migration 0023)
+        caps_bytes = {
+            day: int(
+                scalar(db, "SELECT pg_total_relation_size(:n)", {"n": caps_partition_name(day)})
+            )
+            for day in (D1, D2, D3, D4)
+        }
+        assert set(relations(db, "pipeline_caps_").values()) == {"attached"}
     metrics = Metrics(process=False)
 
     report = build_retention(db, metrics=metrics).run(AS_OF, strict=True)
@@ -228,6 +243,11 @@ def test_expires_processed_days_keeps_unprocessed_events_accounts_and_current_da
         assert rels["ingress_events_p20300311"] == rels["ingress_events_p20300312"] == "attached"
         dropped_metric = "loyalty_retention_partitions_dropped_total"
         assert (metrics.registry.get_sample_value(dropped_metric) or 0) >= 2
+        # the cap counters of D1 and D3 went whole with their days, bytes reported
+        caps = relations(db, "pipeline_caps_")
+        assert caps_partition_name(D1) not in caps and caps_partition_name(D3) not in caps
+        assert caps[caps_partition_name(D2)] == caps[caps_partition_name(D4)] == "attached"
+        assert report.bytes_reclaimed >= sum(partition_bytes[d] + caps_bytes[d] for d in (D1, D3))
     else:
         # rows: every processed expired row goes, the unprocessed one stays
         assert set(dropped) == {D1, D2, D3}
@@ -254,6 +274,10 @@ def test_expires_processed_days_keeps_unprocessed_events_accounts_and_current_da
     assert set(caps_per_day(db)) == {D4} and again.cap_rows_deleted == caps_before[D2] + 1
     if db.backend == "postgresql":
         assert partition_name(D2) not in relations(db)
+        caps = relations(db, "pipeline_caps_")
+        assert {caps_partition_name(d) for d in (D1, D2, D3, D4)} & set(caps) == {
+            caps_partition_name(D4)
+        }
         # nothing kept: the keys' generations of days before the cutoff went whole (in
         # this test the database's clock, which dates the keys, is years before AS_OF)
         assert key_count(db) == 0 and key_generations(db) == {}
@@ -281,6 +305,72 @@ def test_a_day_kept_for_its_backlog_keeps_its_cap_counters(db: Database, members
     # processed now: the next run drops the day and its counters together
     again = build_retention(db).run(AS_OF)
     assert again.ok and caps_per_day(db) == {} and again.cap_rows_deleted == 1
+
+
+@backends("postgresql")
+def test_caps_of_a_day_without_its_caps_partition_are_stored_all_the_same(
+    db: Database, members: Members
+) -> None:
+    """A day partition made before migration 0023 (or a caps partition a crash left
+    unmade): the pipeline makes the day's caps partition before it stores the day's
+    counters, so the cap holds for the day's next event."""
+    ingest(db, [IncomingEvent("on-1", "capped", "logged_on", NOW - timedelta(hours=2), "{}")])
+    with db.write() as conn:
+        conn.execute(sa.text(f'DROP TABLE "{caps_partition_name(D4)}"'))
+    assert drain(db, members, 1) == 1
+    assert caps_per_day(db) == {D4: 1}
+    assert relations(db, "pipeline_caps_")[caps_partition_name(D4)] == "attached"
+    ingest(db, [IncomingEvent("on-2", "capped", "logged_on", NOW - timedelta(hours=1), "{}")])
+    assert drain(db, members, 1) == 1
+    member = Accounts(members).get("capped")
+    assert (member.currency, member.rank_points) == (1, 1)  # the second logon: capped
+
+
+@backends("postgresql")
+def test_the_caps_move_into_day_partitions_and_back(db: Database) -> None:
+    """Migration 0023: the counters of a day that has its ingress partition move into
+    that day's caps partition; those of a day without one are never read again and do
+    not move. Down again: one table with its index on the day, the counters kept."""
+    from alembic import command
+
+    from loyalty.adapters.migrate import alembic_config, locked_connection
+
+    cfg = alembic_config()
+
+    def migrate_to(revision: str, down: bool) -> None:
+        with locked_connection(db) as conn:
+            cfg.attributes["connection"] = conn
+            (command.downgrade if down else command.upgrade)(cfg, revision)
+            conn.commit()
+
+    def caps() -> set[tuple[str, date, int]]:
+        with db.read() as conn:
+            rows = conn.execute(sa.text("SELECT user_id, day, count FROM pipeline_caps")).all()
+        return {(u, d, n) for u, d, n in rows}
+
+    def day_index() -> bool:
+        return scalar(db, "SELECT to_regclass('pipeline_caps_day_idx')") is not None
+
+    migrate_to("0022_keys_generations", down=True)
+    assert day_index() and relations(db, "pipeline_caps_") == {}
+    create_day_partition(db, D3, caps=False)
+    with db.write() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO pipeline_caps (user_id, event_type, day, shard, count) "
+                "VALUES ('u1', 'logged_on', :d3, 0, 2), ('u2', 'logged_on', :d1, 0, 1)"
+            ),
+            {"d3": D3, "d1": D1},
+        )
+    migrate_to("head", down=False)
+    assert caps() == {("u1", D3, 2)}
+    assert relations(db, "pipeline_caps_")[caps_partition_name(D3)] == "attached"
+    assert not day_index()
+    migrate_to("0022_keys_generations", down=True)
+    assert caps() == {("u1", D3, 2)} and day_index()
+    assert relations(db, "pipeline_caps_") == {}
+    migrate_to("head", down=False)
+    assert caps() == {("u1", D3, 2)}
 
 
 def test_a_shard_without_checkpoint_keeps_its_expired_events(

@@ -62,9 +62,9 @@ class FakeStore:
     def unrolled_rows(self, day: date) -> int:
         return self.unrolled.get(day, 0)
 
-    def delete_caps_before(self, day: date) -> int:
+    def delete_caps_before(self, day: date) -> tuple[int, int]:
         self.caps_before = day
-        return 7
+        return 7, 8192
 
     def delete_expired_markers(self, as_of: datetime) -> int:
         return 2
@@ -93,7 +93,7 @@ def test_report_lists_dropped_and_kept_days() -> None:
     ]
     assert report.kept == [KeptDay(date(2030, 3, 2), 3), KeptDay(date(2030, 3, 3), 1)]
     assert not report.ok
-    assert report.bytes_reclaimed == 1600 and report.rows_dropped == 15
+    assert report.bytes_reclaimed == 1500 + 8192 + 100 and report.rows_dropped == 15
     assert report.cap_rows_deleted == 7 and report.markers_deleted == 2
     assert store.caps_before == date(2030, 3, 4)
     assert store.keys_before is None  # a day kept: a resend of its events stays a duplicate
@@ -105,7 +105,7 @@ def test_the_dedup_keys_expire_when_no_day_is_kept() -> None:
     store = FakeStore({date(2030, 3, 1): DayOutcome(10, 1000, 0, True)})
     report = Retention(store, retention_days=7).run(datetime(2030, 3, 11, 6, tzinfo=UTC))
     assert report.ok and store.keys_before == date(2030, 3, 4)
-    assert report.bytes_reclaimed == 1000 + 30 + 100
+    assert report.bytes_reclaimed == 1000 + 30 + 8192 + 100  # day, keys, caps, finish
 
 
 def test_a_day_processed_before_the_rollups_began_is_kept_unless_dropped_on_purpose() -> None:
