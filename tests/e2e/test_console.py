@@ -934,8 +934,15 @@ def test_storage_and_receipts_name_locations_for_an_operator(
     assert kinds["award_explanations"] == "read_model"
     assert kinds["projection_quarantine"] == "read_model"
     unnamed = [loc.name for loc in report.locations if loc.name not in TABLE_NAMES]
-    # day partitions and the dedup keys' generations are named by their days
-    assert not [n for n in unnamed if not n.startswith(("ingress_events_", "ingress_keys_g"))]
+    # day partitions (of the ingress and of the caps) and the dedup keys' generations are
+    # named by their days
+    assert not [
+        n
+        for n in unnamed
+        if not n.startswith(("ingress_events_", "ingress_keys_g", "pipeline_caps_"))
+    ]
+    caps = [loc for loc in report.locations if loc.name.startswith("pipeline_caps_")]
+    assert all(c.label.startswith("Daily cap counters, ") for c in caps)
     generations = [loc for loc in report.locations if loc.name.startswith("ingress_keys_g")]
     if db.backend == "postgresql":
         assert generations and all(
