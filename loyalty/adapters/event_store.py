@@ -208,25 +208,29 @@ def plain_decoder(app: Application[Any]) -> PlainDecoder | None:
     if type(mapper.transcoder) is not JSONTranscoder:
         return None
 
+    classes: dict[str, tuple[type[Any], str, int]] = {}  # topic -> class, name, version
+
     def decode(stored: Any) -> Decoded | None:
-        cls = resolve_topic(stored.topic)
+        found = classes.get(stored.topic)
+        if found is None:
+            cls = resolve_topic(stored.topic)
+            found = classes[stored.topic] = (cls, cls.__name__, getattr(cls, "class_version", 1))
+        cls, name, target = found
         if cls is Member.Enrolled:
             return None
         state = orjson.loads(stored.state)
         stamp = state.pop("timestamp", None)
         if type(stamp) is not dict or stamp.get("_type_") != "datetime_iso":
             return None
-        version, target = state.pop("class_version", 1), getattr(cls, "class_version", 1)
+        version = state.pop("class_version", 1)
         while version < target:
             getattr(cls, f"upcast_v{version}_v{version + 1}")(state)
             version += 1
-        fields: dict[str, Any] = {}
-        for key, value in state.items():
-            if type(value) not in _PLAIN:
-                return None
-            if key not in BOOKKEEPING:
-                fields[key] = value
-        return cls.__name__, fields, datetime.fromisoformat(stamp["_data_"])
+        if not _PLAIN.issuperset(map(type, state.values())):  # C-level: no loop in Python
+            return None
+        for key in BOOKKEEPING.intersection(state):
+            del state[key]
+        return name, state, datetime.fromisoformat(stamp["_data_"])
 
     return decode
 

@@ -7,7 +7,7 @@ the decoding is pure)."""
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -18,6 +18,7 @@ from eventsourcing.persistence import StoredEvent
 from loyalty.adapters.event_store import plain_decoder
 from loyalty.application.accounts import Members
 from loyalty.application.delivery.feed import EventFeed
+from loyalty.application.reporting import MembersLog, account_event_rows, pseudonym
 from loyalty.domain.expiry import CurrencyExpiry
 from loyalty.domain.member import Member
 from loyalty.domain.ranks import Rank, RankLadder
@@ -45,7 +46,8 @@ def _feeds(app: Any) -> tuple[EventFeed, EventFeed]:
     return feed(decoder), feed(None)
 
 
-def test_the_decoder_gives_every_event_what_the_mapper_gives(app: Any) -> None:
+def store_every_kind(app: Any) -> Member:
+    """Every kind of member event, a stored ``Enrolled``, and the older stored streams."""
     ann = Member(user_id="ann")  # stored as one Enrolled: Created, Awarded, RankChanged
     ann.award("w0.1.1", 120, 150, 3, 1, LADDER, "2026-01", "2026-01-05")
     app.save(ann)
@@ -60,6 +62,11 @@ def test_the_decoder_gives_every_event_what_the_mapper_gives(app: Any) -> None:
         app.recorder.insert_events(
             [StoredEvent(UUID(o), v, topic, state.encode()) for o, v, topic, state in stored]
         )
+    return ann
+
+
+def test_the_decoder_gives_every_event_what_the_mapper_gives(app: Any) -> None:
+    store_every_kind(app)
     decoded, mapped = _feeds(app)
     ours, theirs = decoded.read(0, 1000), mapped.read(0, 1000)
     assert ours.position == theirs.position
@@ -68,6 +75,24 @@ def test_the_decoder_gives_every_event_what_the_mapper_gives(app: Any) -> None:
     assert {"member.created", "member.awarded", "member.rank_changed", "member.spent"} <= kinds
     assert {"member.refunded", "member.adjusted", "member.currency_expired"} <= kinds
     assert len({e.user_id for e in ours.events}) == 1 + len(STREAMS)
+
+
+def test_the_export_reads_with_the_decoder_what_it_reads_with_the_mapper(app: Any) -> None:
+    """``loyalty export`` reads the log with the decoder (``MembersLog``): row for row what
+    the mapper's way gives, over every kind of event and the older streams (pages of
+    three notifications: a stored ``Enrolled`` is never split)."""
+    ann = store_every_kind(app)
+    days = {date(2020, 1, 1) + timedelta(days=d) for d in range(4000)}  # every event's
+    key = b"k" * 32
+    ours = list(account_event_rows(MembersLog(app, plain_decoder(app)), key, days, batch=3))
+    theirs = list(account_event_rows(MembersLog(app), key, days, batch=3))
+    assert ours == theirs
+    kinds = {r.type for r in ours}
+    assert {"Created", "Awarded", "RankChanged", "Spent", "Refunded", "Adjusted"} <= kinds
+    assert "CurrencyExpired" in kinds
+    assert len({r.member for r in ours}) == 1 + len(STREAMS)
+    # the signed changes of currency add up to the account's balance
+    assert sum(r.currency for r in ours if r.member == pseudonym(key, "ann")) == ann.currency
 
 
 def test_the_decoder_leaves_an_encoded_field_and_an_enrolled_to_the_mapper(app: Any) -> None:

@@ -226,16 +226,41 @@ PlainDecoder = Callable[[Any], Decoded | None]
 decodes it (a stored ``Enrolled``, a field the transcoder encoded, a cipher)."""
 
 
-class _Item(NamedTuple):
-    """One account event of a page, as the feed carries it."""
+class StoredItem(NamedTuple):
+    """One account event of a stored notification (a stored ``Enrolled`` is three), each
+    field a plain JSON value: what the ways out carry and the export maps."""
 
     position: int
     part: int
+    """Which of the events a stored ``Enrolled`` stands for (0: any other event itself)."""
     name: str
     member_id: str
     version: int
     at: datetime
     fields: dict[str, Any]
+
+
+def stored_items(n: Any, decode: PlainDecoder | None, mapper: Any) -> list[StoredItem]:
+    """The account events notification ``n`` stands for, each field a plain JSON value:
+    decoded straight from the stored JSON by ``decode`` where it can (no event object is
+    built), else by the library's ``mapper``."""
+    position, member_id, version = int(n.id), str(n.originator_id), int(n.originator_version)
+    plain = decode(n) if decode is not None else None
+    if plain is not None:
+        name, fields, at = plain
+        return [StoredItem(position, 0, name, member_id, version, at, fields)]
+    return [
+        StoredItem(
+            position,
+            part,
+            type(e).__name__,
+            member_id,
+            int(e.originator_version),
+            e.timestamp,
+            {k: _jsonable(v) for k, v in vars(e).items() if k not in BOOKKEEPING},
+        )
+        for part, e in enumerate(account_events(mapper.to_domain_event(n)))
+    ]
 
 
 class EventFeed:
@@ -287,7 +312,7 @@ class EventFeed:
         # stands for: what integrators saw for a new member before it was one event.
         # A page ends before the notification that would take it past ``limit`` events
         # (never splitting one: the first is always taken whole).
-        items: list[_Item] = []
+        items: list[StoredItem] = []
         last = after
         for n in notifications:
             if n.topic != TOMBSTONE:
@@ -322,27 +347,8 @@ class EventFeed:
             events = drop_erased(self._erasure, events)
         return FeedPage(events, last, head)
 
-    def _items(self, n: Any) -> list[_Item]:
-        """The account events notification ``n`` stands for (a stored ``Enrolled``: its
-        three), each field a plain JSON value: decoded straight from the stored JSON by
-        ``decode`` where it can (no event object is built), else by the mapper."""
-        position, member_id, version = int(n.id), str(n.originator_id), int(n.originator_version)
-        plain = self._decode(n) if self._decode is not None else None
-        if plain is not None:
-            name, fields, at = plain
-            return [_Item(position, 0, name, member_id, version, at, fields)]
-        return [
-            _Item(
-                position,
-                part,
-                type(e).__name__,
-                member_id,
-                int(e.originator_version),
-                e.timestamp,
-                {k: _jsonable(v) for k, v in vars(e).items() if k not in BOOKKEEPING},
-            )
-            for part, e in enumerate(account_events(self._mapper.to_domain_event(n)))
-        ]
+    def _items(self, n: Any) -> list[StoredItem]:
+        return stored_items(n, self._decode, self._mapper)
 
     def _user_ids(self, member_ids: set[str]) -> dict[str, str]:
         """The user id of each of ``member_ids`` whose stream has its first event (an

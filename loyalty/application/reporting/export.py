@@ -8,12 +8,12 @@ import hmac
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from operator import attrgetter
+from operator import itemgetter
 from typing import Any, NamedTuple, Protocol
 
+from loyalty.application.delivery.feed import PlainDecoder, StoredItem, stored_items
 from loyalty.application.reporting.report import RollupReader, check_range, daily_report
 from loyalty.application.reporting.rollups import EXPIRED_EVENT
-from loyalty.domain.member import account_events
 
 
 def pseudonym(key: bytes, user_id: str) -> str:
@@ -65,8 +65,8 @@ class EventColumns(NamedTuple):
 class NotificationLog(Protocol):
     """The event store's notification log, decoded (``Members``' recorder and mapper)."""
 
-    def read(self, after: int, limit: int) -> tuple[Sequence[tuple[int, Any]], int]:
-        """Up to ``limit`` (notification id, domain event) pairs after ``after``, and the
+    def read(self, after: int, limit: int) -> tuple[Sequence[StoredItem], int]:
+        """The account events of up to ``limit`` notifications after ``after``, and the
         last notification id read (``after`` when there is none)."""
         ...
 
@@ -90,18 +90,18 @@ class ExportSink(Protocol):
 _Change = tuple[int, int, str | None]
 """(signed currency change, rank points, reference) of one account event"""
 
-_CHANGES: dict[str, Callable[[Any], _Change]] = {
-    "Created": lambda e: (0, 0, None),
-    "Awarded": attrgetter("currency", "rank_points", "award_id"),
-    "Spent": lambda e: (-e.amount, 0, e.order_id),
-    "Refunded": lambda e: (e.amount, 0, e.order_id),
-    "Adjusted": attrgetter("currency", "rank_points", "adjustment_id"),
-    "RankChanged": lambda e: (0, 0, e.new),
-    EXPIRED_EVENT: lambda e: (-int(e.amount), 0, getattr(e, "lot", None)),
+_CHANGES: dict[str, Callable[[dict[str, Any]], _Change]] = {
+    "Created": lambda f: (0, 0, None),
+    "Awarded": itemgetter("currency", "rank_points", "award_id"),
+    "Spent": lambda f: (-f["amount"], 0, f["order_id"]),
+    "Refunded": lambda f: (f["amount"], 0, f["order_id"]),
+    "Adjusted": itemgetter("currency", "rank_points", "adjustment_id"),
+    "RankChanged": lambda f: (0, 0, f["new"]),
+    EXPIRED_EVENT: lambda f: (-int(f["amount"]), 0, f.get("lot")),
 }
 
 
-def _unknown(_event: Any) -> _Change:
+def _unknown(_fields: dict[str, Any]) -> _Change:
     return (0, 0, None)
 
 
@@ -112,7 +112,7 @@ def account_event_columns(
     as :func:`pseudonym`. The whole log is read (a member's ``Created`` names its user
     id); a forgotten member's stream is gone from the log, so none of its events is
     named."""
-    users: dict[int, str] = {}  # stream id (as an int: a UUID hashes in Python) -> pseudonym
+    users: dict[str, str] = {}  # stream id -> pseudonym
     changes, unknown = _CHANGES.get, _unknown
     after = 0
     while True:
@@ -122,25 +122,24 @@ def account_event_columns(
         after = last
         if not page:
             continue
-        positions, events = zip(*page, strict=True)
-        types = [type(e).__name__ for e in events]
-        for name, event in zip(types, events, strict=True):
+        positions, _, names, streams, versions, ats, fields = zip(*page, strict=True)
+        for name, stream, data in zip(names, streams, fields, strict=True):
             if name == "Created":
-                users[event.originator_id.int] = pseudonym(key, event.user_id)
+                users[stream] = pseudonym(key, data["user_id"])
         currency, points, refs = zip(
-            *[changes(name, unknown)(e) for name, e in zip(types, events, strict=True)],
+            *[changes(name, unknown)(data) for name, data in zip(names, fields, strict=True)],
             strict=True,
         )
         yield EventColumns(
             positions,
-            [users.get(e.originator_id.int) for e in events],
-            [e.originator_version for e in events],
-            types,
-            [e.timestamp for e in events],
+            [users.get(stream) for stream in streams],
+            versions,
+            names,
+            ats,
             currency,
             points,
             refs,
-            [getattr(e, "source", None) for e in events],
+            [data.get("source") for data in fields],
         )
 
 
@@ -242,14 +241,17 @@ def export(
 
 class MembersLog:
     """:class:`NotificationLog` over the Members application (its recorder and mapper),
-    passing over SQLite's forget-me tombstone rows."""
+    passing over SQLite's forget-me tombstone rows. ``decode``: the stored events' plain
+    decoder (``adapters.event_store.plain_decoder``; the mapper decodes what it cannot,
+    and every event without it)."""
 
     TOMBSTONE = "loyalty.erasure:Tombstone"
 
-    def __init__(self, members: Any) -> None:
+    def __init__(self, members: Any, decode: PlainDecoder | None = None) -> None:
         self._members = members
+        self._decode = decode
 
-    def read(self, after: int, limit: int) -> tuple[Sequence[tuple[int, Any]], int]:
+    def read(self, after: int, limit: int) -> tuple[Sequence[StoredItem], int]:
         recorder = self._members.recorder
         head = int(recorder.max_notification_id() or 0)
         if head <= after:
@@ -259,12 +261,12 @@ class MembersLog:
         )
         if not notifications:
             return [], after
-        mapper = self._members.mapper
+        mapper, decode = self._members.mapper, self._decode
         # a stored Enrolled is read as the Created, Awarded (and RankChanged) it stands for
-        pairs = [
-            (n.id, event)
+        items = [
+            item
             for n in notifications
             if n.topic != self.TOMBSTONE
-            for event in account_events(mapper.to_domain_event(n))
+            for item in stored_items(n, decode, mapper)
         ]
-        return pairs, int(notifications[-1].id)
+        return items, int(notifications[-1].id)
