@@ -334,6 +334,20 @@ def make_key(db: Database) -> Callable[..., dict[str, str]]:
     return make
 
 
+def migrate_to(db: Database, revision: str, *, down: bool) -> None:
+    """Take ``db``'s schema up or down to ``revision`` with Alembic (a migration's test:
+    data written at an older revision, then migrated)."""
+    from alembic import command
+
+    from loyalty.adapters.migrate import alembic_config, locked_connection
+
+    cfg = alembic_config()
+    with locked_connection(db) as conn:
+        cfg.attributes["connection"] = conn
+        (command.downgrade if down else command.upgrade)(cfg, revision)
+        conn.commit()
+
+
 def drain_pipeline(db: Database, members: object | None = None, timeout: float = 30.0) -> int:
     """Run the pipeline until nothing is pending. On PostgreSQL a writing transaction
     of another session (any database on the server) briefly hides newer rows from the

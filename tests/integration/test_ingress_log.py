@@ -22,7 +22,7 @@ from loyalty.adapters.ingress_log import (
     key_generation,
 )
 from loyalty.application.ingress import IngressRecord, shard_of
-from tests.conftest import backends
+from tests.conftest import backends, migrate_to
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 
@@ -349,20 +349,9 @@ def test_keys_stored_before_the_generations_still_catch_resends(db: Database) ->
     """Migration 0022 moves the keys of one table into generations (by the day their
     event occurred, at most today): a resend of an event stored before it is still a
     duplicate, and down and up again keeps them."""
-    from alembic import command
-
     from loyalty.adapters.ingress_log import create_day_partition
-    from loyalty.adapters.migrate import alembic_config, locked_connection
 
-    cfg = alembic_config()
-
-    def migrate_to(revision: str, down: bool) -> None:
-        with locked_connection(db) as conn:
-            cfg.attributes["connection"] = conn
-            (command.downgrade if down else command.upgrade)(cfg, revision)
-            conn.commit()
-
-    migrate_to("0021_contract2", down=True)
+    migrate_to(db, "0021_contract2", down=True)
     days = [NOW - timedelta(days=3), NOW]
     for at in days:
         create_day_partition(db, at.date(), caps=False)
@@ -375,7 +364,7 @@ def test_keys_stored_before_the_generations_still_catch_resends(db: Database) ->
                 ),
                 {"e": f"before-{i}", "at": at},
             )
-    migrate_to("head", down=False)
+    migrate_to(db, "head", down=False)
     with db.read() as conn:
         moved = dict(
             conn.execute(sa.text("SELECT event_id, day FROM ingress_keys ORDER BY 1")).all()
@@ -384,8 +373,8 @@ def test_keys_stored_before_the_generations_still_catch_resends(db: Database) ->
     log = PostgresIngressLog(db)
     stored = log.store([rec("before-0", at=days[0]), rec("before-1"), rec("after")])
     assert (stored.inserted, set(stored.not_stored)) == (1, {0, 1})
-    migrate_to("0021_contract2", down=True)
-    migrate_to("head", down=False)
+    migrate_to(db, "0021_contract2", down=True)
+    migrate_to(db, "head", down=False)
     assert log.store([rec("after"), rec("before-0", at=days[0])]).inserted == 0
     assert count_rows(db) == 3
 

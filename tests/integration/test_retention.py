@@ -39,7 +39,7 @@ from loyalty.bootstrap import build_pipeline, build_projection, build_retention
 from loyalty.config import Settings
 from loyalty.observability import Metrics
 from loyalty.worker import build_retention_job
-from tests.conftest import backends, wait_visible
+from tests.conftest import backends, migrate_to, wait_visible
 from tests.e2e.live import wait_for
 
 # The ingest clock: events of D1..D4 are inside its 7-day window, so they are accepted.
@@ -331,17 +331,6 @@ def test_the_caps_move_into_day_partitions_and_back(db: Database) -> None:
     """Migration 0023: the counters of a day that has its ingress partition move into
     that day's caps partition; those of a day without one are never read again and do
     not move. Down again: one table with its index on the day, the counters kept."""
-    from alembic import command
-
-    from loyalty.adapters.migrate import alembic_config, locked_connection
-
-    cfg = alembic_config()
-
-    def migrate_to(revision: str, down: bool) -> None:
-        with locked_connection(db) as conn:
-            cfg.attributes["connection"] = conn
-            (command.downgrade if down else command.upgrade)(cfg, revision)
-            conn.commit()
 
     def caps() -> set[tuple[str, date, int]]:
         with db.read() as conn:
@@ -351,7 +340,7 @@ def test_the_caps_move_into_day_partitions_and_back(db: Database) -> None:
     def day_index() -> bool:
         return scalar(db, "SELECT to_regclass('pipeline_caps_day_idx')") is not None
 
-    migrate_to("0022_keys_generations", down=True)
+    migrate_to(db, "0022_keys_generations", down=True)
     assert day_index() and relations(db, "pipeline_caps_") == {}
     create_day_partition(db, D3, caps=False)
     with db.write() as conn:
@@ -362,14 +351,14 @@ def test_the_caps_move_into_day_partitions_and_back(db: Database) -> None:
             ),
             {"d3": D3, "d1": D1},
         )
-    migrate_to("head", down=False)
+    migrate_to(db, "head", down=False)
     assert caps() == {("u1", D3, 2)}
     assert relations(db, "pipeline_caps_")[caps_partition_name(D3)] == "attached"
     assert not day_index()
-    migrate_to("0022_keys_generations", down=True)
+    migrate_to(db, "0022_keys_generations", down=True)
     assert caps() == {("u1", D3, 2)} and day_index()
     assert relations(db, "pipeline_caps_") == {}
-    migrate_to("head", down=False)
+    migrate_to(db, "head", down=False)
     assert caps() == {("u1", D3, 2)}
 
 
