@@ -9,6 +9,7 @@ from datetime import UTC, date, datetime
 from typing import IO, Any
 
 import orjson
+import psycopg
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -249,13 +250,20 @@ class PipelineStore:
             if cap_changes and self._db.backend == "postgresql":
                 # one statement, the rows as one JSON document: psycopg dumps a list
                 # parameter element by element in Python, orjson does it in C
-                psycopg_connection(conn).execute(
-                    "INSERT INTO pipeline_caps (user_id, event_type, day, shard, count) "
-                    "SELECT e->>0, e->>1, (e->>2)::date, %s, (e->>3)::int "
-                    "FROM jsonb_array_elements(%s::text::jsonb) AS e "
-                    "ON CONFLICT (user_id, event_type, day) DO UPDATE SET count = excluded.count",
-                    (shard, _json_rows((u, t, d, n) for (u, t, d), n in cap_changes.items())),
-                )
+                try:
+                    psycopg_connection(conn).execute(
+                        "INSERT INTO pipeline_caps (user_id, event_type, day, shard, count) "
+                        "SELECT e->>0, e->>1, (e->>2)::date, %s, (e->>3)::int "
+                        "FROM jsonb_array_elements(%s::text::jsonb) AS e ON CONFLICT "
+                        "(user_id, event_type, day) DO UPDATE SET count = excluded.count",
+                        (shard, _json_rows((u, t, d, n) for (u, t, d), n in cap_changes.items())),
+                    )
+                except psycopg.errors.CheckViolation:
+                    # "no partition ... found for row": a day's partition this store saw
+                    # is gone (dropped by retention); nothing is written, and the window's
+                    # next attempt makes it again
+                    self._caps_days.clear()
+                    raise
             elif cap_changes:
                 stmt = _insert(self._db, pipeline_caps)
                 stmt = stmt.on_conflict_do_update(

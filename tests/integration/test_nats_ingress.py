@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from loyalty.adapters.db import Database
-from loyalty.adapters.ingress_log import create_day_partition, partition_name
+from loyalty.adapters.ingress_log import caps_partition_name, create_day_partition, partition_name
 from loyalty.adapters.keys import KeyStore
 from loyalty.adapters.nats_log import JetStreamIngressLog, jetstream_log, msg_id
 from loyalty.adapters.pipeline_store import PipelineStore
@@ -198,6 +198,32 @@ def test_the_pipeline_reads_each_shard_once_in_order(
         assert got["currency"] > 0
     assert PipelineStore(js_db).totals()[0] == 2000
     assert drain_with(build_pipeline(js_db), js_db) == 0  # nothing read twice
+
+
+@backends("postgresql")
+def test_the_cap_counters_partition_is_made_by_the_pipeline_and_goes_with_its_day(
+    js_client: TestClient, js_db: Database
+) -> None:
+    """With the activity log on JetStream, ingest makes no day partition: the pipeline
+    makes a day's cap counters' partition before it stores the day's first counter
+    (migration 0023), and retention drops it once the day has expired."""
+    events = [event(i, "capped-js", "joined_competition") for i in range(3)]
+    js_client.post(BATCHES, json={"events": events}, headers=headers(js_db))
+    assert drain_with(build_pipeline(js_db), js_db) == 3
+    with js_db.read() as conn:
+        days = set(
+            conn.execute(
+                sa.text("SELECT day FROM pipeline_caps WHERE user_id = 'capped-js'")
+            ).scalars()
+        )
+        tables = set(conn.execute(sa.text("SELECT relname FROM pg_class")).scalars())
+    assert days and {caps_partition_name(d) for d in days} <= tables
+    later = datetime.now(UTC) + timedelta(days=js_db.settings.retention_days + 2)
+    report = build_retention(js_db).run(later)
+    assert report.cap_rows_deleted >= len(days)
+    with js_db.read() as conn:
+        tables = set(conn.execute(sa.text("SELECT relname FROM pg_class")).scalars())
+    assert not {caps_partition_name(d) for d in days} & tables
 
 
 def test_read_after_stops_at_the_noted_end_and_resumes(js_db: Database) -> None:
