@@ -27,21 +27,19 @@ depends_on = None
 PREFIX = "pipeline_caps_"
 INGRESS_PREFIX = "ingress_events_p"
 
+COLUMNS = (
+    "user_id VARCHAR(128) NOT NULL, event_type VARCHAR(64) NOT NULL, day DATE NOT NULL, "
+    "shard INTEGER NOT NULL, count INTEGER NOT NULL"
+)
+"""The table's columns, both ways (as migration 0002 made them)."""
+
 UPGRADE = [
     "ALTER TABLE pipeline_caps RENAME TO pipeline_caps_0022",
     "ALTER TABLE pipeline_caps_0022 RENAME CONSTRAINT pipeline_caps_pkey "
     "TO pipeline_caps_0022_pkey",
     "DROP INDEX pipeline_caps_day_idx",
-    """
-    CREATE TABLE pipeline_caps (
-        user_id VARCHAR(128) NOT NULL,
-        event_type VARCHAR(64) NOT NULL,
-        day DATE NOT NULL,
-        shard INTEGER NOT NULL,
-        count INTEGER NOT NULL,
-        PRIMARY KEY (user_id, event_type, day)
-    ) PARTITION BY RANGE (day)
-    """,
+    f"CREATE TABLE pipeline_caps ({COLUMNS}, PRIMARY KEY (user_id, event_type, day)) "
+    "PARTITION BY RANGE (day)",
     f"""
     DO $$
     DECLARE
@@ -72,15 +70,7 @@ UPGRADE = [
 
 DOWNGRADE = [
     "ALTER TABLE pipeline_caps RENAME TO pipeline_caps_0023",
-    """
-    CREATE TABLE pipeline_caps (
-        user_id VARCHAR(128) NOT NULL,
-        event_type VARCHAR(64) NOT NULL,
-        day DATE NOT NULL,
-        shard INTEGER NOT NULL,
-        count INTEGER NOT NULL
-    )
-    """,
+    f"CREATE TABLE pipeline_caps ({COLUMNS})",
     "INSERT INTO pipeline_caps SELECT user_id, event_type, day, shard, count "
     "FROM pipeline_caps_0023",
     "DROP TABLE pipeline_caps_0023",

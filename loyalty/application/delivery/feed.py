@@ -233,6 +233,14 @@ PlainDecoder = Callable[[Any], Decoded | None]
 decodes it (a stored ``Enrolled``, a field the transcoder encoded, a cipher)."""
 
 
+def as_utc(at: datetime) -> datetime:
+    """``at`` in UTC (a naive time is taken as UTC); a stored time is UTC already, and is
+    returned as it is (no new object: once per event on every way out)."""
+    if at.tzinfo is UTC:
+        return at
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+
+
 class StoredItem(NamedTuple):
     """One account event of a stored notification (a stored ``Enrolled`` is three), each
     field a plain JSON value: what the ways out carry and the export maps."""
@@ -338,9 +346,7 @@ class EventFeed:
             user_id = users.get(item.member_id)
             if user_id is None:  # the stream was erased after we read it: not delivered
                 continue
-            at = item.at
-            if at.tzinfo is not UTC:  # stored times are UTC already: no new object then
-                at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+            at = as_utc(item.at)
             events.append(
                 FeedEvent(
                     event_id(item.position, item.member_id, item.version, item.part),

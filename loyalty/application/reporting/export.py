@@ -7,11 +7,11 @@ import hashlib
 import hmac
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from operator import itemgetter
 from typing import Any, NamedTuple, Protocol
 
-from loyalty.application.delivery.feed import PlainDecoder, StoredItem, stored_items
+from loyalty.application.delivery.feed import PlainDecoder, StoredItem, as_utc, stored_items
 from loyalty.application.reporting.report import RollupReader, check_range, daily_report
 from loyalty.application.reporting.rollups import EXPIRED_EVENT
 
@@ -152,8 +152,7 @@ def account_event_rows(
         for position, member, version, name, at, currency, points, ref, source in zip(
             *page, strict=True
         ):
-            if at.tzinfo is not UTC:
-                at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+            at = as_utc(at)
             day = at.date()
             if member is None or day not in wanted:
                 continue
