@@ -9,7 +9,14 @@ from typing import Annotated
 
 import typer
 
-from loyalty.cli.common import echo_json, fail, load_settings, open_database, stdout_console
+from loyalty.cli.common import (
+    collector_paused,
+    echo_json,
+    fail,
+    load_settings,
+    open_database,
+    stdout_console,
+)
 
 
 def _day(value: str | None, option: str) -> date | None:
@@ -107,18 +114,19 @@ def export_cmd(
     members = Members(env=event_store_env(settings))
     now = datetime.now(UTC)
     try:
-        result = export(
-            RollupStore(db),
-            MembersLog(members, plain_decoder(members)),
-            ParquetSink(out),
-            start,
-            to,
-            key=None if key is None else key.get_secret_value().encode(),
-            # no ingress is accepted for a day before the retention cutoff, and no account
-            # event is stamped with a day before today: such a day is final
-            final_before=min(cutoff_day(now, settings.retention_days), now.date()),
-            events=not rollups_only,
-        )
+        with collector_paused():  # a process of its own: see collector_paused
+            result = export(
+                RollupStore(db),
+                MembersLog(members, plain_decoder(members)),
+                ParquetSink(out),
+                start,
+                to,
+                key=None if key is None else key.get_secret_value().encode(),
+                # no ingress is accepted for a day before the retention cutoff, and no account
+                # event is stamped with a day before today: such a day is final
+                final_before=min(cutoff_day(now, settings.retention_days), now.date()),
+                events=not rollups_only,
+            )
     except ExportRefused as exc:
         raise fail(str(exc), 2) from None
     except ReportRangeError as exc:
