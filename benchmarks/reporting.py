@@ -42,8 +42,8 @@ from benchmarks.loadgen import ChildProcess
 from loyalty.adapters.db import Database
 from loyalty.adapters.parquet_export import ACCOUNT_EVENTS, ParquetSink
 from loyalty.application.delivery.feed import BOOKKEEPING, StoredItem
+from loyalty.application.pipeline import cyclic_gc_paused
 from loyalty.application.reporting import account_event_columns, account_event_rows
-from loyalty.cli.common import collector_paused
 from loyalty.config import Settings
 from loyalty.domain.member import Member
 from loyalty.domain.ranks import Rank, RankLadder
@@ -181,7 +181,7 @@ def _export_rate(tmp: Path, n: int, events: list[StoredItem]) -> dict[str, Any]:
     key = b"k" * 32
     out = tmp / "export"
     t0 = time.perf_counter()
-    with collector_paused():  # as `loyalty export` runs it
+    with cyclic_gc_paused():  # as `loyalty export` runs it
         counts = ParquetSink(out).write_events(days, account_event_columns(_Log(events), key))
     ours = time.perf_counter() - t0
     if sum(counts.values()) != n:

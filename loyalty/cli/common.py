@@ -6,12 +6,9 @@ itself: the package only assembles them into the app."""
 
 from __future__ import annotations
 
-import gc
 import logging
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -29,23 +26,6 @@ err = Console(stderr=True)
 
 STARTUP_WAIT_SECONDS = 300.0
 """How long ``serve`` and ``worker`` wait at start for a database out of reach."""
-
-
-@contextmanager
-def collector_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector paused for a batch command's loop over a million
-    objects (``loyalty export``): each page's allocations set off collections that
-    find nothing, for a fifth to a third of an export's time (benchmarks/reporting.py);
-    an export makes no reference cycles (tests/unit/test_feed_decoder.py), so nothing
-    waits for the collector meanwhile. Only in a command's own process (the pause is
-    process-wide), and undone when the block ends."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

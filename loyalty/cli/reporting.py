@@ -9,14 +9,7 @@ from typing import Annotated
 
 import typer
 
-from loyalty.cli.common import (
-    collector_paused,
-    echo_json,
-    fail,
-    load_settings,
-    open_database,
-    stdout_console,
-)
+from loyalty.cli.common import echo_json, fail, load_settings, open_database, stdout_console
 
 
 def _day(value: str | None, option: str) -> date | None:
@@ -102,6 +95,7 @@ def export_cmd(
     from loyalty.adapters.parquet_export import ParquetSink
     from loyalty.adapters.rollup_store import RollupStore
     from loyalty.application.accounts import Members
+    from loyalty.application.pipeline import cyclic_gc_paused
     from loyalty.application.reporting import ExportRefused, MembersLog, ReportRangeError, export
     from loyalty.application.retention import cutoff_day
 
@@ -114,7 +108,7 @@ def export_cmd(
     members = Members(env=event_store_env(settings))
     now = datetime.now(UTC)
     try:
-        with collector_paused():  # a process of its own: see collector_paused
+        with cyclic_gc_paused():  # an export makes no reference cycles: none to collect
             result = export(
                 RollupStore(db),
                 MembersLog(members, plain_decoder(members)),

@@ -20,13 +20,13 @@ from loyalty.adapters.event_store import plain_decoder
 from loyalty.adapters.parquet_export import ParquetSink
 from loyalty.application.accounts import Members
 from loyalty.application.delivery.feed import EventFeed
+from loyalty.application.pipeline import cyclic_gc_paused
 from loyalty.application.reporting import (
     MembersLog,
     account_event_columns,
     account_event_rows,
     pseudonym,
 )
-from loyalty.cli.common import collector_paused
 from loyalty.domain.expiry import CurrencyExpiry
 from loyalty.domain.member import Member
 from loyalty.domain.ranks import Rank, RankLadder
@@ -123,7 +123,7 @@ def test_the_decoder_leaves_an_encoded_field_and_an_enrolled_to_the_mapper(app: 
 
 
 def test_an_export_makes_no_reference_cycles(app: Any, tmp_path: Path) -> None:
-    """``loyalty export`` pauses the cyclic collector (``collector_paused``): safe only
+    """``loyalty export`` pauses the cyclic collector (``cyclic_gc_paused``): safe only
     while an export leaves nothing for it. Every kind of event, read with the decoder and
     with the mapper, written to Parquet files: no cyclic garbage (an export that made
     some would grow with the log while the collector waits)."""
@@ -131,7 +131,7 @@ def test_an_export_makes_no_reference_cycles(app: Any, tmp_path: Path) -> None:
     every = {date(2020, 1, 1) + timedelta(days=d) for d in range(4000)}
     days = {r.day for r in account_event_rows(MembersLog(app), b"k" * 32, every)}  # a file each
     gc.collect()
-    with collector_paused():
+    with cyclic_gc_paused():
         assert not gc.isenabled()
         counts: dict[date, int] = {}
         for log in (MembersLog(app, plain_decoder(app)), MembersLog(app)):
