@@ -190,14 +190,22 @@ def test_two_apps_have_separate_registries(settings: Settings, db: Database) -> 
 
 
 def test_worker_serves_metrics_on_its_port(settings: Settings, tmp_path: Path) -> None:
-    port = free_port()
-    log = (tmp_path / "worker.log").open("w")
-    proc = subprocess.Popen(
-        [*LOYALTY, "worker", "--shards", "0-3", "--metrics-port", str(port)],
-        env=env_for(settings.database_url),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    log_path = tmp_path / "worker.log"
+    for _attempt in range(3):  # a free port taken by another process before the worker bound it
+        port = free_port()
+        log = log_path.open("w")
+        proc = subprocess.Popen(
+            [*LOYALTY, "worker", "--shards", "0-3", "--metrics-port", str(port)],
+            env=env_for(settings.database_url),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            proc.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            break  # serving
+        log.close()
+        assert "Address already in use" in log_path.read_text(), log_path.read_text()
     try:
         deadline = time.monotonic() + 60
         text = ""
@@ -208,7 +216,7 @@ def test_worker_serves_metrics_on_its_port(settings: Settings, tmp_path: Path) -
                     break
             except httpx.TransportError:
                 pass
-            assert proc.poll() is None, (tmp_path / "worker.log").read_text()
+            assert proc.poll() is None, log_path.read_text()
             time.sleep(0.2)
         assert "loyalty_pipeline_windows_total" in text
         assert 'loyalty_projection_lag_events{projection="members"}' in text
@@ -216,7 +224,7 @@ def test_worker_serves_metrics_on_its_port(settings: Settings, tmp_path: Path) -
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
-    assert proc.returncode == 0, (tmp_path / "worker.log").read_text()
+    assert proc.returncode == 0, log_path.read_text()
 
 
 def test_metrics_are_off_the_api_port_by_default_and_need_the_token(
