@@ -23,6 +23,7 @@ from loyalty.adapters.delivery_store import RELAY_CHANNEL, SqlDeliveryStore
 from loyalty.adapters.erasure_store import SqlErasureStore
 from loyalty.adapters.event_store import (
     event_store_env,
+    notification_reader,
     plain_decoder,
     stream_connection,
     stream_loader,
@@ -347,6 +348,7 @@ def event_feed(app: Members, erasure: SqlDeliveryStore | None = None) -> EventFe
         erasure,
         first_events=stream_loader(app.recorder, first_only=True),
         decode=plain_decoder(app),
+        select=notification_reader(app.recorder),
     )
 
 

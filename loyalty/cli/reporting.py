@@ -91,7 +91,11 @@ def export_cmd(
     """Write the daily rollups and the account events (members as keyed pseudonyms) as
     Parquet files, one per dataset and UTC day (OUT/<dataset>/day=YYYY-MM-DD/), each
     atomically; days that can no longer change and are already exported are skipped."""
-    from loyalty.adapters.event_store import event_store_env, plain_decoder
+    from loyalty.adapters.event_store import (
+        event_store_env,
+        notification_reader,
+        plain_decoder,
+    )
     from loyalty.adapters.parquet_export import ParquetSink
     from loyalty.adapters.rollup_store import RollupStore
     from loyalty.application.accounts import Members
@@ -111,7 +115,7 @@ def export_cmd(
         with cyclic_gc_paused():  # an export makes no reference cycles: none to collect
             result = export(
                 RollupStore(db),
-                MembersLog(members, plain_decoder(members)),
+                MembersLog(members, plain_decoder(members), notification_reader(members.recorder)),
                 ParquetSink(out),
                 start,
                 to,

@@ -140,11 +140,12 @@ _DECIMAL_KEYS = tuple(sorted(DECIMAL_FIELDS))
 _JSON_TEXT_KEYS = tuple(sorted(JSON_TEXT_FIELDS))
 
 
-def wire_data(data: dict[str, Any]) -> dict[str, Any]:
+def wire_data(out: dict[str, Any]) -> dict[str, Any]:
     """An event's fields as the ways out carry them (the schemas in docs/events/): plain
-    JSON values, decimals as exact strings never signed zero, JSON text as JSON. (Once
-    per event on every way out: each known field looked up, no set built per event.)"""
-    out = dict(data)
+    JSON values, decimals as exact strings never signed zero, JSON text as JSON. Made of
+    ``out`` itself, not a copy: a :class:`StoredItem`'s fields, read for one page and
+    held by no one else. (Once per event on every way out: each known field looked up,
+    no set built per event.)"""
     out.pop("user_id", None)
     for key in _DECIMAL_KEYS:
         value = out.get(key)
@@ -157,8 +158,10 @@ def wire_data(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class FeedEvent:
+class FeedEvent(NamedTuple):
+    """One account event as every way out carries it (a named tuple: built once per
+    event on every way out, a fifth of a frozen dataclass's cost)."""
+
     id: str
     position: int
     """The notification id (0 for a member.forgotten notice, which is not in the log)."""
@@ -218,6 +221,21 @@ class NotificationLog(Protocol):
         *,
         inclusive_of_start: bool = True,
     ) -> Sequence[Any]: ...
+
+
+NotificationSelect = Callable[[int, int, int], Sequence[Any]]
+"""``select(after, limit, stop)``: the notifications after ``after`` up to ``stop``, at
+most ``limit``, in id order, each with the library's ``Notification`` fields
+(``loyalty.adapters.event_store.notification_reader``)."""
+
+
+def library_select(recorder: NotificationLog) -> NotificationSelect:
+    """The library's own read of the log (``select_notifications``) as a select."""
+
+    def select(after: int, limit: int, stop: int) -> Sequence[Any]:
+        return recorder.select_notifications(after, limit, stop=stop, inclusive_of_start=False)
+
+    return select
 
 
 FirstEvents = Callable[[Sequence[UUID]], Sequence[Any]]
@@ -295,6 +313,7 @@ class EventFeed:
         *,
         first_events: FirstEvents,
         decode: PlainDecoder | None = None,
+        select: NotificationSelect | None = None,
     ) -> None:
         # ``owner``: the library application the recorder belongs to, kept alive here
         # (an application that is garbage-collected closes its connection pool).
@@ -304,6 +323,7 @@ class EventFeed:
         self._recorder = recorder
         self._mapper = mapper
         self._first_events = first_events
+        self._select = select or library_select(recorder)
         self._users: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -318,51 +338,48 @@ class EventFeed:
         head = self.head()
         if head <= after:
             return FeedPage([], after, head)
-        notifications = self._recorder.select_notifications(
-            after, limit, stop=head, inclusive_of_start=False
-        )
+        notifications = self._select(after, limit, head)
         if not notifications:
             return FeedPage([], after, head)
         # a stored Enrolled is delivered as the Created, Awarded (and RankChanged) it
         # stands for: what integrators saw for a new member before it was one event.
         # A page ends before the notification that would take it past ``limit`` events
         # (never splitting one: the first is always taken whole).
+        decode, mapper = self._decode, self._mapper
         items: list[StoredItem] = []
-        last = after
+        taken = 0
         for n in notifications:
             if n.topic != TOMBSTONE:
-                parts = self._items(n)
+                parts = stored_items(n, decode, mapper)
                 if items and len(items) + len(parts) > limit:
                     break
-                items.extend(parts)
-            last = int(n.id)
+                items += parts
+            taken += 1
+        last = int(notifications[taken - 1].id)  # the first is always taken
         created = {i.member_id: str(i.fields["user_id"]) for i in items if i.name == "Created"}
         if types is not None:
             items = [i for i in items if feed_type(i.name) in types]
         users = self._user_ids({i.member_id for i in items} - created.keys())
         users.update(created)
-        events = []
-        for item in items:
-            user_id = users.get(item.member_id)
+        events: list[FeedEvent] = []
+        append = events.append
+        for position, part, name, member_id, version, at, fields in items:
+            user_id = users.get(member_id)
             if user_id is None:  # the stream was erased after we read it: not delivered
                 continue
-            at = as_utc(item.at)
-            events.append(
+            append(
                 FeedEvent(
-                    event_id(item.position, item.member_id, item.version, item.part),
-                    item.position,
-                    feed_type(item.name),
+                    event_id(position, member_id, version, part),
+                    position,
+                    feed_type(name),
                     user_id,
-                    at,
-                    wire_data(item.fields),
+                    as_utc(at),
+                    wire_data(fields),
                 )
             )
         if events and self._erasure is not None:  # erased while we read: not delivered
             events = drop_erased(self._erasure, events)
         return FeedPage(events, last, head)
-
-    def _items(self, n: Any) -> list[StoredItem]:
-        return stored_items(n, self._decode, self._mapper)
 
     def _user_ids(self, member_ids: set[str]) -> dict[str, str]:
         """The user id of each of ``member_ids`` whose stream has its first event (an

@@ -11,7 +11,14 @@ from datetime import date, datetime, timedelta
 from operator import itemgetter
 from typing import Any, NamedTuple, Protocol
 
-from loyalty.application.delivery.feed import PlainDecoder, StoredItem, as_utc, stored_items
+from loyalty.application.delivery.feed import (
+    NotificationSelect,
+    PlainDecoder,
+    StoredItem,
+    as_utc,
+    library_select,
+    stored_items,
+)
 from loyalty.application.reporting.report import RollupReader, check_range, daily_report
 from loyalty.application.reporting.rollups import EXPIRED_EVENT
 
@@ -242,22 +249,27 @@ class MembersLog:
     """:class:`NotificationLog` over the Members application (its recorder and mapper),
     passing over SQLite's forget-me tombstone rows. ``decode``: the stored events' plain
     decoder (``adapters.event_store.plain_decoder``; the mapper decodes what it cannot,
-    and every event without it)."""
+    and every event without it); ``select``: the log's read the feed uses
+    (``adapters.event_store.notification_reader``; without it the library's)."""
 
     TOMBSTONE = "loyalty.erasure:Tombstone"
 
-    def __init__(self, members: Any, decode: PlainDecoder | None = None) -> None:
+    def __init__(
+        self,
+        members: Any,
+        decode: PlainDecoder | None = None,
+        select: NotificationSelect | None = None,
+    ) -> None:
         self._members = members
         self._decode = decode
+        self._select = select or library_select(members.recorder)
 
     def read(self, after: int, limit: int) -> tuple[Sequence[StoredItem], int]:
         recorder = self._members.recorder
         head = int(recorder.max_notification_id() or 0)
         if head <= after:
             return [], after
-        notifications = recorder.select_notifications(
-            after, limit, stop=head, inclusive_of_start=False
-        )
+        notifications = self._select(after, limit, head)
         if not notifications:
             return [], after
         mapper, decode = self._members.mapper, self._decode
