@@ -307,7 +307,13 @@ def build_projection(
 ) -> MemberProjection:
     fast_pool_reconnect()
     members = members or Members(env=event_store_env(db.settings))
-    return MemberProjection(members, ReadModels(db), metrics=metrics, retry_errors=RETRY_ERRORS)
+    return MemberProjection(
+        members,
+        ReadModels(db),
+        metrics=metrics,
+        retry_errors=RETRY_ERRORS,
+        select=notification_reader(members.recorder),
+    )
 
 
 def build_retention(db: Database, *, metrics: Metrics | None = None) -> Retention:

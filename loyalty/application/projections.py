@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from loyalty.application.accounts import Members
+from loyalty.application.delivery.feed import NotificationSelect, library_select
 from loyalty.application.jobs import JobMetrics, JobRunner, job_metrics
 from loyalty.application.reporting import AccountFact, account_facts
 from loyalty.domain.member import account_events
@@ -255,7 +256,11 @@ class MemberProjection:
         batch_size: int = 500,
         metrics: ProjectionMetrics | None = None,
         retry_errors: tuple[type[BaseException], ...] = (),
+        select: NotificationSelect | None = None,
     ) -> None:
+        """``select``: the log's read the ways out use (``adapters.event_store.
+        notification_reader``); without it the library's."""
+        self._select = select or library_select(members.recorder)
         self._retry_errors = retry_errors
         """Errors of the database being out of reach or busy: raised (the worker retries
         the batch). Any other error applying a batch is the batch's: see :meth:`step`."""
@@ -284,9 +289,7 @@ class MemberProjection:
         if head <= start:
             self._report(start, head, 0)
             return 0
-        notifications = self._members.recorder.select_notifications(
-            start, self.batch_size, stop=head, inclusive_of_start=False
-        )
+        notifications = self._select(start, self.batch_size, head)
         if not notifications:
             self._report(start, head, 0)
             return 0
