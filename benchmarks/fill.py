@@ -19,8 +19,8 @@ from psycopg.types.json import set_json_loads
 
 from loyalty.adapters.db import Database
 from loyalty.adapters.ingress_log import PostgresIngressLog
+from loyalty.application.collector import cyclic_gc_paused
 from loyalty.application.ingress import shard_of
-from loyalty.application.pipeline import cyclic_gc_paused
 from loyalty.config import Settings
 
 SHARDS = 16

@@ -41,8 +41,8 @@ from benchmarks.framework import Context, benchmark
 from benchmarks.loadgen import ChildProcess
 from loyalty.adapters.db import Database
 from loyalty.adapters.parquet_export import ACCOUNT_EVENTS, ParquetSink
+from loyalty.application.collector import cyclic_gc_paused
 from loyalty.application.delivery.feed import BOOKKEEPING, StoredItem
-from loyalty.application.pipeline import cyclic_gc_paused
 from loyalty.application.reporting import account_event_columns, account_event_rows
 from loyalty.config import Settings
 from loyalty.domain.member import Member

@@ -23,16 +23,15 @@ award id, and one of them commits it; the other gets :class:`LeaseLost`.
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from loyalty.application.accounts import Accounts, StreamErased
+from loyalty.application.collector import cyclic_gc_paused
 from loyalty.application.jobs import JobRunner, job_metrics
 from loyalty.application.pending import Contribution, PendingRow, PendingStore
 from loyalty.application.read_ahead import ReadAhead
@@ -134,25 +133,6 @@ class PipelineMetrics(Protocol):
 
 LagProbe = Callable[[], tuple[int, float | None]]
 """Returns (events pending, age in seconds of the oldest pending event or None)."""
-
-
-@contextmanager
-def cyclic_gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection inside the block (reference counting still frees
-    everything a window drops). A window allocates ~10 objects per event; with the
-    collector on, each of its generation-2 passes walks the worker's whole member cache,
-    and measured a quarter of the pipeline's CPU. ``loyalty export`` runs in it too (it
-    makes no reference cycles, tests/unit/test_feed_decoder.py; the collections its
-    allocations set off found nothing, a fifth to a third of its time). The collector
-    resumes after the block; a block entered with it off leaves it off."""
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 class Pipeline:

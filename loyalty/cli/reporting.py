@@ -99,7 +99,7 @@ def export_cmd(
     from loyalty.adapters.parquet_export import ParquetSink
     from loyalty.adapters.rollup_store import RollupStore
     from loyalty.application.accounts import Members
-    from loyalty.application.pipeline import cyclic_gc_paused
+    from loyalty.application.collector import cyclic_gc_paused
     from loyalty.application.reporting import ExportRefused, MembersLog, ReportRangeError, export
     from loyalty.application.retention import cutoff_day
 

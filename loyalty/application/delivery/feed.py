@@ -31,6 +31,7 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 import orjson
 from eventsourcing.domain import Aggregate
 
+from loyalty.application.collector import cyclic_gc_paused
 from loyalty.domain.member import Member, account_events
 
 log = logging.getLogger(__name__)
@@ -341,10 +342,28 @@ class EventFeed:
         notifications = self._select(after, limit, head)
         if not notifications:
             return FeedPage([], after, head)
-        # a stored Enrolled is delivered as the Created, Awarded (and RankChanged) it
-        # stands for: what integrators saw for a new member before it was one event.
-        # A page ends before the notification that would take it past ``limit`` events
-        # (never splitting one: the first is always taken whole).
+        # The page's decoding and building run with the collector paused (they make no
+        # reference cycles: tests/unit/test_feed_decoder.py); the reads between do not.
+        with cyclic_gc_paused():
+            items, taken = self._page_items(notifications, limit)
+        last = int(notifications[taken - 1].id)  # the first is always taken
+        created = {i.member_id: str(i.fields["user_id"]) for i in items if i.name == "Created"}
+        if types is not None:
+            items = [i for i in items if feed_type(i.name) in types]
+        users = self._user_ids({i.member_id for i in items} - created.keys())
+        users.update(created)
+        with cyclic_gc_paused():
+            events = _feed_events(items, users)
+        if events and self._erasure is not None:  # erased while we read: not delivered
+            events = drop_erased(self._erasure, events)
+        return FeedPage(events, last, head)
+
+    def _page_items(self, notifications: Sequence[Any], limit: int) -> tuple[list[StoredItem], int]:
+        """The account events of the first notifications, and how many notifications
+        they are. A stored Enrolled is delivered as the Created, Awarded (and
+        RankChanged) it stands for: what integrators saw for a new member before it was
+        one event. A page ends before the notification that would take it past ``limit``
+        events (never splitting one: the first is always taken whole)."""
         decode, mapper = self._decode, self._mapper
         items: list[StoredItem] = []
         taken = 0
@@ -355,31 +374,7 @@ class EventFeed:
                     break
                 items += parts
             taken += 1
-        last = int(notifications[taken - 1].id)  # the first is always taken
-        created = {i.member_id: str(i.fields["user_id"]) for i in items if i.name == "Created"}
-        if types is not None:
-            items = [i for i in items if feed_type(i.name) in types]
-        users = self._user_ids({i.member_id for i in items} - created.keys())
-        users.update(created)
-        events: list[FeedEvent] = []
-        append = events.append
-        for position, part, name, member_id, version, at, fields in items:
-            user_id = users.get(member_id)
-            if user_id is None:  # the stream was erased after we read it: not delivered
-                continue
-            append(
-                FeedEvent(
-                    event_id(position, member_id, version, part),
-                    position,
-                    feed_type(name),
-                    user_id,
-                    as_utc(at),
-                    wire_data(fields),
-                )
-            )
-        if events and self._erasure is not None:  # erased while we read: not delivered
-            events = drop_erased(self._erasure, events)
-        return FeedPage(events, last, head)
+        return items, taken
 
     def _user_ids(self, member_ids: set[str]) -> dict[str, str]:
         """The user id of each of ``member_ids`` whose stream has its first event (an
@@ -431,6 +426,28 @@ class EventFeed:
             if page.events or page.position != after or time.monotonic() >= deadline:
                 return page
             await sleep(min(poll, max(0.0, deadline - time.monotonic())))
+
+
+def _feed_events(items: Sequence[StoredItem], users: dict[str, str]) -> list[FeedEvent]:
+    """``items`` as feed events, each with its member's user id (an item whose member
+    has none, its stream erased after it was read, is not delivered)."""
+    events: list[FeedEvent] = []
+    append = events.append
+    for position, part, name, member_id, version, at, fields in items:
+        user_id = users.get(member_id)
+        if user_id is None:
+            continue
+        append(
+            FeedEvent(
+                event_id(position, member_id, version, part),
+                position,
+                feed_type(name),
+                user_id,
+                as_utc(at),
+                wire_data(fields),
+            )
+        )
+    return events
 
 
 # -- the durable ways out -------------------------------------------------------------
