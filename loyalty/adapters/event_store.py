@@ -49,12 +49,12 @@ from loyalty.adapters.event_recorder import TOPIC as RECORDER_TOPIC
 from loyalty.adapters.tables import EVENT_STORE_TABLES
 from loyalty.application.delivery.feed import (
     BOOKKEEPING,
+    TOMBSTONE,
     Decoded,
     NotificationSelect,
     PlainDecoder,
     library_select,
 )
-from loyalty.application.projections import TOMBSTONE as TOMBSTONE_TOPIC
 from loyalty.config import Settings
 from loyalty.domain.member import Member
 
@@ -333,7 +333,7 @@ def erase_stream(db: Database, member_id: str) -> int:
                         f"INSERT INTO {table} (rowid, originator_id, originator_version, "
                         "topic, state) VALUES (:r, :nil, :r, :topic, x'')"
                     ),
-                    {"r": top, "nil": NIL_HEX, "topic": TOMBSTONE_TOPIC},
+                    {"r": top, "nil": NIL_HEX, "topic": TOMBSTONE},
                 )
                 conn.execute(
                     sa.text(f"DELETE FROM {table} WHERE originator_id = :nil AND rowid < :r"),

@@ -33,14 +33,13 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from loyalty.application.accounts import Members
-from loyalty.application.delivery.feed import NotificationSelect, library_select
+from loyalty.application.delivery.feed import TOMBSTONE, NotificationSelect, library_select
 from loyalty.application.jobs import JobMetrics, JobRunner, job_metrics
 from loyalty.application.reporting import AccountFact, account_facts
 from loyalty.domain.member import account_events
 
 log = logging.getLogger(__name__)
 
-TOMBSTONE = "loyalty.erasure:Tombstone"
 PROJECTION_NAME = "members"
 """The tracking name of the projection that owns member_balances and member_history."""
 

@@ -12,6 +12,7 @@ from operator import itemgetter
 from typing import Any, NamedTuple, Protocol
 
 from loyalty.application.delivery.feed import (
+    TOMBSTONE,
     NotificationSelect,
     PlainDecoder,
     StoredItem,
@@ -252,8 +253,6 @@ class MembersLog:
     and every event without it); ``select``: the log's read the feed uses
     (``adapters.event_store.notification_reader``; without it the library's)."""
 
-    TOMBSTONE = "loyalty.erasure:Tombstone"
-
     def __init__(
         self,
         members: Any,
@@ -277,7 +276,7 @@ class MembersLog:
         items = [
             item
             for n in notifications
-            if n.topic != self.TOMBSTONE
+            if n.topic != TOMBSTONE
             for item in stored_items(n, decode, mapper)
         ]
         return items, int(notifications[-1].id)
