@@ -159,8 +159,11 @@ class JsonInsertApplicationRecorder(PostgresApplicationRecorder):
             "FROM jsonb_array_elements(%s::text::jsonb) WITH ORDINALITY AS x(e, n) "
             "ORDER BY n RETURNING notification_id"
         ).format(schema=schema, table=table, id_type=id_type)
+        # the streams and versions as one JSON text (as the insert's rows): psycopg's
+        # dump of a list of UUIDs was 4 % of an expiry run
         self._gone_statement = SQL(
-            "SELECT x.id::text AS member_id FROM unnest(%s::{id_type}[], %s::bigint[]) AS x(id, v) "
+            "SELECT x.id::text AS member_id FROM jsonb_array_elements(%s::text::jsonb) AS e "
+            "CROSS JOIN LATERAL (SELECT (e->>0)::{id_type} AS id, (e->>1)::bigint AS v) x "
             "LEFT JOIN LATERAL (SELECT 1 AS found FROM {schema}.{table} s "
             "WHERE s.originator_id = x.id AND s.originator_version = x.v LIMIT 1) f ON true "
             "WHERE f.found IS NULL"
@@ -236,7 +239,7 @@ class JsonInsertApplicationRecorder(PostgresApplicationRecorder):
         has synced. Under the insert's lock: an erasure commits before them or waits."""
         before = predecessors(stored_events)
         if before:
-            gone.execute(self._gone_statement, ([p[0] for p in before], [p[1] for p in before]))
+            gone.execute(self._gone_statement, (orjson.dumps(before).decode(),))
         markers = self._markers_exist(marked)
         if markers:
             ids = sorted({str(e.originator_id) for e in stored_events})

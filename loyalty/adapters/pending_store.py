@@ -271,6 +271,7 @@ def _guard(db: Database, conn: sa.Connection, user_ids: Sequence[str], fence: in
 
 
 ONE = f"SELECT {_COLUMNS} FROM pipeline_pending WHERE user_id = %s"
+MANY = f"SELECT {_COLUMNS} FROM pipeline_pending WHERE user_id = ANY(%s::text[])"
 """One member's row, by primary key: the member read's (PostgreSQL)."""
 
 
@@ -312,6 +313,13 @@ class PendingTable:
     def load(self, user_ids: Iterable[str]) -> dict[str, PendingRow]:
         ids = sorted(set(user_ids))
         found: dict[str, PendingRow] = {}
+        if self._db.backend == "postgresql":
+            # one array parameter: an IN list of 500 was 5 ms a call in SQLAlchemy's and
+            # psycopg's query building alone (7 % of an expiry run, which loads a page)
+            with self._autocommit() as raw, raw.cursor(row_factory=tuple_row) as cur:
+                for r in cur.execute(MANY, (ids,)):
+                    found[r[0]] = _row(r)
+            return found
         c = pipeline_pending.c
         columns = _columns()
         with self._db.read() as conn:

@@ -24,7 +24,7 @@ from loyalty.adapters.db import Database
 from loyalty.adapters.event_store import event_store_env, stream_loader
 from loyalty.application.accounts import Accounts, AwardCommand, Members, Spending
 from loyalty.application.commands.rules import parse_rule_set
-from loyalty.bootstrap import build_forget_service
+from loyalty.bootstrap import build_forget_service, streaming_accounts
 from loyalty.config import Settings
 from loyalty.domain.errors import (
     AdjustmentConflict,
@@ -156,6 +156,25 @@ def test_snapshots_every_interval_and_loads_read_the_latest_one(
     Accounts(empty, lambda _app: load).prefetch(["heavy", "nobody"])
     assert empty.repository.cache is not None
     assert empty.repository.cache.get(member_id) == whole
+
+
+def test_a_prefetch_made_before_the_markers_were_read_stays_cached(
+    db: Database, apps: list[Members]
+) -> None:
+    """The forget markers' first read in a process replaces the accounts' cache (it cannot
+    know what changed before it). A batch job's first page (the expiry job prefetches
+    before any member is read) was loaded, dropped at the first read, and read again
+    member by member: the prefetch now takes the markers' view first."""
+    users = [f"page-{i}" for i in range(5)]
+    writer = Accounts(opened(apps, members_app(db.settings, 0)))
+    writer.award_many([AwardCommand(u, "w1.1.0", 1, 1, 1, 1) for u in users], RANKS)
+    accounts = streaming_accounts(db, opened(apps, members_app(db.settings, 0)))
+    accounts.prefetch(users)
+    assert accounts.get(users[0]).currency == 1  # the first read asks the markers
+    cache = accounts.app.repository.cache
+    assert cache is not None
+    for user in users:
+        assert cache.get(Member.create_id(user)).currency == 1  # no KeyError: still loaded
 
 
 def test_interval_zero_takes_no_snapshots(settings: Settings, apps: list[Members]) -> None:

@@ -300,9 +300,14 @@ class Accounts:
     def prefetch(self, user_ids: Sequence[str]) -> None:
         """Load the members not in the cache with a few bulk reads instead of one read
         each (only when a bulk stream loader was given and the cache is on)."""
-        cache = self.app.repository.cache
-        if cache is None or self._stream_loader_factory is None:
+        if self.app.repository.cache is None or self._stream_loader_factory is None:
             return
+        if self.markers is not None:
+            # The markers' first read in this process replaces the cache (it cannot know
+            # what changed before it): take it before loading, not at the first get after,
+            # or the first page loaded is dropped and read again one member at a time.
+            self.markers.fence()
+        cache = self.app.repository.cache
         if self._stream_loader is None:
             self._stream_loader = self._stream_loader_factory(self.app)
         missing = []
