@@ -10,7 +10,7 @@ members, funded and with nothing due, for the spends. Rules: ``currency_expiry
 - bare pass (baseline): load every due member's aggregate in the job's order, 500 per
   read as the job pages, nothing else — the least any per-member job must do.
 - ours: ``loyalty expiry run --as-of`` in its own process (the report's ``seconds``, the
-  interpreter start excluded): index page, load, pending, expire, save (50 members per
+  interpreter start excluded): index page, load, pending, expire, save (100 members per
   transaction), index delete. Alone, as the bare pass runs: the ratio.
 - spend p99: 4 threads spending 1 from the funded members through ``Spending`` (as the
   API does) for a fixed time with nothing else running, then again during an expiry run

@@ -131,7 +131,7 @@ class Expiry:
         lease: JobLease,
         *,
         batch: int = 500,
-        group: int = 50,
+        group: int = 100,
         metrics: ExpiryMetrics | None = None,
     ) -> None:
         self._accounts = accounts
@@ -304,7 +304,10 @@ class Expiry:
     ) -> None:
         """Expire a group of members in one save (one transaction; the group is small,
         so a spend waits at most one group's insert). Any conflict fails the whole save
-        and nothing of it is stored."""
+        and nothing of it is stored. 100 a group, not 50: each transaction's commit and
+        round trips cost about 1.5 ms, and halving their number took 14 % off a run of
+        100k members (15 -> 12.8 s) for about 1 ms on the p99 of spends made meanwhile
+        (15.3 -> 16.5 ms: the ``currency_expiry`` benchmark)."""
         accounts = self._accounts
         changed: list[Member] = []
         consumed: list[PendingRow] = []
