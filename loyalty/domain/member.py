@@ -321,7 +321,8 @@ class Member(Aggregate):
         _require_int(event_count, minimum=0, what="event_count")
         _require_int(rule_version, minimum=0, what="rule_version")
         lot = _lot(month)
-        self._awarded(
+        self.trigger_event(  # the event class given directly: see _awarded
+            self.Awarded,
             award_id=award_id,
             currency=currency,
             rank_points=rank_points,
@@ -375,7 +376,8 @@ class Member(Aggregate):
                 raise InvalidAmount("pending months must sum to the pending currency")
         else:
             lots = {_lot(month): whole_currency} if whole_currency else {}
-        self._awarded(
+        self.trigger_event(  # the event class given directly: see _awarded
+            self.Awarded,
             award_id=award_id,
             currency=whole_currency,
             rank_points=whole_points,
@@ -511,9 +513,7 @@ class Member(Aggregate):
             when = expiry.expires_at(lot)
             amount = self.lots[lot]
             if when is not None and when <= as_of and amount > 0:
-                # the event class given directly: the same event and state change as
-                # calling ``_currency_expired``, without the decorator's binding and
-                # keyword filtering (half of this method's time, 6 % of an expiry run)
+                # the event class given directly: see _awarded (6 % of an expiry run)
                 self.trigger_event(self.CurrencyExpired, amount=amount, lot=lot)
                 expired.append((lot, amount))
         return expired
@@ -680,6 +680,11 @@ class Member(Aggregate):
             state["lots"] = None
             state["on"] = None
 
+    # The hot commands (award, record_pending, expire) trigger their event with the class
+    # (``trigger_event``, the library's own call) rather than through the decorated
+    # method: the same event and state change, without the decorator's argument binding
+    # and keyword filtering on the way in (a quarter of ``record_pending``'s 31 us, half
+    # of ``expire``'s 10 us). The method below still applies the event (and replays).
     @event(Awarded)
     def _awarded(
         self,
