@@ -8,13 +8,14 @@ import time
 from datetime import UTC, datetime
 
 from loyalty.adapters.db import Database
-from loyalty.adapters.event_store import event_store_env
+from loyalty.adapters.event_store import event_store_env, worker_env
 from loyalty.adapters.expiry_store import ExpiryLease, MemberLots
+from loyalty.adapters.pending_store import PendingTable
 from loyalty.adapters.rules_store import RulesStore
-from loyalty.application.accounts import Members
+from loyalty.application.accounts import Accounts, Members, Spending
 from loyalty.application.commands.rules import parse_rule_set
-from loyalty.application.expiry import ExpiryJob
-from loyalty.bootstrap import build_expiry, build_projection
+from loyalty.application.expiry import Expiry, ExpiryJob
+from loyalty.bootstrap import build_expiry, build_projection, streaming_accounts
 from loyalty.config import Settings
 from loyalty.domain.member import Member
 from loyalty.domain.rules import DEFAULT_RULES_WIRE
@@ -118,3 +119,42 @@ def test_a_run_takes_the_lots_it_expired_out_of_the_index(settings: Settings, db
     assert (report.lots, report.amount) == (3, 15)  # the job reads the members by the index
     assert index.due("2024-12", None, 100) == []
     assert build_expiry(db).run(AS_OF).lots == 0
+
+
+def test_a_spend_between_the_jobs_read_and_its_group_save_redoes_that_group(
+    settings: Settings, db: Database
+) -> None:
+    """Expiry meets spend: the job saves 100 members a transaction. A spend of one of them
+    committed between the job's read and its save fails the whole group's save (the
+    stream version); the group is expired again one member at a time from fresh reads.
+    Every lot expires exactly once, and the unit spent is not expired as well."""
+    setup(settings, db, 150)  # j0..j149, 5 each in lot 2024-02, due at AS_OF
+    app = Members(env=event_store_env(settings))
+    members = Members(env=worker_env(settings))
+    try:
+        shop = Spending(Accounts(app, pending=PendingTable(db)))  # as the API spends
+        accounts = streaming_accounts(db, members)
+        expiry = Expiry(accounts, MemberLots(db), RulesStore(db).current, ExpiryLease(db))
+        saves: list[int] = []
+        group_save = accounts.save
+
+        def save_after_a_spend(*changed: Member, **kw: object) -> None:
+            saves.append(len(changed))
+            if len(saves) == 1:  # j0 (first in the index's order) spends, and commits
+                shop.spend("j0", "o-during", 1)
+            group_save(*changed, **kw)  # type: ignore[arg-type]
+
+        accounts.save = save_after_a_spend  # type: ignore[method-assign]
+        report = expiry.run(AS_OF)
+        assert saves[:2] == [100, 1]  # the group refused whole, then member by member
+        assert (report.members, report.lots, report.amount) == (150, 150, 150 * 5 - 1)
+        for i in range(150):
+            member: Member = app.repository.get(Member.create_id(f"j{i}"))
+            assert member.currency == 0 and member.lots == {}
+            assert member.expired_lots == {"2024-02": 4 if i == 0 else 5}
+            # created, (spent,) expired once: no second CurrencyExpired anywhere
+            assert member.version == (3 if i == 0 else 2), f"j{i}"
+        assert build_expiry(db).run(AS_OF).lots == 0
+    finally:
+        members.close()
+        app.close()
