@@ -271,8 +271,9 @@ def _guard(db: Database, conn: sa.Connection, user_ids: Sequence[str], fence: in
 
 
 ONE = f"SELECT {_COLUMNS} FROM pipeline_pending WHERE user_id = %s"
-MANY = f"SELECT {_COLUMNS} FROM pipeline_pending WHERE user_id = ANY(%s::text[])"
 """One member's row, by primary key: the member read's (PostgreSQL)."""
+MANY = f"SELECT {_COLUMNS} FROM pipeline_pending WHERE user_id = ANY(%s::text[])"
+"""The rows of a list of members, one array parameter (PostgreSQL): ``load``'s."""
 
 
 class PendingTable:
